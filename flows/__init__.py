@@ -1,0 +1,1 @@
+"""Prefect flows: wiring, caching keys, retries, concurrency tags and artifacts. No stage logic."""

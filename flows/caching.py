@@ -1,0 +1,41 @@
+"""Prefect caching keyed on stage fingerprints, checked against the outputs on disk.
+
+A stage task's cache key is `<stage>-<fingerprint>`, so a second run of the same config and
+inputs shows the task as Cached, on any machine sharing the run root. Before trusting a cache
+hit, `run_stage` checks that the stage directory is complete (marker + `verify`); if not, the
+task is forced to run again and its record refreshed. Cache records live under the run root.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import Task
+
+from storage.layout import RunLayout, StageDir
+
+Plan = Callable[..., StageDir]
+Verify = Callable[[StageDir], "str | None"]
+
+
+def fingerprint_key(plan: Plan) -> Callable[[Any, dict[str, Any]], str]:
+    """A cache_key_fn: the stage name and fingerprint computed from the task's parameters."""
+
+    def key(_context: Any, parameters: dict[str, Any]) -> str:
+        sd = plan(**parameters)
+        return f"{sd.stage}-{sd.fingerprint}"
+
+    return key
+
+
+def results_dir(root: str | Path) -> Path:
+    return RunLayout(root).root / ".prefect-results"
+
+
+def run_stage(task: Task, plan: Plan, verify: Verify, *, force: bool = False, **parameters: Any) -> Any:
+    """Call a stage task, refreshing its cache when forced or when its outputs are missing."""
+    sd = plan(**parameters)
+    stale = force or not sd.is_complete() or verify(sd) is not None
+    return task.with_options(refresh_cache=stale, result_storage=results_dir(parameters["root"]),
+                             persist_result=True)(**parameters)

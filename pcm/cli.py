@@ -1,0 +1,47 @@
+"""The `pcm` command line: one sub-command per stage, each runnable without a Prefect server."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import typer
+
+app = typer.Typer(
+    name="pcm",
+    help="Zero-shot image captioning from synthetic images (PCM-Net).\n\n"
+    "Stages: ingest -> synthesize -> encode -> train -> evaluate. Each writes to "
+    "<root>/<stage>/<fingerprint>/ and skips work that is already done.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module defines `register(app)`; heavy libraries are imported inside the commands so
+# `pcm --help` stays fast.
+COMMAND_MODULES = ("ingest",)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"pcm.commands.{_name}").register(app)
+
+
+def run() -> None:
+    """Entry point: clean one-line errors for expected failures, tracebacks with --verbose."""
+    import sys
+
+    try:
+        app()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            raise
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None

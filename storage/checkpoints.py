@@ -1,0 +1,75 @@
+"""Checkpoint directories: written whole or not at all, found by step, never unpickled."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".txt"}
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            old = final.with_name(f".old-{final.name}.{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_steps(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the finished checkpoints under `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest(directory: str | os.PathLike) -> Path | None:
+    steps = list_steps(directory)
+    return steps[-1][1] if steps else None
+
+
+def prune(directory: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` step checkpoints; remove stale temporaries."""
+    directory = Path(directory)
+    for _, p in list_steps(directory)[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in directory.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def check_safe(directory: str | os.PathLike) -> None:
+    """Refuse a checkpoint directory holding anything but safetensors, JSON and text files."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    bad = [p.name for p in directory.iterdir() if p.suffix not in ALLOWED_SUFFIXES]
+    if bad:
+        raise ValueError(f"{directory}: refusing to load a checkpoint holding {bad}: only safetensors and JSON "
+                         "files are loaded (pickled files can execute code)")

@@ -1,0 +1,108 @@
+"""The run layout: the only place that knows directory and file names.
+
+    <root>/<stage>/<fingerprint>/
+        stage.done.json                 the stage's result, written last (the stage is complete)
+        config.json                     the config and inputs that made the fingerprint
+        .lock                           the stage lock (holder written inside)
+        captions.parquet                ingest
+        shards/shard-NNNNNN.tar         synthesize: WebDataset shards
+        shards/shard-NNNNNN.status.parquet   one status row per sample of the shard
+        shards/shard-NNNNNN.done.json   marker, written after the tar is in place
+        samples.parquet                 synthesize: all status rows (written at the end)
+        features/shard-NNNNNN.safetensors    encode: synthetic image features (+ .done.json)
+        real/shard-NNNNNN.safetensors        encode: real val/test image features (+ .done.json)
+        scores.parquet, real.parquet, concepts.parquet, clip_head.safetensors   encode
+        checkpoints/step-NNNNNNNN/, best/, metrics.jsonl   train
+        predictions.json, metrics.json, per_image.parquet, report.md   evaluate
+        pictures/                       figures (grids, histograms, curves) viewable without Prefect
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
+SHARD_DIGITS = 6
+_FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """One stage output directory `<root>/<stage>/<fingerprint>` and the names inside it."""
+
+    path: Path
+    stage: str
+    fingerprint: str
+
+    # -- whole-stage files ------------------------------------------------------------
+    @property
+    def done_marker(self) -> Path:
+        return self.path / "stage.done.json"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def pictures(self) -> Path:
+        return self.path / "pictures"
+
+    def file(self, name: str) -> Path:
+        """A named output of this stage (`captions.parquet`, `metrics.json`, ...)."""
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"invalid output file name {name!r}")
+        return self.path / name
+
+    # -- shards -----------------------------------------------------------------------
+    def shard_dir(self, kind: str) -> Path:
+        """`shards` (synthetic images), `features` (synthetic features), `real` (real features)."""
+        if kind not in ("shards", "features", "real"):
+            raise ValueError(f"unknown shard kind {kind!r}; expected shards, features or real")
+        return self.path / kind
+
+    def shard_name(self, index: int) -> str:
+        if index < 0:
+            raise ValueError(f"shard index must be >= 0, got {index}")
+        return f"shard-{index:0{SHARD_DIGITS}d}"
+
+    def shard_file(self, kind: str, index: int, suffix: str) -> Path:
+        """E.g. shard_file("shards", 3, "tar") -> shards/shard-000003.tar."""
+        return self.shard_dir(kind) / f"{self.shard_name(index)}.{suffix}"
+
+    def shard_done(self, kind: str, index: int) -> Path:
+        return self.shard_file(kind, index, "done.json")
+
+    def shard_lock(self, kind: str, index: int) -> Path:
+        return self.shard_dir(kind) / f".{self.shard_name(index)}.lock"
+
+    def is_complete(self) -> bool:
+        return self.done_marker.exists()
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """All runs under one root (any local or mounted path)."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root).expanduser().resolve())
+
+    def stage(self, stage: str, fingerprint: str) -> StageDir:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        if not _FINGERPRINT.match(fingerprint):
+            raise ValueError(f"invalid fingerprint {fingerprint!r}: expected lowercase hex")
+        return StageDir(self.root / stage / fingerprint, stage, fingerprint)
+
+    def stage_from_path(self, path: str | os.PathLike) -> StageDir:
+        """The StageDir for an existing `<root>/<stage>/<fingerprint>` path."""
+        p = Path(path).resolve()
+        return self.stage(p.parent.name, p.name)

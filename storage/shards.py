@@ -1,0 +1,155 @@
+"""WebDataset shards written atomically, with a done marker written last.
+
+A shard `shard-NNNNNN.tar` is written under a temporary name, renamed into place only when its
+block finishes without an exception, and then `shard-NNNNNN.done.json` (count, bytes, sha256,
+seconds and caller stats) is written. A shard without its marker is pending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import webdataset as wds
+
+from storage import atomic
+
+_KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_key(key: str) -> str:
+    """A sample key must be a safe file name with no dot (WebDataset groups files by the first dot)."""
+    if not isinstance(key, str) or not _KEY.match(key) or len(key) > 200:
+        raise ValueError(
+            f"invalid sample key {key!r}: use 1-200 characters of letters, digits, '_' or '-' "
+            "(no '/', no '.', no spaces)")
+    return key
+
+
+def done_path(shard: Path) -> Path:
+    """`.../shard-000001.tar` -> `.../shard-000001.done.json` (any suffix)."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.split(".", 1)[0] + ".done.json")
+
+
+def is_done(shard: Path) -> bool:
+    """A shard counts only when both the file and its marker exist."""
+    return Path(shard).exists() and done_path(shard).exists()
+
+
+def pending(shards: Iterable[Path]) -> list[Path]:
+    """The shards of `shards` that are not done, in order."""
+    return [Path(s) for s in shards if not is_done(s)]
+
+
+def read_marker(shard: Path) -> dict[str, Any]:
+    return atomic.read_json(done_path(shard))
+
+
+def write_marker(shard: Path, stats: dict[str, Any]) -> None:
+    atomic.write_json(done_path(shard), stats)
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class ShardWriter:
+    """Write one WebDataset tar atomically; the done marker is written last.
+
+        with ShardWriter(path) as w:
+            w.write({"__key__": "k1", "jpg": b"...", "txt": "a cat"})
+            w.stats["failed"] = 0          # extra fields for the marker
+    An exception inside the block removes the temporary file: no shard, no marker.
+    """
+
+    def __init__(self, path: str | os.PathLike, mtime: float = 0.0) -> None:
+        self.path = Path(path)
+        self.mtime = mtime  # fixed mtime makes the same samples give byte-identical tars
+        self.stats: dict[str, Any] = {}
+        self.count = 0
+        self._keys: set[str] = set()
+
+    def __enter__(self) -> "ShardWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temporaries(self.path.parent, self.path.name)
+        done_path(self.path).unlink(missing_ok=True)  # a rewrite invalidates any old marker first
+        self._tmp = atomic.temporary_path(self.path)
+        self._file = open(self._tmp, "wb")
+        self._hashing = _HashingFile(self._file)
+        self._tar = wds.TarWriter(self._hashing, mtime=self.mtime)
+        self._start = time.monotonic()
+        return self
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = check_key(sample.get("__key__", ""))
+        if key in self._keys:
+            raise ValueError(f"{self.path.name}: duplicate sample key {key!r}")
+        self._keys.add(key)
+        self._tar.write(sample)
+        self.count += 1
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            # Never finalise a partial shard: drop the temporary file and let the error go on.
+            try:
+                self._file.close()
+            finally:
+                self._tmp.unlink(missing_ok=True)
+            return
+        try:
+            self._tar.close()  # also closes the hashing wrapper's stream
+            if not self._file.closed:
+                self._file.close()
+            atomic.commit(self._tmp, self.path)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        marker = {"count": self.count, "bytes": self._hashing.nbytes, "sha256": self._hashing.sha.hexdigest(),
+                  "seconds": round(time.monotonic() - self._start, 3), **self.stats}
+        write_marker(self.path, marker)
+
+
+def iter_tar(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Samples of a finished shard as dicts of raw bytes (grouped by key), in file order.
+
+    Raises ValueError naming the file for a truncated or corrupt tar.
+    """
+    path = Path(path)
+    current: dict[str, Any] | None = None
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                current[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: unreadable shard ({e}); delete it and its .done.json and rerun the stage") from e
+    if current is not None:
+        yield current
