@@ -61,17 +61,21 @@ class _HashingFile(io.RawIOBase):
 
     def __init__(self, f: Any) -> None:
         self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+        self.abandoned = False  # set on failure: the tar stream's late writes are dropped
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
+        if self.abandoned:
+            return len(b)
         self.sha.update(b)
         self.nbytes += len(b)
         return self.f.write(b)
 
     def flush(self) -> None:
-        self.f.flush()
+        if not self.abandoned:
+            self.f.flush()
 
 
 class ShardWriter:
@@ -112,6 +116,7 @@ class ShardWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             # Never finalise a partial shard: drop the temporary file and let the error go on.
+            self._hashing.abandoned = True
             try:
                 self._file.close()
             finally:
