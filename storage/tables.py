@@ -117,8 +117,13 @@ def to_table(rows: Iterable[Mapping[str, Any]] | Mapping[str, list], schema: pa.
     for f in schema:
         if f.name not in columns:
             raise SchemaError(f"{where}: missing column {f.name!r}")
+        values = columns[f.name]
+        if pa.types.is_list(f.type) and not isinstance(values, (pa.Array, pa.ChunkedArray)):
+            for i, v in enumerate(values):
+                if v is not None and isinstance(v, (str, bytes)):
+                    raise SchemaError(f"{where}: column {f.name!r} row {i}: expected a list, got {type(v).__name__}")
         try:
-            arrays.append(pa.array(columns[f.name], type=f.type))
+            arrays.append(pa.array(values, type=f.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
             raise SchemaError(f"{where}: column {f.name!r} ({f.type}): {e}") from None
     return pa.Table.from_arrays(arrays, schema=schema)

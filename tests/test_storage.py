@@ -1,0 +1,299 @@
+"""Storage layer: round trips, schema checks, fingerprints, atomic shards, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from storage import arrays, atomic, checkpoints, shards, tables
+from storage.fingerprint import fingerprint
+from storage.layout import RunLayout
+from storage.lock import FileLock, LockHeld
+from storage.result import StageResult
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- layout -------------------------------------------------------------------------------
+def test_layout_names(tmp_path):
+    sd = RunLayout(tmp_path).stage("synthesize", "0123456789abcdef")
+    assert sd.path == tmp_path.resolve() / "synthesize" / "0123456789abcdef"
+    assert sd.shard_file("shards", 7, "tar").name == "shard-000007.tar"
+    assert sd.shard_done("features", 7).name == "shard-000007.done.json"
+    assert sd.file("captions.parquet").name == "captions.parquet"
+    for bad in ("../x", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError):
+            sd.file(bad)
+    with pytest.raises(ValueError, match="unknown stage"):
+        RunLayout(tmp_path).stage("bogus", "0123456789abcdef")
+    with pytest.raises(ValueError, match="fingerprint"):
+        RunLayout(tmp_path).stage("train", "../../etc")
+
+
+# -- fingerprints -------------------------------------------------------------------------
+CONFIG = {"steps": 20, "guidance": 7.5, "scheduler": "dpm++", "size": [512, 512], "negative": None}
+
+
+def test_fingerprint_stable_across_processes():
+    here = fingerprint("synthesize", CONFIG, ["abc"], "1")
+    code = textwrap.dedent(f"""
+        from storage.fingerprint import fingerprint
+        print(fingerprint("synthesize", {CONFIG!r}, ["abc"], "1"))
+    """)
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                           check=True).stdout.strip()
+    assert here == there
+    # key order does not matter
+    assert fingerprint("synthesize", dict(reversed(list(CONFIG.items()))), ["abc"], "1") == here
+
+
+@pytest.mark.parametrize("field,value", [("steps", 21), ("guidance", 7.0), ("scheduler", "ddim"),
+                                         ("size", [512, 768]), ("negative", "blurry")])
+def test_fingerprint_sensitive_to_every_field(field, value):
+    base = fingerprint("synthesize", CONFIG, ["abc"], "1")
+    assert fingerprint("synthesize", {**CONFIG, field: value}, ["abc"], "1") != base
+
+
+def test_fingerprint_sensitive_to_inputs_code_and_stage():
+    base = fingerprint("synthesize", CONFIG, ["abc"], "1")
+    assert fingerprint("synthesize", CONFIG, ["abd"], "1") != base
+    assert fingerprint("synthesize", CONFIG, ["abc"], "2") != base
+    assert fingerprint("encode", CONFIG, ["abc"], "1") != base
+    with pytest.raises(ValueError, match="NaN"):
+        fingerprint("synthesize", {"x": float("nan")})
+
+
+# -- atomic writes ------------------------------------------------------------------------
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_open(target, "w") as f:
+            f.write("{partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    atomic.write_json(target, {"a": 1})
+    assert atomic.read_json(target) == {"a": 1}
+
+
+def test_read_json_names_position(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{\n  "a": 1,\n  "b": \n}')
+    with pytest.raises(ValueError, match=r"bad.json: invalid JSON at line 4, column 1"):
+        atomic.read_json(p)
+
+
+# -- tables -------------------------------------------------------------------------------
+def _caption_row(i: int) -> dict:
+    return {"caption_id": f"c{i}", "image_id": f"i{i}", "split": "train", "text": "a cat", "raw_text": "a  cat",
+            "source": "txt:x.txt", "image_path": None, "references": [], "status": "ok", "error": None}
+
+
+def test_table_round_trip_readable_by_arrow(tmp_path):
+    p = tmp_path / "captions.parquet"
+    tables.write(p, [_caption_row(i) for i in range(3)], tables.CAPTIONS)
+    t = pq.read_table(p)  # any Arrow reader
+    assert t.num_rows == 3 and t.schema.equals(tables.CAPTIONS)
+    assert tables.read(p, tables.CAPTIONS).column("caption_id").to_pylist() == ["c0", "c1", "c2"]
+
+
+def test_schema_violations_rejected(tmp_path):
+    p = tmp_path / "t.parquet"
+    row = _caption_row(0)
+    with pytest.raises(tables.SchemaError, match="unexpected columns"):
+        tables.write(p, [{**row, "extra": 1}], tables.CAPTIONS)
+    with pytest.raises(tables.SchemaError, match="'references'"):
+        tables.write(p, [{**row, "references": "not a list"}], tables.CAPTIONS)
+    bad = pa.table({"caption_id": [1, 2]})
+    with pytest.raises(tables.SchemaError, match="missing columns"):
+        tables.write(p, bad, tables.CAPTIONS)
+    assert not p.exists()
+    pq.write_table(pa.table({"caption_id": pa.array([1], pa.int64())}), p)
+    with pytest.raises(tables.SchemaError, match=r"t.parquet.*caption_id: int64"):
+        tables.read(p, tables.CAPTIONS)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(tables.SchemaError, match="junk.parquet"):
+        tables.read(tmp_path / "junk.parquet", tables.CAPTIONS)
+
+
+# -- arrays -------------------------------------------------------------------------------
+def test_arrays_round_trip_memory_mapped(tmp_path):
+    from safetensors.numpy import load_file
+
+    p = tmp_path / "f.safetensors"
+    g = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float16)
+    patches = np.arange(5 * 4 * 3, dtype=np.float16).reshape(5, 4, 3)
+    arrays.write_arrays(p, {"global": g, "patches": patches}, {"keys": json.dumps(list("abcde"))})
+    got, meta = arrays.open_arrays(p)
+    assert isinstance(got["patches"], np.memmap)
+    np.testing.assert_array_equal(got["global"], g)
+    np.testing.assert_array_equal(got["patches"][2], patches[2])
+    assert json.loads(meta["keys"]) == list("abcde")
+    np.testing.assert_array_equal(load_file(p)["global"], g)  # plain safetensors reader agrees
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        arrays.open_arrays(tmp_path / "bad.safetensors")
+
+
+# -- shards -------------------------------------------------------------------------------
+def _samples(n: int) -> list[dict]:
+    return [{"__key__": f"cap-{i:04d}", "txt": f"caption {i}", "json": {"i": i}, "jpg": bytes([i]) * 100}
+            for i in range(n)]
+
+
+def test_shard_round_trip_tar_and_webdataset(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    with shards.ShardWriter(path) as w:
+        for s in _samples(4):
+            w.write(s)
+        w.stats["failed"] = 0
+    marker = shards.read_marker(path)
+    assert marker["count"] == 4 and marker["failed"] == 0 and marker["bytes"] == path.stat().st_size
+    listing = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True).stdout.split()
+    assert listing[:3] == ["cap-0000.jpg", "cap-0000.json", "cap-0000.txt"]
+    got = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert [g["__key__"] for g in got] == [f"cap-{i:04d}" for i in range(4)]
+    assert [s["txt"] for s in shards.iter_tar(path)] == [f"caption {i}".encode() for i in range(4)]
+
+
+def test_same_samples_give_byte_identical_shards(tmp_path):
+    for name in ("a", "b"):
+        with shards.ShardWriter(tmp_path / name / "shard-000000.tar") as w:
+            for s in _samples(3):
+                w.write(s)
+    assert (tmp_path / "a/shard-000000.tar").read_bytes() == (tmp_path / "b/shard-000000.tar").read_bytes()
+
+
+def test_exception_inside_writer_leaves_no_shard(tmp_path):
+    path = tmp_path / "shard-000001.tar"
+    with pytest.raises(RuntimeError):
+        with shards.ShardWriter(path) as w:
+            w.write(_samples(1)[0])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    assert shards.pending([path]) == [path]
+
+
+def test_bad_keys_rejected(tmp_path):
+    for key in ("a.b", "../x", "a/b", "", "x y", "/abs"):
+        with pytest.raises(ValueError, match="invalid sample key"):
+            shards.check_key(key)
+    with pytest.raises(ValueError, match="duplicate"):
+        with shards.ShardWriter(tmp_path / "shard-000000.tar") as w:
+            w.write({"__key__": "k", "txt": "a"})
+            w.write({"__key__": "k", "txt": "b"})
+
+
+def test_truncated_tar_is_a_clear_error(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    with shards.ShardWriter(path) as w:
+        for s in _samples(20):
+            w.write(s)
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="unreadable shard"):
+        list(shards.iter_tar(path))
+
+
+WRITER = """
+import sys, time
+from storage.shards import ShardWriter
+with ShardWriter(sys.argv[1]) as w:
+    for i in range(1000):
+        w.write({"__key__": f"k{i}", "txt": "x" * 10000})
+        if i == 50:
+            print("writing", flush=True)
+        time.sleep(0.01)
+"""
+
+
+def test_sigkill_mid_shard_leaves_nothing_final_and_rerun_completes(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not path.exists() and not shards.done_path(path).exists()
+    assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # the partial file, hidden
+    assert shards.pending([path]) == [path]
+    with shards.ShardWriter(path) as w:  # the rerun clears the stale temporary
+        for s in _samples(2):
+            w.write(s)
+    assert shards.is_done(path) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "shard-000000.done.json", "shard-000000.tar"]
+    with tarfile.open(path) as t:
+        assert len(t.getnames()) == 6
+
+
+# -- locks --------------------------------------------------------------------------------
+HOLDER = """
+import sys, time
+from storage.lock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_second_process_fails_fast_naming_the_holder(tmp_path):
+    lock = tmp_path / ".lock"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), "30"], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld, match=rf"locked by pid {proc.pid} on"):
+            FileLock(lock, timeout=0).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    with FileLock(lock, timeout=0):  # released when the holder died
+        pass
+
+
+def test_second_process_can_wait(tmp_path):
+    lock = tmp_path / ".lock"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), "1.5"], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with FileLock(lock, timeout=30):
+        waited = time.monotonic() - start
+    proc.wait()
+    assert waited > 0.5
+
+
+# -- checkpoints and results -------------------------------------------------------------
+def test_checkpoint_directories(tmp_path):
+    for step in (10, 20, 30):
+        with checkpoints.atomic_directory(tmp_path / checkpoints.step_name(step)) as d:
+            (d / "state.json").write_text(json.dumps({"step": step}))
+    with pytest.raises(RuntimeError):
+        with checkpoints.atomic_directory(tmp_path / checkpoints.step_name(40)) as d:
+            (d / "state.json").write_text("{}")
+            raise RuntimeError("killed")
+    assert [s for s, _ in checkpoints.list_steps(tmp_path)] == [10, 20, 30]
+    assert checkpoints.latest(tmp_path).name == "step-00000030"
+    checkpoints.prune(tmp_path, keep=2)
+    assert [s for s, _ in checkpoints.list_steps(tmp_path)] == [20, 30]
+    checkpoints.check_safe(tmp_path / "step-00000030")
+    (tmp_path / "step-00000030" / "optimizer.pt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match="pickle"):
+        checkpoints.check_safe(tmp_path / "step-00000030")
+
+
+def test_stage_result_round_trip(tmp_path):
+    r = StageResult("ingest", "0123456789abcdef", str(tmp_path), {"rows": 3}, {"total_s": 1.5}, {"k": "v"})
+    r.save(tmp_path / "stage.done.json")
+    assert StageResult.load(tmp_path / "stage.done.json") == r
