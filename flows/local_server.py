@@ -1,0 +1,144 @@
+"""A local Prefect stack for the demo and the end-to-end tests: server (127.0.0.1, SQLite), pool, worker.
+
+Everything started here runs in its own process group and is stopped by `LocalStack.stop()`
+(worker first, then server), also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+POOL = "local-process"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prefect_bin() -> str:
+    exe = Path(sys.executable).with_name("prefect")
+    return str(exe) if exe.exists() else (shutil.which("prefect") or "prefect")
+
+
+@dataclass
+class LocalStack:
+    """A Prefect server, work pool and workers on this machine, with their own PREFECT_HOME."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 4200
+    logs: Path | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_UI_URL": self.dashboard_url,
+            "PREFECT_SERVER_API_HOST": self.host,
+            "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "PWD": str(REPO),  # prefect.yaml pulls into {{ $PWD }}: the repository
+        }
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log_dir = self.logs or self.home
+        log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(log_dir / f"{name}.log", "ab")
+        # A new session: the process and its children get our signals together, never the terminal's.
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def prefect(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run a prefect CLI command against this server."""
+        return subprocess.run([prefect_bin(), *args], env=self.env(), cwd=REPO, capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def start_server(self, timeout: float = 180) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._spawn("server", [prefect_bin(), "server", "start", "--host", self.host, "--port", str(self.port)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.procs[-1].poll() is not None:
+                raise RuntimeError(f"prefect server exited early; see {(self.logs or self.home) / 'server.log'}")
+            time.sleep(0.5)
+        raise TimeoutError(f"prefect server not healthy after {timeout:.0f}s at {self.api_url}")
+
+    def create_pool(self, gpu_slots: int = 1) -> None:
+        r = self.prefect("work-pool", "create", POOL, "--type", "process", check=False)
+        if r.returncode != 0 and "already exists" not in (r.stdout + r.stderr):
+            raise RuntimeError(f"could not create work pool {POOL}: {r.stdout}{r.stderr}")
+        # GPU tasks carry the tag "gpu": at most `gpu_slots` run at once on this server.
+        self.prefect("concurrency-limit", "create", "gpu", str(gpu_slots), check=False)
+
+    def deploy(self) -> None:
+        r = self.prefect("--no-prompt", "deploy", "--all", check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"prefect deploy failed:\n{r.stdout}\n{r.stderr}")
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+        return self._spawn(name, [prefect_bin(), "worker", "start", "--pool", POOL, "--name", name])
+
+    def run_deployment(self, name: str, params: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """`prefect deployment run NAME --watch`; returns the finished command."""
+        args = ["deployment", "run", name, "--watch", "--watch-timeout", str(int(timeout))]
+        for k, v in (params or {}).items():
+            args += ["--param", f"{k}={json.dumps(v)}"]
+        return self.prefect(*args, check=False, timeout=timeout + 60)
+
+    def stop(self) -> None:
+        """Workers first (they may be running flows), then the server; SIGTERM, then SIGKILL."""
+        for proc in reversed(self.procs):
+            if proc.poll() is not None:
+                continue
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.procs.clear()
+
+    def __enter__(self) -> "LocalStack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
