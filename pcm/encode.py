@@ -1,0 +1,561 @@
+"""Encode stage: CLIP scores, global and patch features of synthetic and real images, concept vocabulary.
+
+Units of work are feature shards: one per synthetic WebDataset shard (`features/`) and one per
+`real_shard_size` real val/test images (`real/`). Each unit writes its status table, then its
+safetensors file, then its done marker, so a killed run resumes with the pending units only.
+JPEG decoding, preprocessing and tokenisation run in DataLoader worker processes; the main
+process only moves pinned batches to the device, runs CLIP and hands results to a writer thread.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from tqdm import tqdm
+
+from pcm import concepts as concept_vocab
+from pcm.clip import (
+    ClipSpec,
+    LoadedClip,
+    clip_head,
+    encode_images,
+    encode_texts,
+    encode_tokens,
+    load_clip,
+    resolve_device,
+)
+from pcm.config import StageConfig
+from pcm.stage import cached, finish, load_result, locked, stage_dir
+from storage import atomic, tables
+from storage import shards as shard_io
+from storage.arrays import write_arrays
+from storage.fingerprint import file_digest
+from storage.layout import RunLayout, StageDir
+from storage.lock import FileLock, try_lock
+from storage.result import StageResult
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "1"
+FEATURES, REAL = "features", "real"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_SHARD = re.compile(r"^shard-(\d+)\.tar$")
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+class EncodeConfig(StageConfig):
+    """What to encode and how; runtime fields (device, batching, workers) stay out of the fingerprint."""
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset(
+        {"device", "batch_size", "num_workers", "pin_memory", "progress_bar"})
+
+    clip: ClipSpec = Field(default_factory=ClipSpec)
+    images_root: str | None = None        # real val/test images: images_root / captions.image_path
+    real_shard_size: int = Field(1000, ge=1)
+    min_count: int = Field(2, ge=1)       # concept: a noun seen at least this often ...
+    top_n: int | None = Field(446, ge=1)  # ... among the most frequent (446 = the authors' COCO list size)
+    vocabulary_file: str | None = None    # one concept a line, instead of extraction
+    prompt: str = "A photo of {c}."
+    device: str = "auto"
+    batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(4, ge=0)
+    pin_memory: bool = True
+    progress_bar: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_slot(cls, v: str) -> str:
+        if "{c}" not in v:
+            raise ValueError("the prompt must contain {c}, where the concept goes, e.g. 'A photo of {c}.'")
+        try:
+            v.format(c="dog")
+        except (IndexError, KeyError, ValueError) as e:
+            raise ValueError(f"the prompt may hold only the {{c}} slot ({e}); write literal braces as {{{{ }}}}") from None
+        return v
+
+
+# -- inputs and units ----------------------------------------------------------------------
+
+def _inputs(captions: str, shards_dir: str) -> tuple[StageResult, StageResult]:
+    cap, syn = load_result(captions), load_result(shards_dir)
+    if cap.stage != "ingest":
+        raise ValueError(f"captions={captions!r} is a {cap.stage} stage directory; pass the ingest stage's")
+    if syn.stage != "synthesize":
+        raise ValueError(f"shards={shards_dir!r} is a {syn.stage} stage directory; pass the synthesize stage's")
+    return cap, syn
+
+
+def _dir(result: StageResult) -> StageDir:
+    return StageDir(Path(result.path), result.stage, result.fingerprint)
+
+
+def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDir:
+    """The stage directory for these inputs; no work (used by Prefect's cache key)."""
+    cap, syn = _inputs(captions, shards)
+    extra = {}
+    if config.vocabulary_file:
+        path = Path(config.vocabulary_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"vocabulary_file={config.vocabulary_file!r}: not found; "
+                                    "give a text file with one concept a line")
+        extra["vocabulary_sha256"] = file_digest(path)  # the content, not the name, makes the fingerprint
+    return stage_dir(RunLayout(root), "encode", config, [cap, syn], CODE_VERSION, extra)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One output shard: a synthetic tar to encode, or a slice of real images."""
+
+    kind: str
+    index: int
+    tar: str | None = None
+    images: tuple[tuple[str, str, str | None], ...] = ()   # real: (image_id, split, image_path)
+    expected: int | None = None                           # samples, when known in advance
+
+
+def feature_units(shards: str) -> list[Unit]:
+    """One unit per finished synthetic shard, in index order."""
+    shard_dir = _dir(load_result(shards)).shard_dir("shards")
+    units = []
+    for tar in sorted(shard_dir.glob("shard-*.tar")):
+        m = _SHARD.match(tar.name)
+        if m and shard_io.is_done(tar):
+            units.append(Unit(FEATURES, int(m.group(1)), tar=str(tar), expected=_marker_count(tar)))
+    return units
+
+
+def _marker_count(tar: Path) -> int | None:
+    try:
+        count = shard_io.read_marker(tar).get("count")
+    except ValueError:
+        return None
+    return count if isinstance(count, int) else None
+
+
+def real_units(config: EncodeConfig, captions: str) -> list[Unit]:
+    """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
+    if config.images_root is None:
+        return []
+    table = tables.read(_dir(load_result(captions)).file("captions.parquet"), tables.CAPTIONS,
+                        columns=["image_id", "split", "image_path", "status"])
+    images: dict[str, tuple[str, str, str | None]] = {}
+    for r in table.to_pylist():
+        if r["status"] == tables.STATUS_OK and r["split"] in ("val", "test") and r["image_id"] not in images:
+            images[r["image_id"]] = (r["image_id"], r["split"], r["image_path"])
+    rows = [images[k] for k in sorted(images)]
+    size = config.real_shard_size
+    return [Unit(REAL, i, images=tuple(rows[s:s + size]), expected=len(rows[s:s + size]))
+            for i, s in enumerate(range(0, len(rows), size))]
+
+
+# -- data loading (runs in DataLoader workers) ----------------------------------------------
+
+def _decode(data: bytes, preprocess: Callable) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return preprocess(im.convert("RGB"))
+
+
+class _UnitBatches(torch.utils.data.IterableDataset):
+    """Yields per-unit batches (never mixing units), so a unit's batches are the same on every run.
+
+    Each worker takes every n-th unit; a batch is a dict with the decoded pixels and tokens of
+    its ok items, the failure reasons of the others, and `last` on a unit's final batch.
+    """
+
+    def __init__(self, units: list[Unit], preprocess: Callable, tokenizer: Callable, batch_size: int,
+                 images_root: str | None) -> None:
+        self.units, self.preprocess, self.tokenizer = units, preprocess, tokenizer
+        self.batch_size, self.images_root = batch_size, images_root
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.units[info.id::info.num_workers] if info else self.units
+        for unit in mine:
+            items = self._synthetic(unit) if unit.kind == FEATURES else self._real(unit)
+            yield from self._batches(unit, items)
+
+    def _batches(self, unit: Unit, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        buf: list[dict[str, Any]] = []
+        for item in items:
+            buf.append(item)
+            if len(buf) == self.batch_size:
+                yield self._collate(unit, buf, last=False)
+                buf = []
+        yield self._collate(unit, buf, last=True)
+
+    def _collate(self, unit: Unit, items: list[dict[str, Any]], last: bool) -> dict[str, Any]:
+        ok = [it for it in items if it["error"] is None]
+        batch = {"kind": unit.kind, "index": unit.index, "last": last,
+                 "items": [{k: v for k, v in it.items() if k not in ("pixels", "text")} for it in items],
+                 "pixels": torch.stack([it["pixels"] for it in ok]) if ok else torch.empty(0)}
+        if unit.kind == FEATURES:
+            batch["tokens"] = self.tokenizer([it["text"] for it in ok]) if ok else torch.empty(0, dtype=torch.long)
+        return batch
+
+    def _synthetic(self, unit: Unit) -> Iterator[dict[str, Any]]:
+        name = Path(unit.tar).name
+        for sample in shard_io.iter_tar(unit.tar):
+            key = sample["__key__"]
+            item = {"key": key, "error": None}
+            ext = next((e for e in IMAGE_KEYS if e in sample), None)
+            try:
+                text = sample.get("txt", b"").decode("utf-8").strip()
+                if ext is None:
+                    raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
+                if not text:
+                    raise ValueError("no caption text (.txt) in the sample")
+                item["pixels"], item["text"] = _decode(sample[ext], self.preprocess), text
+            except Exception as e:  # noqa: BLE001 - one bad sample is a failed row, never fatal
+                item["error"] = f"{name}: sample {key}: {type(e).__name__}: {e}"
+            yield item
+
+    def _real(self, unit: Unit) -> Iterator[dict[str, Any]]:
+        for image_id, split, rel in unit.images:
+            item = {"key": image_id, "split": split, "image_path": rel, "error": None}
+            path = Path(self.images_root) / rel if rel else None
+            try:
+                if path is None:
+                    raise ValueError("no image_path in captions.parquet for this val/test image")
+                if not path.is_file():
+                    raise FileNotFoundError(f"image not found: {path}")
+                item["pixels"] = _decode(path.read_bytes(), self.preprocess)
+            except Exception as e:  # noqa: BLE001 - a missing or corrupt image is a failed row
+                item["error"] = str(e) if isinstance(e, FileNotFoundError) else f"{path}: {type(e).__name__}: {e}"
+            yield item
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # each worker decodes one image at a time; no thread oversubscription
+
+
+# -- accumulation and writing ---------------------------------------------------------------
+
+@dataclass
+class _Acc:
+    """What one unit has produced so far (feature arrays as float16 on the host)."""
+
+    unit: Unit
+    started: float = field(default_factory=time.monotonic)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    globals_: list[np.ndarray] = field(default_factory=list)
+    patches: list[np.ndarray] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+
+def _write_unit(sd: StageDir, acc: _Acc, dims: tuple[int, int, int], spec: ClipSpec) -> dict[str, int]:
+    """Status table, then the safetensors file, then the marker (written last)."""
+    unit, (D, P, W) = acc.unit, dims
+    kind = unit.kind
+    status_file = sd.shard_file(kind, unit.index, "scores.parquet" if kind == FEATURES else "status.parquet")
+    tables.write(status_file, acc.rows, tables.SCORES if kind == FEATURES else tables.REAL_IMAGES)
+    g = np.concatenate(acc.globals_) if acc.globals_ else np.zeros((0, D), np.float16)
+    p = np.concatenate(acc.patches) if acc.patches else np.zeros((0, P, W), np.float16)
+    features = sd.shard_file(kind, unit.index, "safetensors")
+    write_arrays(features, {"global": g, "patches": p},
+                 {"keys": json.dumps(acc.keys), "clip": spec.model_dump_json()})
+    failed = sum(r["status"] != tables.STATUS_OK for r in acc.rows)
+    shard_io.write_marker(features, {"count": len(acc.keys), "failed": failed,
+                                   "seconds": round(time.monotonic() - acc.started, 3)})
+    return {"ok": len(acc.keys), "failed": failed}
+
+
+def _add_batch(acc: _Acc, batch: dict[str, Any], clip: LoadedClip) -> int:
+    """Run CLIP on a batch's ok images and append rows; returns the number of images encoded."""
+    n_ok = int(batch["pixels"].shape[0])
+    if n_ok:
+        g, patches = encode_images(clip, batch["pixels"])            # [n, D], [n, P, W] float32
+        if acc.unit.kind == FEATURES:
+            t = encode_tokens(clip, batch["tokens"])                 # [n, D]
+            scores = (g * t).sum(-1).cpu().numpy()                   # cosine: both are unit vectors
+            t = t.cpu().numpy()
+        acc.globals_.append(g.half().cpu().numpy())
+        acc.patches.append(patches.half().cpu().numpy())
+    j = 0
+    for item in batch["items"]:
+        ok = item["error"] is None
+        row = len(acc.keys) if ok else -1
+        if ok:
+            acc.keys.append(item["key"])
+        status = {"status": tables.STATUS_OK if ok else tables.STATUS_FAILED, "error": item["error"],
+                  "shard": acc.unit.index, "row": row}
+        if acc.unit.kind == FEATURES:
+            acc.rows.append({"caption_id": item["key"], "clip_score": float(scores[j]) if ok else None,
+                             "text_embedding": t[j].tolist() if ok else None, **status})
+        else:
+            acc.rows.append({"image_id": item["key"], "split": item["split"], "image_path": item["image_path"],
+                             **status})
+        j += ok
+    return n_ok
+
+
+def _unit_done(sd: StageDir, unit: Unit) -> bool:
+    return shard_io.is_done(sd.shard_file(unit.kind, unit.index, "safetensors"))
+
+
+def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: EncodeConfig,
+                 report: Callable[[Unit, dict[str, int]], None]) -> int:
+    """Encode `units` (whose locks the caller holds) in one DataLoader pass; returns images encoded."""
+    dims = (clip.embed_dim, clip.patches, clip.width)
+    dataset = _UnitBatches(units, clip.preprocess, clip.tokenizer, config.batch_size, config.images_root)
+    workers = min(config.num_workers, len(units))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
+        pin_memory=config.pin_memory and clip.device.startswith("cuda"),
+        prefetch_factor=4 if workers else None)
+    known = [u.expected for u in units]
+    total = sum(known) if all(k is not None for k in known) else None
+    accs: dict[tuple[str, int], _Acc] = {}
+    by_id = {(u.kind, u.index): u for u in units}
+    encoded = 0
+    pending: list[tuple[Unit, Future]] = []
+
+    def collect(wait: bool) -> None:
+        for unit, fut in list(pending):
+            if wait or fut.done():
+                report(unit, fut.result())  # re-raises a write error here
+                pending.remove((unit, fut))
+
+    # Writing a shard (hundreds of MB for ViT-L/14) happens on a thread so the device keeps working.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-writer") as writer, \
+            tqdm(total=total, unit="img", desc="encode", disable=not config.progress_bar) as bar:
+        for batch in loader:
+            key = (batch["kind"], batch["index"])
+            acc = accs.setdefault(key, _Acc(by_id[key]))
+            encoded += _add_batch(acc, batch, clip)
+            bar.update(len(batch["items"]))
+            if batch["last"]:
+                pending.append((acc.unit, writer.submit(_write_unit, sd, accs.pop(key), dims, clip.spec)))
+            collect(wait=False)
+        collect(wait=True)
+    return encoded
+
+
+def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip: LoadedClip | None = None,
+                 progress: ProgressFn | None = None) -> tuple[int, float, LoadedClip | None]:
+    """Encode the pending units under their shard locks; units another process holds are waited for.
+
+    Returns (images encoded here, seconds spent encoding them, excluding model loading, and the
+    loaded CLIP or None when nothing needed it).
+    """
+    todo = [u for u in units if not _unit_done(sd, u)]
+    done_count = len(units) - len(todo)
+    encoded, seconds = 0, 0.0
+    locks: dict[tuple[str, int], FileLock] = {}   # the shard locks this process holds
+
+    def report(unit: Unit, stats: dict[str, int]) -> None:
+        nonlocal done_count
+        locks.pop((unit.kind, unit.index)).release()
+        done_count += 1
+        log.info("%s/%s: %d ok, %d failed", unit.kind, sd.shard_name(unit.index), stats["ok"], stats["failed"])
+        if progress:
+            progress(done_count, len(units), f"{unit.kind} {sd.shard_name(unit.index)}")
+
+    while todo:
+        mine: list[Unit] = []
+        for u in todo:
+            lock = try_lock(sd.shard_lock(u.kind, u.index))
+            if lock is None:
+                continue
+            if _unit_done(sd, u):       # finished by another process before we got the lock
+                lock.release()
+                done_count += 1
+                continue
+            mine.append(u)
+            locks[(u.kind, u.index)] = lock
+        if mine:
+            if clip is None:
+                clip = load_clip(config.clip, resolve_device(config.device))
+            t0 = time.monotonic()
+            try:
+                encoded += _encode_pass(sd, mine, clip, config, report)
+                seconds += time.monotonic() - t0
+            finally:
+                for lock in locks.values():
+                    lock.release()
+                locks.clear()
+        # Units held by other processes: wait for their lock, then redo them if the holder died.
+        rest = [u for u in todo if u not in mine and not _unit_done(sd, u)]
+        for u in rest:
+            with FileLock(sd.shard_lock(u.kind, u.index), timeout=None):
+                pass
+        todo = [u for u in rest if not _unit_done(sd, u)]
+    return encoded, seconds, clip
+
+
+# -- stage-wide outputs ---------------------------------------------------------------------
+
+def _caption_texts(captions: str) -> list[str]:
+    table = tables.read(_dir(load_result(captions)).file("captions.parquet"), tables.CAPTIONS,
+                        columns=["split", "text", "status"])
+    return [r["text"] for r in table.to_pylist()
+            if r["split"] == "train" and r["status"] == tables.STATUS_OK and r["text"]]
+
+
+def build_concepts(config: EncodeConfig, captions: str, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
+    """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
+    texts = _caption_texts(captions)
+    if config.vocabulary_file:
+        vocab = concept_vocab.vocabulary_counts(concept_vocab.read_vocabulary(config.vocabulary_file), texts,
+                                                progress=config.progress_bar)
+    else:
+        vocab = concept_vocab.extract_concepts(texts, min_count=config.min_count, top_n=config.top_n,
+                                               progress=config.progress_bar)
+    if not vocab:
+        raise ValueError(f"no concept has min_count={config.min_count} occurrences among the {len(texts)} training "
+                         "captions; lower min_count or pass vocabulary_file")
+    rows = []
+    for s in range(0, len(vocab), batch_size):
+        chunk = vocab[s:s + batch_size]
+        emb = encode_texts(clip, [config.prompt.format(c=c) for c, _ in chunk]).cpu().numpy()
+        rows += [{"concept": c, "count": n, "embedding": e.tolist(), "model": clip.spec.label()}
+                 for (c, n), e in zip(chunk, emb, strict=True)]
+    return rows
+
+
+def write_clip_head(sd: StageDir, clip: LoadedClip) -> None:
+    head = {k: v.numpy() for k, v in clip_head(clip).items()}
+    write_arrays(sd.file("clip_head.safetensors"), head,
+                 {"clip": clip.spec.model_dump_json(), "ln_eps": repr(clip.ln_eps)})
+
+
+def score_histogram(path: Path, scores: np.ndarray, title: str) -> None:
+    """A PNG histogram of raw CLIP scores (cosines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="#3b6ea5")
+    ax.set(xlabel="CLIP score (cosine of image and caption embeddings)", ylabel="synthetic images", title=title)
+    if len(scores):
+        ax.axvline(float(np.mean(scores)), color="#c0392b", linestyle="--", label=f"mean {np.mean(scores):.3f}")
+        ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+STAGE_FILES = ("scores.parquet", "real.parquet", "concepts.parquet", "clip_head.safetensors")
+
+
+def verify(sd: StageDir) -> str | None:
+    """None when every output exists with its done marker, else what is missing."""
+    if not sd.done_marker.exists():
+        return "stage.done.json missing"
+    for name in STAGE_FILES:
+        if not sd.file(name).exists():
+            return f"{name} missing"
+    try:
+        units = StageResult.load(sd.done_marker).extra.get("units", {})
+    except ValueError as e:
+        return str(e)
+    for kind, indices in units.items():
+        for i in indices:
+            if not shard_io.is_done(sd.shard_file(kind, i, "safetensors")):
+                return f"{kind}/{sd.shard_name(i)} missing or unfinished"
+    return None
+
+
+def _reset(sd: StageDir, units: list[Unit]) -> None:
+    """Drop the stage marker, the units' markers and the stage-wide files, so everything is redone."""
+    sd.done_marker.unlink(missing_ok=True)
+    for u in units:
+        shard_io.done_path(sd.shard_file(u.kind, u.index, "safetensors")).unlink(missing_ok=True)
+    for name in STAGE_FILES:
+        sd.file(name).unlink(missing_ok=True)
+
+
+def reset_stage(config: EncodeConfig, captions: str, shards: str, root: str) -> None:
+    """Forget every finished output of this stage directory (a forced rerun's first step)."""
+    sd = plan(config, captions, shards, root)
+    with locked(sd):
+        _reset(sd, feature_units(shards) + real_units(config, captions))
+
+
+def encode_shards(config: EncodeConfig, captions: str, shards: str, root: str, *, kind: str,
+                  indices: list[int] | None = None, progress: ProgressFn | None = None) -> dict[str, int]:
+    """Encode the pending units of one kind (all, or `indices`): a Prefect task per shard.
+
+    `run_encode` afterwards finds them done and writes the stage-wide files.
+    """
+    if kind not in (FEATURES, REAL):
+        raise ValueError(f"kind={kind!r}: expected {FEATURES!r} or {REAL!r}")
+    sd = plan(config, captions, shards, root)
+    units = feature_units(shards) if kind == FEATURES else real_units(config, captions)
+    if indices is not None:
+        units = [u for u in units if u.index in set(indices)]
+    encoded, seconds, _ = encode_units(config, sd, units, progress=progress)
+    return {"encoded": encoded, "units": len(units), "seconds": round(seconds, 3)}
+
+
+def run_encode(config: EncodeConfig, captions: str, shards: str, root: str, *, force: bool = False,
+               progress: ProgressFn | None = None) -> StageResult:
+    """Encode every pending unit, then write scores, real, concepts, the CLIP head and the histogram."""
+    started = time.monotonic()
+    sd = plan(config, captions, shards, root)
+    if not force and (done := cached(sd, verify)) is not None:
+        return done
+    with locked(sd):
+        f_units, r_units = feature_units(shards), real_units(config, captions)
+        if force:
+            _reset(sd, f_units + r_units)
+        encoded, encode_s, clip = encode_units(config, sd, f_units + r_units, progress=progress)
+
+        need = [n for n in ("concepts.parquet", "clip_head.safetensors") if not sd.file(n).exists()]
+        if need and clip is None:
+            clip = load_clip(config.clip, resolve_device(config.device))
+        t0 = time.monotonic()
+        if not sd.file("concepts.parquet").exists():
+            tables.write(sd.file("concepts.parquet"), build_concepts(config, captions, clip), tables.CONCEPTS)
+        concepts_s = time.monotonic() - t0
+        if not sd.file("clip_head.safetensors").exists():
+            write_clip_head(sd, clip)
+
+        scores = tables.concat([sd.shard_file(FEATURES, u.index, "scores.parquet") for u in f_units], tables.SCORES)
+        tables.write(sd.file("scores.parquet"), scores, tables.SCORES)
+        real = tables.concat([sd.shard_file(REAL, u.index, "status.parquet") for u in r_units], tables.REAL_IMAGES)
+        tables.write(sd.file("real.parquet"), real, tables.REAL_IMAGES)
+
+        ok_scores = np.array([r["clip_score"] for r in scores.select(["clip_score", "status"]).to_pylist()
+                              if r["status"] == tables.STATUS_OK], dtype=np.float32)
+        picture = sd.pictures / "clip_scores.png"
+        score_histogram(picture, ok_scores, f"CLIP scores, {config.clip.label()} ({len(ok_scores)} images)")
+
+        statuses = scores.column("status").to_pylist()
+        real_statuses = real.column("status").to_pylist()
+        n_concepts = tables.read(sd.file("concepts.parquet"), tables.CONCEPTS, columns=["concept"]).num_rows
+        counts = {"images": len(statuses), "images_ok": statuses.count(tables.STATUS_OK),
+                  "images_failed": statuses.count(tables.STATUS_FAILED),
+                  "real": len(real_statuses), "real_ok": real_statuses.count(tables.STATUS_OK),
+                  "real_failed": real_statuses.count(tables.STATUS_FAILED),
+                  "concepts": n_concepts, "feature_shards": len(f_units), "real_shards": len(r_units),
+                  "encoded_now": encoded}
+        timings = {"encode_s": round(encode_s, 3), "concepts_s": round(concepts_s, 3)}
+        if encoded:
+            timings["images_per_s"] = round(encoded / encode_s, 1)
+        extra: dict[str, Any] = {
+            "clip": config.clip.model_dump(mode="json"), "pictures": {"clip_scores": str(picture)},
+            "units": {FEATURES: [u.index for u in f_units], REAL: [u.index for u in r_units]},
+            "clip_score_mean": round(float(ok_scores.mean()), 4) if len(ok_scores) else None}
+        if config.images_root is None:
+            extra["real_note"] = "no images_root given: real val/test images were not encoded"
+        elif not r_units:
+            extra["real_note"] = "captions.parquet has no ok val/test rows: no real images to encode"
+        return finish(sd, counts, started, extra=extra, timings=timings)

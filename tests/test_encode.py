@@ -1,0 +1,300 @@
+"""Encode stage on tiny CLIP presets: feature layout, scores against open_clip, resume, bad inputs, bench."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pcm.clip import ClipSpec, clip_head, encode_images, encode_texts, load_clip
+from pcm.encode import EncodeConfig, plan, run_encode, verify
+from pcm.stage import finish
+from storage import tables
+from storage.arrays import open_arrays
+from storage.layout import RunLayout
+from storage.shards import ShardWriter, done_path, is_done, iter_tar
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRAIN = ["a man riding horses on a beach", "two dogs are playing in the grass", "a dog chasing a ball",
+         "a cat sleeping on a red couch", "a man holding a dog", "the horse eats grass near a fence",
+         "a cat and a dog on a couch", "a plate of pizza on a table"]
+
+
+def jpeg(seed: int, size: int = 64) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_inputs(root: Path, *, n_shards: int = 3, per_shard: int = 4, corrupt: str | None = None,
+                images_dir: Path | None = None) -> tuple[str, str]:
+    """An ingest-like and a synthesize-like finished stage directory, written through the storage layer."""
+    layout = RunLayout(root)
+    cap = layout.stage("ingest", "a" * 16)
+    cap.path.mkdir(parents=True)
+    rows, samples = [], []
+    for i in range(n_shards * per_shard):
+        cid = f"c{i:04d}"
+        text = TRAIN[i % len(TRAIN)]
+        rows.append({"caption_id": cid, "image_id": f"t{i}", "split": "train", "text": text, "raw_text": text,
+                     "source": "test", "image_path": None, "references": None, "status": "ok", "error": None})
+        samples.append((cid, text))
+    for j, split in enumerate(["val", "val", "test", "test"]):
+        rows.append({"caption_id": f"v{j}", "image_id": f"img{j}", "split": split, "text": "a photo",
+                     "raw_text": "a photo", "source": "test", "image_path": f"images/img{j}.jpg",
+                     "references": ["a photo"], "status": "ok", "error": None})
+    tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
+    finish(cap, {"captions": len(rows)}, time.monotonic())
+    if images_dir is not None:
+        (images_dir / "images").mkdir(parents=True, exist_ok=True)
+        for j in range(3):  # img3 is missing on purpose
+            (images_dir / "images" / f"img{j}.jpg").write_bytes(jpeg(1000 + j))
+
+    syn = layout.stage("synthesize", "b" * 16)
+    for s in range(n_shards):
+        with ShardWriter(syn.shard_file("shards", s, "tar")) as w:
+            for cid, text in samples[s * per_shard:(s + 1) * per_shard]:
+                data = b"\xff\xd8 not a jpeg" if cid == corrupt else jpeg(int(cid[1:]))
+                w.write({"__key__": cid, "jpg": data, "txt": text, "json": json.dumps({"seed": 1})})
+    finish(syn, {"images": len(samples)}, time.monotonic())
+    return str(cap.path), str(syn.path)
+
+
+def tiny_config(**kw) -> EncodeConfig:
+    base = {"clip": {"model": "tiny", "precision": "fp32"}, "device": "cpu", "batch_size": 3, "num_workers": 0,
+            "min_count": 1, "top_n": None, "progress_bar": False}
+    return EncodeConfig.model_validate(base | kw)
+
+
+def direct_embeddings(clip, image_bytes: bytes, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's own encode_image / encode_text on one image and caption, normalised."""
+    x = clip.preprocess(Image.open(io.BytesIO(image_bytes)).convert("RGB"))[None]
+    with torch.no_grad():
+        g = clip.model.encode_image(x, normalize=True)[0]
+        t = clip.model.encode_text(clip.tokenizer([text]), normalize=True)[0]
+    return g, t
+
+
+def transformer_output(clip, pixels: torch.Tensor) -> torch.Tensor:
+    """The last transformer block's output [B, 1 + grid^2, W], captured with a forward hook."""
+    seen = []
+    handle = clip.model.visual.transformer.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            clip.model.encode_image(pixels)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("preset, embed, patches, width, grid", [("tiny", 64, 4, 64, 2), ("tiny-l14", 32, 4, 48, 4)])
+def test_feature_shapes_match_open_clip(preset, embed, patches, width, grid):
+    clip = load_clip(ClipSpec(model=preset, precision="fp32"))
+    size = clip.model.visual.image_size[0]
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    g, p = encode_images(clip, pixels)
+    assert g.shape == (3, embed) and p.shape == (3, patches, width) and g.dtype == p.dtype == torch.float32
+    torch.testing.assert_close(g.norm(dim=-1), torch.ones(3))
+    with torch.no_grad():
+        torch.testing.assert_close(g, clip.model.encode_image(pixels, normalize=True))
+    tokens = transformer_output(clip, pixels)[:, 1:]            # [B, grid^2, W] without CLS
+    assert tokens.shape[1] == grid * grid
+    if grid == 4:  # 4x4 grid pooled 2x2: patch (r, c) is the mean of its 2x2 window, row-major
+        grid_tokens = tokens.reshape(3, 4, 4, width)
+        expect = torch.stack([grid_tokens[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean(dim=(1, 2))
+                              for r in range(2) for c in range(2)], dim=1)
+        torch.testing.assert_close(p, expect)
+    else:
+        torch.testing.assert_close(p, tokens)
+
+
+def test_preset_is_deterministic_and_loads_from_a_checkpoint_file(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = load_clip(ClipSpec(model="tiny", precision="fp32")), load_clip(ClipSpec(model="tiny", precision="fp32"))
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    with torch.no_grad():
+        for prm in a.model.parameters():
+            prm.add_(0.01)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in a.model.state_dict().items()}, str(ckpt))
+    c = load_clip(ClipSpec(model="tiny", precision="fp32", pretrained=str(ckpt)))
+    assert torch.equal(c.model.visual.proj, a.model.visual.proj)
+    assert not torch.equal(c.model.visual.proj, b.model.visual.proj)
+
+
+def test_clip_spec_defaults_and_errors():
+    assert ClipSpec(model="tiny-l14").pool == 2 and ClipSpec(model="tiny").pool is None
+    assert ClipSpec(model="tiny").pretrained is None
+    assert ClipSpec(model="ViT-L-14").pool == 8           # the paper: 16x16 pooled to 8x8
+    assert ClipSpec(model="ViT-L-14", pool=None).pool is None
+    assert ClipSpec(model="ViT-B-32").pool is None        # 7x7 stays
+    with pytest.raises(ValueError, match="must divide"):
+        load_clip(ClipSpec(model="tiny-l14", pool=3, precision="fp32"))
+    with pytest.raises(ValueError, match="prompt must contain"):
+        tiny_config(prompt="A photo of a thing.")
+
+
+def test_missing_weights_offline_give_one_clear_error():
+    with pytest.raises(RuntimeError) as e:
+        load_clip(ClipSpec(model="ViT-B-32", pretrained="openai", precision="fp32"))
+    msg = str(e.value)
+    assert "not available" in msg and "--pretrained" in msg and "open_clip.create_model('ViT-B-32'" in msg
+
+
+def test_run_encode_outputs(tmp_path):
+    cap, syn = make_inputs(tmp_path / "runs", corrupt="c0005", images_dir=tmp_path / "coco")
+    cfg = tiny_config(images_root=str(tmp_path / "coco"), real_shard_size=3)
+    result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
+    sd = plan(cfg, cap, syn, str(tmp_path / "runs"))
+    assert verify(sd) is None and not result.cached
+    assert result.counts["images"] == 12 and result.counts["concepts"] >= 6
+    assert (result.counts["images_ok"], result.counts["images_failed"]) == (11, 1)
+    assert (result.counts["real_ok"], result.counts["real_failed"]) == (3, 1)
+    assert result.extra["clip"] == cfg.clip.model_dump(mode="json")
+    assert Path(result.extra["pictures"]["clip_scores"]).read_bytes()[:4] == b"\x89PNG"
+
+    clip = load_clip(cfg.clip)
+    scores = {r["caption_id"]: r for r in tables.read(sd.file("scores.parquet"), tables.SCORES).to_pylist()}
+    bad = scores.pop("c0005")
+    assert bad["status"] == "failed" and bad["row"] == -1 and "c0005" in bad["error"] and "shard-000001" in bad["error"]
+    for s in range(3):
+        arrays, meta = open_arrays(sd.shard_file("features", s, "safetensors"))
+        keys = json.loads(meta["keys"])
+        assert arrays["global"].dtype == np.float16 and arrays["patches"].shape == (len(keys), 4, 64)
+        assert keys == [f"c{i:04d}" for i in range(4 * s, 4 * s + 4) if i != 5]
+        samples = {x["__key__"]: x for x in iter_tar(Path(syn) / "shards" / f"shard-{s:06d}.tar")}
+        for row, key in enumerate(keys):
+            g, t = direct_embeddings(clip, samples[key]["jpg"], samples[key]["txt"].decode())
+            r = scores[key]
+            assert (r["status"], r["shard"], r["row"]) == ("ok", s, row)
+            assert r["clip_score"] == pytest.approx(float(g @ t), abs=1e-5)
+            np.testing.assert_allclose(r["text_embedding"], t.numpy(), atol=1e-5)
+            np.testing.assert_allclose(arrays["global"][row].astype(np.float32), g.numpy(), atol=2e-3)
+
+    # The saved head applied to the CLS token reproduces the global embedding.
+    head, meta = open_arrays(sd.file("clip_head.safetensors"))
+    assert json.loads(meta["clip"]) == cfg.clip.model_dump(mode="json")
+    sample = next(iter_tar(Path(syn) / "shards" / "shard-000000.tar"))
+    x = clip.preprocess(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))[None]
+    cls = transformer_output(clip, x)[:, 0]                              # [1, W]
+    joint = torch.nn.functional.layer_norm(cls, (cls.shape[-1],), torch.from_numpy(np.array(head["ln_post.weight"])),
+                                           torch.from_numpy(np.array(head["ln_post.bias"])), float(meta["ln_eps"]))
+    joint = joint @ torch.from_numpy(np.array(head["proj"]))
+    g, _ = encode_images(clip, x)
+    torch.testing.assert_close(torch.nn.functional.normalize(joint, dim=-1), g)
+    for k, v in clip_head(clip).items():
+        np.testing.assert_array_equal(head[k], v.numpy())
+
+    real = tables.read(sd.file("real.parquet"), tables.REAL_IMAGES).to_pylist()
+    assert [r["image_id"] for r in real] == ["img0", "img1", "img2", "img3"]
+    missing = real[3]
+    assert missing["status"] == "failed" and str(tmp_path / "coco" / "images" / "img3.jpg") in missing["error"]
+    arrays, meta = open_arrays(sd.shard_file("real", 0, "safetensors"))
+    assert json.loads(meta["keys"]) == ["img0", "img1", "img2"] and arrays["global"].shape == (3, 64)
+
+    concepts = tables.read(sd.file("concepts.parquet"), tables.CONCEPTS).to_pylist()
+    by_name = {c["concept"]: c for c in concepts}
+    assert {"dog", "horse", "man", "cat", "couch", "grass"} <= set(by_name)
+    assert not {"riding", "playing", "red", "two", "a"} & set(by_name)
+    assert by_name["dog"]["count"] == 6  # "dogs" x2 (lemmatised) + "dog" x4 over the 12 training captions
+    expect = encode_texts(clip, ["A photo of dog."])[0].numpy()
+    np.testing.assert_allclose(by_name["dog"]["embedding"], expect, atol=1e-6)
+    assert by_name["dog"]["model"] == "tiny/seed-0"
+
+    again = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
+    assert again.cached and again.fingerprint == result.fingerprint
+
+
+def test_real_images_skipped_without_images_root(tmp_path):
+    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    result = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
+    assert result.counts["real"] == 0 and "images_root" in result.extra["real_note"]
+
+
+def test_vocabulary_file_replaces_extraction(tmp_path):
+    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("# my concepts\nzebra\ndog\n\nteddy bear\n")
+    cfg = tiny_config(vocabulary_file=str(vocab), prompt="a picture of {c}")
+    result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
+    rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
+    assert [(r["concept"], r["count"]) for r in rows] == [("zebra", 0), ("dog", 2), ("teddy bear", 0)]
+    clip = load_clip(cfg.clip)
+    np.testing.assert_allclose(rows[2]["embedding"], encode_texts(clip, ["a picture of teddy bear"])[0], atol=1e-6)
+    vocab.write_text("zebra\n")  # a different file content is a different stage directory
+    assert plan(cfg, cap, syn, str(tmp_path / "runs")).fingerprint != result.fingerprint
+
+
+def test_workers_give_the_same_features(tmp_path):
+    cap, syn = make_inputs(tmp_path / "runs", n_shards=3)
+    a = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
+    b = run_encode(tiny_config(num_workers=2, batch_size=3), cap, syn, str(tmp_path / "other"))
+    assert a.fingerprint == b.fingerprint  # workers are a runtime setting
+    for s in range(3):
+        x, _ = open_arrays(Path(a.path) / "features" / f"shard-{s:06d}.safetensors")
+        y, _ = open_arrays(Path(b.path) / "features" / f"shard-{s:06d}.safetensors")
+        np.testing.assert_array_equal(x["patches"], y["patches"])
+
+
+KILLED_RUN = """
+import sys, time
+from pcm.encode import EncodeConfig, run_encode
+cfg = EncodeConfig.model_validate({cfg!r})
+run_encode(cfg, {cap!r}, {syn!r}, {root!r}, progress=lambda done, total, msg: time.sleep(2))
+"""
+
+
+def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
+    cap, syn = make_inputs(tmp_path / "runs", n_shards=4, per_shard=3)
+    cfg = tiny_config()
+    root = str(tmp_path / "runs")
+    sd = plan(cfg, cap, syn, root)
+    code = KILLED_RUN.format(cfg=cfg.model_dump(mode="json"), cap=cap, syn=syn, root=root)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    first = done_path(sd.shard_file("features", 0, "safetensors"))
+    while not first.exists():
+        assert proc.poll() is None, "the encode subprocess ended before writing a shard"
+        assert time.monotonic() < deadline, "no features marker within 60 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = [s for s in range(4) if is_done(sd.shard_file("features", s, "safetensors"))]
+    assert 1 <= len(done_before) < 4 and not sd.done_marker.exists()
+
+    resumed = run_encode(cfg, cap, syn, root)
+    assert resumed.counts["encoded_now"] == 3 * (4 - len(done_before))   # pending shards only
+    clean = run_encode(cfg, cap, syn, str(tmp_path / "clean"))
+    for s in range(4):
+        x, mx = open_arrays(Path(resumed.path) / "features" / f"shard-{s:06d}.safetensors")
+        y, my = open_arrays(Path(clean.path) / "features" / f"shard-{s:06d}.safetensors")
+        assert mx["keys"] == my["keys"]
+        np.testing.assert_array_equal(x["global"], y["global"])
+        np.testing.assert_array_equal(x["patches"], y["patches"])
+    a = tables.read(Path(resumed.path) / "scores.parquet", tables.SCORES)
+    b = tables.read(Path(clean.path) / "scores.parquet", tables.SCORES)
+    assert a.equals(b)
+    assert not list((Path(resumed.path) / "features").glob(".tmp-*"))
+
+
+def test_bench_runs_on_cpu_and_prints_the_ratio():
+    out = subprocess.run([sys.executable, "bench/encode.py", "--preset", "tiny", "--device", "cpu",
+                          "--n-images", "48", "--batch-size", "16", "--workers", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "model-only" in out.stdout and "end-to-end" in out.stdout and "ratio" in out.stdout
