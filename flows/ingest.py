@@ -1,0 +1,31 @@
+"""Prefect flow of the ingest stage: one task cached on the stage fingerprint, a progress bar and a summary table."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+from flows import artifacts
+from flows.caching import fingerprint_key, run_stage
+from pcm.ingest import IngestConfig, plan, run_ingest, verify
+from storage.result import StageResult
+
+
+@task(name="ingest", cache_key_fn=fingerprint_key(plan), result_serializer="json")
+def ingest_task(config: IngestConfig, root: str) -> StageResult:
+    """Read the caption file into captions.parquet (or return the finished stage directory)."""
+    progress = artifacts.Progress(f"ingest-{plan(config, root).fingerprint}", "Ingesting captions")
+    return run_ingest(config, root, progress=progress)
+
+
+@task(name="ingest-artifacts")
+def publish(result: StageResult) -> None:
+    """Counts and timings for the dashboard (also when the ingest task was cached)."""
+    artifacts.summary_table(f"ingest-{result.fingerprint}-summary", result, "Ingest stage counts and timings")
+
+
+@flow(name="ingest")
+def ingest_flow(config: IngestConfig, root: str = "runs", force: bool = False) -> StageResult:
+    """Ingest one caption file; the same file content and config reuse the finished stage directory."""
+    result = run_stage(ingest_task, plan, verify, force=force, config=config, root=root)
+    publish(result)
+    return result

@@ -1,0 +1,540 @@
+"""Ingest stage: read caption files (Karpathy, COCO, .txt, .jsonl, .csv) into one checked captions table."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator, model_validator
+from tqdm import tqdm
+
+from pcm.config import StageConfig
+from pcm.stage import cached, finish, locked, stage_dir
+from storage import atomic, tables
+from storage.fingerprint import file_digest
+from storage.layout import RunLayout, StageDir
+from storage.result import StageResult
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "1"
+STAGE = "ingest"
+OUTPUT = "captions.parquet"
+FORMATS = ("karpathy", "coco", "txt", "jsonl", "csv")
+SPLITS = ("train", "val", "test")
+# Karpathy's "restval" images are the part of COCO val2014 that the split gives to training.
+_SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+# Every reason a row can be rejected for; each is counted as `rejected_<reason>` (0 included).
+REASONS = ("invalid_utf8", "empty", "whitespace", "too_long", "duplicate", "not_in_subset")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# Caption ids are `<name>-<id>` and must pass storage.shards.check_key (at most 200 characters).
+MAX_NAME_CHARS, MAX_ID_CHARS = 64, 120
+
+Split = Literal["train", "val", "test"]
+ProgressFn = Callable[[int, int, str], None]
+
+
+class IngestConfig(StageConfig):
+    """What to read and which rows to keep; every field but `source` goes into the fingerprint.
+
+    `source` is runtime: the file is fingerprinted by its name and content digest instead, so
+    the same file reached through another path (another machine, a mounted copy) reuses the
+    same stage directory.
+    """
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"source"})
+
+    source: str = Field(description="Caption file: Karpathy or COCO JSON, .txt, .jsonl or .csv.")
+    format: Literal["auto", "karpathy", "coco", "txt", "jsonl", "csv"] = Field(
+        "auto", description="File format; auto = from the suffix (and, for .json, the content).")
+    name: str | None = Field(
+        None, description="Dataset name used as the caption-id prefix; default from the file name "
+        "(dataset_coco.json -> coco).")
+    splits: tuple[Split, ...] = Field(SPLITS, description="Splits to keep; rows of other splits are not read.")
+    default_split: Split = Field(
+        "train", description="Split of every row of a file without splits (COCO annotations, .txt, "
+        "or .jsonl/.csv rows without a split column).")
+    text_column: str = Field("caption", description=".jsonl/.csv: the caption column.")
+    image_id_column: str = Field("image_id", description=".jsonl/.csv: image id column, used when present.")
+    split_column: str = Field("split", description=".jsonl/.csv: split column, used when present.")
+    image_path_column: str = Field("image_path", description=".jsonl/.csv: image path column, used when present.")
+    dedup: bool = Field(True, description="Reject exact duplicate training captions (after normalisation).")
+    subset: int | None = Field(None, ge=1, description="Keep this many training captions (seeded).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Keep this fraction of training captions (seeded).")
+    seed: int = Field(0, description="Seed of the training subset.")
+    max_chars: int = Field(500, ge=1, description="Reject captions longer than this (normalised characters).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not (_SAFE_NAME.match(v) and len(v) <= MAX_NAME_CHARS):
+            raise ValueError(f"use 1-{MAX_NAME_CHARS} letters, digits, '_' or '-' (it prefixes every caption id)")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _canonical_splits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("keep at least one of train, val, test")
+        return tuple(s for s in SPLITS if s in v)  # canonical order: same set, same fingerprint
+
+    @model_validator(mode="after")
+    def _one_subset(self) -> IngestConfig:
+        if self.subset is not None and self.fraction is not None:
+            raise ValueError("give subset (a count) or fraction, not both")
+        return self
+
+
+# -- planning ---------------------------------------------------------------------------
+
+
+def source_path(config: IngestConfig) -> Path:
+    """The caption file, or a clear error when it is missing."""
+    path = Path(config.source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{config.source}: caption file not found; pass the path of a Karpathy or "
+                                "COCO JSON, .txt, .jsonl or .csv file")
+    return path
+
+
+def dataset_name(config: IngestConfig) -> str:
+    """The caption-id prefix: `config.name`, else the file name without `dataset_` and suffix."""
+    if config.name:
+        return config.name
+    stem = Path(config.source).name.split(".")[0].removeprefix("dataset_")
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:MAX_NAME_CHARS] or "captions"
+
+
+def plan(config: IngestConfig, root: str) -> StageDir:
+    """The stage directory for this config and this file's content; no work."""
+    path = source_path(config)
+    extra = {"source_name": path.name, "source_sha256": file_digest(path)}
+    return stage_dir(RunLayout(root), STAGE, config, [], CODE_VERSION, extra=extra)
+
+
+def verify(sd: StageDir) -> str | None:
+    """None when captions.parquet is in place with the row count the marker promises."""
+    path = sd.file(OUTPUT)
+    if not path.exists():
+        return f"{OUTPUT} missing"
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - any unreadable file means "redo"
+        return f"{OUTPUT} unreadable ({e})"
+    if sd.done_marker.exists():
+        want = StageResult.load(sd.done_marker).counts.get("rows")
+        if want is not None and want != rows:
+            return f"{OUTPUT} has {rows} rows, the marker says {want}"
+    return None
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Input captions as parallel column lists (600k captions must not become 600k dicts)."""
+
+    file: str
+    locate: Callable[[Any], str]          # a row's `where` -> "images[3].sentences[1]"
+    caption_id: list[str] = field(default_factory=list)
+    image_id: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)  # may hold surrogates for undecodable bytes
+    image_path: list[str | None] = field(default_factory=list)
+    skipped: int = 0                      # rows of splits not asked for
+    _seen: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, caption_id: str, image_id: str, split: str, raw: str, image_path: str | None, where: Any) -> None:
+        if caption_id in self._seen:
+            raise ValueError(f"{self.file}: {self.locate(where)}: duplicate caption id {caption_id!r}, "
+                             f"first used by {self.locate(self._seen[caption_id])}; ids must be unique")
+        self._seen[caption_id] = where
+        self.caption_id.append(caption_id)
+        self.image_id.append(image_id)
+        self.split.append(split)
+        self.raw.append(raw)
+        self.image_path.append(image_path if split != "train" else None)
+
+
+def _decode(path: Path) -> str:
+    """The file's text; undecodable bytes survive as surrogates so one bad caption is one rejected row."""
+    return path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+
+
+def _load_json(path: Path) -> Any:
+    """Like storage.atomic.read_json (errors name line and column), tolerating invalid UTF-8 in strings."""
+    try:
+        return json.loads(_decode(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def _valid_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _bar(items: Iterable[Any], total: int | None, desc: str, unit: str) -> Iterable[Any]:
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, mininterval=0.5)
+
+
+class _Fields:
+    """Typed access to one JSON entry; every error names the file and the entry."""
+
+    def __init__(self, file: str, obj: Any, at: str) -> None:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{file}: {at}: expected an object, got {type(obj).__name__}")
+        self.file, self.obj, self.at = file, obj, at
+
+    def fail(self, msg: str) -> ValueError:
+        return ValueError(f"{self.file}: {self.at}: {msg}")
+
+    def has(self, key: str) -> bool:
+        return self.obj.get(key) not in (None, "")
+
+    def get(self, key: str) -> Any:
+        if key not in self.obj:
+            raise self.fail(f"missing {key!r}")
+        return self.obj[key]
+
+    def array(self, key: str) -> list:
+        v = self.get(key)
+        if not isinstance(v, list):
+            raise self.fail(f"{key!r} must be a list, got {type(v).__name__}")
+        return v
+
+    def text(self, key: str) -> str:
+        """A caption: any string (content problems become rejected rows later)."""
+        v = self.get(key)
+        if not isinstance(v, str):
+            raise self.fail(f"{key!r} must be a string, got {type(v).__name__}")
+        return v
+
+    def name(self, key: str) -> str:
+        """A file name or path: a non-empty, valid UTF-8 string."""
+        v = self.text(key)
+        if not v or not _valid_utf8(v):
+            raise self.fail(f"{key!r} must be a non-empty UTF-8 string, got {v!r}")
+        return v
+
+    def ident(self, key: str) -> str:
+        """A caption id part: an integer or a string of letters, digits, '_' and '-' (a key and a file name)."""
+        v = self.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        if isinstance(v, str) and _SAFE_NAME.match(v) and len(v) <= MAX_ID_CHARS:
+            return v
+        raise self.fail(f"{key!r} must be an integer or a string of 1-{MAX_ID_CHARS} letters, digits, '_' or '-', "
+                        f"got {v!r}")
+
+    def label(self, key: str) -> str:
+        """An image id: an integer or any non-empty UTF-8 string (it is never used as a file name)."""
+        v = self.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        if isinstance(v, str) and v and _valid_utf8(v):
+            return v
+        raise self.fail(f"{key!r} must be an integer or a non-empty UTF-8 string, got {v!r}")
+
+    def split(self, key: str) -> str:
+        v = self.get(key)
+        if v not in _SPLIT_NAMES:
+            raise self.fail(f"unknown split {v!r}; expected one of {', '.join(_SPLIT_NAMES)}")
+        return _SPLIT_NAMES[v]
+
+
+def _detect(path: Path, fmt: str) -> tuple[str, Any]:
+    """The format to read and, for JSON formats, the parsed document."""
+    if fmt == "auto":
+        suffix = path.suffix.lower()
+        by_suffix = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv"}
+        if suffix in by_suffix:
+            return by_suffix[suffix], None
+        if suffix != ".json":
+            raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; expected .json "
+                             f"(Karpathy or COCO), .jsonl, .csv or .txt, or set the format to one of "
+                             f"{', '.join(FORMATS)}")
+        data = _load_json(path)
+        if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            return "coco", data
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            return "karpathy", data
+        raise ValueError(f"{path}: a .json caption file must be Karpathy split JSON (images[].sentences) or "
+                         f"COCO annotations (images and annotations); set the format to one of {', '.join(FORMATS)}")
+    return fmt, (_load_json(path) if fmt in ("karpathy", "coco") else None)
+
+
+def _read_karpathy(data: Any, file: str, prefix: str, keep: tuple[str, ...]) -> _Rows:
+    """Karpathy split JSON: images[].{filepath?, filename, imgid, cocoid?, split, sentences[].{raw, sentid}}."""
+    rows = _Rows(file, lambda w: f"images[{w[0]}].sentences[{w[1]}]")
+    images = _Fields(file, data, "top level").array("images")
+    image_seen: dict[str, int] = {}
+    for i, entry in enumerate(_bar(images, len(images), f"ingest {Path(file).name}", "image")):
+        img = _Fields(file, entry, f"images[{i}]")
+        image_id = img.label("cocoid") if "cocoid" in img.obj else img.label("imgid")
+        first = image_seen.setdefault(image_id, i)
+        if first != i:
+            raise img.fail(f"duplicate image id {image_id!r}, first used by images[{first}]")
+        split = img.split("split")
+        sentences = img.array("sentences")
+        if split not in keep:
+            rows.skipped += len(sentences)
+            continue
+        image_path = img.name("filename")
+        if img.has("filepath"):
+            image_path = f"{img.name('filepath')}/{image_path}"
+        for j, s in enumerate(sentences):
+            # Fast path for the usual well-formed sentence; _Fields names the entry of a bad one.
+            if type(s) is dict and type(raw := s.get("raw")) is str and type(sentid := s.get("sentid")) is int:
+                rows.add(f"{prefix}-{sentid}", image_id, split, raw, image_path, (i, j))
+            else:
+                sent = _Fields(file, s, f"images[{i}].sentences[{j}]")
+                rows.add(f"{prefix}-{sent.ident('sentid')}", image_id, split, sent.text("raw"), image_path, (i, j))
+    return rows
+
+
+def _read_coco(data: Any, file: str, prefix: str, split: str, keep: tuple[str, ...]) -> _Rows:
+    """COCO captions annotations: images[].{id, file_name}, annotations[].{id, image_id, caption}; one split."""
+    rows = _Rows(file, lambda k: f"annotations[{k}]")
+    top = _Fields(file, data, "top level")
+    images, annotations = top.array("images"), top.array("annotations")
+    if split not in keep:
+        rows.skipped = len(annotations)
+        return rows
+    files: dict[str, tuple[str, int]] = {}
+    for i, entry in enumerate(images):
+        img = _Fields(file, entry, f"images[{i}]")
+        image_id = img.label("id")
+        if image_id in files:
+            raise img.fail(f"duplicate image id {image_id!r}, first used by images[{files[image_id][1]}]")
+        files[image_id] = (img.name("file_name"), i)
+    for k, entry in enumerate(_bar(annotations, len(annotations), f"ingest {Path(file).name}", "caption")):
+        ann = _Fields(file, entry, f"annotations[{k}]")
+        image_id = ann.label("image_id")
+        if image_id not in files:
+            raise ann.fail(f"image_id {image_id!r} is not in images[]")
+        rows.add(f"{prefix}-{ann.ident('id')}", image_id, split, ann.text("caption"), files[image_id][0], k)
+    return rows
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split on \\n only (str.splitlines would also split on form feeds and U+2028)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start an empty one
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def _read_txt(text: str, file: str, prefix: str, split: str, keep: tuple[str, ...]) -> _Rows:
+    """One caption a line; each line is its own image; blank lines become rejected rows."""
+    rows = _Rows(file, lambda n: f"line {n}")
+    lines = _lines(text)
+    if split not in keep:
+        rows.skipped = len(lines)
+        return rows
+    for n, line in enumerate(_bar(lines, len(lines), f"ingest {Path(file).name}", "line"), start=1):
+        rows.add(f"{prefix}-{n}", f"{prefix}-{n}", split, line, None, n)
+    return rows
+
+
+def _add_record(rows: _Rows, rec: _Fields, cid: str, config: IngestConfig, keep: tuple[str, ...], where: Any) -> None:
+    """One .jsonl/.csv record; the optional columns are used when present and non-empty."""
+    text = rec.text(config.text_column)
+    split = rec.split(config.split_column) if rec.has(config.split_column) else config.default_split
+    if split not in keep:
+        rows.skipped += 1
+        return
+    image_id = rec.label(config.image_id_column) if rec.has(config.image_id_column) else cid
+    image_path = rec.name(config.image_path_column) if rec.has(config.image_path_column) else None
+    rows.add(cid, image_id, split, text, image_path, where)
+
+
+def _read_jsonl(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...]) -> _Rows:
+    """One JSON object a line; blank lines become rejected rows like empty captions."""
+    rows = _Rows(file, lambda n: f"line {n}")
+    lines = _lines(text)
+    for n, line in enumerate(_bar(lines, len(lines), f"ingest {Path(file).name}", "line"), start=1):
+        cid = f"{prefix}-{n}"
+        if not line.strip():
+            if config.default_split in keep:
+                rows.add(cid, cid, config.default_split, line, None, n)
+            else:
+                rows.skipped += 1
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: invalid JSON at line {n}, column {e.colno}: {e.msg}") from None
+        _add_record(rows, _Fields(file, obj, f"line {n}"), cid, config, keep, n)
+    return rows
+
+
+def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...]) -> _Rows:
+    """A CSV file with a header row; ids count data rows from 1."""
+    rows = _Rows(file, lambda n: f"row {n}")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        if config.text_column not in header:
+            raise ValueError(f"{file}: no {config.text_column!r} column in the header {header}; set the text "
+                             "column to one of these")
+        for n, record in enumerate(_bar(reader, None, f"ingest {Path(file).name}", "row"), start=1):
+            # Short rows get None for missing cells: a missing caption cell is an error, like a missing key.
+            present = {k: v for k, v in record.items() if k is not None and v is not None}
+            _add_record(rows, _Fields(file, present, f"row {n} (line {reader.line_num})"), f"{prefix}-{n}",
+                        config, keep, n)
+    except csv.Error as e:
+        raise ValueError(f"{file}: line {reader.line_num}: invalid CSV: {e}") from None
+    return rows
+
+
+def read_source(config: IngestConfig) -> tuple[str, _Rows]:
+    """The detected format and the input captions of `config.source`, in file order."""
+    path = source_path(config)
+    fmt, data = _detect(path, config.format)
+    file, prefix, keep = str(path), dataset_name(config), config.splits
+    if fmt == "karpathy":
+        return fmt, _read_karpathy(data, file, prefix, keep)
+    if fmt == "coco":
+        return fmt, _read_coco(data, file, prefix, config.default_split, keep)
+    text = _decode(path)
+    if fmt == "txt":
+        return fmt, _read_txt(text, file, prefix, config.default_split, keep)
+    if fmt == "jsonl":
+        return fmt, _read_jsonl(text, file, prefix, config, keep)
+    return fmt, _read_csv(text, file, prefix, config, keep)
+
+
+# -- checking ---------------------------------------------------------------------------
+
+
+def _check_text(raw: str, max_chars: int) -> tuple[str, str, str | None, str | None]:
+    """(text, raw_text, reason, error) for one caption; reason None when it is accepted."""
+    if not _valid_utf8(raw):
+        shown = raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return "", shown, "invalid_utf8", "invalid UTF-8 (undecodable bytes shown as \\x escapes)"
+    if not raw:
+        return "", raw, "empty", "empty caption"
+    text = " ".join(raw.split())
+    if not text:
+        return "", raw, "whitespace", "whitespace-only caption"
+    if len(text) > max_chars:
+        return "", raw, "too_long", f"{len(text)} characters, longer than max_chars={max_chars}"
+    return text, raw, None, None
+
+
+def _subset_rank(seed: int, caption_id: str) -> bytes:
+    """A per-caption random key: the subset of size k is the k smallest keys, so subsets of one seed
+    are nested (a 10% run contains the 1% run) and do not depend on the file's row order."""
+    return hashlib.blake2b(f"{seed}:{caption_id}".encode(), digest_size=8).digest()
+
+
+def build_columns(rows: _Rows, config: IngestConfig, source: str) -> tuple[dict[str, list], dict[str, int]]:
+    """The CAPTIONS columns of `rows` (checked, deduplicated, subset) and the counts; `source` labels every row."""
+    n = len(rows.raw)
+    text, raw_text = [""] * n, [""] * n
+    status, error = [tables.STATUS_OK] * n, [None] * n
+    reasons: Counter[str] = Counter()
+
+    def reject(i: int, reason: str, message: str) -> None:
+        text[i], status[i], error[i] = "", tables.STATUS_REJECTED, message
+        reasons[reason] += 1
+
+    for i, raw in enumerate(rows.raw):
+        text[i], raw_text[i], reason, message = _check_text(raw, config.max_chars)
+        if reason:
+            reject(i, reason, message)
+
+    train = [i for i in range(n) if rows.split[i] == "train" and status[i] == tables.STATUS_OK]
+    if config.dedup:
+        first: dict[str, str] = {}
+        unique = []
+        for i in train:
+            kept = first.setdefault(text[i], rows.caption_id[i])
+            if kept == rows.caption_id[i]:
+                unique.append(i)
+            else:
+                reject(i, "duplicate", f"duplicate of {kept}")
+        train = unique
+
+    counts: dict[str, int] = {}
+    if config.subset is not None or config.fraction is not None:
+        pool = len(train)
+        k = config.subset if config.subset is not None else max(1, round(config.fraction * pool))
+        k = min(k, pool)
+        ranked = sorted(train, key=lambda i: _subset_rank(config.seed, rows.caption_id[i]))
+        for i in ranked[k:]:
+            reject(i, "not_in_subset", f"not in the seeded train subset (seed {config.seed}, {k} of {pool} kept)")
+        counts |= {"subset_pool": pool, "subset_kept": k}
+
+    # Every row of a val/test image carries all its accepted captions as references.
+    refs: dict[tuple[str, str], list[str]] = {}
+    captions: Counter[str] = Counter()
+    images: dict[str, set[str]] = {s: set() for s in SPLITS}
+    for i in range(n):
+        if status[i] == tables.STATUS_OK:
+            s, image = rows.split[i], rows.image_id[i]
+            captions[s] += 1
+            images[s].add(image)
+            if s != "train":
+                refs.setdefault((s, image), []).append(text[i])
+    none: list[str] = []  # one shared empty list: 600k fresh ones would wake the garbage collector
+    references = [refs.get((s, image), none) for s, image in zip(rows.split, rows.image_id, strict=True)]
+
+    ok = sum(captions.values())
+    counts |= {"rows": n, "ok": ok, "rejected": n - ok, "skipped_splits": rows.skipped}
+    counts |= {f"rejected_{r}": reasons[r] for r in REASONS}
+    for s in SPLITS:
+        counts[f"{s}_captions"], counts[f"{s}_images"] = captions[s], len(images[s])
+    columns = {"caption_id": rows.caption_id, "image_id": rows.image_id, "split": rows.split, "text": text,
+               "raw_text": raw_text, "source": [source] * n,
+               "image_path": rows.image_path, "references": references, "status": status, "error": error}
+    return columns, counts
+
+
+# -- the stage --------------------------------------------------------------------------
+
+
+def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
+               progress: ProgressFn | None = None) -> StageResult:
+    """Read `config.source`, check every caption and write captions.parquet; reuse a finished run."""
+    started = time.monotonic()
+    sd = plan(config, root)
+    if not force and (done := cached(sd, verify)):
+        log.info("ingest: reusing %s", sd.path)
+        return done
+    report = progress or (lambda done, total, message: None)
+    with locked(sd):
+        sd.done_marker.unlink(missing_ok=True)
+        atomic.remove_stale_temporaries(sd.path, OUTPUT)
+        t0 = time.monotonic()
+        fmt, rows = read_source(config)
+        report(1, 3, f"read {len(rows.raw)} captions ({fmt})")
+        t1 = time.monotonic()
+        columns, counts = build_columns(rows, config, f"{fmt}:{source_path(config).name}")
+        report(2, 3, f"checked: {counts['ok']} ok, {counts['rejected']} rejected")
+        t2 = time.monotonic()
+        tables.write(sd.file(OUTPUT), columns, tables.CAPTIONS)
+        report(3, 3, f"wrote {OUTPUT}")
+        t3 = time.monotonic()
+        log.info("ingest: %d captions from %s (%d ok, %d rejected) -> %s", counts["rows"], config.source,
+                 counts["ok"], counts["rejected"], sd.file(OUTPUT))
+        extra = {"source": str(source_path(config).resolve()), "format": fmt, "name": dataset_name(config)}
+        return finish(sd, counts, started, extra=extra,
+                      timings={"read_s": round(t1 - t0, 3), "check_s": round(t2 - t1, 3),
+                               "write_s": round(t3 - t2, 3)})
