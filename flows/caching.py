@@ -3,7 +3,8 @@
 A stage task's cache key is `<stage>-<fingerprint>`, so a second run of the same config and
 inputs shows the task as Cached, on any machine sharing the run root. Before trusting a cache
 hit, `run_stage` checks that the stage directory is complete (marker + `verify`); if not, the
-task is forced to run again and its record refreshed. Cache records live under the run root.
+task is forced to run again and its record refreshed. Cache records live under the run root, as
+JSON (never pickle).
 """
 
 from __future__ import annotations
@@ -38,4 +39,4 @@ def run_stage(task: Task, plan: Plan, verify: Verify, *, force: bool = False, **
     sd = plan(**parameters)
     stale = force or not sd.is_complete() or verify(sd) is not None
     return task.with_options(refresh_cache=stale, result_storage=results_dir(parameters["root"]),
-                             persist_result=True)(**parameters)
+                             persist_result=True, result_serializer="json")(**parameters)

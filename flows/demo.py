@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] finished in {time.monotonic() - t0:.0f}s", flush=True)
         print(f"[demo] outputs:   {REPO / 'runs'}  (one directory per stage and fingerprint)")
         if metrics:
-            m = json.loads(metrics[-1].read_text())
-            shown = {k: m[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE") if k in m}
+            m = json.loads(metrics[-1].read_text())["metrics"]
+            shown = {k: (round(100 * v, 1) if isinstance(v, float) else v) for k, v in m.items()
+                     if k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")}
             print(f"[demo] metrics:   {metrics[-1]}\n[demo]            {shown}")
         print(f"[demo] dashboard: {stack.dashboard_url}")
         if args.keep_running:

@@ -1,0 +1,51 @@
+"""Prefect flow of the evaluate stage: cached on its fingerprint, metrics table and report as artifacts."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+from flows import artifacts
+from flows.caching import fingerprint_key, run_stage
+from pcm.evaluate import METRICS, REPORT, EvaluateConfig, plan, run_evaluate, verify
+from pcm.report import LABELS
+from storage import atomic
+from storage.result import StageResult
+
+
+@task(name="evaluate", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
+def evaluate_task(config: EvaluateConfig, train: str, encode: str, captions: str, root: str) -> StageResult:
+    """Decode and score (the stage skips work already on disk)."""
+    progress = artifacts.Progress(f"evaluate-{plan(config, train, encode, captions, root).fingerprint}",
+                                  "Captioning real images")
+    return run_evaluate(config, train, encode, captions, root, progress=progress)
+
+
+@task(name="evaluate-artifacts")
+def publish(result: StageResult) -> None:
+    """Metrics table, paper comparison, report and thumbnails for the dashboard (also when cached)."""
+    summary = atomic.read_json(result.dir / METRICS)
+    metrics = summary["metrics"]
+    rows = [{"metric": label, "value (x100)": round(100 * metrics[k], 2) if isinstance(metrics.get(k), float)
+             else metrics.get(k)} for k, label in LABELS.items()]
+    key = f"evaluate-{summary['split']}-{result.fingerprint}"
+    artifacts.table(key, rows, f"{summary['split']} split, {summary['protocol']}, step {summary['checkpoint']['step']}")
+    if summary.get("published"):
+        artifacts.table(f"{key}-paper", summary["published"]["rows"], summary["published"]["title"])
+    report = (result.dir / REPORT).read_text(encoding="utf-8")
+    # The report links its thumbnail grid by relative path, which the dashboard cannot follow: the
+    # grid is published as its own picture artifact instead.
+    report = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
+    artifacts.markdown(f"{key}-report", report, "Evaluation report")
+    for name, path in result.extra.get("pictures", {}).items():
+        artifacts.picture(f"{key}-{name}", path, f"Evaluation samples ({summary['split']})")
+    artifacts.summary_table(f"{key}-summary", result, "Evaluate stage counts and timings")
+
+
+@flow(name="evaluate")
+def evaluate_flow(config: EvaluateConfig, train: str, encode: str, captions: str, root: str = "runs",
+                  force: bool = False) -> StageResult:
+    """Caption a split's real images with a trained model and score them with the COCO caption metrics."""
+    result = run_stage(evaluate_task, plan, verify, force=force, config=config, train=train, encode=encode,
+                       captions=captions, root=root)
+    publish(result)
+    return result

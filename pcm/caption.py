@@ -1,0 +1,78 @@
+"""Caption image files with a trained checkpoint: encode them with the checkpoint's CLIP, then beam search."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given (any suffix: a bad one is reported per file), folders as their images (recursive, sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)  # a missing file becomes an error row, not a crash
+    return out
+
+
+def find_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
+    """A checkpoint directory, or the `best`/`latest` checkpoint of a train stage directory."""
+    from pcm import checkpoint
+
+    return checkpoint.find(path, which)
+
+
+def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, which: str = "best",
+                   beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0, batch_size: int = 64,
+                   device: str = "auto") -> Iterator[dict[str, Any]]:
+    """Yield {"image": path, "caption": text} per image, or {"image": path, "error": why} when it cannot be read."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from pcm import checkpoint
+    from pcm.clip import ClipSpec, encode_images, load_clip, resolve_device
+    from pcm.decode import beam_search
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = resolve_device(device)
+    ckpt = find_checkpoint(checkpoint_path, which)
+    model, vocab, meta = checkpoint.load(ckpt, device)
+    clip = load_clip(ClipSpec.model_validate(meta["clip"]), device)
+    paths = expand_inputs(inputs)
+    log.info("caption: %d images with %s (step %s)", len(paths), ckpt, meta["step"])
+
+    bar = tqdm(total=len(paths), desc="caption", unit="img")
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start: start + batch_size]
+        good: list[tuple[Path, Any]] = []
+        results: dict[Path, dict[str, Any]] = {}
+        for p in batch:
+            try:
+                with Image.open(p) as im:
+                    good.append((p, clip.preprocess(im.convert("RGB"))))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                results[p] = {"image": str(p), "error": f"{type(e).__name__}: {e}"}
+        if good:
+            pixels = torch.stack([t for _, t in good])                          # [b, 3, H, W]
+            g, patches = encode_images(clip, pixels)                           # [b, D], [b, P, W]
+            ids = beam_search(model, g.to(device), patches.to(device), bos=vocab.bos, eos=vocab.eos,
+                              beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+            for (p, _), tokens in zip(good, ids, strict=True):
+                results[p] = {"image": str(p), "caption": vocab.decode(tokens)}
+        for p in batch:
+            yield results[p]
+        bar.update(len(batch))
+    bar.close()

@@ -1,0 +1,92 @@
+"""`pcm evaluate` (score a trained model on real val/test images) and `pcm caption` (caption image files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _root_of(train: str) -> str:
+    """A stage directory is <root>/<stage>/<fingerprint>: the run root is two levels up."""
+    return str(Path(train).resolve().parent.parent)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate(
+        train: str = typer.Option(..., "--train", help="Finished train stage directory (holds the checkpoints)."),
+        encode: str = typer.Option(..., "--encode", help="Finished encode stage directory with the real images' "
+                                   "features (another dataset's for cross-domain evaluation)."),
+        captions: str = typer.Option(..., "--captions", help="Finished ingest stage directory with the reference "
+                                     "captions of those images."),
+        split: str = typer.Option("test", "--split", help="test or val."),
+        checkpoint: str = typer.Option("best", "--checkpoint", help="best (validation) or latest."),
+        beam_size: int = typer.Option(3, "--beam-size", help="Beam width; 1 = greedy."),
+        max_len: int = typer.Option(20, "--max-len", help="Maximum caption length in words."),
+        length_penalty: float = typer.Option(0.0, "--length-penalty", help="Rank beams by score / length**A."),
+        spice: str = typer.Option("auto", "--spice", help="auto (when its jars are installed), on or off."),
+        published: str = typer.Option(None, "--published", help="Paper setting to compare with, e.g. coco-vitl14 "
+                                      "(see pcm/presets/published.toml)."),
+        report_samples: int = typer.Option(12, "--report-samples", help="Sample predictions shown in report.md."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images decoded per batch."),
+        root: str = typer.Option(None, "--root", help="Run root for the output (default: the train stage's root)."),
+        force: bool = typer.Option(False, "--force", help="Redo the evaluation even if it is finished."),
+    ) -> None:
+        """Caption the real images of a split with a trained model and score them (BLEU, METEOR, ROUGE-L, CIDEr, SPICE).
+
+        Writes predictions.json (COCO results format), metrics.json, per_image.parquet and report.md to ROOT/evaluate/<fingerprint>/.
+        Cross-domain: pass the other dataset's --encode and --captions.
+        """
+        from pcm.config import validate
+        from pcm.evaluate import EvaluateConfig, run_evaluate
+        from pcm.report import LABELS
+
+        config = validate(EvaluateConfig, {
+            "split": split, "checkpoint": checkpoint, "beam_size": beam_size, "max_len": max_len,
+            "length_penalty": length_penalty, "spice": spice, "published": published,
+            "report_samples": report_samples, "device": device, "batch_size": batch_size}, "evaluate")
+        result = run_evaluate(config, train, encode, captions, root or _root_of(train), force=force)
+        metrics = result.extra["metrics"]
+        state = "cached" if result.cached else "done"
+        typer.echo(f"evaluate {state}: {result.extra['split']} split, {result.extra['protocol']}, "
+                   f"step {result.extra['step']}, {result.counts['images']} images")
+        for key, label in LABELS.items():
+            value = metrics.get(key)
+            typer.echo(f"  {label:<8} {100 * value:6.1f}" if isinstance(value, float) else f"  {label:<8} {value}")
+        typer.echo(f"report: {result.extra['report']}")
+
+    @app.command("caption")
+    def caption(
+        images: list[str] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+        checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint directory, or a train stage directory "
+                                       "(its best checkpoint, see --which)."),
+        which: str = typer.Option("best", "--which", help="For a train stage directory: best or latest."),
+        out: str = typer.Option(None, "--out", help="Write JSON lines here instead of printing them."),
+        beam_size: int = typer.Option(3, "--beam-size", help="Beam width; 1 = greedy."),
+        max_len: int = typer.Option(20, "--max-len", help="Maximum caption length in words."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images per batch."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    ) -> None:
+        """Caption image files: one JSON line {"image", "caption"} per image ({"image", "error"} if unreadable)."""
+        from pcm.caption import caption_images
+        from storage import atomic
+
+        rows = caption_images(checkpoint, images, which=which, beam_size=beam_size, max_len=max_len,
+                              batch_size=batch_size, device=device)
+        failed = 0
+        if out:
+            lines = []
+            for r in rows:
+                failed += "error" in r
+                lines.append(json.dumps(r, ensure_ascii=False))
+            atomic.write_text(out, "".join(f"{line}\n" for line in lines))
+            typer.echo(f"{len(lines)} images -> {out}")
+        else:
+            for r in rows:
+                failed += "error" in r
+                typer.echo(json.dumps(r, ensure_ascii=False))
+        if failed:
+            typer.secho(f"{failed} images could not be read (see their 'error')", fg=typer.colors.YELLOW, err=True)

@@ -1,0 +1,374 @@
+"""Evaluate stage: caption the real val/test images with a trained PCM-Net and score them as COCO does.
+
+Inputs are three finished stage directories: `train` (the checkpoint: model, vocabulary and
+concept bank), `encode` (real image features of the split: real/ shards + real.parquet) and
+`captions` (the ingest stage holding the reference captions of those images). In-domain and
+cross-domain evaluation differ only in which directories are passed: for cross-domain, the
+encode and captions stages of dataset B with a model trained on dataset A (the model keeps A's
+vocabulary and concepts, which live in its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+from tqdm import tqdm
+
+from pcm.config import StageConfig
+from pcm.stage import cached, finish, load_result, locked, stage_dir
+from storage import atomic, shards, tables
+from storage.arrays import open_arrays
+from storage.layout import RunLayout, StageDir
+from storage.result import StageResult
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "1"
+STAGE = "evaluate"
+PREDICTIONS, METRICS, PER_IMAGE, REPORT = "predictions.json", "metrics.json", "per_image.parquet", "report.md"
+OUTPUTS = (PREDICTIONS, METRICS, PER_IMAGE, REPORT)
+SAMPLES_PICTURE = "samples.png"
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+class EvaluateConfig(StageConfig):
+    """How to caption and score; `device` and `batch_size` do not change the outputs."""
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"device", "batch_size"})
+
+    split: Literal["test", "val"] = Field("test", description="Real images to caption: the test or val split.")
+    checkpoint: Literal["best", "latest"] = Field(
+        "best", description="best = best validation score (train's best/), latest = last step checkpoint.")
+    beam_size: int = Field(3, ge=1, description="Beam width (the paper: 3); 1 = greedy.")
+    max_len: int = Field(20, ge=1, description="Maximum caption length in words (the paper: 20).")
+    length_penalty: float = Field(0.0, ge=0, description="Rank finished beams by score / length**a (0 = the paper).")
+    spice: Literal["auto", "on", "off"] = Field(
+        "auto", description="SPICE: auto = when its CoreNLP jars are installed, on = required, off = skipped.")
+    published: str | None = Field(
+        None, description="Paper setting to compare with (pcm/presets/published.toml), e.g. coco-vitl14.")
+    report_samples: int = Field(12, ge=0, description="Predictions shown beside their references in report.md.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = Field(64, ge=1, description="Images decoded per batch.")
+
+    @field_validator("published")
+    @classmethod
+    def _known_setting(cls, v: str | None) -> str | None:
+        if v is not None:
+            from pcm.report import published_setting
+
+            published_setting(v)
+        return v
+
+
+@dataclass
+class EvalSet:
+    """The images of one split that can be evaluated, where their features are, and what cannot be."""
+
+    image_ids: list[str] = field(default_factory=list)
+    shards: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    image_paths: list[str | None] = field(default_factory=list)
+    references: dict[str, list[str]] = field(default_factory=dict)
+    failed: list[dict[str, str]] = field(default_factory=list)   # encode status != ok: {image_id, error}
+    not_encoded: list[str] = field(default_factory=list)         # in the captions' split, absent from real.parquet
+
+
+# -- planning ---------------------------------------------------------------------------
+
+
+def _inputs(train: str, encode: str, captions: str) -> tuple[StageResult, StageResult, StageResult]:
+    results = load_result(train), load_result(encode), load_result(captions)
+    for r, want, flag in zip(results, ("train", "encode", "ingest"), ("--train", "--encode", "--captions"), strict=True):
+        if r.stage != want:
+            raise ValueError(f"{flag} {r.path}: this is a '{r.stage}' stage directory; expected a '{want}' one")
+    return results
+
+
+def plan(config: EvaluateConfig, train: str, encode: str, captions: str, root: str) -> StageDir:
+    """The stage directory for this config and these three inputs; no work."""
+    return stage_dir(RunLayout(root), STAGE, config, _inputs(train, encode, captions), CODE_VERSION)
+
+
+def verify(sd: StageDir) -> str | None:
+    """None when every output exists; also asks for a rerun when SPICE became available (spice=auto)."""
+    missing = [name for name in OUTPUTS if not sd.file(name).exists()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    from pcm.metrics import spice_missing
+
+    spice = atomic.read_json(sd.file(METRICS))["metrics"].get("SPICE")
+    wanted = atomic.read_json(sd.config_file)["config"].get("spice") == "auto" if sd.config_file.exists() else False
+    if wanted and isinstance(spice, str) and spice.startswith("unavailable: Stanford") and spice_missing() is None:
+        return "SPICE's jars are installed now; scoring again with SPICE"
+    return None
+
+
+# -- inputs -----------------------------------------------------------------------------
+
+
+def _stage_of(result: StageResult) -> StageDir:
+    p = Path(result.path)
+    return StageDir(p, result.stage, p.name)
+
+
+def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> EvalSet:
+    """The split's encoded images (features position, path) with their references, and those left out."""
+    enc, cap = _stage_of(encode), _stage_of(captions)
+    real = tables.read(enc.file("real.parquet"), tables.REAL_IMAGES).to_pylist()
+    caption_rows = tables.read(cap.file("captions.parquet"), tables.CAPTIONS,
+                               columns=["image_id", "split", "references", "status"]).to_pylist()
+    refs: dict[str, list[str]] = {}
+    for r in caption_rows:
+        if r["split"] == split and r["status"] == tables.STATUS_OK and r["references"] and r["image_id"] not in refs:
+            refs[r["image_id"]] = list(r["references"])
+    out, seen = EvalSet(), set()
+    for r in real:
+        if r["split"] != split or r["image_id"] in seen:
+            continue
+        seen.add(r["image_id"])
+        if r["status"] != tables.STATUS_OK:
+            out.failed.append({"image_id": r["image_id"], "error": r["error"] or r["status"]})
+            continue
+        out.image_ids.append(r["image_id"])
+        out.shards.append(int(r["shard"]))
+        out.rows.append(int(r["row"]))
+        out.image_paths.append(r["image_path"])
+    no_refs = [i for i in out.image_ids if i not in refs]
+    if no_refs:
+        raise ValueError(f"{cap.file('captions.parquet')}: {len(no_refs)} {split} images of {enc.path} have no "
+                         f"reference captions, e.g. {no_refs[:5]}; pass the captions (ingest) stage of the dataset "
+                         "whose images were encoded")
+    if not out.image_ids:
+        raise ValueError(f"{enc.file('real.parquet')}: no encoded {split} images to evaluate "
+                         f"({len(out.failed)} failed); encode the {split} split's images first")
+    out.references = {i: refs[i] for i in out.image_ids}
+    out.not_encoded = sorted(set(refs) - seen)
+    return out
+
+
+def check_clip(checkpoint_clip: dict[str, Any], encode: StageResult) -> None:
+    """The features must come from the CLIP the model was trained on (checked when encode records it)."""
+    features_clip = encode.extra.get("clip")
+    if not features_clip:
+        log.warning("%s records no CLIP spec; cannot check it matches the checkpoint's", encode.path)
+        return
+    diff = [f"{k}: checkpoint {checkpoint_clip.get(k)!r} vs features {features_clip.get(k)!r}"
+            for k in ("model", "pretrained", "pool") if checkpoint_clip.get(k) != features_clip.get(k)]
+    if diff:
+        raise ValueError(f"--encode {encode.path}: its features come from another CLIP than the model's "
+                         f"({'; '.join(diff)}); encode this dataset with the checkpoint's CLIP")
+
+
+def _ingest_lineage(train: StageResult) -> list[StageResult]:
+    """The ingest stages upstream of a train stage, found through each stage's config.json inputs."""
+    root = Path(train.path).parent.parent
+    found, todo, seen = [], [Path(train.path)], set()
+    while todo:
+        path = todo.pop()
+        config = path / "config.json"
+        if path in seen or not config.exists():
+            continue
+        seen.add(path)
+        for stage, fp in atomic.read_json(config).get("inputs", {}).items():
+            upstream = root / stage / fp
+            if stage == "ingest" and (upstream / "stage.done.json").exists():
+                found.append(load_result(upstream))
+            else:
+                todo.append(upstream)
+    return found
+
+
+def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None, str | None]:
+    """(in-domain | cross-domain | unknown, training dataset name, evaluation dataset name)."""
+    eval_name = captions.extra.get("name")
+    lineage = _ingest_lineage(train)
+    if not lineage:
+        return "unknown", None, eval_name
+    train_name = lineage[0].extra.get("name")
+    same = any(r.fingerprint == captions.fingerprint for r in lineage) or (train_name and train_name == eval_name)
+    return ("in-domain" if same else "cross-domain"), train_name, eval_name
+
+
+def images_root(encode: StageResult) -> Path | None:
+    """Where real.parquet's relative image paths start (recorded by the encode stage)."""
+    root = encode.extra.get("images_root")
+    config = Path(encode.path) / "config.json"
+    if root is None and config.exists():
+        root = atomic.read_json(config).get("config", {}).get("images_root")
+    return Path(root).expanduser() if root else None
+
+
+def resolve_image(root: Path | None, image_path: str | None) -> Path | None:
+    if not image_path:
+        return None
+    p = Path(image_path).expanduser()
+    return p if p.is_absolute() else (root / p if root else None)
+
+
+# -- the work ---------------------------------------------------------------------------
+
+
+def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, config: EvaluateConfig,
+                 device: str, progress: ProgressFn | None = None) -> dict[str, str]:
+    """Caption every image of `evalset` from its stored features; image id -> caption."""
+    import torch
+
+    from pcm.decode import beam_search
+
+    enc = _stage_of(encode)
+    by_shard: dict[int, list[int]] = {}
+    for i, s in enumerate(evalset.shards):
+        by_shard.setdefault(s, []).append(i)
+    total, done = len(evalset.image_ids), 0
+    captions: dict[str, str] = {}
+    bar = tqdm(total=total, desc="evaluate: decoding", unit="img")
+    for shard, members in sorted(by_shard.items()):
+        path = enc.shard_file("real", shard, "safetensors")
+        if not shards.is_done(path):
+            raise FileNotFoundError(f"{path}: real-image feature shard missing or unfinished; rerun the encode stage")
+        arrays, meta = open_arrays(path)
+        keys = json.loads(meta.get("keys", "[]"))
+        for i in members:
+            row, image_id = evalset.rows[i], evalset.image_ids[i]
+            if row >= len(keys) or keys[row] != image_id:
+                raise ValueError(f"{path}: row {row} holds {keys[row] if row < len(keys) else 'nothing'!r}, but "
+                                 f"real.parquet puts {image_id!r} there; rerun the encode stage")
+        for start in range(0, len(members), config.batch_size):
+            batch = members[start: start + config.batch_size]
+            rows = [evalset.rows[i] for i in batch]
+            g = torch.from_numpy(np.asarray(arrays["global"][rows], dtype=np.float32)).to(device)     # [b, D]
+            p = torch.from_numpy(np.asarray(arrays["patches"][rows], dtype=np.float32)).to(device)    # [b, P, W]
+            ids = beam_search(model, g, p, bos=vocab.bos, eos=vocab.eos, beam_size=config.beam_size,
+                              max_len=config.max_len, length_penalty=config.length_penalty)
+            for i, tokens in zip(batch, ids, strict=True):
+                captions[evalset.image_ids[i]] = vocab.decode(tokens)
+            done += len(batch)
+            bar.update(len(batch))
+            if progress:
+                progress(done, total, "images captioned")
+    bar.close()
+    return {i: captions[i] for i in evalset.image_ids}
+
+
+def coco_image_id(image_id: str) -> int | str:
+    """COCO's results format uses integer ids: an id that is an integer is written as one."""
+    return int(image_id) if image_id.isdigit() and str(int(image_id)) == image_id else image_id
+
+
+def _read_predictions(path: Path, image_ids: list[str]) -> dict[str, str] | None:
+    """Predictions of an earlier interrupted run of this same stage, if they cover exactly these images."""
+    if not path.exists():
+        return None
+    found = {str(p["image_id"]): p["caption"] for p in atomic.read_json(path)}
+    return {i: found[i] for i in image_ids} if set(found) == set(image_ids) else None
+
+
+def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str, root: str, *,
+                 force: bool = False, progress: ProgressFn | None = None) -> StageResult:
+    """Caption the split's real images with the checkpoint, score them, write predictions, metrics and report."""
+    started = time.monotonic()
+    train_r, encode_r, captions_r = _inputs(train, encode, captions)
+    sd = stage_dir(RunLayout(root), STAGE, config, (train_r, encode_r, captions_r), CODE_VERSION)
+    if not force and (done := cached(sd, verify)):
+        log.info("evaluate: reusing %s", sd.path)
+        return done
+    from pcm import checkpoint
+    from pcm.clip import resolve_device
+    from pcm.metrics import score_captions
+
+    with locked(sd):
+        sd.done_marker.unlink(missing_ok=True)
+        for name in OUTPUTS:
+            atomic.remove_stale_temporaries(sd.path, name)
+        t0 = time.monotonic()
+        evalset = load_eval_set(encode_r, captions_r, config.split)
+        ckpt_dir = checkpoint.find(train_r.path, config.checkpoint)
+        device = resolve_device(config.device)
+        model, vocab, meta = checkpoint.load(ckpt_dir, device)
+        check_clip(meta["clip"], encode_r)
+        if evalset.failed or evalset.not_encoded:
+            log.warning("evaluate: %d %s images failed to encode and %d were not encoded; they are not scored "
+                        "(listed in metrics.json)", len(evalset.failed), config.split, len(evalset.not_encoded))
+
+        t1 = time.monotonic()
+        predictions = None if force else _read_predictions(sd.file(PREDICTIONS), evalset.image_ids)
+        if predictions is None:
+            predictions = decode_split(model, vocab, encode_r, evalset, config, device, progress)
+            atomic.write_json(sd.file(PREDICTIONS),
+                              [{"image_id": coco_image_id(i), "caption": c} for i, c in predictions.items()])
+        else:
+            log.info("evaluate: reusing the %d predictions of %s", len(predictions), sd.file(PREDICTIONS))
+        t2 = time.monotonic()
+        corpus, per_image = score_captions(predictions, evalset.references, spice=config.spice)
+        t3 = time.monotonic()
+
+        rows = [{"image_id": i, "caption": predictions[i], "references": evalset.references[i],
+                 "bleu4": per_image[i]["bleu4"], "meteor": per_image[i]["meteor"], "rouge_l": per_image[i]["rouge_l"],
+                 "cider": per_image[i]["cider"], "spice": per_image[i].get("spice")} for i in evalset.image_ids]
+        tables.write(sd.file(PER_IMAGE), rows, tables.PER_IMAGE)
+        summary = _summary(config, corpus, evalset, ckpt_dir, meta, train_r, encode_r, captions_r)
+        atomic.write_json(sd.file(METRICS), summary)
+        pictures = _write_report(sd, config, summary, rows, evalset, encode_r)
+        t4 = time.monotonic()
+
+        counts = {k: int(v) for k, v in summary["counts"].items()}
+        log.info("evaluate: %s", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} n/a"
+                                           for k, v in corpus.items()))
+        extra = {"metrics": corpus, "split": config.split, "protocol": summary["protocol"], "step": meta["step"],
+                 "report": str(sd.file(REPORT)), "pictures": pictures}
+        return finish(sd, counts, started, extra=extra,
+                      timings={"load_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
+                               "score_s": round(t3 - t2, 3), "report_s": round(t4 - t3, 3)})
+
+
+def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, ckpt_dir: Path, meta: dict[str, Any],
+             train: StageResult, encode: StageResult, captions: StageResult) -> dict[str, Any]:
+    """The content of metrics.json."""
+    from pcm.report import comparison, published_setting
+
+    proto, train_name, eval_name = protocol(train, captions)
+    published = None
+    if config.published:
+        setting = published_setting(config.published)
+        published = {"setting": config.published, "title": setting["title"], "protocol": setting["protocol"],
+                     "rows": comparison(corpus, config.published)}
+    return {
+        "metrics": corpus,
+        "split": config.split,
+        "protocol": proto,
+        "datasets": {"train": train_name, "eval": eval_name},
+        "checkpoint": {"which": config.checkpoint, "step": meta["step"], "path": str(ckpt_dir)},
+        "decoding": {"beam_size": config.beam_size, "max_len": config.max_len,
+                     "length_penalty": config.length_penalty},
+        "counts": {"images": len(evalset.image_ids),
+                   "references": sum(len(r) for r in evalset.references.values()),
+                   "failed_encode": len(evalset.failed), "not_encoded": len(evalset.not_encoded)},
+        "failed_images": evalset.failed,
+        "not_encoded": evalset.not_encoded,
+        "clip": meta["clip"],
+        "inputs": {"train": train.fingerprint, "encode": encode.fingerprint, "captions": captions.fingerprint},
+        "published": published,
+    }
+
+
+def _write_report(sd: StageDir, config: EvaluateConfig, summary: dict[str, Any], rows: list[dict[str, Any]],
+                  evalset: EvalSet, encode: StageResult) -> dict[str, str]:
+    """report.md and its thumbnail grid; returns the pictures written ({name: path})."""
+    from pcm.report import render, spread, thumbnail_grid
+
+    picks = spread(len(rows), config.report_samples)
+    samples = [rows[i] for i in picks]
+    root = images_root(encode)
+    grid = thumbnail_grid([resolve_image(root, evalset.image_paths[i]) for i in picks],
+                          sd.pictures / SAMPLES_PICTURE)
+    atomic.write_text(sd.file(REPORT), render(summary, samples, f"pictures/{SAMPLES_PICTURE}" if grid else None))
+    return {"samples": str(grid)} if grid else {}

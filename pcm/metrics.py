@@ -1,0 +1,152 @@
+"""Caption metrics exactly as the COCO caption evaluation computes them (pycocoevalcap).
+
+The pipeline is COCOEvalCap's: Stanford PTB tokenisation (lower-cased, punctuation removed),
+then BLEU-1..4 (corpus, "closest" reference length), METEOR 1.5, ROUGE-L, CIDEr-D (pycocoevalcap's
+`Cider`, sigma 6, clipped) and SPICE. The scorers are called directly instead of through
+COCOEvalCap so that SPICE's jars are checked before it runs (it would otherwise try to
+download them) and so that SPICE's per-image scores are matched by image id (COCOEvalCap
+pairs SPICE's sorted ids with the unsorted ones). Values are fractions (0..1), as in COCOEvalCap;
+papers print them x100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+CORPUS_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+PER_IMAGE_KEYS = ("bleu4", "meteor", "rouge_l", "cider", "spice")
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+CORENLP_URL = "http://nlp.stanford.edu/software/stanford-corenlp-full-2015-12-09.zip"
+JAVA_HINT = "install a Java runtime, e.g. `apt-get install openjdk-17-jre-headless`"
+
+SpiceMode = Literal["auto", "on", "off"]
+
+
+def spice_lib_dir() -> Path:
+    """Where pycocoevalcap's SPICE looks for Stanford CoreNLP 3.6.0."""
+    import pycocoevalcap
+
+    return Path(list(pycocoevalcap.__path__)[0]) / "spice" / "lib"
+
+
+def spice_missing() -> str | None:
+    """None when SPICE can run, else why not and how to fix it (checked without any network)."""
+    lib = spice_lib_dir()
+    missing = [name for name in SPICE_JARS if not (lib / name).is_file()]
+    if not missing:
+        return None
+    return (f"Stanford CoreNLP 3.6.0 jars missing from {lib} ({', '.join(missing)}); SPICE would try to "
+            f"download them. Copy both jars from {CORENLP_URL} (folder stanford-corenlp-full-2015-12-09/) into "
+            f"that directory, or run `python -m pycocoevalcap.spice.get_stanford_models` on a machine with internet")
+
+
+def require_java() -> str:
+    """The java executable; METEOR, the PTB tokenizer and SPICE all run on Java."""
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError(f"java not found on PATH: the COCO caption metrics run on Java; {JAVA_HINT}")
+    return java
+
+
+def _check_inputs(predictions: dict[str, str], references: dict[str, list[str]]) -> None:
+    if not predictions:
+        raise ValueError("no predictions to score")
+    no_refs = [k for k in predictions if k not in references]
+    if no_refs:
+        raise ValueError(f"{len(no_refs)} predicted images have no references, e.g. {no_refs[:5]}; "
+                         "evaluate with the captions stage of the same dataset as the image features")
+    no_pred = [k for k in references if k not in predictions]
+    if no_pred:
+        raise ValueError(f"{len(no_pred)} reference images have no prediction, e.g. {no_pred[:5]}")
+    empty = [k for k, refs in references.items() if not [r for r in refs if r and r.strip()]]
+    if empty:
+        raise ValueError(f"{len(empty)} images have no non-empty reference caption, e.g. {empty[:5]}")
+    bad = [k for k, v in predictions.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"predictions must be strings; not for images {bad[:5]}")
+
+
+def _score_spice(gts: dict, res: dict, mode: SpiceMode) -> tuple[float | str, dict[str, float] | None]:
+    """(corpus SPICE or the reason it is absent, per-image SPICE F-score by image id or None)."""
+    if mode == "off":
+        return "skipped: spice=off", None
+    why = spice_missing()
+    if why:
+        if mode == "on":
+            raise RuntimeError(f"spice=on but SPICE cannot run: {why}")
+        log.warning("SPICE unavailable: %s", why)
+        return f"unavailable: {why}", None
+    from pycocoevalcap.spice.spice import Spice
+
+    try:
+        score, scores = Spice().compute_score(gts, res)
+    except (subprocess.CalledProcessError, OSError, ValueError) as e:
+        if mode == "on":
+            raise RuntimeError(f"SPICE failed: {e}") from e
+        log.warning("SPICE failed: %s", e)
+        return f"unavailable: SPICE failed ({e}); it needs ~8 GB of Java heap and Java 8+", None
+    # Spice returns its per-image scores in sorted image-id order.
+    per_image = {k: float(s["All"]["f"]) for k, s in zip(sorted(gts), scores, strict=True)}
+    return float(score), per_image
+
+
+def score_captions(predictions: dict[str, str], references: dict[str, list[str]],
+                   spice: SpiceMode = "auto") -> tuple[dict[str, float | str], dict[str, dict[str, float]]]:
+    """Corpus metrics (COCOEvalCap names: Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE) and per-image scores.
+
+    `predictions` maps image id -> caption, `references` image id -> reference captions (raw text;
+    both are PTB-tokenised here). `spice`: "auto" computes SPICE when its jars are present and
+    otherwise reports `"unavailable: <why>"`; "on" requires it; "off" reports `"skipped: ..."`.
+    Per-image scores (`bleu4`, `meteor`, `rouge_l`, `cider`, and `spice` when computed) are keyed
+    by image id.
+    """
+    if spice not in ("auto", "on", "off"):
+        raise ValueError(f"spice must be auto, on or off; got {spice!r}")
+    _check_inputs(predictions, references)
+    require_java()
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ids = list(predictions)
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": r} for r in references[k] if r and r.strip()] for k in ids})
+    res = tokenizer.tokenize({k: [{"caption": predictions[k]}] for k in ids})
+
+    corpus: dict[str, float | str] = {}
+    per_image: dict[str, dict[str, float]] = {k: {} for k in ids}
+    with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its length ratios
+        bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        corpus[f"Bleu_{n + 1}"] = float(bleu[n])
+    meteor_scorer = Meteor()
+    try:
+        meteor, meteor_each = meteor_scorer.compute_score(gts, res)
+    finally:
+        del meteor_scorer  # stops the METEOR Java process now, not at garbage collection
+    corpus["METEOR"] = float(meteor)
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    corpus["ROUGE_L"] = float(rouge)
+    cider, cider_each = Cider().compute_score(gts, res)
+    corpus["CIDEr"] = float(cider)
+    corpus["SPICE"], spice_each = _score_spice(gts, res, spice)
+
+    # Every scorer but SPICE returns its per-image list in the order of gts' keys (= ids).
+    for i, k in enumerate(ids):
+        per_image[k]["bleu4"] = float(bleu_each[3][i])
+        per_image[k]["meteor"] = float(meteor_each[i])
+        per_image[k]["rouge_l"] = float(rouge_each[i])
+        per_image[k]["cider"] = float(cider_each[i])
+        if spice_each is not None:
+            per_image[k]["spice"] = spice_each[k]
+    return corpus, per_image

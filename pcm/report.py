@@ -1,0 +1,150 @@
+"""The evaluation report: metrics table, comparison with the paper, sample captions beside references, thumbnails."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PUBLISHED = Path(__file__).resolve().parent / "presets" / "published.toml"
+LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
+          "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+MAX_LISTED = 50  # ids of images that could not be evaluated, listed in the report (all are in metrics.json)
+
+
+@cache
+def published() -> dict[str, dict[str, Any]]:
+    """The paper's results by setting name (pcm/presets/published.toml), in percent."""
+    with open(PUBLISHED, "rb") as f:
+        return tomllib.load(f)
+
+
+def published_setting(name: str) -> dict[str, Any]:
+    """One published setting; an unknown name lists the known ones."""
+    settings = published()
+    if name not in settings:
+        raise ValueError(f"unknown published setting {name!r}; known: {', '.join(settings)} ({PUBLISHED})")
+    return settings[name]
+
+
+def comparison(corpus: dict[str, float | str], name: str) -> list[dict[str, Any]]:
+    """Rows (metric, measured, published, difference) in percent for the metrics the paper reports."""
+    setting = published_setting(name)
+    rows = []
+    for key, label in LABELS.items():
+        if key not in setting:
+            continue
+        value = corpus.get(key)
+        measured = round(100 * value, 1) if isinstance(value, float) else None
+        rows.append({"metric": label, "measured": measured, "published": setting[key],
+                     "difference": round(measured - setting[key], 1) if measured is not None else None})
+    return rows
+
+
+def spread(n_items: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n_items) (a deterministic sample for the report)."""
+    if k <= 0 or n_items <= 0:
+        return []
+    if k >= n_items:
+        return list(range(n_items))
+    return sorted({math.floor(i * n_items / k) for i in range(k)})
+
+
+def thumbnail_grid(paths: list[Path | None], out: Path, tile: int = 160, cols: int = 4) -> Path | None:
+    """A PNG grid of numbered thumbnails (gray where an image is missing); None when no image opens."""
+    from PIL import Image, ImageDraw, UnidentifiedImageError
+
+    from storage import atomic
+
+    if not paths:
+        return None
+    cols = min(cols, len(paths))
+    rows = math.ceil(len(paths) / cols)
+    grid = Image.new("RGB", (cols * tile, rows * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    opened = 0
+    for i, path in enumerate(paths):
+        x, y = (i % cols) * tile, (i // cols) * tile
+        try:
+            if path is None:
+                raise FileNotFoundError
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((tile - 4, tile - 4))
+                grid.paste(im, (x + (tile - im.width) // 2, y + (tile - im.height) // 2))
+                opened += 1
+        except (OSError, UnidentifiedImageError, ValueError):
+            draw.rectangle([x + 2, y + 2, x + tile - 3, y + tile - 3], fill=(200, 200, 200))
+        draw.rectangle([x + 2, y + 2, x + 24, y + 18], fill="black")
+        draw.text((x + 5, y + 4), str(i + 1), fill="white")
+    if not opened:
+        return None
+    with atomic.atomic_path(out) as tmp:
+        grid.save(tmp, format="PNG")
+    return out
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt(value: float | str | None) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, float) else "n/a"
+
+
+def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | None) -> str:
+    """report.md from metrics.json's content, the sampled rows and the grid's path relative to the report."""
+    corpus = summary["metrics"]
+    counts = summary["counts"]
+    ck, dec = summary["checkpoint"], summary["decoding"]
+    lines = [
+        f"# Evaluation: {summary['split']} split, {summary['protocol']}",
+        "",
+        f"- Trained on: `{summary['datasets']['train'] or '?'}`; evaluated on: `{summary['datasets']['eval'] or '?'}`",
+        f"- Checkpoint: {ck['which']} (step {ck['step']}), `{ck['path']}`",
+        f"- Decoding: beam {dec['beam_size']}, max length {dec['max_len']}, length penalty {dec['length_penalty']}",
+        f"- Images evaluated: {counts['images']} ({counts['references']} references); failed to encode: "
+        f"{counts['failed_encode']}; not encoded: {counts['not_encoded']}",
+        "",
+        "## Metrics (x100, COCO caption evaluation)",
+        "",
+        "| " + " | ".join(LABELS.values()) + " |",
+        "|" + "---:|" * len(LABELS),
+        "| " + " | ".join(_fmt(corpus.get(k)) for k in LABELS) + " |",
+        "",
+    ]
+    if not isinstance(corpus.get("SPICE"), float):
+        lines += [f"SPICE: {corpus.get('SPICE')}", ""]
+    if summary.get("published"):
+        pub = summary["published"]
+        lines += [f"## Compared with the paper: {pub['title']}", "",
+                  "| metric | measured | published | difference |", "|---|---:|---:|---:|"]
+        for r in pub["rows"]:
+            lines.append(f"| {r['metric']} | {r['measured'] if r['measured'] is not None else 'n/a'} | "
+                         f"{r['published']} | {r['difference'] if r['difference'] is not None else 'n/a'} |")
+        if pub["protocol"] != summary["protocol"]:
+            lines += ["", f"Note: the paper's setting is {pub['protocol']}, this evaluation is {summary['protocol']}."]
+        lines.append("")
+    if samples:
+        lines += ["## Samples", ""]
+        if grid:
+            lines += [f"![numbered thumbnails of the samples]({grid})", ""]
+        lines += ["| # | image | prediction | references | CIDEr |", "|---:|---|---|---|---:|"]
+        for i, s in enumerate(samples, 1):
+            refs = "<br>".join(_cell(r) for r in s["references"])
+            lines.append(f"| {i} | `{_cell(s['image_id'])}` | {_cell(s['caption'])} | {refs} | {_fmt(s['cider'])} |")
+        lines.append("")
+    failed, missing = summary.get("failed_images", []), summary.get("not_encoded", [])
+    if failed or missing:
+        lines += ["## Images not evaluated", ""]
+        for f in failed[:MAX_LISTED]:
+            lines.append(f"- `{_cell(f['image_id'])}` failed to encode: {_cell(f['error'])}")
+        if missing:
+            shown = ", ".join(f"`{_cell(m)}`" for m in missing[:MAX_LISTED])
+            lines.append(f"- not in the encode stage's real images: {shown}")
+        if len(failed) > MAX_LISTED or len(missing) > MAX_LISTED:
+            lines.append(f"- (lists cut at {MAX_LISTED}; metrics.json has every id)")
+        lines.append("")
+    return "\n".join(lines)

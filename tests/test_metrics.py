@@ -1,0 +1,126 @@
+"""The stage's metrics equal COCOEvalCap's on the same files; hand-checked BLEU and CIDEr; SPICE absent offline."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from pcm import metrics
+from pcm.metrics import score_captions, spice_missing
+
+REFERENCES = {
+    "1": ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
+          "Man on a surfboard riding an ocean wave."],
+    "2": ["Two dogs play with a frisbee in the park.", "A pair of dogs running on the grass.",
+          "Dogs chasing a flying disc on a lawn.", "Two brown dogs playing outside."],
+    "3": ["A plate of food with broccoli and rice.", "Rice, chicken and broccoli on a white plate."],
+    "4": ["A red bus parked on the side of the street.", "A double decker bus on a city road.",
+          "The bus is stopped near the curb."],
+    "5": ["A cat sleeping on a laptop keyboard.", "A kitten lying on a computer."],
+}
+PREDICTIONS = {
+    "1": "a man riding a wave on a surfboard",
+    "2": "Two dogs playing with a frisbee!",
+    "3": "a plate of food with broccoli",
+    "4": "a bus parked on the street",
+    "5": "a dog sitting on a couch",
+}
+
+
+class FakeSpice:
+    """Stands in for SPICE inside COCOEvalCap when its jars are absent (it would try to download them)."""
+
+    def compute_score(self, gts, res):
+        return 0.0, [{"All": {"f": 0.0}} for _ in gts]
+
+    def method(self):
+        return "SPICE"
+
+
+def coco_eval_direct(tmp_path, predictions, references, monkeypatch):
+    """COCOEvalCap run the standard way: annotation JSON + results JSON loaded with pycocotools."""
+    from pycocoevalcap import eval as coco_eval
+    from pycocotools.coco import COCO
+
+    ann = {"images": [{"id": int(k)} for k in references], "annotations": [], "type": "captions",
+           "info": {}, "licenses": []}
+    for k, refs in references.items():
+        for r in refs:
+            ann["annotations"].append({"id": len(ann["annotations"]) + 1, "image_id": int(k), "caption": r})
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": int(k), "caption": c} for k, c in predictions.items()]))
+    if spice_missing():
+        monkeypatch.setattr(coco_eval, "Spice", FakeSpice)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(tmp_path / "ann.json"))
+        ev = coco_eval.COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
+        ev.evaluate()
+    return ev
+
+
+def test_equals_coco_eval_cap_on_the_same_files(tmp_path, monkeypatch):
+    corpus, per_image = score_captions(PREDICTIONS, REFERENCES, spice="auto")
+    ev = coco_eval_direct(tmp_path, PREDICTIONS, REFERENCES, monkeypatch)
+    for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert corpus[key] == pytest.approx(ev.eval[key], abs=1e-12), key
+    for k in REFERENCES:
+        theirs = ev.imgToEval[int(k)]
+        assert per_image[k]["bleu4"] == pytest.approx(theirs["Bleu_4"], abs=1e-12)
+        assert per_image[k]["meteor"] == pytest.approx(theirs["METEOR"], abs=1e-12)
+        assert per_image[k]["rouge_l"] == pytest.approx(theirs["ROUGE_L"], abs=1e-12)
+        assert per_image[k]["cider"] == pytest.approx(theirs["CIDEr"], abs=1e-12)
+    # Sanity: the fixture is neither perfect nor empty, so equality above means something.
+    assert 0.2 < corpus["CIDEr"] < 5 and 0.1 < corpus["Bleu_4"] < 0.9
+    if spice_missing():
+        assert str(corpus["SPICE"]).startswith("unavailable: ") and "stanford-corenlp-3.6.0" in corpus["SPICE"]
+        assert all("spice" not in s for s in per_image.values())
+    else:
+        assert corpus["SPICE"] == pytest.approx(ev.eval["SPICE"], abs=1e-9)
+
+
+def test_hand_checked_bleu_and_cider():
+    # Identical candidate and reference: every BLEU is 1. With two images of disjoint words each
+    # n-gram has document frequency 1 of 2, so idf = log 2 for all; the TF-IDF vectors are equal,
+    # each n-gram cosine is 1 with no length penalty, and CIDEr-D = 10 * mean(1, 1, 1, 1) = 10.
+    preds = {"a": "the quick brown fox jumps", "b": "seven red apples lie here"}
+    refs = {k: [v] for k, v in preds.items()}
+    corpus, per_image = score_captions(preds, refs, spice="off")
+    for n in range(1, 5):
+        assert corpus[f"Bleu_{n}"] == pytest.approx(1.0, abs=1e-6)
+    assert corpus["CIDEr"] == pytest.approx(10.0, abs=1e-9)
+    assert per_image["a"]["cider"] == pytest.approx(10.0, abs=1e-9)
+    assert corpus["ROUGE_L"] == pytest.approx(1.0)
+    assert corpus["SPICE"] == "skipped: spice=off"
+
+    # "dog runs on grass" vs "dog runs on sand", same length (brevity penalty 1):
+    # p1 = 3/4, p2 = 2/3, p3 = 1/2, p4 = 0/1.
+    corpus, _ = score_captions({"x": "Dog runs on grass."}, {"x": ["dog runs on sand"]}, spice="off")
+    assert corpus["Bleu_1"] == pytest.approx(0.75, abs=1e-6)
+    assert corpus["Bleu_2"] == pytest.approx(math.sqrt(0.75 * 2 / 3), abs=1e-6)
+    assert corpus["Bleu_3"] == pytest.approx((0.75 * 2 / 3 * 0.5) ** (1 / 3), abs=1e-6)
+    assert corpus["Bleu_4"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_spice_unavailable_is_reported_and_on_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "spice_lib_dir", lambda: tmp_path)  # a lib directory without the jars
+    corpus, per_image = score_captions({"x": "a dog"}, {"x": ["a dog runs"]}, spice="auto")
+    assert corpus["SPICE"].startswith("unavailable: ") and str(tmp_path) in corpus["SPICE"]
+    assert corpus["CIDEr"] == pytest.approx(0.0) and corpus["Bleu_1"] > 0  # the others still computed
+    with pytest.raises(RuntimeError, match="spice=on.*stanford-corenlp-3.6.0"):
+        score_captions({"x": "a dog"}, {"x": ["a dog runs"]}, spice="on")
+
+
+def test_missing_java_and_bad_inputs_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="no references"):
+        score_captions({"x": "a dog", "y": "a cat"}, {"x": ["a dog"]})
+    with pytest.raises(ValueError, match="no prediction"):
+        score_captions({"x": "a dog"}, {"x": ["a dog"], "z": ["a cat"]})
+    with pytest.raises(ValueError, match="non-empty reference"):
+        score_captions({"x": "a dog"}, {"x": [""]})
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="openjdk-17-jre-headless"):
+        score_captions({"x": "a dog"}, {"x": ["a dog"]})
