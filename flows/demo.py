@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] outputs:   {REPO / 'runs'}  (one directory per stage and fingerprint)")
         if metrics:
             m = json.loads(metrics[-1].read_text())["metrics"]
-            shown = {k: (round(100 * v, 1) if isinstance(v, float) else v) for k, v in m.items()
+            shown = {k: (round(100 * v, 1) if isinstance(v, float) else str(v).split(":")[0]) for k, v in m.items()
                      if k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")}
             print(f"[demo] metrics:   {metrics[-1]}\n[demo]            {shown}")
         print(f"[demo] dashboard: {stack.dashboard_url}")

@@ -1,0 +1,87 @@
+"""The `synth-and-train` DAG: ingest -> synthesize -> encode -> train -> evaluate, each a subflow.
+
+Its one parameter is a typed `PipelineParams` (preset + overrides); Prefect validates it, and
+with it every stage config, before anything runs. Stages pass only small StageResults (paths,
+fingerprints, counts). With `synthesize_fanout=N`, shards are rendered by N child flow runs of the
+`synthesize/default` deployment, so every worker on the pool (one per GPU host) takes a part.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.deployments import run_deployment
+from prefect.flow_runs import wait_for_flow_run
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flows.encode import encode_flow
+from flows.evaluate import evaluate_flow
+from flows.ingest import ingest_flow
+from flows.synthesize import synthesize_flow
+from flows.train import train_flow
+from pcm.pipeline import STAGE_ORDER, PipelineConfig, resolve
+from pcm.synthesize import num_shards
+from storage.result import StageResult
+
+Stage = Literal["ingest", "synthesize", "encode", "train", "evaluate"]
+
+
+class PipelineParams(BaseModel):
+    """A preset name (or .toml path) plus dotted overrides, resolved and validated as a whole."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = Field("demo", description="pipeline preset: demo, coco-vitl14, coco-vitb32, flickr30k-vitl14, or a .toml path")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description='dotted parameters, e.g. {"synthesize.guidance_scale": 5.0}')
+    root: str = Field("runs", description="run root shared by every worker (local path or mount)")
+    force: list[Stage] = Field(default_factory=list, description="stages to redo even when finished")
+    stop_after: Stage = Field("evaluate", description="last stage to run")
+    synthesize_fanout: int = Field(0, ge=0, le=1024,
+                                   description="render shards in N child flow runs on the work pool (0: in this run)")
+
+    @model_validator(mode="after")
+    def _resolves(self) -> "PipelineParams":
+        resolve(self.preset, self.overrides)  # raises a ValueError naming every bad parameter
+        return self
+
+    def config(self) -> PipelineConfig:
+        return resolve(self.preset, self.overrides)
+
+
+def fan_out_synthesis(cfg: PipelineConfig, captions: str, root: str, parts: int) -> None:
+    """Split the shards into `parts` child flow runs of synthesize/default and wait for all of them."""
+    n = num_shards(cfg.synthesize, captions)
+    groups = [list(range(i, n, parts)) for i in range(min(parts, n))]
+    runs = [run_deployment("synthesize/default", timeout=0, parameters={
+        "config": cfg.synthesize.model_dump(mode="json"), "captions": captions, "root": root, "shards": g})
+        for g in groups]
+    for r in runs:  # block until each child finishes; a failed child fails this run
+        state = wait_for_flow_run(r.id).state
+        if not state.is_completed():
+            raise RuntimeError(f"synthesize child flow run {r.name} ended {state.name}; rerun the pipeline "
+                               "to resume (finished shards are kept)")
+
+
+@flow(name="synth-and-train", log_prints=True)
+def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, StageResult]:
+    """Caption text -> synthetic images -> CLIP features -> PCM-Net -> metrics on real images."""
+    params = config
+    cfg, root, force = params.config(), params.root, set(params.force)
+    last = STAGE_ORDER.index(params.stop_after)
+    out: dict[str, StageResult] = {}
+    out["ingest"] = ingest_flow(cfg.ingest, root, force="ingest" in force)
+    if last >= 1:
+        if params.synthesize_fanout:
+            fan_out_synthesis(cfg, out["ingest"].path, root, params.synthesize_fanout)
+        out["synthesize"] = synthesize_flow(cfg.synthesize, out["ingest"].path, root, force="synthesize" in force)
+    if last >= 2:
+        out["encode"] = encode_flow(cfg.encode, out["ingest"].path, out["synthesize"].path, root,
+                                    force="encode" in force)
+    if last >= 3:
+        out["train"] = train_flow(cfg.train, out["ingest"].path, out["encode"].path, root, force="train" in force)
+    if last >= 4:
+        out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"].path, out["encode"].path, out["ingest"].path,
+                                        root, force="evaluate" in force)
+    return out

@@ -1,0 +1,131 @@
+"""End to end with real parts: a Prefect server, a process worker, `prefect deployment run`.
+
+One module-scoped stack (server on 127.0.0.1, SQLite, work pool, deployments from prefect.yaml,
+worker) serves every test here; runs write to a temporary root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.local_server import LocalStack, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3000)]
+
+MAIN_TASKS = {"ingest": "ingest", "synthesize": "synthesize-finalize", "encode": "encode", "train": "train",
+              "evaluate": "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    s = LocalStack(home=home, port=free_port())
+    try:
+        s.start_server()
+        s.create_pool()
+        s.deploy()
+        s.start_worker("worker-1")
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def api(stack: LocalStack, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(f"{stack.api_url}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def run(stack: LocalStack, name: str, config: dict) -> str:
+    """Run a deployment to completion; returns the flow run id."""
+    done = stack.run_deployment(name, {"config": config}, timeout=1500)
+    log = (stack.home / "worker-1.log")
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{log.read_text()[-5000:] if log.exists() else ''}"
+    assert "Completed" in done.stdout, done.stdout[-3000:]
+    return re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
+
+
+def task_states(stack: LocalStack, flow_run_id: str) -> dict[str, str]:
+    """Task run name -> state name, over the flow run and all its subflow runs."""
+    ids, frontier = [flow_run_id], [flow_run_id]
+    while frontier:
+        children = api(stack, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}})
+        frontier = [c["id"] for c in children]
+        ids += frontier
+    runs = api(stack, "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": ids}}})
+    return {t["name"].rsplit("-", 1)[0] if re.search(r"-\d+$", t["name"]) and not t["name"].startswith("shard")
+            else t["name"]: t["state"]["name"] for t in runs}
+
+
+def stage_dirs(root: Path, stage: str) -> list[Path]:
+    return sorted(p for p in (root / stage).iterdir() if p.is_dir() and (p / "stage.done.json").exists())
+
+
+def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
+    config = {"preset": "demo", "root": str(root)}
+    first = run(stack, "synth-and-train/demo", config)
+
+    # Every stage's outputs exist; the metrics are numbers.
+    for stage in MAIN_TASKS:
+        assert len(stage_dirs(root, stage)) == 1, stage
+    metrics = json.loads((stage_dirs(root, "evaluate")[0] / "metrics.json").read_text())["metrics"]
+    for key in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert isinstance(metrics[key], float), key
+    assert "unavailable" in str(metrics.get("SPICE")) or isinstance(metrics.get("SPICE"), float)
+    assert list(stage_dirs(root, "synthesize")[0].glob("shards/shard-*.tar"))
+    states = task_states(stack, first)
+    assert all(states[t] == "Completed" for t in MAIN_TASKS.values()), states
+
+    # Artifacts on the dashboard: progress, tables, pictures, the evaluation report.
+    artifacts = api(stack, "/artifacts/filter", {})
+    kinds = {a["type"] for a in artifacts}
+    assert {"progress", "table", "markdown"} <= kinds, kinds
+    keys = " ".join(a.get("key") or "" for a in artifacts)
+    for part in ("ingest", "synthesize", "encode", "train", "evaluate"):
+        assert part in keys, (part, keys)
+
+    # Second run: every stage is a cache hit and takes seconds.
+    t0 = time.monotonic()
+    second = run(stack, "synth-and-train/demo", config)
+    states = task_states(stack, second)
+    assert all(states[t] == "Cached" for t in MAIN_TASKS.values()), states
+    assert time.monotonic() - t0 < 120
+
+    # One changed parameter: the stages before it are cached, it and those after it recompute.
+    third = run(stack, "synth-and-train/demo", {**config, "overrides": {"encode.top_n": 50}})
+    states = task_states(stack, third)
+    assert states["ingest"] == "Cached" and states["synthesize-finalize"] == "Cached", states
+    assert all(states[t] == "Completed" for t in ("encode", "train", "evaluate")), states
+    for stage, n in {"ingest": 1, "synthesize": 1, "encode": 2, "train": 2, "evaluate": 2}.items():
+        assert len(stage_dirs(root, stage)) == n, stage
+
+
+def test_two_workers_share_a_synthesize_fan_out(stack, root):
+    from storage.shards import iter_tar
+
+    stack.start_worker("worker-2")
+    fan_root = root / "fanout"
+    config = {"preset": "demo", "root": str(fan_root), "stop_after": "synthesize", "synthesize_fanout": 4,
+              "overrides": {"synthesize.shard_size": 16}}
+    run(stack, "synth-and-train/demo", config)
+    (sd,) = stage_dirs(fan_root, "synthesize")
+    tars = sorted(sd.glob("shards/shard-*.tar"))
+    assert len(tars) == 13  # 201 captions, 16 per shard
+    keys = [s["__key__"] for tar in tars for s in iter_tar(tar)]
+    assert len(keys) == 201 and len(set(keys)) == 201  # every caption once, none twice
+    assert not list(sd.glob("shards/.tmp-*"))
+    # The parent and its four children were all picked up by the pool's workers.
+    logs = "".join((stack.home / f"worker-{i}.log").read_text() for i in (1, 2))
+    assert logs.count("submitting flow run") >= 5
