@@ -17,6 +17,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models run faster on one thread than on two contended ones (and tests may run side by side).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tiny models are built once per machine and reused by every test (and by subprocesses).
 os.environ.setdefault("PCM_CACHE_DIR", str(REPO / ".pytest_cache" / "pcm-models"))
 

@@ -1,0 +1,95 @@
+"""Prefect flow of the synthesize stage: one GPU-tagged task per shard, then a finalize task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+
+from flows.artifacts import Progress, picture, summary_table
+from flows.caching import fingerprint_key, results_dir, run_stage
+from pcm.synthesize import SynthesizeConfig, finalize, num_shards, plan, run_synthesize, verify
+from storage.result import StageResult
+from storage.shards import is_done
+
+# Errors a retry cannot fix: bad configs, missing inputs or models, permissions.
+_PERMANENT = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError,
+              IsADirectoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """CUDA errors (out of memory, launch failures) and I/O errors are worth a retry; the rest are not."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc)
+        return "CUDA" in text or "out of memory" in text
+    return isinstance(exc, OSError)
+
+
+def _retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - the failed state re-raises its exception here
+        return is_transient(e)
+    return False
+
+
+def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
+    sd = plan(parameters["config"], parameters["captions"], parameters["root"])
+    return f"{sd.stage}-{sd.fingerprint}-shard-{parameters['index']:06d}"
+
+
+@task(name="synthesize-shard", task_run_name="shard-{index:06d}", tags=["gpu"], retries=2,
+      retry_delay_seconds=30, retry_condition_fn=_retry_transient, cache_key_fn=_shard_key)
+def synthesize_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool = False) -> dict:
+    r = run_synthesize(config, captions, root, shards=[index], force=force, finalize_when_complete=False)
+    return {"index": index, **r.counts}
+
+
+@task(name="synthesize-finalize", cache_key_fn=fingerprint_key(plan))
+def synthesize_finalize(config: SynthesizeConfig, captions: str, root: str) -> StageResult:
+    return finalize(config, captions, root)
+
+
+def run_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool) -> dict:
+    """The shard task, its cache trusted only while the shard is done on disk."""
+    stale = force or not is_done(plan(config, captions, root).shard_file("shards", index, "tar"))
+    return synthesize_shard.with_options(refresh_cache=stale, result_storage=results_dir(root),
+                                         persist_result=True)(config, captions, root, index, force)
+
+
+def shard_indices(config: SynthesizeConfig, captions: str, shards: list[int] | None) -> list[int]:
+    return sorted(set(shards)) if shards is not None else list(range(num_shards(config, captions)))
+
+
+def all_done(config: SynthesizeConfig, captions: str, root: str) -> bool:
+    sd = plan(config, captions, root)
+    return all(is_done(sd.shard_file("shards", i, "tar")) for i in range(num_shards(config, captions)))
+
+
+def is_finished(config: SynthesizeConfig, captions: str, root: str) -> bool:
+    sd = plan(config, captions, root)
+    return sd.is_complete() and verify(sd) is None
+
+
+@flow(name="synthesize")
+def synthesize_flow(config: SynthesizeConfig, captions: str, root: str = "runs", shards: list[int] | None = None,
+                    force: bool = False) -> StageResult | list[dict]:
+    """Render the shards (all, or `shards` when fanning out over machines), then finalise the stage."""
+    if force or not is_finished(config, captions, root):
+        indices = shard_indices(config, captions, shards)
+        progress = Progress(f"synthesize-{plan(config, captions, root).fingerprint}", "synthesize shards")
+        done = []
+        for k, index in enumerate(indices, 1):
+            done.append(run_shard(config, captions, root, index, force))
+            progress(k, len(indices), f"shard-{index:06d}")
+        if not all_done(config, captions, root):
+            return done  # other flow runs own the remaining shards; the last one finalises
+    result = run_stage(synthesize_finalize, plan, verify, force=force, config=config, captions=captions, root=root)
+    summary_table(f"synthesize-{result.fingerprint}", result, "synthesize: counts and timings")
+    for name, path in result.extra.get("pictures", {}).items():
+        picture(f"synthesize-{name}-{result.fingerprint}", path, f"synthesize: {name}")
+    return result

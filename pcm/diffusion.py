@@ -1,0 +1,291 @@
+"""Diffusion model loading: diffusers text-to-image pipelines by hub id, local directory or built-in preset."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = Path(__file__).parent / "presets" / "diffusion"
+
+# Scheduler names accepted on the command line and in configs -> diffusers class names.
+SCHEDULERS = {
+    "dpm++": "DPMSolverMultistepScheduler",   # DPM-Solver++ (2M), the default: good images in ~20 steps
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "lcm": "LCMScheduler",                     # for LCM-distilled models (2-8 steps)
+}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# -- names --------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def is_preset(model: str) -> bool:
+    return (PRESET_DIR / f"{model}.json").is_file()
+
+
+def preset_digest(name: str) -> str:
+    """A short hash of a preset's data file: a changed preset gives a new cache entry and fingerprint."""
+    return hashlib.sha256((PRESET_DIR / f"{name}.json").read_bytes()).hexdigest()[:12]
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown diffusion preset {name!r}; expected one of {', '.join(preset_names())}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_scheduler(name: str) -> str:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+    return name
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; anything else is passed through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_dir() -> Path:
+    """Where built presets are kept: $PCM_CACHE_DIR, else ~/.cache/pcm-net."""
+    return Path(os.environ.get("PCM_CACHE_DIR") or Path.home() / ".cache" / "pcm-net").expanduser()
+
+
+# -- schedulers -----------------------------------------------------------------------------
+def make_scheduler(name: str, base_config: Any) -> Any:
+    """The scheduler `name` configured like the model's own (betas, prediction type, spacing)."""
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[check_scheduler(name)])
+    return cls.from_config(base_config)
+
+
+# -- the tiny tokenizer ---------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable character table (the base symbols of CLIP's BPE vocabulary)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary and merges read from the BPE file bundled with open_clip (no network).
+
+    The file is found without importing open_clip (which imports torchvision, seconds).
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open_clip is not installed; it ships the BPE vocabulary the tiny tokenizer needs")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    # As in CLIP: the first line is a header, then 49152 - 256 - 2 merges.
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges  # type: ignore[return-value]
+
+
+def clip_tokenizer(model_max_length: int = 77) -> Any:
+    """A transformers CLIPTokenizer equal to CLIP's (same ids as open_clip), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                         unk_token="<|endoftext|>")
+
+
+# -- presets --------------------------------------------------------------------------------
+def build_preset(name: str, device: str = "cpu") -> Any:
+    """A random-weight StableDiffusionPipeline from a preset's configs; deterministic (fixed seed)."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    p = load_preset(name)
+    # fork_rng keeps the caller's global RNG untouched; the seed makes the weights reproducible.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(p["seed"])
+        unet = UNet2DConditionModel(**p["unet"])
+        vae = AutoencoderKL(**p["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**p["text_encoder"]))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(**p["tokenizer"]), unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**p["scheduler"]), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def preset_dir(name: str) -> Path:
+    """The cache directory of a built preset (its name carries the preset's digest)."""
+    return cache_dir() / "diffusion" / f"{name}-{preset_digest(name)}"
+
+
+def ensure_preset(name: str) -> Path:
+    """Build a cached preset once (into a temporary directory, then rename) and return its directory.
+
+    A killed build leaves only a temporary directory, never a half model under the final name;
+    two processes building at once both succeed and one of the identical copies is kept.
+    """
+    final = preset_dir(name)
+    if (final / "model_index.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building diffusion preset %r into %s (first use)", name, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
+    try:
+        build_preset(name).save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# -- loading --------------------------------------------------------------------------------
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(model) or model.count("/") > 1
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def missing_model_message(model: str, revision: str | None, what: str = "diffusion model") -> str:
+    rev = f" (revision {revision})" if revision else ""
+    rev_arg = f" --revision {revision}" if revision else ""
+    why = "the hub is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub could not be reached"
+    local = f"models/{model.rstrip('/').split('/')[-1]}"
+    return (f"{what} {model!r}{rev} is not available here: there is no such local directory, it is not in the "
+            f"Hugging Face cache, and {why}. Download it on a machine with network:\n"
+            f"    huggingface-cli download {model}{rev_arg} --local-dir {local}\n"
+            f"then copy {local} to this machine and pass the directory instead of the id "
+            f"(e.g. --model {local}).")
+
+
+def _source(model: str, revision: str | None, what: str) -> str:
+    """A local directory (checked) or a hub id; a missing local path is an error naming it."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    if _looks_like_path(model):
+        raise FileNotFoundError(
+            f"{what} directory {model!r} does not exist. Pass a diffusers model directory (one holding "
+            f"model_index.json or config.json), a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+            f"or a preset ({', '.join(preset_names())}).")
+    return model
+
+
+def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32", device: str = "cpu",
+                  scheduler: str = "dpm++") -> Any:
+    """A UNet-based diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, Turbo) ready on `device`.
+
+    `model` is a preset name (`tiny`, `sd15-arch`), a local diffusers directory or a hub id (read
+    from the local Hugging Face cache when offline). The safety checker is not loaded: it would
+    replace flagged training images by black ones.
+    """
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    check_scheduler(scheduler)
+    dt = torch_dtype(dtype)
+    if is_preset(model):
+        if revision:
+            raise ValueError(f"revision {revision!r} given for the preset {model!r}; presets have no revisions")
+        if load_preset(model)["cache"]:
+            pipe = DiffusionPipeline.from_pretrained(ensure_preset(model), dtype=dt)
+        else:
+            pipe = build_preset(model, device=device).to(dtype=dt)
+    else:
+        source = _source(model, revision, "diffusion model")
+        if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
+            raise FileNotFoundError(f"{source}: not a diffusers pipeline directory (no model_index.json); "
+                                    "pass the directory that `huggingface-cli download --local-dir` wrote")
+        try:
+            with warnings.catch_warnings():
+                # diffusers 0.42 passes a deprecated argument to huggingface_hub; nothing to act on.
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                index = DiffusionPipeline.load_config(source, revision=revision)
+                extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+                pipe = AutoPipelineForText2Image.from_pretrained(source, revision=revision, dtype=dt, **extra)
+        except OSError as e:  # includes huggingface_hub's offline / not-found errors
+            if Path(source).is_dir():
+                raise FileNotFoundError(f"{source}: incomplete diffusers model directory ({e})") from None
+            raise FileNotFoundError(missing_model_message(model, revision)) from None
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+        raise ValueError(f"{model}: {type(pipe).__name__} is not supported; the synthesize stage runs UNet-based "
+                         "text-to-image pipelines (Stable Diffusion 1.x/2.x, SDXL and their Turbo/LCM variants)")
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_tiny_vae(spec: str, pipe: Any, *, model: str) -> Any:
+    """A TAESD-style AutoencoderTiny decoder matching `pipe` (dtype, device, latent channels).
+
+    `spec` is a hub id (madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL), a local
+    directory, or `tiny`: a random decoder from the model preset's `tiny_vae` config (presets only).
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+
+    dtype, device = pipe.vae.dtype, pipe.vae.device
+    if spec == "tiny":
+        if not is_preset(model):
+            raise ValueError("tiny_vae='tiny' is the random decoder of the presets; for real models pass "
+                             "madebyollin/taesd (SD 1.x/2.x), madebyollin/taesdxl (SDXL) or a local directory")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(load_preset(model)["seed"] + 1)
+            vae = AutoencoderTiny(**load_preset(model)["tiny_vae"])
+    else:
+        source = _source(spec, None, "tiny VAE")
+        try:
+            vae = AutoencoderTiny.from_pretrained(source, dtype=dtype)
+        except OSError:
+            if Path(source).is_dir():
+                raise FileNotFoundError(f"{source}: not an AutoencoderTiny directory (config.json + weights)") from None
+            raise FileNotFoundError(missing_model_message(spec, None, "tiny VAE")) from None
+    want = pipe.unet.config.in_channels
+    if vae.config.latent_channels != want:
+        raise ValueError(f"tiny VAE {spec!r} has {vae.config.latent_channels} latent channels but the model's UNet "
+                         f"makes {want}; use the tiny VAE trained for this model family")
+    return vae.to(device=device, dtype=dtype).eval()

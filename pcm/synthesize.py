@@ -1,0 +1,513 @@
+"""The synthesize stage: one diffusion image per training caption, batched, into WebDataset shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pcm import diffusion
+from pcm.config import StageConfig
+from pcm.stage import cached, finish, load_result, locked, stage_dir
+from storage import atomic, tables
+from storage.layout import RunLayout, StageDir
+from storage.lock import FileLock, try_lock
+from storage.result import StageResult
+from storage.shards import ShardWriter, check_key, is_done, iter_tar, read_marker
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "1"
+STAGE = "synthesize"
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+Progress = Callable[[int, int, str], None]
+
+
+class SynthesizeConfig(StageConfig):
+    """What to generate (fingerprinted) and how to run it (RUNTIME: device, batching, speed-ups)."""
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset(
+        {"device", "batch_size", "compile", "channels_last", "writer_threads", "progress_bar"})
+
+    model: str = Field("tiny", description="diffusers hub id, local pipeline directory, or preset (tiny, sd15-arch)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of `model`")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp32", description="weights and activations; fp16 on GPUs")
+    scheduler: str = Field("dpm++", description=f"sampler: {', '.join(diffusion.SCHEDULERS)}")
+    steps: int = Field(20, ge=1, le=1000, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0, le=100.0, description="classifier-free guidance; <= 1 disables it")
+    height: int = Field(512, ge=8, le=4096, description="image height in pixels (multiple of 8)")
+    width: int = Field(512, ge=8, le=4096, description="image width in pixels (multiple of 8)")
+    negative_prompt: str = Field("", description="negative prompt used with guidance")
+    seed: int = Field(0, ge=0, description="run seed; each image's seed derives from it and its caption_id")
+    limit: int | None = Field(None, ge=1, description="only the first N ok train captions (demos, benchmarks)")
+    shard_size: int = Field(1000, ge=1, description="images per WebDataset shard")
+    image_format: Literal["jpeg", "png", "webp"] = Field("jpeg", description="encoding of the stored images")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
+    tiny_vae: str | None = Field(
+        None, description="APPROXIMATE, CHANGES THE IMAGES: decode with a tiny VAE (TAESD) by hub id, local "
+        "directory, or `tiny` (random, presets only) instead of the model's VAE; ~8x faster decoding")
+
+    # -- runtime: how, not what -------------------------------------------------------
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    batch_size: int = Field(8, ge=1, description="images per UNet batch (x2 with guidance)")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU; slow first batch)")
+    channels_last: bool = Field(False, description="channels-last memory format for UNet and VAE (GPU)")
+    writer_threads: int = Field(4, ge=1, le=64, description="threads encoding images while the GPU works")
+    progress_bar: bool = Field(True, description="show a tqdm bar")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        return diffusion.check_scheduler(v)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty model: pass a hub id, a local directory or a preset")
+        return v
+
+    @model_validator(mode="after")
+    def _tiny_vae_preset(self) -> SynthesizeConfig:
+        if self.tiny_vae == "tiny" and not diffusion.is_preset(self.model):
+            raise ValueError("tiny_vae='tiny' is a random decoder for the presets; for real models use "
+                             "madebyollin/taesd (SD 1.x/2.x), madebyollin/taesdxl (SDXL) or a local directory")
+        return self
+
+
+# -- the plan -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One planned image: its caption and its own seed."""
+
+    caption_id: str
+    text: str
+    seed: int
+
+
+def sample_seed(run_seed: int, caption_id: str) -> int:
+    """A 63-bit seed from the run seed and the caption id: independent of order, batch and shard."""
+    digest = hashlib.sha256(f"{run_seed}:{caption_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _captions_file(captions: str | Path) -> Path:
+    load_result(captions)  # a clear error when the ingest stage is not finished
+    return Path(captions).resolve() / "captions.parquet"
+
+
+def planned_samples(config: SynthesizeConfig, captions: str | Path) -> list[Sample]:
+    """The ok train-split captions in file order (first `limit`), each with its seed."""
+    path = _captions_file(captions)
+    table = tables.read(path, tables.CAPTIONS, columns=["caption_id", "split", "text", "status"])
+    out: list[Sample] = []
+    seen: set[str] = set()
+    for row, (cid, split, text, status) in enumerate(zip(*(table[c].to_pylist() for c in table.column_names), strict=True)):
+        if split != "train" or status != tables.STATUS_OK:
+            continue
+        try:
+            check_key(cid)
+        except ValueError as e:
+            raise ValueError(f"{path}: row {row}: {e}") from None
+        if cid in seen:
+            raise ValueError(f"{path}: row {row}: duplicate caption_id {cid!r}; caption ids must be unique")
+        seen.add(cid)
+        out.append(Sample(cid, text, sample_seed(config.seed, cid)))
+        if config.limit is not None and len(out) >= config.limit:
+            break
+    if not out:
+        raise ValueError(f"{path}: no ok train captions to synthesize; check the ingest stage's splits and statuses")
+    return out
+
+
+def shard_samples(config: SynthesizeConfig, samples: Sequence[Sample]) -> list[list[Sample]]:
+    n = config.shard_size
+    return [list(samples[i:i + n]) for i in range(0, len(samples), n)]
+
+
+def num_shards(config: SynthesizeConfig, captions: str | Path) -> int:
+    return math.ceil(len(planned_samples(config, captions)) / config.shard_size)
+
+
+def plan(config: SynthesizeConfig, captions: str, root: str) -> StageDir:
+    """The stage directory for these captions and this config; no work (Prefect's cache key)."""
+    extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else None
+    return stage_dir(RunLayout(root), STAGE, config, [load_result(captions)], CODE_VERSION, extra)
+
+
+def verify(sd: StageDir) -> str | None:
+    """None when every shard and samples.parquet exist, else what is missing."""
+    if not sd.done_marker.exists():
+        return "no stage.done.json"
+    n = StageResult.load(sd.done_marker).counts.get("shards", 0)
+    missing = [i for i in range(n) if not is_done(sd.shard_file("shards", i, "tar"))]
+    if missing:
+        return f"{len(missing)} shard(s) missing, e.g. {sd.shard_name(missing[0])}"
+    if not sd.file("samples.parquet").exists():
+        return "samples.parquet missing"
+    return None
+
+
+# -- generation -----------------------------------------------------------------------------
+def decode_latents(vae: Any, latents: Any) -> Any:
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], as the pipelines decode them."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:  # SDXL-style VAEs with per-channel statistics
+        m = latents.new_tensor(mean).view(1, -1, 1, 1)
+        s = latents.new_tensor(std).view(1, -1, 1, 1)
+        z = latents * s / cfg.scaling_factor + m
+    else:
+        z = latents / cfg.scaling_factor
+    param_dtype = next(vae.parameters()).dtype
+    return vae.decode(z.to(param_dtype), return_dict=False)[0]
+
+
+def to_uint8(images: Any) -> Any:
+    """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3] (diffusers' postprocess, bit for bit)."""
+    x = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return (x * 255).round().astype("uint8")
+
+
+class Synthesizer:
+    """A loaded pipeline that turns (prompts, seeds) into uint8 images, or a failure reason per sample."""
+
+    def __init__(self, config: SynthesizeConfig) -> None:
+        import torch
+
+        self.config = config
+        self.device = diffusion.resolve_device(config.device)
+        self.pipe = diffusion.load_pipeline(config.model, revision=config.revision, dtype=config.dtype,
+                                            device=self.device, scheduler=config.scheduler)
+        self.vae = self.pipe.vae
+        if config.tiny_vae:
+            self.vae = diffusion.load_tiny_vae(config.tiny_vae, self.pipe, model=config.model)
+        # SDXL's VAE overflows in fp16; its pipeline decodes in fp32 and so do we.
+        upcast = getattr(self.vae.config, "force_upcast", False) and hasattr(self.pipe, "upcast_vae")
+        if upcast and self.vae is self.pipe.vae and self.vae.dtype == torch.float16:
+            self.vae = self.vae.to(torch.float32)
+        if config.channels_last:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if config.compile:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        scale = self.pipe.vae_scale_factor
+        if config.height % scale or config.width % scale:
+            raise ValueError(f"height and width must be multiples of {scale} for {config.model}")
+        self.latent_shape = (self.pipe.unet.config.in_channels, config.height // scale, config.width // scale)
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Any]:
+        """One entry per prompt: a uint8 [H, W, 3] array, or a string saying why the sample failed."""
+        import torch
+
+        n = len(prompts)
+        if self.config.compile and n < self.config.batch_size:
+            # A compiled UNet recompiles for a new batch size: pad the tail batch, drop the extra rows.
+            pad = self.config.batch_size - n
+            prompts, seeds = list(prompts) + [prompts[-1]] * pad, list(seeds) + [seeds[-1]] * pad
+        latents = self.denoise(prompts, seeds)[:n]
+        out: list[Any] = [None] * n
+        finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
+        good = [i for i in range(n) if finite[i]]
+        for i in range(n):
+            if not finite[i]:
+                out[i] = "non-finite latents after denoising"
+        if good:
+            with torch.inference_mode():
+                images = decode_latents(self.vae, latents[good])
+            ok_pixels = torch.isfinite(images.flatten(1)).all(dim=1).tolist()
+            pixels = to_uint8(images.nan_to_num())
+            for j, i in enumerate(good):
+                out[i] = pixels[j] if ok_pixels[j] else "non-finite pixels after VAE decoding"
+        return out
+
+    def denoise(self, prompts: Sequence[str], seeds: Sequence[int]) -> Any:
+        """Final latents [B, C, h, w] from the pipeline: prompts encoded in one batch, guidance batched.
+
+        Each sample has its own CPU generator: it draws the initial latents here and the noise of
+        ancestral samplers inside the pipeline, so a sample does not depend on its batch.
+        """
+        import torch
+
+        c = self.config
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latents = torch.cat([torch.randn((1, *self.latent_shape), generator=g) for g in generators])
+        with torch.inference_mode():
+            return self.pipe(
+                prompt=list(prompts), negative_prompt=[c.negative_prompt] * len(prompts) if c.negative_prompt else None,
+                height=c.height, width=c.width, num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
+                latents=latents.to(self.pipe.device, self.pipe.unet.dtype), generator=generators,
+                output_type="latent", return_dict=False)[0]
+
+
+def encode_image(pixels: Any, image_format: str, quality: int) -> bytes:
+    """uint8 [H, W, 3] -> image file bytes; deterministic (no timestamps or metadata)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)
+    if image_format == "jpeg":
+        img.save(buf, format="JPEG", quality=quality)
+    elif image_format == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    else:
+        img.save(buf, format="WEBP", quality=quality, method=4)
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    import diffusers
+    import torch
+
+    return {"diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
+def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
+    """What made this image (the `.json` of each sample)."""
+    return {
+        "caption_id": sample.caption_id, "text": sample.text, "seed": sample.seed, "run_seed": config.seed,
+        "model": config.model, "revision": config.revision, "scheduler": config.scheduler,
+        "steps": config.steps, "guidance_scale": config.guidance_scale, "negative_prompt": config.negative_prompt,
+        "height": config.height, "width": config.width, "dtype": config.dtype, "tiny_vae": config.tiny_vae,
+        "versions": _versions(),
+    }
+
+
+def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[Future | str],
+                 config: SynthesizeConfig, generate_s: float) -> dict[str, int]:
+    """Write one shard: images in caption order, failed samples as status rows only."""
+    ext = EXTENSIONS[config.image_format]
+    rows: list[dict[str, Any]] = []
+    with ShardWriter(sd.shard_file("shards", index, "tar")) as w:
+        for s, r in zip(samples, results, strict=True):
+            error = r if isinstance(r, str) else None
+            data = b""
+            if error is None:
+                try:
+                    data = r.result()  # type: ignore[union-attr]
+                except Exception as e:  # noqa: BLE001 - one bad image is a failed row, not a failed shard
+                    error = f"image encoding failed: {type(e).__name__}: {e}"
+            if error is not None:
+                rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
+                             "status": tables.STATUS_FAILED, "error": error})
+                continue
+            meta = json.dumps(sample_metadata(config, s), sort_keys=True, ensure_ascii=False)
+            w.write({"__key__": s.caption_id, ext: data, "txt": s.text.encode("utf-8"), "json": meta.encode("utf-8")})
+            rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
+                         "status": tables.STATUS_OK, "error": None})
+        failed = sum(r["status"] == tables.STATUS_FAILED for r in rows)
+        w.stats.update(ok=len(rows) - failed, failed=failed, generate_s=round(generate_s, 3))
+        # The status rows go in before the tar is committed, so a done shard always has them.
+        tables.write(sd.shard_file("shards", index, "status.parquet"), rows, tables.SAMPLES)
+    return {"ok": len(rows) - failed, "failed": failed}
+
+
+def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards: list[int] | None = None,
+                   worker_index: int = 0, num_workers: int = 1, force: bool = False,
+                   progress: Progress | None = None, finalize_when_complete: bool = True,
+                   synthesizer: Synthesizer | None = None) -> StageResult:
+    """Generate the pending shards in scope; finalise the stage when every shard is done.
+
+    Scope: `shards` (explicit indices), else shards with `i % num_workers == worker_index`. A
+    per-shard lock keeps overlapping workers from writing a shard twice: held shards are skipped,
+    then waited for. Returns the finished stage result, or, when shards outside this call's scope
+    are still pending (or `finalize_when_complete` is False, as in the per-shard Prefect tasks, which
+    leave finalising to their own task), a partial result with `extra["complete"] = False`.
+    `synthesizer`: an already loaded model to reuse (benchmarks, notebooks); made from `config`.
+    """
+    if synthesizer is not None and synthesizer.config != config:
+        raise ValueError("the synthesizer passed to run_synthesize was made from another config")
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker_index must be in [0, num_workers); got {worker_index} of {num_workers}")
+    started = time.monotonic()
+    sd = plan(config, captions, root)
+    if not force and (hit := cached(sd, verify)) is not None:
+        return hit
+    samples = planned_samples(config, captions)
+    groups = shard_samples(config, samples)
+    total = len(groups)
+    if shards is not None:
+        bad = [i for i in shards if not 0 <= i < total]
+        if bad:
+            raise ValueError(f"shard indices {bad} out of range: this plan has {total} shards (0..{total - 1})")
+        scope = sorted(set(shards))
+    else:
+        scope = [i for i in range(total) if i % num_workers == worker_index]
+    if force:
+        sd.done_marker.unlink(missing_ok=True)
+
+    def tar(i: int) -> Path:
+        return sd.shard_file("shards", i, "tar")
+
+    todo = [i for i in scope if force or not is_done(tar(i))]
+    counts = {"ok": 0, "failed": 0, "shards_written": 0}
+
+    def report(message: str) -> None:
+        if progress:
+            progress(sum(is_done(tar(i)) for i in range(total)), total, message)
+
+    if todo:
+        counts = _generate(synthesizer or Synthesizer(config), sd, groups, todo, force, counts, report)
+    if not finalize_when_complete or not all(is_done(tar(i)) for i in range(total)):
+        pending = [i for i in range(total) if not is_done(tar(i))]
+        return StageResult(stage=STAGE, fingerprint=sd.fingerprint, path=str(sd.path),
+                           counts={**counts, "shards": total, "shards_pending": len(pending)},
+                           timings={"total_s": round(time.monotonic() - started, 3)},
+                           extra={"complete": False, "pending": pending[:100]})
+    return finalize(config, captions, root, started=started)
+
+
+def _generate(synth: Synthesizer, sd: StageDir, groups: list[list[Sample]], todo: list[int], force: bool,
+              counts: dict[str, int], report: Callable[[str], None]) -> dict[str, int]:
+    """Generate the shards `todo`; the GPU never waits for image encoding or tar writing."""
+    from tqdm.auto import tqdm
+
+    config = synth.config
+    sd.shard_dir("shards").mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=sum(len(groups[i]) for i in todo), desc="synthesize", unit="img",
+               disable=not config.progress_bar)
+    skipped: list[int] = []
+    # Encoding threads turn pixels into JPEG bytes; one writer thread writes whole shards in order.
+    with ThreadPoolExecutor(config.writer_threads, thread_name_prefix="pcm-encode") as encoders, \
+            ThreadPoolExecutor(1, thread_name_prefix="pcm-shard-writer") as writer:
+        in_flight: tuple[int, Future] | None = None
+
+        def collect() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                index, fut = in_flight
+                in_flight = None
+                got = fut.result()  # re-raises a writer error (e.g. disk full) here
+                counts["ok"] += got["ok"]
+                counts["failed"] += got["failed"]
+                counts["shards_written"] += 1
+                report(f"{sd.shard_name(index)}: {got['ok']} ok, {got['failed']} failed")
+
+        def one(index: int, lock: FileLock) -> None:
+            nonlocal in_flight
+            try:
+                atomic.remove_stale_temporaries(sd.shard_dir("shards"), sd.shard_name(index))
+                t0 = time.monotonic()
+                results: list[Future | str] = []
+                group = groups[index]
+                for b in range(0, len(group), config.batch_size):
+                    batch = group[b:b + config.batch_size]
+                    for out in synth.generate([s.text for s in batch], [s.seed for s in batch]):
+                        results.append(out if isinstance(out, str) else encoders.submit(
+                            encode_image, out, config.image_format, config.jpeg_quality))
+                    bar.update(len(batch))
+                collect()  # at most one shard waits for its writer: bounded memory
+                fut = writer.submit(_write_shard, sd, index, group, results, config, time.monotonic() - t0)
+                fut.add_done_callback(lambda _f: lock.release())
+                in_flight = (index, fut)
+            except BaseException:
+                lock.release()
+                raise
+
+        for index in todo:
+            lock = try_lock(sd.shard_lock("shards", index))
+            if lock is None:
+                log.info("%s is being written by another process; skipping it for now", sd.shard_name(index))
+                skipped.append(index)
+                continue
+            if not force and is_done(sd.shard_file("shards", index, "tar")):
+                lock.release()  # finished by another worker since we listed it
+                continue
+            one(index, lock)
+        collect()
+        for index in skipped:
+            # Wait for the other process; redo the shard only if it died before finishing.
+            lock = FileLock(sd.shard_lock("shards", index), timeout=None).acquire()
+            if is_done(sd.shard_file("shards", index, "tar")):
+                lock.release()
+                continue
+            one(index, lock)
+        collect()
+    bar.close()
+    return counts
+
+
+# -- finalisation -----------------------------------------------------------------------------
+def finalize(config: SynthesizeConfig, captions: str, root: str, *, started: float | None = None) -> StageResult:
+    """Merge the shards' status rows into samples.parquet, draw a sample grid, write the stage marker."""
+    started = time.monotonic() if started is None else started
+    sd = plan(config, captions, root)
+    with locked(sd, wait=None):
+        if (hit := cached(sd, verify)) is not None:
+            return hit
+        groups = shard_samples(config, planned_samples(config, captions))
+        pending = [i for i in range(len(groups)) if not is_done(sd.shard_file("shards", i, "tar"))]
+        if pending:
+            raise RuntimeError(f"{sd.path}: cannot finalise, {len(pending)} shard(s) not done "
+                               f"(e.g. {sd.shard_name(pending[0])}); run `pcm synthesize` for them first")
+        status = tables.concat([sd.shard_file("shards", i, "status.parquet") for i in range(len(groups))],
+                               tables.SAMPLES)
+        planned = [s.caption_id for g in groups for s in g]
+        if status["caption_id"].to_pylist() != planned:
+            raise RuntimeError(f"{sd.path}: shard status rows do not match the plan; delete the shards "
+                               "and rerun with --force")
+        tables.write(sd.file("samples.parquet"), status, tables.SAMPLES)
+        ok = sum(s == tables.STATUS_OK for s in status["status"].to_pylist())
+        pictures = {"samples": str(sample_grid(sd, len(groups)))}
+        gen_s = sum(read_marker(sd.shard_file("shards", i, "tar")).get("generate_s", 0.0) for i in range(len(groups)))
+        timings = {"generate_s": round(gen_s, 3)}
+        if gen_s > 0:
+            timings["images_per_s"] = round(len(planned) / gen_s, 3)
+        return finish(sd, counts={"captions": len(planned), "ok": ok, "failed": len(planned) - ok,
+                                  "shards": len(groups)},
+                      started=started, timings=timings,
+                      extra={"complete": True, "pictures": pictures, "model": config.model,
+                             "image_format": config.image_format, "extension": EXTENSIONS[config.image_format]})
+
+
+def sample_grid(sd: StageDir, n_shards: int, n: int = 16, cell: int = 160) -> Path:
+    """A PNG grid of the first `n` images with their captions, under sd.pictures."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    items: list[tuple[Image.Image, str]] = []
+    for i in range(n_shards):
+        for sample in iter_tar(sd.shard_file("shards", i, "tar")):
+            ext = next(e for e in EXTENSIONS.values() if e in sample)
+            img = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+            items.append((img, sample["txt"].decode("utf-8")))
+            if len(items) >= n:
+                break
+        if len(items) >= n:
+            break
+    cols = max(1, min(4, len(items)))
+    rows = max(1, math.ceil(len(items) / cols))
+    text_h = 48
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for k, (img, text) in enumerate(items):
+        x, y = (k % cols) * cell, (k // cols) * (cell + text_h)
+        grid.paste(img.resize((cell, cell)), (x, y))
+        lines = textwrap.wrap(text, width=cell // 7)[:3]
+        draw.multiline_text((x + 3, y + cell + 2), "\n".join(lines), fill="black", font=font)
+    path = sd.pictures / "samples.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path

@@ -1,0 +1,307 @@
+"""The synthesize stage on the CPU with the tiny preset: shards, determinism, resume, workers, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pcm.stage import finish
+from pcm.synthesize import SynthesizeConfig, Synthesizer, plan, run_synthesize, sample_seed
+from storage import tables
+from storage.layout import RunLayout
+from storage.lock import try_lock
+from storage.shards import is_done, iter_tar
+
+REPO = Path(__file__).resolve().parents[1]
+# The test machines' CPUs are shared: one thread per process avoids oversubscription stalls
+# (10x slower tiny UNet calls with two threads on a loaded two-core machine).
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+N_TRAIN = 8
+TINY = dict(model="tiny", steps=2, height=32, width=32, shard_size=3, batch_size=2, progress_bar=False, device="cpu")
+
+
+def make_captions(layout: RunLayout, n_train: int = N_TRAIN) -> str:
+    """A finished ingest stage: n_train ok train captions, plus a val and a rejected row to skip."""
+    sd = layout.stage("ingest", "00000000000000aa")
+    sd.path.mkdir(parents=True)
+    rows = [dict(caption_id=f"c{i:03d}", image_id=f"img{i}", split="train", text=f"a photo of a red thing number {i}",
+                 raw_text=f"a photo of a red thing number {i}", source="test", image_path=None, references=[],
+                 status="ok", error=None) for i in range(n_train)]
+    rows.insert(2, dict(caption_id="v000", image_id="imgv", split="val", text="a val caption", raw_text="a val caption",
+                        source="test", image_path="v.jpg", references=["a val caption"], status="ok", error=None))
+    rows.insert(5, dict(caption_id="r000", image_id="imgr", split="train", text="", raw_text="", source="test",
+                        image_path=None, references=[], status="rejected", error="empty caption"))
+    tables.write(sd.file("captions.parquet"), rows, tables.CAPTIONS)
+    finish(sd, {"captions": len(rows)}, time.monotonic())
+    return str(sd.path)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def captions(layout: RunLayout) -> str:
+    return make_captions(layout)
+
+
+def train_ids(n: int = N_TRAIN) -> list[str]:
+    return [f"c{i:03d}" for i in range(n)]
+
+
+def shard_keys(stage_path: str | Path) -> list[str]:
+    return [s["__key__"] for p in sorted(Path(stage_path, "shards").glob("shard-*.tar")) for s in iter_tar(p)]
+
+
+def test_one_image_and_metadata_per_caption(captions, layout):
+    cfg = SynthesizeConfig(**TINY)
+    r = run_synthesize(cfg, captions, str(layout.root))
+    assert r.extra["complete"] and not r.cached
+    assert r.counts == {"captions": N_TRAIN, "ok": N_TRAIN, "failed": 0, "shards": 3}
+    samples = tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES)
+    assert samples["caption_id"].to_pylist() == train_ids()
+    assert samples["shard"].to_pylist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert set(samples["status"].to_pylist()) == {"ok"}
+    assert samples["seed"].to_pylist() == [sample_seed(0, c) for c in train_ids()]
+    assert Path(r.extra["pictures"]["samples"]).stat().st_size > 0
+
+    seen = []
+    for sample in iter_tar(Path(r.path, "shards", "shard-000001.tar")):
+        meta = json.loads(sample["json"])
+        assert sample["txt"].decode() == meta["text"] == f"a photo of a red thing number {int(sample['__key__'][1:])}"
+        assert meta["seed"] == sample_seed(0, sample["__key__"])
+        assert (meta["model"], meta["scheduler"], meta["steps"], meta["height"]) == ("tiny", "dpm++", 2, 32)
+        assert set(meta["versions"]) == {"diffusers", "torch"}
+        from PIL import Image
+
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
+        seen.append(sample["__key__"])
+    assert seen == ["c003", "c004", "c005"]
+
+    # Readable by tar and by webdataset.
+    names = subprocess.run(["tar", "-tf", str(Path(r.path, "shards", "shard-000000.tar"))], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert names == [f"c00{i}.{e}" for i in range(3) for e in ("jpg", "json", "txt")]
+    import webdataset as wds
+
+    ds = wds.WebDataset(str(Path(r.path, "shards", "shard-000002.tar")), shardshuffle=False).decode("pil")
+    got = [(s["__key__"], s["jpg"].size, s["json"]["caption_id"]) for s in ds]
+    assert got == [("c006", (32, 32), "c006"), ("c007", (32, 32), "c007")]
+
+    # A second run is a cache hit and does no work.
+    again = run_synthesize(cfg, captions, str(layout.root))
+    assert again.cached and again.fingerprint == r.fingerprint
+
+
+def test_same_shard_twice_is_byte_identical(captions, layout):
+    cfg = SynthesizeConfig(**TINY)
+    sd = plan(cfg, captions, str(layout.root))
+    first = run_synthesize(cfg, captions, str(layout.root), shards=[1])
+    assert first.extra["complete"] is False and first.counts["shards_pending"] == 2
+    tar = sd.shard_file("shards", 1, "tar")
+    before = hashlib.sha256(tar.read_bytes()).hexdigest()
+    run_synthesize(cfg, captions, str(layout.root), shards=[1], force=True)
+    assert hashlib.sha256(tar.read_bytes()).hexdigest() == before
+    # The shard made alone equals the same shard made in a full run under another root.
+    other = RunLayout(layout.root.parent / "other")
+    full = run_synthesize(cfg, make_captions(other), str(other.root))
+    assert hashlib.sha256(Path(full.path, "shards", "shard-000001.tar").read_bytes()).hexdigest() == before
+
+
+def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
+    cfg = dict(TINY, shard_size=1, batch_size=1, steps=6)
+    script = ("import sys; from pcm.synthesize import SynthesizeConfig, run_synthesize; "
+              f"run_synthesize(SynthesizeConfig(**{cfg!r}), sys.argv[1], sys.argv[2])")
+    sd = plan(SynthesizeConfig(**cfg), captions, str(layout.root))
+    proc = subprocess.Popen([sys.executable, "-c", script, captions, str(layout.root)], cwd=REPO,
+                            env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not sd.shard_done("shards", 0).exists():
+            assert proc.poll() is None, "the generation process ended before its first shard"
+            assert time.monotonic() < deadline, "no shard finished within 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not sd.done_marker.exists(), "killed too late: the whole stage finished"
+    # Everything under a final name is a whole tar; pending shards have no marker.
+    for tar in sd.shard_dir("shards").glob("shard-*.tar"):
+        with tarfile.open(tar) as t:
+            assert len(t.getmembers()) == 3
+    done_before = [i for i in range(N_TRAIN) if is_done(sd.shard_file("shards", i, "tar"))]
+    assert 1 <= len(done_before) < N_TRAIN
+
+    r = run_synthesize(SynthesizeConfig(**cfg), captions, str(layout.root))
+    assert r.extra["complete"] and r.counts["ok"] == N_TRAIN
+    assert shard_keys(r.path) == train_ids()
+    assert not list(sd.shard_dir("shards").glob(".tmp-*")), "temporary files left behind"
+    samples = tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES)
+    assert samples["caption_id"].to_pylist() == train_ids()
+
+
+def test_two_workers_split_the_shards_without_duplicates(captions, layout):
+    cfg = SynthesizeConfig(**dict(TINY, shard_size=2))
+    a = run_synthesize(cfg, captions, str(layout.root), worker_index=0, num_workers=2)
+    assert a.extra["complete"] is False and a.counts["shards_written"] == 2 and a.counts["shards_pending"] == 2
+    b = run_synthesize(cfg, captions, str(layout.root), worker_index=1, num_workers=2)
+    assert b.extra["complete"] and b.counts["shards"] == 4
+    assert shard_keys(b.path) == train_ids()
+
+
+def test_a_shard_held_by_another_process_is_skipped_then_waited_for(captions, layout):
+    cfg = SynthesizeConfig(**TINY)
+    sd = plan(cfg, captions, str(layout.root))
+    held = try_lock(sd.shard_lock("shards", 0))
+    assert held is not None
+    threading.Timer(3.0, held.release).start()  # the "other process" dies without finishing shard 0
+    r = run_synthesize(cfg, captions, str(layout.root))
+    assert r.extra["complete"] and shard_keys(r.path) == train_ids()
+    # Shard 0 was written last, after the lock was released.
+    mtime = {i: sd.shard_done("shards", i).stat().st_mtime for i in range(3)}
+    assert mtime[0] > mtime[1] and mtime[0] > mtime[2]
+
+
+def test_a_failing_sample_is_a_status_row_and_the_shard_completes(captions, layout, monkeypatch):
+    import torch
+
+    bad = sample_seed(0, "c004")
+    original = Synthesizer.denoise
+
+    def nan_for_c004(self, prompts, seeds):
+        latents = original(self, prompts, seeds).clone()  # inference tensors are read-only
+        for i, s in enumerate(seeds):
+            if s == bad:
+                latents[i] = torch.nan
+        return latents
+
+    monkeypatch.setattr(Synthesizer, "denoise", nan_for_c004)
+    r = run_synthesize(SynthesizeConfig(**TINY), captions, str(layout.root))
+    assert r.extra["complete"] and r.counts["ok"] == N_TRAIN - 1 and r.counts["failed"] == 1
+    rows = tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert [(f["caption_id"], f["shard"]) for f in failed] == [("c004", 1)]
+    assert "non-finite" in failed[0]["error"]
+    assert shard_keys(r.path) == [c for c in train_ids() if c != "c004"]
+
+
+def test_bad_configs_give_clear_errors(captions, layout):
+    from pcm.config import validate
+
+    with pytest.raises(ValueError, match=r"unknown scheduler 'heun'.*dpm\+\+, ddim, euler, euler-a, lcm"):
+        SynthesizeConfig(scheduler="heun")
+    with pytest.raises(ValueError, match=r"synthesize\.steps: .*greater than or equal to 1"):
+        validate(SynthesizeConfig, {"steps": -3}, "synthesize")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SynthesizeConfig(height=100)
+    with pytest.raises(ValueError, match="madebyollin/taesd"):
+        SynthesizeConfig(model="org/model", tiny_vae="tiny")
+    missing = layout.root.parent / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_synthesize(SynthesizeConfig(**dict(TINY, model=str(missing))), captions, str(layout.root))
+    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download some-org/some-model --local-dir"):
+        run_synthesize(SynthesizeConfig(**dict(TINY, model="some-org/some-model")), captions, str(layout.root))
+    with pytest.raises(ValueError, match="out of range"):
+        run_synthesize(SynthesizeConfig(**TINY), captions, str(layout.root), shards=[7])
+    with pytest.raises(FileNotFoundError, match="not a finished stage directory"):
+        run_synthesize(SynthesizeConfig(**TINY), str(layout.root / "ingest" / "ffffffffffffffff"), str(layout.root))
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler-a"])
+def test_stage_images_equal_the_plain_pipeline(scheduler):
+    import torch
+
+    synth = Synthesizer(SynthesizeConfig(**dict(TINY, scheduler=scheduler)))
+    prompts = ["a cat on a mat", "two dogs running on the beach", "a bowl of fruit"]
+    seeds = [sample_seed(0, c) for c in ("a", "b", "c")]
+    ours = np.stack(synth.generate(prompts, seeds))
+    plain = synth.pipe(prompts, height=32, width=32, num_inference_steps=2, guidance_scale=7.5,
+                       generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+    assert ours.dtype == np.uint8 and ours.shape == (3, 32, 32, 3)
+    np.testing.assert_array_equal(ours, (plain * 255).round().astype(np.uint8))
+    # Alone, a sample differs from its batched self by at most one level (float summation order).
+    alone = np.concatenate([np.stack(synth.generate(prompts[i:i + 1], seeds[i:i + 1])) for i in range(3)])
+    assert np.abs(alone.astype(int) - ours).max() <= 1
+    assert len({ours[i].tobytes() for i in range(3)}) == 3  # different seeds, different images
+
+
+def test_cli_runs_the_stage(captions, layout):
+    import typer
+    from typer.testing import CliRunner
+
+    from pcm.commands.synthesize import parse_shards, register
+
+    assert parse_shards("0,1,5-7") == [0, 1, 5, 6, 7]
+    with pytest.raises(ValueError, match="not an index"):
+        parse_shards("a-b")
+    app = typer.Typer()
+    register(app)
+    app.command("noop", hidden=True)(lambda: None)  # a second command keeps `synthesize` as a sub-command
+    args = ["synthesize", "--captions", captions, "--root", str(layout.root), "--steps", "2", "--height", "32",
+            "--width", "32", "--shard-size", "4", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    out = CliRunner().invoke(app, [*args, "--shards", "1"])
+    assert out.exit_code == 0, out.output
+    assert "1 of 2 shards still pending" in out.output
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "synthesize done: 8 ok, 0 failed, 2 shards" in out.output
+
+
+def test_flow_retries_only_transient_errors():
+    from flows.synthesize import is_transient
+
+    assert is_transient(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_transient(OSError("Input/output error"))
+    assert not is_transient(ValueError("unknown scheduler"))
+    assert not is_transient(FileNotFoundError("model directory does not exist"))
+    assert not is_transient(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(captions, layout):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.synthesize import synthesize_flow
+
+    cfg = SynthesizeConfig(**TINY)
+    with prefect_test_harness(server_startup_timeout=180):
+        part = synthesize_flow(cfg, captions, str(layout.root), shards=[2])
+        assert [d["index"] for d in part] == [2]
+        first = synthesize_flow(cfg, captions, str(layout.root))
+        sd = plan(cfg, captions, str(layout.root))
+        markers = {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)}
+        again = synthesize_flow(cfg, captions, str(layout.root))
+    assert first.extra["complete"] and first.counts["ok"] == N_TRAIN and shard_keys(first.path) == train_ids()
+    assert again.fingerprint == first.fingerprint
+    assert {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)} == markers  # nothing redone
+
+
+def test_bench_prints_both_figures_and_the_ratio(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "synth.py"), "--preset", "tiny", "--device", "cpu",
+                          "--n-images", "8", "--batch-size", "4", "--steps", "2", "--size", "32",
+                          "--work-dir", str(tmp_path)], cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    plain = re.search(r"plain pipeline:\s+([\d.]+) images/s", out.stdout)
+    stage = re.search(r"this stage:\s+([\d.]+) images/s\s+ratio ([\d.]+)", out.stdout)
+    opt_in = re.search(r"opt-in \(([\w+-]+)\):\s+([\d.]+) images/s\s+ratio ([\d.]+)", out.stdout)
+    assert plain and stage and opt_in, out.stdout
+    assert float(plain[1]) > 0 and float(stage[1]) > 0 and float(opt_in[2]) > 0
+    assert abs(float(stage[2]) - float(stage[1]) / float(plain[1])) < 0.01 + 0.01 * float(stage[2])
