@@ -1,0 +1,38 @@
+"""Prefect flow of the train stage: cached on its fingerprint, progress, loss curve and summary as artifacts."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+from flows import artifacts
+from flows.caching import fingerprint_key, run_stage
+from pcm.train import TrainConfig, plan, run_train, verify
+from storage.result import StageResult
+
+
+@task(name="train", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
+def train_task(config: TrainConfig, captions: str, encode: str, root: str) -> StageResult:
+    """Train or resume PCM-Net (the stage resumes from its latest checkpoint on disk)."""
+    progress = artifacts.Progress(f"train-{plan(config, captions, encode, root).fingerprint}", "Training PCM-Net")
+    return run_train(config, captions, encode, root, progress=progress)
+
+
+@task(name="train-artifacts")
+def publish(result: StageResult) -> None:
+    """Loss curve and summary for the dashboard (also when the task was cached)."""
+    key = f"train-{result.fingerprint}"
+    for name, path in result.extra.get("pictures", {}).items():
+        artifacts.picture(f"{key}-{name}", path, "PCM-Net training loss and validation")
+    artifacts.table(f"{key}-best", {"val_metric": result.extra["val_metric"], "best_value": result.extra["best_value"],
+                                    "best_step": result.extra["best_step"], "best": result.extra["best"]},
+                    "Best checkpoint by validation")
+    artifacts.summary_table(f"{key}-summary", result, "Train stage counts and timings")
+
+
+@flow(name="train")
+def train_flow(config: TrainConfig, captions: str, encode: str, root: str = "runs", force: bool = False) -> StageResult:
+    """Train PCM-Net on an encode stage's synthetic-image features (val split picks best/)."""
+    result = run_stage(train_task, plan, verify, force=force, config=config, captions=captions, encode=encode,
+                       root=root)
+    publish(result)
+    return result

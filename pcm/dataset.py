@@ -1,0 +1,216 @@
+"""Training and validation data of PCM-Net: memory-mapped feature shards joined with scores and captions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from pcm.vocab import Vocab
+from storage import tables
+from storage.arrays import open_arrays, read_header
+from storage.layout import StageDir
+
+
+def stage_of(path: str | Path) -> StageDir:
+    p = Path(path).resolve()
+    return StageDir(p, p.parent.name, p.name)
+
+
+class FeatureStore:
+    """The `global` / `patches` arrays of a stage's feature shards, memory-mapped, opened on first use."""
+
+    def __init__(self, sd: StageDir, kind: str) -> None:
+        self.sd, self.kind = sd, kind
+        self._open: dict[int, dict[str, np.ndarray]] = {}
+        self._keys: dict[int, list[str]] = {}
+
+    def shard(self, index: int) -> dict[str, np.ndarray]:
+        if index not in self._open:
+            path = self.sd.shard_file(self.kind, index, "safetensors")
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: feature shard missing; rerun `pcm encode` to finish it")
+            arrays, meta = open_arrays(path)
+            for name in ("global", "patches"):
+                if name not in arrays:
+                    raise ValueError(f"{path}: no {name!r} array; expected encode's feature shard format")
+            self._open[index] = arrays
+            self._keys[index] = json.loads(meta.get("keys", "[]"))
+        return self._open[index]
+
+    def keys(self, index: int) -> list[str]:
+        self.shard(index)
+        return self._keys[index]
+
+    def check_rows(self, shard: np.ndarray, row: np.ndarray, keys: list[str]) -> None:
+        """Each (shard, row) must hold the feature of its key (the shard's metadata `keys`)."""
+        for s, r, k in zip(shard.tolist(), row.tolist(), keys, strict=True):
+            got = self.keys(s)
+            if not 0 <= r < len(got) or got[r] != k:
+                where = self.sd.shard_file(self.kind, s, "safetensors")
+                raise ValueError(f"{where}: row {r} should hold {k!r} but holds "
+                                 f"{got[r] if 0 <= r < len(got) else 'nothing'}; the encode outputs are inconsistent, "
+                                 "rerun `pcm encode --force`")
+
+    def gather(self, shard: np.ndarray, row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 global [B, D] and patches [B, N, W] of the given (shard, row) pairs, in order."""
+        first = self.shard(int(shard[0]))
+        g = np.empty((len(row), *first["global"].shape[1:]), dtype=np.float32)
+        v = np.empty((len(row), *first["patches"].shape[1:]), dtype=np.float32)
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            arrays = self.shard(int(s))
+            g[sel] = arrays["global"][row[sel]]
+            v[sel] = arrays["patches"][row[sel]]
+        return torch.from_numpy(g), torch.from_numpy(v)
+
+    def shapes(self, index: int) -> tuple[int, int, int]:
+        """(D_embed, D_width, N patches) of a shard."""
+        a = self.shard(index)
+        return int(a["global"].shape[1]), int(a["patches"].shape[2]), int(a["patches"].shape[1])
+
+
+@dataclass
+class Pairs:
+    """Training (synthetic image, caption) pairs that encoded fine."""
+
+    caption_ids: list[str]
+    texts: list[str]
+    shard: np.ndarray       # [n] int64
+    row: np.ndarray         # [n] int64
+    clip_score: np.ndarray  # [n] float32
+
+    def __len__(self) -> int:
+        return len(self.caption_ids)
+
+
+def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 1.0, seed: int = 0) -> Pairs:
+    """Ok rows of scores.parquet joined with their caption text; a seeded `data_fraction` subset."""
+    enc, cap = stage_of(encode), stage_of(captions)
+    scores = tables.read(enc.file("scores.parquet"), tables.SCORES).to_pylist()
+    texts = {r["caption_id"]: r["text"] for r in tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist()
+             if r["status"] == tables.STATUS_OK and r["split"] == "train"}
+    ok = sorted((r for r in scores if r["status"] == tables.STATUS_OK), key=lambda r: r["caption_id"])
+    unknown = [r["caption_id"] for r in ok if r["caption_id"] not in texts]
+    if unknown:
+        raise ValueError(f"{enc.file('scores.parquet')}: {len(unknown)} caption ids (first {unknown[0]!r}) are not ok "
+                         f"training captions of {cap.file('captions.parquet')}; were both stages run on the same data?")
+    if not ok:
+        raise ValueError(f"{enc.file('scores.parquet')}: no rows with status ok; nothing to train on")
+    if data_fraction < 1.0:
+        keep = max(1, round(data_fraction * len(ok)))
+        chosen = np.sort(np.random.default_rng(seed).permutation(len(ok))[:keep])
+        ok = [ok[i] for i in chosen]
+    return Pairs(caption_ids=[r["caption_id"] for r in ok], texts=[texts[r["caption_id"]] for r in ok],
+                 shard=np.array([r["shard"] for r in ok], dtype=np.int64),
+                 row=np.array([r["row"] for r in ok], dtype=np.int64),
+                 clip_score=np.array([r["clip_score"] for r in ok], dtype=np.float32))
+
+
+@dataclass
+class ValImages:
+    """Real validation images with features and their reference captions."""
+
+    image_ids: list[str]
+    shard: np.ndarray
+    row: np.ndarray
+    references: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def load_val(captions: str | Path, encode: str | Path, max_images: int | None = None) -> ValImages:
+    """The encoded real images of the val split (never test) and their references."""
+    enc, cap = stage_of(encode), stage_of(captions)
+    refs: dict[str, list[str]] = {}
+    for r in tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist():
+        if r["split"] != "val" or r["status"] != tables.STATUS_OK:
+            continue
+        if r["references"]:
+            refs[r["image_id"]] = list(r["references"])
+        elif r["image_id"] not in refs or r["text"] not in refs[r["image_id"]]:
+            refs.setdefault(r["image_id"], []).append(r["text"])
+    real_path = enc.file("real.parquet")
+    rows = tables.read(real_path, tables.REAL_IMAGES).to_pylist() if real_path.exists() else []
+    rows = sorted((r for r in rows if r["split"] == "val" and r["status"] == tables.STATUS_OK and r["image_id"] in refs),
+                  key=lambda r: r["image_id"])[:max_images]
+    return ValImages(image_ids=[r["image_id"] for r in rows],
+                     shard=np.array([r["shard"] for r in rows], dtype=np.int64),
+                     row=np.array([r["row"] for r in rows], dtype=np.int64),
+                     references=[refs[r["image_id"]] for r in rows])
+
+
+def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
+    """Concept names and the L2-normalised concept bank [C, D] from concepts.parquet."""
+    path = stage_of(encode).file("concepts.parquet")
+    rows = tables.read(path, tables.CONCEPTS).to_pylist()
+    if not rows:
+        raise ValueError(f"{path}: the concept vocabulary is empty; encode needs training captions with nouns")
+    bank = torch.tensor([r["embedding"] for r in rows], dtype=torch.float32)
+    return [r["concept"] for r in rows], torch.nn.functional.normalize(bank, dim=-1)
+
+
+def load_clip_head(encode: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CLIP's frozen ln_post + proj and the file's metadata (clip spec JSON, ln_eps)."""
+    path = stage_of(encode).file("clip_head.safetensors")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; rerun `pcm encode` (it writes the CLIP head)")
+    head = load_file(str(path))
+    missing = {"ln_post.weight", "ln_post.bias", "proj"} - set(head)
+    if missing:
+        raise ValueError(f"{path}: missing tensors {sorted(missing)}")
+    return head, read_header(path)[1]
+
+
+def caption_tokens(texts: list[str], vocab: Vocab, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder inputs [n, max_len + 1] (BOS + words) and targets (words + EOS), padded with PAD."""
+    inp = np.full((len(texts), max_len + 1), vocab.pad, dtype=np.int64)
+    out = np.full((len(texts), max_len + 1), vocab.pad, dtype=np.int64)
+    for i, t in enumerate(texts):
+        ids = vocab.encode(t, max_len)
+        inp[i, : len(ids) + 1] = [vocab.bos, *ids]
+        out[i, : len(ids) + 1] = [*ids, vocab.eos]
+    return inp, out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of an epoch: a permutation fixed by (seed, epoch), so any position resumes exactly."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """Batch i of the current epoch: the i-th global batch of the epoch's permutation, this rank's share.
+
+    Global batches hold `batch_size` pairs (the last partial one is dropped so every step has the
+    same batch); with `world` processes rank r takes every world-th pair of the global batch.
+    """
+
+    def __init__(self, pairs: Pairs, store: FeatureStore, inputs: np.ndarray, targets: np.ndarray, batch_size: int,
+                 seed: int, rank: int = 0, world: int = 1) -> None:
+        if batch_size > len(pairs):
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(pairs)} training pairs; lower batch_size")
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the {world} processes")
+        self.pairs, self.store, self.inputs, self.targets = pairs, store, inputs, targets
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.order = epoch, epoch_order(len(self.pairs), self.seed, epoch)
+
+    def __len__(self) -> int:
+        return len(self.pairs) // self.batch_size
+
+    def indices(self, i: int) -> np.ndarray:
+        return self.order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        idx = self.indices(i)
+        g, v = self.store.gather(self.pairs.shard[idx], self.pairs.row[idx])
+        return {"global": g, "patches": v, "inputs": torch.from_numpy(self.inputs[idx]),
+                "targets": torch.from_numpy(self.targets[idx]), "clip_score": torch.from_numpy(self.pairs.clip_score[idx])}

@@ -1,0 +1,400 @@
+"""The train stage: vocabulary, data, memorisation, bitwise resume after SIGKILL, DDP, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pcm import checkpoint
+from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs, load_val, stage_of
+from pcm.stage import finish
+from pcm.train import TrainConfig, read_metrics, run_train, verify
+from pcm.vocab import Vocab
+from storage import atomic, checkpoints, tables
+from storage.arrays import write_arrays
+from storage.layout import RunLayout
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------- fixtures: stage dirs built through storage
+D_EMBED, D_WIDTH, N_PATCHES = 16, 24, 4
+CAPTIONS = [
+    "a dog runs on the grass",
+    "two cats sleep on a red sofa",
+    "a man rides a bike down the street",
+    "a plate of pasta with tomato sauce",
+    "a train stops at the station",
+    "children play football in the park",
+    "a bird sits on a wooden fence",
+    "a woman holds an umbrella in the rain",
+]
+CONCEPTS = ["dog", "cat", "man", "plate", "train", "child", "bird", "woman", "grass", "sofa"]
+CLIP_SPEC = {"model": "tiny", "pretrained": None, "precision": "fp32", "pool": None}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_inputs(root: Path, n_train: int = 8, n_val: int = 3, seed: int = 0) -> tuple[str, str]:
+    """(captions stage path, encode stage path) under `root` for `n_train` captions (cycled) and val images."""
+    rng = np.random.default_rng(seed)
+    layout = RunLayout(root)
+    cap = layout.stage("ingest", "a" * 16)
+    enc = layout.stage("encode", "b" * 16)
+    started = time.monotonic()
+
+    texts = [CAPTIONS[i % len(CAPTIONS)] + ("" if i < len(CAPTIONS) else f" number {i}") for i in range(n_train)]
+    rows = [{"caption_id": f"c{i:04d}", "image_id": f"i{i:04d}", "split": "train", "text": t, "raw_text": t,
+             "source": "test", "image_path": None, "references": [], "status": "ok", "error": None}
+            for i, t in enumerate(texts)]
+    val_refs = [[CAPTIONS[j % len(CAPTIONS)], CAPTIONS[(j + 1) % len(CAPTIONS)]] for j in range(n_val)]
+    for j, refs in enumerate(val_refs):
+        for r, text in enumerate(refs):
+            rows.append({"caption_id": f"v{j:04d}-{r}", "image_id": f"val{j:04d}", "split": "val", "text": text,
+                         "raw_text": text, "source": "test", "image_path": f"val/{j}.jpg", "references": refs,
+                         "status": "ok", "error": None})
+    rows.append({"caption_id": "t0000", "image_id": "test0000", "split": "test", "text": "never used",
+                 "raw_text": "never used", "source": "test", "image_path": "test/0.jpg", "references": ["never used"],
+                 "status": "ok", "error": None})
+    cap.path.mkdir(parents=True, exist_ok=True)
+    tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
+    finish(cap, {"captions": len(rows)}, started)
+
+    # Concept bank, CLIP head and features: random but fixed by the seed.
+    enc.path.mkdir(parents=True, exist_ok=True)
+    bank = _unit(rng.standard_normal((len(CONCEPTS), D_EMBED)).astype(np.float32))
+    tables.write(enc.file("concepts.parquet"), [{"concept": c, "count": 10, "embedding": bank[i].tolist(),
+                                                 "model": "tiny"} for i, c in enumerate(CONCEPTS)], tables.CONCEPTS)
+    head = {"ln_post.weight": np.ones(D_WIDTH, np.float32), "ln_post.bias": np.zeros(D_WIDTH, np.float32),
+            "proj": (rng.standard_normal((D_WIDTH, D_EMBED)) / np.sqrt(D_WIDTH)).astype(np.float32)}
+    write_arrays(enc.file("clip_head.safetensors"), head, {"clip": json.dumps(CLIP_SPEC), "ln_eps": "1e-05"})
+
+    def features(n: int) -> dict[str, np.ndarray]:
+        return {"global": _unit(rng.standard_normal((n, D_EMBED))).astype(np.float16),
+                "patches": rng.standard_normal((n, N_PATCHES, D_WIDTH)).astype(np.float16)}
+
+    # Two training shards, so batches gather across files; one failed sample is skipped.
+    half = (n_train + 1) // 2
+    score_rows = []
+    for shard, ids in enumerate([range(0, half), range(half, n_train)]):
+        ids = list(ids)
+        write_arrays(enc.shard_file("features", shard, "safetensors"), features(len(ids)),
+                     {"keys": json.dumps([f"c{i:04d}" for i in ids])})
+        atomic.write_json(enc.shard_done("features", shard), {"count": len(ids)})
+        score_rows += [{"caption_id": f"c{i:04d}", "shard": shard, "row": r, "clip_score": float(0.15 + 0.02 * (i % 8)),
+                        "text_embedding": [0.0] * D_EMBED, "status": "ok", "error": None} for r, i in enumerate(ids)]
+    score_rows.append({"caption_id": "c9999", "shard": 0, "row": -1, "clip_score": None, "text_embedding": None,
+                       "status": "failed", "error": "decode error"})
+    tables.write(enc.file("scores.parquet"), score_rows, tables.SCORES)
+
+    write_arrays(enc.shard_file("real", 0, "safetensors"), features(n_val + 1),
+                 {"keys": json.dumps([f"val{j:04d}" for j in range(n_val)] + ["test0000"])})
+    atomic.write_json(enc.shard_done("real", 0), {"count": n_val + 1})
+    real = [{"image_id": f"val{j:04d}", "split": "val", "image_path": f"val/{j}.jpg", "shard": 0, "row": j,
+             "status": "ok", "error": None} for j in range(n_val)]
+    real.append({"image_id": "test0000", "split": "test", "image_path": "test/0.jpg", "shard": 0, "row": n_val,
+                 "status": "ok", "error": None})
+    tables.write(enc.file("real.parquet"), real, tables.REAL_IMAGES)
+    finish(enc, {"features": n_train}, started, extra={"clip": CLIP_SPEC})
+    return str(cap.path), str(enc.path)
+NO_DROPOUT = {k: 0.0 for k in ("embed_dropout", "dropout", "attn_dropout", "decoder_dropout", "output_dropout")}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the machine is shared, and thread count must match across compared runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(preset="tiny", batch_size=4, epochs=4, warmup=20, min_word_count=1, log_every=1, val_every=4,
+                  val_metric="loss", checkpoint_every=2, keep_last=2, num_workers=0, device="cpu",
+                  deterministic=True, progress_bar=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# ---------------------------------------------------------------------- vocabulary
+def test_vocab_build_encode_decode_and_round_trip(tmp_path):
+    v = Vocab.build(["A dog, a DOG!", "the man's hat", "a cat"], min_count=2)
+    assert v.words == ["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"]
+    assert (v.pad, v.bos, v.eos, v.unk) == (0, 1, 2, 3)
+    assert v.encode("A dog sat") == [4, 5, v.unk] and v.encode("a a a", max_len=2) == [4, 4]
+    assert v.decode([v.bos, 4, 5, v.pad, v.eos, 4]) == "a dog"
+    assert Vocab.build(["the man's hat"]).words[4:] == ["'s", "hat", "man", "the"]  # the clitic is its own word
+    v.save(tmp_path / "vocab.json")
+    assert Vocab.load(tmp_path / "vocab.json").words == v.words
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json"):
+        Vocab.load(tmp_path / "bad.json")
+
+
+def test_caption_tokens_are_bos_shifted_and_cut_to_max_len():
+    v = Vocab.build(CAPTIONS)
+    inp, out = caption_tokens(["a dog runs", "a " * 30], v, max_len=5)
+    a, dog, runs = v.encode("a dog runs")
+    assert inp[0].tolist() == [v.bos, a, dog, runs, v.pad, v.pad]
+    assert out[0].tolist() == [a, dog, runs, v.eos, v.pad, v.pad]
+    assert inp[1].tolist() == [v.bos] + [a] * 5 and out[1].tolist() == [a] * 5 + [v.eos]
+
+
+# ---------------------------------------------------------------------- data
+def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
+    cap, enc = make_inputs(tmp_path / "runs", n_train=20)
+    full = load_pairs(cap, enc)
+    assert len(full) == 20 and "c9999" not in full.caption_ids
+    half = load_pairs(cap, enc, data_fraction=0.5, seed=1)
+    assert len(half) == 10 and set(half.caption_ids) < set(full.caption_ids)
+    assert load_pairs(cap, enc, data_fraction=0.5, seed=1).caption_ids == half.caption_ids
+    assert load_pairs(cap, enc, data_fraction=0.5, seed=2).caption_ids != half.caption_ids
+    # Features come from the row the scores name, across shards.
+    store = FeatureStore(stage_of(enc), "features")
+    store.check_rows(full.shard, full.row, full.caption_ids)
+    g, v = store.gather(full.shard[[0, 15]], full.row[[0, 15]])
+    assert g.shape == (2, 16) and v.shape == (2, 4, 24) and g.dtype == torch.float32
+    with pytest.raises(ValueError, match="row 1 should hold 'c0000'"):
+        store.check_rows(full.shard[:1], full.row[1:2], full.caption_ids[:1])
+    # Validation reads the val split only: the encoded test image and its references are never touched.
+    val = load_val(cap, enc)
+    assert val.image_ids == ["val0000", "val0001", "val0002"] and val.row.tolist() == [0, 1, 2]
+    assert val.references[0] == [CAPTIONS[0], CAPTIONS[1]]
+    assert load_val(cap, enc, max_images=2).image_ids == ["val0000", "val0001"]
+
+
+def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
+    from pcm.train import plan
+
+    cap, enc = make_inputs(tmp_path / "runs")
+    root = str(tmp_path / "runs")
+    a, b = plan(tiny_config(), cap, enc, root), plan(tiny_config(data_fraction=0.5), cap, enc, root)
+    c = plan(tiny_config(device="cuda", num_workers=3), cap, enc, root)  # runtime fields do not count
+    assert a.fingerprint != b.fingerprint and a.fingerprint == c.fingerprint
+
+
+def test_epoch_batches_cover_each_pair_once_and_split_a_global_batch_over_ranks(tmp_path):
+    cap, enc = make_inputs(tmp_path / "runs", n_train=10)
+    pairs = load_pairs(cap, enc)
+    store = FeatureStore(stage_of(enc), "features")
+    inp, out = caption_tokens(pairs.texts, Vocab.build(pairs.texts), 20)
+    one = EpochBatches(pairs, store, inp, out, batch_size=4, seed=3)
+    assert len(one) == 2                                   # 10 // 4, the partial batch is dropped
+    seen = np.concatenate([one.indices(i) for i in range(len(one))])
+    assert len(set(seen.tolist())) == 8
+    one.set_epoch(1)
+    assert not np.array_equal(np.concatenate([one.indices(i) for i in range(2)]), seen)
+    ranks = [EpochBatches(pairs, store, inp, out, batch_size=4, seed=3, rank=r, world=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(1)
+    assert sorted(np.concatenate([r.indices(0) for r in ranks]).tolist()) == sorted(one.indices(0).tolist())
+    batch = one[0]
+    assert batch["patches"].shape == (4, 4, 24) and batch["inputs"].shape == (4, 21)
+
+
+# ---------------------------------------------------------------------- training
+def test_tiny_model_memorises_eight_captions(tmp_path):
+    from pcm.decode import greedy_decode
+
+    cap, enc = make_inputs(tmp_path / "runs")
+    config = tiny_config(model=NO_DROPOUT, batch_size=8, epochs=120, warmup=50, val_every=10_000,
+                         checkpoint_every=10_000, log_every=20, deterministic=False)
+    result = run_train(config, cap, enc, str(tmp_path / "runs"))
+    assert result.counts == {"steps": 120, "train_pairs": 8, "val_images": 3, "vocab": len(Vocab.build(CAPTIONS))}
+    model, vocab, meta = checkpoint.load(checkpoint.find(result.path, "best"))
+    assert not model.training and meta["step"] == 120 and meta["clip"]["model"] == "tiny"
+    assert meta["concepts"][0] == "dog"
+    pairs = load_pairs(cap, enc)
+    g, v = FeatureStore(stage_of(enc), "features").gather(pairs.shard, pairs.row)
+    decoded = [vocab.decode(ids) for ids in greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos)]
+    assert decoded == pairs.texts
+    losses = [r["loss"] for r in read_metrics(Path(result.path) / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < 0.05 * losses[0]
+    assert Path(result.extra["pictures"]["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
+    # A second run is served from disk; verify notices a missing output.
+    assert run_train(config, cap, enc, str(tmp_path / "runs")).cached
+    sd = stage_of(result.path)
+    assert verify(sd) is None
+    (sd.path / "metrics.jsonl").unlink()
+    assert verify(sd) == "no metrics.jsonl"
+
+
+def test_validation_by_cider_uses_the_decoder_and_the_coco_metrics(tmp_path):
+    cap, enc = make_inputs(tmp_path / "runs")
+    result = run_train(tiny_config(epochs=2, val_metric="cider"), cap, enc, str(tmp_path / "runs"))
+    vals = [r for r in read_metrics(Path(result.path) / "metrics.jsonl") if "val" in r]
+    assert [r["step"] for r in vals] == [4] and vals[0]["val_metric"] == "cider"
+    assert result.extra["best_value"] == vals[0]["val"] and 0.0 <= vals[0]["val"] <= 10.0
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(str(ckpt / "model.safetensors")), **load_file(str(ckpt / "optimizer.safetensors"))}
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_path):
+    config = tiny_config(epochs=40, checkpoint_every=2, val_every=7, log_every=1)   # 80 steps, dropout + noise on
+    cap, enc = make_inputs(tmp_path / "ref")
+    ref = run_train(config, cap, enc, str(tmp_path / "ref"))
+    ref_ckpt = Path(ref.extra["latest"])
+
+    root = tmp_path / "killed"
+    cap2, enc2 = make_inputs(root)
+    kill_at = random.Random().randrange(4, 40)
+    code = ("import sys, torch; torch.set_num_threads(1); from pcm.train import TrainConfig, run_train; "
+            "run_train(TrainConfig.model_validate_json(sys.argv[1]), *sys.argv[2:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, config.model_dump_json(), cap2, enc2, str(root)],
+                            env=child_env(), stderr=subprocess.DEVNULL)
+    ckdir = checkpoint.checkpoints_dir(root / "train" / ref.fingerprint)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = checkpoints.list_steps(ckdir)
+        if steps and steps[-1][0] >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at step {kill_at}"
+    killed_at = checkpoints.list_steps(ckdir)[-1][0]
+    assert killed_at < 80, f"killed after the end (kill_at={kill_at})"
+
+    resumed = run_train(config, cap2, enc2, str(root))
+    assert resumed.fingerprint == ref.fingerprint and resumed.counts["steps"] == 80
+    a, b = _weights(ref_ckpt), _weights(Path(resumed.extra["latest"]))
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"killed at step {killed_at} (asked {kill_at}): {len(diff)} tensors differ, e.g. {diff[:3]}"
+    # metrics.jsonl: every step once, the same losses, and the same best checkpoint.
+    ra = [(r["step"], r.get("loss"), r.get("val")) for r in read_metrics(Path(ref.path) / "metrics.jsonl")]
+    rb = [(r["step"], r.get("loss"), r.get("val")) for r in read_metrics(Path(resumed.path) / "metrics.jsonl")]
+    assert ra == rb
+    assert resumed.extra["best_step"] == ref.extra["best_step"]
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    config = tiny_config(model={**NO_DROPOUT, "noise": False}, epochs=3, log_every=1, val_every=100,
+                         checkpoint_every=100)
+    cap, enc = make_inputs(tmp_path / "one")
+    one = run_train(config, cap, enc, str(tmp_path / "one"))
+    cap2, enc2 = make_inputs(tmp_path / "two")
+    env = child_env()
+    code = ("import sys; from pcm.train import TrainConfig, run_train; "
+            "run_train(TrainConfig.model_validate_json(sys.argv[1]), *sys.argv[2:])")
+    two_config = config.model_copy(update={"devices": 2})
+    subprocess.run([sys.executable, "-c", code, two_config.model_dump_json(), cap2, enc2, str(tmp_path / "two")],
+                   env=env, check=True, timeout=300)
+    two_dir = tmp_path / "two" / "train" / one.fingerprint
+    la = [r["loss"] for r in read_metrics(Path(one.path) / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(two_dir / "metrics.jsonl") if "loss" in r]
+    assert len(la) == len(lb) == 6
+    assert np.allclose(la, lb, rtol=1e-4, atol=1e-5), (la, lb)
+    wa = load_file(str(Path(one.extra["latest"]) / "model.safetensors"))
+    wb = load_file(str(checkpoints.latest(checkpoint.checkpoints_dir(two_dir)) / "model.safetensors"))
+    # Attention key biases get a zero gradient in exact arithmetic (softmax ignores them), so Adam
+    # turns rounding noise into lr-sized steps there; every weight matrix must agree.
+    far = [k for k in wa if wa[k].ndim == 2 and not torch.allclose(wa[k], wb[k], atol=1e-4)]
+    assert not far, far
+    assert (two_dir / "stage.done.json").exists()
+
+
+def test_checkpoint_loading_refuses_pickled_payloads(tmp_path):
+    cap, enc = make_inputs(tmp_path / "runs")
+    result = run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))
+    best = checkpoint.find(result.path, "best")
+    model, _, _ = checkpoint.load(best)                        # fine before
+    (best / "model.bin").write_bytes(b"\x80\x04K\x01.")          # a pickle
+    with pytest.raises(ValueError, match="refusing"):
+        checkpoint.load(best)
+    latest = checkpoint.find(result.path, "latest")
+    (latest / "optimizer.pt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(ValueError, match="refusing"):
+        checkpoint.load_weights(latest, model)
+    (Path(result.path) / "stage.done.json").unlink()
+    with pytest.raises(ValueError, match="refusing"):           # resume refuses it too
+        run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))
+
+
+def test_find_explains_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+        checkpoint.find(tmp_path, "best")
+    with pytest.raises(ValueError, match="which"):
+        checkpoint.find(tmp_path, "newest")
+
+
+def test_config_errors_name_the_parameter(tmp_path):
+    from pcm.config import validate
+
+    with pytest.raises(ValueError, match=r"model.*unknown model fields \['topk'\]"):
+        validate(TrainConfig, {"model": {"topk": 3}}, "train")
+    with pytest.raises(ValueError, match="preset 'nope' not found"):
+        validate(TrainConfig, {"preset": "nope"}, "train")
+    cap, enc = make_inputs(tmp_path / "runs")
+    with pytest.raises(ValueError, match="d_embed=768 but the data has 16"):
+        run_train(tiny_config(preset="vitl14"), cap, enc, str(tmp_path / "runs"))
+
+
+def test_cli_train_runs_with_sets(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from pcm.commands.train import parse_sets, register
+
+    assert parse_sets(["model.pcm=false", "cxe_w=2.5", "val_metric=loss"]) == {
+        "model": {"pcm": False}, "cxe_w": 2.5, "val_metric": "loss"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_sets(["pcm"])
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    cap, enc = make_inputs(tmp_path / "runs")
+    sets = ["batch_size=4", "epochs=1", "warmup=5", "min_word_count=1", "val_metric=loss", "num_workers=0",
+            "model.pcm=false", "cxe=false"]
+    args = ["train", "--captions", cap, "--encode", enc, "--root", str(tmp_path / "runs"), "--preset", "tiny",
+            "--device", "cpu", "--no-progress"] + [x for s in sets for x in ("--set", s)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "train done: 2 steps on 8 pairs" in res.output
+    cfg = json.loads((Path(res.output.strip().split("-> ")[-1]) / "config.json").read_text())
+    assert cfg["model"]["pcm"] is False and cfg["train"]["cxe"] is False
+
+
+def test_without_val_images_best_is_the_final_model(tmp_path):
+    cap, enc = make_inputs(tmp_path / "runs", n_val=0)
+    result = run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))
+    assert result.counts["val_images"] == 0 and result.extra["best_value"] is None
+    assert result.extra["val_metric"] == "none" and result.extra["best_step"] == 4
+    assert not [r for r in read_metrics(Path(result.path) / "metrics.jsonl") if "val" in r]
+    best, latest = checkpoint.find(result.path, "best"), checkpoint.find(result.path, "latest")
+    assert (best / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
+
+
+def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows.train as ft
+
+    cap, enc = make_inputs(tmp_path / "runs")
+    root = str(tmp_path / "runs")
+    with prefect_test_harness(server_startup_timeout=180):
+        first = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
+        assert not first.cached and Path(first.extra["pictures"]["loss_curve"]).exists()
+        # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
+        monkeypatch.setattr(ft, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
+        second = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
+    assert second.path == first.path and second.counts == first.counts
