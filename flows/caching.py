@@ -9,6 +9,7 @@ JSON (never pickle).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +24,10 @@ Verify = Callable[[StageDir], "str | None"]
 def fingerprint_key(plan: Plan) -> Callable[[Any, dict[str, Any]], str]:
     """A cache_key_fn: the stage name and fingerprint computed from the task's parameters."""
 
+    names = set(inspect.signature(plan).parameters)
+
     def key(_context: Any, parameters: dict[str, Any]) -> str:
-        sd = plan(**parameters)
+        sd = plan(**{k: v for k, v in parameters.items() if k in names})  # `force` etc. are not content
         return f"{sd.stage}-{sd.fingerprint}"
 
     return key
@@ -35,8 +38,13 @@ def results_dir(root: str | Path) -> Path:
 
 
 def run_stage(task: Task, plan: Plan, verify: Verify, *, force: bool = False, **parameters: Any) -> Any:
-    """Call a stage task, refreshing its cache when forced or when its outputs are missing."""
+    """Call a stage task, refreshing its cache when forced or when its outputs are missing.
+
+    A task with a `force` parameter gets it, so a forced run redoes the work on disk too.
+    """
     sd = plan(**parameters)
     stale = force or not sd.is_complete() or verify(sd) is not None
+    if "force" in inspect.signature(task.fn).parameters:
+        parameters = {**parameters, "force": force}
     return task.with_options(refresh_cache=stale, result_storage=results_dir(parameters["root"]),
                              persist_result=True, result_serializer="json")(**parameters)

@@ -13,11 +13,12 @@ from storage.result import StageResult
 
 
 @task(name="evaluate", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
-def evaluate_task(config: EvaluateConfig, train: str, encode: str, captions: str, root: str) -> StageResult:
+def evaluate_task(config: EvaluateConfig, train: str, encode: str, captions: str, root: str,
+                  force: bool = False) -> StageResult:
     """Decode and score (the stage skips work already on disk)."""
     progress = artifacts.Progress(f"evaluate-{plan(config, train, encode, captions, root).fingerprint}",
                                   "Captioning real images")
-    return run_evaluate(config, train, encode, captions, root, progress=progress)
+    return run_evaluate(config, train, encode, captions, root, force=force, progress=progress)
 
 
 @task(name="evaluate-artifacts")

@@ -11,10 +11,10 @@ from storage.result import StageResult
 
 
 @task(name="ingest", cache_key_fn=fingerprint_key(plan), result_serializer="json")
-def ingest_task(config: IngestConfig, root: str) -> StageResult:
+def ingest_task(config: IngestConfig, root: str, force: bool = False) -> StageResult:
     """Read the caption file into captions.parquet (or return the finished stage directory)."""
     progress = artifacts.Progress(f"ingest-{plan(config, root).fingerprint}", "Ingesting captions")
-    return run_ingest(config, root, progress=progress)
+    return run_ingest(config, root, force=force, progress=progress)
 
 
 @task(name="ingest-artifacts")

@@ -11,10 +11,10 @@ from storage.result import StageResult
 
 
 @task(name="train", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
-def train_task(config: TrainConfig, captions: str, encode: str, root: str) -> StageResult:
+def train_task(config: TrainConfig, captions: str, encode: str, root: str, force: bool = False) -> StageResult:
     """Train or resume PCM-Net (the stage resumes from its latest checkpoint on disk)."""
     progress = artifacts.Progress(f"train-{plan(config, captions, encode, root).fingerprint}", "Training PCM-Net")
-    return run_train(config, captions, encode, root, progress=progress)
+    return run_train(config, captions, encode, root, force=force, progress=progress)
 
 
 @task(name="train-artifacts")

@@ -44,7 +44,7 @@ def checkpoints_dir(train_dir: str | os.PathLike) -> Path:
 
 def best_dir(train_dir: str | os.PathLike) -> Path:
     """The best-by-validation checkpoint of a train stage directory."""
-    return _stage(train_dir).file("best")
+    return checkpoints.recover(_stage(train_dir).file("best"))
 
 
 def find(train_dir: str | os.PathLike, which: str = "best") -> Path:

@@ -23,6 +23,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     try:
         yield tmp
@@ -39,6 +40,20 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover(final: str | os.PathLike) -> Path:
+    """Undo a replacement killed between its two renames: the previous `final` comes back.
+
+    Replacing a directory is two renames (old away, new in); a kill between them leaves only
+    `.old-<name>.<pid>`. Readers and writers call this first, so `final` is never lost.
+    """
+    final = Path(final)
+    if not final.exists():
+        olds = sorted(final.parent.glob(f".old-{final.name}.*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], final)
+    return final
 
 
 def list_steps(directory: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -297,3 +297,17 @@ def test_stage_result_round_trip(tmp_path):
     r = StageResult("ingest", "0123456789abcdef", str(tmp_path), {"rows": 3}, {"total_s": 1.5}, {"k": "v"})
     r.save(tmp_path / "stage.done.json")
     assert StageResult.load(tmp_path / "stage.done.json") == r
+
+
+def test_replacement_killed_between_renames_is_recovered(tmp_path):
+    best = tmp_path / "best"
+    with checkpoints.atomic_directory(best) as d:
+        (d / "state.json").write_text('{"step": 1}')
+    # Simulate a kill after the old directory was moved away and before the new one moved in.
+    os.replace(best, tmp_path / f".old-best.{os.getpid()}")
+    assert checkpoints.recover(best).exists()
+    assert json.loads((best / "state.json").read_text()) == {"step": 1}
+    with checkpoints.atomic_directory(best) as d:
+        (d / "state.json").write_text('{"step": 2}')
+    assert json.loads((best / "state.json").read_text()) == {"step": 2}
+    assert not list(tmp_path.glob(".old-*"))
