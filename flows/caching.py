@@ -10,8 +10,9 @@ JSON (never pickle).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import Task
 

@@ -137,7 +137,7 @@ class LocalStack:
                     continue
         self.procs.clear()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -42,7 +42,7 @@ class PipelineParams(BaseModel):
                                    description="render shards in N child flow runs on the work pool (0: in this run)")
 
     @model_validator(mode="after")
-    def _resolves(self) -> "PipelineParams":
+    def _resolves(self) -> PipelineParams:
         resolve(self.preset, self.overrides)  # raises a ValueError naming every bad parameter
         return self
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
+from pcm.config import StageConfig
 from storage import atomic
 from storage.fingerprint import fingerprint
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock
 from storage.result import StageResult
-
-from pcm.config import StageConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".txt"}

@@ -41,7 +41,7 @@ class FileLock:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
         return f"pid {h.get('pid')} on {h.get('host')} since {started} ({h.get('command', '?')})"
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -70,7 +70,7 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -27,7 +27,7 @@ class StageResult:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageResult":
+    def from_dict(cls, d: dict[str, Any]) -> StageResult:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -40,7 +40,7 @@ class StageResult:
         atomic.write_json(path, d)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "StageResult":
+    def load(cls, path: str | os.PathLike) -> StageResult:
         return cls.from_dict(atomic.read_json(path))
 
     @property

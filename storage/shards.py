@@ -13,8 +13,9 @@ import os
 import re
 import tarfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import webdataset as wds
 
@@ -94,7 +95,7 @@ class ShardWriter:
         self.count = 0
         self._keys: set[str] = set()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temporaries(self.path.parent, self.path.name)
         done_path(self.path).unlink(missing_ok=True)  # a rewrite invalidates any old marker first
