@@ -25,7 +25,7 @@ class Progress:
     """A progress artifact fed by a stage's `progress(done, total, message)` callback."""
 
     def __init__(self, key: str, description: str) -> None:
-        self.key, self.description = artifact_key(key), description
+        self.key, self.description = artifact_key(key, "progress"), description
         self._id = create_progress_artifact(progress=0.0, key=self.key, description=description)
 
     def __call__(self, done: int, total: int, message: str = "") -> None:

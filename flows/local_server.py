@@ -59,6 +59,7 @@ class LocalStack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
             "PREFECT_UI_URL": self.dashboard_url,
+            "PREFECT_UI_API_URL": self.api_url,
             "PREFECT_SERVER_API_HOST": self.host,
             "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
             "HF_HUB_OFFLINE": "1",
