@@ -38,7 +38,8 @@ def preset_names() -> list[str]:
 
 
 def is_preset(model: str) -> bool:
-    return (PRESET_DIR / f"{model}.json").is_file()
+    """Only the names of the bundled preset files count (never a path built from user input)."""
+    return model in preset_names()
 
 
 def preset_digest(name: str) -> str:
@@ -48,7 +49,7 @@ def preset_digest(name: str) -> str:
 
 def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
+    if name not in preset_names():
         raise ValueError(f"unknown diffusion preset {name!r}; expected one of {', '.join(preset_names())}")
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -231,6 +231,8 @@ class _UnitBatches(torch.utils.data.IterableDataset):
             try:
                 if path is None:
                     raise ValueError("no image_path in captions.parquet for this val/test image")
+                if not path.resolve().is_relative_to(Path(self.images_root).resolve()):
+                    raise ValueError(f"image_path {rel!r} escapes images_root {self.images_root}")
                 if not path.is_file():
                     raise FileNotFoundError(f"image not found: {path}")
                 item["pixels"] = _decode(path.read_bytes(), self.preprocess)

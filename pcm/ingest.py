@@ -232,6 +232,13 @@ class _Fields:
             raise self.fail(f"{key!r} must be a non-empty UTF-8 string, got {v!r}")
         return v
 
+    def relpath(self, key: str) -> str:
+        """An image path relative to the image root: no absolute path, no '..' (it must not escape the root)."""
+        v = self.name(key)
+        if v.startswith(("/", "\\")) or ".." in v.replace("\\", "/").split("/") or ":" in v.split("/")[0]:
+            raise self.fail(f"{key!r} must be a relative path inside the image root (no '..', not absolute), got {v!r}")
+        return v
+
     def ident(self, key: str) -> str:
         """A caption id part: an integer or a string of letters, digits, '_' and '-' (a key and a file name)."""
         v = self.get(key)
@@ -295,9 +302,9 @@ def _read_karpathy(data: Any, file: str, prefix: str, keep: tuple[str, ...]) -> 
         if split not in keep:
             rows.skipped += len(sentences)
             continue
-        image_path = img.name("filename")
+        image_path = img.relpath("filename")
         if img.has("filepath"):
-            image_path = f"{img.name('filepath')}/{image_path}"
+            image_path = f"{img.relpath('filepath')}/{image_path}"
         for j, s in enumerate(sentences):
             # Fast path for the usual well-formed sentence; _Fields names the entry of a bad one.
             if type(s) is dict and type(raw := s.get("raw")) is str and type(sentid := s.get("sentid")) is int:
@@ -322,7 +329,7 @@ def _read_coco(data: Any, file: str, prefix: str, split: str, keep: tuple[str, .
         image_id = img.label("id")
         if image_id in files:
             raise img.fail(f"duplicate image id {image_id!r}, first used by images[{files[image_id][1]}]")
-        files[image_id] = (img.name("file_name"), i)
+        files[image_id] = (img.relpath("file_name"), i)
     for k, entry in enumerate(_bar(annotations, len(annotations), f"ingest {Path(file).name}", "caption")):
         ann = _Fields(file, entry, f"annotations[{k}]")
         image_id = ann.label("image_id")
@@ -360,7 +367,7 @@ def _add_record(rows: _Rows, rec: _Fields, cid: str, config: IngestConfig, keep:
         rows.skipped += 1
         return
     image_id = rec.label(config.image_id_column) if rec.has(config.image_id_column) else cid
-    image_path = rec.name(config.image_path_column) if rec.has(config.image_path_column) else None
+    image_path = rec.relpath(config.image_path_column) if rec.has(config.image_path_column) else None
     rows.add(cid, image_id, split, text, image_path, where)
 
 

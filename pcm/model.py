@@ -69,9 +69,10 @@ class PCMNetConfig(BaseModel):
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> PCMNetConfig:
     """A preset by name (or a .toml path), with field overrides applied and validated."""
+    known = sorted(p.stem for p in PRESETS.glob("*.toml"))
+    # A bare name picks a bundled preset (never a path built from it); a .toml path is explicit.
     path = Path(name) if name.endswith(".toml") else PRESETS / f"{name}.toml"
-    if not path.exists():
-        known = sorted(p.stem for p in PRESETS.glob("*.toml"))
+    if not path.exists() or (not name.endswith(".toml") and name not in known):
         raise ValueError(f"model preset {name!r} not found ({path}); known presets: {', '.join(known)}")
     with open(path, "rb") as f:
         values = tomllib.load(f)

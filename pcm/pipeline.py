@@ -51,8 +51,9 @@ def load_preset(preset: str) -> dict[str, Any]:
     """The raw dict of a preset name or TOML path, with "{demo}" expanded."""
     path = Path(preset)
     if not (path.suffix == ".toml" and path.exists()):
-        path = PRESETS / f"{preset}.toml"
-    if not path.exists():
+        # A bare name picks a bundled preset, never a path built from it.
+        path = PRESETS / f"{preset}.toml" if preset in preset_names() else None
+    if path is None or not path.exists():
         raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(preset_names())} or a path to a .toml file")
     with open(path, "rb") as f:
         try:

@@ -139,10 +139,17 @@ class ShardWriter:
 def iter_tar(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """Samples of a finished shard as dicts of raw bytes (grouped by key), in file order.
 
-    Raises ValueError naming the file for a truncated or corrupt tar.
+    A shard with a done marker is checked against it: its size first (a tar cut at a header
+    boundary looks like a shorter, valid archive to `tarfile`), then the sample count. Raises
+    ValueError naming the file for a truncated or corrupt tar.
     """
     path = Path(path)
+    marker = read_marker(path) if done_path(path).exists() else None
+    if marker is not None and path.exists() and path.stat().st_size != marker["bytes"]:
+        raise ValueError(f"{path}: truncated or altered shard ({path.stat().st_size} bytes, its marker says "
+                         f"{marker['bytes']}); delete it and its .done.json and rerun the stage that wrote it")
     current: dict[str, Any] | None = None
+    count = 0
     try:
         with tarfile.open(path, "r") as tar:
             for member in tar:
@@ -153,9 +160,16 @@ def iter_tar(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         yield current
+                        count += 1
                     current = {"__key__": key}
                 current[ext] = data
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ValueError(f"{path}: unreadable shard ({e}); delete it and its .done.json and rerun the stage") from e
     if current is not None:
+        count += 1
+        if marker is not None and count != marker["count"]:
+            raise ValueError(f"{path}: {count} samples but its marker says {marker['count']}; delete it and its "
+                             ".done.json and rerun the stage that wrote it")
         yield current
+    elif marker is not None and marker["count"]:
+        raise ValueError(f"{path}: no samples but its marker says {marker['count']}")
