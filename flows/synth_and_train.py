@@ -8,11 +8,12 @@ fingerprints, counts). With `synthesize_fanout=N`, shards are rendered by N chil
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from prefect import flow
 from prefect.deployments import run_deployment
-from prefect.flow_runs import wait_for_flow_run
+from prefect.client.orchestration import get_client
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.encode import encode_flow
@@ -57,11 +58,17 @@ def fan_out_synthesis(cfg: PipelineConfig, captions: str, root: str, parts: int)
     runs = [run_deployment("synthesize/default", timeout=0, parameters={
         "config": cfg.synthesize.model_dump(mode="json"), "captions": captions, "root": root, "shards": g})
         for g in groups]
-    for r in runs:  # block until each child finishes; a failed child fails this run
-        state = wait_for_flow_run(r.id).state
-        if not state.is_completed():
-            raise RuntimeError(f"synthesize child flow run {r.name} ended {state.name}; rerun the pipeline "
-                               "to resume (finished shards are kept)")
+    with get_client(sync_client=True) as client:  # block until every child is final; a failed one fails us
+        pending = {r.id: r.name for r in runs}
+        while pending:
+            for run_id, name in list(pending.items()):
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.is_final():
+                    del pending[run_id]
+                    if not state.is_completed():
+                        raise RuntimeError(f"synthesize child flow run {name} ended {state.name}; rerun the "
+                                           "pipeline to resume (finished shards are kept)")
+            time.sleep(2)
 
 
 @flow(name="synth-and-train", log_prints=True)

@@ -51,22 +51,27 @@ def api(stack: LocalStack, path: str, body: dict) -> list[dict]:
 def run(stack: LocalStack, name: str, config: dict) -> str:
     """Run a deployment to completion; returns the flow run id."""
     done = stack.run_deployment(name, {"config": config}, timeout=1500)
-    log = (stack.home / "worker-1.log")
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{log.read_text()[-5000:] if log.exists() else ''}"
+    logs = "".join(p.read_text()[-5000:] for p in sorted(stack.home.glob("worker-*.log")))
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{logs}"
     assert "Completed" in done.stdout, done.stdout[-3000:]
     return re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
 
 
 def task_states(stack: LocalStack, flow_run_id: str) -> dict[str, str]:
-    """Task run name -> state name, over the flow run and all its subflow runs."""
+    """Main stage task -> state name, over the flow run and all its subflow runs."""
     ids, frontier = [flow_run_id], [flow_run_id]
     while frontier:
         children = api(stack, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}})
         frontier = [c["id"] for c in children]
         ids += frontier
-    runs = api(stack, "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": ids}}})
-    return {t["name"].rsplit("-", 1)[0] if re.search(r"-\d+$", t["name"]) and not t["name"].startswith("shard")
-            else t["name"]: t["state"]["name"] for t in runs}
+    # Tasks of the stage subflows (the parent holds only the subflows' wrapper task runs).
+    runs = api(stack, "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": ids[1:]}}})
+    states = {}
+    for task in MAIN_TASKS.values():  # default run names are "<task name>-<suffix>"
+        found = [t["state"]["name"] for t in runs if re.fullmatch(rf"{re.escape(task)}(-\w{{1,12}})?", t["name"])]
+        assert len(found) == 1, (task, sorted(t["name"] for t in runs))
+        states[task] = found[0]
+    return states
 
 
 def stage_dirs(root: Path, stage: str) -> list[Path]:
