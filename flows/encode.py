@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, task
 
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, run_stage
-from flows.synthesize import is_transient
+from flows.retries import retry_transient
 from pcm.encode import FEATURES, REAL, EncodeConfig, encode_shards, feature_units, plan, reset_stage, run_encode, verify
-
-
-def _retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as e:  # noqa: BLE001 - the failed state re-raises its exception here
-        return is_transient(e)
-    return False
 
 
 @task(name="encode-reset")
@@ -26,14 +16,14 @@ def encode_reset(config: EncodeConfig, captions: str, shards: str, root: str) ->
 
 
 @task(name="encode-features-shard", task_run_name="features-shard-{index:06d}", tags=["gpu"], retries=2,
-      retry_delay_seconds=30, retry_condition_fn=_retry_transient)
+      retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def encode_features_shard(config: EncodeConfig, captions: str, shards: str, root: str, index: int) -> dict:
     # Done shards are skipped on disk (their marker), so this task needs no Prefect cache.
     return {"index": index, **encode_shards(config, captions, shards, root, kind=FEATURES, indices=[index])}
 
 
 @task(name="encode-real", task_run_name="real-images", tags=["gpu"], retries=2, retry_delay_seconds=30,
-      retry_condition_fn=_retry_transient)
+      retry_condition_fn=retry_transient)
 def encode_real(config: EncodeConfig, captions: str, shards: str, root: str) -> dict:
     return encode_shards(config, captions, shards, root, kind=REAL)
 

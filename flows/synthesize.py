@@ -8,33 +8,10 @@ from prefect import flow, task
 
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, results_dir, run_stage
+from flows.retries import retry_transient
 from pcm.synthesize import SynthesizeConfig, finalize, num_shards, plan, run_synthesize, verify
 from storage.result import StageResult
 from storage.shards import is_done
-
-# Errors a retry cannot fix: bad configs, missing inputs or models, permissions.
-_PERMANENT = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError,
-              IsADirectoryError)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """CUDA errors (out of memory, launch failures) and I/O errors are worth a retry; the rest are not."""
-    if isinstance(exc, _PERMANENT):
-        return False
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
-        return True
-    if isinstance(exc, RuntimeError):
-        text = str(exc)
-        return "CUDA" in text or "out of memory" in text
-    return isinstance(exc, OSError)
-
-
-def _retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except Exception as e:  # noqa: BLE001 - the failed state re-raises its exception here
-        return is_transient(e)
-    return False
 
 
 def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
@@ -43,7 +20,7 @@ def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
 
 
 @task(name="synthesize-shard", task_run_name="shard-{index:06d}", tags=["gpu"], retries=2,
-      retry_delay_seconds=30, retry_condition_fn=_retry_transient, cache_key_fn=_shard_key)
+      retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_key_fn=_shard_key)
 def synthesize_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool = False) -> dict:
     r = run_synthesize(config, captions, root, shards=[index], force=force, finalize_when_complete=False)
     return {"index": index, **r.counts}

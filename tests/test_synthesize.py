@@ -267,7 +267,7 @@ def test_cli_runs_the_stage(captions, layout):
 
 
 def test_flow_retries_only_transient_errors():
-    from flows.synthesize import is_transient
+    from flows.retries import is_transient
 
     assert is_transient(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_transient(OSError("Input/output error"))
