@@ -1,0 +1,76 @@
+"""The Prefect server dies during a flow run; after a restart the flow run again finishes the stage
+without redoing the shards finished before the crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from crash_harness import REPO, run_stage
+
+from flows.local_server import LocalStack, free_port
+from storage import shards
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+SMALL = {"synthesize.limit": 16, "synthesize.shard_size": 1, "synthesize.height": 32, "synthesize.width": 32,
+         "synthesize.steps": 2}
+
+FLOW = """
+import json, sys
+from flows.synthesize import synthesize_flow
+from pcm.pipeline import resolve
+root, captions, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+synthesize_flow(resolve("demo", overrides).synthesize, captions, root)
+"""
+
+
+def test_flow_run_after_server_crash_resumes_without_redoing_shards(tmp_path):
+    run_stage(tmp_path, "ingest", SMALL)
+    captions = str(next((tmp_path / "ingest").iterdir()))
+    stack = LocalStack(home=tmp_path / "prefect", port=free_port())
+    try:
+        stack.start_server()
+        env = stack.env()
+        flow = subprocess.Popen([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        markers = lambda: sorted(tmp_path.glob("synthesize/*/shards/shard-*.done.json"))  # noqa: E731
+        deadline = time.monotonic() + 300
+        while len(markers()) < 3 and time.monotonic() < deadline:
+            assert flow.poll() is None, flow.stderr.read()[-3000:]
+            time.sleep(0.1)
+        assert len(markers()) >= 3
+        # The server dies mid-run (SIGKILL: no goodbye to its clients).
+        server = stack.procs[0]
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        stack.procs.remove(server)
+        try:  # the orphaned flow process either fails on its own or is killed like its server
+            flow.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            flow.kill()
+            flow.wait()
+        finished = {p.name: p.stat().st_mtime_ns for p in markers()}
+        assert finished and len(finished) < 16
+
+        stack.start_server()  # same PREFECT_HOME: the same database comes back
+        rerun = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
+                               env=stack.env(), capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finally:
+        stack.stop()
+
+    (sd,) = (tmp_path / "synthesize").iterdir()
+    assert (sd / "stage.done.json").exists()
+    after = {p.name: p.stat().st_mtime_ns for p in markers()}
+    assert len(after) == 16
+    for name, mtime in finished.items():
+        assert after[name] == mtime, f"{name} was redone after the crash"
+    keys = [s["__key__"] for t in sorted(sd.glob("shards/*.tar")) for s in shards.iter_tar(t)]
+    assert len(keys) == len(set(keys)) == 16
