@@ -1,0 +1,81 @@
+"""Pipeline presets, overrides and `pcm run`: one typed config, validated before anything runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pcm.cli import app
+from pcm.pipeline import apply_overrides, load_preset, parse_assignments, preset_names, resolve
+
+
+@pytest.mark.parametrize("name", ["demo", "coco-vitl14", "coco-vitb32", "flickr30k-vitl14"])
+def test_every_preset_validates(name):
+    cfg = resolve(name)
+    assert cfg.name == name
+    assert cfg.evaluate.split == "test" and cfg.evaluate.beam_size == 3
+
+
+def test_published_settings_follow_the_paper():
+    l14, b32 = resolve("coco-vitl14"), resolve("coco-vitb32")
+    assert (l14.encode.clip.model, l14.encode.clip.pool, l14.train.preset, l14.train.cxe_w) == ("ViT-L-14", 8, "vitl14", 4.0)
+    assert (b32.encode.clip.model, b32.train.preset) == ("ViT-B-32", "vitb32")
+    assert l14.train.batch_size == 32 and l14.train.epochs == 12 and l14.train.warmup == 10_000
+    assert resolve("flickr30k-vitl14").ingest.source.endswith("dataset_flickr30k.json")
+
+
+def test_demo_points_at_the_bundled_data():
+    cfg = resolve("demo")
+    assert cfg.ingest.source.endswith("pcm/data/demo/dataset_demo.json")
+    assert cfg.encode.images_root.endswith("pcm/data/demo")
+    assert "{demo}" not in json.dumps(cfg.model_dump(mode="json"))
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = resolve("demo", {"synthesize.guidance_scale": 5.0, "train.model": {"pcm": False}})
+    assert cfg.synthesize.guidance_scale == 5.0 and cfg.train.model == {"pcm": False}
+    with pytest.raises(ValueError, match=r"demo\.synthesize\.steps"):
+        resolve("demo", {"synthesize.steps": -1})
+    with pytest.raises(ValueError, match="unknown section 'sythesize'"):
+        resolve("demo", {"sythesize.steps": 4})
+    with pytest.raises(ValueError, match=r"unknown preset 'nope'.*demo"):
+        resolve("nope")
+    raw = load_preset("demo")
+    assert apply_overrides(raw, {"train.epochs": 1})["train"]["epochs"] == 1 and raw["train"]["epochs"] != 1
+
+
+def test_parse_assignments():
+    assert parse_assignments(["train.epochs=2", "synthesize.negative_prompt=blurry", "train.model={pcm = false}",
+                              "encode.images_root=/data/x"]) == {
+        "train.epochs": 2, "synthesize.negative_prompt": "blurry", "train.model": {"pcm": False},
+        "encode.images_root": "/data/x"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_assignments(["train.epochs"])
+
+
+def test_flow_parameter_validates_the_whole_config():
+    from pydantic import ValidationError
+
+    from flows.synth_and_train import PipelineParams
+
+    assert PipelineParams().config().name == "demo"
+    with pytest.raises(ValidationError, match=r"synthesize\.scheduler"):
+        PipelineParams(preset="demo", overrides={"synthesize.scheduler": "heun"})
+    with pytest.raises(ValidationError):
+        PipelineParams(stop_after="deploy")
+
+
+def test_cli_run_one_stage_and_show_config(tmp_path):
+    runner = CliRunner()
+    shown = runner.invoke(app, ["run", "--preset", "demo", "--set", "train.epochs=2", "--show-config"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["train"]["epochs"] == 2
+    done = runner.invoke(app, ["run", "ingest", "--root", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert "ingest" in done.output and "done" in done.output
+    again = runner.invoke(app, ["run", "ingest", "--root", str(tmp_path)])
+    assert "cached" in again.output
+    listed = runner.invoke(app, ["presets"])
+    assert all(name in listed.output for name in preset_names())
