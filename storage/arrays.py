@@ -1,7 +1,9 @@
 """Named arrays in safetensors files, read back memory-mapped without pickle.
 
-The files are ordinary safetensors (any safetensors loader reads them). `open_arrays` parses the
-header itself and returns `numpy.memmap` views, so a training loader touches only the rows it uses.
+The files are ordinary safetensors (any safetensors loader reads them). They are serialised here,
+with sorted names and metadata, so the same arrays always give the same bytes (the safetensors
+library orders metadata differently from one process to the next). `open_arrays` parses the header
+itself and returns `numpy.memmap` views, so a training loader touches only the rows it uses.
 """
 
 from __future__ import annotations
@@ -13,20 +15,38 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
-
 from storage import atomic
 
+_CODES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
+          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
+          np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def write_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write arrays atomically as safetensors; `metadata` values must be strings."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with atomic.atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=meta)
+    """Write arrays atomically as safetensors, byte-for-byte reproducible; `metadata` values must be strings."""
+    header: dict[str, object] = {}
+    blobs: list[np.ndarray] = []
+    offset = 0
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # safetensors is little-endian
+        code = _CODES.get(a.dtype)
+        if code is None:
+            raise ValueError(f"{path}: array {name!r} has unsupported dtype {a.dtype}")
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        blobs.append(a)
+        offset += a.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic.atomic_open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for a in blobs:
+            f.write(a.tobytes())
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:

@@ -321,3 +321,17 @@ def test_replacement_killed_between_renames_is_recovered(tmp_path):
         (d / "state.json").write_text('{"step": 2}')
     assert json.loads((best / "state.json").read_text()) == {"step": 2}
     assert not list(tmp_path.glob(".old-*"))
+
+
+def test_arrays_are_byte_reproducible_and_standard(tmp_path):
+    from safetensors import safe_open
+
+    arrays_ = {"b": np.ones((2, 3), np.float32), "a": np.arange(4, dtype=np.int64), "m": np.zeros(0, np.float16)}
+    meta = {"zeta": "1", "alpha": "2", "keys": json.dumps(["x", "y"])}
+    arrays.write_arrays(tmp_path / "1.safetensors", arrays_, meta)
+    arrays.write_arrays(tmp_path / "2.safetensors", dict(reversed(arrays_.items())), dict(reversed(meta.items())))
+    assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "1.safetensors"), framework="np") as f:  # the reference reader agrees
+        assert f.metadata() == meta
+        np.testing.assert_array_equal(f.get_tensor("a"), arrays_["a"])
+        np.testing.assert_array_equal(f.get_tensor("b"), arrays_["b"])
