@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,5 +62,3 @@ def summary_table(key: str, result: Any, description: str) -> None:
     rows.append({"name": "path", "value": result.path})
     table(key, rows, description)
 
-
-ProgressFn = Callable[[int, int, str], None]

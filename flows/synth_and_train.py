@@ -12,8 +12,8 @@ import time
 from typing import Any, Literal
 
 from prefect import flow
-from prefect.deployments import run_deployment
 from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.encode import encode_flow

@@ -37,7 +37,7 @@ from pcm.clip import (
     resolve_device,
 )
 from pcm.config import StageConfig
-from pcm.stage import cached, finish, load_result, locked, stage_dir
+from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
@@ -53,7 +53,6 @@ FEATURES, REAL = "features", "real"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _SHARD = re.compile(r"^shard-(\d+)\.tar$")
 
-ProgressFn = Callable[[int, int, str], None]
 
 
 class EncodeConfig(StageConfig):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -23,7 +22,7 @@ from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from pcm.config import StageConfig
-from pcm.stage import cached, finish, load_result, locked, stage_dir
+from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, shards, tables
 from storage.arrays import open_arrays
 from storage.layout import RunLayout, StageDir
@@ -37,7 +36,6 @@ PREDICTIONS, METRICS, PER_IMAGE, REPORT = "predictions.json", "metrics.json", "p
 OUTPUTS = (PREDICTIONS, METRICS, PER_IMAGE, REPORT)
 SAMPLES_PICTURE = "samples.png"
 
-ProgressFn = Callable[[int, int, str], None]
 
 
 class EvaluateConfig(StageConfig):

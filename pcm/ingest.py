@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from pcm.config import StageConfig
-from pcm.stage import cached, finish, locked, stage_dir
+from pcm.stage import ProgressFn, cached, finish, locked, stage_dir
 from storage import atomic, tables
 from storage.fingerprint import file_digest
 from storage.layout import RunLayout, StageDir
@@ -42,7 +42,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_NAME_CHARS, MAX_ID_CHARS = 64, 120
 
 Split = Literal["train", "val", "test"]
-ProgressFn = Callable[[int, int, str], None]
 
 
 class IngestConfig(StageConfig):

@@ -17,6 +17,9 @@ from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
+# A stage reports progress as `progress(done, total, message)` after each shard or step.
+ProgressFn = Callable[[int, int, str], None]
+
 
 def stage_dir(layout: RunLayout, stage: str, config: StageConfig, inputs: Sequence[StageResult],
               code_version: str, extra: dict | None = None) -> StageDir:

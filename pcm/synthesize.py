@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pcm import diffusion
 from pcm.config import StageConfig
-from pcm.stage import cached, finish, load_result, locked, stage_dir
+from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock, try_lock
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "1"
 STAGE = "synthesize"
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-Progress = Callable[[int, int, str], None]
 
 
 class SynthesizeConfig(StageConfig):
@@ -323,7 +322,7 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
 
 def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards: list[int] | None = None,
                    worker_index: int = 0, num_workers: int = 1, force: bool = False,
-                   progress: Progress | None = None, finalize_when_complete: bool = True,
+                   progress: ProgressFn | None = None, finalize_when_complete: bool = True,
                    synthesizer: Synthesizer | None = None) -> StageResult:
     """Generate the pending shards in scope; finalise the stage when every shard is done.
 

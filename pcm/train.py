@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pcm import checkpoint
 from pcm.config import StageConfig
 from pcm.model import PCMNetConfig, load_preset
-from pcm.stage import cached, finish, load_result, locked, stage_dir
+from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, checkpoints
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
@@ -31,7 +30,6 @@ from storage.result import StageResult
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "1"
-Progress = Callable[[int, int, str], None]
 
 
 class TrainConfig(StageConfig):
@@ -132,7 +130,7 @@ def noam_lr(step: int, d_model: int = 512, warmup: int = 10_000, factor: float =
 
 
 def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, force: bool = False,
-              progress: Progress | None = None) -> StageResult:
+              progress: ProgressFn | None = None) -> StageResult:
     """Train (or resume) under the stage lock; write stage.done.json last and return the result."""
     sd = plan(config, captions, encode, root)
     if not force and (done := cached(sd, verify)) is not None:
@@ -164,7 +162,7 @@ def total_steps_hint(sd: StageDir) -> int:
     return 0
 
 
-def _report_from_metrics(sd: StageDir, total: int, progress: Progress) -> None:
+def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None:
     recs = [r for r in read_metrics(sd.file("metrics.jsonl")) if "loss" in r]
     total = total or total_steps_hint(sd)
     if recs and total:
@@ -251,7 +249,7 @@ def resolve_device(spec: str, local_rank: int = 0):
     return device
 
 
-def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, progress: Progress | None = None) -> None:
+def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, progress: ProgressFn | None = None) -> None:
     """The training loop of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
     from tqdm import tqdm
