@@ -42,8 +42,9 @@ def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os
     from PIL import Image, UnidentifiedImageError
 
     from pcm import checkpoint
-    from pcm.clip import ClipSpec, encode_images, load_clip, resolve_device
+    from pcm.clip import ClipSpec, encode_images, load_clip
     from pcm.decode import beam_search
+    from pcm.device import resolve_device
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -69,7 +70,7 @@ def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os
             pixels = torch.stack([t for _, t in good])                          # [b, 3, H, W]
             g, patches = encode_images(clip, pixels)                           # [b, D], [b, P, W]
             ids = beam_search(model, g.to(device), patches.to(device), bos=vocab.bos, eos=vocab.eos,
-                              beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+                              banned=vocab.banned, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
             for (p, _), tokens in zip(good, ids, strict=True):
                 results[p] = {"image": str(p), "caption": vocab.decode(tokens)}
         for p in batch:

@@ -57,10 +57,14 @@ class FeatureStore:
                                  "rerun `pcm encode --force`")
 
     def gather(self, shard: np.ndarray, row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 global [B, D] and patches [B, N, W] of the given (shard, row) pairs, in order."""
+        """Global [B, D] and patches [B, N, W] of the given (shard, row) pairs, in order.
+
+        Kept in the stored dtype (fp16): half the pinned memory and host-to-GPU bytes; the model
+        widens them to float32 on the device.
+        """
         first = self.shard(int(shard[0]))
-        g = np.empty((len(row), *first["global"].shape[1:]), dtype=np.float32)
-        v = np.empty((len(row), *first["patches"].shape[1:]), dtype=np.float32)
+        g = np.empty((len(row), *first["global"].shape[1:]), dtype=first["global"].dtype)
+        v = np.empty((len(row), *first["patches"].shape[1:]), dtype=first["patches"].dtype)
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
             arrays = self.shard(int(s))

@@ -3,11 +3,13 @@
 Both searches encode each image once, then call `model.decode` on the growing token prefixes
 (the model has no incremental state, so every step re-reads the whole prefix; captions are at
 most ~20 tokens, so this costs little next to the memory it saves in code). Token ids are
-returned without BOS and EOS.
+returned without BOS and EOS. Tokens in `banned` (callers pass PAD, BOS and UNK) are never
+generated: an `<unk>` in a caption only costs BLEU and CIDEr.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ def _strip(rows: torch.Tensor, eos: int) -> list[list[int]]:
 
 @torch.no_grad()
 def greedy_decode(model: Any, global_feat: torch.Tensor, patches: torch.Tensor, *, bos: int, eos: int,
-                  max_len: int = 20) -> list[list[int]]:
+                  max_len: int = 20, banned: Sequence[int] = ()) -> list[list[int]]:
     """The most likely next token at every step, for a batch; at most `max_len` tokens per caption."""
     _check_inputs(model, global_feat, patches, max_len)
     memory, memory_pad = model.encode(global_feat, patches)               # [B, T, D], [B, T]
@@ -44,6 +46,8 @@ def greedy_decode(model: Any, global_feat: torch.Tensor, patches: torch.Tensor, 
     finished = torch.zeros(B, dtype=torch.bool, device=global_feat.device)
     for _ in range(max_len):
         logits = model.decode(tokens, memory, memory_pad)[:, -1]          # [B, V]
+        if banned:
+            logits[:, list(banned)] = float("-inf")
         nxt = logits.argmax(dim=-1)                                       # [B]
         nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)       # finished rows only pad with EOS
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)                 # [B, L + 1]
@@ -60,7 +64,8 @@ def _expand(x: torch.Tensor | None, k: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def beam_search(model: Any, global_feat: torch.Tensor, patches: torch.Tensor, *, bos: int, eos: int,
-                beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0) -> list[list[int]]:
+                beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0,
+                banned: Sequence[int] = ()) -> list[list[int]]:
     """Batched beam search; returns the highest-scoring caption of each image.
 
     A hypothesis' score is the sum of its token log-probabilities (EOS included). A hypothesis
@@ -92,6 +97,8 @@ def beam_search(model: Any, global_feat: torch.Tensor, patches: torch.Tensor, *,
 
     for _ in range(max_len):
         logits = model.decode(tokens, memory, memory_pad)[:, -1]          # [B*K, V]
+        if banned:
+            logits[:, list(banned)] = float("-inf")
         logp = F.log_softmax(logits.float(), dim=-1).view(B, K, -1)       # [B, K, V]
         V = logp.shape[-1]
         # A finished beam may only "emit" EOS again, at no cost: one candidate, same score.

@@ -245,8 +245,8 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
             rows = [evalset.rows[i] for i in batch]
             g = torch.from_numpy(np.asarray(arrays["global"][rows], dtype=np.float32)).to(device)     # [b, D]
             p = torch.from_numpy(np.asarray(arrays["patches"][rows], dtype=np.float32)).to(device)    # [b, P, W]
-            ids = beam_search(model, g, p, bos=vocab.bos, eos=vocab.eos, beam_size=config.beam_size,
-                              max_len=config.max_len, length_penalty=config.length_penalty)
+            ids = beam_search(model, g, p, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
+                              beam_size=config.beam_size, max_len=config.max_len, length_penalty=config.length_penalty)
             for i, tokens in zip(batch, ids, strict=True):
                 captions[evalset.image_ids[i]] = vocab.decode(tokens)
             done += len(batch)
@@ -280,7 +280,7 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
         log.info("evaluate: reusing %s", sd.path)
         return done
     from pcm import checkpoint
-    from pcm.clip import resolve_device
+    from pcm.device import resolve_device
     from pcm.metrics import score_captions
 
     with locked(sd):

@@ -36,8 +36,9 @@ def caption_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None,
         per_caption = per_caption * weights.to(per_caption.dtype)
     loss = per_caption.mean()
     if focal_gamma > 0:
-        real = targets != pad                                                             # [B, L]
+        real = (targets != pad).to(logits.dtype)                                          # [B, L]
         p = torch.softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]   # [B, L]
-        loss = loss * ((1 - p) ** focal_gamma)[real].mean()
+        # A masked mean, not boolean indexing: no host sync, so the step stays CUDA-graph capturable.
+        loss = loss * (((1 - p) ** focal_gamma) * real).sum() / real.sum().clamp(min=1)
     return loss
 

@@ -38,11 +38,13 @@ class PCMNetConfig(BaseModel):
     n_enc_layers: int = Field(3, gt=0)
     n_dec_layers: int = Field(3, gt=0)
     d_ff: int = Field(2048, gt=0)
-    # Dropout (release values; the decoder's is not published: PyTorch's and the Transformer's 0.1).
+    # Dropout (release values).
     embed_dropout: float = Field(0.5, ge=0, lt=1, description="after ReLU -> LayerNorm of the input tokens")
     dropout: float = Field(0.2, ge=0, lt=1, description="encoder layers (0.25 for COCO ViT-L/14)")
     attn_dropout: float = Field(0.3, ge=0, lt=1, description="encoder attention weights")
-    decoder_dropout: float = Field(0.1, ge=0, lt=1, description="decoder layers and word embeddings")
+    decoder_dropout: float | None = Field(
+        None, ge=0, lt=1, description="decoder layers and word embeddings; None = `dropout` (the release shares one "
+        "BERT config between encoder and decoder, attention dropout included)")
     output_dropout: float = Field(0.5, ge=0, lt=1, description="before the vocabulary projection")
     max_len: int = Field(20, gt=0, description="maximum caption length in words")
     # PCM.
@@ -143,12 +145,18 @@ class PCMNet(nn.Module):
         self.global_norm = nn.LayerNorm(d)
 
         # Sentence decoder, trained from scratch.
+        dec_dropout = cfg.dropout if cfg.decoder_dropout is None else cfg.decoder_dropout
         self.word_embed = nn.Embedding(vocab_size, d)
-        self.dec_drop = nn.Dropout(cfg.decoder_dropout)
+        # Scaled by sqrt(d) in `decode`, so initialised at std d^-0.5: words and the +-1 sinusoidal
+        # positions start at the same scale (N(0, 1) would drown the positions 22x at d = 512).
+        nn.init.normal_(self.word_embed.weight, std=d ** -0.5)
+        self.dec_drop = nn.Dropout(dec_dropout)
         self.decoder = nn.ModuleList(
-            nn.TransformerDecoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.decoder_dropout, activation="relu",
+            nn.TransformerDecoderLayer(d, cfg.n_heads, cfg.d_ff, dec_dropout, activation="relu",
                                        batch_first=True, norm_first=False)
             for _ in range(cfg.n_dec_layers))
+        for layer in self.decoder:  # attention dropout as in the encoder (the release shares the setting)
+            layer.self_attn.dropout = layer.multihead_attn.dropout = cfg.attn_dropout
         self.out_drop = nn.Dropout(cfg.output_dropout)
         self.lm_head = nn.Linear(d, vocab_size)
         self.register_buffer("word_positions", sinusoid(cfg.max_len + 2, d), persistent=False)  # BOS + words + EOS
@@ -170,7 +178,15 @@ class PCMNet(nn.Module):
 
     @torch.no_grad()
     def mixup_plan(self, global_feat: Tensor, patches: Tensor) -> MixupPlan:
-        """Salient concepts, the textual patch of every patch and the patches of the top-M pairs."""
+        """Salient concepts, the textual patch of every patch and the patches of the top-M pairs.
+
+        Always in fp32: under bf16 autocast, cosines divided by tau = 0.01 move by ~0.2 in logits and
+        pick other concepts than the fp32 evaluation would (training and test must decide alike).
+        """
+        with torch.autocast(patches.device.type, enabled=False):
+            return self._mixup_plan(global_feat.float(), patches.float())
+
+    def _mixup_plan(self, global_feat: Tensor, patches: Tensor) -> MixupPlan:
         cfg = self.cfg
         salient = self.salient_concepts(global_feat)                               # [B, K]
         c = self.concepts[salient]                                                 # [B, K, D]
@@ -223,15 +239,16 @@ class PCMNet(nn.Module):
     def encode(self, global_feat: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
         """Memory [B, T, d] and its pad mask [B, T] (True = ignored) from g [B, D] and patches [B, N, W]."""
         x, pad = self.embed(global_feat, patches)
+        key_pad = None if self.training else pad  # nothing is padded in training: keep the fast SDPA path
         globals_ = [x[:, 0]]                                                       # g^(0)
         for layer in self.encoder:
-            x = layer(x, src_key_padding_mask=pad)
+            x = layer(x, src_key_padding_mask=key_pad)
             globals_.append(x[:, 0])                                               # g^(l)
         g = self.global_norm(self.global_fuse(torch.cat(globals_, dim=-1)))       # [B, d]
         return torch.cat([g[:, None], x[:, 1:]], dim=1), pad
 
     # ------------------------------------------------------------------ decoder
-    def decode(self, tokens: Tensor, memory: Tensor, memory_pad: Tensor) -> Tensor:
+    def decode(self, tokens: Tensor, memory: Tensor, memory_pad: Tensor | None) -> Tensor:
         """Next-word logits [B, L, V] for tokens [B, L] (BOS first) attending causally and to the memory."""
         L = tokens.shape[1]
         if L > self.word_positions.shape[0]:
@@ -245,4 +262,4 @@ class PCMNet(nn.Module):
 
     def forward(self, global_feat: Tensor, patches: Tensor, tokens: Tensor) -> Tensor:
         memory, memory_pad = self.encode(global_feat, patches)
-        return self.decode(tokens, memory, memory_pad)
+        return self.decode(tokens, memory, None if self.training else memory_pad)

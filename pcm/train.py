@@ -2,7 +2,9 @@
 
 One process (CPU or one GPU) trains in-process; `devices > 1` relaunches this module under
 torchrun (DDP, rank 0 writes). Checkpoints hold model, Adam state, data position and RNG
-states, so a run killed at any moment and rerun ends with the same weights as an uninterrupted one.
+states, so a run killed at any moment resumes where its last checkpoint was; with one process and
+`deterministic=True` it ends with bitwise the same weights as an uninterrupted run (DDP reseeds
+per rank and step, so it resumes exactly in data order but not to the bit).
 """
 
 from __future__ import annotations
@@ -282,6 +284,12 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
         inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
         val = dataset.load_val(captions, encode, config.val_max_images)
         val_store = dataset.FeatureStore(enc, "real")
+        if len(val):
+            val_store.check_rows(val.shard, val.row, val.image_ids)
+            if config.val_metric == "cider":
+                from pcm.metrics import require_java
+
+                require_java()  # fail now, not at the first validation
         if len(val) == 0:
             log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
                         "validation is skipped and best/ holds the final model", enc.path)
@@ -344,7 +352,8 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
                             state=record, optimizer=opt)
             checkpoints.prune(ckpt_root, config.keep_last)
 
-        def validate(step: int, last: bool) -> None:
+        def validate(step: int, last: bool) -> bool:
+            """Score the val split; True when this step is the best so far (then best/ is written)."""
             if len(val) == 0:  # nothing to select on: best/ is the final model
                 better = last
                 state["best"] = {"metric": "none", "value": None, "step": step} if last else state["best"]
@@ -355,10 +364,12 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
                 append_metrics(metrics_path, {"step": step, "val": value, "val_metric": config.val_metric})
                 if better:
                     state["best"] = {"metric": config.val_metric, "value": value, "step": step}
-            if better:
-                checkpoint.save(checkpoint.best_dir(sd.path), model=model, vocab=vocab,
-                                config=config.model_dump(mode="json"), clip=clip_spec, concept_names=names,
-                                state={"step": step, "epoch": state["epoch"], "best": state["best"]})
+            return better
+
+        def save_best(step: int) -> None:
+            checkpoint.save(checkpoint.best_dir(sd.path), model=model, vocab=vocab,
+                            config=config.model_dump(mode="json"), clip=clip_spec, concept_names=names,
+                            state={"step": step, "epoch": state["epoch"], "best": state["best"]})
 
         step, epoch, position = state["step"], state["epoch"], state["position"]
         bar = tqdm(total=total, initial=step, desc="train", unit="step",
@@ -395,12 +406,15 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
                             progress(step, total, f"loss {mean_loss:.3f}")
                     loss_sum, loss_n, t_log = torch.zeros((), device=device), 0, now
                 do_val, do_save = step % config.val_every == 0 or last, step % config.checkpoint_every == 0 or last
+                better = False
                 if info.is_main and do_val:
                     model.eval()
-                    validate(step, last)
+                    better = validate(step, last)
                     model.train()
-                if info.is_main and do_save:
+                if info.is_main and do_save:  # the step checkpoint first: it records the new best
                     save(step, epoch, position, finished=last)
+                if better:
+                    save_best(step)
                 if do_val or do_save:  # the other ranks wait for rank 0's writes
                     distributed.barrier(info)
                     t_log = time.monotonic()  # samples/s counts training time only
@@ -518,10 +532,11 @@ def evaluate_val(model, vocab, val, store, config: TrainConfig, device, autocast
                 from pcm.decode import beam_search, greedy_decode
 
                 if config.val_beam == 1:
-                    ids = greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos, max_len=model.cfg.max_len)
+                    ids = greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
+                                        max_len=model.cfg.max_len)
                 else:
-                    ids = beam_search(model, g, v, bos=vocab.bos, eos=vocab.eos, beam_size=config.val_beam,
-                                      max_len=model.cfg.max_len)
+                    ids = beam_search(model, g, v, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
+                                      beam_size=config.val_beam, max_len=model.cfg.max_len)
                 predictions.update({k: vocab.decode(s) for k, s in zip(val.image_ids[sl], ids, strict=True)})
             else:
                 from pcm.dataset import caption_tokens
@@ -535,11 +550,9 @@ def evaluate_val(model, vocab, val, store, config: TrainConfig, device, autocast
                 losses.append(float(caption_loss(logits, torch.from_numpy(out).to(device), pad=vocab.pad)) * n)
     if config.val_metric == "loss":
         return sum(losses) / sum(len(r) for r in val.references)
-    from pcm.metrics import score_captions
+    from pcm.metrics import score_cider
 
-    refs = dict(zip(val.image_ids, val.references, strict=True))
-    corpus, _ = score_captions(predictions, refs, spice="off")
-    return float(corpus["CIDEr"])
+    return score_cider(predictions, dict(zip(val.image_ids, val.references, strict=True)))
 
 
 # ---------------------------------------------------------------------- torchrun entry point

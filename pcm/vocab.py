@@ -13,7 +13,7 @@ from storage import atomic
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Lowercase words and digits; a clitic ("'s", "'re") is its own token as the PTB tokenizer of
 # the evaluation makes it, and other punctuation is dropped as the evaluation drops it.
-_TOKEN = re.compile(r"[a-z0-9]+|'[a-z]+")
+_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*|'[a-z]+")  # "t-shirt" stays one word, as PTB keeps it
 
 
 def tokenize(text: str) -> list[str]:
@@ -33,6 +33,7 @@ class Vocab:
         self.words = words
         self.index = {w: i for i, w in enumerate(words)}
         self.pad, self.bos, self.eos, self.unk = range(len(SPECIALS))
+        self.banned = (self.pad, self.bos, self.unk)  # never generated when decoding
 
     @classmethod
     def build(cls, texts: Iterable[str], min_count: int = 1) -> Vocab:

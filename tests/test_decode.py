@@ -168,3 +168,17 @@ def test_errors_name_the_problem():
         beam_search(model, g, p, bos=BOS, eos=EOS, beam_size=0)
     with pytest.raises(ValueError, match="max_len"):
         greedy_decode(model, g, p, bos=BOS, eos=EOS, max_len=0)
+
+
+def test_banned_tokens_are_never_generated():
+    # "a" (2) is the most likely word everywhere; banned, the searches must pick "b" (3) instead.
+    def likes_a(image, prefix):
+        return log([0.0, 0.1, 0.6, 0.3]) if len(prefix) < 2 else log([0.0, 0.8, 0.1, 0.1])
+
+    model = TableModel(likes_a, 4)
+    g, p = feats(2)
+    assert greedy_decode(model, g, p, bos=BOS, eos=EOS) == [[2, 2], [2, 2]]
+    assert greedy_decode(model, g, p, bos=BOS, eos=EOS, banned=(2,)) == [[3, 3], [3, 3]]
+    for k in (1, 3):
+        ids = beam_search(model, g, p, bos=BOS, eos=EOS, beam_size=k, banned=(BOS, 2))
+        assert all(2 not in row for row in ids), ids

@@ -124,3 +124,13 @@ def test_missing_java_and_bad_inputs_are_clear_errors(monkeypatch):
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="openjdk-17-jre-headless"):
         score_captions({"x": "a dog"}, {"x": ["a dog"]})
+
+
+def test_cider_alone_equals_the_full_scorer():
+    from pcm.metrics import score_captions, score_cider
+
+    preds = {"1": "a man riding a horse", "2": "two dogs on the grass", "3": "a red bus"}
+    refs = {"1": ["a man rides a horse", "a person on a horse"], "2": ["two dogs play on grass", "dogs on a lawn"],
+            "3": ["a red double-decker bus", "a bus on the street"]}
+    corpus, _ = score_captions(preds, refs, spice="off")
+    assert score_cider(preds, refs) == pytest.approx(corpus["CIDEr"], abs=1e-12)

@@ -208,11 +208,31 @@ def test_paper_values_in_presets():
 
 
 def test_attention_dropout_is_its_own_setting():
-    model = known_model(attn_dropout=0.3, dropout=0.2)
+    model = known_model(attn_dropout=0.3, dropout=0.2, decoder_dropout=None)
     layer = model.encoder[0]
     assert layer.self_attn.dropout == 0.3 and layer.dropout.p == 0.2
+    dec = model.decoder[0]  # the decoder shares both settings, as in the release
+    assert dec.self_attn.dropout == dec.multihead_attn.dropout == 0.3 and dec.dropout.p == 0.2
+
+
+def test_mixup_decisions_ignore_autocast():
+    model = known_model()
+    g, v = torch.randn(4, model.cfg.d_embed), torch.randn(4, model.cfg.n_patches, model.cfg.d_width)
+    plain = model.mixup_plan(g, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = model.mixup_plan(g, v)
+    assert torch.equal(plain.salient, cast.salient) and torch.equal(plain.marked, cast.marked)
+    assert cast.textual.dtype == torch.float32
 
 
 def test_shape_mismatch_names_the_preset_fields():
     with pytest.raises(ValueError, match=r"d_embed=768 but the data has 16.*vitb32"):
         load_preset("vitl14").with_data_shapes(16, 1024, 64, "enc")
+
+
+def test_vocab_keeps_hyphenated_words_and_bans_specials():
+    from pcm.vocab import Vocab, tokenize
+
+    assert tokenize("A man in a T-shirt eats a hot-dog.") == ["a", "man", "in", "a", "t-shirt", "eats", "a", "hot-dog"]
+    v = Vocab.build(["a t-shirt"])
+    assert set(v.banned) == {v.pad, v.bos, v.unk} and v.eos not in v.banned
