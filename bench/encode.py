@@ -112,7 +112,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from pcm.clip import ClipSpec, resolve_device
+    from pcm.clip import ClipSpec
+    from pcm.device import resolve_device
     from pcm.encode import EncodeConfig, run_encode
 
     device = resolve_device(args.device)

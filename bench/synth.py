@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="where the benchmark's shards go (default: a temp dir)")
     args = ap.parse_args()
 
-    from pcm.diffusion import resolve_device
+    from pcm.device import resolve_device
 
     args.device = resolve_device(args.device)
     gpu = args.device.startswith("cuda")

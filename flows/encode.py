@@ -7,7 +7,18 @@ from prefect import flow, task
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, run_stage
 from flows.retries import retry_transient
-from pcm.encode import FEATURES, REAL, EncodeConfig, encode_shards, feature_units, plan, reset_stage, run_encode, verify
+from pcm.encode import (
+    FEATURES,
+    REAL,
+    EncodeConfig,
+    cached_clip,
+    encode_shards,
+    feature_units,
+    plan,
+    reset_stage,
+    run_encode,
+    verify,
+)
 
 
 @task(name="encode-reset")
@@ -52,6 +63,7 @@ def encode_flow(config: EncodeConfig, captions: str, shards: str, root: str = "r
         encode_real(config, captions, shards, root)
     result = run_stage(encode_stage, plan, verify, force=force, config=config, captions=captions, shards=shards,
                        root=root)
+    cached_clip.cache_clear()  # free the model (GPU memory) before the next stages
     summary_table(f"encode-{result.fingerprint}", result, "encode: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
         picture(f"encode-{name}-{result.fingerprint}", path, f"encode: {name.replace('_', ' ')} histogram")

@@ -17,6 +17,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, RuntimeError):
         text = str(exc)
+        if "device-side assert" in text or "illegal memory access" in text:
+            return False  # the CUDA context is broken: only a new process recovers
         return "CUDA" in text or "out of memory" in text
     return isinstance(exc, OSError)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from prefect import flow, task
@@ -9,7 +10,7 @@ from prefect import flow, task
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, results_dir, run_stage
 from flows.retries import retry_transient
-from pcm.synthesize import SynthesizeConfig, finalize, num_shards, plan, run_synthesize, verify
+from pcm.synthesize import SynthesizeConfig, Synthesizer, finalize, num_shards, plan, run_synthesize, verify
 from storage.result import StageResult
 from storage.shards import is_done
 
@@ -22,8 +23,15 @@ def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
 @task(name="synthesize-shard", task_run_name="shard-{index:06d}", tags=["gpu"], retries=2,
       retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_key_fn=_shard_key)
 def synthesize_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool = False) -> dict:
-    r = run_synthesize(config, captions, root, shards=[index], force=force, finalize_when_complete=False)
+    r = run_synthesize(config, captions, root, shards=[index], force=force, finalize_when_complete=False,
+                       synthesizer=loaded_synthesizer(config.model_dump_json()))
     return {"index": index, **r.counts}
+
+
+@functools.lru_cache(maxsize=1)
+def loaded_synthesizer(config_json: str) -> Synthesizer:
+    """One loaded (and compiled) pipeline per flow-run process, shared by its shard tasks."""
+    return Synthesizer(SynthesizeConfig.model_validate_json(config_json))
 
 
 @task(name="synthesize-finalize", cache_key_fn=fingerprint_key(plan))
@@ -34,8 +42,8 @@ def synthesize_finalize(config: SynthesizeConfig, captions: str, root: str) -> S
 def run_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool) -> dict:
     """The shard task, its cache trusted only while the shard is done on disk."""
     stale = force or not is_done(plan(config, captions, root).shard_file("shards", index, "tar"))
-    return synthesize_shard.with_options(refresh_cache=stale, result_storage=results_dir(root),
-                                         persist_result=True)(config, captions, root, index, force)
+    return synthesize_shard.with_options(refresh_cache=stale, result_storage=results_dir(root), persist_result=True,
+                                         result_serializer="json")(config, captions, root, index, force)
 
 
 def shard_indices(config: SynthesizeConfig, captions: str, shards: list[int] | None) -> list[int]:
@@ -63,6 +71,7 @@ def synthesize_flow(config: SynthesizeConfig, captions: str, root: str = "runs",
         for k, index in enumerate(indices, 1):
             done.append(run_shard(config, captions, root, index, force))
             progress(k, len(indices), f"shard-{index:06d}")
+        loaded_synthesizer.cache_clear()  # free the pipeline (GPU memory) before the next stages
         if not all_done(config, captions, root):
             return done  # other flow runs own the remaining shards; the last one finalises
     result = run_stage(synthesize_finalize, plan, verify, force=force, config=config, captions=captions, root=root)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from pcm.device import resolve_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -27,6 +29,13 @@ _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def preset_names() -> list[str]:
     """The tiny presets shipped as data files under pcm/presets/clip/."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def preset_path(name: str) -> Path:
+    """The data file of a CLIP preset (only the bundled names; never a path built from input)."""
+    if name not in preset_names():
+        raise ValueError(f"unknown CLIP preset {name!r}; presets: {', '.join(preset_names())}")
+    return PRESET_DIR / f"{name}.json"
 
 
 @cache
@@ -148,15 +157,6 @@ class LoadedClip:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.visual.conv1.weight.dtype
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`; other values are kept."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _missing_weights_error(spec: ClipSpec, cause: BaseException) -> RuntimeError:

@@ -10,6 +10,7 @@ does not know the word at all, e.g. "frisbee").
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -46,6 +47,7 @@ def _tagger():
     return tagger()
 
 
+@functools.cache  # a corpus repeats its words millions of times
 def _can_be_noun(word: str) -> bool:
     from lemminflect import getAllLemmas
 
@@ -53,6 +55,7 @@ def _can_be_noun(word: str) -> bool:
     return not readings or "NOUN" in readings
 
 
+@functools.cache
 def lemma(word: str) -> str:
     """The singular of a noun: `horses` -> `horse`, `men` -> `man`, `frisbees` -> `frisbee`."""
     from lemminflect import getLemma

@@ -68,15 +68,6 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, DTYPES[name])
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`; anything else is passed through."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def cache_dir() -> Path:
     """Where built presets are kept: $PCM_CACHE_DIR, else ~/.cache/pcm-net."""
     return Path(os.environ.get("PCM_CACHE_DIR") or Path.home() / ".cache" / "pcm-net").expanduser()
@@ -142,8 +133,9 @@ def build_preset(name: str, device: str = "cpu") -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     p = load_preset(name)
-    # fork_rng keeps the caller's global RNG untouched; the seed makes the weights reproducible.
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    # Built on the CPU (the CPU RNG gives the same weights on every machine), then moved; fork_rng
+    # keeps the caller's global RNG untouched.
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p["seed"])
         unet = UNet2DConditionModel(**p["unet"])
         vae = AutoencoderKL(**p["vae"])
@@ -151,7 +143,7 @@ def build_preset(name: str, device: str = "cpu") -> Any:
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(**p["tokenizer"]), unet=unet,
         scheduler=DPMSolverMultistepScheduler(**p["scheduler"]), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        requires_safety_checker=False).to(device)
 
 
 def preset_dir(name: str) -> Path:

@@ -9,10 +9,10 @@ process only moves pinned batches to the device, runs CLIP and hands results to 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,9 +34,12 @@ from pcm.clip import (
     encode_texts,
     encode_tokens,
     load_clip,
-    resolve_device,
+)
+from pcm.clip import (
+    preset_path as clip_preset_path,
 )
 from pcm.config import StageConfig
+from pcm.device import resolve_device
 from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
 from storage import shards as shard_io
@@ -51,7 +54,6 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "1"
 FEATURES, REAL = "features", "real"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-_SHARD = re.compile(r"^shard-(\d+)\.tar$")
 
 
 
@@ -111,6 +113,8 @@ def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDi
             raise FileNotFoundError(f"vocabulary_file={config.vocabulary_file!r}: not found; "
                                     "give a text file with one concept a line")
         extra["vocabulary_sha256"] = file_digest(path)  # the content, not the name, makes the fingerprint
+    if config.clip.is_preset:  # an edited preset file is a different model
+        extra["clip_preset_sha256"] = file_digest(clip_preset_path(config.clip.model))
     return stage_dir(RunLayout(root), "encode", config, [cap, syn], CODE_VERSION, extra)
 
 
@@ -126,14 +130,30 @@ class Unit:
 
 
 def feature_units(shards: str) -> list[Unit]:
-    """One unit per finished synthetic shard, in index order."""
-    shard_dir = _dir(load_result(shards)).shard_dir("shards")
+    """One unit per synthetic shard of the finished synthesize stage, in index order.
+
+    Every shard the stage reported must still be done on disk: a missing one is an error naming it,
+    never a silently smaller encode.
+    """
+    result = load_result(shards)
+    sd = _dir(result)
+    n = result.counts.get("shards")
+    if n is None:  # an older result without the count: the shards on disk
+        n = len(list(sd.shard_dir("shards").glob("shard-*.tar")))
     units = []
-    for tar in sorted(shard_dir.glob("shard-*.tar")):
-        m = _SHARD.match(tar.name)
-        if m and shard_io.is_done(tar):
-            units.append(Unit(FEATURES, int(m.group(1)), tar=str(tar), expected=_marker_count(tar)))
+    for i in range(n):
+        tar = sd.shard_file("shards", i, "tar")
+        if not shard_io.is_done(tar):
+            raise FileNotFoundError(f"{tar}: synthetic shard missing or unfinished (no .done.json); rerun the "
+                                    "synthesize stage to restore it")
+        units.append(Unit(FEATURES, i, tar=str(tar), expected=_marker_count(tar)))
     return units
+
+
+@functools.lru_cache(maxsize=1)
+def cached_clip(spec: ClipSpec, device: str) -> LoadedClip:
+    """One loaded CLIP per process, shared by the per-shard tasks of a flow run (`cache_clear()` frees it)."""
+    return load_clip(spec, device)
 
 
 def _marker_count(tar: Path) -> int | None:
@@ -376,11 +396,12 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
                 lock.release()
                 done_count += 1
                 continue
+            atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
             mine.append(u)
             locks[(u.kind, u.index)] = lock
         if mine:
             if clip is None:
-                clip = load_clip(config.clip, resolve_device(config.device))
+                clip = cached_clip(config.clip, resolve_device(config.device))
             t0 = time.monotonic()
             try:
                 encoded += _encode_pass(sd, mine, clip, config, report)
@@ -521,7 +542,7 @@ def run_encode(config: EncodeConfig, captions: str, shards: str, root: str, *, f
 
         need = [n for n in ("concepts.parquet", "clip_head.safetensors") if not sd.file(n).exists()]
         if need and clip is None:
-            clip = load_clip(config.clip, resolve_device(config.device))
+            clip = cached_clip(config.clip, resolve_device(config.device))
         t0 = time.monotonic()
         if not sd.file("concepts.parquet").exists():
             tables.write(sd.file("concepts.parquet"), build_concepts(config, captions, clip), tables.CONCEPTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pcm import diffusion
 from pcm.config import StageConfig
+from pcm.device import resolve_device
 from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
 from storage.layout import RunLayout, StageDir
@@ -115,7 +117,14 @@ def _captions_file(captions: str | Path) -> Path:
 
 def planned_samples(config: SynthesizeConfig, captions: str | Path) -> list[Sample]:
     """The ok train-split captions in file order (first `limit`), each with its seed."""
-    path = _captions_file(captions)
+    return list(_planned(config.seed, config.limit, str(_captions_file(captions))))
+
+
+@functools.lru_cache(maxsize=4)
+def _planned(seed: int, limit: int | None, captions_file: str) -> tuple[Sample, ...]:
+    # Cached per process: a finished ingest stage's captions.parquet never changes (its directory is
+    # content-addressed), and one-task-per-shard flows would otherwise re-plan 600k captions per shard.
+    path = Path(captions_file)
     table = tables.read(path, tables.CAPTIONS, columns=["caption_id", "split", "text", "status"])
     out: list[Sample] = []
     seen: set[str] = set()
@@ -129,12 +138,12 @@ def planned_samples(config: SynthesizeConfig, captions: str | Path) -> list[Samp
         if cid in seen:
             raise ValueError(f"{path}: row {row}: duplicate caption_id {cid!r}; caption ids must be unique")
         seen.add(cid)
-        out.append(Sample(cid, text, sample_seed(config.seed, cid)))
-        if config.limit is not None and len(out) >= config.limit:
+        out.append(Sample(cid, text, sample_seed(seed, cid)))
+        if limit is not None and len(out) >= limit:
             break
     if not out:
         raise ValueError(f"{path}: no ok train captions to synthesize; check the ingest stage's splits and statuses")
-    return out
+    return tuple(out)
 
 
 def shard_samples(config: SynthesizeConfig, samples: Sequence[Sample]) -> list[list[Sample]]:
@@ -181,9 +190,15 @@ def decode_latents(vae: Any, latents: Any) -> Any:
 
 
 def to_uint8(images: Any) -> Any:
-    """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3] (diffusers' postprocess, bit for bit)."""
-    x = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-    return (x * 255).round().astype("uint8")
+    """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3] (diffusers' postprocess, bit for bit).
+
+    The same operations in the same dtypes as diffusers (the affine map in the image dtype, then
+    float32, round half to even), but on the device: only uint8 crosses to the host.
+    """
+    import torch
+
+    x = (images / 2 + 0.5).clamp(0, 1).float()
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class Synthesizer:
@@ -193,7 +208,7 @@ class Synthesizer:
         import torch
 
         self.config = config
-        self.device = diffusion.resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.pipe = diffusion.load_pipeline(config.model, revision=config.revision, dtype=config.dtype,
                                             device=self.device, scheduler=config.scheduler)
         self.vae = self.pipe.vae

@@ -68,7 +68,7 @@ def make_inputs(root: Path, *, n_shards: int = 3, per_shard: int = 4, corrupt: s
             for cid, text in samples[s * per_shard:(s + 1) * per_shard]:
                 data = b"\xff\xd8 not a jpeg" if cid == corrupt else jpeg(int(cid[1:]))
                 w.write({"__key__": cid, "jpg": data, "txt": text, "json": json.dumps({"seed": 1})})
-    finish(syn, {"images": len(samples)}, time.monotonic())
+    finish(syn, {"images": len(samples), "shards": n_shards}, time.monotonic())
     return str(cap.path), str(syn.path)
 
 
@@ -223,6 +223,13 @@ def test_real_images_skipped_without_images_root(tmp_path):
     cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
     result = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
     assert result.counts["real"] == 0 and "images_root" in result.extra["real_note"]
+
+
+def test_a_synthetic_shard_lost_after_synthesis_is_an_error_naming_it(tmp_path):
+    cap, syn = make_inputs(tmp_path / "runs", n_shards=3)
+    (Path(syn) / "shards" / "shard-000001.done.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shard-000001\.tar: synthetic shard missing or unfinished"):
+        run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
 
 
 def test_vocabulary_file_replaces_extraction(tmp_path):
