@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+log = logging.getLogger(__name__)
+
 
 def artifact_key(*parts: str) -> str:
     """Prefect keys: lowercase letters, digits and dashes."""
@@ -22,16 +26,28 @@ def artifact_key(*parts: str) -> str:
 
 
 class Progress:
-    """A progress artifact fed by a stage's `progress(done, total, message)` callback."""
+    """A progress artifact fed by a stage's `progress(done, total, message)` callback.
 
-    def __init__(self, key: str, description: str) -> None:
-        self.key, self.description = artifact_key(key, "progress"), description
+    Updates are throttled (at most one per `every` seconds, and always the last one), and a
+    failed update is logged, never raised: the dashboard must not slow down or stop the work.
+    """
+
+    def __init__(self, key: str, description: str, every: float = 5.0) -> None:
+        self.key, self.description, self.every = artifact_key(key, "progress"), description, every
+        self._last = 0.0
         self._id = create_progress_artifact(progress=0.0, key=self.key, description=description)
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self.every:
+            return
+        self._last = now
         pct = 100.0 * done / total if total else 100.0
-        update_progress_artifact(self._id, progress=pct,
-                                 description=f"{self.description}: {done}/{total} {message}".strip())
+        try:
+            update_progress_artifact(self._id, progress=pct,
+                                     description=f"{self.description}: {done}/{total} {message}".strip())
+        except Exception as e:  # noqa: BLE001 - a dashboard hiccup is not a stage failure
+            log.warning("progress artifact %s not updated: %s", self.key, e)
 
 
 def table(key: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any], description: str) -> None:

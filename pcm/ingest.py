@@ -432,7 +432,10 @@ def read_source(config: IngestConfig) -> tuple[str, _Rows]:
 def _check_text(raw: str, max_chars: int) -> tuple[str, str, str | None, str | None]:
     """(text, raw_text, reason, error) for one caption; reason None when it is accepted."""
     if not _valid_utf8(raw):
-        shown = raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        try:  # bytes that were not UTF-8 (surrogateescape'd) are shown as \x escapes
+            shown = raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud83d"
+            shown = raw.encode("utf-8", "backslashreplace").decode("utf-8")
         return "", shown, "invalid_utf8", "invalid UTF-8 (undecodable bytes shown as \\x escapes)"
     if not raw:
         return "", raw, "empty", "empty caption"

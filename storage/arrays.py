@@ -68,6 +68,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
 def open_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Memory-map every array of a safetensors file; returns (arrays, metadata)."""
     header, metadata, offset = read_header(path)
+    size = os.path.getsize(path)
     arrays: dict[str, np.ndarray] = {}
     for name, info in header.items():
         dtype = _DTYPES.get(info["dtype"])
@@ -75,6 +76,9 @@ def open_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
             raise ValueError(f"{path}: array {name!r} has dtype {info['dtype']} that cannot be memory-mapped")
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
+        if offset + end > size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"{path}: array {name!r} does not fit the file (truncated or corrupt); "
+                             "delete it and its .done.json and rerun the stage that wrote it")
         if end == start:
             arrays[name] = np.zeros(shape, dtype=dtype)
             continue

@@ -23,8 +23,24 @@ def temporary_path(path: Path) -> Path:
     """A unique temporary name beside `path` that no reader treats as final (`.tmp-` prefix)."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; outputs on a shared root must be readable
     os.close(fd)
     return Path(name)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (os.umask is process-wide: toggling it later would race with writer threads).
+_UMASK = _read_umask()
+
+
+def umask() -> int:
+    """The process umask, as new files should honour it."""
+    return _UMASK
 
 
 def commit(tmp: Path, final: Path) -> None:

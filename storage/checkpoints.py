@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from storage import atomic
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".txt"}
 
@@ -25,6 +27,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     recover(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
+    tmp.chmod(0o777 & ~atomic.umask())  # mkdtemp makes 0700; a shared run root must be readable
     try:
         yield tmp
         for p in tmp.iterdir():

@@ -147,11 +147,10 @@ def read(path: str | os.PathLike, schema: pa.Schema, columns: list[str] | None =
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; run the stage that writes it first")
     try:
-        table = pq.read_table(path)
+        _check(pq.read_schema(path).empty_table(), schema, str(path))  # the whole schema, from the footer
+        return pq.read_table(path, columns=columns or schema.names)     # only the columns asked for
     except (pa.ArrowInvalid, OSError) as e:
         raise SchemaError(f"{path}: not a readable Parquet file ({e})") from None
-    table = _check(table, schema, str(path))
-    return table.select(columns) if columns else table
 
 
 def concat(paths: Iterable[str | os.PathLike], schema: pa.Schema) -> pa.Table:

@@ -30,6 +30,18 @@ def layout(tmp_path: Path):
     return RunLayout(tmp_path / "runs")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread in every test: tiny models run faster so on a shared machine, and runs that
+    are compared bitwise (in this process and in subprocesses, via OMP_NUM_THREADS) use the same count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

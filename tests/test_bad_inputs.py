@@ -430,22 +430,34 @@ def test_encode_with_a_missing_clip_checkpoint_names_the_parameter(tiny, tmp_pat
 
 
 def test_disk_full_while_writing_features_then_rerun_equals_a_clean_run(tiny, tmp_path, monkeypatch):
-    import storage.arrays
+    import contextlib
 
-    original = storage.arrays.save_file
+    import storage.atomic
+
+    original = storage.atomic.atomic_open
     hits = []
 
-    def half_written_then_enospc(arrays, filename, metadata=None):
-        # The Rust writer cannot be interrupted mid-file: write half of the real bytes, then fail as a full disk does.
-        if "features" in filename and "shard-000001" in filename:
-            original(arrays, filename, metadata=metadata)
-            data = Path(filename).read_bytes()
-            Path(filename).write_bytes(data[: len(data) // 2])
-            hits.append(filename)
-            raise OSError(errno.ENOSPC, "No space left on device (simulated)", filename)
-        return original(arrays, filename, metadata=metadata)
+    class FullDisk:
+        """The first write (the header length) goes through; the next is half written, then ENOSPC."""
 
-    monkeypatch.setattr(storage.arrays, "save_file", half_written_then_enospc)
+        def __init__(self, f, path):
+            self.f, self.path, self.calls = f, path, 0
+
+        def write(self, b):
+            self.calls += 1
+            if self.calls > 1:
+                self.f.write(bytes(b)[: len(b) // 2])
+                hits.append(self.path)
+                raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(self.path))
+            return self.f.write(b)
+
+    @contextlib.contextmanager
+    def atomic_open(path, mode="wb"):
+        with original(path, mode) as f:
+            full = "features" in str(path) and "shard-000001" in str(path)
+            yield FullDisk(f, path) if full else f
+
+    monkeypatch.setattr(storage.atomic, "atomic_open", atomic_open)
     root = str(tmp_path / "runs")
     with pytest.raises(OSError) as err:
         run_encode(encode_config(tiny.images), tiny.captions, tiny.shards, root)

@@ -212,6 +212,23 @@ def test_empty_whitespace_too_long_and_invalid_utf8_captions_are_counted(tmp_pat
     assert (c["rows"], c["ok"], c["rejected"]) == (5, 1, 4)
 
 
+def test_a_lone_surrogate_escape_is_one_rejected_row(tmp_path):
+    path = tmp_path / "dataset_t.json"
+    path.write_text('{"images": [{"filename": "a.jpg", "imgid": 0, "split": "train", "sentences": ['
+                    '{"raw": "half an emoji \\ud83d", "sentid": 1}, {"raw": "fine", "sentid": 2}]}]}')
+    r = by_id(ingest(path, tmp_path / "runs"))
+    assert r["t-1"]["status"] == "rejected" and "invalid UTF-8" in r["t-1"]["error"]
+    assert r["t-1"]["raw_text"] == "half an emoji \\ud83d" and r["t-2"]["status"] == "ok"
+
+
+def test_image_paths_must_stay_inside_the_image_root(tmp_path):
+    for filepath, filename in (("../private", "x.jpg"), ("val", "/etc/passwd"), ("a/../..", "x.jpg")):
+        doc = {"images": [{"filepath": filepath, "filename": filename, "imgid": 0, "split": "test",
+                           "sentences": [{"raw": "a cat", "sentid": 1}]}]}
+        with pytest.raises(ValueError, match=r"images\[0\]: '(filepath|filename)' must be a relative path inside"):
+            ingest(write_json(tmp_path / "dataset_t.json", doc), tmp_path / "runs")
+
+
 def test_duplicate_ids_name_both_occurrences(tmp_path):
     doc = karpathy_doc()
     doc["images"][3]["sentences"][1]["sentid"] = 2

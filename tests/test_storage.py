@@ -335,3 +335,12 @@ def test_arrays_are_byte_reproducible_and_standard(tmp_path):
         assert f.metadata() == meta
         np.testing.assert_array_equal(f.get_tensor("a"), arrays_["a"])
         np.testing.assert_array_equal(f.get_tensor("b"), arrays_["b"])
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    atomic.write_json(tmp_path / "a.json", {})
+    with checkpoints.atomic_directory(tmp_path / "ckpt") as d:
+        (d / "state.json").write_text("{}")
+    want = 0o666 & ~atomic.umask()
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == want  # not mkstemp's 0600
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~atomic.umask()

@@ -49,16 +49,6 @@ def make_captions(layout: RunLayout, n_train: int = N_TRAIN) -> str:
     return str(sd.path)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def captions(layout: RunLayout) -> str:
     return make_captions(layout)
