@@ -370,9 +370,12 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
                  progress: ProgressFn | None = None) -> tuple[int, float, LoadedClip | None]:
     """Encode the pending units under their shard locks; units another process holds are waited for.
 
+    Locks are taken a window at a time (a few units per loader worker), so several processes on
+    one stage share the units instead of the first one claiming them all.
     Returns (images encoded here, seconds spent encoding them, excluding model loading, and the
     loaded CLIP or None when nothing needed it).
     """
+    window = 2 * max(1, config.num_workers)
     todo = [u for u in units if not _unit_done(sd, u)]
     done_count = len(units) - len(todo)
     encoded, seconds = 0, 0.0
@@ -389,6 +392,8 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
     while todo:
         mine: list[Unit] = []
         for u in todo:
+            if len(mine) >= window:
+                break
             lock = try_lock(sd.shard_lock(u.kind, u.index))
             if lock is None:
                 continue
@@ -410,12 +415,11 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
                 for lock in locks.values():
                     lock.release()
                 locks.clear()
-        # Units held by other processes: wait for their lock, then redo them if the holder died.
-        rest = [u for u in todo if u not in mine and not _unit_done(sd, u)]
-        for u in rest:
-            with FileLock(sd.shard_lock(u.kind, u.index), timeout=None):
+        else:
+            # Every unit left is held by another process: wait for one, then redo it if its holder died.
+            with FileLock(sd.shard_lock(todo[0].kind, todo[0].index), timeout=None):
                 pass
-        todo = [u for u in rest if not _unit_done(sd, u)]
+        todo = [u for u in todo if not _unit_done(sd, u)]
     return encoded, seconds, clip
 
 
