@@ -38,13 +38,18 @@ def results_dir(root: str | Path) -> Path:
     return RunLayout(root).root / ".prefect-results"
 
 
+def is_finished(plan: Plan, verify: Verify, **parameters: Any) -> bool:
+    """The stage directory of these parameters is complete and its outputs verify."""
+    sd = plan(**parameters)
+    return sd.is_complete() and verify(sd) is None
+
+
 def run_stage(task: Task, plan: Plan, verify: Verify, *, force: bool = False, **parameters: Any) -> Any:
     """Call a stage task, refreshing its cache when forced or when its outputs are missing.
 
     A task with a `force` parameter gets it, so a forced run redoes the work on disk too.
     """
-    sd = plan(**parameters)
-    stale = force or not sd.is_complete() or verify(sd) is not None
+    stale = force or not is_finished(plan, verify, **parameters)
     if "force" in inspect.signature(task.fn).parameters:
         parameters = {**parameters, "force": force}
     return task.with_options(refresh_cache=stale, result_storage=results_dir(parameters["root"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows.artifacts import Progress, picture, summary_table
-from flows.caching import fingerprint_key, run_stage
+from flows.caching import fingerprint_key, is_finished, run_stage
 from flows.retries import retry_transient
 from pcm.encode import (
     FEATURES,
@@ -44,17 +44,12 @@ def encode_stage(config: EncodeConfig, captions: str, shards: str, root: str):
     return run_encode(config, captions, shards, root)
 
 
-def is_finished(config: EncodeConfig, captions: str, shards: str, root: str) -> bool:
-    sd = plan(config, captions, shards, root)
-    return sd.is_complete() and verify(sd) is None
-
-
 @flow(name="encode")
 def encode_flow(config: EncodeConfig, captions: str, shards: str, root: str = "runs", force: bool = False):
     """Encode every synthetic shard (one task each) and the real images, then write the stage-wide outputs."""
     if force:
         encode_reset(config, captions, shards, root)
-    if force or not is_finished(config, captions, shards, root):
+    if force or not is_finished(plan, verify, config=config, captions=captions, shards=shards, root=root):
         indices = [u.index for u in feature_units(shards)]
         progress = Progress(f"encode-{plan(config, captions, shards, root).fingerprint}", "encode feature shards")
         for k, index in enumerate(indices, 1):

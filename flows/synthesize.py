@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.artifacts import Progress, picture, summary_table
-from flows.caching import fingerprint_key, results_dir, run_stage
+from flows.caching import fingerprint_key, is_finished, results_dir, run_stage
 from flows.retries import retry_transient
 from pcm.synthesize import SynthesizeConfig, Synthesizer, finalize, num_shards, plan, run_synthesize, verify
 from storage.result import StageResult
@@ -55,16 +55,11 @@ def all_done(config: SynthesizeConfig, captions: str, root: str) -> bool:
     return all(is_done(sd.shard_file("shards", i, "tar")) for i in range(num_shards(config, captions)))
 
 
-def is_finished(config: SynthesizeConfig, captions: str, root: str) -> bool:
-    sd = plan(config, captions, root)
-    return sd.is_complete() and verify(sd) is None
-
-
 @flow(name="synthesize")
 def synthesize_flow(config: SynthesizeConfig, captions: str, root: str = "runs", shards: list[int] | None = None,
                     force: bool = False) -> StageResult | list[dict]:
     """Render the shards (all, or `shards` when fanning out over machines), then finalise the stage."""
-    if force or not is_finished(config, captions, root):
+    if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
         progress = Progress(f"synthesize-{plan(config, captions, root).fingerprint}", "synthesize shards")
         done = []

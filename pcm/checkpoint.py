@@ -32,19 +32,14 @@ FILES = ("config.json", "vocab.json", "model.safetensors", "concepts.safetensors
 
 
 # ---------------------------------------------------------------------- places
-def _stage(train_dir: str | os.PathLike) -> StageDir:
-    p = Path(train_dir).resolve()
-    return StageDir(p, p.parent.name, p.name)
-
-
 def checkpoints_dir(train_dir: str | os.PathLike) -> Path:
     """Where the step checkpoints of a train stage directory live."""
-    return _stage(train_dir).file("checkpoints")
+    return StageDir.at(train_dir).file("checkpoints")
 
 
 def best_dir(train_dir: str | os.PathLike) -> Path:
     """The best-by-validation checkpoint of a train stage directory."""
-    return checkpoints.recover(_stage(train_dir).file("best"))
+    return checkpoints.recover(StageDir.at(train_dir).file("best"))
 
 
 def find(train_dir: str | os.PathLike, which: str = "best") -> Path:

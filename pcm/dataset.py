@@ -16,11 +16,6 @@ from storage.arrays import open_arrays, read_header
 from storage.layout import StageDir
 
 
-def stage_of(path: str | Path) -> StageDir:
-    p = Path(path).resolve()
-    return StageDir(p, p.parent.name, p.name)
-
-
 class FeatureStore:
     """The `global` / `patches` arrays of a stage's feature shards, memory-mapped, opened on first use."""
 
@@ -94,7 +89,7 @@ class Pairs:
 
 def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 1.0, seed: int = 0) -> Pairs:
     """Ok rows of scores.parquet joined with their caption text; a seeded `data_fraction` subset."""
-    enc, cap = stage_of(encode), stage_of(captions)
+    enc, cap = StageDir.at(encode), StageDir.at(captions)
     scores = tables.read(enc.file("scores.parquet"), tables.SCORES).to_pylist()
     texts = {r["caption_id"]: r["text"] for r in tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist()
              if r["status"] == tables.STATUS_OK and r["split"] == "train"}
@@ -130,7 +125,7 @@ class ValImages:
 
 def load_val(captions: str | Path, encode: str | Path, max_images: int | None = None) -> ValImages:
     """The encoded real images of the val split (never test) and their references."""
-    enc, cap = stage_of(encode), stage_of(captions)
+    enc, cap = StageDir.at(encode), StageDir.at(captions)
     refs: dict[str, list[str]] = {}
     for r in tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist():
         if r["split"] != "val" or r["status"] != tables.STATUS_OK:
@@ -151,7 +146,7 @@ def load_val(captions: str | Path, encode: str | Path, max_images: int | None = 
 
 def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
     """Concept names and the L2-normalised concept bank [C, D] from concepts.parquet."""
-    path = stage_of(encode).file("concepts.parquet")
+    path = StageDir.at(encode).file("concepts.parquet")
     rows = tables.read(path, tables.CONCEPTS).to_pylist()
     if not rows:
         raise ValueError(f"{path}: the concept vocabulary is empty; encode needs training captions with nouns")
@@ -161,7 +156,7 @@ def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
 
 def load_clip_head(encode: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CLIP's frozen ln_post + proj and the file's metadata (clip spec JSON, ln_eps)."""
-    path = stage_of(encode).file("clip_head.safetensors")
+    path = StageDir.at(encode).file("clip_head.safetensors")
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; rerun `pcm encode` (it writes the CLIP head)")
     head = load_file(str(path))

@@ -99,10 +99,6 @@ def _inputs(captions: str, shards_dir: str) -> tuple[StageResult, StageResult]:
     return cap, syn
 
 
-def _dir(result: StageResult) -> StageDir:
-    return StageDir(Path(result.path), result.stage, result.fingerprint)
-
-
 def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDir:
     """The stage directory for these inputs; no work (used by Prefect's cache key)."""
     cap, syn = _inputs(captions, shards)
@@ -136,7 +132,7 @@ def feature_units(shards: str) -> list[Unit]:
     never a silently smaller encode.
     """
     result = load_result(shards)
-    sd = _dir(result)
+    sd = StageDir.at(result.path)
     n = result.counts.get("shards")
     if n is None:  # an older result without the count: the shards on disk
         n = len(list(sd.shard_dir("shards").glob("shard-*.tar")))
@@ -168,7 +164,7 @@ def real_units(config: EncodeConfig, captions: str) -> list[Unit]:
     """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
     if config.images_root is None:
         return []
-    table = tables.read(_dir(load_result(captions)).file("captions.parquet"), tables.CAPTIONS,
+    table = tables.read(StageDir.at(load_result(captions).path).file("captions.parquet"), tables.CAPTIONS,
                         columns=["image_id", "split", "image_path", "status"])
     images: dict[str, tuple[str, str, str | None]] = {}
     for r in table.to_pylist():
@@ -426,7 +422,7 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
 # -- stage-wide outputs ---------------------------------------------------------------------
 
 def _caption_texts(captions: str) -> list[str]:
-    table = tables.read(_dir(load_result(captions)).file("captions.parquet"), tables.CAPTIONS,
+    table = tables.read(StageDir.at(load_result(captions).path).file("captions.parquet"), tables.CAPTIONS,
                         columns=["split", "text", "status"])
     return [r["text"] for r in table.to_pylist()
             if r["split"] == "train" and r["status"] == tables.STATUS_OK and r["text"]]

@@ -113,14 +113,9 @@ def verify(sd: StageDir) -> str | None:
 # -- inputs -----------------------------------------------------------------------------
 
 
-def _stage_of(result: StageResult) -> StageDir:
-    p = Path(result.path)
-    return StageDir(p, result.stage, p.name)
-
-
 def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> EvalSet:
     """The split's encoded images (features position, path) with their references, and those left out."""
-    enc, cap = _stage_of(encode), _stage_of(captions)
+    enc, cap = StageDir.at(encode.path), StageDir.at(captions.path)
     real = tables.read(enc.file("real.parquet"), tables.REAL_IMAGES).to_pylist()
     caption_rows = tables.read(cap.file("captions.parquet"), tables.CAPTIONS,
                                columns=["image_id", "split", "references", "status"]).to_pylist()
@@ -222,7 +217,7 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
 
     from pcm.decode import beam_search
 
-    enc = _stage_of(encode)
+    enc = StageDir.at(encode.path)
     by_shard: dict[int, list[int]] = {}
     for i, s in enumerate(evalset.shards):
         by_shard.setdefault(s, []).append(i)

@@ -70,8 +70,7 @@ def finish(sd: StageDir, counts: dict[str, int], started: float, extra: dict | N
 
 def load_result(path: str | Path) -> StageResult:
     """The result of a finished stage directory (given as a path), or a clear error."""
-    p = Path(path).resolve()
-    marker = StageDir(p, p.parent.name, p.name).done_marker
+    marker = StageDir.at(path).done_marker
     if not marker.exists():
         raise FileNotFoundError(f"{path}: not a finished stage directory (no stage.done.json); run that stage first")
     return StageResult.load(marker)

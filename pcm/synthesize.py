@@ -112,7 +112,7 @@ def sample_seed(run_seed: int, caption_id: str) -> int:
 
 def _captions_file(captions: str | Path) -> Path:
     load_result(captions)  # a clear error when the ingest stage is not finished
-    return Path(captions).resolve() / "captions.parquet"
+    return StageDir.at(captions).file("captions.parquet")
 
 
 def planned_samples(config: SynthesizeConfig, captions: str | Path) -> list[Sample]:

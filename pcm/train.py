@@ -270,7 +270,7 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
     try:
         # Data, vocabulary, concepts and the model config fitted to the feature shapes.
         pairs = dataset.load_pairs(captions, encode, config.data_fraction, config.seed)
-        enc = dataset.stage_of(encode)
+        enc = StageDir.at(encode)
         store = dataset.FeatureStore(enc, "features")
         store.check_rows(pairs.shard, pairs.row, pairs.caption_ids)
         d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))

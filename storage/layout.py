@@ -85,6 +85,12 @@ class StageDir:
     def is_complete(self) -> bool:
         return self.done_marker.exists()
 
+    @classmethod
+    def at(cls, path: str | os.PathLike) -> StageDir:
+        """The StageDir of an existing `<root>/<stage>/<fingerprint>` path."""
+        p = Path(path).resolve()
+        return cls(p, p.parent.name, p.name)
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -104,5 +110,5 @@ class RunLayout:
 
     def stage_from_path(self, path: str | os.PathLike) -> StageDir:
         """The StageDir for an existing `<root>/<stage>/<fingerprint>` path."""
-        p = Path(path).resolve()
-        return self.stage(p.parent.name, p.name)
+        sd = StageDir.at(path)
+        return self.stage(sd.stage, sd.fingerprint)  # validated: a known stage, a hex fingerprint

@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from pcm import checkpoint
-from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs, load_val, stage_of
+from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs, load_val
 from pcm.stage import finish
 from pcm.train import TrainConfig, read_metrics, run_train, verify
 from pcm.vocab import Vocab
 from storage import atomic, checkpoints, tables
 from storage.arrays import write_arrays
-from storage.layout import RunLayout
+from storage.layout import RunLayout, StageDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
     assert load_pairs(cap, enc, data_fraction=0.5, seed=1).caption_ids == half.caption_ids
     assert load_pairs(cap, enc, data_fraction=0.5, seed=2).caption_ids != half.caption_ids
     # Features come from the row the scores name, across shards.
-    store = FeatureStore(stage_of(enc), "features")
+    store = FeatureStore(StageDir.at(enc), "features")
     store.check_rows(full.shard, full.row, full.caption_ids)
     g, v = store.gather(full.shard[[0, 15]], full.row[[0, 15]])
     assert g.shape == (2, 16) and v.shape == (2, 4, 24) and g.dtype == torch.float16  # the stored dtype: widened on the device
@@ -184,7 +184,7 @@ def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
 def test_epoch_batches_cover_each_pair_once_and_split_a_global_batch_over_ranks(tmp_path):
     cap, enc = make_inputs(tmp_path / "runs", n_train=10)
     pairs = load_pairs(cap, enc)
-    store = FeatureStore(stage_of(enc), "features")
+    store = FeatureStore(StageDir.at(enc), "features")
     inp, out = caption_tokens(pairs.texts, Vocab.build(pairs.texts), 20)
     one = EpochBatches(pairs, store, inp, out, batch_size=4, seed=3)
     assert len(one) == 2                                   # 10 // 4, the partial batch is dropped
@@ -213,7 +213,7 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
     assert not model.training and meta["step"] == 120 and meta["clip"]["model"] == "tiny"
     assert meta["concepts"][0] == "dog"
     pairs = load_pairs(cap, enc)
-    g, v = FeatureStore(stage_of(enc), "features").gather(pairs.shard, pairs.row)
+    g, v = FeatureStore(StageDir.at(enc), "features").gather(pairs.shard, pairs.row)
     decoded = [vocab.decode(ids) for ids in greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos)]
     assert decoded == pairs.texts
     losses = [r["loss"] for r in read_metrics(Path(result.path) / "metrics.jsonl") if "loss" in r]
@@ -221,7 +221,7 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
     assert Path(result.extra["pictures"]["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
     # A second run is served from disk; verify notices a missing output.
     assert run_train(config, cap, enc, str(tmp_path / "runs")).cached
-    sd = stage_of(result.path)
+    sd = StageDir.at(result.path)
     assert verify(sd) is None
     (sd.path / "metrics.jsonl").unlink()
     assert verify(sd) == "no metrics.jsonl"
