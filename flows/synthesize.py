@@ -10,7 +10,7 @@ from prefect import flow, task
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, is_finished, results_dir, run_stage
 from flows.retries import retry_transient
-from pcm.synthesize import SynthesizeConfig, Synthesizer, finalize, num_shards, plan, run_synthesize, verify
+from pcm.synthesize import PairedImages, SynthesizeConfig, Synthesizer, finalize, make_generator, num_shards, plan, run_synthesize, verify
 from storage.result import StageResult
 from storage.shards import is_done
 
@@ -29,9 +29,9 @@ def synthesize_shard(config: SynthesizeConfig, captions: str, root: str, index: 
 
 
 @functools.lru_cache(maxsize=1)
-def loaded_synthesizer(config_json: str) -> Synthesizer:
+def loaded_synthesizer(config_json: str) -> Synthesizer | PairedImages:
     """One loaded (and compiled) pipeline per flow-run process, shared by its shard tasks."""
-    return Synthesizer(SynthesizeConfig.model_validate_json(config_json))
+    return make_generator(SynthesizeConfig.model_validate_json(config_json))
 
 
 @task(name="synthesize-finalize", cache_key_fn=fingerprint_key(plan))

@@ -20,7 +20,7 @@ app = typer.Typer(
 
 # Each module defines `register(app)`; heavy libraries are imported inside the commands so
 # `pcm --help` stays fast.
-COMMAND_MODULES = ("ingest", "synthesize", "encode", "train", "evaluate", "run")
+COMMAND_MODULES = ("ingest", "synthesize", "encode", "train", "evaluate", "run", "world")
 
 
 @app.callback()

@@ -86,6 +86,17 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.caption_ids)
 
+    def with_images_shuffled(self, seed: int) -> Pairs:
+        """A CONTROL, not the method: every caption gets another caption's image (a seeded derangement),
+        so a model trained on it can learn the captions' language but nothing about images."""
+        n = len(self)
+        if n < 2:
+            raise ValueError("shuffling images across captions needs at least two training pairs")
+        order = np.random.default_rng(seed).permutation(n)
+        target = np.empty(n, dtype=np.int64)
+        target[order] = np.roll(order, 1)          # image of order[k-1] -> caption order[k]: never its own
+        return Pairs(self.caption_ids, self.texts, self.shard[target], self.row[target], self.clip_score)
+
 
 def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 1.0, seed: int = 0) -> Pairs:
     """Ok rows of scores.parquet joined with their caption text; a seeded `data_fraction` subset."""

@@ -53,6 +53,9 @@ class EvaluateConfig(StageConfig):
         "auto", description="SPICE: auto = when its CoreNLP jars are installed, on = required, off = skipped.")
     published: str | None = Field(
         None, description="Paper setting to compare with (pcm/presets/published.toml), e.g. coco-vitl14.")
+    control: bool = Field(
+        True, description="Also score each caption against another image's references (a language-only "
+        "control: what the captions score without looking at their image).")
     report_samples: int = Field(12, ge=0, description="Predictions shown beside their references in report.md.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     batch_size: int = Field(64, ge=1, description="Images decoded per batch.")
@@ -252,6 +255,17 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
     return {i: captions[i] for i in evalset.image_ids}
 
 
+CONTROL_HOW = ("each caption scored against the references of another image of the split (image ids sorted, "
+               "shifted by half the split): the language-only score a caption gets without looking")
+
+
+def shuffled_references(references: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Every image gets the references of the image half the split away (sorted ids): never its own."""
+    ids = sorted(references)
+    shift = len(ids) // 2
+    return {i: references[ids[(k + shift) % len(ids)]] for k, i in enumerate(ids)}
+
+
 def coco_image_id(image_id: str) -> int | str:
     """COCO's results format uses integer ids: an id that is an integer is written as one."""
     return int(image_id) if image_id.isdigit() and str(int(image_id)) == image_id else image_id
@@ -302,6 +316,8 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
             log.info("evaluate: reusing the %d predictions of %s", len(predictions), sd.file(PREDICTIONS))
         t2 = time.monotonic()
         corpus, per_image = score_captions(predictions, evalset.references, spice=config.spice)
+        control = score_captions(predictions, shuffled_references(evalset.references), spice="off")[0] \
+            if config.control and len(predictions) > 1 else None
         t3 = time.monotonic()
 
         rows = [{"image_id": i, "caption": predictions[i], "references": evalset.references[i],
@@ -309,6 +325,7 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
                  "cider": per_image[i]["cider"], "spice": per_image[i].get("spice")} for i in evalset.image_ids]
         tables.write(sd.file(PER_IMAGE), rows, tables.PER_IMAGE)
         summary = _summary(config, corpus, evalset, ckpt_dir, meta, train_r, encode_r, captions_r)
+        summary["control"] = None if control is None else {"metrics": control, "how": CONTROL_HOW}
         atomic.write_json(sd.file(METRICS), summary)
         pictures = _write_report(sd, config, summary, rows, evalset, encode_r)
         t4 = time.monotonic()
@@ -316,7 +333,10 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
         counts = {k: int(v) for k, v in summary["counts"].items()}
         log.info("evaluate: %s", ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} n/a"
                                            for k, v in corpus.items()))
-        extra = {"metrics": corpus, "split": config.split, "protocol": summary["protocol"], "step": meta["step"],
+        if control is not None:
+            log.info("evaluate: control (references of another image): CIDEr %.3f vs %.3f", control["CIDEr"],
+                     corpus["CIDEr"])
+        extra = {"metrics": corpus, "control_metrics": control, "split": config.split, "protocol": summary["protocol"], "step": meta["step"],
                  "report": str(sd.file(REPORT)), "pictures": pictures}
         return finish(sd, counts, started, extra=extra,
                       timings={"load_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),

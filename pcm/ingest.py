@@ -28,7 +28,7 @@ from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: train rows keep their image path (paired-image runs)
 STAGE = "ingest"
 OUTPUT = "captions.parquet"
 FORMATS = ("karpathy", "coco", "txt", "jsonl", "csv")
@@ -164,7 +164,7 @@ class _Rows:
         self.image_id.append(image_id)
         self.split.append(split)
         self.raw.append(raw)
-        self.image_path.append(image_path if split != "train" else None)
+        self.image_path.append(image_path)
 
 
 def _decode(path: Path) -> str:

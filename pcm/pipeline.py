@@ -4,7 +4,8 @@
     results = run_pipeline(cfg)          # in-process, no Prefect server
 
 Presets live in pcm/presets/pipeline/<name>.toml; a path to a TOML file works too. In a preset,
-the string "{demo}" expands to the bundled demo data directory.
+"{demo}" expands to the bundled demo data directory, "{toyworld}" to the bundled toy-world data
+and "{toymodels}" to the shipped toy models (pcm/data/toymodels).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(preset: str) -> dict[str, Any]:
-    """The raw dict of a preset name or TOML path, with "{demo}" expanded."""
+    """The raw dict of a preset name or TOML path, with "{demo}", "{toyworld}" and "{toymodels}" expanded."""
     path = Path(preset)
     if not (path.suffix == ".toml" and path.exists()):
         # A bare name picks a bundled preset, never a path built from it.
@@ -60,10 +61,10 @@ def load_preset(preset: str) -> dict[str, Any]:
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML: {e}") from None
-    from pcm.demo_data import demo_paths
+    from pcm.demo_data import DEMO_DIR
+    from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
 
-    dataset_json, _ = demo_paths()
-    return _expand(raw, {"{demo}": str(dataset_json.parent)})
+    return _expand(raw, {"{demo}": str(DEMO_DIR), "{toyworld}": str(SHIPPED_DIR), "{toymodels}": str(SHIPPED_MODELS)})
 
 
 def _expand(value: Any, table: dict[str, str]) -> Any:

@@ -115,6 +115,11 @@ def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | N
         "| " + " | ".join(_fmt(corpus.get(k)) for k in LABELS) + " |",
         "",
     ]
+    if summary.get("control"):
+        ctrl = summary["control"]["metrics"]
+        lines[-1:] = ["| " + " | ".join(_fmt(ctrl.get(k)) if k != "SPICE" else "-" for k in LABELS) + " |", "",
+                      f"Second row, the control: {summary['control']['how']}. A captioner that uses its image "
+                      "scores above it; one that ignores it scores about the same.", ""]
     if not isinstance(corpus.get("SPICE"), float):
         lines += [f"SPICE: {corpus.get('SPICE')}", ""]
     if summary.get("published"):

@@ -30,7 +30,7 @@ from storage.shards import ShardWriter, check_key, is_done, iter_tar, read_marke
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
+CODE_VERSION = "1"  # paired-image runs have a field of their own, so model runs keep their fingerprints
 STAGE = "synthesize"
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
@@ -55,6 +55,9 @@ class SynthesizeConfig(StageConfig):
     shard_size: int = Field(1000, ge=1, description="images per WebDataset shard")
     image_format: Literal["jpeg", "png", "webp"] = Field("jpeg", description="encoding of the stored images")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
+    paired_images: str | None = Field(
+        None, description="NOT SYNTHETIC (the oracle arm): take each train caption's own image from this root "
+        "(the ingest stage's image_path) instead of generating one; resized to height x width")
     tiny_vae: str | None = Field(
         None, description="APPROXIMATE, CHANGES THE IMAGES: decode with a tiny VAE (TAESD) by hub id, local "
         "directory, or `tiny` (random, presets only) instead of the model's VAE; ~8x faster decoding")
@@ -66,6 +69,13 @@ class SynthesizeConfig(StageConfig):
     channels_last: bool = Field(False, description="channels-last memory format for UNet and VAE (GPU)")
     writer_threads: int = Field(4, ge=1, le=64, description="threads encoding images while the GPU works")
     progress_bar: bool = Field(True, description="show a tqdm bar")
+
+    def content(self) -> dict[str, Any]:
+        # `paired_images` is left out when unset, so diffusion runs keep the fingerprints they had before it.
+        out = super().content()
+        if out.get("paired_images") is None:
+            out.pop("paired_images", None)
+        return out
 
     @field_validator("scheduler")
     @classmethod
@@ -102,6 +112,7 @@ class Sample:
     caption_id: str
     text: str
     seed: int
+    image_path: str | None = None   # the caption's own image (read only for paired-image runs)
 
 
 def sample_seed(run_seed: int, caption_id: str) -> int:
@@ -117,18 +128,22 @@ def _captions_file(captions: str | Path) -> Path:
 
 def planned_samples(config: SynthesizeConfig, captions: str | Path) -> list[Sample]:
     """The ok train-split captions in file order (first `limit`), each with its seed."""
-    return list(_planned(config.seed, config.limit, str(_captions_file(captions))))
+    return list(_planned(config.seed, config.limit, str(_captions_file(captions)), config.paired_images is not None))
 
 
 @functools.lru_cache(maxsize=4)
-def _planned(seed: int, limit: int | None, captions_file: str) -> tuple[Sample, ...]:
+def _planned(seed: int, limit: int | None, captions_file: str, paired: bool = False) -> tuple[Sample, ...]:
     # Cached per process: a finished ingest stage's captions.parquet never changes (its directory is
     # content-addressed), and one-task-per-shard flows would otherwise re-plan 600k captions per shard.
     path = Path(captions_file)
-    table = tables.read(path, tables.CAPTIONS, columns=["caption_id", "split", "text", "status"])
+    columns = ["caption_id", "split", "text", "status"] + (["image_path"] if paired else [])
+    table = tables.read(path, tables.CAPTIONS, columns=columns)
     out: list[Sample] = []
     seen: set[str] = set()
-    for row, (cid, split, text, status) in enumerate(zip(*(table[c].to_pylist() for c in table.column_names), strict=True)):
+    values = [table[c].to_pylist() for c in columns]
+    if not paired:
+        values.append([None] * table.num_rows)
+    for row, (cid, split, text, status, image_path) in enumerate(zip(*values, strict=True)):
         if split != "train" or status != tables.STATUS_OK:
             continue
         try:
@@ -138,7 +153,7 @@ def _planned(seed: int, limit: int | None, captions_file: str) -> tuple[Sample, 
         if cid in seen:
             raise ValueError(f"{path}: row {row}: duplicate caption_id {cid!r}; caption ids must be unique")
         seen.add(cid)
-        out.append(Sample(cid, text, sample_seed(seed, cid)))
+        out.append(Sample(cid, text, sample_seed(seed, cid), image_path))
         if limit is not None and len(out) >= limit:
             break
     if not out:
@@ -228,6 +243,9 @@ class Synthesizer:
             raise ValueError(f"height and width must be multiples of {scale} for {config.model}")
         self.latent_shape = (self.pipe.unet.config.in_channels, config.height // scale, config.width // scale)
 
+    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
+        return self.generate([s.text for s in samples], [s.seed for s in samples])
+
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Any]:
         """One entry per prompt: a uint8 [H, W, 3] array, or a string saying why the sample failed."""
         import torch
@@ -272,6 +290,47 @@ class Synthesizer:
                 output_type="latent", return_dict=False)[0]
 
 
+class PairedImages:
+    """The oracle arm's stand-in for a diffusion model: each caption's own image, read from `paired_images`.
+
+    Same interface as `Synthesizer`; a missing, unreadable or escaping image is that sample's failure.
+    """
+
+    def __init__(self, config: SynthesizeConfig) -> None:
+        if config.paired_images is None:
+            raise ValueError("PairedImages needs synthesize.paired_images (the root of the train images)")
+        self.config = config
+        self.root = Path(config.paired_images).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"synthesize.paired_images={config.paired_images!r}: no such directory")
+
+    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
+        import numpy as np
+        from PIL import Image
+
+        out: list[Any] = []
+        for s in samples:
+            if not s.image_path:
+                out.append("no image_path for this train caption in captions.parquet (paired_images needs one)")
+                continue
+            path = (self.root / s.image_path).resolve()
+            if not path.is_relative_to(self.root):
+                out.append(f"image_path {s.image_path!r} escapes paired_images {self.root}")
+                continue
+            try:
+                with Image.open(path) as img:
+                    rgb = img.convert("RGB").resize((self.config.width, self.config.height), Image.BICUBIC)
+                out.append(np.asarray(rgb, dtype=np.uint8))
+            except Exception as e:  # noqa: BLE001 - one bad image is a failed row, not a failed shard
+                out.append(f"{path}: {type(e).__name__}: {e}")
+        return out
+
+
+def make_generator(config: SynthesizeConfig) -> Synthesizer | PairedImages:
+    """What turns the plan's samples into pixels: the diffusion model, or the paired images (oracle)."""
+    return PairedImages(config) if config.paired_images else Synthesizer(config)
+
+
 def encode_image(pixels: Any, image_format: str, quality: int) -> bytes:
     """uint8 [H, W, 3] -> image file bytes; deterministic (no timestamps or metadata)."""
     from PIL import Image
@@ -303,7 +362,7 @@ def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
         "steps": config.steps, "guidance_scale": config.guidance_scale, "negative_prompt": config.negative_prompt,
         "height": config.height, "width": config.width, "dtype": config.dtype, "tiny_vae": config.tiny_vae,
         "versions": _versions(),
-    }
+    } | ({"paired_image": sample.image_path, "paired_images": config.paired_images} if config.paired_images else {})
 
 
 def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[Future | str],
@@ -338,7 +397,7 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
 def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards: list[int] | None = None,
                    worker_index: int = 0, num_workers: int = 1, force: bool = False,
                    progress: ProgressFn | None = None, finalize_when_complete: bool = True,
-                   synthesizer: Synthesizer | None = None) -> StageResult:
+                   synthesizer: Synthesizer | PairedImages | None = None) -> StageResult:
     """Generate the pending shards in scope; finalise the stage when every shard is done.
 
     Scope: `shards` (explicit indices), else shards with `i % num_workers == worker_index`. A
@@ -380,7 +439,7 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
             progress(sum(is_done(tar(i)) for i in range(total)), total, message)
 
     if todo:
-        counts = _generate(synthesizer or Synthesizer(config), sd, groups, todo, force, counts, report)
+        counts = _generate(synthesizer or make_generator(config), sd, groups, todo, force, counts, report)
     if not finalize_when_complete or not all(is_done(tar(i)) for i in range(total)):
         pending = [i for i in range(total) if not is_done(tar(i))]
         return StageResult(stage=STAGE, fingerprint=sd.fingerprint, path=str(sd.path),
@@ -390,7 +449,7 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
     return finalize(config, captions, root, started=started)
 
 
-def _generate(synth: Synthesizer, sd: StageDir, groups: list[list[Sample]], todo: list[int], force: bool,
+def _generate(synth: Synthesizer | PairedImages, sd: StageDir, groups: list[list[Sample]], todo: list[int], force: bool,
               counts: dict[str, int], report: Callable[[str], None]) -> dict[str, int]:
     """Generate the shards `todo`; the GPU never waits for image encoding or tar writing."""
     from tqdm.auto import tqdm
@@ -425,7 +484,7 @@ def _generate(synth: Synthesizer, sd: StageDir, groups: list[list[Sample]], todo
                 group = groups[index]
                 for b in range(0, len(group), config.batch_size):
                     batch = group[b:b + config.batch_size]
-                    for out in synth.generate([s.text for s in batch], [s.seed for s in batch]):
+                    for out in synth.generate_samples(batch):
                         results.append(out if isinstance(out, str) else encoders.submit(
                             encode_image, out, config.image_format, config.jpeg_quality))
                     bar.update(len(batch))

@@ -63,6 +63,8 @@ class TrainConfig(StageConfig):
     epochs: int = Field(12, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many steps (demos, tests)")
     data_fraction: float = Field(1.0, gt=0, le=1, description="train on a seeded random fraction of the pairs")
+    shuffle_images: bool = Field(False, description="CONTROL, NOT THE METHOD: train each caption on another "
+                                 "caption's image (seeded), to measure what the captions alone teach")
     seed: int = 0
     # Validation (val split only; test is never touched here) and bookkeeping.
     log_every: int = Field(50, gt=0, description="steps between metrics.jsonl lines")
@@ -103,6 +105,13 @@ class TrainConfig(StageConfig):
 
     def model_preset(self) -> PCMNetConfig:
         return load_preset(self.preset, self.model)
+
+    def content(self) -> dict[str, Any]:
+        # The control switch is left out when off, so ordinary runs keep the fingerprints they had before it.
+        out = super().content()
+        if not out.get("shuffle_images"):
+            out.pop("shuffle_images", None)
+        return out
 
 
 # ---------------------------------------------------------------------- stage API
@@ -273,6 +282,9 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
         enc = StageDir.at(encode)
         store = dataset.FeatureStore(enc, "features")
         store.check_rows(pairs.shard, pairs.row, pairs.caption_ids)
+        if config.shuffle_images:
+            log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
+            pairs = pairs.with_images_shuffled(config.seed)
         d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))
         names, bank = dataset.load_concepts(encode)
         head, head_meta = dataset.load_clip_head(encode)

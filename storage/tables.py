@@ -24,7 +24,7 @@ CAPTIONS = pa.schema([
     ("text", pa.string()),              # normalised (whitespace collapsed); "" when rejected
     ("raw_text", pa.string()),          # as read
     ("source", pa.string()),            # e.g. "karpathy:dataset_coco.json"
-    ("image_path", pa.string()),        # relative image path for val/test rows, else null
+    ("image_path", pa.string()),        # relative image path when the source names one (train rows too)
     ("references", pa.list_(pa.string())),  # all reference captions of the image (val/test)
     ("status", pa.string()),            # ok / rejected
     ("error", pa.string()),             # reason when rejected

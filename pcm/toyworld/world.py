@@ -229,20 +229,24 @@ class Reading:
     objects: dict[tuple[str, str | None], int]
 
 
+_SKY_WORDS = re.compile(r"\b(sunny|blue sky|day|sunset|orange sky|dusk|night|dark sky)\b")
+_GROUND_WORDS = re.compile(r"\b(grass|grassy|lawn|sand|sandy|beach|desert|snow|snowy)\b")
+_SKY_OF = {"sunny": "day", "blue sky": "day", "day": "day", "sunset": "sunset", "orange sky": "sunset",
+           "dusk": "sunset", "night": "night", "dark sky": "night"}
+_GROUND_OF = {"grass": "grass", "grassy": "grass", "lawn": "grass", "sand": "sand", "sandy": "sand",
+              "beach": "sand", "desert": "sand", "snow": "snow", "snowy": "snow"}
+
+
 def read_caption(text: str) -> Reading:
-    """Parse a caption of the world's grammar (or a model's attempt at one) into what it claims."""
-    t = " " + re.sub(r"[^a-z ]+", " ", text.lower()) + " "
-    sky = ground = None
-    for name, phrases in SKY_PHRASES.items():
-        for p in sorted(phrases, key=len, reverse=True):
-            if f" {p} " in t:
-                sky = sky or name
-                t = t.replace(f" {p} ", " ")
-    for name, phrases in GROUND_PHRASES.items():
-        for p in phrases:
-            if f" {p} " in t:
-                ground = ground or name
-                t = t.replace(f" {p} ", " ")
+    """Parse a caption (the world's grammar, or a model's attempt at it) into what it claims.
+
+    Sky and ground come from their first keyword ("sunny", "dusk", "beach", "snowy", ...), objects
+    from "<count> [colour] <kind> [in <colour>]" phrases, summed per (kind, colour).
+    """
+    t = re.sub(r"[^a-z ]+", " ", text.lower())
+    sky_m, ground_m = _SKY_WORDS.search(t), _GROUND_WORDS.search(t)
+    sky = _SKY_OF[sky_m.group(1)] if sky_m else None
+    ground = _GROUND_OF[ground_m.group(1)] if ground_m else None
     objects: Counter = Counter()
     for m in _OBJECT.finditer(t):
         kind = _NOUNS[m.group(3)]

@@ -1,0 +1,91 @@
+"""`pcm world`: the toy world (its dataset, its trained toy models, their quality)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+world_app = typer.Typer(
+    help="The toy world: drawn scenes whose captions are checkable, with a toy text-to-image model and a toy "
+    "CLIP trained on it by this project, so the whole method can be seen working on a CPU.\n\n"
+    "The `demo` pipeline preset uses the shipped data (pcm/data/toyworld) and models (pcm/data/toymodels).",
+    no_args_is_help=True)
+
+
+@world_app.command("dataset")
+def dataset(
+    out: Path = typer.Argument(..., help="directory to write dataset_toyworld.json and the drawings into"),
+    captions: int = typer.Option(3000, help="training captions (set b, text only)"),
+    val: int = typer.Option(100, help="val scenes (drawn, five references each)"),
+    test: int = typer.Option(300, help="test scenes (drawn, five references each)"),
+    train_images: bool = typer.Option(False, "--train-images", help="also draw the training captions' scenes "
+                                      "(for the oracle arm: synthesize.paired_images=OUT)"),
+) -> None:
+    """Write a toy-world caption dataset (Karpathy format, scene records included)."""
+    from pcm.toyworld.dataset import build
+
+    typer.echo(build(out, n_captions=captions, n_val=val, n_test=test, train_images=train_images))
+
+
+@world_app.command("train-models")
+def train_models(
+    out: Path = typer.Argument(..., help="models directory: OUT/clip (open_clip local-dir) and OUT/t2i (diffusers)"),
+    work: Path | None = typer.Option(None, help="resumable training state (default OUT/../.toymodels-work)"),
+    clip_steps: int = typer.Option(1800, help="toy CLIP steps of 256 (image, text) pairs"),
+    vae_steps: int = typer.Option(600, help="toy VAE steps of 64 images"),
+    unet_steps: int = typer.Option(1900, help="toy UNet steps of 64 latents"),
+    seed: int = typer.Option(0, help="seed of both trainings"),
+) -> None:
+    """Train the toy CLIP and the toy text-to-image model (two processes, one core each; resumable), then
+    measure them and write OUT/MANIFEST.json. About 45 minutes on 2 CPU cores."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pcm.toyworld.manifest import write_manifest
+    from pcm.toyworld.train_clip import ClipTrainConfig, train_clip
+    from pcm.toyworld.train_t2i import T2ITrainConfig, train_t2i
+
+    work = work or out.parent / ".toymodels-work"
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        clip = pool.submit(train_clip, out / "clip", ClipTrainConfig(steps=clip_steps, seed=seed), work / "clip")
+        t2i = pool.submit(train_t2i, out / "t2i", T2ITrainConfig(vae_steps=vae_steps, unet_steps=unet_steps,
+                                                                 seed=seed), work / "t2i")
+        clip.result(), t2i.result()
+    report = _quality(out)
+    write_manifest(out, {"quality": report})
+    typer.echo(json.dumps(report, indent=2))
+
+
+def _quality(models: Path) -> dict:
+    from pcm.toyworld.quality import clip_retrieval, t2i_quality
+
+    return {"clip": clip_retrieval(models / "clip"), "t2i": t2i_quality(models / "t2i", models / "clip")}
+
+
+@world_app.command("quality")
+def quality(models: Path = typer.Argument(None, help="models directory (default: the shipped pcm/data/toymodels)"),
+            ) -> None:
+    """Measure the toy models on held-out scenes (CLIP retrieval, text-to-image faithfulness)."""
+    from pcm.toyworld.dataset import SHIPPED_MODELS
+
+    typer.echo(json.dumps(_quality(models or SHIPPED_MODELS), indent=2))
+
+
+@world_app.command("check")
+def check(models: Path = typer.Argument(None, help="models directory (default: the shipped pcm/data/toymodels)")) -> None:
+    """Check the toy models' files against their MANIFEST.json (sizes and sha256)."""
+    from pcm.toyworld.dataset import SHIPPED_MODELS
+    from pcm.toyworld.manifest import check_manifest
+
+    problems = check_manifest(models or SHIPPED_MODELS)
+    for p in problems:
+        typer.echo(p, err=True)
+    if problems:
+        raise SystemExit(1)
+    typer.echo(f"{models or SHIPPED_MODELS}: every file matches its manifest")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(world_app, name="world")

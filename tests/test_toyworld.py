@@ -1,0 +1,213 @@
+"""The toy world: captions read back into the scene records, disjoint sets, the shipped data and models,
+paired-image (oracle) synthesis, and the controls (images shuffled across captions, references shuffled)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pcm.toyworld import world
+from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS, build, read_scenes, scene_from_record, scene_record
+from pcm.toyworld.scenes import three_sets
+
+
+def scenes(n: int, seed: int = 5) -> list[world.Scene]:
+    rng = random.Random(seed)
+    return [world.random_scene(rng) for _ in range(n)]
+
+
+# -- captions and their reading ---------------------------------------------------------------
+def test_a_hand_written_caption_reads_as_what_it_says():
+    r = world.read_caption("Two red cars and a tree on the sandy beach at night.")
+    assert (r.sky, r.ground) == ("night", "sand")
+    assert r.objects == {("car", "red"): 2, ("tree", "green"): 1}
+    r = world.read_caption("there are three people in blue under an orange sky")
+    assert (r.sky, r.ground, r.objects) == ("sunset", None, {("person", "blue"): 3})
+    # "blue sky" is the sky, not a blue object; "an orange ball" is an object
+    r = world.read_caption("an orange ball under a blue sky in the snow")
+    assert (r.sky, r.ground, r.objects) == ("day", "snow", {("ball", "orange"): 1})
+
+
+def test_every_reference_is_true_of_its_scene():
+    for s in scenes(400):
+        refs = world.references(s, random.Random(1))
+        assert len(refs) == len(set(refs)) == 5
+        truth = Counter((t.kind, t.colour) for t in s.things)
+        for ref in refs:
+            r = world.read_caption(ref)
+            assert r.objects == dict(truth), ref
+            assert r.sky in (None, s.sky) and r.ground in (None, s.ground), ref
+        assert world.attribute_hits(s, refs[0]) == dict.fromkeys(world.ATTRIBUTES, True)
+
+
+def test_captions_name_objects_left_to_right_with_counts():
+    s = world.Scene("day", "grass", 19, (world.Thing("car", "red", 6, 27), world.Thing("car", "red", 16, 27),
+                                         world.Thing("dog", "brown", 26, 27)))
+    assert s.groups() == [(2, "car", "red"), (1, "dog", "brown")]
+    text = world.references(s, random.Random(0))[0]
+    assert text.index("two red cars") < text.index("a brown dog")
+
+
+def test_another_scenes_caption_scores_as_wrong():
+    pool = scenes(300)
+    wrong = [world.attribute_hits(a, world.references(b, random.Random(0))[0])["all"]
+             for a, b in zip(pool, pool[1:], strict=False) if a.key() != b.key()]
+    assert sum(wrong) == 0
+
+
+def test_drawings_are_deterministic_and_show_the_sky_and_ground_colours():
+    s = scenes(1)[0]
+    a, b = np.asarray(world.draw(s)), np.asarray(world.draw(s))
+    assert (a == b).all() and a.shape == (128, 128, 3)
+    assert tuple(a[2, 2]) == world.SKIES[s.sky]
+    assert tuple(a[-1, 1]) == world.GROUNDS[s.ground] or s.things[0].x < 8
+    assert world.model_view(world.draw(s)).size == (32, 32)
+
+
+# -- the three sets and the dataset -----------------------------------------------------------
+def test_the_three_sets_are_disjoint_and_reproducible():
+    sets = three_sets(2000, 500, 50, 100)
+    assert [len(sets[k]) for k in ("models", "captions", "val", "test")] == [2000, 500, 50, 100]
+    seen: set = set()
+    for name in ("models", "captions", "val", "test"):
+        assert not seen & set(sets[name]), name
+        seen |= set(sets[name])
+    assert three_sets(2000, 500, 50, 100) == sets
+
+
+def test_dataset_round_trips_its_scene_records(tmp_path):
+    path = build(tmp_path, n_captions=20, n_val=3, n_test=4, train_images=True)
+    data = json.loads(path.read_text())
+    by_split = Counter(img["split"] for img in data["images"])
+    assert by_split == {"train": 20, "val": 3, "test": 4}
+    assert all(len(img["sentences"]) == (1 if img["split"] == "train" else 5) for img in data["images"])
+    recs = read_scenes(path)
+    for img in data["images"]:
+        scene = recs[f"{img['filepath']}/{img['filename']}"]
+        assert scene_record(scene) == img["scene"]
+        assert (tmp_path / img["filepath"] / img["filename"]).is_file()
+    with pytest.raises(ValueError, match="unknown sky, ground, kind or colour"):
+        scene_from_record({**data["images"][0]["scene"], "sky": "noon"})
+
+
+def test_shipped_dataset_equals_the_generator_output(tmp_path):
+    from pcm.toyworld.dataset import DATASET_FILE
+
+    build(tmp_path)
+    assert (tmp_path / DATASET_FILE).read_bytes() == (SHIPPED_DIR / DATASET_FILE).read_bytes()
+    shipped = sorted(p.name for p in (SHIPPED_DIR / "images").iterdir())
+    assert shipped == sorted(p.name for p in (tmp_path / "images").iterdir())
+    for name in shipped[::37]:
+        assert (tmp_path / "images" / name).read_bytes() == (SHIPPED_DIR / "images" / name).read_bytes()
+
+
+# -- the shipped models -----------------------------------------------------------------------
+def test_shipped_models_match_their_manifest_and_budget():
+    from pcm.toyworld.manifest import check_manifest
+
+    assert check_manifest(SHIPPED_MODELS) == []
+    total = json.loads((SHIPPED_MODELS / "MANIFEST.json").read_text())["total_bytes"]
+    assert total < 32 * 2**20
+
+
+def test_toy_clip_loads_like_a_checkpoint_and_knows_the_world():
+    import torch
+
+    from pcm.clip import encode_images, encode_texts
+    from pcm.toyworld.quality import held_out, load_toy_clip
+
+    clip = load_toy_clip(SHIPPED_MODELS / "clip")
+    assert (clip.grid, clip.patches) == (8, 64)
+    sc, texts = held_out(64)
+    g, patches = encode_images(clip, torch.stack([clip.preprocess(world.draw(s)) for s in sc]))
+    sim = g @ encode_texts(clip, texts).T
+    own = sim.diag()
+    assert patches.shape == (64, 64, clip.width)
+    # an image is closer to its own caption than to the average other caption, for most images
+    assert ((own > (sim.sum(1) - own) / 63).float().mean()) > 0.9
+
+
+def test_toy_text_to_image_loads_through_from_pretrained_and_draws_32px():
+    from pcm.diffusion import load_pipeline
+
+    pipe = load_pipeline(str(SHIPPED_MODELS / "t2i"), dtype="fp32")
+    import torch
+
+    out = pipe(["a red car on the grass at night"], num_inference_steps=4, guidance_scale=4.0, height=32, width=32,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    px = np.asarray(out)
+    assert out.size == (32, 32)
+    # the night sky is dark and the grass green: the model renders the caption's bands
+    assert px[:8].mean() < 110 and px[-4:, :, 1].mean() > px[-4:, :, 0].mean()
+
+
+# -- oracle arm: paired images instead of synthesis -------------------------------------------
+def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
+    from pcm.ingest import IngestConfig, run_ingest
+    from pcm.synthesize import SynthesizeConfig, run_synthesize
+    from storage import tables
+    from storage.layout import StageDir
+    from storage.shards import iter_tar
+
+    data = tmp_path / "world"
+    build(data, n_captions=6, n_val=1, n_test=1, train_images=True)
+    (data / "train" / "train-00002.png").unlink()
+    ing = run_ingest(IngestConfig(source=str(data / "dataset_toyworld.json"), name="tw"), str(tmp_path / "runs"))
+    cfg = SynthesizeConfig(model="tiny", paired_images=str(data), height=32, width=32, shard_size=4,
+                           image_format="png", progress_bar=False, device="cpu")
+    res = run_synthesize(cfg, ing.path, str(tmp_path / "runs"))
+    assert res.counts["ok"] == 5 and res.counts["failed"] == 1
+    rows = tables.read(StageDir.at(res.path).file("samples.parquet"), tables.SAMPLES).to_pylist()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and "train-00002.png" in failed[0]["error"]
+    caps = {r["caption_id"]: r for r in tables.read(StageDir.at(ing.path).file("captions.parquet"),
+                                                    tables.CAPTIONS).to_pylist()}
+    n = 0
+    for i in range(res.counts["shards"]):
+        for sample in iter_tar(StageDir.at(res.path).shard_file("shards", i, "tar")):
+            src = np.asarray(Image.open(data / caps[sample["__key__"]]["image_path"]).convert("RGB"))
+            assert (np.asarray(Image.open(io.BytesIO(sample["png"]))) == src).all()
+            assert json.loads(sample["json"])["paired_image"] == caps[sample["__key__"]]["image_path"]
+            n += 1
+    assert n == 5
+    # the diffusion runs' fingerprints do not see the new field
+    assert "paired_images" not in SynthesizeConfig(model="tiny").content()
+
+
+def test_paired_images_must_stay_inside_their_root(tmp_path):
+    from pcm.synthesize import PairedImages, Sample, SynthesizeConfig
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    gen = PairedImages(SynthesizeConfig(model="tiny", paired_images=str(tmp_path / "root"), height=32, width=32))
+    out = gen.generate_samples([Sample("a", "t", 0, "../secret.png"), Sample("b", "t", 0, None)])
+    assert "escapes paired_images" in out[0] and "no image_path" in out[1]
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        PairedImages(SynthesizeConfig(model="tiny", paired_images=str(tmp_path / "nope")))
+
+
+# -- controls ----------------------------------------------------------------------------------
+def test_shuffled_images_give_every_caption_another_image():
+    from pcm.dataset import Pairs
+
+    n = 50
+    pairs = Pairs([f"c{i}" for i in range(n)], [f"t{i}" for i in range(n)], np.zeros(n, dtype=np.int64),
+                  np.arange(n, dtype=np.int64), np.ones(n, dtype=np.float32))
+    a, b = pairs.with_images_shuffled(3), pairs.with_images_shuffled(3)
+    assert (a.row == b.row).all() and sorted(a.row.tolist()) == list(range(n))
+    assert not (a.row == pairs.row).any() and a.caption_ids == pairs.caption_ids
+
+
+def test_shuffled_references_are_never_the_images_own():
+    from pcm.evaluate import shuffled_references
+
+    refs = {f"img{i}": [f"ref of {i}"] for i in range(7)}
+    out = shuffled_references(refs)
+    assert set(out) == set(refs) and all(out[k] != refs[k] for k in refs)
+    assert sorted(map(tuple, out.values())) == sorted(map(tuple, refs.values()))
