@@ -47,10 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] finished in {time.monotonic() - t0:.0f}s", flush=True)
         print(f"[demo] outputs:   {REPO / 'runs'}  (one directory per stage and fingerprint)")
         if metrics:
-            m = json.loads(metrics[-1].read_text())["metrics"]
-            shown = {k: (round(100 * v, 1) if isinstance(v, float) else str(v).split(":")[0]) for k, v in m.items()
-                     if k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")}
-            print(f"[demo] metrics:   {metrics[-1]}\n[demo]            {shown}")
+            print_results(metrics[-1])
         print(f"[demo] dashboard: {stack.dashboard_url}")
         if args.keep_running:
             print("[demo] server and worker keep running; press Ctrl-C to stop them", flush=True)
@@ -62,6 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         print("[demo] stopping worker and server", flush=True)
         stack.stop()
+
+
+def print_results(metrics_file: Path, n: int = 5) -> None:
+    """The metrics beside the language-only control, and a few captions beside a reference."""
+    summary = json.loads(metrics_file.read_text())
+    m = summary["metrics"]
+    shown = {k: (round(100 * v, 1) if isinstance(v, float) else str(v).split(":")[0]) for k, v in m.items()
+             if k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")}
+    print(f"[demo] metrics:   {metrics_file}\n[demo]            {shown}")
+    control = (summary.get("control") or {}).get("metrics")
+    if control:
+        print(f"[demo] control:   CIDEr {100 * control['CIDEr']:.1f} when each caption is scored against another "
+              f"image's references (the captions above score {100 * m['CIDEr']:.1f} against their own)")
+    predictions = json.loads((metrics_file.parent / "predictions.json").read_text())
+    for p in predictions[:: max(1, len(predictions) // n)][:n]:
+        print(f"[demo] {str(p['image_id']):>10}: {p['caption']}")
+    print(f"[demo] report:    {metrics_file.parent / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,15 @@ def publish(result: StageResult) -> None:
     """Metrics table, paper comparison, report and thumbnails for the dashboard (also when cached)."""
     summary = atomic.read_json(result.dir / METRICS)
     metrics = summary["metrics"]
-    rows = [{"metric": label, "value (x100)": round(100 * metrics[k], 2) if isinstance(metrics.get(k), float)
-             else metrics.get(k)} for k, label in LABELS.items()]
+    control = (summary.get("control") or {}).get("metrics") or {}
+
+    def x100(v: object) -> object:
+        return round(100 * v, 2) if isinstance(v, float) else v
+
+    # The control column: the same captions scored against another image's references (language only).
+    rows = [{"metric": label, "value (x100)": x100(metrics.get(k))}
+            | ({"control (x100)": x100(control.get(k)) if k != "SPICE" else "-"} if control else {})
+            for k, label in LABELS.items()]
     key = f"evaluate-{summary['split']}-{result.fingerprint}"
     artifacts.table(key, rows, f"{summary['split']} split, {summary['protocol']}, step {summary['checkpoint']['step']}")
     if summary.get("published"):

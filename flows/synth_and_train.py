@@ -33,7 +33,7 @@ class PipelineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: str = Field("demo", description="pipeline preset: demo, coco-vitl14, coco-vitb32, flickr30k-vitl14, or a .toml path")
+    preset: str = Field("demo", description="pipeline preset: demo (toy world), tiny (random weights), coco-vitl14, coco-vitb32, flickr30k-vitl14, or a .toml path")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description='dotted parameters, e.g. {"synthesize.guidance_scale": 5.0}')
     root: str = Field("runs", description="run root shared by every worker (local path or mount)")

@@ -10,7 +10,17 @@ from prefect import flow, task
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, is_finished, results_dir, run_stage
 from flows.retries import retry_transient
-from pcm.synthesize import PairedImages, SynthesizeConfig, Synthesizer, finalize, make_generator, num_shards, plan, run_synthesize, verify
+from pcm.synthesize import (
+    PairedImages,
+    SynthesizeConfig,
+    Synthesizer,
+    finalize,
+    make_generator,
+    num_shards,
+    plan,
+    run_synthesize,
+    verify,
+)
 from storage.result import StageResult
 from storage.shards import is_done
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One stage of the demo pipeline (earlier stages reused from disk) with config overrides.
+# One stage of the tiny (random-weight) pipeline (earlier stages reused from disk) with config overrides.
 RUNNER = """
 import json, sys
 from pcm.pipeline import resolve, run_pipeline
 root, stage, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-run_pipeline(resolve("demo", overrides), root, stages=(stage,))
+run_pipeline(resolve("tiny", overrides), root, stages=(stage,))
 """
 
 

@@ -45,7 +45,7 @@ def test_second_train_fails_fast_naming_the_holder_and_outputs_stay_valid(tmp_pa
 
     long_train = {**SMALL, "train.max_steps": 400, "train.checkpoint_every": 1}
     run_stage(tmp_path, "encode", long_train)
-    cfg = resolve("demo", long_train)
+    cfg = resolve("tiny", long_train)
     first = start(tmp_path, "train", long_train)
     try:
         # Wait until the first run holds the stage lock (its pid is written into the lock file).

@@ -79,7 +79,7 @@ def stage_dirs(root: Path, stage: str) -> list[Path]:
 
 
 def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
-    config = {"preset": "demo", "root": str(root)}
+    config = {"preset": "tiny", "root": str(root)}  # the demo deployment, on the random-weight preset (fast)
     first = run(stack, "synth-and-train/demo", config)
 
     # Every stage's outputs exist; the metrics are numbers.
@@ -122,7 +122,7 @@ def test_two_workers_share_a_synthesize_fan_out(stack, root):
 
     stack.start_worker("worker-2")
     fan_root = root / "fanout"
-    config = {"preset": "demo", "root": str(fan_root), "stop_after": "synthesize", "synthesize_fanout": 4,
+    config = {"preset": "tiny", "root": str(fan_root), "stop_after": "synthesize", "synthesize_fanout": 4,
               "overrides": {"synthesize.shard_size": 16}}
     run(stack, "synth-and-train/demo", config)
     (sd,) = stage_dirs(fan_root, "synthesize")

@@ -63,7 +63,8 @@ def test_karpathy_rows_splits_references_and_ids(karpathy, tmp_path):
     r = {row["caption_id"]: row for row in rows}
     assert r["coco-2"]["text"] == "a dog sleeping" and r["coco-2"]["raw_text"] == "a  dog\tsleeping "
     assert r["coco-3"]["split"] == "train"                                    # restval counts as train
-    assert r["coco-1"]["image_id"] == "10" and r["coco-1"]["image_path"] is None and r["coco-1"]["references"] == []
+    # train rows keep their image path (paired-image runs), but carry no references
+    assert r["coco-1"]["image_id"] == "10" and r["coco-1"]["image_path"] == "train2014/a.jpg" and r["coco-1"]["references"] == []
     val_refs = ["a red bus", "a bus on the street"]
     for cid in ("coco-4", "coco-5", "coco-6"):                                # every row of the image, rejected too
         assert r[cid]["references"] == val_refs and r[cid]["image_path"] == "val2014/c.jpg"
@@ -351,7 +352,7 @@ def test_demo_bundle_equals_the_generator_output(tmp_path):
     for name in bundled:   # pixels, not PNG bytes: zlib builds may compress the same pixels differently
         with Image.open(images_root / IMAGE_DIR / name) as a, Image.open(tmp_path / "demo" / IMAGE_DIR / name) as b:
             assert a.size == (128, 128) and a.tobytes() == b.tobytes()
-    assert sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file()) < 1_500_000
+    assert sum(p.stat().st_size for p in (DATA_DIR / "demo").rglob("*") if p.is_file()) < 1_500_000
 
     result = ingest(dataset, tmp_path / "runs")
     c = result.counts

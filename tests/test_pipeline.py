@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +12,7 @@ from pcm.cli import app
 from pcm.pipeline import apply_overrides, load_preset, parse_assignments, preset_names, resolve
 
 
-@pytest.mark.parametrize("name", ["demo", "coco-vitl14", "coco-vitb32", "flickr30k-vitl14"])
+@pytest.mark.parametrize("name", ["demo", "tiny", "coco-vitl14", "coco-vitb32", "flickr30k-vitl14"])
 def test_every_preset_validates(name):
     cfg = resolve(name)
     assert cfg.name == name
@@ -26,10 +27,20 @@ def test_published_settings_follow_the_paper():
     assert resolve("flickr30k-vitl14").ingest.source.endswith("dataset_flickr30k.json")
 
 
-def test_demo_points_at_the_bundled_data():
+def test_demo_points_at_the_toy_world_and_its_shipped_models():
     cfg = resolve("demo")
+    assert cfg.ingest.source.endswith("pcm/data/toyworld/dataset_toyworld.json")
+    assert cfg.encode.images_root.endswith("pcm/data/toyworld")
+    assert cfg.synthesize.model.endswith("pcm/data/toymodels/t2i")
+    assert cfg.encode.clip.pretrained.endswith("pcm/data/toymodels/clip") and cfg.train.preset == "toy"
+    assert not {"{demo}", "{toyworld}", "{toymodels}"} & set(re.findall(r"\{\w+\}", json.dumps(cfg.model_dump(mode="json"))))
+
+
+def test_tiny_points_at_the_bundled_random_weight_demo_data():
+    cfg = resolve("tiny")
     assert cfg.ingest.source.endswith("pcm/data/demo/dataset_demo.json")
     assert cfg.encode.images_root.endswith("pcm/data/demo")
+    assert cfg.synthesize.model == "tiny" and cfg.encode.clip.model == "tiny"
     assert "{demo}" not in json.dumps(cfg.model_dump(mode="json"))
 
 

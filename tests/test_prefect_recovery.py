@@ -28,7 +28,7 @@ import json, sys
 from flows.synthesize import synthesize_flow
 from pcm.pipeline import resolve
 root, captions, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-synthesize_flow(resolve("demo", overrides).synthesize, captions, root)
+synthesize_flow(resolve("tiny", overrides).synthesize, captions, root)
 """
 
 

@@ -103,8 +103,9 @@ def test_shipped_dataset_equals_the_generator_output(tmp_path):
     assert (tmp_path / DATASET_FILE).read_bytes() == (SHIPPED_DIR / DATASET_FILE).read_bytes()
     shipped = sorted(p.name for p in (SHIPPED_DIR / "images").iterdir())
     assert shipped == sorted(p.name for p in (tmp_path / "images").iterdir())
-    for name in shipped[::37]:
-        assert (tmp_path / "images" / name).read_bytes() == (SHIPPED_DIR / "images" / name).read_bytes()
+    for name in shipped[::37]:   # pixels, not PNG bytes: zlib builds may compress the same pixels differently
+        with Image.open(tmp_path / "images" / name) as a, Image.open(SHIPPED_DIR / "images" / name) as b:
+            assert a.size == (128, 128) and a.tobytes() == b.tobytes()
 
 
 # -- the shipped models -----------------------------------------------------------------------

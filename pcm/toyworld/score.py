@@ -1,0 +1,32 @@
+"""Per-attribute accuracy of an evaluate stage's captions on toy-world scenes, read from the scene records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pcm.evaluate import PER_IMAGE
+from pcm.toyworld.dataset import read_scenes
+from pcm.toyworld.world import ATTRIBUTES, attribute_hits
+from storage import tables
+from storage.layout import StageDir
+
+
+def attribute_accuracy(evaluate: str | Path, captions: str | Path, dataset: str | Path) -> dict[str, float]:
+    """Share of evaluated images whose caption states each attribute right (sky, ground, kinds, colours,
+    count, all), joining the evaluate stage's per-image captions to the dataset's scene records."""
+    per_image = tables.read(StageDir.at(evaluate).file(PER_IMAGE), tables.PER_IMAGE, columns=["image_id", "caption"])
+    rows = tables.read(StageDir.at(captions).file("captions.parquet"), tables.CAPTIONS,
+                       columns=["image_id", "image_path"]).to_pylist()
+    path_of = {r["image_id"]: r["image_path"] for r in rows}
+    scenes = read_scenes(dataset)
+    hits = {a: 0 for a in ATTRIBUTES}
+    n = 0
+    for image_id, caption in zip(per_image["image_id"].to_pylist(), per_image["caption"].to_pylist(), strict=True):
+        scene = scenes.get(path_of.get(image_id, ""))
+        if scene is None:
+            raise ValueError(f"{dataset}: no scene record for image {image_id!r} ({path_of.get(image_id)}); "
+                             "was the evaluate stage run on this toy-world dataset?")
+        for a, ok in attribute_hits(scene, caption).items():
+            hits[a] += ok
+        n += 1
+    return {a: hits[a] / n for a in ATTRIBUTES} | {"images": n}
