@@ -336,8 +336,9 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
         if control is not None:
             log.info("evaluate: control (references of another image): CIDEr %.3f vs %.3f", control["CIDEr"],
                      corpus["CIDEr"])
-        extra = {"metrics": corpus, "control_metrics": control, "split": config.split, "protocol": summary["protocol"], "step": meta["step"],
-                 "report": str(sd.file(REPORT)), "pictures": pictures}
+        extra = {"metrics": corpus, "control_metrics": control, "split": config.split,
+                 "protocol": summary["protocol"], "step": meta["step"], "report": str(sd.file(REPORT)),
+                 "pictures": pictures}
         return finish(sd, counts, started, extra=extra,
                       timings={"load_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
                                "score_s": round(t3 - t2, 3), "report_s": round(t4 - t3, 3)})

@@ -30,7 +30,7 @@ from storage.shards import ShardWriter, check_key, is_done, iter_tar, read_marke
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"  # paired-image runs have a field of their own, so model runs keep their fingerprints
+CODE_VERSION = "1"
 STAGE = "synthesize"
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
