@@ -212,3 +212,19 @@ def test_shuffled_references_are_never_the_images_own():
     out = shuffled_references(refs)
     assert set(out) == set(refs) and all(out[k] != refs[k] for k in refs)
     assert sorted(map(tuple, out.values())) == sorted(map(tuple, refs.values()))
+
+
+def test_world_cli_writes_a_dataset_and_checks_the_shipped_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from pcm.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["world", "dataset", str(tmp_path / "w"), "--captions", "5", "--val", "1", "--test", "2"])
+    assert made.exit_code == 0, made.output
+    assert len(json.loads((tmp_path / "w" / "dataset_toyworld.json").read_text())["images"]) == 8
+    checked = runner.invoke(app, ["world", "check"])
+    assert checked.exit_code == 0 and "every file matches" in checked.output, checked.output
+    (tmp_path / "m").mkdir()
+    missing = runner.invoke(app, ["world", "check", str(tmp_path / "m")])
+    assert missing.exit_code == 1 and "no manifest" in missing.output
