@@ -37,13 +37,16 @@ def grounded(tmp_path_factory):
 def test_captions_of_real_drawings_beat_the_language_only_control(grounded):
     _, m = grounded
     # The same captions scored against another image's references: what they are worth without looking.
-    assert m["cider"] > 1.5 * m["control"], m
-    # Sky and ground are each one of three: a captioner that looks gets most of them right.
-    assert m["attributes"]["sky"] > 0.7 and m["attributes"]["ground"] > 0.7, m
+    assert m["cider"] > 2 * m["control"], m
+    # Sky and ground are each one of three (when a caption mentions them): one that looks gets them right.
+    assert m["attributes"]["sky"] > 0.8 and m["attributes"]["ground"] > 0.8, m
+    assert m["attributes"]["kinds"] > 0.3, m   # the exact set of object kinds, from 6 kinds in 1-3 slots
 
 
 def test_training_on_misaligned_images_loses_the_edge(grounded):
     root, m = grounded
     shuffled = run(root, **{"train.shuffle_images": True})
-    assert shuffled["cider"] < 0.7 * m["cider"], (shuffled, m)
-    assert shuffled["attributes"]["sky"] < 0.5 and shuffled["attributes"]["ground"] < 0.5, shuffled
+    assert shuffled["cider"] < 0.6 * m["cider"], (shuffled, m)
+    # no better than its own language-only score, and it no longer names what is in the picture
+    assert shuffled["cider"] < 1.3 * shuffled["control"], shuffled
+    assert shuffled["attributes"]["kinds"] < 0.5 * m["attributes"]["kinds"], (shuffled, m)

@@ -12,14 +12,16 @@ from storage.layout import StageDir
 
 
 def attribute_accuracy(evaluate: str | Path, captions: str | Path, dataset: str | Path) -> dict[str, float]:
-    """Share of evaluated images whose caption states each attribute right (sky, ground, kinds, colours,
-    count, all), joining the evaluate stage's per-image captions to the dataset's scene records."""
+    """Share of evaluated images whose caption gets each attribute right, joining the evaluate stage's
+    per-image captions to the dataset's scene records. Sky and ground are judged on the captions that
+    mention them (`sky_stated`, `ground_stated`: how many do); kinds, colours, count and all on every one."""
     per_image = tables.read(StageDir.at(evaluate).file(PER_IMAGE), tables.PER_IMAGE, columns=["image_id", "caption"])
     rows = tables.read(StageDir.at(captions).file("captions.parquet"), tables.CAPTIONS,
                        columns=["image_id", "image_path"]).to_pylist()
     path_of = {r["image_id"]: r["image_path"] for r in rows}
     scenes = read_scenes(dataset)
     hits = {a: 0 for a in ATTRIBUTES}
+    stated = {"sky": 0, "ground": 0}
     n = 0
     for image_id, caption in zip(per_image["image_id"].to_pylist(), per_image["caption"].to_pylist(), strict=True):
         scene = scenes.get(path_of.get(image_id, ""))
@@ -27,6 +29,13 @@ def attribute_accuracy(evaluate: str | Path, captions: str | Path, dataset: str 
             raise ValueError(f"{dataset}: no scene record for image {image_id!r} ({path_of.get(image_id)}); "
                              "was the evaluate stage run on this toy-world dataset?")
         for a, ok in attribute_hits(scene, caption).items():
-            hits[a] += ok
+            hits[a] += bool(ok)
+            if a in stated:
+                stated[a] += ok is not None
         n += 1
-    return {a: hits[a] / n for a in ATTRIBUTES} | {"images": n}
+
+    def share(a: str) -> float:
+        judged = stated.get(a, n)
+        return hits[a] / judged if judged else float("nan")
+
+    return {a: share(a) for a in ATTRIBUTES} | {f"{a}_stated": stated[a] / n for a in stated} | {"images": n}

@@ -258,16 +258,21 @@ def read_caption(text: str) -> Reading:
 ATTRIBUTES = ("sky", "ground", "kinds", "colours", "count", "all")
 
 
-def attribute_hits(scene: Scene, text: str) -> dict[str, bool]:
-    """Which attributes of the scene a caption states correctly; `all` means every one of them."""
+def attribute_hits(scene: Scene, text: str) -> dict[str, bool | None]:
+    """Which attributes of the scene a caption states correctly.
+
+    Sky and ground are None when the caption does not mention them (references often leave one
+    out); kinds, colours and count are always judged; `all` means the objects are exactly right
+    and nothing stated about sky or ground is wrong.
+    """
     r = read_caption(text)
     truth = Counter((t.kind, t.colour) for t in scene.things)
-    hits = {
-        "sky": r.sky == scene.sky,
-        "ground": r.ground == scene.ground,
+    hits: dict[str, bool | None] = {
+        "sky": None if r.sky is None else r.sky == scene.sky,
+        "ground": None if r.ground is None else r.ground == scene.ground,
         "kinds": {k for k, _ in r.objects} == {k for k, _ in truth},
         "colours": set(r.objects) == set(truth),
         "count": sum(r.objects.values()) == len(scene.things),
     }
-    hits["all"] = hits["sky"] and hits["ground"] and dict(r.objects) == dict(truth)
+    hits["all"] = hits["sky"] is not False and hits["ground"] is not False and dict(r.objects) == dict(truth)
     return hits
