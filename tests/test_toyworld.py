@@ -228,3 +228,49 @@ def test_world_cli_writes_a_dataset_and_checks_the_shipped_models(tmp_path):
     (tmp_path / "m").mkdir()
     missing = runner.invoke(app, ["world", "check", str(tmp_path / "m")])
     assert missing.exit_code == 1 and "no manifest" in missing.output
+
+
+# -- training the toy models ---------------------------------------------------------------------
+def test_toy_clip_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from pcm.toyworld import train_clip as tc
+
+    cfg = tc.ClipTrainConfig(scenes=32, steps=6, batch_size=16, checkpoint_every=2, warmup=2)
+    tc.train_clip(tmp_path / "a", cfg, tmp_path / "work-a", progress=False)
+    real = tc.save_state
+
+    def killed_after_step_4(path, step, modules):
+        real(path, step, modules)
+        if step == 4:
+            raise KeyboardInterrupt("killed right after the step-4 checkpoint")
+
+    monkeypatch.setattr(tc, "save_state", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        tc.train_clip(tmp_path / "b", cfg, tmp_path / "work-b", progress=False)
+    monkeypatch.setattr(tc, "save_state", real)
+    tc.train_clip(tmp_path / "b", cfg, tmp_path / "work-b", progress=False)
+    a, b = load_file(tmp_path / "a" / tc.WEIGHTS_FILE), load_file(tmp_path / "b" / tc.WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_models_command_trains_both_measures_them_and_writes_a_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from pcm.cli import app
+    from pcm.diffusion import load_pipeline
+    from pcm.toyworld.manifest import check_manifest
+    from pcm.toyworld.quality import load_toy_clip
+
+    out = tmp_path / "models"
+    res = CliRunner().invoke(app, ["world", "train-models", str(out), "--clip-steps", "2", "--vae-steps", "2",
+                                   "--unet-steps", "2", "--scenes", "32", "--check-images", "4"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert check_manifest(out) == [] and {"clip", "t2i"} <= set(manifest["quality"])
+    assert "clip/open_clip_model.safetensors" in manifest["files"] and "t2i/model_index.json" in manifest["files"]
+    assert load_toy_clip(out / "clip").patches == 64
+    assert load_pipeline(str(out / "t2i")).unet.config.sample_size == 8
+    (out / "clip" / "open_clip_config.json").write_text("{}")
+    assert any("differs from the manifest" in p for p in check_manifest(out))

@@ -36,6 +36,8 @@ def train_models(
     clip_steps: int = typer.Option(1800, help="toy CLIP steps of 256 (image, text) pairs"),
     vae_steps: int = typer.Option(600, help="toy VAE steps of 64 images"),
     unet_steps: int = typer.Option(1900, help="toy UNet steps of 64 latents"),
+    scenes: int = typer.Option(20000, help="drawn training scenes (set a)"),
+    check_images: int = typer.Option(100, help="images generated for the quality report (CLIP retrieval: 10x)"),
     seed: int = typer.Option(0, help="seed of both trainings"),
 ) -> None:
     """Train the toy CLIP and the toy text-to-image model (two processes, one core each; resumable), then
@@ -49,19 +51,21 @@ def train_models(
 
     work = work or out.parent / ".toymodels-work"
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        clip = pool.submit(train_clip, out / "clip", ClipTrainConfig(steps=clip_steps, seed=seed), work / "clip")
-        t2i = pool.submit(train_t2i, out / "t2i", T2ITrainConfig(vae_steps=vae_steps, unet_steps=unet_steps,
-                                                                 seed=seed), work / "t2i")
+        clip = pool.submit(train_clip, out / "clip", ClipTrainConfig(scenes=scenes, steps=clip_steps, seed=seed),
+                           work / "clip")
+        t2i = pool.submit(train_t2i, out / "t2i", T2ITrainConfig(scenes=scenes, vae_steps=vae_steps,
+                                                                 unet_steps=unet_steps, seed=seed), work / "t2i")
         clip.result(), t2i.result()
-    report = _quality(out)
+    report = _quality(out, check_images)
     write_manifest(out, {"quality": report})
     typer.echo(json.dumps(report, indent=2))
 
 
-def _quality(models: Path) -> dict:
+def _quality(models: Path, images: int = 100) -> dict:
     from pcm.toyworld.quality import clip_retrieval, t2i_quality
 
-    return {"clip": clip_retrieval(models / "clip"), "t2i": t2i_quality(models / "t2i", models / "clip")}
+    return {"clip": clip_retrieval(models / "clip", 10 * images),
+            "t2i": t2i_quality(models / "t2i", models / "clip", n=images)}
 
 
 @world_app.command("quality")
