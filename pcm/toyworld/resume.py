@@ -13,6 +13,14 @@ import torch
 from storage import atomic
 
 
+def seed_everything(seed: int, threads: int) -> None:
+    """torch, numpy and Python RNGs from one seed, and torch's intra-op thread count."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def save_state(path: Path, step: int, modules: dict[str, Any]) -> None:
     """Model/optimiser state dicts, the step and every RNG, as one file that replaces the last one whole."""
     state = {name: m.state_dict() for name, m in modules.items()}

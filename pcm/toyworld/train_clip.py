@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcm.toyworld import world
-from pcm.toyworld.resume import load_state, log_line, save_state
+from pcm.toyworld.resume import load_state, log_line, save_state, seed_everything
 from pcm.toyworld.scenes import scene_set
 from storage import atomic
 
@@ -104,30 +104,12 @@ def world_token_ids(tokenizer) -> torch.Tensor:
     return torch.unique(tokenizer(texts))
 
 
-def retrieval(model: torch.nn.Module, tokenizer, images: torch.Tensor, scenes: list[world.Scene]) -> dict[str, float]:
-    """Image-to-caption R@1/R@5 on held-out scenes with their first reference; a caption counts as
-    found when it is the scene's own or one of an identical scene record."""
-    rng = random.Random(1)
-    texts = [world.references(s, rng)[0] for s in scenes]
-    with torch.inference_mode():
-        gi = F.normalize(model.encode_image(images.float()), dim=-1)
-        gt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
-    keys = [s.key() for s in scenes]
-    ids = torch.tensor([keys.index(k) for k in keys])
-    top = (gi @ gt.T).topk(5, dim=1).indices                 # [N, 5]
-    hit = ids[top] == ids[:, None]
-    return {"r1": hit[:, 0].float().mean().item(), "r5": hit.any(dim=1).float().mean().item()}
-
-
 def train_clip(out: Path, cfg: ClipTrainConfig, work: Path, progress: bool = True) -> dict:
     """Train (or resume) the toy CLIP into `out/`; returns its held-out retrieval scores."""
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_everything(cfg.seed, cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
     preprocess = image_transform_v2(PreprocessCfg(size=world.MODEL_SIZE), is_train=False)
     tokenizer = open_clip.SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"])
@@ -196,11 +178,13 @@ def train_clip(out: Path, cfg: ClipTrainConfig, work: Path, progress: bool = Tru
     # 4. Save and measure on held-out drawn scenes.
     model.eval()
     save_clip(model, out, world_token_ids(tokenizer))
-    held = scene_set("eval", 1000)
-    scores = retrieval(model, tokenizer, images_tensor(held, preprocess), held)
+    from pcm.toyworld.quality import clip_retrieval
+
+    scores = clip_retrieval(out)   # from the saved files, loaded as the encode stage loads them
     atomic.write_json(out / "training.json", {"config": asdict(cfg), "retrieval_1000_held_out": scores,
                                               "model_cfg": MODEL_CFG})
-    log.info("toy CLIP: R@1 %.3f R@5 %.3f on 1000 held-out scenes", scores["r1"], scores["r5"])
+    log.info("toy CLIP: R@1 %.3f R@5 %.3f on 1000 held-out scenes", scores["image_to_caption_r1"],
+             scores["image_to_caption_r5"])
     return scores
 
 

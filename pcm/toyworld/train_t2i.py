@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcm.toyworld import world
-from pcm.toyworld.resume import load_state, log_line, save_state
+from pcm.toyworld.resume import load_state, log_line, save_state, seed_everything
 from pcm.toyworld.scenes import scene_set
 from storage import atomic
 
@@ -217,10 +217,7 @@ def train_t2i(out: Path, cfg: T2ITrainConfig, work: Path, progress: bool = True)
     """Train (or resume) VAE, latents and UNet into the diffusers directory `out/`."""
     from pcm.toyworld.train_clip import world_token_ids
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    seed_everything(cfg.seed, cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
     scenes = scene_set("models", cfg.scenes)
     images = pixels(scenes)
