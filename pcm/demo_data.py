@@ -164,13 +164,13 @@ def describe(scene: Scene, rng: random.Random) -> list[str]:
     return [c[0].upper() + c[1:] if i % 2 else c for i, c in enumerate(captions)]
 
 
-def _png(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=9)
     return buf.getvalue()
 
 
-def _tokens(text: str) -> list[str]:
+def caption_tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
@@ -183,7 +183,7 @@ def build(out_dir: str | Path) -> Path:
     def entry(split: str, filepath: str, filename: str, texts: list[str]) -> dict:
         nonlocal sentid
         imgid = len(images)
-        sentences = [{"tokens": _tokens(t), "raw": t, "imgid": imgid, "sentid": sentid + k} for k, t in enumerate(texts)]
+        sentences = [{"tokens": caption_tokens(t), "raw": t, "imgid": imgid, "sentid": sentid + k} for k, t in enumerate(texts)]
         sentid += len(texts)
         return {"filepath": filepath, "sentids": [s["sentid"] for s in sentences], "filename": filename,
                 "imgid": imgid, "split": split, "sentences": sentences}
@@ -196,7 +196,7 @@ def build(out_dir: str | Path) -> Path:
         for k in range(count):
             scene = random_scene(rng)
             name = f"{split}-{k:03d}.png"
-            atomic.write_bytes(out / IMAGE_DIR / name, _png(draw_scene(scene)))
+            atomic.write_bytes(out / IMAGE_DIR / name, png_bytes(draw_scene(scene)))
             images.append(entry(split, IMAGE_DIR, name, describe(scene, rng)))
     dataset = out / DATASET_FILE
     atomic.write_text(dataset, json.dumps({"images": images, "dataset": "demo"}, indent=1, ensure_ascii=False) + "\n")

@@ -10,13 +10,12 @@ with the default sizes.
 
 from __future__ import annotations
 
-import io
 import json
 import random
-import re
 from dataclasses import asdict
 from pathlib import Path
 
+from pcm.demo_data import caption_tokens, png_bytes
 from pcm.toyworld import world
 from pcm.toyworld.scenes import three_sets
 from storage import atomic
@@ -62,16 +61,6 @@ def scene_from_record(record: dict) -> world.Scene:
     return scene
 
 
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=9)
-    return buf.getvalue()
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
 def build(out_dir: str | Path, n_captions: int = DEFAULTS["n_captions"], n_val: int = DEFAULTS["n_val"],
           n_test: int = DEFAULTS["n_test"], train_images: bool = False) -> Path:
     """Write `dataset_toyworld.json` and the drawings under `out_dir`; returns the JSON's path."""
@@ -84,7 +73,7 @@ def build(out_dir: str | Path, n_captions: int = DEFAULTS["n_captions"], n_val: 
     def entry(split: str, filepath: str, filename: str, texts: list[str], scene: world.Scene) -> dict:
         nonlocal sentid
         imgid = len(images)
-        sentences = [{"tokens": _tokens(t), "raw": t, "imgid": imgid, "sentid": sentid + k} for k, t in enumerate(texts)]
+        sentences = [{"tokens": caption_tokens(t), "raw": t, "imgid": imgid, "sentid": sentid + k} for k, t in enumerate(texts)]
         sentid += len(texts)
         return {"filepath": filepath, "filename": filename, "imgid": imgid, "split": split,
                 "sentids": [s["sentid"] for s in sentences], "sentences": sentences, "scene": scene_record(scene)}
@@ -92,12 +81,12 @@ def build(out_dir: str | Path, n_captions: int = DEFAULTS["n_captions"], n_val: 
     for k, scene in enumerate(sets["captions"]):
         name = f"train-{k:05d}.png"
         if train_images:
-            atomic.write_bytes(out / "train" / name, _png(world.model_view(world.draw(scene, EVAL_SIZE))))
+            atomic.write_bytes(out / "train" / name, png_bytes(world.model_view(world.draw(scene, EVAL_SIZE))))
         images.append(entry("train", "train", name, [world.caption(scene, rng)], scene))
     for split in ("val", "test"):
         for k, scene in enumerate(sets[split]):
             name = f"{split}-{k:04d}.png"
-            atomic.write_bytes(out / "images" / name, _png(world.draw(scene, EVAL_SIZE)))
+            atomic.write_bytes(out / "images" / name, png_bytes(world.draw(scene, EVAL_SIZE)))
             images.append(entry(split, "images", name, world.references(scene, rng), scene))
     dataset = out / DATASET_FILE
     # One image entry per line: small, and a diff of a regenerated copy reads entry by entry.

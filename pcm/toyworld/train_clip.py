@@ -61,20 +61,19 @@ def build_model() -> torch.nn.Module:
     return open_clip.CLIP(**MODEL_CFG)
 
 
-def concept_list() -> list[str]:
-    """Every concept word the world's captions use for a thing, a ground or a sky."""
-    words: set[str] = set()
-    for sky in world.SKIES:
-        for ground in world.GROUNDS:
-            words |= set(world.concept_words(world.Scene(sky, ground, 19, tuple(
-                world.Thing(k, world.KINDS[k][0], 16, 27) for k in world.KINDS))))
-    return sorted(words)
-
-
 def images_tensor(scenes: list[world.Scene], preprocess) -> torch.Tensor:
     """The scenes drawn at 128 px and preprocessed as CLIP sees them: [N, 3, 32, 32] float16."""
     return torch.stack([preprocess(world.draw(s)) for s in tqdm(scenes, desc="drawing", unit="img",
                                                                   mininterval=5)]).half()
+
+
+def zero_unused_rows(weight: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the token-embedding rows no world text uses (they are never read); returns `weight`."""
+    keep = torch.zeros(weight.shape[0], dtype=torch.bool)
+    keep[used] = True
+    with torch.no_grad():
+        weight[~keep] = 0
+    return weight
 
 
 def save_clip(model: torch.nn.Module, out: Path, used_tokens: torch.Tensor | None = None) -> None:
@@ -83,11 +82,7 @@ def save_clip(model: torch.nn.Module, out: Path, used_tokens: torch.Tensor | Non
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if used_tokens is not None:
-        emb = sd["token_embedding.weight"].clone()
-        keep = torch.zeros(emb.shape[0], dtype=torch.bool)
-        keep[used_tokens] = True
-        emb[~keep] = 0
-        sd["token_embedding.weight"] = emb
+        sd["token_embedding.weight"] = zero_unused_rows(sd["token_embedding.weight"].clone(), used_tokens)
     sd = {k: (v.half() if v.is_floating_point() and k != "logit_scale" else v) for k, v in sd.items()}
     out.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(out / WEIGHTS_FILE) as tmp:
@@ -100,7 +95,7 @@ def world_token_ids(tokenizer) -> torch.Tensor:
     rng = random.Random(0)
     texts = [world.caption(s, rng) for s in scene_set("models", 3000)]
     texts += [t for s in scene_set("eval", 300) for t in world.references(s, rng)]
-    texts += [PROMPT.format(c=c) for c in concept_list()]
+    texts += [PROMPT.format(c=c) for c in world.all_concept_words()]
     return torch.unique(tokenizer(texts))
 
 
@@ -120,7 +115,7 @@ def train_clip(out: Path, cfg: ClipTrainConfig, work: Path, progress: bool = Tru
     rng = random.Random(cfg.seed)
     variants = tokenizer([world.caption(s, rng) for s in scenes for _ in range(cfg.phrasings)]).view(
         len(scenes), cfg.phrasings, -1)
-    concepts = concept_list()
+    concepts = world.all_concept_words()
     prompts = tokenizer([PROMPT.format(c=c) for c in concepts])
     has = np.zeros((len(scenes), len(concepts)), dtype=bool)
     for i, s in enumerate(scenes):

@@ -199,11 +199,9 @@ def save_pipeline(pipe, out: Path, used_tokens: torch.Tensor) -> None:
     import shutil
     import tempfile
 
-    emb = pipe.text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        keep = torch.zeros(emb.shape[0], dtype=torch.bool)
-        keep[used_tokens] = True
-        emb[~keep] = 0
+    from pcm.toyworld.train_clip import zero_unused_rows
+
+    zero_unused_rows(pipe.text_encoder.get_input_embeddings().weight, used_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)

@@ -205,12 +205,19 @@ def references(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     return [c[0].upper() + c[1:] if i % 2 else c for i, c in enumerate(out)]
 
 
+GROUND_NOUNS = {"grass": ["grass", "lawn", "field"], "sand": ["sand", "beach", "desert"],
+                "snow": ["snow", "field", "ground"]}
+SKY_NOUNS = {"day": ["day", "sky"], "sunset": ["sunset", "dusk", "sky"], "night": ["night", "sky"]}
+
+
 def concept_words(scene: Scene) -> list[str]:
     """Nouns a caption of the scene can use for it: its kinds, its ground and its sky."""
-    ground = {"grass": ["grass", "lawn", "field"], "sand": ["sand", "beach", "desert"],
-              "snow": ["snow", "field", "ground"]}[scene.ground]
-    sky = {"day": ["day", "sky"], "sunset": ["sunset", "dusk", "sky"], "night": ["night", "sky"]}[scene.sky]
-    return sorted({t.kind for t in scene.things}) + ground + sky
+    return sorted({t.kind for t in scene.things}) + GROUND_NOUNS[scene.ground] + SKY_NOUNS[scene.sky]
+
+
+def all_concept_words() -> list[str]:
+    """Every concept word of the world, sorted: all kinds, grounds and skies."""
+    return sorted({*KINDS, *(w for ws in GROUND_NOUNS.values() for w in ws), *(w for ws in SKY_NOUNS.values() for w in ws)})
 
 
 # -- reading a caption back -------------------------------------------------------------------
