@@ -13,7 +13,7 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,14 @@ class PCMNetConfig(BaseModel):
         "BERT config between encoder and decoder, attention dropout included)")
     output_dropout: float = Field(0.5, ge=0, lt=1, description="before the vocabulary projection")
     max_len: int = Field(20, gt=0, description="maximum caption length in words")
+    # Initialisation and word embedding: this project's choice by default, the release's on request.
+    word_embedding: Literal["scaled", "release"] = Field(
+        "scaled", description="scaled: N(0, 1/d) words times sqrt(d) + sinusoid; release: N(0, 1) words + sinusoid, "
+        "then LayerNorm")
+    word_dropout: float | None = Field(None, ge=0, lt=1, description="after the word embedding; None = the decoder "
+                                       "dropout (the release: 0.1)")
+    position_init_std: float | None = Field(None, gt=0, description="visual position embeddings ~ N(0, std^2) "
+                                            "truncated at +-2; None = N(0, 1), torch's default (the release: 0.02)")
     # PCM.
     pcm: bool = Field(True, description="patch-wise cross-modal mix-up on/off (off = plain visual tokens)")
     top_k: int = Field(5, gt=0, description="K salient concepts per image")
@@ -129,6 +137,8 @@ class PCMNet(nn.Module):
         self.w_visual = nn.Linear(cfg.d_width, d)
         self.w_textual = nn.Linear(cfg.d_embed, d) if cfg.pcm else None
         self.position = nn.Embedding(1 + n, d)   # token 0 = global, 1..N = patches (textual tokens reuse theirs)
+        if cfg.position_init_std is not None:
+            nn.init.trunc_normal_(self.position.weight, std=cfg.position_init_std)
         self.token_type = nn.Embedding(2, d)     # 0 = global / visual, 1 = textual
         self.embed_norm = nn.LayerNorm(d)
         self.embed_drop = nn.Dropout(cfg.embed_dropout)
@@ -147,10 +157,15 @@ class PCMNet(nn.Module):
         # Sentence decoder, trained from scratch.
         dec_dropout = cfg.dropout if cfg.decoder_dropout is None else cfg.decoder_dropout
         self.word_embed = nn.Embedding(vocab_size, d)
-        # Scaled by sqrt(d) in `decode`, so initialised at std d^-0.5: words and the +-1 sinusoidal
-        # positions start at the same scale (N(0, 1) would drown the positions 22x at d = 512).
-        nn.init.normal_(self.word_embed.weight, std=d ** -0.5)
-        self.dec_drop = nn.Dropout(dec_dropout)
+        if cfg.word_embedding == "scaled":
+            # Scaled by sqrt(d) in `decode`, so initialised at std d^-0.5: words and the +-1 sinusoidal
+            # positions start at the same scale (N(0, 1) would drown the positions 22x at d = 512).
+            nn.init.normal_(self.word_embed.weight, std=d ** -0.5)
+            self.word_norm = None
+        else:
+            # The release (X-modaler TokenBaseEmbedding): N(0, 1) words + positions, then LayerNorm.
+            self.word_norm = nn.LayerNorm(d)
+        self.dec_drop = nn.Dropout(dec_dropout if cfg.word_dropout is None else cfg.word_dropout)
         self.decoder = nn.ModuleList(
             nn.TransformerDecoderLayer(d, cfg.n_heads, cfg.d_ff, dec_dropout, activation="relu",
                                        batch_first=True, norm_first=False)
@@ -253,7 +268,10 @@ class PCMNet(nn.Module):
         L = tokens.shape[1]
         if L > self.word_positions.shape[0]:
             raise ValueError(f"{L} tokens exceed max_len + 2 = {self.word_positions.shape[0]}")
-        x = self.word_embed(tokens) * math.sqrt(self.cfg.d_model) + self.word_positions[:L]   # [B, L, d]
+        if self.word_norm is None:
+            x = self.word_embed(tokens) * math.sqrt(self.cfg.d_model) + self.word_positions[:L]   # [B, L, d]
+        else:
+            x = self.word_norm(self.word_embed(tokens) + self.word_positions[:L])              # [B, L, d]
         x = self.dec_drop(x)
         causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).triu(1)  # True = may not attend
         for layer in self.decoder:

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "1"
 
+# `parity = "release"`: the authors' training numerics (X-modaler configs and losses), each a plain
+# field or model override that an explicit value still beats. docs/train.md tabulates them.
+RELEASE_TRAIN = {"label_smoothing": 0.1, "focal_gamma": 2.0, "loss_reduction": "token-mean"}
+RELEASE_MODEL = {"word_embedding": "release", "word_dropout": 0.1, "position_init_std": 0.02}
+
 
 class TrainConfig(StageConfig):
     """PCM-Net training: model preset + overrides, loss, optimiser, schedule, data, validation, runtime."""
@@ -44,11 +49,17 @@ class TrainConfig(StageConfig):
     # Model.
     preset: str = Field("vitl14", description="model preset: vitl14, vitb32, tiny or a .toml path")
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of preset fields (e.g. pcm=false)")
+    parity: Literal["paper", "release"] = Field(
+        "paper", description="paper = the paper's equation and this project's init; release = the authors' "
+        "numerics (label smoothing 0.1, focal 2, token mean, their word/position embeddings) where not set")
     # Loss.
     cxe: bool = Field(True, description="CLIP-weighted cross-entropy (off = every caption weighs 1)")
     cxe_w: float = Field(4.0, gt=0, description="w of min(1, w * cos): 4 for ViT-L/14, 2.5 release ViT-B/32")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="0 = paper; 0.1 = release")
-    focal_gamma: float = Field(0.0, ge=0, description="0 = off (paper); 2 = release")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="0 = paper; 0.1 = release (KL to 1-eps / "
+                                   "eps/(V-1))")
+    focal_gamma: float = Field(0.0, ge=0, description="0 = off (paper); 2 = release (batch mean of (1-p)^2)")
+    loss_reduction: Literal["caption-sum", "token-mean"] = Field(
+        "caption-sum", description="caption-sum = paper (sum per caption, mean over captions); token-mean = release")
     min_word_count: int = Field(5, ge=1, description="words seen fewer times become <unk>")
     # Optimiser and schedule.
     betas: tuple[float, float] = (0.9, 0.999)
@@ -85,6 +96,17 @@ class TrainConfig(StageConfig):
     cuda_graphs: bool = Field(False, description="capture the whole training step as a CUDA graph (one GPU)")
     progress_bar: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _parity_defaults(cls, data: Any) -> Any:
+        """Release parity fills the release's value of every piece the config leaves unset."""
+        if not isinstance(data, dict) or data.get("parity") != "release":
+            return data
+        model = data.get("model") or {}
+        if not isinstance(model, dict):
+            return data
+        return {**RELEASE_TRAIN, **data, "model": {**RELEASE_MODEL, **model}}
+
     @field_validator("model")
     @classmethod
     def _known_preset_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -107,10 +129,11 @@ class TrainConfig(StageConfig):
         return load_preset(self.preset, self.model)
 
     def content(self) -> dict[str, Any]:
-        # The control switch is left out when off, so ordinary runs keep the fingerprints they had before it.
+        # Switches added later are left out at their defaults, so ordinary runs keep the fingerprints they had.
         out = super().content()
-        if not out.get("shuffle_images"):
-            out.pop("shuffle_images", None)
+        for key, default in (("shuffle_images", False), ("parity", "paper"), ("loss_reduction", "caption-sum")):
+            if out.get(key) == default:
+                out.pop(key, None)
         return out
 
 
@@ -488,7 +511,7 @@ class TrainStep:
             logits = self.net(b["global"], b["patches"], b["inputs"])
         c = self.config
         loss = caption_loss(logits, b["targets"], clip_weights(b["clip_score"], c.cxe_w, c.cxe), pad=self.pad,
-                            label_smoothing=c.label_smoothing, focal_gamma=c.focal_gamma)
+                            label_smoothing=c.label_smoothing, focal_gamma=c.focal_gamma, reduction=c.loss_reduction)
         loss.backward()
         if c.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(self.params, c.grad_clip)

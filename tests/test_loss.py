@@ -59,20 +59,71 @@ def test_weighted_loss_against_hand_computation_without_batch_normalisation():
     assert caption_loss(logits, targets, w, pad=PAD).item() == pytest.approx(want, rel=1e-5)
 
 
-def test_label_smoothing_against_hand_computation():
+def test_label_smoothing_is_the_release_kl_to_one_minus_eps_and_eps_over_v_minus_one():
     logits, targets = batch()
-    eps = 0.1
+    eps, V = 0.1, 6
     logp = torch.log_softmax(logits, -1)
     per = []
     for b in range(3):
         total = 0.0
         for t in range(4):
             y = int(targets[b, t])
-            if y != PAD:
-                total += (1 - eps) * -logp[b, t, y].item() + eps * -logp[b, t].mean().item()
+            if y == PAD:
+                continue
+            for v in range(V):   # KL(q || p) = sum_v q_v (log q_v - log p_v), term by term
+                q = 1 - eps if v == y else eps / (V - 1)
+                total += q * (math.log(q) - logp[b, t, v].item())
         per.append(total)
     got = caption_loss(logits, targets, pad=PAD, label_smoothing=eps).item()
     assert got == pytest.approx(sum(per) / 3, rel=1e-5)
+
+
+def release_loss(logits, targets, clip_score, *, alpha, eps, gamma, pad):
+    """X-modaler's WeightedLabelSmoothing (gamma_type 'batch'), re-derived step by step on small tensors.
+
+    The release pads targets with -1; here pad ids are mapped to -1 first. Its 'batch' focal
+    factor multiplies an [N] loss by an [N, 1] factor, giving an [N, N] matrix whose entries with
+    both tokens real are averaged: mean_i(g_i) * mean_j(loss_j).
+    """
+    bs, seq_len, V = logits.shape
+    t = torch.where(targets == pad, torch.full_like(targets, -1), targets).reshape(-1)
+    w = torch.clamp(clip_score * alpha, 0.0, 1.0)[:, None].expand(bs, seq_len).reshape(-1)
+    logP = F.log_softmax(logits.reshape(-1, V), dim=-1)
+    mask = t >= 0
+    idx = t.clamp(min=0)
+    g = (1 - torch.gather(F.softmax(logits.reshape(-1, V), dim=-1), 1, idx[:, None])) ** gamma   # [N, 1]
+    true_dist = torch.full_like(logP, eps / (V - 1)).scatter_(1, idx[:, None], 1 - eps)
+    loss = torch.nn.KLDivLoss(reduction="none")(logP, true_dist).sum(1) * w                        # [N]
+    loss = loss * g                                                                                  # [N, N]
+    mask = mask[None, :].expand(len(t), -1) * mask[:, None]
+    return torch.masked_select(loss, mask).mean()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_release_numerics_match_the_release_formula_in_value_and_gradient(gamma):
+    torch.manual_seed(3)
+    logits = torch.randn(4, 7, 11, dtype=torch.float64)
+    targets = torch.randint(1, 11, (4, 7))
+    targets[1, 4:] = PAD
+    targets[3, 2:] = PAD
+    cos = torch.tensor([0.1, 0.3, 0.2, 0.05], dtype=torch.float64)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    want = release_loss(a, targets, cos, alpha=4.0, eps=0.1, gamma=gamma, pad=PAD)
+    got = caption_loss(b, targets, clip_weights(cos, 4.0).double(), pad=PAD, label_smoothing=0.1,
+                       focal_gamma=gamma, reduction="token-mean")
+    want.backward()
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(a.grad, b.grad.to(a.grad.dtype), rtol=1e-4, atol=1e-7)
+
+
+def test_token_mean_reduction_divides_by_real_tokens_not_captions():
+    logits, targets = batch()
+    nll = hand_nll(logits, targets)                              # 4 + 2 + 1 = 7 real tokens
+    assert caption_loss(logits, targets, pad=PAD, reduction="token-mean").item() == pytest.approx(sum(nll) / 7, rel=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        caption_loss(logits, targets, pad=PAD, reduction="mean")
 
 
 def test_focal_factor_is_the_batch_mean_of_one_minus_p_target_squared():
