@@ -31,7 +31,7 @@ from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: captions tokenised as the PTB tokenizer cuts them
 
 # `parity = "release"`: the authors' training numerics (X-modaler configs and losses), each a plain
 # field or model override that an explicit value still beats. docs/train.md tabulates them.

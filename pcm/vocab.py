@@ -11,14 +11,33 @@ from pathlib import Path
 from storage import atomic
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-# Lowercase words and digits; a clitic ("'s", "'re") is its own token as the PTB tokenizer of
-# the evaluation makes it, and other punctuation is dropped as the evaluation drops it.
-_TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*|'[a-z]+")  # "t-shirt" stays one word, as PTB keeps it
+
+# The tokens the evaluation sees: pycocoevalcap runs Stanford's PTBTokenizer (lower-cased) and then
+# drops . , ? ! : ; - -- ... and every quote. Training captions are cut the same way, so the model
+# writes words the scorer counts: "doesn't" -> does n't, "can't" -> ca n't, "'STOP'" -> stop,
+# "3.5" and "1,000" stay whole, "$" and "&" are words. tests/test_vocab_ptb.py compares this with
+# the Java tokenizer on a corpus of tricky captions. Left different on purpose: brackets, which
+# pycocoevalcap keeps as "-lrb-" / "-rrb-" tokens (its punctuation list is upper-case), are dropped.
+_SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na",
+                "lemme": "lem me", "gimme": "gim me", "'tis": "'t is", "'twas": "'t was"}
+_NT = re.compile(r"\b([a-z]+)n't\b")                   # does|n't, ca|n't, wo|n't
+_TOKEN = re.compile(r"""
+    [a-z](?:\.[a-z])+\.?                               # abbreviations with inner periods: a.m., u.s.
+  | [0-9]+(?:[.,:/][0-9]+)+                              # 3.5, 1,000, 10:30, 50/50
+  | n't | '(?:s|re|ve|ll|d|m|t)\b                       # clitics, split off their word
+  | [a-z0-9]+(?:['-][a-z0-9]+)*                        # words: t-shirt, o'neill
+  | [$&%#@+=]                                           # symbols PTB keeps as words
+""", re.VERBOSE)
+_CLITIC = re.compile(r"(?<=[a-z0-9])'(s|re|ve|ll|d|m)\b")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercased word tokens of a caption."""
-    return _TOKEN.findall(text.lower())
+    """Lowercased word tokens of a caption, as the evaluation's PTB tokenizer cuts them."""
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    text = " ".join(_SPLIT_WORDS.get(w, w) for w in text.split())
+    text = _NT.sub(r"\1 n't", text)
+    text = _CLITIC.sub(r" '\1", text)                    # dog's -> dog 's (o'neill stays whole)
+    return _TOKEN.findall(text)
 
 
 class Vocab:
