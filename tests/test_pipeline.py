@@ -27,6 +27,12 @@ def test_published_settings_follow_the_paper():
     assert resolve("flickr30k-vitl14").ingest.source.endswith("dataset_flickr30k.json")
 
 
+def test_encoder_dropout_follows_the_release_per_dataset_and_backbone():
+    # The release: 0.25 for COCO ViT-L/14 only; 0.2 for COCO ViT-B/32 and for Flickr30k.
+    got = {n: resolve(n).train.model_preset().dropout for n in ("coco-vitl14", "coco-vitb32", "flickr30k-vitl14")}
+    assert got == {"coco-vitl14": 0.25, "coco-vitb32": 0.2, "flickr30k-vitl14": 0.2}
+
+
 def test_demo_points_at_the_toy_world_and_its_shipped_models():
     cfg = resolve("demo")
     assert cfg.ingest.source.endswith("pcm/data/toyworld/dataset_toyworld.json")
