@@ -13,6 +13,8 @@
    shuffled across captions, and (c) the oracle arm trained on the scenes' own drawings.
 4. The paper's ablation: base, +PCM, +CXE, PCM+CXE, `--seeds` seeds each: mean and spread of
    CIDEr and per-attribute accuracy (sky, ground, kinds, colours, count, all) from the scene records.
+5. `--parity`: the paper's equation (PCM+CXE) beside the release's numerics (`train.parity=release`),
+   `--seeds` seeds each.
 
 Writes bench/results/toyworld.json (every figure, the machine, the versions) unless --out says otherwise.
 """
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", type=int, default=2, help="arms trained side by side (one core each)")
     ap.add_argument("--skip-models", action="store_true", help="skip the toy-model bars (1, 2)")
     ap.add_argument("--skip-ablation", action="store_true", help="skip the ablation (4)")
+    ap.add_argument("--parity", action="store_true", help="paper vs release numerics (5)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every arm")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "toyworld.json")
     args = ap.parse_args(argv)
@@ -96,16 +99,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1-2. The toy models.
     if not args.skip_models:
-        from pcm.toyworld.quality import clip_retrieval, t2i_quality
+        from pcm.toyworld.quality import activation_mismatch, clip_retrieval, t2i_quality
 
         grid = Path(__file__).resolve().parents[1] / "docs" / "toyworld-real-vs-generated.png"
         report["clip"] = clip_retrieval(SHIPPED_MODELS / "clip")
+        # The QuickGELU bug in miniature: the GELU-trained toy CLIP run with the other activation.
+        report["clip_wrong_activation"] = activation_mismatch(SHIPPED_MODELS / "clip")
         report["t2i"] = t2i_quality(SHIPPED_MODELS / "t2i", SHIPPED_MODELS / "clip", grid=grid)
         c, t = report["clip"], report["t2i"]
         print("\n## Toy models\n" + table(
             ["bar", "measured", "aim"],
             [["CLIP image->caption R@1 (1,000 held-out scenes), %", 100 * c["image_to_caption_r1"], ">= 40"],
              ["CLIP image->caption R@5, %", 100 * c["image_to_caption_r5"], "-"],
+             ["  run with QuickGELU instead of its GELU: R@1, %", 100 * report["clip_wrong_activation"]["r1_quick_gelu"],
+              "-"],
+             ["  ... image / text feature cosine to the right one",
+              f"{report['clip_wrong_activation']['image_cos']:.5f} / {report['clip_wrong_activation']['text_cos']:.5f}",
+              "-"],
              ["T2I caption->image R@1 among 100 generated (chance 1%), %", 100 * t["caption_to_image_r1"], ">= 20"],
              ["T2I caption->image R@5, %", 100 * t["caption_to_image_r5"], "-"],
              ["T2I cos(own caption) - cos(other captions)", t["cos_own_minus_other"], "> 0"],
@@ -134,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_ablation:
         arms += [(f"{name} seed {s}", base | o | {"train.seed": s}, root, dataset)
                  for name, o in ABLATION.items() if name != "PCM+CXE" for s in range(args.seeds)]
+    if args.parity:
+        arms += [(f"PCM+CXE seed {s}", base | {"train.seed": s}, root, dataset) for s in range(1, args.seeds)
+                 if args.skip_ablation]
+        arms += [(f"release seed {s}", base | {"train.parity": "release", "train.seed": s}, root, dataset)
+                 for s in range(args.seeds)]
     with ProcessPoolExecutor(args.processes) as pool:
         results = list(pool.map(run_arm, arms))
     by_name = {r["arm"]: r for r in results}
@@ -166,6 +181,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## Ablation ({args.seeds} seeds per arm; CIDEr mean +- sd; attribute accuracy %, mean)\n" + table(
             ["arm", "CIDEr", "sd", *ATTRIBUTES],
             [[n, s["cider_mean"], s["cider_sd"], *(s[a] for a in ATTRIBUTES)] for n, s in summary.items()]))
+
+    if args.parity:
+        from pcm.toyworld.world import ATTRIBUTES
+
+        def seeds_of(name: str) -> list[dict]:
+            return [by_name["grounded" if name == "PCM+CXE" and s == 0 else f"{name} seed {s}"]
+                    for s in range(args.seeds)]
+
+        parity = {}
+        for name in ("PCM+CXE", "release"):
+            ciders = [r["cider"] for r in seeds_of(name)]
+            parity[name] = {"cider": ciders, "cider_mean": statistics.mean(ciders),
+                            "cider_sd": statistics.stdev(ciders) if len(ciders) > 1 else 0.0,
+                            **{a: statistics.mean(100 * r["attributes"][a] for r in seeds_of(name))
+                               for a in ATTRIBUTES}}
+        report["parity"] = parity
+        print(f"\n## Paper vs release numerics ({args.seeds} seeds; CIDEr mean +- sd; attribute accuracy %)\n"
+              + table(["numerics", "CIDEr", "sd", *ATTRIBUTES],
+                      [["paper (PCM+CXE)" if n == "PCM+CXE" else "release", s["cider_mean"], s["cider_sd"],
+                        *(s[a] for a in ATTRIBUTES)] for n, s in parity.items()]))
 
     report["total_s"] = round(time.monotonic() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

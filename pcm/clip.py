@@ -108,6 +108,7 @@ class ClipSpec(BaseModel):
             raise ValueError(f"pool must be a grid side >= 1 or None, got {self.pool}")
         if self.model in preset_names() and self.pretrained and self.pretrained.startswith(LOCAL_DIR):
             raise ValueError(f"preset {self.model!r} takes a checkpoint file as pretrained, not {self.pretrained!r}")
+        quick_gelu(self)  # a -quickgelu name with GELU-trained weights fails here, at the edge
         return self
 
     @property
@@ -157,6 +158,41 @@ class LoadedClip:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.visual.conv1.weight.dtype
+
+
+def _named_tag(spec: ClipSpec) -> bool:
+    """True when `pretrained` is an open_clip tag (not a file, a local dir, None or a preset)."""
+    return (not spec.is_preset and bool(spec.pretrained) and not spec.pretrained.startswith(LOCAL_DIR)
+            and not os.path.exists(spec.pretrained))
+
+
+def quick_gelu(spec: ClipSpec) -> bool:
+    """Whether `spec` must be built with QuickGELU although its architecture name says GELU (no weights read).
+
+    OpenAI's weights (and MetaCLIP's, DFN's) were trained with QuickGELU; open_clip's plain names
+    (`ViT-L-14`) build nn.GELU and only warn, which degrades every feature. The tag's own config says
+    which activation it was trained with; the plain name then gets `force_quick_gelu`. A `-quickgelu`
+    name with a GELU-trained tag is an error: there is no way to load it as it was trained.
+    """
+    if not _named_tag(spec):
+        return False
+    import open_clip
+
+    arch = open_clip.get_model_config(spec.model)
+    if arch is None:
+        return False  # not an open_clip architecture: load_clip says so
+    arch_quick = bool(arch.get("quick_gelu"))
+    plain = spec.model.removesuffix("-quickgelu")
+    if spec.pretrained in open_clip.list_pretrained_tags_by_model(spec.model):
+        tag_quick = bool(open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("quick_gelu"))
+    elif arch_quick and spec.pretrained in open_clip.list_pretrained_tags_by_model(plain):
+        tag_quick = bool(open_clip.get_pretrained_cfg(plain, spec.pretrained).get("quick_gelu"))
+    else:
+        return False  # an unknown tag: load_clip's missing-weights error lists the known ones
+    if arch_quick and not tag_quick:
+        raise ValueError(f"clip.model={spec.model!r} uses QuickGELU but the weights {spec.pretrained!r} were trained "
+                         f"with GELU; use clip.model={plain!r}")
+    return tag_quick and not arch_quick
 
 
 def _missing_weights_error(spec: ClipSpec, cause: BaseException) -> RuntimeError:
@@ -228,10 +264,15 @@ def load_clip(spec: ClipSpec, device: str = "cpu") -> LoadedClip:
     else:
         name = spec.pretrained if spec.pretrained and spec.pretrained.startswith(LOCAL_DIR) else spec.model
         pretrained = None if name != spec.model else spec.pretrained
+        force_quick_gelu = quick_gelu(spec)
+        if force_quick_gelu:
+            log.info("clip: %s/%s built with QuickGELU, the activation its weights were trained with",
+                     spec.model, spec.pretrained)
         try:
             # open_clip casts to fp16/bf16 itself, keeping LayerNorms in fp32 (LayerNormFp32).
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, precision=spec.precision, device="cpu", weights_only=True)
+                name, pretrained=pretrained, precision=spec.precision, device="cpu", weights_only=True,
+                force_quick_gelu=force_quick_gelu)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"clip.pretrained={spec.pretrained!r}: {e}") from None
         except RuntimeError as e:

@@ -34,6 +34,7 @@ from pcm.clip import (
     encode_texts,
     encode_tokens,
     load_clip,
+    quick_gelu,
 )
 from pcm.clip import (
     preset_path as clip_preset_path,
@@ -111,6 +112,8 @@ def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDi
         extra["vocabulary_sha256"] = file_digest(path)  # the content, not the name, makes the fingerprint
     if config.clip.is_preset:  # an edited preset file is a different model
         extra["clip_preset_sha256"] = file_digest(clip_preset_path(config.clip.model))
+    if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
+        extra["clip_quick_gelu"] = True
     return stage_dir(RunLayout(root), "encode", config, [cap, syn], CODE_VERSION, extra)
 
 

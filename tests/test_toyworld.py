@@ -9,6 +9,7 @@ import random
 from collections import Counter
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -274,3 +275,16 @@ def test_train_models_command_trains_both_measures_them_and_writes_a_manifest(tm
     assert load_pipeline(str(out / "t2i")).unet.config.sample_size == 8
     (out / "clip" / "open_clip_config.json").write_text("{}")
     assert any("differs from the manifest" in p for p in check_manifest(out))
+
+
+def test_activation_mismatch_swaps_every_gelu_and_changes_the_features():
+    from open_clip.transformer import QuickGELU
+
+    from pcm.toyworld.quality import activation_mismatch, load_toy_clip, swap_gelu_for_quick_gelu
+
+    clip = load_toy_clip(SHIPPED_MODELS / "clip")
+    n = swap_gelu_for_quick_gelu(clip.model)
+    assert n == 7 and not any(isinstance(m, torch.nn.GELU) for m in clip.model.modules())   # 4 image + 3 text blocks
+    assert sum(isinstance(m, QuickGELU) for m in clip.model.modules()) == n
+    got = activation_mismatch(SHIPPED_MODELS / "clip", n=20)
+    assert 0.9 < got["image_cos"] < 1.0 and 0.9 < got["text_cos"] < 1.0

@@ -40,6 +40,43 @@ def _ranks(sim: torch.Tensor, keys: list) -> tuple[float, float]:
     return hit[:, 0].float().mean().item(), hit.any(dim=1).float().mean().item()
 
 
+def swap_gelu_for_quick_gelu(model: torch.nn.Module) -> int:
+    """Replace every nn.GELU by open_clip's QuickGELU in place (what a mismatched load does); returns the count."""
+    from open_clip.transformer import QuickGELU
+
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.GELU)]
+    for parent, name in swaps:
+        setattr(parent, name, QuickGELU())
+    return len(swaps)
+
+
+def activation_mismatch(clip_dir: str | Path, n: int = 1000) -> dict[str, float]:
+    """The QuickGELU bug in miniature: the GELU-trained toy CLIP run with QuickGELU, against itself.
+
+    Mean cosine of each image / text / patch feature to the correctly computed one, and R@1 both ways.
+    """
+    import torch.nn.functional as F
+
+    from pcm.clip import encode_images, encode_texts
+
+    clip = load_toy_clip(clip_dir)
+    scenes, texts = held_out(n)
+    pixels = torch.stack([clip.preprocess(world.draw(s)) for s in scenes])
+    runs = []
+    for swap in (False, True):
+        if swap and not swap_gelu_for_quick_gelu(clip.model):
+            raise ValueError(f"{clip_dir}: the toy CLIP has no nn.GELU to swap")
+        g, patches = encode_images(clip, pixels)
+        runs.append((g, patches, encode_texts(clip, texts)))
+    (g, p, t), (g2, p2, t2) = runs
+    keys = [s.key() for s in scenes]
+    return {"image_cos": F.cosine_similarity(g, g2, dim=-1).mean().item(),
+            "text_cos": F.cosine_similarity(t, t2, dim=-1).mean().item(),
+            "patch_cos": F.cosine_similarity(p, p2, dim=-1).mean().item(),
+            "r1_gelu": _ranks(g @ t.T, keys)[0], "r1_quick_gelu": _ranks(g2 @ t2.T, keys)[0], "scenes": n}
+
+
 def clip_retrieval(clip_dir: str | Path, n: int = 1000) -> dict[str, float]:
     from pcm.clip import encode_images, encode_texts
 
