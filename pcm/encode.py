@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from pcm import concepts as concept_vocab
@@ -70,7 +70,12 @@ class EncodeConfig(StageConfig):
     min_count: int = Field(2, ge=1)       # concept: a noun seen at least this often ...
     top_n: int | None = Field(446, ge=1)  # ... among the most frequent (446 = the authors' COCO list size)
     vocabulary_file: str | None = None    # one concept a line, instead of extraction
+    concepts_from: str | None = None      # another encode stage: its concept words (the release: COCO's for Flickr)
     prompt: str = "A photo of {c}."
+    # Concept embedding = mean of the normalised embeddings over a template set, renormalised (CLIP's
+    # zero-shot recipe). The release's files say "with_ensemble" without naming the templates;
+    # "openai-imagenet" is CLIP's 80 ImageNet templates, "simple-imagenet" open_clip's 7. None: `prompt` alone.
+    prompt_ensemble: Literal["openai-imagenet", "simple-imagenet"] | None = None
     device: str = "auto"
     batch_size: int = Field(256, ge=1)
     num_workers: int = Field(4, ge=0)
@@ -87,6 +92,12 @@ class EncodeConfig(StageConfig):
         except (IndexError, KeyError, ValueError) as e:
             raise ValueError(f"the prompt may hold only the {{c}} slot ({e}); write literal braces as {{{{ }}}}") from None
         return v
+
+    @model_validator(mode="after")
+    def _one_concept_source(self) -> EncodeConfig:
+        if self.vocabulary_file and self.concepts_from:
+            raise ValueError("give vocabulary_file or concepts_from, not both: each is the whole concept list")
+        return self
 
 
 # -- inputs and units ----------------------------------------------------------------------
@@ -110,6 +121,8 @@ def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDi
             raise FileNotFoundError(f"vocabulary_file={config.vocabulary_file!r}: not found; "
                                     "give a text file with one concept a line")
         extra["vocabulary_sha256"] = file_digest(path)  # the content, not the name, makes the fingerprint
+    if config.concepts_from:
+        extra["concepts_from"] = _concept_source(config.concepts_from).fingerprint  # its content, not its path
     if config.clip.is_preset:  # an edited preset file is a different model
         extra["clip_preset_sha256"] = file_digest(clip_preset_path(config.clip.model))
     if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
@@ -431,25 +444,57 @@ def _caption_texts(captions: str) -> list[str]:
             if r["split"] == "train" and r["status"] == tables.STATUS_OK and r["text"]]
 
 
+def _concept_source(path: str) -> StageResult:
+    """A finished encode stage whose concept words another encode reuses (`concepts_from`)."""
+    try:
+        result = load_result(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"concepts_from={path!r}: {e}") from None
+    if result.stage != "encode":
+        raise ValueError(f"concepts_from={path!r} is a {result.stage} stage directory; pass an encode stage's")
+    return result
+
+
+def concept_words(path: str) -> list[str]:
+    """The concept words of another encode stage, in its order."""
+    sd = StageDir.at(_concept_source(path).path)
+    return tables.read(sd.file("concepts.parquet"), tables.CONCEPTS, columns=["concept"]).column("concept").to_pylist()
+
+
+def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: str | None,
+                   batch_size: int = 256) -> np.ndarray:
+    """L2-normalised concept embeddings [C, D]: the prompt alone, or the mean over an open_clip template set."""
+    if ensemble is None:
+        return np.concatenate([encode_texts(clip, [prompt.format(c=c) for c in words[s:s + batch_size]]).cpu().numpy()
+                               for s in range(0, len(words), batch_size)])
+    import open_clip
+    from open_clip import zero_shot_metadata
+
+    templates = {"openai-imagenet": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
+                 "simple-imagenet": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES}[ensemble]
+    per_batch = max(1, batch_size // len(templates))
+    with torch.inference_mode():
+        bank = open_clip.build_zero_shot_classifier(clip.model, clip.tokenizer, words, templates,
+                                                    num_classes_per_batch=per_batch, device=clip.device)
+    return bank.T.float().cpu().numpy()                                      # [D, C] -> [C, D], unit rows
+
+
 def build_concepts(config: EncodeConfig, captions: str, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
     """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
     texts = _caption_texts(captions)
-    if config.vocabulary_file:
-        vocab = concept_vocab.vocabulary_counts(concept_vocab.read_vocabulary(config.vocabulary_file), texts,
-                                                progress=config.progress_bar)
+    if config.vocabulary_file or config.concepts_from:
+        words = (concept_vocab.read_vocabulary(config.vocabulary_file) if config.vocabulary_file
+                 else concept_words(config.concepts_from))
+        vocab = concept_vocab.vocabulary_counts(words, texts, progress=config.progress_bar)
     else:
         vocab = concept_vocab.extract_concepts(texts, min_count=config.min_count, top_n=config.top_n,
                                                progress=config.progress_bar)
     if not vocab:
         raise ValueError(f"no concept has min_count={config.min_count} occurrences among the {len(texts)} training "
                          "captions; lower min_count or pass vocabulary_file")
-    rows = []
-    for s in range(0, len(vocab), batch_size):
-        chunk = vocab[s:s + batch_size]
-        emb = encode_texts(clip, [config.prompt.format(c=c) for c, _ in chunk]).cpu().numpy()
-        rows += [{"concept": c, "count": n, "embedding": e.tolist(), "model": clip.spec.label()}
-                 for (c, n), e in zip(chunk, emb, strict=True)]
-    return rows
+    emb = embed_concepts(clip, [c for c, _ in vocab], config.prompt, config.prompt_ensemble, batch_size)
+    return [{"concept": c, "count": n, "embedding": e.tolist(), "model": clip.spec.label()}
+            for (c, n), e in zip(vocab, emb, strict=True)]
 
 
 def write_clip_head(sd: StageDir, clip: LoadedClip) -> None:

@@ -246,6 +246,40 @@ def test_vocabulary_file_replaces_extraction(tmp_path):
     assert plan(cfg, cap, syn, str(tmp_path / "runs")).fingerprint != result.fingerprint
 
 
+def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_clip(tmp_path):
+    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("zebra\ndog\nteddy bear\n")
+    source = run_encode(tiny_config(vocabulary_file=str(vocab)), cap, syn, str(tmp_path / "runs"))
+    # Another run (another CLIP seed preset, another prompt) takes the first stage's words.
+    cfg = tiny_config(clip={"model": "tiny-l14", "precision": "fp32"}, concepts_from=source.path,
+                      prompt="a picture of {c}")
+    result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
+    rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
+    assert [(r["concept"], r["count"]) for r in rows] == [("zebra", 0), ("dog", 2), ("teddy bear", 0)]
+    np.testing.assert_allclose(rows[0]["embedding"], encode_texts(load_clip(cfg.clip), ["a picture of zebra"])[0],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="concepts_from=.* is a synthesize stage"):
+        plan(tiny_config(concepts_from=syn), cap, syn, str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="not both"):
+        tiny_config(concepts_from=source.path, vocabulary_file=str(vocab))
+
+
+def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
+    from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+
+    from pcm.encode import embed_concepts
+
+    clip = load_clip(tiny_config().clip)
+    got = embed_concepts(clip, ["dog", "teddy bear", "zebra"], "A photo of {c}.", "simple-imagenet", batch_size=8)
+    for i, word in enumerate(["dog", "teddy bear", "zebra"]):
+        each = encode_texts(clip, [t(word) for t in SIMPLE_IMAGENET_TEMPLATES])        # [7, D], unit rows
+        want = torch.nn.functional.normalize(each.mean(0), dim=-1)
+        np.testing.assert_allclose(got[i], want.numpy(), atol=1e-5)
+    single = embed_concepts(clip, ["dog"], "A photo of {c}.", None)
+    np.testing.assert_allclose(single[0], encode_texts(clip, ["A photo of dog."])[0].numpy(), atol=1e-6)
+
+
 def test_workers_give_the_same_features(tmp_path):
     cap, syn = make_inputs(tmp_path / "runs", n_shards=3)
     a = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
