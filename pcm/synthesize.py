@@ -23,6 +23,8 @@ from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
+from storage.fingerprint import file_digest
+from storage.image_sets import ImageIndex, read_mapping
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock, try_lock
 from storage.result import StageResult
@@ -58,6 +60,12 @@ class SynthesizeConfig(StageConfig):
     paired_images: str | None = Field(
         None, description="NOT SYNTHETIC (the oracle arm): take each train caption's own image from this root "
         "(the ingest stage's image_path) instead of generating one; resized to height x width")
+    imported_images: str | None = Field(
+        None, description="NOT GENERATED HERE: build the stage from existing images (e.g. the authors' SynthImgCap) "
+        "under this directory, image files and/or tar sets, one per train caption; the generation fields do not apply")
+    imported_mapping: str | None = Field(
+        None, description="CSV `caption_id,image` naming each caption's image under imported_images; None = the "
+        "image whose name (without suffix) is the caption_id")
     tiny_vae: str | None = Field(
         None, description="APPROXIMATE, CHANGES THE IMAGES: decode with a tiny VAE (TAESD) by hub id, local "
         "directory, or `tiny` (random, presets only) instead of the model's VAE; ~8x faster decoding")
@@ -71,11 +79,17 @@ class SynthesizeConfig(StageConfig):
     progress_bar: bool = Field(True, description="show a tqdm bar")
 
     def content(self) -> dict[str, Any]:
-        # `paired_images` is left out when unset, so diffusion runs keep the fingerprints they had before it.
+        # Sources added later are left out when unset, so diffusion runs keep the fingerprints they had.
         out = super().content()
-        if out.get("paired_images") is None:
-            out.pop("paired_images", None)
+        for key in ("paired_images", "imported_images", "imported_mapping"):
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
+
+    @property
+    def source(self) -> str:
+        """Where the images come from: generated (diffusion), paired (oracle) or imported."""
+        return "paired" if self.paired_images else "imported" if self.imported_images else "generated"
 
     @field_validator("scheduler")
     @classmethod
@@ -95,6 +109,14 @@ class SynthesizeConfig(StageConfig):
         if not v.strip():
             raise ValueError("empty model: pass a hub id, a local directory or a preset")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SynthesizeConfig:
+        if self.paired_images and self.imported_images:
+            raise ValueError("give paired_images or imported_images, not both: each replaces the diffusion model")
+        if self.imported_mapping and not self.imported_images:
+            raise ValueError("imported_mapping needs imported_images (the directory the mapping points into)")
+        return self
 
     @model_validator(mode="after")
     def _tiny_vae_preset(self) -> SynthesizeConfig:
@@ -170,9 +192,37 @@ def num_shards(config: SynthesizeConfig, captions: str | Path) -> int:
     return math.ceil(len(planned_samples(config, captions)) / config.shard_size)
 
 
+@functools.lru_cache(maxsize=4)
+def _image_index(root: str) -> ImageIndex:
+    return ImageIndex(root)
+
+
+def image_index(config: SynthesizeConfig) -> ImageIndex:
+    """The index of the imported image set (names and sizes only), built once per process."""
+    return _image_index(str(Path(config.imported_images).resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _mapping(path: str, digest: str) -> dict[str, str]:
+    return read_mapping(path)
+
+
+def imported_key(config: SynthesizeConfig, caption_id: str) -> str | None:
+    """The key of a caption's image in the imported set, or None when it has none."""
+    index = image_index(config)
+    if config.imported_mapping is None:
+        return index.resolve(caption_id)
+    image = _mapping(config.imported_mapping, file_digest(config.imported_mapping)).get(caption_id)
+    return None if image is None else index.resolve(image)
+
+
 def plan(config: SynthesizeConfig, captions: str, root: str) -> StageDir:
     """The stage directory for these captions and this config; no work (Prefect's cache key)."""
     extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else None
+    if config.imported_images:  # what the set and the mapping hold, not their names, make the fingerprint
+        extra = {"imported_index": image_index(config).digest()}
+        if config.imported_mapping:
+            extra["imported_mapping_sha256"] = file_digest(config.imported_mapping)
     return stage_dir(RunLayout(root), STAGE, config, [load_result(captions)], CODE_VERSION, extra)
 
 
@@ -326,9 +376,54 @@ class PairedImages:
         return out
 
 
-def make_generator(config: SynthesizeConfig) -> Synthesizer | PairedImages:
-    """What turns the plan's samples into pixels: the diffusion model, or the paired images (oracle)."""
-    return PairedImages(config) if config.paired_images else Synthesizer(config)
+class ImportedImages:
+    """Existing images (e.g. the authors' SynthImgCap) in place of a diffusion model: each caption's file bytes.
+
+    Same interface as `Synthesizer`, returning the source bytes (checked and, if need be, converted
+    to `image_format` by `import_image` in the encoding threads); a caption without an image, or an
+    unreadable one, is that sample's failure row.
+    """
+
+    def __init__(self, config: SynthesizeConfig) -> None:
+        if config.imported_images is None:
+            raise ValueError("ImportedImages needs synthesize.imported_images (the directory of the images)")
+        self.config = config
+        self.index = image_index(config)
+
+    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
+        out: list[Any] = []
+        for s in samples:
+            key = imported_key(self.config, s.caption_id)
+            if key is None:
+                where = f"mapped by {self.config.imported_mapping}" if self.config.imported_mapping else "named"
+                out.append(f"no image {where} for caption_id {s.caption_id!r} under {self.index.root}")
+                continue
+            try:
+                out.append(self.index.read(key))
+            except OSError as e:
+                out.append(f"{self.index.describe(key)}: {type(e).__name__}: {e}")
+        return out
+
+
+def import_image(data: bytes, image_format: str, quality: int) -> bytes:
+    """An imported image's bytes, kept as they are when already in `image_format`, else re-encoded; decoded once
+    either way, so an unreadable file fails here (its row) and not in the encode stage."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = (img.format or "").lower()
+        img.load()
+        if fmt == image_format:
+            return data
+        return encode_image(np.asarray(img.convert("RGB"), dtype=np.uint8), image_format, quality)
+
+
+def make_generator(config: SynthesizeConfig) -> Synthesizer | PairedImages | ImportedImages:
+    """What turns the plan's samples into images: the diffusion model, the paired images (oracle) or an import."""
+    if config.paired_images:
+        return PairedImages(config)
+    return ImportedImages(config) if config.imported_images else Synthesizer(config)
 
 
 def encode_image(pixels: Any, image_format: str, quality: int) -> bytes:
@@ -356,7 +451,13 @@ def _versions() -> dict[str, str]:
 
 def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
     """What made this image (the `.json` of each sample)."""
-    return {
+    if config.imported_images:  # no generator settings: the image was made elsewhere, by means not recorded here
+        index = image_index(config)
+        key = imported_key(config, sample.caption_id)
+        return {"caption_id": sample.caption_id, "text": sample.text, "source": "imported",
+                "imported_images": str(index.root), "imported_mapping": config.imported_mapping,
+                "imported_from": index.describe(key) if key else None, "versions": _versions()}
+    return {"source": config.source,
         "caption_id": sample.caption_id, "text": sample.text, "seed": sample.seed, "run_seed": config.seed,
         "model": config.model, "revision": config.revision, "scheduler": config.scheduler,
         "steps": config.steps, "guidance_scale": config.guidance_scale, "negative_prompt": config.negative_prompt,
@@ -378,7 +479,7 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
                 try:
                     data = r.result()  # type: ignore[union-attr]
                 except Exception as e:  # noqa: BLE001 - one bad image is a failed row, not a failed shard
-                    error = f"image encoding failed: {type(e).__name__}: {e}"
+                    error = f"image {'import' if config.imported_images else 'encoding'} failed: {type(e).__name__}: {e}"
             if error is not None:
                 rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
                              "status": tables.STATUS_FAILED, "error": error})
@@ -397,7 +498,7 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
 def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards: list[int] | None = None,
                    worker_index: int = 0, num_workers: int = 1, force: bool = False,
                    progress: ProgressFn | None = None, finalize_when_complete: bool = True,
-                   synthesizer: Synthesizer | PairedImages | None = None) -> StageResult:
+                   synthesizer: Synthesizer | PairedImages | ImportedImages | None = None) -> StageResult:
     """Generate the pending shards in scope; finalise the stage when every shard is done.
 
     Scope: `shards` (explicit indices), else shards with `i % num_workers == worker_index`. A
@@ -449,7 +550,7 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
     return finalize(config, captions, root, started=started)
 
 
-def _generate(synth: Synthesizer | PairedImages, sd: StageDir, groups: list[list[Sample]], todo: list[int], force: bool,
+def _generate(synth: Synthesizer | PairedImages | ImportedImages, sd: StageDir, groups: list[list[Sample]], todo: list[int], force: bool,
               counts: dict[str, int], report: Callable[[str], None]) -> dict[str, int]:
     """Generate the shards `todo`; the GPU never waits for image encoding or tar writing."""
     from tqdm.auto import tqdm
@@ -485,8 +586,9 @@ def _generate(synth: Synthesizer | PairedImages, sd: StageDir, groups: list[list
                 for b in range(0, len(group), config.batch_size):
                     batch = group[b:b + config.batch_size]
                     for out in synth.generate_samples(batch):
+                        encode = import_image if isinstance(out, bytes) else encode_image
                         results.append(out if isinstance(out, str) else encoders.submit(
-                            encode_image, out, config.image_format, config.jpeg_quality))
+                            encode, out, config.image_format, config.jpeg_quality))
                     bar.update(len(batch))
                 collect()  # at most one shard waits for its writer: bounded memory
                 fut = writer.submit(_write_shard, sd, index, group, results, config, time.monotonic() - t0)
@@ -548,7 +650,8 @@ def finalize(config: SynthesizeConfig, captions: str, root: str, *, started: flo
         return finish(sd, counts={"captions": len(planned), "ok": ok, "failed": len(planned) - ok,
                                   "shards": len(groups)},
                       started=started, timings=timings,
-                      extra={"complete": True, "pictures": pictures, "model": config.model,
+                      extra={"complete": True, "pictures": pictures, "source": config.source,
+                             "model": config.model if config.source == "generated" else config.source,
                              "image_format": config.image_format, "extension": EXTENSIONS[config.image_format]})
 
 

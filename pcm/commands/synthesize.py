@@ -50,6 +50,12 @@ def register(app: typer.Typer) -> None:
         shard_size: int = typer.Option(1000, help="images per shard"),
         image_format: str = typer.Option("jpeg", help="jpeg, png or webp"),
         jpeg_quality: int = typer.Option(95, help="JPEG/WebP quality (1-100)"),
+        import_images: str | None = typer.Option(
+            None, "--import-images", help="NOT GENERATED HERE: take the images from this directory (files and/or "
+            "tar sets, e.g. the authors' SynthImgCap) instead of a diffusion model; see docs/synthesize.md"),
+        import_mapping: str | None = typer.Option(
+            None, "--import-mapping", help="CSV caption_id,image naming each caption's image under --import-images "
+            "(default: the image named after the caption_id)"),
         tiny_vae: str | None = typer.Option(
             None, help="APPROXIMATE (changes the images): decode with a tiny VAE, e.g. madebyollin/taesd, a "
             "local directory, or 'tiny' for the presets"),
@@ -72,8 +78,8 @@ def register(app: typer.Typer) -> None:
             model=model, revision=revision, dtype=dtype, scheduler=scheduler, steps=steps,
             guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt, seed=seed,
             limit=limit, shard_size=shard_size, image_format=image_format, jpeg_quality=jpeg_quality,
-            tiny_vae=tiny_vae, device=device, batch_size=batch_size, compile=compile, channels_last=channels_last,
-            writer_threads=writer_threads, progress_bar=progress_bar)
+            imported_images=import_images, imported_mapping=import_mapping, tiny_vae=tiny_vae, device=device,
+            batch_size=batch_size, compile=compile, channels_last=channels_last, writer_threads=writer_threads, progress_bar=progress_bar)
         config = validate(SynthesizeConfig, values, "synthesize")
         if shards is not None and num_workers != 1:
             raise ValueError("give either --shards or --worker-index/--num-workers, not both")

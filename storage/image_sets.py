@@ -1,0 +1,129 @@
+"""Existing image sets read by key: a folder of image files and/or tar sets, and an optional id mapping.
+
+Layout (docs/synthesize.md, "Importing images"):
+
+    ROOT/                      any depth; every image file and every member of every *.tar
+      000123.jpg               key "000123"       (the file name without its suffix)
+      part-01/000124.png       key "000124"       (folders only organise: a key is unique in the set)
+      sets/00000.tar           members "000125.jpg", ... -> keys "000125", ...
+
+    MAPPING.csv (optional)     header `caption_id,image`; `image` is a key, or a path under ROOT (a tar
+                               member name) with its suffix.
+                               Without a mapping, the image of caption `c` is the one whose key is `c`.
+
+The index reads names and sizes only (tar headers, no image bytes); its digest (every key, its
+source and size) goes into the synthesize fingerprint, so a changed set is a different stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one image's bytes are: a file, or a byte range of a tar."""
+
+    source: str          # path relative to the root (the file, or the tar holding it)
+    member: str | None   # tar member name; None for a plain file
+    offset: int          # byte offset of the data (0 for a plain file)
+    size: int
+
+
+def _key(name: str) -> str:
+    p = PurePosixPath(name)
+    return p.stem if p.suffix.lower() in IMAGE_SUFFIXES else ""
+
+
+class ImageIndex:
+    """Every image under `root` by key; `read(key)` returns its bytes."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"imported images {root}: no such directory")
+        self.entries: dict[str, Entry] = {}
+        self.by_name: dict[str, str] = {}   # path with its suffix -> key
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                rel = path.relative_to(self.root).as_posix()
+                if name.lower().endswith(".tar"):
+                    self._add_tar(path, rel)
+                elif key := _key(rel):
+                    self._add(key, rel, Entry(rel, None, 0, path.stat().st_size))
+        if not self.entries:
+            raise ValueError(f"imported images {self.root}: no image files ({', '.join(IMAGE_SUFFIXES)}) "
+                             "and no tar members with those suffixes")
+
+    def _add(self, key: str, name: str, entry: Entry) -> None:
+        if key in self.entries:
+            old = self.entries[key]
+            raise ValueError(f"imported images {self.root}: key {key!r} is both {old.source}:{old.member or ''} "
+                             f"and {entry.source}:{entry.member or ''}; keep one image per key")
+        self.entries[key] = entry
+        self.by_name[name] = key
+
+    def _add_tar(self, path: Path, rel: str) -> None:
+        try:
+            with tarfile.open(path, "r:") as tar:   # uncompressed tars: members are byte ranges
+                for m in tar:
+                    if m.isfile() and (key := _key(m.name)):
+                        self._add(key, m.name, Entry(rel, m.name, m.offset_data, m.size))
+        except tarfile.TarError as e:
+            raise ValueError(f"imported images: {path} is not a readable uncompressed tar ({e})") from None
+
+    def resolve(self, image: str) -> str | None:
+        """The key of `image` (a key, or a path/member name with its suffix), or None."""
+        return image if image in self.entries else self.by_name.get(image)
+
+    def read(self, key: str) -> bytes:
+        e = self.entries[key]
+        with open(self.root / e.source, "rb") as f:
+            f.seek(e.offset)
+            data = f.read(e.size)
+        if len(data) != e.size:
+            raise OSError(f"{self.root / e.source}: {e.member or 'file'} is truncated ({len(data)} of {e.size} bytes)")
+        return data
+
+    def describe(self, key: str) -> str:
+        e = self.entries[key]
+        return f"{e.source}:{e.member}" if e.member else e.source
+
+    def digest(self) -> str:
+        """sha256 over every (key, source, member, size): what the set holds, without reading images."""
+        h = hashlib.sha256()
+        for key in sorted(self.entries):
+            e = self.entries[key]
+            h.update(f"{key}\t{e.source}\t{e.member or ''}\t{e.size}\n".encode())
+        return h.hexdigest()
+
+
+def read_mapping(path: str | os.PathLike) -> dict[str, str]:
+    """caption_id -> image from a CSV with the header `caption_id,image`; errors name the file and row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"imported mapping {path}: not found; give a CSV with the header caption_id,image")
+    out: dict[str, str] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"caption_id", "image"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: the header must name the columns caption_id and image "
+                             f"(got {reader.fieldnames})")
+        for row in reader:
+            line = reader.line_num
+            cid, image = (row.get("caption_id") or "").strip(), (row.get("image") or "").strip()
+            if not cid or not image:
+                raise ValueError(f"{path}:{line}: empty caption_id or image")
+            if cid in out:
+                raise ValueError(f"{path}:{line}: caption_id {cid!r} is mapped twice")
+            out[cid] = image
+    return out
