@@ -3,20 +3,20 @@
 A stage task's cache key is `<stage>-<fingerprint>`, so a second run of the same config and
 inputs shows the task as Cached, on any machine sharing the run root. Before trusting a cache
 hit, `run_stage` checks that the stage directory is complete (marker + `verify`); if not, the
-task is forced to run again and its record refreshed. Cache records live under the run root, as
-JSON (never pickle).
+task is forced to run again and its record refreshed. Cache records are JSON kept on this host,
+outside the shared run root (flows/records.py).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import Task
 
-from storage.layout import RunLayout, StageDir
+from flows.records import result_storage
+from storage.layout import StageDir
 
 Plan = Callable[..., StageDir]
 Verify = Callable[[StageDir], "str | None"]
@@ -34,10 +34,6 @@ def fingerprint_key(plan: Plan) -> Callable[[Any, dict[str, Any]], str]:
     return key
 
 
-def results_dir(root: str | Path) -> Path:
-    return RunLayout(root).root / ".prefect-results"
-
-
 def is_finished(plan: Plan, verify: Verify, **parameters: Any) -> bool:
     """The stage directory of these parameters is complete and its outputs verify."""
     sd = plan(**parameters)
@@ -52,5 +48,5 @@ def run_stage(task: Task, plan: Plan, verify: Verify, *, force: bool = False, **
     stale = force or not is_finished(plan, verify, **parameters)
     if "force" in inspect.signature(task.fn).parameters:
         parameters = {**parameters, "force": force}
-    return task.with_options(refresh_cache=stale, result_storage=results_dir(parameters["root"]),
+    return task.with_options(refresh_cache=stale, result_storage=result_storage(parameters["root"]),
                              persist_result=True, result_serializer="json")(**parameters)
