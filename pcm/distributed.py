@@ -1,10 +1,18 @@
-"""Several GPUs: torchrun launch, process group setup, DDP wrapping and cross-rank means (rank 0 writes)."""
+"""Several GPUs: launch, process group setup, DDP wrapping and cross-rank means (rank 0 writes).
+
+By default nothing listens beyond this host: the processes meet through a file store (no TCP
+rendezvous; torch's TCPStore binds every interface whatever host it is given) and gloo / NCCL
+bind their sockets to the loopback interface. `bind = "all"` launches under torchrun instead
+(`--standalone`: its elastic agent's stores listen on all interfaces), for setups that need it.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +35,11 @@ class DistInfo:
         return self.rank == 0
 
 
+STORE_ENV = "PCM_DIST_STORE"   # the file store of a loopback launch
+
+
 def from_env() -> DistInfo:
-    """The rank and world size torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    """The rank and world size the launcher sets (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -38,7 +49,12 @@ def setup(info: DistInfo, device: torch.device) -> None:
     if info.world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = os.environ.get(STORE_ENV)
+        if store:
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=info.rank, world_size=info.world)
+        else:  # under torchrun (bind = "all")
+            dist.init_process_group(backend)
 
 
 def teardown(info: DistInfo) -> None:
@@ -68,25 +84,56 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def launch(module_args: list[str], devices: int, poll: Callable[[], None] | None = None,
-           poll_every: float = 2.0) -> None:
-    """Run `python -m torch.distributed.run --nproc_per_node devices -m <module_args>` and wait.
+def loopback_interface() -> str | None:
+    """The name of the loopback network interface (`lo` on Linux, `lo0` on macOS), if one is found."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n in ("lo", "lo0")), None)
 
-    `poll` is called every `poll_every` seconds while it runs (to report progress from the files
-    rank 0 writes). A failed launch raises with the exit code.
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-           "-m", *module_args]
-    proc = subprocess.Popen(cmd)
+
+def _wait(procs: list[subprocess.Popen], poll: Callable[[], None] | None, poll_every: float) -> list[int]:
+    """Wait for every process; the first failure stops the others (a rank alone would hang on a collective)."""
     try:
-        while proc.poll() is None:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
             time.sleep(poll_every)
             if poll is not None:
                 poll()
     except BaseException:
-        proc.terminate()
-        proc.wait()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
         raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"distributed training failed (exit code {proc.returncode}): {' '.join(cmd[:8])} ...; "
-                           "see the log above; rerun resumes from the latest checkpoint")
+    return [p.returncode for p in procs]
+
+
+def launch(module_args: list[str], devices: int, poll: Callable[[], None] | None = None,
+           poll_every: float = 2.0, bind: str = "loopback") -> None:
+    """Run `python -m <module_args>` as `devices` ranks and wait; a failed rank raises with its exit code.
+
+    `bind = "loopback"`: the ranks are this launcher's own children meeting through a file store,
+    their sockets on the loopback interface. `bind = "all"`: torchrun --standalone. `poll` is called
+    every `poll_every` seconds while they run (to report progress from the files rank 0 writes).
+    """
+    if bind == "all":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", *module_args]
+        codes = _wait([subprocess.Popen(cmd)], poll, poll_every)
+    elif bind == "loopback":
+        cmd = [sys.executable, "-m", *module_args]
+        with tempfile.TemporaryDirectory(prefix="pcm-dist-") as tmp:
+            env = {**os.environ, STORE_ENV: os.path.join(tmp, "store"), "WORLD_SIZE": str(devices),
+                   "MASTER_ADDR": "127.0.0.1"}
+            if (lo := loopback_interface()) is not None:
+                env |= {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
+            procs = [subprocess.Popen(cmd, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(devices)]
+            codes = _wait(procs, poll, poll_every)
+    else:
+        raise ValueError(f"bind={bind!r}: choose 'loopback' (default) or 'all' (torchrun)")
+    failed = [(r, c) for r, c in enumerate(codes) if c != 0]
+    if failed:
+        raise RuntimeError(f"distributed training failed (rank {failed[0][0]} exit code {failed[0][1]}): "
+                           f"{' '.join(cmd[:8])} ...; see the log above; rerun resumes from the latest checkpoint")
