@@ -16,6 +16,35 @@ from storage.arrays import open_arrays, read_header
 from storage.layout import StageDir
 
 
+def open_features(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The `global` [n, D] and `patches` [n, P, W] arrays of one encode feature shard and its n keys.
+
+    The safetensors header is checked against the file (`open_arrays`); the arrays must be
+    floating point, of those ranks, and agree on n with each other and with the `keys` metadata.
+    Anything else is a ValueError naming the file.
+    """
+    redo = "delete it and its .done.json and rerun the encode stage (or `pcm encode --force`)"
+    arrays, meta = open_arrays(path)
+    for name, rank in (("global", 2), ("patches", 3)):
+        a = arrays.get(name)
+        if a is None:
+            raise ValueError(f"{path}: no {name!r} array; expected encode's feature shard format; {redo}")
+        if a.ndim != rank or not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{path}: {name!r} is a {a.dtype} array of shape {list(a.shape)}; encode writes "
+                             f"{rank}-d floating point features; {redo}")
+    try:
+        keys = json.loads(meta.get("keys", "[]"))
+    except ValueError as e:
+        raise ValueError(f"{path}: the 'keys' metadata is not JSON ({e}); {redo}") from None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{path}: the 'keys' metadata must be a JSON list of strings; {redo}")
+    g, v = arrays["global"], arrays["patches"]
+    if not g.shape[0] == v.shape[0] == len(keys):
+        raise ValueError(f"{path}: the arrays disagree on the number of rows (global {list(g.shape)}, patches "
+                         f"{list(v.shape)}, {len(keys)} keys); {redo}")
+    return arrays, keys
+
+
 class FeatureStore:
     """The `global` / `patches` arrays of a stage's feature shards, memory-mapped, opened on first use."""
 
@@ -29,12 +58,18 @@ class FeatureStore:
             path = self.sd.shard_file(self.kind, index, "safetensors")
             if not path.exists():
                 raise FileNotFoundError(f"{path}: feature shard missing; rerun `pcm encode` to finish it")
-            arrays, meta = open_arrays(path)
-            for name in ("global", "patches"):
-                if name not in arrays:
-                    raise ValueError(f"{path}: no {name!r} array; expected encode's feature shard format")
+            arrays, keys = open_features(path)
+            if self._open:  # every shard of a store has the same feature shapes and dtypes
+                first, ref = next(iter(self._open.items()))
+                for name in ("global", "patches"):
+                    if arrays[name].shape[1:] != ref[name].shape[1:] or arrays[name].dtype != ref[name].dtype:
+                        raise ValueError(
+                            f"{path}: {name!r} rows are {arrays[name].dtype} {list(arrays[name].shape[1:])} but "
+                            f"{self.sd.shard_file(self.kind, first, 'safetensors')} has "
+                            f"{ref[name].dtype} {list(ref[name].shape[1:])}; the feature shards come from "
+                            "different encodes, rerun `pcm encode --force`")
             self._open[index] = arrays
-            self._keys[index] = json.loads(meta.get("keys", "[]"))
+            self._keys[index] = keys
         return self._open[index]
 
     def keys(self, index: int) -> list[str]:
@@ -63,6 +98,12 @@ class FeatureStore:
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
             arrays = self.shard(int(s))
+            n = arrays["global"].shape[0]
+            if sel.size and not (0 <= int(row[sel].min()) and int(row[sel].max()) < n):
+                bad = int(row[sel][(row[sel] < 0) | (row[sel] >= n)][0])
+                raise ValueError(f"{self.sd.shard_file(self.kind, int(s), 'safetensors')}: row {bad} asked for but "
+                                 f"the shard holds {n} rows; the encode outputs are inconsistent, rerun "
+                                 "`pcm encode --force`")
             g[sel] = arrays["global"][row[sel]]
             v[sel] = arrays["patches"][row[sel]]
         return torch.from_numpy(g), torch.from_numpy(v)

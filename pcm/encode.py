@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -194,6 +195,21 @@ def real_units(config: EncodeConfig, captions: str) -> list[Unit]:
 
 # -- data loading (runs in DataLoader workers) ----------------------------------------------
 
+_BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
+def _reason(e: BaseException, source: str) -> str:
+    """`Type: message` of a sample's error, the same on every run.
+
+    PIL names the in-memory file it could not identify by its repr (`<_io.BytesIO object at
+    0x7f...>`), an address that differs from run to run; it becomes `source` (the sample's member
+    name or the image path), and any other `... at 0x...>` repr loses its address.
+    """
+    message = _ADDRESS.sub(">", _BYTESIO_REPR.sub(source, str(e)))
+    return f"{type(e).__name__}: {message}"
+
+
 def _decode(data: bytes, preprocess: Callable) -> torch.Tensor:
     from PIL import Image
 
@@ -218,7 +234,13 @@ class _UnitBatches(torch.utils.data.IterableDataset):
         mine = self.units[info.id::info.num_workers] if info else self.units
         for unit in mine:
             items = self._synthetic(unit) if unit.kind == FEATURES else self._real(unit)
-            yield from self._batches(unit, items)
+            try:
+                yield from self._batches(unit, items)
+            except shard_io.ShardError as e:
+                # A truncated or corrupt shard stops the stage. Sent as a batch, so the main process raises
+                # it with its own message (a DataLoader worker's exception arrives wrapped in a traceback).
+                yield {"kind": unit.kind, "index": unit.index, "fatal": str(e)}
+                return
 
     def _batches(self, unit: Unit, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         buf: list[dict[str, Any]] = []
@@ -252,7 +274,7 @@ class _UnitBatches(torch.utils.data.IterableDataset):
                     raise ValueError("no caption text (.txt) in the sample")
                 item["pixels"], item["text"] = _decode(sample[ext], self.preprocess), text
             except Exception as e:  # noqa: BLE001 - one bad sample is a failed row, never fatal
-                item["error"] = f"{name}: sample {key}: {type(e).__name__}: {e}"
+                item["error"] = f"{name}: sample {key}: {_reason(e, f'{key}.{ext}')}"
             yield item
 
     def _real(self, unit: Unit) -> Iterator[dict[str, Any]]:
@@ -268,7 +290,7 @@ class _UnitBatches(torch.utils.data.IterableDataset):
                     raise FileNotFoundError(f"image not found: {path}")
                 item["pixels"] = _decode(path.read_bytes(), self.preprocess)
             except Exception as e:  # noqa: BLE001 - a missing or corrupt image is a failed row
-                item["error"] = str(e) if isinstance(e, FileNotFoundError) else f"{path}: {type(e).__name__}: {e}"
+                item["error"] = str(e) if isinstance(e, FileNotFoundError) else f"{path}: {_reason(e, str(path))}"
             yield item
 
 
@@ -367,6 +389,8 @@ def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: Enco
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-writer") as writer, \
             tqdm(total=total, unit="img", desc="encode", disable=not config.progress_bar) as bar:
         for batch in loader:
+            if "fatal" in batch:
+                raise shard_io.ShardError(batch["fatal"])
             key = (batch["kind"], batch["index"])
             acc = accs.setdefault(key, _Acc(by_id[key]))
             encoded += _add_batch(acc, batch, clip)

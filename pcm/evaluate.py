@@ -10,7 +10,6 @@ vocabulary and concepts, which live in its checkpoint).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from tqdm import tqdm
 from pcm.config import StageConfig
 from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, shards, tables
-from storage.arrays import open_arrays
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -218,6 +216,7 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
     """Caption every image of `evalset` from its stored features; image id -> caption."""
     import torch
 
+    from pcm.dataset import open_features
     from pcm.decode import beam_search
 
     enc = StageDir.at(encode.path)
@@ -231,8 +230,7 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
         path = enc.shard_file("real", shard, "safetensors")
         if not shards.is_done(path):
             raise FileNotFoundError(f"{path}: real-image feature shard missing or unfinished; rerun the encode stage")
-        arrays, meta = open_arrays(path)
-        keys = json.loads(meta.get("keys", "[]"))
+        arrays, keys = open_features(path)  # header and row counts checked against the file
         for i in members:
             row, image_id = evalset.rows[i], evalset.image_ids[i]
             if row >= len(keys) or keys[row] != image_id:

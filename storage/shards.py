@@ -136,18 +136,67 @@ class ShardWriter:
         write_marker(self.path, marker)
 
 
-def iter_tar(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Samples of a finished shard as dicts of raw bytes (grouped by key), in file order.
+class ShardError(ValueError):
+    """A finished shard that does not match its done marker (truncated, altered or unreadable)."""
 
-    A shard with a done marker is checked against it: its size first (a tar cut at a header
-    boundary looks like a shorter, valid archive to `tarfile`), then the sample count. Raises
-    ValueError naming the file for a truncated or corrupt tar.
+
+_REDO = "delete it and its .done.json and rerun the stage that wrote it"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shard(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Check a finished shard against its done marker: its size, then the sha256 of its bytes.
+
+    Returns the marker (None for a shard without one, which is not checked). Raises ShardError
+    naming the file, the stored and the found values, and what to do. One sequential read of the
+    file: a stage reading the shard right after finds it in the page cache.
     """
     path = Path(path)
-    marker = read_marker(path) if done_path(path).exists() else None
-    if marker is not None and path.exists() and path.stat().st_size != marker["bytes"]:
-        raise ValueError(f"{path}: truncated or altered shard ({path.stat().st_size} bytes, its marker says "
-                         f"{marker['bytes']}); delete it and its .done.json and rerun the stage that wrote it")
+    if not done_path(path).exists():
+        return None
+    marker = read_marker(path)
+    if not isinstance(marker, dict):
+        raise ShardError(f"{done_path(path)}: not a shard marker (a JSON object with count, bytes and sha256); "
+                         f"delete {path.name} and its .done.json and rerun the stage that wrote it")
+    if not path.exists():
+        raise ShardError(f"{path}: shard missing but {done_path(path).name} exists; {_REDO}")
+    size, want = path.stat().st_size, marker.get("bytes")
+    if isinstance(want, int) and size != want:
+        raise ShardError(f"{path}: truncated or altered shard ({size} bytes, its marker says {want}); {_REDO}")
+    stored = marker.get("sha256")
+    if isinstance(stored, str):
+        found = file_sha256(path)
+        if found != stored:
+            raise ShardError(f"{path}: corrupt shard: its bytes changed since it was written (sha256 {found}, its "
+                             f"marker {done_path(path).name} says {stored}); {_REDO}")
+    return marker
+
+
+def iter_tar(path: str | os.PathLike, *, verify: bool = True) -> Iterator[dict[str, Any]]:
+    """Samples of a finished shard as dicts of raw bytes (grouped by key), in file order.
+
+    A shard with a done marker is checked against it before any sample is read (`check_shard`:
+    its size, as a tar cut at a header boundary looks like a shorter, valid archive to `tarfile`,
+    then its sha256, so bytes changed in place are found), and its sample count at the end.
+    `verify=False` skips the size and sha256 check for a caller that has just run `check_shard`.
+    Raises ShardError (a ValueError) naming the file for a truncated, corrupt or unreadable tar.
+    """
+    path = Path(path)
+    if verify:
+        marker = check_shard(path)
+    else:
+        marker = read_marker(path) if done_path(path).exists() else None
+    want_count = marker.get("count") if isinstance(marker, dict) else None
+    if not isinstance(want_count, int):
+        want_count = None
     current: dict[str, Any] | None = None
     count = 0
     try:
@@ -164,12 +213,11 @@ def iter_tar(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                     current = {"__key__": key}
                 current[ext] = data
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: unreadable shard ({e}); delete it and its .done.json and rerun the stage") from e
+        raise ShardError(f"{path}: unreadable shard ({e}); delete it and its .done.json and rerun the stage") from e
     if current is not None:
         count += 1
-        if marker is not None and count != marker["count"]:
-            raise ValueError(f"{path}: {count} samples but its marker says {marker['count']}; delete it and its "
-                             ".done.json and rerun the stage that wrote it")
+        if want_count is not None and count != want_count:
+            raise ShardError(f"{path}: {count} samples but its marker says {want_count}; {_REDO}")
         yield current
-    elif marker is not None and marker["count"]:
-        raise ValueError(f"{path}: no samples but its marker says {marker['count']}")
+    elif want_count:
+        raise ShardError(f"{path}: no samples but its marker says {want_count}; {_REDO}")
