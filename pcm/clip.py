@@ -78,7 +78,7 @@ class ClipSpec(BaseModel):
     own default, anything else is not pooled.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str = "ViT-L-14"
     pretrained: str | None = "openai"

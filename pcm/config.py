@@ -14,7 +14,8 @@ class StageConfig(BaseModel):
     workers, progress bars); they are left out of the fingerprint.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: a NaN or infinite float is an error naming its field, here at the edge.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
     RUNTIME: ClassVar[frozenset[str]] = frozenset()
 
     def content(self) -> dict[str, Any]:

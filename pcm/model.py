@@ -26,7 +26,7 @@ PRESETS = Path(__file__).resolve().parent / "presets" / "model"
 class PCMNetConfig(BaseModel):
     """Architecture and PCM hyper-parameters; presets live in pcm/presets/model/*.toml."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # CLIP feature shapes; None = taken from the encode outputs (a set value must match them).
     d_embed: int | None = Field(None, gt=0, description="CLIP joint width D (global feature, concepts)")

@@ -33,7 +33,7 @@ STAGE_ORDER = ("ingest", "synthesize", "encode", "train", "evaluate")
 class PipelineConfig(BaseModel):
     """Every stage's config; validated as a whole before anything runs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     description: str = ""
@@ -78,8 +78,19 @@ def _expand(value: Any, table: dict[str, str]) -> Any:
     return value
 
 
+def _merge(old: Any, new: Any) -> Any:
+    """A table set onto a table updates it key by key (recursively); anything else replaces."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merge(old.get(k), v) for k, v in new.items()}}
+    return new
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`train.batch_size`) in a copy of `raw`; unknown sections are errors."""
+    """Set dotted keys (`train.batch_size`) in a copy of `raw`; unknown sections are errors.
+
+    A table value merges into the table it replaces: `encode.clip={pool = 4}` keeps the preset's
+    model and weights, `train.model={pcm = false}` keeps the preset's other model overrides.
+    """
     out = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         parts = dotted.split(".")
@@ -91,7 +102,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {dotted!r}: {p!r} is not a section")
-        node[parts[-1]] = value
+        node[parts[-1]] = _merge(node.get(parts[-1]), copy.deepcopy(value))
     return out
 
 
