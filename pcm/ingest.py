@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -28,7 +29,8 @@ from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "2"  # 2: train rows keep their image path (paired-image runs)
+CODE_VERSION = "3"  # 2: train rows keep their image path (paired-image runs); 3: BOM encodings, CR line
+# breaks, control characters rejected, duplicate JSON keys / CSV columns and runaway CSV quotes are errors
 STAGE = "ingest"
 OUTPUT = "captions.parquet"
 FORMATS = ("karpathy", "coco", "txt", "jsonl", "csv")
@@ -36,10 +38,13 @@ SPLITS = ("train", "val", "test")
 # Karpathy's "restval" images are the part of COCO val2014 that the split gives to training.
 _SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 # Every reason a row can be rejected for; each is counted as `rejected_<reason>` (0 included).
-REASONS = ("invalid_utf8", "empty", "whitespace", "too_long", "duplicate", "not_in_subset")
+REASONS = ("invalid_utf8", "control_char", "empty", "whitespace", "too_long", "duplicate", "not_in_subset")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # Caption ids are `<name>-<id>` and must pass storage.shards.check_key (at most 200 characters).
 MAX_NAME_CHARS, MAX_ID_CHARS = 64, 120
+# A CSV record may span at most this many physical lines (a quoted cell may hold line breaks); a longer
+# one is a quote left open by mistake, swallowing the rows after it, and stops the stage.
+MAX_CSV_RECORD_LINES = 10
 
 Split = Literal["train", "val", "test"]
 
@@ -167,17 +172,61 @@ class _Rows:
         self.image_path.append(image_path)
 
 
+# Byte-order marks, UTF-32 first: its little-endian mark starts with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32-LE"), (codecs.BOM_UTF32_BE, "UTF-32-BE"), (codecs.BOM_UTF8, "UTF-8"),
+         (codecs.BOM_UTF16_LE, "UTF-16-LE"), (codecs.BOM_UTF16_BE, "UTF-16-BE"))
+
+
 def _decode(path: Path) -> str:
-    """The file's text; undecodable bytes survive as surrogates so one bad caption is one rejected row."""
-    return path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    """The file's text, in the encoding its byte-order mark names (UTF-8 without one).
+
+    In UTF-8, undecodable bytes survive as surrogates so one bad caption is one rejected row; a
+    UTF-16 or UTF-32 file that does not decode is an error naming the line.
+    """
+    data = path.read_bytes()
+    bom, encoding = next(((b, e) for b, e in _BOMS if data.startswith(b)), (b"", "UTF-8"))
+    if encoding == "UTF-8":
+        return data[len(bom):].decode("utf-8", "surrogateescape")
+    try:
+        return data[len(bom):].decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[len(bom):len(bom) + e.start].decode(encoding, "replace").count("\n") + 1
+        raise ValueError(f"{path}: line {line}: not valid {encoding} (the encoding its byte-order mark names): "
+                         f"{e.reason} at byte {len(bom) + e.start}") from None
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str, keys: list[str]) -> None:
+        shown = keys if len(keys) <= 8 else [*keys[:8], "..."]
+        super().__init__(f"duplicate key {key!r} in a JSON object (keys {shown}); a key may appear once "
+                         "per object (a JSON reader would silently keep only its last value)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: the object, or _DuplicateKey naming the repeated key."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key, [k for k, _ in pairs])
+            seen.add(key)
+    return obj
+
+
+def _json(text: str) -> Any:
+    """json.loads refusing repeated keys in an object."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def _load_json(path: Path) -> Any:
     """Like storage.atomic.read_json (errors name line and column), tolerating invalid UTF-8 in strings."""
     try:
-        return json.loads(_decode(path))
+        return _json(_decode(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except _DuplicateKey as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _valid_utf8(s: str) -> bool:
@@ -339,11 +388,12 @@ def _read_coco(data: Any, file: str, prefix: str, split: str, keep: tuple[str, .
 
 
 def _lines(text: str) -> list[str]:
-    """Lines split on \\n only (str.splitlines would also split on form feeds and U+2028)."""
-    lines = text.split("\n")
+    """Lines split on \\n, \\r\\n and a lone \\r (old Mac files); str.splitlines would also split on
+    form feeds and U+2028."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line; it does not start an empty one
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    return lines
 
 
 def _read_txt(text: str, file: str, prefix: str, split: str, keep: tuple[str, ...]) -> _Rows:
@@ -383,29 +433,64 @@ def _read_jsonl(text: str, file: str, prefix: str, config: IngestConfig, keep: t
                 rows.skipped += 1
             continue
         try:
-            obj = json.loads(line)
+            obj = _json(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: invalid JSON at line {n}, column {e.colno}: {e.msg}") from None
+        except _DuplicateKey as e:
+            raise ValueError(f"{file}: line {n}: {e}") from None
         _add_record(rows, _Fields(file, obj, f"line {n}"), cid, config, keep, n)
     return rows
 
 
 def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...]) -> _Rows:
-    """A CSV file with a header row; ids count data rows from 1."""
+    """A CSV file with a header row; ids count data rows from 1 (blank lines are not rows).
+
+    Quoting is strict (a quote opens and closes a whole cell), a record may span at most
+    MAX_CSV_RECORD_LINES lines, and header names must be unique; each break is an error naming the
+    line where the record starts, which for a stray quote is the line where it opened.
+    """
     rows = _Rows(file, lambda n: f"row {n}")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1  # the line the current record starts on
+
+    def records() -> Iterable[list[str]]:
+        nonlocal start
+        while True:
+            start = reader.line_num + 1
+            record = next(reader, None)
+            if record is None:
+                return
+            if (span := reader.line_num - start + 1) > MAX_CSV_RECORD_LINES:
+                raise ValueError(f"{file}: line {start}: a quoted cell of the record starting here runs over "
+                                 f"{span} lines (to line {reader.line_num}), more than {MAX_CSV_RECORD_LINES}: a "
+                                 "stray or unclosed quote; quote whole cells and double the quotes inside them")
+            if record:
+                yield record
+
     try:
-        header = reader.fieldnames or []
+        it = iter(records())
+        header = next(it, [])
+        repeated = {h: [i for i, g in enumerate(header, 1) if g == h] for h in header if h and header.count(h) > 1}
+        if repeated:
+            shown = "; ".join(f"{h!r} (columns {', '.join(map(str, cols[:-1]))} and {cols[-1]})"
+                              for h, cols in repeated.items())
+            raise ValueError(f"{file}: line {start}: duplicate column names in the header: {shown}; every column "
+                             "needs its own name")
         if config.text_column not in header:
             raise ValueError(f"{file}: no {config.text_column!r} column in the header {header}; set the text "
                              "column to one of these")
-        for n, record in enumerate(_bar(reader, None, f"ingest {Path(file).name}", "row"), start=1):
-            # Short rows get None for missing cells: a missing caption cell is an error, like a missing key.
-            present = {k: v for k, v in record.items() if k is not None and v is not None}
-            _add_record(rows, _Fields(file, present, f"row {n} (line {reader.line_num})"), f"{prefix}-{n}",
-                        config, keep, n)
+        for n, record in enumerate(_bar(it, None, f"ingest {Path(file).name}", "row"), start=1):
+            # A short row lacks its last cells (a missing caption cell is an error, like a missing key);
+            # the cells of a long row past the header are not read.
+            present = dict(zip(header, record, strict=False))
+            _add_record(rows, _Fields(file, present, f"row {n} (line {start})"), f"{prefix}-{n}", config, keep, n)
     except csv.Error as e:
-        raise ValueError(f"{file}: line {reader.line_num}: invalid CSV: {e}") from None
+        if str(e) == "unexpected end of data":
+            raise ValueError(f"{file}: line {start}: invalid CSV: a quoted cell of the record starting here is "
+                             f"still open at the end of the file (line {reader.line_num}): a stray or unclosed "
+                             "quote") from None
+        where = f"line {start}" if reader.line_num <= start else f"line {start} (record to line {reader.line_num})"
+        raise ValueError(f"{file}: {where}: invalid CSV: {e}") from None
     return rows
 
 
@@ -429,6 +514,25 @@ def read_source(config: IngestConfig) -> tuple[str, _Rows]:
 # -- checking ---------------------------------------------------------------------------
 
 
+# C0 and C1 control characters and DEL (Unicode category Cc) but tab, line feed and carriage return,
+# which are ordinary whitespace (collapsed into one space).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL_NAMES = (
+    "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC "
+    "FS GS RS US".split()
+    + "PAD HOP BPH NBH IND NEL SSA ESA HTS HTJ VTS PLD PLU RI SS2 SS3 DCS PU1 PU2 STS CCH MW SPA EPA SOS SGC "
+      "SCI CSI ST OSC PM APC".split())
+
+
+def _control_message(raw: str, m: re.Match) -> str:
+    c = ord(m.group())
+    name = "DEL" if c == 0x7F else _CONTROL_NAMES[c if c < 0x20 else c - 0x80 + 0x20]
+    what = ", a terminal escape sequence" if c in (0x1B, 0x9B) else ""
+    count = len(_CONTROL.findall(raw))
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    return f"control character U+{c:04X} ({name}{what}) at character {m.start() + 1}{more}; captions must be text"
+
+
 def _check_text(raw: str, max_chars: int) -> tuple[str, str, str | None, str | None]:
     """(text, raw_text, reason, error) for one caption; reason None when it is accepted."""
     if not _valid_utf8(raw):
@@ -439,6 +543,8 @@ def _check_text(raw: str, max_chars: int) -> tuple[str, str, str | None, str | N
         return "", shown, "invalid_utf8", "invalid UTF-8 (undecodable bytes shown as \\x escapes)"
     if not raw:
         return "", raw, "empty", "empty caption"
+    if m := _CONTROL.search(raw):
+        return "", raw, "control_char", _control_message(raw, m)
     text = " ".join(raw.split())
     if not text:
         return "", raw, "whitespace", "whitespace-only caption"

@@ -170,6 +170,9 @@ GOOD_KARPATHY = karpathy(kimg(1, (1, "a dog on the grass"), (2, "a cat on a sofa
 GOOD_COCO = coco([{"id": 1, "file_name": "1.jpg"}], [{"id": 10, "image_id": 1, "caption": "a dog"},
                                                       {"id": 11, "image_id": 1, "caption": "a cat"}])
 
+# 1,000 captions; a stray quote opens the cell of the 12th (line 13) and is never closed.
+STRAY_QUOTE_CSV = ("caption,image_id\n" + "".join(f"caption number {i},{i}\n" for i in range(1000))).replace(
+    "caption number 11,", '"caption number 11,').encode()
 # (case, file name, content, the error's message) - every one must name the file and the place.
 INGEST_ERRORS = [
     ("karpathy-malformed-json", "dataset_x.json", b'{"images": [{"imgid": 1,, }]}',
@@ -209,6 +212,17 @@ INGEST_ERRORS = [
      coco([{"id": 1, "file_name": "1.jpg"}], [{"id": 10, "image_id": 1, "caption": "a dog"},
                                               {"id": 10, "image_id": 1, "caption": "a cat"}]),
      r"annotations\[1\]: duplicate caption id 'captions-10', first used by annotations\[0\]"),
+    ("csv-stray-quote", "x.csv", STRAY_QUOTE_CSV,
+     r"line 13: invalid CSV: a quoted cell of the record starting here is still open at the end of the file"),
+    ("csv-stray-quote-closed-later", "x.csv", STRAY_QUOTE_CSV.replace(b"number 60,", b'number 60",'),
+     r"line 13: a quoted cell of the record starting here runs over 50 lines \(to line 62\), more than 10"),
+    ("csv-duplicate-header", "x.csv", b"caption,image_id,caption\na dog,1,a cat\n",
+     r"line 1: duplicate column names in the header: 'caption' \(columns 1 and 3\)"),
+    ("karpathy-duplicate-images-key", "dataset_x.json",
+     GOOD_KARPATHY[:-1] + b', "images": []}', r"duplicate key 'images' in a JSON object"),
+    ("jsonl-duplicate-key", "x.jsonl", b'{"caption": "a dog", "caption": "a cat"}\n', r"line 1: duplicate key 'caption'"),
+    ("utf16-invalid-after-bom", "x.txt", "\ufeffa dog\n".encode("utf-16-le") + b"\x3d\xd8",
+     r"line 2: not valid UTF-16-LE \(the encoding its byte-order mark names\)"),
 ]
 
 
@@ -240,6 +254,18 @@ INGEST_ROWS = [
      {"x-1": None, "x-2": "empty caption", "x-3": None}, {"empty": 1}),
     ("duplicate-caption-text", "dataset_x.json", karpathy(kimg(1, (1, "a  dog")), kimg(2, (2, "a dog"))),
      {"x-1": None, "x-2": "duplicate of x-1"}, {"duplicate": 1}),
+    ("nul-byte-txt", "x.txt", b"a dog\x00 on grass\na cat\n",
+     {"x-1": "control character U+0000 (NUL) at character 6", "x-2": None}, {"control_char": 1}),
+    ("ansi-escape-inside-json", "dataset_x.json", karpathy(kimg(1, (1, "the \x1b[31mred\x1b[0m car"), (2, "a red car"))),
+     {"x-1": "control character U+001B (ESC, a terminal escape sequence) at character 5", "x-2": None},
+     {"control_char": 1}),
+    ("c1-control-csv", "x.csv", "caption\na \u009b31m bus\na bus\n".encode(),
+     {"x-1": "control character U+009B (CSI", "x-2": None}, {"control_char": 1}),
+    ("utf16-with-bom-txt", "x.txt", "a dog\na caf\u00e9\n".encode("utf-16"), {"x-1": None, "x-2": None}, {}),
+    ("utf32-with-bom-jsonl", "x.jsonl", '{"caption": "a dog"}\n'.encode("utf-32"), {"x-1": None}, {}),
+    ("cr-only-line-endings-txt", "x.txt", b"a dog\ra cat\ra man\r", {"x-1": None, "x-2": None, "x-3": None}, {}),
+    ("cr-only-line-endings-jsonl", "x.jsonl", b'{"caption": "a dog"}\r{"caption": "a cat"}\r',
+     {"x-1": None, "x-2": None}, {}),
 ]
 
 
@@ -253,6 +279,7 @@ def test_ingest_bad_caption_is_a_rejected_row_and_the_rest_is_kept(tmp_path, cas
     for cid, error in expect.items():
         if error is None:
             assert rows[cid]["status"] == "ok" and rows[cid]["error"] is None and rows[cid]["text"]
+            assert rows[cid]["text"].isprintable() and rows[cid]["text"] == rows[cid]["text"].strip()
         else:
             assert rows[cid]["status"] == "rejected" and error in rows[cid]["error"] and rows[cid]["text"] == ""
     assert r.counts["rejected"] == sum(e is not None for e in expect.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import shutil
 from pathlib import Path
@@ -248,6 +249,144 @@ def test_duplicate_ids_name_both_occurrences(tmp_path):
             "annotations": [{"id": 5, "image_id": 1, "caption": "a"}, {"id": 5, "image_id": 1, "caption": "b"}]}
     with pytest.raises(ValueError, match=r"annotations\[1\]: duplicate caption id 'cap-5', first used by annotations\[0\]"):
         ingest(write_json(tmp_path / "cap.json", coco), tmp_path / "runs")
+
+
+def _stray_quote_csv(n: int, close_after: int | None = None) -> bytes:
+    """A CSV of `n` captions whose 12th row's cell opens with a stray quote (on line 13), closed `close_after`
+    lines later by another stray quote at the end of a cell, or never."""
+    lines = ["caption,image_id"] + [f"caption number {i},{i}" for i in range(n)]
+    lines[12] = '"' + lines[12]
+    if close_after is not None:
+        lines[12 + close_after] = lines[12 + close_after].replace(",", '",', 1)
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_csv_stray_quote_is_an_error_naming_the_line_where_it_opened(tmp_path):
+    # Before: exit 0 with 11 ok rows and one 20,602-character too_long row; 989 captions gone.
+    path = tmp_path / "caps.csv"
+    path.write_bytes(_stray_quote_csv(1000))
+    with pytest.raises(ValueError, match=r"caps\.csv: line 13: invalid CSV: a quoted cell of the record starting "
+                                         r"here is still open at the end of the file \(line 1001\)"):
+        ingest(path, tmp_path / "runs")
+    path.write_bytes(_stray_quote_csv(1000, close_after=49))       # closed again 49 lines later
+    with pytest.raises(ValueError, match=r"caps\.csv: line 13: a quoted cell of the record starting here runs over "
+                                         r"50 lines \(to line 62\), more than 10: a stray or unclosed quote"):
+        ingest(path, tmp_path / "runs")
+    path.write_bytes(b'caption,image_id\n"a dog" on grass,1\n')   # strict quoting: a quote closes a whole cell
+    with pytest.raises(ValueError, match=r"caps\.csv: line 2: invalid CSV: ',' expected after '\"'"):
+        ingest(path, tmp_path / "runs")
+
+
+def test_csv_quoted_cells_may_hold_a_few_line_breaks(tmp_path):
+    path = tmp_path / "caps.csv"
+    cell = "\n".join(f"part {i}" for i in range(10))                 # one record over 10 lines: allowed
+    path.write_text(f'caption,image_id\n"{cell}",1\n\na "quoted" word,2\n', encoding="utf-8")
+    r = by_id(ingest(path, tmp_path / "runs"))
+    assert r["caps-1"]["text"] == " ".join(f"part {i}" for i in range(10)) and r["caps-1"]["raw_text"] == cell
+    assert r["caps-2"]["text"] == 'a "quoted" word' and r["caps-2"]["image_id"] == "2"   # the blank line is no row
+
+
+def test_csv_duplicate_header_names_the_columns(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text("caption,image_id,caption,image_id,image_id\na,1,b,2,3\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"caps\.csv: line 1: duplicate column names in the header: 'caption' "
+                                         r"\(columns 1 and 3\); 'image_id' \(columns 2, 4 and 5\)"):
+        ingest(path, tmp_path / "runs")
+    path.write_text("caption,image_id,,\na,1,,\n", encoding="utf-8")  # unnamed columns cannot be chosen: ignored
+    assert by_id(ingest(path, tmp_path / "runs"))["caps-1"]["image_id"] == "1"
+
+
+@pytest.mark.parametrize("where, doc, message", [
+    ("top level", '{"images": [], "images": []}', r"duplicate key 'images' in a JSON object \(keys \['images', 'images'\]\)"),
+    ("a sentence", '{"images": [{"imgid": 1, "filename": "a.jpg", "split": "train", "sentences": '
+                   '[{"raw": "a dog", "sentid": 1, "raw": "a cat"}]}]}', r"duplicate key 'raw'"),
+    ("coco", '{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": '
+             '[{"id": 5, "image_id": 1, "caption": "a", "id": 6}]}', r"duplicate key 'id'"),
+])
+def test_duplicate_json_keys_name_the_key_and_file(tmp_path, where, doc, message):
+    # Before: json kept the last value; a repeated "images" gave 0 rows and exit 0.
+    path = tmp_path / "dataset_x.json"
+    path.write_text(doc.replace("\n", ""), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dataset_x\.json: " + message):
+        ingest(path, tmp_path / "runs")
+
+
+def test_duplicate_jsonl_key_names_the_line(tmp_path):
+    path = tmp_path / "caps.jsonl"
+    path.write_text('{"caption": "a dog"}\n{"caption": "a cat", "caption": "a cow"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"caps\.jsonl: line 2: duplicate key 'caption'"):
+        ingest(path, tmp_path / "runs")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+                                      "utf-32-be"])
+@pytest.mark.parametrize("suffix", ["txt", "jsonl", "csv", "json"])
+def test_a_byte_order_mark_gives_the_encoding(tmp_path, encoding, suffix):
+    captions = ["a café by the sea", "a dog \U0001f415 on grass"]
+    text = {"txt": "\n".join(captions) + "\n",
+            "jsonl": "".join(json.dumps({"caption": c}, ensure_ascii=False) + "\n" for c in captions),
+            "csv": "caption\n" + "".join(f"{c}\n" for c in captions),
+            "json": json.dumps({"images": [{"imgid": 0, "filename": "a.jpg", "split": "train", "sentences": [
+                {"raw": c, "sentid": i} for i, c in enumerate(captions, 1)]}]}, ensure_ascii=False)}[suffix]
+    data = text.encode(encoding)
+    if encoding.endswith(("-le", "-be")):       # these codecs write no mark: add it
+        data = "\ufeff".encode(encoding) + data
+    path = tmp_path / f"caps.{suffix}"
+    path.write_bytes(data)
+    result = ingest(path, tmp_path / "runs")
+    assert [r["text"] for r in rows_of(result)] == captions and result.counts["ok"] == 2
+
+
+def test_invalid_utf16_after_its_byte_order_mark_names_file_and_line(tmp_path):
+    path = tmp_path / "caps.txt"
+    path.write_bytes(codecs.BOM_UTF16_LE + "a dog\na cat\n".encode("utf-16-le") + b"\x3d\xd8a\x00")  # lone surrogate
+    with pytest.raises(ValueError, match=r"caps\.txt: line 3: not valid UTF-16-LE \(the encoding its byte-order "
+                                         r"mark names\): illegal UTF-16 surrogate"):
+        ingest(path, tmp_path / "runs")
+    path.write_bytes(codecs.BOM_UTF16_BE + "a dog\n".encode("utf-16-be") + b"\x00")               # odd length
+    with pytest.raises(ValueError, match=r"caps\.txt: line 2: not valid UTF-16-BE .*truncated data"):
+        ingest(path, tmp_path / "runs")
+
+
+def test_control_characters_are_rejected_rows_naming_the_character(tmp_path):
+    # Before: NUL and ANSI escapes were ok captions (the vocabulary then held "31mred").
+    path = tmp_path / "caps.txt"
+    path.write_bytes("a dog\x00 on grass\nthe \x1b[31mred\x1b[0m car\na \x9b31m bus\nx\x7f\n"
+                     "a\ttab and\x0bform\x0cfeed\na cat\n".encode())
+    result = ingest(path, tmp_path / "runs")
+    r = by_id(result)
+    assert r["caps-1"]["error"] == "control character U+0000 (NUL) at character 6; captions must be text"
+    assert r["caps-2"]["error"] == ("control character U+001B (ESC, a terminal escape sequence) at character 5 "
+                                    "(and 1 more); captions must be text")
+    assert r["caps-3"]["error"].startswith("control character U+009B (CSI, a terminal escape sequence) at character 3")
+    assert r["caps-4"]["error"].startswith("control character U+007F (DEL) at character 2")
+    assert r["caps-5"]["error"].startswith("control character U+000B (VT) at character 10 (and 1 more)")
+    assert r["caps-2"]["raw_text"] == "the \x1b[31mred\x1b[0m car" and r["caps-2"]["text"] == ""
+    assert r["caps-6"]["status"] == "ok"
+    assert result.counts["rejected_control_char"] == 5 and result.counts["ok"] == 1
+    doc = {"images": [{"imgid": 0, "filename": "a.jpg", "split": "train", "sentences": [
+        {"raw": "a\tdog\r\non grass", "sentid": 1}, {"raw": "a \u0085 cat", "sentid": 2}]}]}
+    r = by_id(ingest(write_json(tmp_path / "dataset_t.json", doc), tmp_path / "runs"))
+    assert r["t-1"]["text"] == "a dog on grass"                                  # tab, CR, LF: whitespace
+    assert r["t-2"]["error"].startswith("control character U+0085 (NEL) at character 3")
+
+
+@pytest.mark.parametrize("suffix, content", [
+    ("txt", b"a dog\ra cat\r\ra man"),
+    ("jsonl", b'{"caption": "a dog"}\r{"caption": "a cat"}\r\r{"caption": "a man"}\r'),
+    ("csv", b"caption\ra dog\ra cat\r\ra man\r"),
+])
+def test_cr_only_line_endings_are_line_breaks(tmp_path, suffix, content):
+    # Before: a .txt with CR-only line endings was one caption, a .jsonl one invalid line.
+    path = tmp_path / f"caps.{suffix}"
+    path.write_bytes(content)
+    rows = rows_of(ingest(path, tmp_path / "runs"))
+    ok = [(r["caption_id"], r["text"]) for r in rows if r["status"] == "ok"]
+    if suffix == "csv":                     # data rows count from 1; a blank line is no row
+        assert ok == [("caps-1", "a dog"), ("caps-2", "a cat"), ("caps-3", "a man")]
+    else:                                   # a line each: the blank third line is an empty row
+        assert ok == [("caps-1", "a dog"), ("caps-2", "a cat"), ("caps-4", "a man")]
+        assert [r["error"] for r in rows if r["status"] != "ok"] == ["empty caption"]
 
 
 # -- dedup and subsets ------------------------------------------------------------------
