@@ -23,7 +23,7 @@ def temporary_path(path: Path) -> Path:
     """A unique temporary name beside `path` that no reader treats as final (`.tmp-` prefix)."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; outputs on a shared root must be readable
+    os.fchmod(fd, file_mode())  # mkstemp makes 0600; outputs on a shared root must be readable
     os.close(fd)
     return Path(name)
 
@@ -43,9 +43,19 @@ def umask() -> int:
     return _UMASK
 
 
+def file_mode() -> int:
+    """The mode of an ordinary new file under the process umask (0644 under umask 022)."""
+    return 0o666 & ~_UMASK
+
+
 def commit(tmp: Path, final: Path) -> None:
-    """fsync `tmp`, rename it to `final` and fsync the directory, so `final` is whole or absent."""
+    """fsync `tmp`, rename it to `final` and fsync the directory, so `final` is whole or absent.
+
+    `final` gets an ordinary file's mode (`file_mode()`), whatever wrote `tmp`: a library that
+    replaced the temporary with its own (safetensors writes 0600 files) must not leave it private.
+    """
     with open(tmp, "rb+") as f:
+        os.fchmod(f.fileno(), file_mode())
         os.fsync(f.fileno())
     os.replace(tmp, final)
     _fsync_dir(Path(final).parent)
@@ -113,4 +123,37 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str = "") -> in
         if p.is_file():
             p.unlink(missing_ok=True)
             n += 1
+    return n
+
+
+def remove_temporaries_of(path: str | os.PathLike, *, min_age: float = 0.0) -> int:
+    """Delete the temporaries killed writers of `path` left beside it; returns the count.
+
+    Only `.tmp-<name>.<8 characters>` entries (files from `temporary_path`, directories from
+    `mkdtemp` with the same prefix) untouched for `min_age` seconds go: never those of another
+    file whose name merely starts with `name`. Call it only while holding the lock that covers `path`
+    (`min_age` spares a writer that works without that lock and takes milliseconds).
+    """
+    import re
+    import shutil
+    import time
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        return 0
+    pattern = re.compile(rf"^\.tmp-{re.escape(path.name)}\.[a-z0-9_]{{8}}$")
+    now, n = time.time(), 0
+    for p in path.parent.iterdir():
+        if not pattern.match(p.name):
+            continue
+        try:
+            if now - p.lstat().st_mtime < min_age:
+                continue
+        except FileNotFoundError:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
     return n

@@ -32,6 +32,8 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for p in tmp.iterdir():
             with open(p, "rb") as f:
+                # Ordinary files' mode whatever wrote them (safetensors' save_file makes 0600 files).
+                os.fchmod(f.fileno(), atomic.file_mode())
                 os.fsync(f.fileno())
         if final.exists():
             old = final.with_name(f".old-{final.name}.{os.getpid()}")
@@ -57,6 +59,31 @@ def recover(final: str | os.PathLike) -> Path:
         if olds:
             os.replace(olds[-1], final)
     return final
+
+
+def remove_leftovers(final: str | os.PathLike) -> int:
+    """Recover `final`, then delete what killed writers of it left: `.tmp-<name>.*` and landed `.old-<name>.*`.
+
+    Call it only while holding the lock of the writer of `final`; returns the count removed.
+    """
+    final = recover(final)
+    n = atomic.remove_temporaries_of(final)
+    if final.exists():  # the replacement landed: the previous copies are garbage a kill kept
+        for old in final.parent.glob(f".old-{final.name}.*"):
+            if re.fullmatch(rf"\.old-{re.escape(final.name)}\.\d+", old.name):
+                shutil.rmtree(old, ignore_errors=True)
+                n += 1
+    return n
+
+
+def remove_step_leftovers(directory: str | os.PathLike) -> int:
+    """`remove_leftovers` for every step checkpoint name that left temporaries in `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    names = {m.group(1) for p in directory.iterdir()
+             if (m := re.match(r"^\.(?:tmp|old)-(step-\d{8})\.", p.name))}
+    return sum(remove_leftovers(directory / name) for name in sorted(names))
 
 
 def list_steps(directory: str | os.PathLike) -> list[tuple[int, Path]]:

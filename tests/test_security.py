@@ -92,6 +92,16 @@ def ckpt(tmp_path: Path) -> Path:
     return path
 
 
+def test_checkpoint_files_are_readable_like_every_other_output(ckpt):
+    """No checkpoint file is left 0600 (safetensors' save_file writes them so) while other outputs honour the umask."""
+    from storage import atomic
+
+    want = 0o666 & ~atomic.umask()
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in sorted(ckpt.iterdir())}
+    assert "model.safetensors" in modes and "optimizer.safetensors" in modes
+    assert modes == dict.fromkeys(modes, oct(want))
+
+
 def _load(path: Path) -> None:
     from pcm import checkpoint
 
@@ -519,3 +529,15 @@ def test_clip_preset_names_cannot_escape_the_preset_directory(tmp_path):
     for name in (_relative_name(evil, PRESET_DIR), "../diffusion/tiny"):
         assert not ClipSpec(model=name, pretrained=None).is_preset
 
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net to list listening sockets")
+def test_distributed_training_listens_on_loopback_only(tmp_path, monkeypatch):
+    from pcm import distributed
+
+    monkeypatch.chdir(REPO)
+    distributed.launch(["tests.dist_probe", str(tmp_path)], devices=2, poll_every=0.2)
+    got = json.loads((tmp_path / "listening.json").read_text())
+    assert got["sum"] == 2.0 and got["listening"], got
+    loopback = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
+    assert all(addr.startswith(loopback) for addr in got["listening"]), got["listening"]

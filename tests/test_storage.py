@@ -344,3 +344,24 @@ def test_outputs_honour_the_umask(tmp_path):
     want = 0o666 & ~atomic.umask()
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == want  # not mkstemp's 0600
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~atomic.umask()
+
+
+def test_files_a_library_writes_private_still_honour_the_umask(tmp_path):
+    """safetensors' save_file (and any writer replacing the temporary) makes 0600 files; final files must not be."""
+    want = 0o666 & ~atomic.umask()
+
+    def private(path):
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"{}")
+        os.close(fd)
+
+    with atomic.atomic_path(tmp_path / "a.safetensors") as tmp:
+        private(tmp)
+    with checkpoints.atomic_directory(tmp_path / "ckpt") as d:
+        private(d / "model.safetensors")
+    with shards.ShardWriter(tmp_path / "shard-000000.tar") as w:
+        w.write({"__key__": "k", "txt": "a"})
+    for p in (tmp_path / "a.safetensors", tmp_path / "ckpt" / "model.safetensors", tmp_path / "shard-000000.tar",
+              tmp_path / "shard-000000.done.json"):
+        assert p.stat().st_mode & 0o777 == want, p
