@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -77,3 +78,42 @@ def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os
             yield results[p]
         bar.update(len(batch))
     bar.close()
+
+
+def _output_lock(out: Path) -> Any:
+    """The lock every `write_captions` to `out` holds while it touches `out` and its temporaries."""
+    from storage.lock import FileLock
+
+    return FileLock(out.with_name(f".{out.name}.lock"), timeout=None)
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> int:
+    """Delete the temporaries of `out` that killed writers left (under the output's lock, so no live one's)."""
+    from storage import atomic
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        return 0
+    with _output_lock(out):
+        return atomic.remove_temporaries_of(out)
+
+
+def write_captions(out: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> tuple[int, int]:
+    """`pcm caption --out`: rows as JSON lines, written whole to `out`; returns (rows, unreadable images).
+
+    A killed writer's temporaries of `out` are removed first, and again just before the write;
+    both under a lock beside `out` (`.<name>.lock`), which every writer holds while it writes.
+    """
+    from storage import atomic
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    lines, failed = [], 0
+    for r in rows:
+        failed += "error" in r
+        lines.append(json.dumps(r, ensure_ascii=False))
+    with _output_lock(out):
+        atomic.remove_temporaries_of(out)
+        atomic.write_text(out, "".join(f"{line}\n" for line in lines))
+    return len(lines), failed

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,6 +31,11 @@ from storage.arrays import read_header
 from storage.layout import StageDir
 
 FILES = ("config.json", "vocab.json", "model.safetensors", "concepts.safetensors", "clip.json", "state.json")
+CONFIG_KEYS = ("model", "train")
+# Model fields every checkpoint has recorded since the first one and that shape the network or what
+# it decodes; a checkpoint missing one is damaged (fields added later keep their defaults when absent).
+REQUIRED_MODEL_KEYS = ("d_embed", "d_width", "n_patches", "d_model", "n_heads", "n_enc_layers", "n_dec_layers",
+                       "d_ff", "max_len", "pcm", "top_k", "top_m", "tau", "clip_ln_eps")
 
 
 # ---------------------------------------------------------------------- places
@@ -124,10 +131,78 @@ def _flatten_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
     return tensors, groups
 
 
+def export(src: str | os.PathLike, dest: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write checkpoint `src` (a step checkpoint) as the weights-only checkpoint `dest` with `state`, atomically.
+
+    The files are copied byte for byte (the optimizer state is left out), so `dest` is what `save`
+    would have written from the same model.
+    """
+    src = Path(src)
+    checkpoints.check_safe(src)
+    with checkpoints.atomic_directory(dest) as tmp:
+        for name in FILES:
+            if name != "state.json":
+                shutil.copyfile(src / name, tmp / name)
+        atomic.write_json(tmp / "state.json", state)
+
+
 # ---------------------------------------------------------------------- read
+def _got(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], PCMNetConfig]:
+    """(config.json as read, its validated model config); anything wrong is one error naming the file and keys."""
+    path = Path(ckpt_dir) / "config.json"
+    config = atomic.read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object with keys {list(CONFIG_KEYS)} "
+                         f"(got {_json_type(config)}: {_got(config)})")
+    problems = [f"{k}: unknown key (known: {', '.join(CONFIG_KEYS)})" for k in sorted(set(config) - set(CONFIG_KEYS))]
+    for key in CONFIG_KEYS:
+        if key not in config:
+            problems.append(f"{key}: missing")
+        elif not isinstance(config[key], dict):
+            problems.append(f"{key}: expected an object (got {_json_type(config[key])}: {_got(config[key])})")
+    if not problems:
+        problems += [f"model.{k}: missing (every checkpoint records it)" for k in REQUIRED_MODEL_KEYS
+                     if config["model"].get(k) is None]
+    if not problems:
+        try:
+            return config, PCMNetConfig.model_validate(config["model"])
+        except ValidationError as e:
+            problems += [f"model.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {_got(err.get('input'))})"
+                         for err in e.errors()]
+    raise ValueError(f"{path}: " + "; ".join(problems))
+
+
 def read_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """state.json of a checkpoint (refusing pickled payloads); it must be an object with an integer step."""
     checkpoints.check_safe(ckpt_dir)
-    return atomic.read_json(Path(ckpt_dir) / "state.json")
+    path = Path(ckpt_dir) / "state.json"
+    state = atomic.read_json(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object (got {_json_type(state)}: {_got(state)})")
+    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        raise ValueError(f"{path}: step: " + ("missing" if "step" not in state
+                                              else f"expected an integer (got {_got(state['step'])})"))
+    return state
+
+
+def _load_model_weights(model: nn.Module, path: Path) -> None:
+    """load_state_dict, a mismatch with the model config named as such."""
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = "; ".join(lines[1:4] or lines[:1])
+        raise ValueError(f"{path}: the weights do not fit the model in {path.parent / 'config.json'} ({detail})") from None
 
 
 def load(ckpt_dir: str | os.PathLike, device: str = "cpu") -> tuple[PCMNet, Vocab, dict[str, Any]]:
@@ -140,16 +215,18 @@ def load(ckpt_dir: str | os.PathLike, device: str = "cpu") -> tuple[PCMNet, Voca
     missing = [f for f in FILES if not (ckpt_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"{ckpt_dir}: incomplete checkpoint, missing {missing}")
-    config = atomic.read_json(ckpt_dir / "config.json")
-    cfg = PCMNetConfig.model_validate(config["model"])
+    config, cfg = read_config(ckpt_dir)
+    state = read_state(ckpt_dir)
     vocab = Vocab.load(ckpt_dir / "vocab.json")
     frozen = load_file(str(ckpt_dir / "concepts.safetensors"))
+    absent = [k for k in ("bank", "ln_post.weight", "ln_post.bias", "proj") if k not in frozen]
+    if absent:
+        raise ValueError(f"{ckpt_dir / 'concepts.safetensors'}: missing tensors {absent}")
     head = {k: frozen[k] for k in ("ln_post.weight", "ln_post.bias", "proj")}
     model = PCMNet(cfg, len(vocab), frozen["bank"], head)
-    model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+    _load_model_weights(model, ckpt_dir / "model.safetensors")
     model.to(device).eval()
     names = json.loads(read_header(ckpt_dir / "concepts.safetensors")[1].get("concepts", "[]"))
-    state = atomic.read_json(ckpt_dir / "state.json")
     meta = {"clip": atomic.read_json(ckpt_dir / "clip.json"), "config": config, "step": state["step"],
             "concepts": names, "state": state}
     return model, vocab, meta
@@ -159,7 +236,7 @@ def load_weights(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: torch
     """Restore a training checkpoint into an existing model (and optimizer); returns its state."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
-    model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")))
+    _load_model_weights(model, ckpt_dir / "model.safetensors")
     if optimizer is not None:
         tensors = load_file(str(ckpt_dir / "optimizer.safetensors"))
         names = _param_names(model)

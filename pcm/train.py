@@ -27,6 +27,7 @@ from pcm.model import PCMNetConfig, load_preset
 from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, checkpoints
 from storage.layout import RunLayout, StageDir
+from storage.lock import try_lock
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ class TrainConfig(StageConfig):
     """PCM-Net training: model preset + overrides, loss, optimiser, schedule, data, validation, runtime."""
 
     RUNTIME: ClassVar[frozenset[str]] = frozenset({
-        "device", "precision", "num_workers", "compile", "cuda_graphs", "devices", "deterministic", "checkpoint_every",
-        "keep_last", "progress_bar"})
+        "device", "precision", "num_workers", "compile", "cuda_graphs", "devices", "dist_bind", "deterministic",
+        "checkpoint_every", "keep_last", "progress_bar"})
 
     # Model.
     preset: str = Field("vitl14", description="model preset: vitl14, vitb32, tiny or a .toml path")
@@ -62,12 +63,12 @@ class TrainConfig(StageConfig):
         "caption-sum", description="caption-sum = paper (sum per caption, mean over captions); token-mean = release")
     min_word_count: int = Field(5, ge=1, description="words seen fewer times become <unk>")
     # Optimiser and schedule.
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     noam_d_model: int = Field(512, gt=0, description="model size of the Noam schedule")
     warmup: int = Field(10_000, gt=0, description="Noam warm-up steps (peak lr ~4.4e-4 for 512 / 10,000)")
-    lr_factor: float = Field(1.0, gt=0, description="multiplies the Noam learning rate")
+    lr_factor: float = Field(1.0, gt=0, le=1000, description="multiplies the Noam learning rate (at most 1000)")
     grad_clip: float | None = Field(0.1, gt=0, description="clip gradients by value; None = off")
     # Data.
     batch_size: int = Field(32, gt=0, description="global batch (split over devices)")
@@ -76,7 +77,7 @@ class TrainConfig(StageConfig):
     data_fraction: float = Field(1.0, gt=0, le=1, description="train on a seeded random fraction of the pairs")
     shuffle_images: bool = Field(False, description="CONTROL, NOT THE METHOD: train each caption on another "
                                  "caption's image (seeded), to measure what the captions alone teach")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds the model init, data order and noise")
     # Validation (val split only; test is never touched here) and bookkeeping.
     log_every: int = Field(50, gt=0, description="steps between metrics.jsonl lines")
     val_every: int = Field(2000, gt=0, description="steps between validations (and at the end)")
@@ -91,7 +92,10 @@ class TrainConfig(StageConfig):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     num_workers: int = Field(2, ge=0, description="feature loading processes (0 = in the training process)")
     compile: bool = Field(False, description="torch.compile the model")
-    devices: int = Field(1, ge=1, description="processes / GPUs; > 1 runs under torchrun with DDP")
+    devices: int = Field(1, ge=1, description="processes / GPUs; > 1 runs DDP")
+    dist_bind: Literal["loopback", "all"] = Field(
+        "loopback", description="loopback: the DDP processes meet through a file store on 127.0.0.1 only; all: "
+        "torchrun --standalone (its stores listen on every interface)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bitwise resumable)")
     cuda_graphs: bool = Field(False, description="capture the whole training step as a CUDA graph (one GPU)")
     progress_bar: bool = True
@@ -106,6 +110,13 @@ class TrainConfig(StageConfig):
         if not isinstance(model, dict):
             return data
         return {**RELEASE_TRAIN, **data, "model": {**RELEASE_MODEL, **model}}
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each of Adam's betas must be in [0, 1), got {list(v)}")
+        return v
 
     @field_validator("model")
     @classmethod
@@ -144,14 +155,24 @@ def plan(config: TrainConfig, captions: str, encode: str, root: str) -> StageDir
 
 
 def verify(sd: StageDir) -> str | None:
-    """None when the final checkpoint, best/ and metrics.jsonl exist, else what is missing."""
+    """None when the final checkpoint, best/ (holding the best step) and metrics.jsonl exist, else what is wrong."""
     latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
     if latest is None:
         return "no checkpoint"
-    if not atomic.read_json(latest / "state.json").get("finished"):
+    state = atomic.read_json(latest / "state.json")
+    if not state.get("finished"):
         return f"training unfinished ({latest.name})"
-    if not (checkpoint.best_dir(sd.path) / "model.safetensors").exists():
+    best = checkpoint.best_dir(sd.path)
+    if not (best / "model.safetensors").exists() or not (best / "state.json").exists():
         return "no best/ checkpoint"
+    want = (state.get("best") or {}).get("step")
+    if sd.done_marker.exists():
+        marked = (atomic.read_json(sd.done_marker).get("extra") or {}).get("best_step", want)
+        if marked != want:
+            return f"stage.done.json says best step {marked} but {latest.name} says {want}"
+    got = atomic.read_json(best / "state.json").get("step")
+    if got != want:
+        return f"best/ holds step {got}, not the best step {want}"
     if not sd.file("metrics.jsonl").exists():
         return "no metrics.jsonl"
     return None
@@ -168,10 +189,16 @@ def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, for
     """Train (or resume) under the stage lock; write stage.done.json last and return the result."""
     sd = plan(config, captions, encode, root)
     if not force and (done := cached(sd, verify)) is not None:
+        if (lock := try_lock(sd.lock_file)) is not None:  # a finished stage is tidied too (if nobody works in it)
+            try:
+                remove_stale_temporaries(sd)
+            finally:
+                lock.release()
         return done
     with locked(sd):
         started = time.monotonic()
         sd.done_marker.unlink(missing_ok=True)
+        remove_stale_temporaries(sd)
         if force:
             for p in (checkpoint.checkpoints_dir(sd.path), checkpoint.best_dir(sd.path)):
                 shutil.rmtree(p, ignore_errors=True)
@@ -182,10 +209,29 @@ def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, for
             total = total_steps_hint(sd)
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
             distributed.launch(["pcm.train", "--config", config.model_dump_json(), "--captions", str(captions),
-                                "--encode", str(encode), "--root", str(root)], config.devices, poll)
+                                "--encode", str(encode), "--root", str(root)], config.devices, poll,
+                               bind=config.dist_bind)
         else:
             train_worker(config, captions, encode, sd, progress=progress)
         return _finish(sd, started)
+
+
+# A plan() of another process writes config.json without the stage lock (in milliseconds): its
+# temporaries go only once this old.
+CONFIG_TMP_MIN_AGE_S = 60.0
+
+
+def remove_stale_temporaries(sd: StageDir) -> int:
+    """Delete what killed writers of this stage left: temporaries of config.json, metrics.jsonl,
+    stage.done.json, pictures/loss_curve.png, best/ and the step checkpoints (call it holding the stage lock)."""
+    n = atomic.remove_temporaries_of(sd.config_file, min_age=CONFIG_TMP_MIN_AGE_S)
+    for path in (sd.file("metrics.jsonl"), sd.done_marker, sd.pictures / "loss_curve.png"):
+        n += atomic.remove_temporaries_of(path)
+    n += checkpoints.remove_leftovers(sd.file("best"))
+    n += checkpoints.remove_step_leftovers(checkpoint.checkpoints_dir(sd.path))
+    if n:
+        log.info("%s: removed %d temporaries left by killed writers", sd.path, n)
+    return n
 
 
 def total_steps_hint(sd: StageDir) -> int:
@@ -359,6 +405,8 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
                 torch.manual_seed(hash((config.seed, info.rank, state["step"])) % 2**63)
             log.info("resuming %s at step %d (epoch %d, batch %d)", sd.path, state["step"], state["epoch"],
                      state["position"])
+            if info.is_main:
+                repair_best(sd, latest, state)
         else:
             torch.manual_seed(config.seed + 1 + info.rank)
         if info.is_main:
@@ -446,7 +494,9 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
                     model.eval()
                     better = validate(step, last)
                     model.train()
-                if info.is_main and do_save:  # the step checkpoint first: it records the new best
+                # A new best is always checkpointed, and that step checkpoint first: a kill before best/
+                # is written leaves a checkpoint that names it, and the resume writes best/ from it.
+                if info.is_main and (do_save or better):
                     save(step, epoch, position, finished=last)
                 if better:
                     save_best(step)
@@ -459,6 +509,30 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         distributed.teardown(info)
+
+
+def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
+    """Make best/ hold the step that the resumed checkpoint's state names as best.
+
+    The best step's checkpoint is written before best/ (see the loop), so a kill between the two
+    leaves `latest` naming a best step that best/ does not hold yet: best/ is written from that
+    step's checkpoint (byte-identical to what the loop would have written).
+    """
+    best_step = state["best"]["step"]
+    if best_step is None:
+        return
+    best = checkpoint.best_dir(sd.path)
+    held = atomic.read_json(best / "state.json").get("step") if (best / "state.json").exists() else None
+    if held == best_step:
+        return
+    source = dict(checkpoints.list_steps(checkpoint.checkpoints_dir(sd.path))).get(best_step)
+    if source is None:
+        raise ValueError(f"{sd.path}: best/ holds step {held} but {latest.name} says the best is step {best_step}, "
+                         "whose checkpoint is gone; rerun with --force")
+    src_state = checkpoint.read_state(source)
+    log.warning("%s: best/ holds step %s, not the best step %d (a kill before it was written); writing it from %s",
+                sd.path, held, best_step, source.name)
+    checkpoint.export(source, best, {"step": best_step, "epoch": src_state["epoch"], "best": state["best"]})
 
 
 def make_optimizer(params: list, config: TrainConfig, device: Any, capturable: bool = False) -> Any:

@@ -71,19 +71,14 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     ) -> None:
         """Caption image files: one JSON line {"image", "caption"} per image ({"image", "error"} if unreadable)."""
-        from pcm.caption import caption_images
-        from storage import atomic
+        from pcm.caption import caption_images, write_captions
 
         rows = caption_images(checkpoint, images, which=which, beam_size=beam_size, max_len=max_len,
                               batch_size=batch_size, device=device)
         failed = 0
         if out:
-            lines = []
-            for r in rows:
-                failed += "error" in r
-                lines.append(json.dumps(r, ensure_ascii=False))
-            atomic.write_text(out, "".join(f"{line}\n" for line in lines))
-            typer.echo(f"{len(lines)} images -> {out}")
+            n, failed = write_captions(out, rows)
+            typer.echo(f"{n} images -> {out}")
         else:
             for r in rows:
                 failed += "error" in r
