@@ -11,6 +11,7 @@ and "{toymodels}" to the shipped toy models (pcm/data/toymodels).
 from __future__ import annotations
 
 import copy
+import logging
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from pcm.ingest import IngestConfig, run_ingest
 from pcm.synthesize import SynthesizeConfig, run_synthesize
 from pcm.train import TrainConfig, run_train
 from storage.result import StageResult
+
+log = logging.getLogger(__name__)
 
 PRESETS = Path(__file__).parent / "presets" / "pipeline"
 STAGE_ORDER = ("ingest", "synthesize", "encode", "train", "evaluate")
@@ -134,8 +137,13 @@ Progress = Callable[[str, int, int, str], None]
 
 
 def run_pipeline(cfg: PipelineConfig, root: str, *, stages: tuple[str, ...] = STAGE_ORDER,
-                 force: tuple[str, ...] = (), progress: Progress | None = None) -> dict[str, StageResult]:
-    """Run the stages in order in this process; finished stages are reused from disk."""
+                 force: tuple[str, ...] = (), progress: Progress | None = None,
+                 lock_wait_s: float | None = None) -> dict[str, StageResult]:
+    """Run the stages in order in this process; finished stages are reused from disk.
+
+    A stage another process is running (its lock held) is waited for, `lock_wait_s` at most
+    (None: as long as it takes, 0: fail at once naming the holder), then reused or resumed.
+    """
     unknown = set(stages) - set(STAGE_ORDER) | set(force) - set(STAGE_ORDER)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; expected {', '.join(STAGE_ORDER)}")
@@ -149,16 +157,36 @@ def run_pipeline(cfg: PipelineConfig, root: str, *, stages: tuple[str, ...] = ST
     last = max(STAGE_ORDER.index(s) for s in stages)
     for stage in STAGE_ORDER[: last + 1]:
         f = stage in force and stage in wanted
-        if stage == "ingest":
-            r[stage] = run_ingest(cfg.ingest, root, force=f, progress=prog(stage))
-        elif stage == "synthesize":
-            r[stage] = run_synthesize(cfg.synthesize, r["ingest"].path, root, force=f, progress=prog(stage))
-        elif stage == "encode":
-            r[stage] = run_encode(cfg.encode, r["ingest"].path, r["synthesize"].path, root, force=f,
-                                  progress=prog(stage))
-        elif stage == "train":
-            r[stage] = run_train(cfg.train, r["ingest"].path, r["encode"].path, root, force=f, progress=prog(stage))
-        elif stage == "evaluate":
-            r[stage] = run_evaluate(cfg.evaluate, r["train"].path, r["encode"].path, r["ingest"].path, root,
-                                    force=f, progress=prog(stage))
+        r[stage] = _waiting_for_others(lambda stage=stage, f=f: _run_one(cfg, root, stage, r, f, prog(stage)),
+                                       stage, wait_s=lock_wait_s)
     return r
+
+
+def _waiting_for_others(run: Callable[[], StageResult], stage: str, wait_s: float | None) -> StageResult:
+    """Run a stage; while another process holds its lock, wait for it (saying whom), then run it again,
+    which reuses what that process finished or resumes what it left."""
+    from storage.lock import FileLock, LockHeld
+
+    while True:
+        try:
+            return run()
+        except LockHeld as e:
+            if e.path is None or wait_s == 0:
+                raise
+            log.warning("%s: waiting for %s, which is running this stage (its results will be reused)", stage,
+                        e.holder)
+            FileLock(e.path, timeout=wait_s).acquire().release()
+
+
+def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResult], f: bool,
+             progress: Callable[[int, int, str], None] | None) -> StageResult:
+    if stage == "ingest":
+        return run_ingest(cfg.ingest, root, force=f, progress=progress)
+    if stage == "synthesize":
+        return run_synthesize(cfg.synthesize, r["ingest"].path, root, force=f, progress=progress)
+    if stage == "encode":
+        return run_encode(cfg.encode, r["ingest"].path, r["synthesize"].path, root, force=f, progress=progress)
+    if stage == "train":
+        return run_train(cfg.train, r["ingest"].path, r["encode"].path, root, force=f, progress=progress)
+    return run_evaluate(cfg.evaluate, r["train"].path, r["encode"].path, r["ingest"].path, root, force=f,
+                        progress=progress)

@@ -13,7 +13,11 @@ from typing import Any
 
 
 class LockHeld(RuntimeError):
-    """Another process holds the lock."""
+    """Another process holds the lock (`path`: the lock file, `holder`: who, in words)."""
+
+    def __init__(self, message: str, path: Path | None = None, holder: str = "") -> None:
+        super().__init__(message)
+        self.path, self.holder = path, holder
 
 
 class FileLock:
@@ -52,9 +56,11 @@ class FileLock:
             except BlockingIOError:
                 if deadline is not None and time.monotonic() >= deadline:
                     os.close(fd)
+                    holder = self.describe_holder()
                     raise LockHeld(
-                        f"{self.path.parent} is locked by {self.describe_holder()}. Wait for it to finish, "
-                        f"or stop that process; the lock is released automatically when it exits.") from None
+                        f"{self.path.parent} is locked by {holder}. Wait for it to finish, "
+                        f"or stop that process; the lock is released automatically when it exits.",
+                        path=self.path, holder=holder) from None
                 time.sleep(self.poll)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                 "command": " ".join(sys.argv)[:300]}

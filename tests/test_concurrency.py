@@ -39,7 +39,7 @@ def test_two_synthesize_runs_share_the_shards(tmp_path):
     assert (sd / "stage.done.json").exists() and not list(sd.rglob(".tmp-*"))
 
 
-def test_second_train_fails_fast_naming_the_holder_and_outputs_stay_valid(tmp_path):
+def test_second_run_waits_for_the_holder_then_reuses_its_stage(tmp_path, caplog):
     from pcm.pipeline import resolve, run_pipeline
     from pcm.train import plan, verify
 
@@ -60,10 +60,15 @@ def test_second_train_fails_fast_naming_the_holder_and_outputs_stay_valid(tmp_pa
             time.sleep(0.05)
         assert lock_file is not None, "the first run never took the lock"
         with pytest.raises(LockHeld, match=rf"locked by pid {first.pid} on .*Wait for it to finish"):
-            run_pipeline(cfg, str(tmp_path), stages=("train",))
+            run_pipeline(cfg, str(tmp_path), stages=("train",), lock_wait_s=0)   # told not to wait
+        # By default a second run waits for the first, saying whom it waits for, then reuses its stage.
+        with caplog.at_level("WARNING", logger="pcm.pipeline"):
+            second = run_pipeline(cfg, str(tmp_path), stages=("train",))["train"]
+        assert f"train: waiting for pid {first.pid} on " in caplog.text
     finally:
         _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
+    assert second.cached and second.counts["steps"] == 400
     ing = next((tmp_path / "ingest").iterdir())
     enc = next((tmp_path / "encode").iterdir())
     sd = plan(cfg.train, str(ing), str(enc), str(tmp_path))

@@ -96,3 +96,28 @@ def test_cli_run_one_stage_and_show_config(tmp_path):
     assert "cached" in again.output
     listed = runner.invoke(app, ["presets"])
     assert all(name in listed.output for name in preset_names())
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train.betas": [float("nan"), 0.9]}, r"tiny\.train\.betas\.0: Input should be a finite number"),
+    ({"train.cxe_w": float("inf")}, r"tiny\.train\.cxe_w: Input should be a finite number"),
+    ({"train.focal_gamma": float("inf")}, r"tiny\.train\.focal_gamma: Input should be a finite number"),
+    ({"train.betas": [0.9, 1.5]}, r"tiny\.train\.betas: .*each of Adam's betas must be in \[0, 1\)"),
+    ({"train.seed": -1}, r"tiny\.train\.seed: Input should be greater than or equal to 0"),
+    ({"train.lr_factor": 1e308}, r"tiny\.train\.lr_factor: Input should be less than or equal to 1000"),
+    ({"train.model": {"tau": float("nan")}}, r"model\.tau: Input should be a finite number"),
+    ({"synthesize.guidance_scale": float("nan")}, r"tiny\.synthesize\.guidance_scale: Input should be a finite"),
+    ({"encode.clip": {"pool": float("inf")}}, r"tiny\.encode\.clip\.pool"),
+])
+def test_numeric_values_are_checked_at_the_edge_naming_the_parameter(override, message):
+    # Before: NaN/inf failed only when training started ("cannot fingerprint a config holding NaN"),
+    # betas > 1, seed -1 and lr_factor 1e308 gave raw torch / numpy errors.
+    with pytest.raises(ValueError, match=message):
+        resolve("tiny", override)
+
+
+def test_a_table_override_merges_into_the_presets_table():
+    clip = resolve("demo", {"encode.clip": {"pool": 4}}).encode.clip
+    assert (clip.model, clip.pool) == ("toyworld-clip", 4) and clip.pretrained.endswith("toymodels/clip")
+    assert resolve("flickr30k-vitl14", {"train.model": {"pcm": False}}).train.model == {"dropout": 0.2, "pcm": False}
+    assert resolve("demo", {"train.epochs": 3}).train.epochs == 3   # scalars still replace
