@@ -11,14 +11,22 @@ from prefect.serializers import JSONSerializer, PickleSerializer
 
 from flows.records import results_dir
 from pcm.ingest import IngestConfig
-from tests.test_security import Payload, sentinel  # noqa: F401 - the fixture
+from tests.test_security import Payload
 
 CAPTIONS = "a dog on the grass\na cat on a sofa\na red car in the street\n"
 
 
-def pickled_record(path: Path, sentinel: Path) -> bytes:
+@pytest.fixture
+def sentinel(tmp_path: Path):
+    path = tmp_path / "PWNED"
+    yield path
+    assert not path.exists(), "a planted record ran code"
+
+
+def pickled_record(path: Path, target: Path) -> bytes:
+    """A real Prefect pickle record whose payload creates `target` when unpickled."""
     record = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(), storage_key=str(path)),
-                          result=Payload(sentinel))
+                          result=Payload(target))
     return record.serialize()
 
 

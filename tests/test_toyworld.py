@@ -9,8 +9,8 @@ import random
 from collections import Counter
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from pcm.toyworld import world
