@@ -365,3 +365,27 @@ def test_files_a_library_writes_private_still_honour_the_umask(tmp_path):
     for p in (tmp_path / "a.safetensors", tmp_path / "ckpt" / "model.safetensors", tmp_path / "shard-000000.tar",
               tmp_path / "shard-000000.done.json"):
         assert p.stat().st_mode & 0o777 == want, p
+
+
+def test_a_moved_run_root_names_its_new_place_never_the_old_one(tmp_path):
+    import shutil
+
+    from pcm.pipeline import resolve, run_pipeline
+    from storage.atomic import read_json
+
+    cfg = resolve("tiny", {"synthesize.limit": 8, "synthesize.shard_size": 4, "synthesize.steps": 2,
+                           "train.batch_size": 4, "train.max_steps": 4, "train.val_every": 4,
+                           "train.checkpoint_every": 4})
+    old, new = tmp_path / "old", tmp_path / "new"
+    first = run_pipeline(cfg, str(old), stages=("ingest", "synthesize", "encode"))
+    marker = read_json(Path(first["encode"].path) / "stage.done.json")
+    assert str(old) not in json.dumps(marker), "the marker holds an absolute path into its root"
+    shutil.copytree(old, new)
+    # The old root still exists and its encode stage is damaged: the new root must not read it.
+    shutil.rmtree(Path(first["encode"].path) / "features")
+    moved = run_pipeline(cfg, str(new))
+    for stage, result in moved.items():
+        assert Path(result.path).is_relative_to(new), (stage, result.path)
+    assert moved["encode"].cached and moved["synthesize"].cached
+    assert Path(moved["encode"].extra["pictures"]["clip_scores"]).is_relative_to(new)
+    assert Path(moved["train"].extra["latest"]).is_relative_to(new) and moved["evaluate"].counts
