@@ -62,6 +62,7 @@ class LocalStack:
             "PREFECT_UI_API_URL": self.api_url,
             "PREFECT_SERVER_API_HOST": self.host,
             "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "pcm,storage,flows",   # the project's logs on the dashboard
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),

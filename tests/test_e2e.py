@@ -57,13 +57,19 @@ def run(stack: LocalStack, name: str, config: dict) -> str:
     return re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
 
 
-def task_states(stack: LocalStack, flow_run_id: str) -> dict[str, str]:
-    """Main stage task -> state name, over the flow run and all its subflow runs."""
+def run_ids(stack: LocalStack, flow_run_id: str) -> list[str]:
+    """The flow run and all its subflow runs."""
     ids, frontier = [flow_run_id], [flow_run_id]
     while frontier:
         children = api(stack, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}})
         frontier = [c["id"] for c in children]
         ids += frontier
+    return ids
+
+
+def task_states(stack: LocalStack, flow_run_id: str) -> dict[str, str]:
+    """Main stage task -> state name, over the flow run and all its subflow runs."""
+    ids = run_ids(stack, flow_run_id)
     # Tasks of the stage subflows (the parent holds only the subflows' wrapper task runs).
     runs = api(stack, "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": ids[1:]}}})
     states = {}
@@ -92,6 +98,9 @@ def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
     assert list(stage_dirs(root, "synthesize")[0].glob("shards/shard-*.tar"))
     states = task_states(stack, first)
     assert all(states[t] == "Completed" for t in MAIN_TASKS.values()), states
+    # The project's own log lines (stage loggers) reach the dashboard, not only Prefect's.
+    logs = api(stack, "/logs/filter", {"limit": 200, "logs": {"flow_run_id": {"any_": run_ids(stack, first)}}})
+    assert any(entry["name"].startswith("pcm.") for entry in logs), sorted({entry["name"] for entry in logs})
 
     # Artifacts on the dashboard: progress, tables, pictures, the evaluation report.
     artifacts = api(stack, "/artifacts/filter", {})
