@@ -33,6 +33,9 @@ def prefect_bin() -> str:
     return str(exe) if exe.exists() else (shutil.which("prefect") or "prefect")
 
 
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+
+
 @dataclass
 class LocalStack:
     """A Prefect server, work pool and workers on this machine, with their own PREFECT_HOME."""
@@ -63,6 +66,9 @@ class LocalStack:
             "PREFECT_SERVER_API_HOST": self.host,
             "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
             "PREFECT_LOGGING_EXTRA_LOGGERS": "pcm,storage,flows",   # the project's logs on the dashboard
+            # Concurrency leases on disk, not in the server's memory: after a server restart a dead
+            # holder's lease still exists, expires and is revoked, so the `gpu` slot it held comes back.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),

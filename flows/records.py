@@ -17,7 +17,10 @@ which finds the finished stage on disk and returns it without redoing the work.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def prefect_home() -> Path:
@@ -32,8 +35,9 @@ def results_dir(root: str | Path) -> Path:
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     path = prefect_home() / "pcm-results" / digest
     if path.is_relative_to(resolved):
-        raise ValueError(f"PREFECT_HOME={prefect_home()} lies inside the run root {resolved}: Prefect's cache "
-                         "records would be shared with every writer of the root; set PREFECT_HOME elsewhere")
+        log.warning("PREFECT_HOME=%s lies inside the run root %s: whoever can write the root can plant Prefect "
+                    "cache records (and the server database) there; if the root is shared, set PREFECT_HOME "
+                    "elsewhere", prefect_home(), resolved)
     return path
 
 

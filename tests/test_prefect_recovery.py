@@ -38,6 +38,7 @@ def test_flow_run_after_server_crash_resumes_without_redoing_shards(tmp_path):
     stack = LocalStack(home=tmp_path / "prefect", port=free_port())
     try:
         stack.start_server()
+        stack.create_pool()  # as the README does: the `gpu` concurrency limit the shard tasks are tagged for
         env = stack.env()
         flow = subprocess.Popen([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -61,6 +62,8 @@ def test_flow_run_after_server_crash_resumes_without_redoing_shards(tmp_path):
         assert finished and len(finished) < N
 
         stack.start_server()  # same PREFECT_HOME: the same database comes back
+        # The killed run held a `gpu` slot; with leases kept in memory the restarted server would
+        # never give it back and the rerun's next shard task would wait forever.
         rerun = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
                                env=stack.env(), capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
