@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,58 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            # Any non-folder entry with an image suffix: a FIFO, device or dangling link named *.jpg is a
+            # failed row (see read_image), never silently left out.
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir()))
         else:
             out.append(p)  # a missing file becomes an error row, not a crash
     return out
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str | None:
+    """None for a regular file, else what the path is instead."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_image(path: Path, preprocess: Any) -> Any:
+    """`preprocess` of the image at `path`; any problem raises, for the caller to make a failed row.
+
+    Only a regular file is opened: a FIFO would block open() forever and a device may never end, so
+    both are refused from os.stat (and again from the opened descriptor, in case the path was
+    swapped in between; O_NONBLOCK keeps that open from waiting on a pipe). An image whose declared
+    size is over PIL's Image.MAX_IMAGE_PIXELS is refused before it is decoded: PIL's
+    DecompressionBombWarning (over the limit) counts as an error like its DecompressionBombError
+    (over twice the limit).
+    """
+    from PIL import Image
+
+    what = _not_regular(os.stat(path).st_mode)
+    if what:
+        raise ValueError(f"not a regular file: {path} is {what}")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    with open(path, "rb", opener=lambda name, _: os.open(name, flags)) as f:
+        what = _not_regular(os.fstat(f.fileno()).st_mode)
+        if what:
+            raise ValueError(f"not a regular file: {path} is {what}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                return preprocess(im.convert("RGB"))
+
+
+# PIL names a file object it cannot identify by its repr, `<_io.BufferedReader name='/x/a.jpg'>`.
+_FILE_REPR = re.compile(r"<_io\.BufferedReader name=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")>")
+
+
+def image_error(e: BaseException) -> str:
+    """`Type: message` of an image that could not be read (a file object's repr becomes its quoted path)."""
+    return f"{type(e).__name__}: {_FILE_REPR.sub(lambda m: m.group(1), str(e))}"
 
 
 def find_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
@@ -40,7 +91,6 @@ def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os
                    device: str = "auto") -> Iterator[dict[str, Any]]:
     """Yield {"image": path, "caption": text} per image, or {"image": path, "error": why} when it cannot be read."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     from pcm import checkpoint
     from pcm.clip import ClipSpec, encode_images, load_clip
@@ -63,10 +113,9 @@ def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os
         results: dict[Path, dict[str, Any]] = {}
         for p in batch:
             try:
-                with Image.open(p) as im:
-                    good.append((p, clip.preprocess(im.convert("RGB"))))
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                results[p] = {"image": str(p), "error": f"{type(e).__name__}: {e}"}
+                good.append((p, read_image(p, clip.preprocess)))
+            except Exception as e:  # noqa: BLE001 - one bad file is a failed row, never fatal for the others
+                results[p] = {"image": str(p), "error": image_error(e)}
         if good:
             pixels = torch.stack([t for _, t in good])                          # [b, 3, H, W]
             g, patches = encode_images(clip, pixels)                           # [b, D], [b, P, W]

@@ -40,8 +40,27 @@ def run() -> None:
 
     try:
         app()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, RecursionError) as e:
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {error_message(e)}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
+
+
+def error_message(e: BaseException) -> str:
+    """The one line `pcm` prints for an expected failure.
+
+    An OSError from the operating system (a read-only or full disk, a path through a file, a folder
+    without permission) names its path and what to do; the project's own errors are already sentences.
+    """
+    if isinstance(e, RecursionError):
+        return f"an input is nested too deeply to read ({e}); rerun with --verbose to see where"
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        paths = str(e.filename) if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        if isinstance(e, FileNotFoundError):
+            return f"cannot use {paths}: {e.strerror}; check the path"
+        return (f"cannot use {paths}: {e.strerror}; check that path and its permissions "
+                "(outputs need a writable --root with free space)")
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return f"{type(e).__name__}: {e}"  # no path to name (a lock or socket error): at least say what it is
+    return str(e)

@@ -29,8 +29,9 @@ from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "3"  # 2: train rows keep their image path (paired-image runs); 3: BOM encodings, CR line
-# breaks, control characters rejected, duplicate JSON keys / CSV columns and runaway CSV quotes are errors
+CODE_VERSION = "4"  # 2: train rows keep their image path (paired-image runs); 3: BOM encodings, CR line
+# breaks, control characters rejected, duplicate JSON keys / CSV columns and runaway CSV quotes are errors;
+# 4: a CSV row with more cells than the header is a rejected row (its extra cells were dropped)
 STAGE = "ingest"
 OUTPUT = "captions.parquet"
 FORMATS = ("karpathy", "coco", "txt", "jsonl", "csv")
@@ -38,7 +39,8 @@ SPLITS = ("train", "val", "test")
 # Karpathy's "restval" images are the part of COCO val2014 that the split gives to training.
 _SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 # Every reason a row can be rejected for; each is counted as `rejected_<reason>` (0 included).
-REASONS = ("invalid_utf8", "control_char", "empty", "whitespace", "too_long", "duplicate", "not_in_subset")
+REASONS = ("invalid_utf8", "control_char", "empty", "whitespace", "too_long", "duplicate", "not_in_subset",
+           "extra_cells")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # Caption ids are `<name>-<id>` and must pass storage.shards.check_key (at most 200 characters).
 MAX_NAME_CHARS, MAX_ID_CHARS = 64, 120
@@ -99,6 +101,14 @@ class IngestConfig(StageConfig):
             raise ValueError("give subset (a count) or fraction, not both")
         return self
 
+    def content(self) -> dict[str, Any]:
+        """The fingerprinted fields, with `name` the effective caption-id prefix (`dataset_name`).
+
+        `name` left out (`pcm ingest --demo`) and `name` given as the name the file would give
+        (`name = "demo"` in the pipeline presets) write the same rows, so they are one stage.
+        """
+        return super().content() | {"name": dataset_name(self)}
+
 
 # -- planning ---------------------------------------------------------------------------
 
@@ -158,6 +168,7 @@ class _Rows:
     raw: list[str] = field(default_factory=list)  # may hold surrogates for undecodable bytes
     image_path: list[str | None] = field(default_factory=list)
     skipped: int = 0                      # rows of splits not asked for
+    rejected: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (reason, error) known when read
     _seen: dict[str, Any] = field(default_factory=dict)
 
     def add(self, caption_id: str, image_id: str, split: str, raw: str, image_path: str | None, where: Any) -> None:
@@ -219,6 +230,18 @@ def _json(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
+# json.loads recurses once per nested array/object: thousands of levels ("[[[[...") exhaust Python's
+# recursion limit and raise RecursionError, which must become an error naming the file (and line).
+_TOO_DEEP = ("JSON nested too deeply: arrays/objects inside each other beyond Python's recursion limit "
+             "(about {limit} levels); caption files need only a few levels")
+
+
+def _too_deep() -> str:
+    import sys
+
+    return _TOO_DEEP.format(limit=sys.getrecursionlimit())
+
+
 def _load_json(path: Path) -> Any:
     """Like storage.atomic.read_json (errors name line and column), tolerating invalid UTF-8 in strings."""
     try:
@@ -227,6 +250,8 @@ def _load_json(path: Path) -> Any:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except _DuplicateKey as e:
         raise ValueError(f"{path}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: {_too_deep()}") from None
 
 
 def _valid_utf8(s: str) -> bool:
@@ -438,8 +463,29 @@ def _read_jsonl(text: str, file: str, prefix: str, config: IngestConfig, keep: t
             raise ValueError(f"{file}: invalid JSON at line {n}, column {e.colno}: {e.msg}") from None
         except _DuplicateKey as e:
             raise ValueError(f"{file}: line {n}: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{file}: line {n}: {_too_deep()}") from None
         _add_record(rows, _Fields(file, obj, f"line {n}"), cid, config, keep, n)
     return rows
+
+
+def _add_long_record(rows: _Rows, record: list[str], header: list[str], cid: str, config: IngestConfig,
+                     keep: tuple[str, ...], n: int, line: int) -> None:
+    """A CSV row with more cells than the header: a rejected row, never a caption cut at the header's width.
+
+    Its cells no longer line up with the header (an unquoted comma in a caption splits it in two), so
+    only a split cell that names a split is used (else the default split), the image id is the row's
+    caption id, and raw_text is the whole record, its cells joined by commas again.
+    """
+    cell = dict(zip(header, record, strict=False)).get(config.split_column)
+    split = _SPLIT_NAMES.get(cell, config.default_split) if isinstance(cell, str) else config.default_split
+    if split not in keep:
+        rows.skipped += 1
+        return
+    rows.add(cid, cid, split, ",".join(record), None, n)
+    rows.rejected[len(rows.raw) - 1] = (
+        "extra_cells", f"row {n} (line {line}): {len(record)} cells, more than the {len(header)} column(s) of the "
+        f"header {header}: a comma inside an unquoted cell? Quote a cell that holds a comma (\"a dog, sitting\")")
 
 
 def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...]) -> _Rows:
@@ -479,11 +525,20 @@ def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tup
         if config.text_column not in header:
             raise ValueError(f"{file}: no {config.text_column!r} column in the header {header}; set the text "
                              "column to one of these")
+        n = long_rows = 0
         for n, record in enumerate(_bar(it, None, f"ingest {Path(file).name}", "row"), start=1):
-            # A short row lacks its last cells (a missing caption cell is an error, like a missing key);
-            # the cells of a long row past the header are not read.
+            # A long row is rejected, unless its extra cells are empty (a trailing comma loses nothing).
+            if len(record) > len(header) and any(record[len(header):]):
+                long_rows += 1
+                _add_long_record(rows, record, header, f"{prefix}-{n}", config, keep, n, start)
+                continue
+            # A short row lacks its last cells (a missing caption cell is an error, like a missing key).
             present = dict(zip(header, record, strict=False))
             _add_record(rows, _Fields(file, present, f"row {n} (line {start})"), f"{prefix}-{n}", config, keep, n)
+        if long_rows and long_rows == n:
+            raise ValueError(f"{file}: every row has more cells than the {len(header)} column(s) of the header "
+                             f"{header}: a column name missing from the header, or commas inside unquoted cells; "
+                             'quote a cell that holds a comma ("a dog, sitting on grass")')
     except csv.Error as e:
         if str(e) == "unexpected end of data":
             raise ValueError(f"{file}: line {start}: invalid CSV: a quoted cell of the record starting here is "
@@ -572,6 +627,8 @@ def build_columns(rows: _Rows, config: IngestConfig, source: str) -> tuple[dict[
 
     for i, raw in enumerate(rows.raw):
         text[i], raw_text[i], reason, message = _check_text(raw, config.max_chars)
+        if i in rows.rejected:  # a row its reader rejected already (raw_text still shown as _check_text made it)
+            reason, message = rows.rejected[i]
         if reason:
             reject(i, reason, message)
 

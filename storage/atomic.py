@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from None
+    except RecursionError:  # thousands of nested arrays/objects exhaust the parser's recursion
+        raise ValueError(f"{path}: invalid JSON: nested too deeply (arrays/objects inside each other beyond "
+                         f"Python's recursion limit of about {sys.getrecursionlimit()} levels)") from None
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, name: str = "") -> int:

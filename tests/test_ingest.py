@@ -536,3 +536,65 @@ def test_flow_second_run_is_cached(karpathy, tmp_path):
     results = [s.result() for s in states]
     assert results[0].fingerprint == results[1].fingerprint and results[0].counts == results[1].counts
     assert names == [["Completed"], ["Cached"]]
+
+
+# -- JSON nested too deeply, CSV rows with more cells than the header -------------------------------
+
+DEEP = 100_000  # levels of nesting: far past Python's recursion limit (json.loads raised RecursionError)
+
+
+@pytest.mark.parametrize("fmt", ["karpathy", "coco", "auto"])
+def test_json_nested_too_deeply_is_an_error_naming_the_file(tmp_path, fmt):
+    path = tmp_path / "dataset_deep.json"
+    path.write_text("[" * DEEP + "]" * DEEP, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dataset_deep\.json: JSON nested too deeply"):
+        ingest(path, tmp_path / "runs", format=fmt)
+    path.write_text('{"images": [{"deep": ' + "[" * DEEP + "]" * DEEP + "}]}", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dataset_deep\.json: JSON nested too deeply"):
+        ingest(path, tmp_path / "runs", format=fmt)
+
+
+def test_jsonl_line_nested_too_deeply_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "caps.jsonl"
+    path.write_text('{"caption": "a dog"}\n{"caption": ' + "[" * DEEP + "]" * DEEP + "}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"caps\.jsonl: line 2: JSON nested too deeply"):
+        ingest(path, tmp_path / "runs")
+
+
+def test_read_json_nested_too_deeply_names_the_file(tmp_path):
+    from storage.atomic import read_json
+
+    path = tmp_path / ".done.json"
+    path.write_text("[" * DEEP + "]" * DEEP, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\.done\.json: invalid JSON: nested too deeply"):
+        read_json(path)
+    path.write_text("[" * 50 + "]" * 50, encoding="utf-8")       # a little nesting is fine
+    value, depth = read_json(path), 0
+    while value:
+        value, depth = value[0], depth + 1
+    assert value == [] and depth == 49
+
+
+def test_csv_row_with_more_cells_than_the_header_is_a_rejected_row(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text('caption,split\na dog, sitting on grass,train\na cat,val\n"a bus, red",test\na car,\n',
+                    encoding="utf-8")
+    result = ingest(path, tmp_path / "runs")
+    r = by_id(result)
+    assert r["caps-1"]["status"] == "rejected" and r["caps-1"]["text"] == ""
+    assert r["caps-1"]["raw_text"] == "a dog, sitting on grass,train"      # nothing of the row is lost
+    assert r["caps-1"]["error"].startswith("row 1 (line 2): 3 cells, more than the 2 column(s) of the header "
+                                           "['caption', 'split']")
+    assert (r["caps-2"]["status"], r["caps-2"]["text"], r["caps-2"]["split"]) == ("ok", "a cat", "val")
+    assert (r["caps-3"]["status"], r["caps-3"]["text"]) == ("ok", "a bus, red")            # quoted: one cell
+    assert (r["caps-4"]["status"], r["caps-4"]["text"]) == ("ok", "a car")   # an empty extra cell loses nothing
+    c = result.counts
+    assert (c["rows"], c["ok"], c["rejected"], c["rejected_extra_cells"]) == (4, 3, 1, 1)
+
+
+def test_csv_where_every_row_has_more_cells_than_the_header_is_an_error(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text("caption\na dog, sitting on grass\na cat, on a mat\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"caps\.csv: every row has more cells than the 1 column\(s\) of the "
+                                         r"header \['caption'\].*quote a cell that holds a comma"):
+        ingest(path, tmp_path / "runs")

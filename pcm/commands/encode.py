@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from pcm.commands import writable_dir
+
 
 def _pool(text: str) -> dict[str, Any]:
     """`auto` -> the spec's default (paper: 16x16 -> 8x8), `none` -> no pooling, N -> an N x N grid."""
@@ -65,6 +67,7 @@ def register(app: typer.Typer) -> None:
                       top_n=top_n, vocabulary_file=vocabulary, prompt=prompt, device=device, batch_size=batch_size,
                       num_workers=num_workers, pin_memory=pin_memory, progress_bar=progress_bar)
         config = validate(EncodeConfig, values, "encode")
+        writable_dir(root)
         result = run_encode(config, captions, shards, root, force=force)
         c, state = result.counts, "cached" if result.cached else "done"
         speed = f", {result.timings['images_per_s']:,.0f} images/s" if "images_per_s" in result.timings else ""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from pcm.commands import writable_dir
+
 
 def _root_of(train: str) -> str:
     """A stage directory is <root>/<stage>/<fingerprint>: the run root is two levels up."""
@@ -48,6 +50,9 @@ def register(app: typer.Typer) -> None:
             "split": split, "checkpoint": checkpoint, "beam_size": beam_size, "max_len": max_len,
             "length_penalty": length_penalty, "spice": spice, "published": published,
             "report_samples": report_samples, "device": device, "batch_size": batch_size}, "evaluate")
+        if root is not None or Path(train).is_dir():  # a missing train directory is run_evaluate's error
+            writable_dir(root or _root_of(train), "--root" if root is not None else
+                         "--root (default: the train stage's run root)")
         result = run_evaluate(config, train, encode, captions, root or _root_of(train), force=force)
         metrics = result.extra["metrics"]
         state = "cached" if result.cached else "done"
@@ -73,6 +78,10 @@ def register(app: typer.Typer) -> None:
         """Caption image files: one JSON line {"image", "caption"} per image ({"image", "error"} if unreadable)."""
         from pcm.caption import caption_images, write_captions
 
+        if out:  # checked before any image is captioned, not when the rows are written
+            if Path(out).expanduser().is_dir():
+                raise ValueError(f"--out {out} is a folder; give the path of the JSON lines file to write")
+            writable_dir(Path(out).expanduser().parent, "--out folder")
         rows = caption_images(checkpoint, images, which=which, beam_size=beam_size, max_len=max_len,
                               batch_size=batch_size, device=device)
         failed = 0

@@ -6,11 +6,14 @@ from typing import Any
 
 import typer
 
+from pcm.commands import writable_dir
+
 
 def register(app: typer.Typer) -> None:
     @app.command(help="Read captions (Karpathy or COCO JSON, .txt, .jsonl, .csv) into captions.parquet.\n\n"
                  "Every input caption becomes one row: ok, or rejected with a reason (empty, too long, "
-                 "invalid UTF-8, duplicate, outside the train subset). Val/test rows carry the image path and "
+                 "invalid UTF-8, control characters, duplicate, outside the train subset, a CSV row with more cells "
+                 "than its header). Val/test rows carry the image path and "
                  "all reference captions of their image. The same file and options reuse the finished "
                  "directory <root>/ingest/<fingerprint>/. Prints the counts, then that directory (the input "
                  "of `pcm synthesize --captions`).")
@@ -47,7 +50,9 @@ def register(app: typer.Typer) -> None:
             text_column=text_column, image_id_column=image_id_column, split_column=split_column,
             image_path_column=image_path_column, subset=subset, fraction=fraction, seed=seed, max_chars=max_chars,
             dedup=dedup)
-        result = run_ingest(validate(IngestConfig, values, "ingest"), root, force=force)
+        config = validate(IngestConfig, values, "ingest")
+        writable_dir(root)
+        result = run_ingest(config, root, force=force)
         print_result(result)
 
 

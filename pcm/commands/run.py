@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from pcm.commands import writable_dir
+
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
@@ -27,6 +29,7 @@ def register(app: typer.Typer) -> None:
         if show_config:
             typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return
+        writable_dir(root)
         wanted = tuple(STAGE_ORDER) if not stages or stages == ["all"] else tuple(stages)
         results = run_pipeline(cfg, root, stages=wanted, force=tuple(force or ()))
         for name, r in results.items():

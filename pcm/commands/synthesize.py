@@ -6,6 +6,8 @@ from typing import Any
 
 import typer
 
+from pcm.commands import writable_dir
+
 
 def parse_shards(text: str) -> list[int]:
     """`0,1,5-9` -> [0, 1, 5, 6, 7, 8, 9]; errors name the bad part."""
@@ -83,6 +85,7 @@ def register(app: typer.Typer) -> None:
         config = validate(SynthesizeConfig, values, "synthesize")
         if shards is not None and num_workers != 1:
             raise ValueError("give either --shards or --worker-index/--num-workers, not both")
+        writable_dir(root)
         result = run_synthesize(config, captions, root, shards=parse_shards(shards) if shards else None,
                                 worker_index=worker_index, num_workers=num_workers, force=force)
         c = result.counts

@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from pcm.commands import writable_dir
+
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`key=value` pairs (values parsed as JSON when they parse, else kept as text); `model.x` goes to overrides."""
@@ -51,6 +53,7 @@ def register(app: typer.Typer) -> None:
         values = {"preset": preset, "devices": devices, "device": device, "progress_bar": progress_bar,
                   **parse_sets(sets)}
         config = validate(TrainConfig, values, "train")
+        writable_dir(root)
         result = run_train(config, captions, encode, root, force=force)
         e, c = result.extra, result.counts
         state = "cached" if result.cached else "done"
