@@ -71,10 +71,74 @@ def picture(key: str, path: str | Path, title: str, max_bytes: int = 1_500_000) 
     markdown(key, f"### {title}\n\n{body}\n", title)
 
 
+# What each timing of a StageResult measures. Every stage's `total_s` is the wall time of the one call
+# that wrote stage.done.json; in a Prefect flow the shards are separate tasks, so it is only the final
+# merge, while the per-shard sums (`generate_s`) cover the shards whenever they ran.
+TIMINGS = {
+    "total_s": "seconds: the call that finished the stage (wrote stage.done.json) -- in a flow only the final "
+               "step, not the shard tasks",
+    "generate_s": "seconds: image generation summed over all shards, measured when each shard ran "
+                  "(possibly in earlier runs)",
+    "images_per_s": "images per second of the stage's own work (images / generate_s or encode_s)",
+    "encode_s": "seconds: CLIP encoding of the encoded_now images of the finishing call (shards encoded by "
+                "shard tasks or earlier runs are not in it)",
+    "concepts_s": "seconds: concept vocabulary and embeddings (0 when an earlier call built them)",
+    "read_s": "seconds: reading the caption file", "check_s": "seconds: checking the captions",
+    "write_s": "seconds: writing captions.parquet",
+    "load_s": "seconds: loading the evaluation set and checkpoint", "decode_s": "seconds: captioning (beam search)",
+    "score_s": "seconds: scoring the captions", "report_s": "seconds: writing metrics and report",
+}
+REUSED_NOTE = "; measured when the stage ran (finished {when}), NOT in this run: the result was reused"
+
+
+def _flow_run_started() -> float | None:
+    """When the current Prefect flow run started (epoch seconds), or None outside a flow run."""
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        return ctx.start_time.timestamp() if ctx is not None else None
+    except Exception:  # noqa: BLE001 - no context, no answer
+        return None
+
+
+def _finished_at(result: Any) -> float | None:
+    try:
+        return (Path(result.path) / "stage.done.json").stat().st_mtime
+    except OSError:
+        return None
+
+
+def reused(result: Any) -> bool | None:
+    """Whether `result` was finished before this call: a stage cache hit (`cached`), or a marker older than
+    the current flow run (Prefect returns its cached task result with `cached` as it was stored).
+    None when this cannot be told."""
+    if result.cached:
+        return True
+    finished, started = _finished_at(result), _flow_run_started()
+    if finished is None or started is None:
+        return None
+    return finished < started - 1.0
+
+
 def summary_table(key: str, result: Any, description: str) -> None:
-    """Counts and timings of a StageResult as a table artifact."""
-    rows = [{"name": k, "value": v} for k, v in {**result.counts, **result.timings}.items()]
-    rows.append({"name": "cached", "value": result.cached})
-    rows.append({"name": "path", "value": result.path})
-    table(key, rows, description)
+    """Counts and timings of a StageResult as a table artifact, each timing saying what it covers.
+
+    The first row says whether the stage ran in this flow run or its earlier result was reused; the
+    timings of a reused result are marked as measured when the stage ran.
+    """
+    finished = _finished_at(result)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(finished)) if finished is not None else "earlier"
+    was_reused = reused(result)
+    status = {True: f"reused: finished {when}, no stage work in this run (the timings are from then)",
+              False: f"computed in this run (finished {when})",
+              None: f"finished {when}"}[was_reused]
+    rows = [{"name": "result", "value": status, "covers": "whether this run did the work"}]
+    rows += [{"name": k, "value": v, "covers": "count"} for k, v in result.counts.items()]
+    for k, v in result.timings.items():
+        covers = TIMINGS.get(k, "seconds: measured by the stage when it ran")
+        rows.append({"name": k, "value": v, "covers": covers + (REUSED_NOTE.format(when=when) if was_reused else "")})
+    rows.append({"name": "cached", "value": bool(was_reused), "covers": "the stage's outputs were reused"})
+    rows.append({"name": "path", "value": result.path, "covers": "stage directory"})
+    table(key, rows, description + (" (reused result)" if was_reused else ""))
 

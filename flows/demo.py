@@ -72,10 +72,38 @@ def print_results(metrics_file: Path, n: int = 5) -> None:
     if control:
         print(f"[demo] control:   CIDEr {100 * control['CIDEr']:.1f} when each caption is scored against another "
               f"image's references (the captions above score {100 * m['CIDEr']:.1f} against their own)")
+    print_published(summary)
     predictions = json.loads((metrics_file.parent / "predictions.json").read_text())
     for p in predictions[:: max(1, len(predictions) // n)][:n]:
         print(f"[demo] {str(p['image_id']):>10}: {p['caption']}")
     print(f"[demo] report:    {metrics_file.parent / 'report.md'}")
+
+
+def print_published(summary: dict) -> None:
+    """The paper's numbers when metrics.json has them, labelled not comparable on another dataset or split.
+
+    The demo evaluates on the toy world (or the bundled demo images), not on COCO: its CIDEr and the
+    paper's 113.6 measure different things. An older metrics.json without the label gets it here.
+    """
+    from pcm.report import published_caveat
+
+    pub = summary.get("published")
+    if not pub:
+        return
+    datasets = summary.get("datasets") or {}
+    try:
+        caveat = pub.get("caveat") if "comparable" in pub else published_caveat(
+            pub["setting"], train=datasets.get("train"), evaluated=datasets.get("eval"),
+            split=summary.get("split", "test"))
+    except ValueError as e:  # a setting no longer in published.toml
+        caveat = f"not comparable: {e}"
+    paper = ", ".join(f"{r['metric']} {r['published']}" for r in pub["rows"])
+    title = pub.get("paper_title", pub["title"])
+    if caveat:
+        print(f"[demo] paper:     {title}: {paper} -- {caveat}; for reference only, no difference shown")
+    else:
+        diffs = ", ".join(f"{r['metric']} {r['difference']:+.1f}" for r in pub["rows"] if r["difference"] is not None)
+        print(f"[demo] paper:     {title}: {paper} (measured minus paper: {diffs})")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from pcm import concepts as concept_vocab
 from pcm.clip import (
+    LOCAL_DIR,
     ClipSpec,
     LoadedClip,
     clip_head,
@@ -46,7 +48,7 @@ from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
-from storage.fingerprint import file_digest
+from storage.fingerprint import file_digest, fingerprint
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock, try_lock
 from storage.result import StageResult
@@ -100,6 +102,52 @@ class EncodeConfig(StageConfig):
             raise ValueError("give vocabulary_file or concepts_from, not both: each is the whole concept list")
         return self
 
+    def content(self) -> dict[str, Any]:
+        """The fingerprinted fields, with paths normalised so their spelling cannot change the fingerprint.
+
+        `images_root` and a CLIP checkpoint path (`clip.pretrained`, `local-dir:` included) count as
+        absolute paths (`data/coco` run from /work and `/work/data/coco` are one stage; an absolute
+        path keeps its fingerprint). `vocabulary_file` and `concepts_from` are identified by content
+        (`plan` adds the file's sha256 and the other stage's fingerprint), so their paths are left out.
+        """
+        out = super().content()
+        if out.get("images_root") is not None:
+            out["images_root"] = absolute_path(out["images_root"])
+        pretrained = out["clip"].get("pretrained")
+        if pretrained and pretrained.startswith(LOCAL_DIR):
+            out["clip"]["pretrained"] = LOCAL_DIR + absolute_path(pretrained[len(LOCAL_DIR):])
+        elif pretrained and not os.path.isabs(pretrained) and os.path.exists(pretrained):
+            out["clip"]["pretrained"] = absolute_path(pretrained)  # a checkpoint file (a tag is no file)
+        for key in ("vocabulary_file", "concepts_from"):
+            if out.get(key) is not None:
+                out[key] = BY_CONTENT
+        return out
+
+
+# What stands in the fingerprint for a path identified by its content (see EncodeConfig.content).
+BY_CONTENT = "(identified by content)"
+
+
+def absolute_path(path: str) -> str:
+    """`path` with `~` expanded, made absolute against the working directory, `..` and `//` collapsed.
+
+    Symbolic links are not followed, so a path that is already absolute and clean stays as written.
+    """
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def check_images_root(config: EncodeConfig) -> None:
+    """A given `images_root` must be an existing folder: a typo is an error, never 'every image failed'."""
+    if config.images_root is None:
+        return
+    path = Path(config.images_root).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"encode.images_root={config.images_root!r} {what} ({absolute_path(config.images_root)}); give the folder "
+            "that the ingest stage's image paths (captions.parquet image_path, e.g. val2014/COCO_val2014_....jpg) "
+            "are relative to, or leave images_root out to encode no real val/test images")
+
 
 # -- inputs and units ----------------------------------------------------------------------
 
@@ -128,7 +176,17 @@ def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDi
         extra["clip_preset_sha256"] = file_digest(clip_preset_path(config.clip.model))
     if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
         extra["clip_quick_gelu"] = True
-    return stage_dir(RunLayout(root), "encode", config, [cap, syn], CODE_VERSION, extra)
+    layout = RunLayout(root)
+    try:
+        check_images_root(config)
+    except FileNotFoundError:
+        # A finished stage no longer needs its real images (its features are stored): reuse it.
+        fp = fingerprint("encode", config.content() | extra, [cap.fingerprint, syn.fingerprint], CODE_VERSION)
+        if not layout.stage("encode", fp).done_marker.exists():
+            raise
+        log.warning("encode.images_root=%r does not exist; reusing the finished stage encoded from it",
+                    config.images_root)
+    return stage_dir(layout, "encode", config, [cap, syn], CODE_VERSION, extra)
 
 
 @dataclass(frozen=True)
@@ -366,7 +424,8 @@ def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: Enco
                  report: Callable[[Unit, dict[str, int]], None]) -> int:
     """Encode `units` (whose locks the caller holds) in one DataLoader pass; returns images encoded."""
     dims = (clip.embed_dim, clip.patches, clip.width)
-    dataset = _UnitBatches(units, clip.preprocess, clip.tokenizer, config.batch_size, config.images_root)
+    root = str(Path(config.images_root).expanduser()) if config.images_root else None
+    dataset = _UnitBatches(units, clip.preprocess, clip.tokenizer, config.batch_size, root)
     workers = min(config.num_workers, len(units))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
@@ -546,6 +605,55 @@ def score_histogram(path: Path, scores: np.ndarray, title: str) -> None:
     plt.close(fig)
 
 
+# CXE weights min(1, w * cos), cos <= 0 -> 0 (pcm.loss.clip_weights), summarised at the presets' w: the toy
+# world's 1.8, the release's ViT-B/32 2.5, the paper's 4 (ViT-L/14, the train stage's default).
+CXE_REFERENCE_W = (1.8, 2.5, 4.0)
+SCORE_QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
+
+
+def clip_score_stats(scores: np.ndarray) -> dict[str, Any]:
+    """Distribution of the ok samples' CLIP scores: count, min, quantiles, max, mean, share <= 0 (CXE weight 0)."""
+    n = int(len(scores))
+    if not n:
+        return {"n": 0}
+    s = scores.astype(np.float64)
+    out: dict[str, Any] = {"n": n, "min": round(float(s.min()), 4)}
+    out |= {k: round(float(np.quantile(s, q)), 4) for k, q in SCORE_QUANTILES.items()}
+    out |= {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),
+            "fraction_le_0": round(float((s <= 0).mean()), 4)}
+    return out
+
+
+def cxe_weight_stats(scores: np.ndarray, w: float) -> dict[str, Any]:
+    """The CXE weights `min(1, w * cos)` (cos <= 0 -> 0) these scores give at `w`: mean, share at 0, share at the cap 1."""
+    if not len(scores):
+        return {"w": w, "n": 0}
+    weights = np.clip(w * scores.astype(np.float64), 0.0, 1.0)
+    return {"w": w, "n": int(len(weights)), "mean": round(float(weights.mean()), 4),
+            "fraction_zero": round(float((weights <= 0).mean()), 4),
+            "fraction_cap": round(float((weights >= 1).mean()), 4)}
+
+
+def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], real: Any) -> None:
+    """Every real image failing is an error naming the root and the first reasons; some failing is fine.
+
+    The real units' markers are dropped first, so a rerun after the images are put in place encodes
+    them again instead of reusing the failed rows.
+    """
+    rows = real.select(["image_id", "status", "error"]).to_pylist()
+    if not rows or any(r["status"] == tables.STATUS_OK for r in rows):
+        return
+    for u in units:
+        shard_io.done_path(sd.shard_file(u.kind, u.index, "safetensors")).unlink(missing_ok=True)
+    reasons = list(dict.fromkeys(r["error"] or r["status"] for r in rows))
+    shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    raise FileNotFoundError(
+        f"encode: none of the {len(rows)} real val/test images could be read from "
+        f"encode.images_root={config.images_root!r} ({absolute_path(config.images_root or '.')}): {shown}. Check that "
+        "images_root is the folder the image paths of captions.parquet (image_path) are relative to, and that the "
+        "images are there and readable; the stage is not marked done")
+
+
 STAGE_FILES = ("scores.parquet", "real.parquet", "concepts.parquet", "clip_head.safetensors")
 
 
@@ -606,11 +714,14 @@ def run_encode(config: EncodeConfig, captions: str, shards: str, root: str, *, f
     sd = plan(config, captions, shards, root)
     if not force and (done := cached(sd, verify)) is not None:
         return done
+    check_images_root(config)  # before any work (a finished stage was returned above)
     with locked(sd):
         f_units, r_units = feature_units(shards), real_units(config, captions)
         if force:
             _reset(sd, f_units + r_units)
         encoded, encode_s, clip = encode_units(config, sd, f_units + r_units, progress=progress)
+        real = tables.concat([sd.shard_file(REAL, u.index, "status.parquet") for u in r_units], tables.REAL_IMAGES)
+        _check_some_real_ok(config, sd, r_units, real)
 
         need = [n for n in ("concepts.parquet", "clip_head.safetensors") if not sd.file(n).exists()]
         if need and clip is None:
@@ -624,7 +735,6 @@ def run_encode(config: EncodeConfig, captions: str, shards: str, root: str, *, f
 
         scores = tables.concat([sd.shard_file(FEATURES, u.index, "scores.parquet") for u in f_units], tables.SCORES)
         tables.write(sd.file("scores.parquet"), scores, tables.SCORES)
-        real = tables.concat([sd.shard_file(REAL, u.index, "status.parquet") for u in r_units], tables.REAL_IMAGES)
         tables.write(sd.file("real.parquet"), real, tables.REAL_IMAGES)
 
         ok_scores = np.array([r["clip_score"] for r in scores.select(["clip_score", "status"]).to_pylist()
@@ -647,7 +757,13 @@ def run_encode(config: EncodeConfig, captions: str, shards: str, root: str, *, f
         extra: dict[str, Any] = {
             "clip": config.clip.model_dump(mode="json"), "pictures": {"clip_scores": str(picture)},
             "units": {FEATURES: [u.index for u in f_units], REAL: [u.index for u in r_units]},
-            "clip_score_mean": round(float(ok_scores.mean()), 4) if len(ok_scores) else None}
+            "clip_score_mean": round(float(ok_scores.mean()), 4) if len(ok_scores) else None,
+            "clip_score_stats": clip_score_stats(ok_scores),
+            "cxe_weights": [cxe_weight_stats(ok_scores, w) for w in CXE_REFERENCE_W]}
+        if len(ok_scores) and (share := extra["clip_score_stats"]["fraction_le_0"]) >= 0.5:
+            log.warning("encode: %.0f%% of the synthetic (image, caption) pairs have a CLIP score <= 0, so CXE gives "
+                        "their captions weight 0 and training learns mostly from the rest (clip_score_stats)",
+                        100 * share)
         if config.images_root is None:
             extra["real_note"] = "no images_root given: real val/test images were not encoded"
         elif not r_units:

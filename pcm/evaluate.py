@@ -345,14 +345,13 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
 def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, ckpt_dir: Path, meta: dict[str, Any],
              train: StageResult, encode: StageResult, captions: StageResult) -> dict[str, Any]:
     """The content of metrics.json."""
-    from pcm.report import comparison, published_setting
+    from pcm.report import published_block
 
     proto, train_name, eval_name = protocol(train, captions)
     published = None
-    if config.published:
-        setting = published_setting(config.published)
-        published = {"setting": config.published, "title": setting["title"], "protocol": setting["protocol"],
-                     "rows": comparison(corpus, config.published)}
+    if config.published:  # the paper's numbers, labelled not comparable on another dataset or split
+        published = published_block(corpus, config.published, train=train_name, evaluated=eval_name,
+                                    split=config.split)
     return {
         "metrics": corpus,
         "split": config.split,

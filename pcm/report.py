@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -41,6 +42,56 @@ def comparison(corpus: dict[str, float | str], name: str) -> list[dict[str, Any]
         rows.append({"metric": label, "measured": measured, "published": setting[key],
                      "difference": round(measured - setting[key], 1) if measured is not None else None})
     return rows
+
+
+def published_datasets(name: str) -> tuple[str, str]:
+    """(training dataset, evaluated dataset) of a published setting, lowercase.
+
+    A setting may name them (`train_dataset`, `dataset`); otherwise they come from its name:
+    `coco-vitl14` is COCO on COCO, `coco-to-flickr30k-vitb32` COCO's model on Flickr30k.
+    """
+    setting = published_setting(name)
+    stem = re.sub(r"-vit[a-z0-9]+$", "", name.lower())
+    train, _, evaluated = stem.partition("-to-")
+    return (str(setting.get("train_dataset", train)).lower(),
+            str(setting.get("dataset", evaluated or train)).lower())
+
+
+def published_caveat(name: str, *, train: str | None, evaluated: str | None, split: str) -> str | None:
+    """None when the paper's numbers of setting `name` measure what this evaluation measures, else why not.
+
+    The paper reports the Karpathy test split of its dataset: another dataset (the toy world, the
+    bundled demo), another split or another training dataset gives numbers that are not comparable.
+    """
+    paper_train, paper_eval = published_datasets(name)
+    if evaluated is None:
+        return (f"not comparable unless this is {paper_eval}'s Karpathy test split: the evaluated dataset is not "
+                "recorded")
+    if evaluated.lower() != paper_eval:
+        return f"not comparable: different dataset (the paper evaluated on {paper_eval}, this is {evaluated})"
+    if split != "test":
+        return f"not comparable: different split (the paper's numbers are on the test split, this is {split})"
+    if train is not None and train.lower() != paper_train:
+        return (f"not comparable: different training dataset (the paper trained on {paper_train}, this model on "
+                f"{train})")
+    return None
+
+
+def published_block(corpus: dict[str, float | str], name: str, *, train: str | None, evaluated: str | None,
+                    split: str) -> dict[str, Any]:
+    """metrics.json's `published`: the setting, its rows and whether they can be compared with `corpus`.
+
+    When they cannot, `caveat` says why, the title carries it (the dashboard's table shows the title),
+    every row carries it as `note`, and no difference is computed.
+    """
+    setting = published_setting(name)
+    caveat = published_caveat(name, train=train, evaluated=evaluated, split=split)
+    rows = comparison(corpus, name)
+    if caveat:
+        rows = [{**r, "difference": None, "note": caveat} for r in rows]
+    return {"setting": name, "title": setting["title"] + (f" -- {caveat}" if caveat else ""),
+            "paper_title": setting["title"], "protocol": setting["protocol"], "comparable": caveat is None,
+            "caveat": caveat, "rows": rows}
 
 
 def spread(n_items: int, k: int) -> list[int]:
@@ -122,7 +173,17 @@ def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | N
                       "scores above it; one that ignores it scores about the same.", ""]
     if not isinstance(corpus.get("SPICE"), float):
         lines += [f"SPICE: {corpus.get('SPICE')}", ""]
-    if summary.get("published"):
+    if summary.get("published") and summary["published"].get("caveat"):
+        pub = summary["published"]
+        lines += [f"## The paper's numbers, for reference only: {pub.get('paper_title', pub['title'])}", "",
+                  f"**{pub['caveat'][:1].upper() + pub['caveat'][1:]}.** The paper's numbers are shown beside this "
+                  "evaluation's without a difference: they measure something else.", "",
+                  "| metric | measured here | paper (not comparable) |", "|---|---:|---:|"]
+        for r in pub["rows"]:
+            lines.append(f"| {r['metric']} | {r['measured'] if r['measured'] is not None else 'n/a'} | "
+                         f"{r['published']} |")
+        lines.append("")
+    elif summary.get("published"):
         pub = summary["published"]
         lines += [f"## Compared with the paper: {pub['title']}", "",
                   "| metric | measured | published | difference |", "|---|---:|---:|---:|"]

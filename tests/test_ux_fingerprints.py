@@ -1,0 +1,82 @@
+"""Fingerprints ignore what cannot change a stage's output: path spelling, and `name` left to its default."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from pcm.encode import EncodeConfig
+from pcm.encode import plan as encode_plan
+from pcm.ingest import IngestConfig, dataset_name
+from pcm.ingest import plan as ingest_plan
+from tests.test_encode import make_inputs, tiny_config
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _karpathy(path):
+    path.write_text(json.dumps({"images": [
+        {"imgid": 1, "filename": "1.jpg", "split": "train", "sentences": [{"sentid": 1, "raw": "a dog"}]}]}))
+    return path
+
+
+def test_ingest_name_left_out_equals_the_name_the_file_gives(in_tmp):
+    source = _karpathy(in_tmp / "dataset_demo.json")
+    derived = IngestConfig(source=str(source))
+    assert dataset_name(derived) == "demo"
+    named = IngestConfig(source=str(source), name="demo")          # the pipeline presets' spelling
+    other = IngestConfig(source=str(source), name="other")
+    root = str(in_tmp / "runs")
+    assert ingest_plan(derived, root).fingerprint == ingest_plan(named, root).fingerprint
+    assert ingest_plan(other, root).fingerprint != ingest_plan(named, root).fingerprint
+    assert derived.content()["name"] == "demo"
+
+
+def test_ingest_relative_and_absolute_source_share_a_fingerprint(in_tmp):
+    _karpathy(in_tmp / "dataset_x.json")
+    root = str(in_tmp / "runs")
+    (in_tmp / "sub").mkdir()
+    rel = ingest_plan(IngestConfig(source="dataset_x.json"), root).fingerprint
+    assert rel == ingest_plan(IngestConfig(source=str(in_tmp / "dataset_x.json")), root).fingerprint
+    assert rel == ingest_plan(IngestConfig(source="./sub/../dataset_x.json"), root).fingerprint
+
+
+def test_encode_relative_and_absolute_images_root_share_a_fingerprint(in_tmp):
+    cap, syn = make_inputs(in_tmp / "runs", n_shards=1, images_dir=in_tmp / "coco")
+    root = str(in_tmp / "runs")
+    absolute = encode_plan(tiny_config(images_root=str(in_tmp / "coco")), cap, syn, root).fingerprint
+    for spelling in ("coco", "./coco", "coco/", f"{in_tmp}/coco/", "runs/../coco"):
+        assert encode_plan(tiny_config(images_root=spelling), cap, syn, root).fingerprint == absolute, spelling
+    assert encode_plan(tiny_config(images_root=str(in_tmp / "runs")), cap, syn, root).fingerprint != absolute
+    # an absolute, clean path is fingerprinted as written (existing runs keep their directories)
+    assert tiny_config(images_root=str(in_tmp / "coco")).content()["images_root"] == str(in_tmp / "coco")
+
+
+def test_encode_vocabulary_file_counts_by_content_not_path(in_tmp):
+    cap, syn = make_inputs(in_tmp / "runs", n_shards=1)
+    root = str(in_tmp / "runs")
+    (in_tmp / "vocab.txt").write_text("dog\ncat\n")
+    os.mkdir(in_tmp / "copy")
+    shutil.copy(in_tmp / "vocab.txt", in_tmp / "copy" / "other-name.txt")
+    fps = {encode_plan(tiny_config(vocabulary_file=v), cap, syn, root).fingerprint
+           for v in ("vocab.txt", str(in_tmp / "vocab.txt"), "copy/other-name.txt")}
+    assert len(fps) == 1
+    (in_tmp / "vocab.txt").write_text("dog\nhorse\n")
+    assert encode_plan(tiny_config(vocabulary_file="vocab.txt"), cap, syn, root).fingerprint not in fps
+
+
+def test_encode_clip_checkpoint_path_is_absolute_in_the_fingerprint(in_tmp):
+    (in_tmp / "ckpt.safetensors").write_bytes(b"x")
+    rel = EncodeConfig.model_validate({"clip": {"model": "tiny", "pretrained": "ckpt.safetensors"}})
+    assert rel.content()["clip"]["pretrained"] == str(in_tmp / "ckpt.safetensors")
+    local = EncodeConfig.model_validate({"clip": {"model": "ViT-B-32", "pretrained": "local-dir:models/clip"}})
+    assert local.content()["clip"]["pretrained"] == f"local-dir:{in_tmp}/models/clip"
+    tag = EncodeConfig.model_validate({"clip": {"model": "ViT-B-32", "pretrained": "openai"}})
+    assert tag.content()["clip"]["pretrained"] == "openai"
