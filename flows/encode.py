@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, task
 
 from flows.artifacts import Progress, picture, summary_table
@@ -19,6 +21,7 @@ from pcm.encode import (
     run_encode,
     verify,
 )
+from pcm.pipeline import StageRef, stage_config
 
 
 @task(name="encode-reset")
@@ -45,8 +48,13 @@ def encode_stage(config: EncodeConfig, captions: str, shards: str, root: str):
 
 
 @flow(name="encode")
-def encode_flow(config: EncodeConfig, captions: str, shards: str, root: str = "runs", force: bool = False):
-    """Encode every synthetic shard (one task each) and the real images, then write the stage-wide outputs."""
+def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: str, shards: str, root: str = "runs",
+                force: bool = False):
+    """Encode every synthetic shard (one task each) and the real images, then write the stage-wide outputs.
+
+    `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
+    """
+    config = stage_config("encode", config)
     if force:
         encode_reset(config, captions, shards, root)
     if force or not is_finished(plan, verify, config=config, captions=captions, shards=shards, root=root):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
 from pcm.evaluate import METRICS, REPORT, EvaluateConfig, plan, run_evaluate, verify
+from pcm.pipeline import StageRef, stage_config
 from pcm.report import LABELS
 from storage import atomic
 from storage.result import StageResult
@@ -50,9 +53,13 @@ def publish(result: StageResult) -> None:
 
 
 @flow(name="evaluate")
-def evaluate_flow(config: EvaluateConfig, train: str, encode: str, captions: str, root: str = "runs",
-                  force: bool = False) -> StageResult:
-    """Caption a split's real images with a trained model and score them with the COCO caption metrics."""
+def evaluate_flow(config: StageRef | EvaluateConfig | dict[str, Any], train: str, encode: str, captions: str,
+                  root: str = "runs", force: bool = False) -> StageResult:
+    """Caption a split's real images with a trained model and score them with the COCO caption metrics.
+
+    `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
+    """
+    config = stage_config("evaluate", config)
     result = run_stage(evaluate_task, plan, verify, force=force, config=config, train=train, encode=encode,
                        captions=captions, root=root)
     publish(result)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
 from pcm.ingest import IngestConfig, plan, run_ingest, verify
+from pcm.pipeline import StageRef, stage_config
 from storage.result import StageResult
 
 
@@ -24,8 +27,13 @@ def publish(result: StageResult) -> None:
 
 
 @flow(name="ingest")
-def ingest_flow(config: IngestConfig, root: str = "runs", force: bool = False) -> StageResult:
-    """Ingest one caption file; the same file content and config reuse the finished stage directory."""
+def ingest_flow(config: StageRef | IngestConfig | dict[str, Any], root: str = "runs",
+                force: bool = False) -> StageResult:
+    """Ingest one caption file; the same file content and config reuse the finished stage directory.
+
+    `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
+    """
+    config = stage_config("ingest", config)
     result = run_stage(ingest_task, plan, verify, force=force, config=config, root=root)
     publish(result)
     return result

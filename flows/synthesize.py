@@ -11,6 +11,7 @@ from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, is_finished, run_stage
 from flows.records import result_storage
 from flows.retries import retry_transient
+from pcm.pipeline import StageRef, stage_config
 from pcm.synthesize import (
     PairedImages,
     SynthesizeConfig,
@@ -67,9 +68,13 @@ def all_done(config: SynthesizeConfig, captions: str, root: str) -> bool:
 
 
 @flow(name="synthesize")
-def synthesize_flow(config: SynthesizeConfig, captions: str, root: str = "runs", shards: list[int] | None = None,
-                    force: bool = False) -> StageResult | list[dict]:
-    """Render the shards (all, or `shards` when fanning out over machines), then finalise the stage."""
+def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captions: str, root: str = "runs",
+                    shards: list[int] | None = None, force: bool = False) -> StageResult | list[dict]:
+    """Render the shards (all, or `shards` when fanning out over machines), then finalise the stage.
+
+    `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
+    """
+    config = stage_config("synthesize", config)
     if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
         progress = Progress(f"synthesize-{plan(config, captions, root).fingerprint}", "synthesize shards")

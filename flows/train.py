@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
+from pcm.pipeline import StageRef, stage_config
 from pcm.train import TrainConfig, plan, run_train, verify
 from storage.result import StageResult
 
@@ -30,8 +33,14 @@ def publish(result: StageResult) -> None:
 
 
 @flow(name="train")
-def train_flow(config: TrainConfig, captions: str, encode: str, root: str = "runs", force: bool = False) -> StageResult:
-    """Train PCM-Net on an encode stage's synthetic-image features (val split picks best/)."""
+def train_flow(config: StageRef | TrainConfig | dict[str, Any], captions: str, encode: str, root: str = "runs",
+               force: bool = False) -> StageResult:
+    """Train PCM-Net on an encode stage's synthetic-image features (val split picks best/).
+
+    `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`;
+    StageRef comes first, so `{"preset": "tiny"}` is the tiny pipeline's train section).
+    """
+    config = stage_config("train", config)
     result = run_stage(train_task, plan, verify, force=force, config=config, captions=captions, encode=encode,
                        root=root)
     publish(result)

@@ -11,20 +11,22 @@ and "{toymodels}" to the shipped toy models (pcm/data/toymodels).
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pcm.config import describe_validation_error
-from pcm.encode import EncodeConfig, run_encode
+from pcm.config import StageConfig, describe_validation_error, validate
+from pcm.encode import BY_CONTENT, EncodeConfig, run_encode
 from pcm.evaluate import EvaluateConfig, run_evaluate
 from pcm.ingest import IngestConfig, run_ingest
 from pcm.synthesize import SynthesizeConfig, run_synthesize
 from pcm.train import TrainConfig, run_train
+from storage import atomic
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -190,3 +192,113 @@ def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResul
         return run_train(cfg.train, r["ingest"].path, r["encode"].path, root, force=f, progress=progress)
     return run_evaluate(cfg.evaluate, r["train"].path, r["encode"].path, r["ingest"].path, root, force=f,
                         progress=progress)
+
+
+# ------------------------------------------------------------ one stage's config, by reference
+class StageRef(BaseModel):
+    """One stage's config named instead of spelt out: a pipeline preset's section and/or a run's config.
+
+    `{"preset": "demo"}` is the config `synth-and-train` runs that stage with (`overrides` in the
+    same dotted grammar, with or without the section: `{"steps": 8}` or `{"synthesize.steps": 8}`);
+    `{"from_run": "runs/synthesize/<fp>"}` is the config that stage directory ran with. Together, the
+    run gives what the stage computes and the preset how it runs (device, batching: the runtime
+    fields, which a stage directory does not record); alone, a run's runtime fields take defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str | None = Field(None, description="pipeline preset whose section is the config: demo, tiny, "
+                               "coco-vitl14, coco-vitb32, flickr30k-vitl14, or a .toml path")
+    overrides: dict[str, Any] = Field(default_factory=dict, description='dotted parameters of this stage, e.g. '
+                                      '{"steps": 8} or {"synthesize.steps": 8}')
+    from_run: str | None = Field(None, description="a directory of this stage (runs/<stage>/<fingerprint>): "
+                                 "reuse the config it ran with")
+
+    @model_validator(mode="after")
+    def _names_something(self) -> StageRef:
+        if self.preset is None and self.from_run is None:
+            raise ValueError("give preset and/or from_run")
+        return self
+
+
+REF_KEYS = frozenset(StageRef.model_fields)
+
+
+def stage_config(stage: str, config: StageConfig | StageRef | dict[str, Any]) -> StageConfig:
+    """The validated config of `stage` from a stage config, a StageRef, or the dict of either.
+
+    A dict holding only `preset`, `overrides` and `from_run` is a reference (so `{"preset": "tiny"}`
+    is the tiny pipeline's train section, not a train config with model preset tiny); any other
+    dict is the stage config itself. Every error names the parameter at fault.
+    """
+    if stage not in STAGE_ORDER:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_ORDER)}")
+    cls: type[StageConfig] = PipelineConfig.model_fields[stage].annotation
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, dict):
+        keys = set(config)
+        # A reference with a misspelt key is named as such, not validated as a stage config.
+        if keys and (keys <= REF_KEYS or keys & (REF_KEYS - set(cls.model_fields))):
+            try:
+                config = StageRef.model_validate(config)
+            except ValidationError as e:
+                raise ValueError(describe_validation_error(e, f"{stage} config reference")) from None
+        else:
+            return validate(cls, config, stage)
+    if not isinstance(config, StageRef):
+        raise TypeError(f"{stage} config: expected a {cls.__name__}, a StageRef or a dict, "
+                        f"got {type(config).__name__}")
+
+    overrides = {k if k.split(".")[0] in STAGE_ORDER else f"{stage}.{k}": v for k, v in config.overrides.items()}
+    preset = resolve(config.preset, overrides) if config.preset is not None else None
+    if config.from_run is None:
+        return getattr(preset, stage)
+    if preset is None:
+        other = sorted(k for k in overrides if k.split(".")[0] != stage)
+        if other:
+            raise ValueError(f"override {other[0]!r}: a {stage} reference without a preset takes only "
+                             f"{stage} overrides")
+    stored = _run_config(stage, config.from_run)
+    raw = {k: v for k, v in stored.items() if k in cls.model_fields and v != BY_CONTENT}
+    if preset is not None:  # how to run it: the preset's (with the overrides already applied)
+        raw |= {k: v for k, v in getattr(preset, stage).model_dump(mode="json").items() if k in cls.RUNTIME}
+    raw = apply_overrides({stage: raw}, {k: v for k, v in overrides.items() if k.split(".")[0] == stage})[stage]
+    where = f"from_run {config.from_run!r}"
+    try:
+        cfg = cls.model_validate(raw)
+    except ValidationError as e:
+        msg = f"{where}: {describe_validation_error(e, stage)}"
+        if any(err["type"] == "missing" for err in e.errors()):
+            msg += (f"\n  (a stage directory does not record the runtime fields ({', '.join(sorted(cls.RUNTIME))}): "
+                    "give them in overrides, or add a preset)")
+        raise ValueError(msg) from None
+    # A field the directory holds by content only (a file's digest, another stage's fingerprint)
+    # cannot be rebuilt from it: the caller gives it again, or the rerun would be another stage.
+    given = {f for k, v in overrides.items() if k.split(".")[0] == stage
+             for f in ([k.split(".")[1]] if "." in k else v if isinstance(v, dict) else [])}
+    content = cfg.content()
+    lost = sorted(k for k in content if k in stored and k not in given and content[k] != stored[k])
+    if lost:
+        raise ValueError(f"{where}: its config.json holds {', '.join(f'{stage}.{k}={stored[k]!r}' for k in lost)} "
+                         f"by content only; give {'it' if len(lost) == 1 else 'them'} in overrides, e.g. "
+                         f'{{"{lost[0]}": PATH}}')
+    return cfg
+
+
+def _run_config(stage: str, path: str) -> dict[str, Any]:
+    """The fingerprinted config a stage directory recorded (its config.json), checked to be of `stage`."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"from_run {path!r}: no config.json there; give a {stage} stage directory, "
+                                f"e.g. runs/{stage}/<fingerprint>")
+    recorded = atomic.read_json(file)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        raise ValueError(f"from_run {path!r}: {file} is not a stage config.json (no 'config' table)")
+    if recorded.get("stage") != stage:
+        raise ValueError(f"from_run {path!r}: a {recorded.get('stage')!r} stage directory, not a {stage} one")
+    code_version = importlib.import_module(f"pcm.{stage}").CODE_VERSION
+    if recorded.get("code_version") != code_version:
+        log.warning("from_run %s: made by %s code version %s, this is %s; its config is reused, its outputs "
+                    "are not", path, stage, recorded.get("code_version"), code_version)
+    return recorded["config"]
