@@ -8,11 +8,31 @@ import os
 
 import typer
 
+DIST_NAME = "pcm-synth"  # [project].name in pyproject.toml
+
+EXAMPLES = """Examples:
+
+  pcm run                                          # the toy-world demo, every stage, on the CPU (~4 minutes)
+
+  pcm run --preset tiny --show-config              # the resolved config of a preset, nothing run
+
+  pcm presets                                      # the pipeline presets
+
+  pcm ingest --demo                                # one stage on its own; prints its output folder
+
+  pcm synthesize --captions runs/ingest/<fp> --dry-run
+
+  pcm caption photos/ --checkpoint runs/train/<fp>
+
+  pcm run --help                                   # every command: its options and examples
+"""
+
 app = typer.Typer(
     name="pcm",
     help="Zero-shot image captioning from synthetic images (PCM-Net).\n\n"
     "Stages: ingest -> synthesize -> encode -> train -> evaluate. Each writes to "
     "<root>/<stage>/<fingerprint>/ and skips work that is already done.",
+    epilog=EXAMPLES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -23,8 +43,29 @@ app = typer.Typer(
 COMMAND_MODULES = ("ingest", "synthesize", "encode", "train", "evaluate", "run", "world")
 
 
+def version() -> str:
+    """The installed distribution's version, else the source tree's (pcm.__version__)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(DIST_NAME)
+    except PackageNotFoundError:
+        from pcm import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"pcm {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+         _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -204,13 +204,21 @@ def _missing_weights_error(spec: ClipSpec, cause: BaseException) -> RuntimeError
             f"clip.pretrained={spec.pretrained!r} is neither a pretrained tag of {spec.model} "
             f"({', '.join(tags) or 'none'}) nor an existing checkpoint file nor 'local-dir:/path'")
     cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
-    source = f"hf-hub {cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", "?")
+    if cfg.get("hf_hub"):
+        repo, file = cfg["hf_hub"].rsplit("/", 1)  # open_clip's own split: "org/repo/" or "org/repo/file"
+        file = file or "open_clip_model.safetensors"
+        local = f"models/{repo.split('/')[-1]}"
+        fetch = (f"hf download {repo} {file} --local-dir {local} (huggingface_hub older than 0.34: "
+                 f"huggingface-cli download {repo} {file} --local-dir {local}), copy {local} here and pass "
+                 f"--pretrained {local}/{file}")
+    else:
+        fetch = (f"fetch the weights file from {cfg.get('url', '?')} and pass its path as "
+                 "--pretrained /path/to/open_clip_model.safetensors")
     return RuntimeError(
         f"CLIP weights {spec.model}/{spec.pretrained} are not available on this machine ({type(cause).__name__}). "
-        f"Download them where there is internet: python -c \"import open_clip; "
-        f"open_clip.create_model('{spec.model}', pretrained='{spec.pretrained}')\" fills the Hugging Face cache "
-        f"(~/.cache/huggingface or $HF_HOME; copy it here), or fetch the weights file from {source} and pass its "
-        f"path as --pretrained /path/to/open_clip_model.safetensors.")
+        f"Download them where there is internet: {fetch}; or run python -c \"import open_clip; "
+        f"open_clip.create_model('{spec.model}', pretrained='{spec.pretrained}')\", which fills the Hugging Face "
+        f"cache (~/.cache/huggingface or $HF_HOME; copy it here).")
 
 
 def _check_supported(model: Any, spec: ClipSpec) -> None:

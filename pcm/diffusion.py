@@ -191,8 +191,9 @@ def missing_model_message(model: str, revision: str | None, what: str = "diffusi
     local = f"models/{model.rstrip('/').split('/')[-1]}"
     return (f"{what} {model!r}{rev} is not available here: there is no such local directory, it is not in the "
             f"Hugging Face cache, and {why}. Download it on a machine with network:\n"
-            f"    huggingface-cli download {model}{rev_arg} --local-dir {local}\n"
-            f"then copy {local} to this machine and pass the directory instead of the id "
+            f"    hf download {model}{rev_arg} --local-dir {local}\n"
+            f"(huggingface_hub older than 0.34 names it: huggingface-cli download {model}{rev_arg} --local-dir "
+            f"{local}), then copy {local} to this machine and pass the directory instead of the id "
             f"(e.g. --model {local}).")
 
 
@@ -232,7 +233,7 @@ def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32
         source = _source(model, revision, "diffusion model")
         if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
             raise FileNotFoundError(f"{source}: not a diffusers pipeline directory (no model_index.json); "
-                                    "pass the directory that `huggingface-cli download --local-dir` wrote")
+                                    "pass the directory that `hf download --local-dir` wrote")
         try:
             with warnings.catch_warnings():
                 # diffusers 0.42 passes a deprecated argument to huggingface_hub; nothing to act on.

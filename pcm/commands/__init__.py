@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import os
 import tempfile
+import tomllib
 from pathlib import Path
+
+# The pipeline presets, read here as data: listing them must not import pcm.pipeline (torch, diffusers, ...).
+PIPELINE_PRESETS = Path(__file__).resolve().parent.parent / "presets" / "pipeline"
+
+
+def pipeline_presets() -> dict[str, str]:
+    """Bundled pipeline preset name -> its `description`, straight from pcm/presets/pipeline/*.toml."""
+    out: dict[str, str] = {}
+    for path in sorted(PIPELINE_PRESETS.glob("*.toml")):
+        with open(path, "rb") as f:
+            out[path.stem] = str(tomllib.load(f).get("description", ""))
+    return out
 
 
 def _blocker(path: Path) -> Path | None:

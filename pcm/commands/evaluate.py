@@ -15,6 +15,16 @@ def _root_of(train: str) -> str:
     return str(Path(train).resolve().parent.parent)
 
 
+CAPTION_EXAMPLES = """Examples:
+
+  pcm caption photo.jpg --checkpoint runs/train/<fp>                         # one JSON line per image
+
+  pcm caption photos/ more.png --checkpoint runs/train/<fp> --out captions.jsonl
+
+  pcm caption photos/ --checkpoint runs/train/<fp>/best --beam-size 1 --device cpu   # greedy, on the CPU
+"""
+
+
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
@@ -63,7 +73,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  {label:<8} {100 * value:6.1f}" if isinstance(value, float) else f"  {label:<8} {value}")
         typer.echo(f"report: {result.extra['report']}")
 
-    @app.command("caption")
+    @app.command("caption", epilog=CAPTION_EXAMPLES)
     def caption(
         images: list[str] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
         checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint directory, or a train stage directory "

@@ -3,43 +3,113 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import typer
 
-from pcm.commands import writable_dir
+from pcm.commands import pipeline_presets, writable_dir
+
+RUN_EXAMPLES = """Examples:
+
+  pcm run                                                   # the demo preset (toy world, CPU, ~4 minutes)
+
+  pcm run --preset tiny                                     # random-weight models: mechanics only
+
+  pcm run train --preset coco-vitl14 --set train.epochs=6   # one stage; earlier ones reused or run
+
+  pcm run --force all                                       # redo every stage (or --force encode,train)
+
+  pcm run --preset demo --show-config > my.json             # the resolved config (JSON) ...
+
+  pcm run --preset my.json                                  # ... runs as a preset
+"""
+
+
+def parse_stages(items: Sequence[str] | None, option: str, order: Sequence[str]) -> tuple[str, ...]:
+    """Stage names from repeated and/or comma-separated values; `all` is every stage. Pipeline order, no repeats."""
+    names = [n.strip() for item in items or () for n in item.split(",") if n.strip()]
+    if "all" in names:
+        return tuple(order)
+    unknown = [n for n in names if n not in order]
+    if unknown:
+        raise ValueError(f"{option}: unknown stage(s) {', '.join(map(repr, unknown))}; "
+                         f"expected {', '.join(order)} or all (several: a comma list or the option repeated)")
+    return tuple(s for s in order if s in names)
+
+
+def resolve_config(preset: str, overrides: dict[str, Any]) -> Any:
+    """A preset name, a .toml preset, or a .json file as `pcm run --show-config` prints it."""
+    from pcm.pipeline import resolve
+
+    path = Path(preset).expanduser()
+    if path.suffix.lower() != ".json":
+        return resolve(preset, overrides)
+    # pcm.pipeline.load_preset reads TOML only; the JSON of --show-config holds nulls TOML cannot say.
+    from pydantic import ValidationError
+
+    from pcm.config import describe_validation_error
+    from pcm.pipeline import PipelineConfig, apply_overrides
+
+    if not path.is_file():
+        raise ValueError(f"--preset {preset}: no such file; give a preset name, a .toml file or the .json "
+                         "that `pcm run --show-config` prints")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object (the output of `pcm run --show-config`)")
+    raw = apply_overrides(raw, overrides)
+    raw.setdefault("name", path.stem)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(describe_validation_error(e, preset)) from None
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("run")
+    @app.command("run", epilog=RUN_EXAMPLES)
     def run(
         stages: list[str] = typer.Argument(
-            None, help="Stages to run: ingest, synthesize, encode, train, evaluate, or 'all' (default). "
-            "Earlier stages a stage needs are reused from disk or run first."),
-        preset: str = typer.Option("demo", "--preset", "-p", help="Pipeline preset name or path to a .toml file."),
+            None, help="Stages to run: ingest, synthesize, encode, train, evaluate, or 'all' (default); "
+            "several as separate words or a comma list. Earlier stages a stage needs are reused from disk or "
+            "run first."),
+        preset: str = typer.Option("demo", "--preset", "-p", help="Pipeline preset name (see `pcm presets`), a "
+                                   ".toml file, or the .json that --show-config prints."),
         set_: list[str] = typer.Option(
             None, "--set", "-s", help="Override a parameter: SECTION.KEY=VALUE, e.g. synthesize.steps=4 (repeatable)."),
         root: str = typer.Option("runs", "--root", help="Run root: outputs go to ROOT/<stage>/<fingerprint>/."),
-        force: list[str] = typer.Option(None, "--force", help="Redo this stage even if finished (repeatable)."),
-        show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config and exit."),
+        force: list[str] = typer.Option(
+            None, "--force", help="Redo these stages even if finished: a stage, a comma list (encode,train) or "
+            "all; only stages this run asks for are redone (repeatable)."),
+        show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config as JSON and exit; "
+                                         "save it to a .json file and pass that file as --preset to run it."),
     ) -> None:
         """Run the pipeline from a preset, reusing every finished stage."""
-        from pcm.pipeline import STAGE_ORDER, parse_assignments, resolve, run_pipeline
+        from pcm.pipeline import STAGE_ORDER, parse_assignments, run_pipeline
 
-        cfg = resolve(preset, parse_assignments(set_ or []))
+        wanted = parse_stages(stages, "STAGES", STAGE_ORDER) or tuple(STAGE_ORDER)
+        forced = parse_stages(force, "--force", STAGE_ORDER)
+        cfg = resolve_config(preset, parse_assignments(set_ or []))
         if show_config:
             typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return
+        force_all = any(n.strip() == "all" for item in force or () for n in item.split(","))
+        if ignored := [] if force_all else [s for s in forced if s not in wanted]:
+            both = ",".join(s for s in STAGE_ORDER if s in wanted or s in ignored)
+            typer.secho(f"note: --force {','.join(ignored)} does nothing here: only the stages asked for "
+                        f"({','.join(wanted)}) are redone; ask for it too: pcm run {both} --force "
+                        f"{','.join(forced)}", fg=typer.colors.YELLOW, err=True)
         writable_dir(root)
-        wanted = tuple(STAGE_ORDER) if not stages or stages == ["all"] else tuple(stages)
-        results = run_pipeline(cfg, root, stages=wanted, force=tuple(force or ()))
+        results = run_pipeline(cfg, root, stages=wanted, force=forced)
         for name, r in results.items():
             state = "cached" if r.cached else "done"
             typer.echo(f"{name:<11} {state:<7} {r.path}  {json.dumps(r.counts)}")
 
     @app.command("presets")
     def presets() -> None:
-        """List the pipeline presets."""
-        from pcm.pipeline import load_preset, preset_names
-
-        for name in preset_names():
-            typer.echo(f"{name:<20} {load_preset(name).get('description', '')}")
+        """List the pipeline presets (pcm/presets/pipeline/*.toml)."""
+        for name, description in pipeline_presets().items():
+            typer.echo(f"{name:<20} {description}")

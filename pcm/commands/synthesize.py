@@ -2,11 +2,102 @@
 
 from __future__ import annotations
 
+import json
+import math
+import tomllib
 from typing import Any
 
 import typer
 
-from pcm.commands import writable_dir
+from pcm.commands import PIPELINE_PRESETS, writable_dir
+
+# The sizes a model preset renders when --height/--width/--steps are not given: those of the pipeline
+# preset that uses it (pcm/presets/pipeline/*.toml, e.g. tiny: 64 px, 4 steps), else its native size.
+PRESET_FIELDS = ("height", "width", "steps")
+SD_VAE_FACTOR = 8  # Stable Diffusion 1.x/2.x and SDXL VAEs downsample by 8
+CONFIG_MULTIPLE = 8  # SynthesizeConfig's own rule for height and width, whatever the model
+
+
+def vae_factor(model: str) -> int | None:
+    """How much a preset's VAE downsamples (2 ** (len(block_out_channels) - 1)); None for other models,
+    whose factor is only known once they load (8 for Stable Diffusion)."""
+    from pcm import diffusion  # stdlib-only at import time
+
+    if not diffusion.is_preset(model):
+        return None
+    return 2 ** (len(diffusion.load_preset(model)["vae"]["block_out_channels"]) - 1)
+
+
+def preset_defaults(model: str) -> dict[str, int]:
+    """Height, width and steps for a bundled diffusion preset (empty for hub ids and directories)."""
+    from pcm import diffusion
+
+    if not diffusion.is_preset(model):
+        return {}
+    paths = sorted(PIPELINE_PRESETS.glob("*.toml"), key=lambda p: (p.stem != model, p.name))
+    for path in paths:
+        with open(path, "rb") as f:
+            section = tomllib.load(f).get("synthesize", {})
+        if section.get("model") == model:
+            found = {k: section[k] for k in PRESET_FIELDS if k in section}
+            if found:
+                return found
+    p = diffusion.load_preset(model)
+    native = p["unet"]["sample_size"] * vae_factor(model)
+    return {"height": native, "width": native}
+
+
+def size_multiple(model: str) -> int:
+    """What --height/--width must be a multiple of for `model`: 8 (the config's rule) and its VAE factor."""
+    return math.lcm(CONFIG_MULTIPLE, vae_factor(model) or SD_VAE_FACTOR)
+
+
+def _factor_help() -> str:
+    from pcm import diffusion
+
+    facts = ", ".join(f"{n} {vae_factor(n)}" for n in diffusion.preset_names())
+    return (f"a multiple of {CONFIG_MULTIPLE} and of the model's VAE factor (8 for Stable Diffusion; "
+            f"presets: {facts})")
+
+
+# SynthesizeConfig's defaults, for --help only (importing pcm.synthesize imports torch); a test keeps them equal.
+HELP_DEFAULTS = {"steps": 20, "height": 512, "width": 512}
+
+
+def _default_help(key: str) -> str:
+    """`--help`'s default of a preset-filled option, e.g. `20; presets: sd15-arch 20, tiny 4`."""
+    from pcm import diffusion
+
+    per = ", ".join(f"{n} {preset_defaults(n).get(key, HELP_DEFAULTS[key])}" for n in diffusion.preset_names())
+    return f"{HELP_DEFAULTS[key]}; presets: {per}"
+
+
+def check_size(model: str, height: int, width: int) -> None:
+    """--height/--width against the real rule for `model`, naming the VAE factor actually involved."""
+    step = size_multiple(model)
+    factor = vae_factor(model)
+    why = (f"the config requires multiples of {CONFIG_MULTIPLE}; the VAE of preset {model!r} downsamples by "
+           f"{factor}" if factor is not None else
+           f"the config requires multiples of {CONFIG_MULTIPLE}; the model's own VAE factor (8 for Stable "
+           "Diffusion) is checked when it loads")
+    for option, value in (("--height", height), ("--width", width)):
+        if value % step:
+            lower, upper = value - value % step, value - value % step + step
+            near = f"{lower} or {upper}" if lower >= 8 else f"{upper}"
+            raise ValueError(f"{option} {value}: must be a multiple of {step} ({why}); try {near}")
+
+
+def describe(config: Any) -> str:
+    """One line saying what `pcm synthesize` is about to make."""
+    from pcm import diffusion
+
+    if config.imported_images:
+        return f"synthesize: importing images from {config.imported_images} (NOT GENERATED HERE)"
+    weights = (" -- RANDOM WEIGHTS (a preset: the images mean nothing)" if diffusion.is_preset(config.model) else "")
+    limit = f", first {config.limit} captions" if config.limit else ""
+    vae = f", tiny VAE {config.tiny_vae} (APPROXIMATE)" if config.tiny_vae else ""
+    return (f"synthesize: {config.width}x{config.height} px, {config.steps} steps ({config.scheduler}, guidance "
+            f"{config.guidance_scale:g}, {config.dtype}){limit}{vae}, model {config.model}{weights}")
 
 
 def parse_shards(text: str) -> list[int]:
@@ -28,13 +119,32 @@ def parse_shards(text: str) -> list[int]:
     return sorted(out)
 
 
+SYNTHESIZE_EXAMPLES = """Examples:
+
+  pcm synthesize --captions runs/ingest/<fp> --dry-run                 # what it would render, then stop
+
+  pcm synthesize --captions runs/ingest/<fp> --limit 16                # tiny random-weight model, {height} px, {steps} steps
+
+  pcm synthesize --captions runs/ingest/<fp> --model models/stable-diffusion-v1-5 --dtype fp16 --device cuda
+
+  pcm synthesize --captions runs/ingest/<fp> --worker-index 0 --num-workers 4   # one of 4 hosts
+"""
+
+
 def register(app: typer.Typer) -> None:
+    tiny = preset_defaults("tiny")
+
     @app.command(help="Render one image per ok train caption of an ingest stage into WebDataset shards.\n\n"
                  "Writes <root>/synthesize/<fingerprint>/shards/shard-NNNNNN.tar (+ .status.parquet, "
                  ".done.json) and, when every shard is done, samples.parquet and pictures/samples.png. "
                  "Reruns do only pending shards. Several processes (or machines sharing the root) can "
                  "split the shards with --worker-index/--num-workers or --shards; the last one to "
-                 "finish finalises the stage.")
+                 "finish finalises the stage.\n\n"
+                 "The default model, tiny, has RANDOM WEIGHTS (noise-like images, for mechanics checks); "
+                 f"a preset renders at its own size and steps (tiny: {tiny['width']}x{tiny['height']} px, {tiny['steps']} "
+                 "steps) unless --height, "
+                 "--width or --steps are given. Prints what it will render first; --dry-run stops there.",
+                 epilog=SYNTHESIZE_EXAMPLES.format(**tiny))
     def synthesize(
         captions: str = typer.Option(..., "--captions", help="finished ingest stage directory (holds captions.parquet)"),
         root: str = typer.Option("runs", "--root", help="run root directory"),
@@ -42,10 +152,12 @@ def register(app: typer.Typer) -> None:
         revision: str | None = typer.Option(None, help="hub revision (branch, tag or commit)"),
         dtype: str = typer.Option("fp32", help="fp16, bf16 or fp32 (use fp16 on GPUs)"),
         scheduler: str = typer.Option("dpm++", help="dpm++, ddim, euler, euler-a or lcm"),
-        steps: int = typer.Option(20, help="denoising steps"),
+        steps: int | None = typer.Option(None, help="denoising steps", show_default=_default_help("steps")),
         guidance_scale: float = typer.Option(7.5, help="classifier-free guidance scale (<= 1 disables it)"),
-        height: int = typer.Option(512, help="image height in pixels (multiple of 8)"),
-        width: int = typer.Option(512, help="image width in pixels (multiple of 8)"),
+        height: int | None = typer.Option(None, help=f"image height in pixels: {_factor_help()}",
+                                          show_default=_default_help("height")),
+        width: int | None = typer.Option(None, help="image width in pixels: the same rule as --height",
+                                         show_default=_default_help("width")),
         negative_prompt: str = typer.Option("", help="negative prompt"),
         seed: int = typer.Option(0, help="run seed (each image's seed derives from it and its caption_id)"),
         limit: int | None = typer.Option(None, help="only the first N ok train captions"),
@@ -72,20 +184,36 @@ def register(app: typer.Typer) -> None:
         shards: str | None = typer.Option(None, help="explicit shard indices, e.g. 0,1,5-9 (instead of workers)"),
         force: bool = typer.Option(False, "--force", help="regenerate the shards in scope even if done"),
         progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config (JSON) and exit"),
     ) -> None:
         from pcm.config import validate
         from pcm.synthesize import SynthesizeConfig, run_synthesize
 
+        given = {"steps": steps, "height": height, "width": width}
         values: dict[str, Any] = dict(
-            model=model, revision=revision, dtype=dtype, scheduler=scheduler, steps=steps,
-            guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt, seed=seed,
+            model=model, revision=revision, dtype=dtype, scheduler=scheduler,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
             limit=limit, shard_size=shard_size, image_format=image_format, jpeg_quality=jpeg_quality,
             imported_images=import_images, imported_mapping=import_mapping, tiny_vae=tiny_vae, device=device,
-            batch_size=batch_size, compile=compile, channels_last=channels_last, writer_threads=writer_threads, progress_bar=progress_bar)
+            batch_size=batch_size, compile=compile, channels_last=channels_last, writer_threads=writer_threads,
+            progress_bar=progress_bar)
+        # Options not given: the preset's own values (tiny: 64 px, 4 steps), else SynthesizeConfig's defaults.
+        defaults = {} if import_images else preset_defaults(model)
+        values.update({k: v if v is not None else defaults.get(k) for k, v in given.items()})
+        values = {k: v for k, v in values.items() if k not in given or v is not None}
+        if not import_images:
+            fields = SynthesizeConfig.model_fields
+            check_size(model, values.get("height", fields["height"].default),
+                       values.get("width", fields["width"].default))
         config = validate(SynthesizeConfig, values, "synthesize")
         if shards is not None and num_workers != 1:
             raise ValueError("give either --shards or --worker-index/--num-workers, not both")
+        if dry_run:
+            typer.echo(describe(config), err=True)
+            typer.echo(json.dumps(config.model_dump(mode="json"), indent=2))
+            return
         writable_dir(root)
+        typer.echo(describe(config), err=True)
         result = run_synthesize(config, captions, root, shards=parse_shards(shards) if shards else None,
                                 worker_index=worker_index, num_workers=num_workers, force=force)
         c = result.counts

@@ -29,18 +29,32 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return values
 
 
+TRAIN_EXAMPLES = """Examples:
+
+  pcm train --captions runs/ingest/<fp> --encode runs/encode/<fp>                          # the paper's ViT-L/14 model
+
+  pcm train --captions runs/ingest/<fp> --encode runs/encode/<fp> --model-preset vitb32 --set cxe_w=2.5
+
+  pcm train --captions runs/ingest/<fp> --encode runs/encode/<fp> --model-preset tiny --set epochs=2 --device cpu
+"""
+
+
 def register(app: typer.Typer) -> None:
     @app.command(help="Train PCM-Net on a finished encode stage (features, CLIP scores, concepts).\n\n"
                  "Writes <root>/train/<fingerprint>/checkpoints/step-NNNNNNNN/, best/ (best validation "
                  "score on the val split), metrics.jsonl and pictures/loss_curve.png. A rerun resumes from "
                  "the latest checkpoint and ends with the same weights as an uninterrupted run. Any "
                  "TrainConfig field can be set with --set key=value, model fields with --set model.key=value; "
-                 "ablations: --set model.pcm=false, --set cxe=false, --set model.noise=false.")
+                 "ablations: --set model.pcm=false, --set cxe=false, --set model.noise=false.",
+                 epilog=TRAIN_EXAMPLES)
     def train(
         captions: str = typer.Option(..., "--captions", help="finished ingest stage directory (captions.parquet)"),
         encode: str = typer.Option(..., "--encode", help="finished encode stage directory (features, scores)"),
         root: str = typer.Option("runs", "--root", help="run root directory"),
-        preset: str = typer.Option("vitl14", help="model preset: vitl14, vitb32, tiny, or a .toml file"),
+        model_preset: str | None = typer.Option(
+            None, "--model-preset", help="PCM-Net model preset: vitl14, vitb32, tiny, toy, or a .toml file "
+            "(not a pipeline preset: those are `pcm run --preset`)", show_default="vitl14"),
+        preset: str | None = typer.Option(None, "--preset", hidden=True, help="deprecated: --model-preset"),
         sets: list[str] = typer.Option([], "--set", help="override a config field: key=value (repeatable)"),
         devices: int = typer.Option(1, help="GPUs (processes); > 1 runs DDP under torchrun"),
         device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
@@ -50,8 +64,15 @@ def register(app: typer.Typer) -> None:
         from pcm.config import validate
         from pcm.train import TrainConfig, run_train
 
-        values = {"preset": preset, "devices": devices, "device": device, "progress_bar": progress_bar,
-                  **parse_sets(sets)}
+        if preset is not None:
+            if model_preset is not None and model_preset != preset:
+                raise ValueError(f"--preset {preset} and --model-preset {model_preset}: give --model-preset only "
+                                 "(--preset is its deprecated name in `pcm train`)")
+            typer.secho("note: `pcm train --preset` is deprecated, use --model-preset (a PCM-Net model preset; "
+                        "`pcm run --preset` is a pipeline preset)", fg=typer.colors.YELLOW, err=True)
+        name = model_preset if model_preset is not None else preset
+        values = {**({"preset": name} if name is not None else {}), "devices": devices, "device": device,
+                  "progress_bar": progress_bar, **parse_sets(sets)}
         config = validate(TrainConfig, values, "train")
         writable_dir(root)
         result = run_train(config, captions, encode, root, force=force)

@@ -1,0 +1,260 @@
+"""The `pcm` command line for a new user: honest defaults, commands that work as printed, fast listings."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from pcm.cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = REPO / "pcm" / "presets"
+
+
+def command(*path: str):
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def param(cmd, name: str):
+    return next(p for p in cmd.params if p.name == name)
+
+
+def preset_vae_factor(name: str) -> int:
+    vae = json.loads((PRESETS / "diffusion" / f"{name}.json").read_text())["vae"]
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def dry_run(*args: str):
+    res = CliRunner().invoke(app, ["synthesize", "--captions", "unused", "--dry-run", *args])
+    assert res.exit_code == 0, (res.output, res.exception)
+    return json.loads(res.stdout), res.stderr
+
+
+# -- 3. pcm synthesize: a random-weight preset renders at its own size -------------------------------
+def test_synthesize_defaults_to_the_presets_own_size_and_steps_and_says_so():
+    with open(PRESETS / "pipeline" / "tiny.toml", "rb") as f:
+        tiny = tomllib.load(f)["synthesize"]
+    config, said = dry_run()
+    assert config["model"] == "tiny"
+    assert (config["height"], config["width"], config["steps"]) == (tiny["height"], tiny["width"], tiny["steps"])
+    assert f"{tiny['width']}x{tiny['height']} px, {tiny['steps']} steps" in said and "RANDOM WEIGHTS" in said
+    # What the user gives wins; the rest still comes from the preset.
+    config, _ = dry_run("--height", "128", "--steps", "2")
+    assert (config["height"], config["width"], config["steps"]) == (128, tiny["width"], 2)
+
+
+def test_synthesize_real_models_keep_the_config_defaults():
+    from pcm.commands.synthesize import HELP_DEFAULTS
+    from pcm.synthesize import SynthesizeConfig
+
+    defaults = {k: SynthesizeConfig.model_fields[k].default for k in ("height", "width", "steps")}
+    assert HELP_DEFAULTS == defaults  # what --help shows
+    config, said = dry_run("--model", "some-org/some-model")
+    assert {k: config[k] for k in defaults} == defaults
+    assert "RANDOM WEIGHTS" not in said and "model some-org/some-model" in said
+
+
+def test_synthesize_help_states_each_presets_real_vae_factor():
+    res = CliRunner().invoke(app, ["synthesize", "--help"])
+    assert res.exit_code == 0 and "--dry-run" in res.output
+    help_ = param(command("synthesize"), "height").help
+    assert "8 for Stable Diffusion" in help_
+    for name in ("tiny", "sd15-arch"):
+        assert f"{name} {preset_vae_factor(name)}" in help_, help_
+    assert preset_vae_factor("tiny") == 2  # the fact the old help ("multiple of 8" for the VAE) got wrong
+
+
+def test_synthesize_size_errors_name_the_models_actual_factor():
+    res = CliRunner().invoke(app, ["synthesize", "--captions", "unused", "--dry-run", "--height", "100"])
+    assert res.exit_code != 0 and isinstance(res.exception, ValueError)
+    message = str(res.exception)
+    assert "--height 100: must be a multiple of 8" in message
+    assert f"preset 'tiny' downsamples by {preset_vae_factor('tiny')}" in message and "try 96 or 104" in message
+
+
+# -- 7a. the download command the errors give exists ----------------------------------------------------
+def test_offline_errors_and_docs_give_the_hf_command_that_is_installed():
+    from pcm.diffusion import missing_model_message
+
+    message = missing_model_message("some-org/some-model", "v1")
+    assert "    hf download some-org/some-model --revision v1 --local-dir models/some-model\n" in message
+    hf = Path(sys.executable).parent / "hf"
+    assert hf.exists(), "the locked environment ships the `hf` command"
+    usage = subprocess.run([str(hf), "download", "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "--local-dir" in usage.stdout and "--revision" in usage.stdout
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        assert "huggingface-cli" not in doc.read_text(encoding="utf-8"), doc
+
+
+def test_the_clip_weights_error_gives_an_hf_download_command():
+    from pcm.clip import ClipSpec, _missing_weights_error
+
+    message = str(_missing_weights_error(ClipSpec(model="ViT-B-32", pretrained="openai"), OSError("offline")))
+    assert ("hf download timm/vit_base_patch32_clip_224.openai open_clip_model.safetensors --local-dir "
+            "models/vit_base_patch32_clip_224.openai") in message
+    assert "--pretrained models/vit_base_patch32_clip_224.openai/open_clip_model.safetensors" in message
+
+
+# -- 7b. --force all and comma lists -----------------------------------------------------------------------
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    import pcm.pipeline
+
+    calls = []
+
+    def fake(cfg, root, *, stages, force, **kwargs):
+        calls.append({"cfg": cfg, "stages": stages, "force": force})
+        return {}
+
+    monkeypatch.setattr(pcm.pipeline, "run_pipeline", fake)
+    return calls
+
+
+def test_run_force_takes_all_and_comma_lists(tmp_path, fake_pipeline):
+    from pcm.pipeline import STAGE_ORDER
+
+    runner, root = CliRunner(), ["--root", str(tmp_path / "runs")]
+    res = runner.invoke(app, ["run", "--preset", "tiny", "--force", "all", *root])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert fake_pipeline[-1]["force"] == STAGE_ORDER and fake_pipeline[-1]["stages"] == STAGE_ORDER
+    res = runner.invoke(app, ["run", "encode,train", "--preset", "tiny", "--force", "train,encode", *root])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert fake_pipeline[-1]["force"] == ("encode", "train") and fake_pipeline[-1]["stages"] == ("encode", "train")
+    res = runner.invoke(app, ["run", "train", "--preset", "tiny", "--force", "ingest", "--force", "train", *root])
+    assert fake_pipeline[-1]["force"] == ("ingest", "train")
+    assert "--force ingest does nothing here" in res.stderr and "pcm run ingest,train" in res.stderr
+    res = runner.invoke(app, ["run", "--preset", "tiny", "--force", "trian", *root])
+    assert isinstance(res.exception, ValueError) and "--force: unknown stage(s) 'trian'" in str(res.exception)
+
+
+# -- 7c. --show-config prints what --preset takes back -------------------------------------------------------
+def test_show_config_round_trips_through_preset(tmp_path, fake_pipeline):
+    from pcm.pipeline import resolve
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["run", "--preset", "tiny", "--set", "train.epochs=3", "--show-config"])
+    assert shown.exit_code == 0, shown.output
+    saved = tmp_path / "resolved.json"
+    saved.write_text(shown.stdout)
+    again = runner.invoke(app, ["run", "--preset", str(saved), "--show-config"])
+    assert again.exit_code == 0, (again.output, again.exception)
+    assert json.loads(again.stdout) == json.loads(shown.stdout)
+    res = runner.invoke(app, ["run", "ingest", "--preset", str(saved), "--root", str(tmp_path / "runs")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert fake_pipeline[-1]["cfg"] == resolve("tiny", {"train.epochs": 3})
+    # overrides apply to a saved config too, and a broken file is one clear error
+    tweaked = runner.invoke(app, ["run", "--preset", str(saved), "--set", "train.epochs=5", "--show-config"])
+    assert json.loads(tweaked.stdout)["train"]["epochs"] == 5
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = runner.invoke(app, ["run", "--preset", str(tmp_path / "bad.json"), "--show-config"])
+    assert isinstance(bad.exception, ValueError) and "invalid JSON" in str(bad.exception)
+
+
+# -- 8. --version, examples, fast listings, an unambiguous --preset ----------------------------------------------
+def test_version_is_the_installed_distributions(monkeypatch):
+    import importlib.metadata
+
+    import pcm
+    from pcm.cli import DIST_NAME
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        assert tomllib.load(f)["project"]["name"] == DIST_NAME
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"pcm {importlib.metadata.version(DIST_NAME)}"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert CliRunner().invoke(app, ["--version"]).stdout.strip() == f"pcm {pcm.__version__}"
+
+
+@pytest.mark.parametrize("path", [(), ("run",), ("synthesize",), ("caption",), ("train",)])
+def test_help_has_examples_that_parse(path):
+    from test_readme_commands import check_pcm_parses, split_redirect
+
+    epilog = command(*path).epilog or ""
+    assert epilog.startswith("Examples:"), epilog
+    examples = [shlex.split(line, comments=True) for line in epilog.splitlines() if line.strip().startswith("pcm ")]
+    assert len(examples) >= 2, epilog
+    for words in examples:
+        check_pcm_parses(split_redirect(words)[0][1:])
+    res = CliRunner().invoke(app, [*path, "--help"])
+    assert res.exit_code == 0 and "Examples:" in res.output
+
+
+HEAVY = ("torch", "diffusers", "open_clip", "transformers", "prefect", "pyarrow", "pcm.pipeline", "pcm.train",
+         "pcm.synthesize", "pcm.encode")
+
+
+def test_help_version_and_presets_import_no_model_library():
+    script = f"""
+import json, sys
+from typer.testing import CliRunner
+from pcm.cli import app
+heavy = {HEAVY!r}
+out = {{}}
+for args in (["--help"], ["--version"], ["presets"], ["synthesize", "--help"], ["run", "--help"]):
+    res = CliRunner().invoke(app, args)
+    out[" ".join(args)] = [res.exit_code, res.stdout, [m for m in heavy if m in sys.modules]]
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    for args, (code, _, imported) in json.loads(done.stdout).items():
+        assert code == 0, args
+        assert imported == [], f"`pcm {args}` imported {imported}"
+    listing = json.loads(done.stdout)["presets"][1]
+    from pcm.pipeline import load_preset, preset_names
+
+    assert [line.split()[0] for line in listing.splitlines()] == preset_names()
+    for name in preset_names():
+        assert re.search(rf"^{re.escape(name)}\s+{re.escape(load_preset(name).get('description', ''))}$",
+                         listing, flags=re.M), (name, listing)
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    import pcm.train
+
+    seen = []
+
+    def fake(config, *args, **kwargs):
+        seen.append(config)
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(pcm.train, "run_train", fake)
+    return seen
+
+
+def test_train_takes_model_preset_and_keeps_preset_as_a_deprecated_alias(tmp_path, fake_train):
+    runner = CliRunner()
+    base = ["train", "--captions", "c", "--encode", "e", "--root", str(tmp_path / "runs")]
+    res = runner.invoke(app, [*base, "--model-preset", "tiny"])
+    assert fake_train[-1].preset == "tiny" and "deprecated" not in res.stderr
+    res = runner.invoke(app, [*base, "--preset", "vitb32"])
+    assert fake_train[-1].preset == "vitb32"
+    notes = [line for line in res.stderr.splitlines() if "deprecated" in line]
+    assert len(notes) == 1 and "--model-preset" in notes[0]
+    runner.invoke(app, base)
+    assert fake_train[-1].preset == "vitl14"  # TrainConfig's default
+    res = runner.invoke(app, [*base, "--preset", "tiny", "--model-preset", "vitb32"])
+    assert isinstance(res.exception, ValueError) and "give --model-preset only" in str(res.exception)
+    train = command("train")
+    assert param(train, "preset").hidden and not param(train, "model_preset").hidden
+    assert "--model-preset" in runner.invoke(app, ["train", "--help"]).output
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            assert not re.search(r"pcm train .*--preset\b", line), (doc.name, line)
