@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 import tomllib
 from collections.abc import Callable
@@ -54,13 +55,23 @@ def preset_names() -> list[str]:
 
 
 def load_preset(preset: str) -> dict[str, Any]:
-    """The raw dict of a preset name or TOML path, with "{demo}", "{toyworld}" and "{toymodels}" expanded."""
-    path = Path(preset)
-    if not (path.suffix == ".toml" and path.exists()):
+    """The raw dict of a preset name, a TOML path or the JSON `pcm run --show-config` prints (which may hold
+    nulls TOML cannot say), with "{demo}", "{toyworld}" and "{toymodels}" expanded."""
+    path = Path(preset).expanduser()
+    if not (path.suffix in (".toml", ".json") and path.is_file()):
         # A bare name picks a bundled preset, never a path built from it.
         path = PRESETS / f"{preset}.toml" if preset in preset_names() else None
     if path is None or not path.exists():
-        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(preset_names())} or a path to a .toml file")
+        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(preset_names())}, a .toml file or the "
+                         ".json that `pcm run --show-config` prints")
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object (the output of `pcm run --show-config`)")
+        return raw
     with open(path, "rb") as f:
         try:
             raw = tomllib.load(f)

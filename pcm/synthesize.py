@@ -49,8 +49,8 @@ class SynthesizeConfig(StageConfig):
     scheduler: str = Field("dpm++", description=f"sampler: {', '.join(diffusion.SCHEDULERS)}")
     steps: int = Field(20, ge=1, le=1000, description="denoising steps")
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0, description="classifier-free guidance; <= 1 disables it")
-    height: int = Field(512, ge=8, le=4096, description="image height in pixels (multiple of 8)")
-    width: int = Field(512, ge=8, le=4096, description="image width in pixels (multiple of 8)")
+    height: int = Field(512, ge=8, le=4096, description="image height in pixels (a multiple of 8 and of the model's VAE factor)")
+    width: int = Field(512, ge=8, le=4096, description="image width in pixels (a multiple of 8 and of the model's VAE factor)")
     negative_prompt: str = Field("", description="negative prompt used with guidance")
     seed: int = Field(0, ge=0, description="run seed; each image's seed derives from it and its caption_id")
     limit: int | None = Field(None, ge=1, description="only the first N ok train captions (demos, benchmarks)")
@@ -100,7 +100,7 @@ class SynthesizeConfig(StageConfig):
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+            raise ValueError(f"must be a multiple of 8 (and of the model's VAE factor: 8 for Stable Diffusion, 2 for the tiny preset), got {v}")
         return v
 
     @field_validator("model")

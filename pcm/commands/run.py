@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -39,36 +37,6 @@ def parse_stages(items: Sequence[str] | None, option: str, order: Sequence[str])
     return tuple(s for s in order if s in names)
 
 
-def resolve_config(preset: str, overrides: dict[str, Any]) -> Any:
-    """A preset name, a .toml preset, or a .json file as `pcm run --show-config` prints it."""
-    from pcm.pipeline import resolve
-
-    path = Path(preset).expanduser()
-    if path.suffix.lower() != ".json":
-        return resolve(preset, overrides)
-    # pcm.pipeline.load_preset reads TOML only; the JSON of --show-config holds nulls TOML cannot say.
-    from pydantic import ValidationError
-
-    from pcm.config import describe_validation_error
-    from pcm.pipeline import PipelineConfig, apply_overrides
-
-    if not path.is_file():
-        raise ValueError(f"--preset {preset}: no such file; give a preset name, a .toml file or the .json "
-                         "that `pcm run --show-config` prints")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object (the output of `pcm run --show-config`)")
-    raw = apply_overrides(raw, overrides)
-    raw.setdefault("name", path.stem)
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ValueError(describe_validation_error(e, preset)) from None
-
-
 def register(app: typer.Typer) -> None:
     @app.command("run", epilog=RUN_EXAMPLES)
     def run(
@@ -88,11 +56,11 @@ def register(app: typer.Typer) -> None:
                                          "save it to a .json file and pass that file as --preset to run it."),
     ) -> None:
         """Run the pipeline from a preset, reusing every finished stage."""
-        from pcm.pipeline import STAGE_ORDER, parse_assignments, run_pipeline
+        from pcm.pipeline import STAGE_ORDER, parse_assignments, resolve, run_pipeline
 
         wanted = parse_stages(stages, "STAGES", STAGE_ORDER) or tuple(STAGE_ORDER)
         forced = parse_stages(force, "--force", STAGE_ORDER)
-        cfg = resolve_config(preset, parse_assignments(set_ or []))
+        cfg = resolve(preset, parse_assignments(set_ or []))
         if show_config:
             typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return
