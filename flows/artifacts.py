@@ -60,15 +60,95 @@ def markdown(key: str, text: str, description: str) -> None:
     create_markdown_artifact(key=artifact_key(key), markdown=text, description=description)
 
 
-def picture(key: str, path: str | Path, title: str, max_bytes: int = 1_500_000) -> None:
-    """A PNG written by a stage, embedded in a markdown artifact (and left on disk beside it)."""
+def embedded_image(path: str | Path, title: str, max_side: int = 960, max_bytes: int = 400_000) -> str:
+    """Markdown showing a stage's picture inline: a JPEG thumbnail at most `max_side` px (the file stays on disk)."""
+    import io
+
+    from PIL import Image
+
     path = Path(path)
-    data = path.read_bytes()
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=80)
+    data = buf.getvalue()
     if len(data) > max_bytes:
-        body = f"Picture too large to embed ({len(data)} bytes): `{path}`"
-    else:
-        body = f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})\n\n`{path}`"
-    markdown(key, f"### {title}\n\n{body}\n", title)
+        return f"Picture too large to embed ({len(data)} bytes): `{path}`"
+    return f"![{title}](data:image/jpeg;base64,{base64.b64encode(data).decode()})"
+
+
+def _digest(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _already_published(key: str, digest: str) -> bool:
+    """Whether the newest artifact under `key` already shows a picture of this content (no re-upload)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=5)
+    except Exception as e:  # noqa: BLE001 - a dashboard hiccup means publishing again, not failing
+        log.warning("could not read artifact %s: %s", key, e)
+        return False
+    return any(digest in (a.description or "") for a in found)
+
+
+def picture(key: str, path: str | Path, title: str) -> None:
+    """A picture written by a stage, as a markdown artifact with an inline thumbnail; skipped when the newest
+    artifact under the key already shows the same file content (a cached rerun re-uploads nothing)."""
+    key, digest = artifact_key(key), _digest(path)
+    if _already_published(key, digest):
+        return
+    body = f"{embedded_image(path, title)}\n\n`{path}`"
+    create_markdown_artifact(key=key, markdown=f"### {title}\n\n{body}\n", description=f"{title} [sha256 {digest}]")
+
+
+def report(key: str, path: str | Path, pictures: Mapping[str, str], description: str) -> None:
+    """A markdown report whose relative picture links become inline thumbnails; not re-uploaded when unchanged."""
+    path = Path(path)
+    digest = _digest(path)
+    key = artifact_key(key)
+    if _already_published(key, digest):
+        return
+    by_name = {Path(p).name: p for p in pictures.values()}
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"!\[(.*)\]\((.+)\)$", line.strip())
+        if m and Path(m.group(2)).name in by_name:
+            line = embedded_image(by_name[Path(m.group(2)).name], m.group(1))
+        elif m:
+            line = f"(picture `{m.group(2)}` beside the report)"
+        out.append(line)
+    create_markdown_artifact(key=key, markdown="\n".join(out) + "\n", description=f"{description} [sha256 {digest}]")
+
+
+def pipeline_summary(results: Mapping[str, Any]) -> str:
+    """Markdown for the parent run: each stage, reused or computed, its outputs and main counts, the metrics."""
+    lines = ["# synth-and-train", "", "| stage | this run | outputs | counts |", "|---|---|---|---|"]
+    for stage, r in results.items():
+        state = "reused" if reused(r) else "computed"
+        counts = ", ".join(f"{k} {v}" for k, v in list(r.counts.items())[:6])
+        lines.append(f"| {stage} | {state} | `{r.path}` | {counts} |")
+    lines += ["", "Each stage's own artifacts (progress, tables, pictures, the evaluation report) are on its "
+              "subflow run; their keys start with the stage name and fingerprint."]
+    if "evaluate" in results:
+        metrics_file = Path(results["evaluate"].path) / "metrics.json"
+        if metrics_file.is_file():
+            import json
+
+            m = json.loads(metrics_file.read_text(encoding="utf-8"))
+            scores = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, float)}
+            lines += ["", "| metric (x100) | value |", "|---|---:|"]
+            lines += [f"| {k} | {100 * v:.1f} |" for k, v in scores.items()]
+            published = m.get("published") or {}
+            if published.get("caveat"):
+                lines += ["", f"Paper numbers ({published.get('paper_title', '')}): {published['caveat']}"]
+    return "\n".join(lines) + "\n"
 
 
 # What each timing of a StageResult measures. Every stage's `total_s` is the wall time of the one call

@@ -42,13 +42,9 @@ def publish(result: StageResult) -> None:
     artifacts.table(key, rows, f"{summary['split']} split, {summary['protocol']}, step {summary['checkpoint']['step']}")
     if summary.get("published"):
         artifacts.table(f"{key}-paper", summary["published"]["rows"], summary["published"]["title"])
-    report = (result.dir / REPORT).read_text(encoding="utf-8")
     # The report links its thumbnail grid by relative path, which the dashboard cannot follow: the
-    # grid is published as its own picture artifact instead.
-    report = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
-    artifacts.markdown(f"{key}-report", report, "Evaluation report")
-    for name, path in result.extra.get("pictures", {}).items():
-        artifacts.picture(f"{key}-{name}", path, f"Evaluation samples ({summary['split']})")
+    # artifact shows it inline instead (a JPEG thumbnail), numbered as the samples table.
+    artifacts.report(f"{key}-report", result.dir / REPORT, result.extra.get("pictures", {}), "Evaluation report")
     artifacts.summary_table(f"{key}-summary", result, "Evaluate stage counts and timings")
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from prefect import flow
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows import artifacts
 from flows.encode import encode_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
@@ -91,4 +92,12 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
     if last >= 4:
         out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"].path, out["encode"].path, out["ingest"].path,
                                         root, force="evaluate" in force)
+    publish_summary(out)
     return out
+
+
+@task(name="pipeline-summary")
+def publish_summary(results: dict[str, StageResult]) -> None:
+    """The parent run's own artifact: each stage reused or computed, its outputs, the metrics."""
+    key = "synth-and-train-" + "-".join(r.fingerprint[:8] for r in results.values())
+    artifacts.markdown(key, artifacts.pipeline_summary(results), "What each stage of this run did")

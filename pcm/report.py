@@ -197,10 +197,11 @@ def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | N
         lines += ["## Samples", ""]
         if grid:
             lines += [f"![numbered thumbnails of the samples]({grid})", ""]
-        lines += ["| # | image | prediction | references | CIDEr |", "|---:|---|---|---|---:|"]
+        # CIDEr before the long references column, so a narrow view (the dashboard) never cuts it off.
+        lines += ["| # | image | CIDEr | prediction | references |", "|---:|---|---:|---|---|"]
         for i, s in enumerate(samples, 1):
             refs = "<br>".join(_cell(r) for r in s["references"])
-            lines.append(f"| {i} | `{_cell(s['image_id'])}` | {_cell(s['caption'])} | {refs} | {_fmt(s['cider'])} |")
+            lines.append(f"| {i} | `{_cell(s['image_id'])}` | {_fmt(s['cider'])} | {_cell(s['caption'])} | {refs} |")
         lines.append("")
     failed, missing = summary.get("failed_images", []), summary.get("not_encoded", [])
     if failed or missing:
