@@ -20,6 +20,7 @@ from typing import Any
 import webdataset as wds
 
 from storage import atomic
+from storage.fingerprint import file_digest
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -143,15 +144,6 @@ class ShardError(ValueError):
 _REDO = "delete it and its .done.json and rerun the stage that wrote it"
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_shard(path: str | os.PathLike) -> dict[str, Any] | None:
     """Check a finished shard against its done marker: its size, then the sha256 of its bytes.
 
@@ -173,7 +165,7 @@ def check_shard(path: str | os.PathLike) -> dict[str, Any] | None:
         raise ShardError(f"{path}: truncated or altered shard ({size} bytes, its marker says {want}); {_REDO}")
     stored = marker.get("sha256")
     if isinstance(stored, str):
-        found = file_sha256(path)
+        found = file_digest(path)
         if found != stored:
             raise ShardError(f"{path}: corrupt shard: its bytes changed since it was written (sha256 {found}, its "
                              f"marker {done_path(path).name} says {stored}); {_REDO}")

@@ -17,6 +17,7 @@ import pytest
 from pcm.encode import plan, run_encode
 from storage import shards, tables
 from storage.arrays import open_arrays, read_header, write_arrays
+from storage.fingerprint import file_digest
 from storage.layout import RunLayout, StageDir
 from tests.test_encode import make_inputs, tiny_config
 
@@ -44,7 +45,7 @@ def test_iter_tar_finds_bytes_changed_inside_a_finished_shard(tmp_path):
         for i in range(5):
             w.write({"__key__": f"k{i}", "txt": f"caption number {i}", "json": "{}"})
     whole, stored = flip_caption_byte(path, sample=2)
-    found = shards.file_sha256(path)
+    found = file_digest(path)
     assert list(tarfile.open(path))  # still a valid tar: only the digest tells
     with pytest.raises(shards.ShardError) as e:
         list(shards.iter_tar(path))
@@ -64,7 +65,7 @@ def test_encode_refuses_a_corrupt_synthetic_shard_naming_it_and_the_digests(tmp_
     cap, syn = make_inputs(root, n_shards=2, per_shard=2)
     tar = StageDir.at(syn).shard_file("shards", 1, "tar")
     whole, stored = flip_caption_byte(tar)
-    found = shards.file_sha256(tar)
+    found = file_digest(tar)
     config = tiny_config(num_workers=workers)
     with pytest.raises(ValueError) as e:
         run_encode(config, cap, syn, str(root))
