@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import Task
 
-from flows.records import result_storage
+from flows.records import results_dir
 from storage.layout import StageDir
 
 Plan = Callable[..., StageDir]
@@ -48,5 +48,5 @@ def run_stage(task: Task, plan: Plan, verify: Verify, *, force: bool = False, **
     stale = force or not is_finished(plan, verify, **parameters)
     if "force" in inspect.signature(task.fn).parameters:
         parameters = {**parameters, "force": force}
-    return task.with_options(refresh_cache=stale, result_storage=result_storage(parameters["root"]),
+    return task.with_options(refresh_cache=stale, result_storage=results_dir(parameters["root"]),
                              persist_result=True, result_serializer="json")(**parameters)

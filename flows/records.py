@@ -39,8 +39,3 @@ def results_dir(root: str | Path) -> Path:
                     "cache records (and the server database) there; if the root is shared, set PREFECT_HOME "
                     "elsewhere", prefect_home(), resolved)
     return path
-
-
-def result_storage(root: str | Path) -> Path:
-    """The `result_storage` of a run root's stage tasks."""
-    return results_dir(root)

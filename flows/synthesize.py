@@ -9,7 +9,7 @@ from prefect import flow, task
 
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, is_finished, run_stage
-from flows.records import result_storage
+from flows.records import results_dir
 from flows.retries import retry_transient
 from pcm.pipeline import StageRef, stage_config
 from pcm.synthesize import (
@@ -54,7 +54,7 @@ def synthesize_finalize(config: SynthesizeConfig, captions: str, root: str) -> S
 def run_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool) -> dict:
     """The shard task, its cache trusted only while the shard is done on disk."""
     stale = force or not is_done(plan(config, captions, root).shard_file("shards", index, "tar"))
-    return synthesize_shard.with_options(refresh_cache=stale, result_storage=result_storage(root), persist_result=True,
+    return synthesize_shard.with_options(refresh_cache=stale, result_storage=results_dir(root), persist_result=True,
                                          result_serializer="json")(config, captions, root, index, force)
 
 
