@@ -49,12 +49,15 @@ def encode_stage(config: EncodeConfig, captions: str, shards: str, root: str):
 
 @flow(name="encode")
 def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: str, shards: str, root: str = "runs",
-                force: bool = False):
+                force: bool = False, indices: list[int] | None = None):
     """Encode every synthetic shard (one task each) and the real images, then write the stage-wide outputs.
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
+    `indices`: only these feature shards, and nothing else (a fan-out child; the parent finalises).
     """
     config = stage_config("encode", config)
+    if indices is not None:
+        return [encode_features_shard(config, captions, shards, root, index) for index in sorted(set(indices))]
     if force:
         encode_reset(config, captions, shards, root)
     if force or not is_finished(plan, verify, config=config, captions=captions, shards=shards, root=root):

@@ -2,8 +2,9 @@
 
 Its one parameter is a typed `PipelineParams` (preset + overrides); Prefect validates it, and
 with it every stage config, before anything runs. Stages pass only small StageResults (paths,
-fingerprints, counts). With `synthesize_fanout=N`, shards are rendered by N child flow runs of the
-`synthesize/default` deployment, so every worker on the pool (one per GPU host) takes a part.
+fingerprints, counts). With `synthesize_fanout=N` (`encode_fanout=N`), shards are rendered (encoded)
+by N child flow runs of the `synthesize/default` (`encode/default`) deployment, so every worker on the
+pool (one per GPU host) takes a part; the parent then finalises the stage.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
+from pcm.encode import feature_units
 from pcm.pipeline import STAGE_ORDER, PipelineConfig, resolve
 from pcm.synthesize import num_shards
 from storage.result import StageResult
@@ -42,6 +44,8 @@ class PipelineParams(BaseModel):
     stop_after: Stage = Field("evaluate", description="last stage to run")
     synthesize_fanout: int = Field(0, ge=0, le=1024,
                                    description="render shards in N child flow runs on the work pool (0: in this run)")
+    encode_fanout: int = Field(0, ge=0, le=1024,
+                               description="encode feature shards in N child flow runs on the work pool (0: in this run)")
 
     @model_validator(mode="after")
     def _resolves(self) -> PipelineParams:
@@ -54,11 +58,21 @@ class PipelineParams(BaseModel):
 
 def fan_out_synthesis(cfg: PipelineConfig, captions: str, root: str, parts: int) -> None:
     """Split the shards into `parts` child flow runs of synthesize/default and wait for all of them."""
-    n = num_shards(cfg.synthesize, captions)
-    groups = [list(range(i, n, parts)) for i in range(min(parts, n))]
-    runs = [run_deployment("synthesize/default", timeout=0, parameters={
-        "config": cfg.synthesize.model_dump(mode="json"), "captions": captions, "root": root, "shards": g})
-        for g in groups]
+    fan_out("synthesize/default", list(range(num_shards(cfg.synthesize, captions))), parts, "shards",
+            {"config": cfg.synthesize.model_dump(mode="json"), "captions": captions, "root": root})
+
+
+def fan_out_encoding(cfg: PipelineConfig, captions: str, shards: str, root: str, parts: int) -> None:
+    """Split the feature shards into `parts` child flow runs of encode/default and wait; the parent finalises."""
+    fan_out("encode/default", [u.index for u in feature_units(shards)], parts, "indices",
+            {"config": cfg.encode.model_dump(mode="json"), "captions": captions, "shards": shards, "root": root})
+
+
+def fan_out(deployment: str, indices: list[int], parts: int, key: str, parameters: dict[str, Any]) -> None:
+    """Run `deployment` as up to `parts` child flow runs, each given every parts-th shard index under `key`,
+    and block until all are final; a failed child fails the parent."""
+    groups = [indices[i::parts] for i in range(min(parts, len(indices)))]
+    runs = [run_deployment(deployment, timeout=0, parameters={**parameters, key: g}) for g in groups]
     with get_client(sync_client=True) as client:  # block until every child is final; a failed one fails us
         pending = {r.id: r.name for r in runs}
         while pending:
@@ -67,7 +81,7 @@ def fan_out_synthesis(cfg: PipelineConfig, captions: str, root: str, parts: int)
                 if state is not None and state.is_final():
                     del pending[run_id]
                     if not state.is_completed():
-                        raise RuntimeError(f"synthesize child flow run {name} ended {state.name}; rerun the "
+                        raise RuntimeError(f"{deployment} child flow run {name} ended {state.name}; rerun the "
                                            "pipeline to resume (finished shards are kept)")
             time.sleep(2)
 
@@ -85,6 +99,8 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
             fan_out_synthesis(cfg, out["ingest"].path, root, params.synthesize_fanout)
         out["synthesize"] = synthesize_flow(cfg.synthesize, out["ingest"].path, root, force="synthesize" in force)
     if last >= 2:
+        if params.encode_fanout:
+            fan_out_encoding(cfg, out["ingest"].path, out["synthesize"].path, root, params.encode_fanout)
         out["encode"] = encode_flow(cfg.encode, out["ingest"].path, out["synthesize"].path, root,
                                     force="encode" in force)
     if last >= 3:

@@ -126,13 +126,14 @@ def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
         assert len(stage_dirs(root, stage)) == n, stage
 
 
-def test_two_workers_share_a_synthesize_fan_out(stack, root):
+def test_two_workers_share_a_synthesize_and_an_encode_fan_out(stack, root):
+    from storage.arrays import open_arrays
     from storage.shards import iter_tar
 
     stack.start_worker("worker-2")
     fan_root = root / "fanout"
-    config = {"preset": "tiny", "root": str(fan_root), "stop_after": "synthesize", "synthesize_fanout": 4,
-              "overrides": {"synthesize.shard_size": 16}}
+    config = {"preset": "tiny", "root": str(fan_root), "stop_after": "encode", "synthesize_fanout": 4,
+              "encode_fanout": 2, "overrides": {"synthesize.shard_size": 16}}
     run(stack, "synth-and-train/demo", config)
     (sd,) = stage_dirs(fan_root, "synthesize")
     tars = sorted(sd.glob("shards/shard-*.tar"))
@@ -140,6 +141,13 @@ def test_two_workers_share_a_synthesize_fan_out(stack, root):
     keys = [s["__key__"] for tar in tars for s in iter_tar(tar)]
     assert len(keys) == 201 and len(set(keys)) == 201  # every caption once, none twice
     assert not list(sd.glob("shards/.tmp-*"))
-    # The parent and its four children were all picked up by the pool's workers.
+    # Encode: every feature shard once, finalised by the parent.
+    (enc,) = stage_dirs(fan_root, "encode")
+    feats = sorted(enc.glob("features/shard-*.safetensors"))
+    assert len(feats) == 13
+    assert sum(len(open_arrays(f)[0]["global"]) for f in feats) == 201
+    # The parent, its four synthesize children and its two encode children were picked up by the workers.
     logs = "".join((stack.home / f"worker-{i}.log").read_text() for i in (1, 2))
-    assert logs.count("submitting flow run") >= 5
+    assert logs.count("submitting flow run") >= 7
+    runs = api(stack, "/flow_runs/filter", {"limit": 200})
+    assert sum(1 for r in runs if (r.get("parameters") or {}).get("indices") is not None) == 2
