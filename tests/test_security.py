@@ -482,7 +482,7 @@ def test_config_fields_that_name_things_refuse_unknown_values(build):
 def test_pipeline_presets_are_names_or_explicit_toml_paths(tmp_path):
     from pcm.pipeline import PRESETS, resolve
 
-    with pytest.raises(ValueError, match=r"unknown preset 'os\.system': use one of .*demo.* or a path to a \.toml"):
+    with pytest.raises(ValueError, match=r"unknown preset 'os\.system': use one of .*demo.*, a \.toml file or the \.json"):
         resolve("os.system")
     explicit = tmp_path / "mine.toml"
     shutil.copy(PRESETS / "demo.toml", explicit)
