@@ -203,7 +203,9 @@ def image_index(config: SynthesizeConfig) -> ImageIndex:
 
 
 @functools.lru_cache(maxsize=4)
-def _mapping(path: str, digest: str) -> dict[str, str]:
+def _mapping(path: str, stamp: tuple[int, int]) -> dict[str, str]:
+    # Keyed on (mtime, size) rather than a digest: it is looked up once per caption, and hashing the
+    # file each time would read it once per caption (the fingerprint hashes it once, in plan()).
     return read_mapping(path)
 
 
@@ -212,7 +214,8 @@ def imported_key(config: SynthesizeConfig, caption_id: str) -> str | None:
     index = image_index(config)
     if config.imported_mapping is None:
         return index.resolve(caption_id)
-    image = _mapping(config.imported_mapping, file_digest(config.imported_mapping)).get(caption_id)
+    st = Path(config.imported_mapping).stat()
+    image = _mapping(config.imported_mapping, (st.st_mtime_ns, st.st_size)).get(caption_id)
     return None if image is None else index.resolve(image)
 
 
