@@ -1,4 +1,5 @@
 """Formats and places: run layout, fingerprints, Parquet schemas, shards, features, checkpoints, locks.
 
-This package imports only pyarrow, webdataset, safetensors, numpy and the standard library.
+This package imports only pyarrow, safetensors, numpy and the standard library (never torch: a
+test checks that `import storage` leaves it out).
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -16,8 +17,6 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-import webdataset as wds
 
 from storage import atomic
 from storage.fingerprint import file_digest
@@ -80,6 +79,34 @@ class _HashingFile(io.RawIOBase):
             self.f.flush()
 
 
+def _sample_files(key: str, sample: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The tar members of a sample in webdataset.TarWriter's order (sorted extensions, `_` fields left out)."""
+    files = []
+    for ext in sorted(k for k in sample if not k.startswith("_")):
+        value = sample[ext]
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        elif ext == "json" and isinstance(value, (dict, list)):
+            value = json.dumps(value).encode("utf-8")  # webdataset's json encoder
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise ValueError(f"sample {key!r}: {ext!r} must be bytes or str (or a dict for json), "
+                             f"got {type(value).__name__}")
+        files.append((f"{key}.{ext}", bytes(value)))
+    return files
+
+
+def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    """One tar member with webdataset.TarWriter's header fields, so shards stay byte-identical to its output.
+
+    Written with `tarfile` here because importing webdataset imports torch (about 9.5 s), which every
+    user of storage (a crash-harness child, `pcm presets`) would pay for.
+    """
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o444
+    info.uname = info.gname = "bigdata"
+    tar.addfile(info, io.BytesIO(data))
+
+
 class ShardWriter:
     """Write one WebDataset tar atomically; the done marker is written last.
 
@@ -103,7 +130,7 @@ class ShardWriter:
         self._tmp = atomic.temporary_path(self.path)
         self._file = open(self._tmp, "wb")
         self._hashing = _HashingFile(self._file)
-        self._tar = wds.TarWriter(self._hashing, mtime=self.mtime)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|")  # a stream: PAX format, like webdataset
         self._start = time.monotonic()
         return self
 
@@ -111,8 +138,10 @@ class ShardWriter:
         key = check_key(sample.get("__key__", ""))
         if key in self._keys:
             raise ValueError(f"{self.path.name}: duplicate sample key {key!r}")
+        files = _sample_files(key, sample)  # all checked before the first byte is written
         self._keys.add(key)
-        self._tar.write(sample)
+        for name, data in files:
+            _add_file(self._tar, name, data, self.mtime)
         self.count += 1
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -125,7 +154,7 @@ class ShardWriter:
                 self._tmp.unlink(missing_ok=True)
             return
         try:
-            self._tar.close()  # also closes the hashing wrapper's stream
+            self._tar.close()
             if not self._file.closed:
                 self._file.close()
             atomic.commit(self._tmp, self.path)

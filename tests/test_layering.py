@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def top_level_imports(source: str, filename: str = "<src>") -> set[str]:
+    """Every package a module imports, at any depth (inside functions too); relative imports left out."""
+    mods: set[str] = set()
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
 def imported_modules(package: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for path in (REPO / package).rglob("*.py"):
-        mods: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):
-                mods.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                mods.add(node.module.split(".")[0])
-        found[str(path.relative_to(REPO))] = mods
-    return found
+    return {str(path.relative_to(REPO)): top_level_imports(path.read_text(), str(path))
+            for path in (REPO / package).rglob("*.py")}
 
 
 def test_pcm_and_storage_never_import_prefect():
@@ -38,11 +43,35 @@ def test_pcm_never_imports_flows():
         assert "flows" not in mods, f"{path} imports flows/"
 
 
-def test_checker_sees_imports(tmp_path):
-    # The checker itself must be able to fail: an import inside a function is found.
-    src = "def f():\n    import prefect\n"
-    mods = set()
-    for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.Import):
-            mods.update(a.name for a in node.names)
-    assert "prefect" in mods
+def test_checker_sees_imports():
+    # The checker the tests above use must be able to fail: imports at any depth and in either form are found.
+    src = "import os\ndef f():\n    import prefect.flows\n    from torch.nn import Linear\n    from . import x\n"
+    assert top_level_imports(src) == {"os", "prefect", "torch"}
+
+
+IMPORTS_TORCH = """
+import importlib, pkgutil, sys
+import {package}
+for m in pkgutil.walk_packages({package}.__path__, "{package}."):
+    importlib.import_module(m.name)
+print(sorted(k for k in ("torch", "webdataset", "diffusers", "open_clip", "transformers") if k in sys.modules))
+"""
+
+
+def _heavy_modules_after_importing(package: str, path: Path = REPO) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", IMPORTS_TORCH.format(package=package)], cwd=path, check=True,
+                         capture_output=True, text=True).stdout
+    return ast.literal_eval(out.strip().splitlines()[-1])
+
+
+def test_importing_storage_never_imports_torch():
+    # Not only no direct import: nothing storage imports may pull torch in (webdataset did, 9.5 s of 10.7 s).
+    assert _heavy_modules_after_importing("storage") == []
+
+
+def test_the_import_probe_sees_torch(tmp_path):
+    # The probe above must be able to fail: a submodule that imports webdataset (the old storage/shards.py) is caught.
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "__init__.py").write_text("")
+    (tmp_path / "probe" / "shards.py").write_text("def writer():\n    pass\nimport webdataset\n")
+    assert _heavy_modules_after_importing("probe", tmp_path) == ["torch", "webdataset"]

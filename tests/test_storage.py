@@ -169,6 +169,30 @@ def test_shard_round_trip_tar_and_webdataset(tmp_path):
     assert [s["txt"] for s in shards.iter_tar(path)] == [f"caption {i}".encode() for i in range(4)]
 
 
+def test_shards_are_byte_identical_to_webdataset_tarwriter(tmp_path):
+    # storage writes tars with tarfile (webdataset imports torch); the bytes must be webdataset's own.
+    samples = _samples(5) + [{"__key__": "big", "jpg": os.urandom(70_000), "txt": "ünïcode ✓", "_meta": "x"}]
+    for mtime in (0.0, 1234.0):
+        path = tmp_path / f"m{int(mtime)}" / "shard-000000.tar"
+        with shards.ShardWriter(path, mtime=mtime) as w:
+            for s in samples:
+                w.write(s)
+        with open(tmp_path / "wds.tar", "wb") as f, wds.TarWriter(f, mtime=mtime) as ref:
+            for s in samples:
+                ref.write(s)
+        assert path.read_bytes() == (tmp_path / "wds.tar").read_bytes()
+
+
+def test_a_bad_sample_value_writes_nothing_of_that_sample(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    with shards.ShardWriter(path) as w:
+        w.write({"__key__": "ok", "txt": "a"})
+        with pytest.raises(ValueError, match="'bad'.*'jpg' must be bytes"):
+            w.write({"__key__": "bad", "aaa": b"first", "jpg": 3.5})
+        w.write({"__key__": "bad", "txt": "retried under the same key"})
+    assert [s["__key__"] for s in shards.iter_tar(path)] == ["ok", "bad"]
+
+
 def test_same_samples_give_byte_identical_shards(tmp_path):
     for name in ("a", "b"):
         with shards.ShardWriter(tmp_path / name / "shard-000000.tar") as w:
