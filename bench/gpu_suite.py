@@ -397,8 +397,8 @@ def check_synthesize(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
 
     from PIL import Image
 
-    from pcm import synthesize
-    from pcm.pipeline import resolve, run_pipeline
+    from pcm.stages import synthesize
+    from pcm.stages.pipeline import resolve, run_pipeline
     from storage.layout import StageDir
     from storage.shards import iter_tar
 
@@ -436,8 +436,8 @@ def check_encode(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
     import torch
     from safetensors.torch import load_file
 
-    from pcm import encode
-    from pcm.pipeline import resolve, run_pipeline
+    from pcm.stages import encode
+    from pcm.stages.pipeline import resolve, run_pipeline
     from storage.layout import StageDir
 
     cfg = resolve("tiny", chain_overrides(gpu))
@@ -476,7 +476,7 @@ def check_encode(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
 
 
 def _losses(train_dir: str) -> list[tuple[int, float]]:
-    from pcm.train import read_metrics
+    from pcm.stages.train import read_metrics
 
     return [(r["step"], float(r["loss"])) for r in read_metrics(Path(train_dir) / "metrics.jsonl") if "loss" in r]
 
@@ -498,8 +498,8 @@ def compare_losses(eager: list[tuple[int, float]], other: list[tuple[int, float]
 
 
 def check_train(work: Path, gpu: bool, rtol: float) -> tuple[dict[str, Any], Checks]:
-    from pcm.pipeline import resolve, run_pipeline
-    from pcm.train import run_train
+    from pcm.stages.pipeline import resolve, run_pipeline
+    from pcm.stages.train import run_train
 
     c = Checks()
     chain = chain_overrides(gpu)

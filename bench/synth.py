@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def make_captions(root: Path, n: int) -> str:
     """A finished ingest stage with n train captions (varied lengths, like COCO)."""
-    from pcm.stage import finish
+    from pcm.stages.stage import finish
     from storage import tables
     from storage.layout import RunLayout
 
@@ -62,7 +62,7 @@ def stage(args: argparse.Namespace, work: Path, captions: str, name: str, **opts
 
     The model is loaded and warmed up (and compiled, if asked) before the clock starts, as for (a).
     """
-    from pcm.synthesize import SynthesizeConfig, Synthesizer, run_synthesize
+    from pcm.stages.synthesize import SynthesizeConfig, Synthesizer, run_synthesize
 
     config = SynthesizeConfig(model=args.preset, dtype=args.dtype, device=args.device, scheduler="dpm++",
                               steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
@@ -110,7 +110,7 @@ def main() -> None:
         captions = make_captions(work / "runs", max(args.n_images, args.batch_size))
         import torch
 
-        from pcm.synthesize import SynthesizeConfig, planned_samples
+        from pcm.stages.synthesize import SynthesizeConfig, planned_samples
 
         prompts = [s.text for s in planned_samples(SynthesizeConfig(limit=args.n_images), captions)]
         plain = plain_pipeline(args, prompts)

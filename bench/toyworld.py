@@ -48,7 +48,7 @@ def run_arm(args: tuple[str, dict, str, str]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from pcm.pipeline import resolve, run_pipeline
+    from pcm.stages.pipeline import resolve, run_pipeline
     from pcm.toyworld.score import attribute_accuracy
     from storage.atomic import read_json
     from storage.layout import StageDir
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pcm.pipeline import parse_assignments, resolve, run_pipeline
+    from pcm.stages.pipeline import parse_assignments, resolve, run_pipeline
     from pcm.toyworld.dataset import DATASET_FILE, SHIPPED_MODELS, build
 
     torch.set_num_threads(2)

@@ -4,7 +4,7 @@
     python bench/train.py --preset tiny --device cpu --steps 20          # quick check on a laptop
 
 ViT-L/14 shapes: 64 patches x 1024, global 768, concept bank 446, vocabulary 10,200, 20 words
-(+ BOS/EOS = 21 decoder positions). The step is the training loop's own (`pcm.train.TrainStep`):
+(+ BOS/EOS = 21 decoder positions). The step is the training loop's own (`pcm.stages.train.TrainStep`):
 bf16 autocast, fused Adam, CXE loss, clipping by value, and optionally torch.compile and a
 whole-step CUDA graph.
 """
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcm.model import PCMNet, load_preset  # noqa: E402
-from pcm.train import TrainConfig, TrainStep, make_optimizer  # noqa: E402
+from pcm.stages.train import TrainConfig, TrainStep, make_optimizer  # noqa: E402
 
 SHAPES = {"vitl14": (768, 1024, 64), "vitb32": (512, 768, 49), "tiny": (64, 64, 4)}
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().

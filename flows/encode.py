@@ -9,7 +9,7 @@ from prefect import flow, task
 from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, is_finished, run_stage
 from flows.retries import retry_transient
-from pcm.encode import (
+from pcm.stages.encode import (
     FEATURES,
     REAL,
     EncodeConfig,
@@ -21,7 +21,7 @@ from pcm.encode import (
     run_encode,
     verify,
 )
-from pcm.pipeline import StageRef, stage_config
+from pcm.stages.pipeline import StageRef, stage_config
 
 
 @task(name="encode-reset")

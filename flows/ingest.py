@@ -8,8 +8,8 @@ from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
-from pcm.ingest import IngestConfig, plan, run_ingest, verify
-from pcm.pipeline import StageRef, stage_config
+from pcm.stages.ingest import IngestConfig, plan, run_ingest, verify
+from pcm.stages.pipeline import StageRef, stage_config
 from storage.result import StageResult
 
 

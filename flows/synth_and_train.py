@@ -23,9 +23,9 @@ from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
-from pcm.encode import feature_units
-from pcm.pipeline import STAGE_ORDER, PipelineConfig, resolve
-from pcm.synthesize import num_shards
+from pcm.stages.encode import feature_units
+from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, resolve
+from pcm.stages.synthesize import num_shards
 from storage.result import StageResult
 
 Stage = Literal["ingest", "synthesize", "encode", "train", "evaluate"]

@@ -11,8 +11,8 @@ from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, is_finished, run_stage
 from flows.records import results_dir
 from flows.retries import retry_transient
-from pcm.pipeline import StageRef, stage_config
-from pcm.synthesize import (
+from pcm.stages.pipeline import StageRef, stage_config
+from pcm.stages.synthesize import (
     PairedImages,
     SynthesizeConfig,
     Synthesizer,

@@ -8,8 +8,8 @@ from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
-from pcm.pipeline import StageRef, stage_config
-from pcm.train import TrainConfig, plan, run_train, verify
+from pcm.stages.pipeline import StageRef, stage_config
+from pcm.stages.train import TrainConfig, plan, run_train, verify
 from storage.result import StageResult
 
 

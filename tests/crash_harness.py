@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # One stage of the tiny (random-weight) pipeline (earlier stages reused from disk) with config overrides.
 RUNNER = """
 import json, sys
-from pcm.pipeline import resolve, run_pipeline
+from pcm.stages.pipeline import resolve, run_pipeline
 root, stage, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 run_pipeline(resolve("tiny", overrides), root, stages=(stage,))
 """

@@ -28,10 +28,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pcm.encode import EncodeConfig, run_encode
-from pcm.ingest import IngestConfig, run_ingest
-from pcm.stage import finish
-from pcm.synthesize import SynthesizeConfig, run_synthesize
+from pcm.stages.encode import EncodeConfig, run_encode
+from pcm.stages.ingest import IngestConfig, run_ingest
+from pcm.stages.stage import finish
+from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from storage import tables
 from storage.arrays import open_arrays
 from storage.layout import RunLayout
@@ -512,7 +512,7 @@ def test_a_json_file_with_invalid_utf8_gives_an_error_naming_it(tmp_path):
 
 # ---------------------------------------------------------------------- train and the model
 def test_train_with_k_larger_than_the_concept_vocabulary(tiny, tmp_path):
-    from pcm.train import TrainConfig, run_train
+    from pcm.stages.train import TrainConfig, run_train
 
     n_concepts = StageResult.load(Path(tiny.encode) / "stage.done.json").counts["concepts"]
     config = TrainConfig(preset="tiny", model={"top_k": n_concepts + 1}, batch_size=2, epochs=1, min_word_count=1,
@@ -558,7 +558,7 @@ CONFIG_ERRORS = [
 
 @pytest.mark.parametrize("overrides, message", CONFIG_ERRORS, ids=[next(iter(o)) for o, _ in CONFIG_ERRORS])
 def test_invalid_config_values_name_the_parameter(overrides, message):
-    from pcm.pipeline import resolve
+    from pcm.stages.pipeline import resolve
 
     with pytest.raises(ValueError, match=message):
         resolve("demo", overrides)

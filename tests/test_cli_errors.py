@@ -71,12 +71,12 @@ def test_run_with_a_read_only_root_is_one_line_naming_it(monkeypatch, capsys, tm
 
 
 def test_a_root_access_denies_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
-    import pcm.pipeline
+    import pcm.stages.pipeline
 
     root = tmp_path / "runs"
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == root else real_access(p, mode, **kw))
-    monkeypatch.setattr(pcm.pipeline, "run_pipeline", lambda *a, **k: pytest.fail("ran despite the root"))
+    monkeypatch.setattr(pcm.stages.pipeline, "run_pipeline", lambda *a, **k: pytest.fail("ran despite the root"))
     code, err = run_pcm(monkeypatch, capsys, "run", "ingest", "--root", str(root))
     assert code == 2
     assert_one_clean_line(err, f"cannot write to --root {root}: permission denied", "choose a writable --root")
@@ -124,14 +124,14 @@ def test_caption_checks_its_out_folder_before_captioning(monkeypatch, capsys, un
 
 
 def test_an_os_error_during_a_stage_is_one_line_naming_the_path(monkeypatch, capsys, tmp_path, captions_txt):
-    import pcm.ingest
+    import pcm.stages.ingest
 
     blocked = tmp_path / "runs" / "ingest" / "abc" / "captions.parquet"
 
     def fail(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(blocked))
 
-    monkeypatch.setattr(pcm.ingest, "run_ingest", fail)
+    monkeypatch.setattr(pcm.stages.ingest, "run_ingest", fail)
     code, err = run_pcm(monkeypatch, capsys, "ingest", str(captions_txt), "--root", str(tmp_path / "runs"))
     assert code == 2
     assert_one_clean_line(err, f"cannot use {blocked}: Permission denied", "writable --root")
@@ -139,7 +139,7 @@ def test_an_os_error_during_a_stage_is_one_line_naming_the_path(monkeypatch, cap
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(blocked))
 
-    monkeypatch.setattr(pcm.ingest, "run_ingest", full)
+    monkeypatch.setattr(pcm.stages.ingest, "run_ingest", full)
     code, err = run_pcm(monkeypatch, capsys, "ingest", str(captions_txt), "--root", str(tmp_path / "runs"))
     assert code == 2
     assert_one_clean_line(err, f"cannot use {blocked}: No space left on device")

@@ -56,8 +56,8 @@ def test_synthesize_defaults_to_the_presets_own_size_and_steps_and_says_so():
 
 
 def test_synthesize_real_models_keep_the_config_defaults():
-    from pcm.commands.synthesize import HELP_DEFAULTS
-    from pcm.synthesize import SynthesizeConfig
+    from pcm.cli.synthesize import HELP_DEFAULTS
+    from pcm.stages.synthesize import SynthesizeConfig
 
     defaults = {k: SynthesizeConfig.model_fields[k].default for k in ("height", "width", "steps")}
     assert HELP_DEFAULTS == defaults  # what --help shows
@@ -110,7 +110,7 @@ def test_the_clip_weights_error_gives_an_hf_download_command():
 # -- 7b. --force all and comma lists -----------------------------------------------------------------------
 @pytest.fixture
 def fake_pipeline(monkeypatch):
-    import pcm.pipeline
+    import pcm.stages.pipeline
 
     calls = []
 
@@ -118,12 +118,12 @@ def fake_pipeline(monkeypatch):
         calls.append({"cfg": cfg, "stages": stages, "force": force})
         return {}
 
-    monkeypatch.setattr(pcm.pipeline, "run_pipeline", fake)
+    monkeypatch.setattr(pcm.stages.pipeline, "run_pipeline", fake)
     return calls
 
 
 def test_run_force_takes_all_and_comma_lists(tmp_path, fake_pipeline):
-    from pcm.pipeline import STAGE_ORDER
+    from pcm.stages.pipeline import STAGE_ORDER
 
     runner, root = CliRunner(), ["--root", str(tmp_path / "runs")]
     res = runner.invoke(app, ["run", "--preset", "tiny", "--force", "all", *root])
@@ -141,7 +141,7 @@ def test_run_force_takes_all_and_comma_lists(tmp_path, fake_pipeline):
 
 # -- 7c. --show-config prints what --preset takes back -------------------------------------------------------
 def test_show_config_round_trips_through_preset(tmp_path, fake_pipeline):
-    from pcm.pipeline import resolve
+    from pcm.stages.pipeline import resolve
 
     runner = CliRunner()
     shown = runner.invoke(app, ["run", "--preset", "tiny", "--set", "train.epochs=3", "--show-config"])
@@ -195,8 +195,8 @@ def test_help_has_examples_that_parse(path):
     assert res.exit_code == 0 and "Examples:" in res.output
 
 
-HEAVY = ("torch", "diffusers", "open_clip", "transformers", "prefect", "pyarrow", "pcm.pipeline", "pcm.train",
-         "pcm.synthesize", "pcm.encode")
+HEAVY = ("torch", "diffusers", "open_clip", "transformers", "prefect", "pyarrow", "pcm.stages.pipeline", "pcm.stages.train",
+         "pcm.stages.synthesize", "pcm.stages.encode")
 
 
 def test_help_version_and_presets_import_no_model_library():
@@ -217,7 +217,7 @@ print(json.dumps(out))
         assert code == 0, args
         assert imported == [], f"`pcm {args}` imported {imported}"
     listing = json.loads(done.stdout)["presets"][1]
-    from pcm.pipeline import load_preset, preset_names
+    from pcm.stages.pipeline import load_preset, preset_names
 
     assert [line.split()[0] for line in listing.splitlines()] == preset_names()
     for name in preset_names():
@@ -227,7 +227,7 @@ print(json.dumps(out))
 
 @pytest.fixture
 def fake_train(monkeypatch):
-    import pcm.train
+    import pcm.stages.train
 
     seen = []
 
@@ -235,7 +235,7 @@ def fake_train(monkeypatch):
         seen.append(config)
         raise RuntimeError("stopped before training")
 
-    monkeypatch.setattr(pcm.train, "run_train", fake)
+    monkeypatch.setattr(pcm.stages.train, "run_train", fake)
     return seen
 
 

@@ -69,7 +69,7 @@ def test_presets_files_and_local_dirs_keep_their_own_architecture(tmp_path):
 
 def test_encode_fingerprint_records_the_forced_activation(tmp_path):
     # Features made with GELU before the fix must not be served for a QuickGELU run: the flag enters the stage.
-    from pcm.encode import EncodeConfig, plan
+    from pcm.stages.encode import EncodeConfig, plan
     from storage.atomic import read_json
     from tests.test_encode import make_inputs
 

@@ -41,8 +41,8 @@ def test_two_synthesize_runs_share_the_shards(tmp_path):
 
 
 def test_second_run_waits_for_the_holder_then_reuses_its_stage(tmp_path, caplog):
-    from pcm.pipeline import resolve, run_pipeline
-    from pcm.train import plan, verify
+    from pcm.stages.pipeline import resolve, run_pipeline
+    from pcm.stages.train import plan, verify
 
     long_train = {**SMALL, "train.max_steps": 400, "train.checkpoint_every": 1}
     run_stage(tmp_path, "encode", long_train)
@@ -63,7 +63,7 @@ def test_second_run_waits_for_the_holder_then_reuses_its_stage(tmp_path, caplog)
         with pytest.raises(LockHeld, match=rf"locked by pid {first.pid} on .*Wait for it to finish"):
             run_pipeline(cfg, str(tmp_path), stages=("train",), lock_wait_s=0)   # told not to wait
         # By default a second run waits for the first, saying whom it waits for, then reuses its stage.
-        with caplog.at_level("WARNING", logger="pcm.pipeline"):
+        with caplog.at_level("WARNING", logger="pcm.stages.pipeline"):
             second = run_pipeline(cfg, str(tmp_path), stages=("train",))["train"]
         assert f"train: waiting for pid {first.pid} on " in caplog.text
     finally:

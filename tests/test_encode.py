@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from pcm.clip import ClipSpec, clip_head, encode_images, encode_texts, load_clip
-from pcm.encode import EncodeConfig, plan, run_encode, verify
-from pcm.stage import finish
+from pcm.stages.encode import EncodeConfig, plan, run_encode, verify
+from pcm.stages.stage import finish
 from storage import tables
 from storage.arrays import open_arrays
 from storage.layout import RunLayout
@@ -268,7 +268,7 @@ def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_cl
 def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
     from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
-    from pcm.encode import embed_concepts
+    from pcm.stages.encode import embed_concepts
 
     clip = load_clip(tiny_config().clip)
     got = embed_concepts(clip, ["dog", "teddy bear", "zebra"], "A photo of {c}.", "simple-imagenet", batch_size=8)
@@ -293,7 +293,7 @@ def test_workers_give_the_same_features(tmp_path):
 
 KILLED_RUN = """
 import sys, time
-from pcm.encode import EncodeConfig, run_encode
+from pcm.stages.encode import EncodeConfig, run_encode
 cfg = EncodeConfig.model_validate({cfg!r})
 run_encode(cfg, {cap!r}, {syn!r}, {root!r}, progress=lambda done, total, msg: time.sleep(2))
 """

@@ -112,13 +112,13 @@ def run(tmp_path_factory):
 
 
 def config(**kw):
-    from pcm.evaluate import EvaluateConfig
+    from pcm.stages.evaluate import EvaluateConfig
 
     return EvaluateConfig(**{"device": "cpu", "report_samples": 3, **kw})
 
 
 def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
-    import pcm.evaluate as ev
+    import pcm.stages.evaluate as ev
     from pcm import checkpoint
     from pcm.decode import beam_search
 
@@ -178,8 +178,8 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
 
 
 def test_protocol_follows_the_datasets_passed(run):
-    from pcm.evaluate import protocol
-    from pcm.stage import load_result
+    from pcm.stages.evaluate import protocol
+    from pcm.stages.stage import load_result
 
     train = load_result(run["train"])
     assert protocol(train, load_result(run["captions"])) == ("in-domain", "demo", "demo")
@@ -188,7 +188,7 @@ def test_protocol_follows_the_datasets_passed(run):
 
 
 def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
-    from pcm.evaluate import EvaluateConfig, run_evaluate
+    from pcm.stages.evaluate import EvaluateConfig, run_evaluate
 
     root = str(tmp_path / "other")
     with pytest.raises(ValueError, match="--encode .*'ingest' stage directory; expected a 'encode' one"):
@@ -211,7 +211,7 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
 def test_evaluate_command_prints_the_metrics(run):
     import typer
 
-    from pcm.commands.evaluate import register
+    from pcm.cli.evaluate import register
 
     app = typer.Typer()
     register(app)
@@ -231,7 +231,7 @@ def test_caption_command_on_files_and_folders(run, tmp_path):
 
     from pcm import checkpoint
     from pcm.clip import ClipSpec, encode_images, load_clip
-    from pcm.commands.evaluate import register
+    from pcm.cli.evaluate import register
     from pcm.decode import beam_search
 
     app = typer.Typer()

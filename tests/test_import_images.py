@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pcm.synthesize import SynthesizeConfig, plan, run_synthesize
+from pcm.stages.synthesize import SynthesizeConfig, plan, run_synthesize
 from storage import tables
 from storage.image_sets import ImageIndex, read_mapping
 from storage.shards import iter_tar
@@ -86,7 +86,7 @@ def test_a_mapping_names_the_images_and_a_corrupt_one_is_a_failed_row(layout, tm
     # The set's content is the fingerprint: another file is another stage, and the same set is cached.
     assert run_synthesize(cfg, captions, str(layout.root)).cached
     (root / "img_999.jpg").write_bytes(image_bytes(99))
-    from pcm.synthesize import _image_index
+    from pcm.stages.synthesize import _image_index
 
     _image_index.cache_clear()
     assert plan(cfg, captions, str(layout.root)).fingerprint != r.fingerprint
@@ -118,7 +118,7 @@ def test_bad_sets_and_mappings_give_errors_naming_the_file(tmp_path):
 
 
 def test_encode_train_and_evaluate_run_unchanged_on_an_imported_stage(tmp_path):
-    from pcm.pipeline import resolve, run_pipeline
+    from pcm.stages.pipeline import resolve, run_pipeline
 
     root = str(tmp_path / "runs")
     ingest = run_pipeline(resolve("tiny"), root, stages=("ingest",))["ingest"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pcm.ingest import IngestConfig, plan, run_ingest, verify
+from pcm.stages.ingest import IngestConfig, plan, run_ingest, verify
 from storage import tables
 from storage.shards import check_key
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcm.encode import plan, run_encode
+from pcm.stages.encode import plan, run_encode
 from storage import shards, tables
 from storage.arrays import open_arrays, read_header, write_arrays
 from storage.fingerprint import file_digest

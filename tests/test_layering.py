@@ -10,15 +10,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def top_level_imports(source: str, filename: str = "<src>") -> set[str]:
-    """Every package a module imports, at any depth (inside functions too); relative imports left out."""
+def full_imports(source: str, filename: str = "<src>") -> set[str]:
+    """Every module a module imports, at any depth (inside functions too); relative imports left out."""
     mods: set[str] = set()
     for node in ast.walk(ast.parse(source, filename=filename)):
         if isinstance(node, ast.Import):
-            mods.update(a.name.split(".")[0] for a in node.names)
+            mods.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            mods.add(node.module.split(".")[0])
+            mods.add(node.module)
     return mods
+
+
+def top_level_imports(source: str, filename: str = "<src>") -> set[str]:
+    return {m.split(".")[0] for m in full_imports(source, filename)}
 
 
 def imported_modules(package: str) -> dict[str, set[str]]:
@@ -43,10 +47,25 @@ def test_pcm_never_imports_flows():
         assert "flows" not in mods, f"{path} imports flows/"
 
 
+def _within(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_library_never_imports_stages_or_cli():
+    # pcm/*.py is the library (open_clip's split): stages use it, it never reaches up into a stage or the CLI.
+    for path in sorted((REPO / "pcm").glob("*.py")):
+        up = {m for m in full_imports(path.read_text(), str(path)) if _within(m, "pcm.stages", "pcm.cli")}
+        assert not up, f"{path.relative_to(REPO)} imports {up}; library modules stay below pcm/stages and pcm/cli"
+    for path in sorted((REPO / "pcm" / "stages").glob("*.py")):
+        up = {m for m in full_imports(path.read_text(), str(path)) if _within(m, "pcm.cli")}
+        assert not up, f"{path.relative_to(REPO)} imports {up}; stages never import the CLI"
+
+
 def test_checker_sees_imports():
     # The checker the tests above use must be able to fail: imports at any depth and in either form are found.
     src = "import os\ndef f():\n    import prefect.flows\n    from torch.nn import Linear\n    from . import x\n"
     assert top_level_imports(src) == {"os", "prefect", "torch"}
+    assert full_imports(src) == {"os", "prefect.flows", "torch.nn"}
 
 
 IMPORTS_TORCH = """

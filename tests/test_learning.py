@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pcm.pipeline import resolve, run_pipeline
+from pcm.stages.pipeline import resolve, run_pipeline
 from pcm.toyworld.dataset import shipped_paths
 from pcm.toyworld.score import attribute_accuracy
 from storage.atomic import read_json

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pcm.cli import app
-from pcm.pipeline import apply_overrides, load_preset, parse_assignments, preset_names, resolve
+from pcm.stages.pipeline import apply_overrides, load_preset, parse_assignments, preset_names, resolve
 
 
 @pytest.mark.parametrize("name", ["demo", "tiny", "coco-vitl14", "coco-vitb32", "flickr30k-vitl14"])

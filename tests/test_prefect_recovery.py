@@ -26,7 +26,7 @@ SMALL = {"synthesize.limit": N, "synthesize.shard_size": 1, "synthesize.height":
 FLOW = """
 import json, sys
 from flows.synthesize import synthesize_flow
-from pcm.pipeline import resolve
+from pcm.stages.pipeline import resolve
 root, captions, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 synthesize_flow(resolve("tiny", overrides).synthesize, captions, root)
 """

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pcm import checkpoint
 from pcm.model import PCMNet, PCMNetConfig, sinusoid
-from pcm.train import RELEASE_MODEL, RELEASE_TRAIN, TrainConfig, run_train
+from pcm.stages.train import RELEASE_MODEL, RELEASE_TRAIN, TrainConfig, run_train
 from tests.test_train import make_inputs, tiny_config
 
 D, N = 8, 4

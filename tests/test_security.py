@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pcm.stage import finish
+from pcm.stages.stage import finish
 from storage import tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir
@@ -276,7 +276,7 @@ def _karpathy(sentid: Any = 1, imgid: Any = 1) -> str:
 
 @pytest.mark.parametrize("sentid", ["../x", "/etc/passwd", "a/b", "a.b", "a b", "a\\b", ""], ids=repr)
 def test_ingest_refuses_caption_ids_that_are_not_safe_keys(tmp_path, sentid):
-    from pcm.ingest import IngestConfig, run_ingest
+    from pcm.stages.ingest import IngestConfig, run_ingest
 
     source = tmp_path / "dataset_x.json"
     source.write_text(_karpathy(sentid=sentid))
@@ -291,7 +291,7 @@ def test_ingest_refuses_caption_ids_that_are_not_safe_keys(tmp_path, sentid):
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "a.b", "", "x" * 65])
 def test_ingest_refuses_an_unsafe_dataset_name(name):
-    from pcm.ingest import IngestConfig
+    from pcm.stages.ingest import IngestConfig
 
     with pytest.raises(ValueError, match="letters, digits"):
         IngestConfig(source="x.txt", name=name)
@@ -304,7 +304,7 @@ def test_ingest_refuses_an_unsafe_dataset_name(name):
     ("dataset_x.json", _karpathy(sentid="abc-DEF_1", imgid="../not/a/file/name")),
 ])
 def test_every_caption_id_ingest_writes_is_a_safe_key(tmp_path, file_name, content):
-    from pcm.ingest import IngestConfig, run_ingest
+    from pcm.stages.ingest import IngestConfig, run_ingest
 
     source = tmp_path / file_name.replace("/", "_")
     source.write_text(content, encoding="utf-8")
@@ -314,7 +314,7 @@ def test_every_caption_id_ingest_writes_is_a_safe_key(tmp_path, file_name, conte
 
 
 def test_synthesize_refuses_an_unsafe_caption_id_naming_the_row(tmp_path):
-    from pcm.synthesize import SynthesizeConfig, run_synthesize
+    from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 
     sd = RunLayout(tmp_path / "runs").stage("ingest", "c" * 16)
     sd.path.mkdir(parents=True)
@@ -332,8 +332,8 @@ def test_synthesize_refuses_an_unsafe_caption_id_naming_the_row(tmp_path):
 def test_real_image_paths_cannot_escape_images_root(tmp_path):
     from PIL import Image
 
-    from pcm.encode import EncodeConfig, encode_shards
-    from pcm.ingest import IngestConfig, run_ingest
+    from pcm.stages.encode import EncodeConfig, encode_shards
+    from pcm.stages.ingest import IngestConfig, run_ingest
 
     outside = tmp_path / "private" / "secret.jpg"
     outside.parent.mkdir()
@@ -448,7 +448,7 @@ def test_started_prefect_server_listens_on_loopback_only(tmp_path):
                                   "../ddim", "DDIM"])
 def test_scheduler_names_resolve_through_a_fixed_table(name):
     from pcm import diffusion
-    from pcm.synthesize import SynthesizeConfig
+    from pcm.stages.synthesize import SynthesizeConfig
 
     with pytest.raises(ValueError, match=r"unknown scheduler .*; expected one of dpm\+\+, ddim, euler, euler-a, lcm"):
         SynthesizeConfig(scheduler=name)
@@ -466,13 +466,13 @@ def test_every_scheduler_in_the_table_is_a_diffusers_scheduler():
 
 
 @pytest.mark.parametrize("build", [
-    lambda: __import__("pcm.synthesize").synthesize.SynthesizeConfig(dtype="torch.float16"),
-    lambda: __import__("pcm.synthesize").synthesize.SynthesizeConfig(pipeline_class="os.system"),
+    lambda: __import__("pcm.stages.synthesize").stages.synthesize.SynthesizeConfig(dtype="torch.float16"),
+    lambda: __import__("pcm.stages.synthesize").stages.synthesize.SynthesizeConfig(pipeline_class="os.system"),
     lambda: __import__("pcm.clip").clip.ClipSpec(model="tiny", precision="torch.float16"),
-    lambda: __import__("pcm.evaluate").evaluate.EvaluateConfig(published="os.system"),
-    lambda: __import__("pcm.train").train.TrainConfig(preset="os.path"),
-    lambda: __import__("pcm.train").train.TrainConfig(model={"__class__": "os.system"}),
-    lambda: __import__("pcm.encode").encode.EncodeConfig(loader="pickle"),
+    lambda: __import__("pcm.stages.evaluate").stages.evaluate.EvaluateConfig(published="os.system"),
+    lambda: __import__("pcm.stages.train").stages.train.TrainConfig(preset="os.path"),
+    lambda: __import__("pcm.stages.train").stages.train.TrainConfig(model={"__class__": "os.system"}),
+    lambda: __import__("pcm.stages.encode").stages.encode.EncodeConfig(loader="pickle"),
 ], ids=["dtype", "extra-field", "clip-precision", "published", "train-preset", "model-field", "encode-extra"])
 def test_config_fields_that_name_things_refuse_unknown_values(build):
     with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
@@ -480,7 +480,7 @@ def test_config_fields_that_name_things_refuse_unknown_values(build):
 
 
 def test_pipeline_presets_are_names_or_explicit_toml_paths(tmp_path):
-    from pcm.pipeline import PRESETS, resolve
+    from pcm.stages.pipeline import PRESETS, resolve
 
     with pytest.raises(ValueError, match=r"unknown preset 'os\.system': use one of .*demo.*, a \.toml file or the \.json"):
         resolve("os.system")
@@ -495,7 +495,7 @@ def _relative_name(target: Path, preset_dir: Path) -> str:
 
 
 def test_pipeline_preset_names_cannot_escape_the_preset_directory(tmp_path):
-    from pcm.pipeline import PRESETS, resolve
+    from pcm.stages.pipeline import PRESETS, resolve
 
     evil = tmp_path / "evil.toml"
     shutil.copy(PRESETS / "demo.toml", evil)

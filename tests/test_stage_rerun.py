@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pcm.pipeline import STAGE_ORDER, StageRef, resolve, run_pipeline, stage_config
+from pcm.stages.pipeline import STAGE_ORDER, StageRef, resolve, run_pipeline, stage_config
 from storage import atomic
 
 # The tiny preset made small: 4 images of 32 px in 2 shards, 2 steps.
@@ -73,7 +73,7 @@ def test_a_bad_reference_names_the_key_at_fault(tmp_path):
 
 
 def test_from_run_rebuilds_the_config_with_the_same_fingerprint(tiny_run):
-    from pcm import ingest, synthesize
+    from pcm.stages import ingest, synthesize
 
     root, r = tiny_run
     captions, syn = r["ingest"].path, r["synthesize"].path
@@ -104,7 +104,7 @@ def test_from_run_rebuilds_the_config_with_the_same_fingerprint(tiny_run):
 
 
 def test_from_run_asks_again_for_a_file_it_holds_by_content_only(tmp_path):
-    from pcm.encode import CODE_VERSION, EncodeConfig
+    from pcm.stages.encode import CODE_VERSION, EncodeConfig
 
     vocab = tmp_path / "concepts.txt"
     vocab.write_text("dog\ncat\n")

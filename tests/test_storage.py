@@ -394,7 +394,7 @@ def test_files_a_library_writes_private_still_honour_the_umask(tmp_path):
 def test_a_moved_run_root_names_its_new_place_never_the_old_one(tmp_path):
     import shutil
 
-    from pcm.pipeline import resolve, run_pipeline
+    from pcm.stages.pipeline import resolve, run_pipeline
     from storage.atomic import read_json
 
     cfg = resolve("tiny", {"synthesize.limit": 8, "synthesize.shard_size": 4, "synthesize.steps": 2,

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcm.stage import finish
-from pcm.synthesize import SynthesizeConfig, Synthesizer, plan, run_synthesize, sample_seed
+from pcm.stages.stage import finish
+from pcm.stages.synthesize import SynthesizeConfig, Synthesizer, plan, run_synthesize, sample_seed
 from storage import tables
 from storage.layout import RunLayout
 from storage.lock import try_lock
@@ -119,7 +119,7 @@ def test_same_shard_twice_is_byte_identical(captions, layout):
 
 def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
     cfg = dict(TINY, shard_size=1, batch_size=1, steps=6)
-    script = ("import sys; from pcm.synthesize import SynthesizeConfig, run_synthesize; "
+    script = ("import sys; from pcm.stages.synthesize import SynthesizeConfig, run_synthesize; "
               f"run_synthesize(SynthesizeConfig(**{cfg!r}), sys.argv[1], sys.argv[2])")
     sd = plan(SynthesizeConfig(**cfg), captions, str(layout.root))
     proc = subprocess.Popen([sys.executable, "-c", script, captions, str(layout.root)], cwd=REPO,
@@ -238,7 +238,7 @@ def test_cli_runs_the_stage(captions, layout):
     import typer
     from typer.testing import CliRunner
 
-    from pcm.commands.synthesize import parse_shards, register
+    from pcm.cli.synthesize import parse_shards, register
 
     assert parse_shards("0,1,5-7") == [0, 1, 5, 6, 7]
     with pytest.raises(ValueError, match="not an index"):

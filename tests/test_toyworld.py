@@ -151,8 +151,8 @@ def test_toy_text_to_image_loads_through_from_pretrained_and_draws_32px():
 
 # -- oracle arm: paired images instead of synthesis -------------------------------------------
 def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
-    from pcm.ingest import IngestConfig, run_ingest
-    from pcm.synthesize import SynthesizeConfig, run_synthesize
+    from pcm.stages.ingest import IngestConfig, run_ingest
+    from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
     from storage import tables
     from storage.layout import StageDir
     from storage.shards import iter_tar
@@ -183,7 +183,7 @@ def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
 
 
 def test_paired_images_must_stay_inside_their_root(tmp_path):
-    from pcm.synthesize import PairedImages, Sample, SynthesizeConfig
+    from pcm.stages.synthesize import PairedImages, Sample, SynthesizeConfig
 
     (tmp_path / "root").mkdir()
     (tmp_path / "secret.png").write_bytes(b"x")
@@ -207,7 +207,7 @@ def test_shuffled_images_give_every_caption_another_image():
 
 
 def test_shuffled_references_are_never_the_images_own():
-    from pcm.evaluate import shuffled_references
+    from pcm.stages.evaluate import shuffled_references
 
     refs = {f"img{i}": [f"ref of {i}"] for i in range(7)}
     out = shuffled_references(refs)

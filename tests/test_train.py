@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from pcm import checkpoint
 from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs, load_val
-from pcm.stage import finish
-from pcm.train import TrainConfig, read_metrics, run_train, verify
+from pcm.stages.stage import finish
+from pcm.stages.train import TrainConfig, read_metrics, run_train, verify
 from pcm.vocab import Vocab
 from storage import atomic, checkpoints, tables
 from storage.arrays import write_arrays
@@ -172,7 +172,7 @@ def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
 
 
 def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
-    from pcm.train import plan
+    from pcm.stages.train import plan
 
     cap, enc = make_inputs(tmp_path / "runs")
     root = str(tmp_path / "runs")
@@ -248,7 +248,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_pa
     root = tmp_path / "killed"
     cap2, enc2 = make_inputs(root)
     kill_at = random.Random().randrange(4, 40)
-    code = ("import sys, torch; torch.set_num_threads(1); from pcm.train import TrainConfig, run_train; "
+    code = ("import sys, torch; torch.set_num_threads(1); from pcm.stages.train import TrainConfig, run_train; "
             "run_train(TrainConfig.model_validate_json(sys.argv[1]), *sys.argv[2:])")
     proc = subprocess.Popen([sys.executable, "-c", code, config.model_dump_json(), cap2, enc2, str(root)],
                             env=child_env(), stderr=subprocess.DEVNULL)
@@ -285,7 +285,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     one = run_train(config, cap, enc, str(tmp_path / "one"))
     cap2, enc2 = make_inputs(tmp_path / "two")
     env = child_env()
-    code = ("import sys; from pcm.train import TrainConfig, run_train; "
+    code = ("import sys; from pcm.stages.train import TrainConfig, run_train; "
             "run_train(TrainConfig.model_validate_json(sys.argv[1]), *sys.argv[2:])")
     two_config = config.model_copy(update={"devices": 2})
     subprocess.run([sys.executable, "-c", code, two_config.model_dump_json(), cap2, enc2, str(tmp_path / "two")],
@@ -344,7 +344,7 @@ def test_cli_train_runs_with_sets(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from pcm.commands.train import parse_sets, register
+    from pcm.cli.train import parse_sets, register
 
     assert parse_sets(["model.pcm=false", "cxe_w=2.5", "val_metric=loss"]) == {
         "model": {"pcm": False}, "cxe_w": 2.5, "val_metric": "loss"}

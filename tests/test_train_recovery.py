@@ -17,7 +17,7 @@ import pytest
 from test_train import child_env, make_inputs, tiny_config
 
 from pcm import checkpoint
-from pcm.train import run_train, verify
+from pcm.stages.train import run_train, verify
 from storage import atomic, checkpoints
 from storage.layout import StageDir
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from pcm import checkpoint
-from pcm.train import TrainConfig, run_train
+from pcm.stages.train import TrainConfig, run_train
 
 kill_step = int(sys.argv[5])
 real_save = checkpoint.save

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pcm.encode import clip_score_stats, cxe_weight_stats, plan, run_encode
+from pcm.stages.encode import clip_score_stats, cxe_weight_stats, plan, run_encode
 from storage.layout import StageDir
 from tests.test_encode import make_inputs, tiny_config
 

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from pcm.encode import EncodeConfig
-from pcm.encode import plan as encode_plan
-from pcm.ingest import IngestConfig, dataset_name
-from pcm.ingest import plan as ingest_plan
+from pcm.stages.encode import EncodeConfig
+from pcm.stages.encode import plan as encode_plan
+from pcm.stages.ingest import IngestConfig, dataset_name
+from pcm.stages.ingest import plan as ingest_plan
 from tests.test_encode import make_inputs, tiny_config
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pcm.evaluate import PER_IMAGE
+from pcm.stages.evaluate import PER_IMAGE
 from pcm.toyworld.dataset import read_scenes
 from pcm.toyworld.world import ATTRIBUTES, attribute_hits
 from storage import tables

@@ -22,17 +22,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pcm.config import StageConfig, describe_validation_error, validate
-from pcm.encode import BY_CONTENT, EncodeConfig, run_encode
-from pcm.evaluate import EvaluateConfig, run_evaluate
-from pcm.ingest import IngestConfig, run_ingest
-from pcm.synthesize import SynthesizeConfig, run_synthesize
-from pcm.train import TrainConfig, run_train
+from pcm.stages.encode import BY_CONTENT, EncodeConfig, run_encode
+from pcm.stages.evaluate import EvaluateConfig, run_evaluate
+from pcm.stages.ingest import IngestConfig, run_ingest
+from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
+from pcm.stages.train import TrainConfig, run_train
 from storage import atomic
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-PRESETS = Path(__file__).parent / "presets" / "pipeline"
+PRESETS = Path(__file__).parent.parent / "presets" / "pipeline"
 STAGE_ORDER = ("ingest", "synthesize", "encode", "train", "evaluate")
 
 
@@ -308,7 +308,7 @@ def _run_config(stage: str, path: str) -> dict[str, Any]:
         raise ValueError(f"from_run {path!r}: {file} is not a stage config.json (no 'config' table)")
     if recorded.get("stage") != stage:
         raise ValueError(f"from_run {path!r}: a {recorded.get('stage')!r} stage directory, not a {stage} one")
-    code_version = importlib.import_module(f"pcm.{stage}").CODE_VERSION
+    code_version = importlib.import_module(f"pcm.stages.{stage}").CODE_VERSION
     if recorded.get("code_version") != code_version:
         log.warning("from_run %s: made by %s code version %s, this is %s; its config is reused, its outputs "
                     "are not", path, stage, recorded.get("code_version"), code_version)

@@ -44,7 +44,7 @@ from pcm.clip import (
 )
 from pcm.config import StageConfig
 from pcm.device import resolve_device
-from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from pcm.commands import PIPELINE_PRESETS, writable_dir
+from pcm.cli.common import PIPELINE_PRESETS, writable_dir
 
 # The sizes a model preset renders when --height/--width/--steps are not given: those of the pipeline
 # preset that uses it (pcm/presets/pipeline/*.toml, e.g. tiny: 64 px, 4 steps), else its native size.
@@ -60,7 +60,7 @@ def _factor_help() -> str:
             f"presets: {facts})")
 
 
-# SynthesizeConfig's defaults, for --help only (importing pcm.synthesize imports torch); a test keeps them equal.
+# SynthesizeConfig's defaults, for --help only (importing pcm.stages.synthesize imports torch); a test keeps them equal.
 HELP_DEFAULTS = {"steps": 20, "height": 512, "width": 512}
 
 
@@ -187,7 +187,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config (JSON) and exit"),
     ) -> None:
         from pcm.config import validate
-        from pcm.synthesize import SynthesizeConfig, run_synthesize
+        from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 
         given = {"steps": steps, "height": height, "width": width}
         values: dict[str, Any] = dict(

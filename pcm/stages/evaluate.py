@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from pcm.config import StageConfig
-from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, shards, tables
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult

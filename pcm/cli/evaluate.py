@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pcm.commands import writable_dir
+from pcm.cli.common import writable_dir
 
 
 def _root_of(train: str) -> str:
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         Cross-domain: pass the other dataset's --encode and --captions.
         """
         from pcm.config import validate
-        from pcm.evaluate import EvaluateConfig, run_evaluate
+        from pcm.stages.evaluate import EvaluateConfig, run_evaluate
         from pcm.report import LABELS
 
         config = validate(EvaluateConfig, {

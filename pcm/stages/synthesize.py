@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from pcm import diffusion
 from pcm.config import StageConfig
 from pcm.device import resolve_device
-from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, tables
 from storage.fingerprint import file_digest
 from storage.image_sets import ImageIndex, read_mapping

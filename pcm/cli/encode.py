@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from pcm.commands import writable_dir
+from pcm.cli.common import writable_dir
 
 
 def _pool(text: str) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
     ) -> None:
         from pcm.config import validate
-        from pcm.encode import EncodeConfig, run_encode
+        from pcm.stages.encode import EncodeConfig, run_encode
 
         spec: dict[str, Any] = {"model": clip, "precision": precision, **_pool(pool)}
         if pretrained is not None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import typer
 
-from pcm.commands import pipeline_presets, writable_dir
+from pcm.cli.common import pipeline_presets, writable_dir
 
 RUN_EXAMPLES = """Examples:
 
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
                                          "save it to a .json file and pass that file as --preset to run it."),
     ) -> None:
         """Run the pipeline from a preset, reusing every finished stage."""
-        from pcm.pipeline import STAGE_ORDER, parse_assignments, resolve, run_pipeline
+        from pcm.stages.pipeline import STAGE_ORDER, parse_assignments, resolve, run_pipeline
 
         wanted = parse_stages(stages, "STAGES", STAGE_ORDER) or tuple(STAGE_ORDER)
         forced = parse_stages(force, "--force", STAGE_ORDER)

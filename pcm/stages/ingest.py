@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from pcm.config import StageConfig
-from pcm.stage import ProgressFn, cached, finish, locked, stage_dir
+from pcm.stages.stage import ProgressFn, cached, finish, locked, stage_dir
 from storage import atomic, tables
 from storage.fingerprint import file_digest
 from storage.layout import RunLayout, StageDir

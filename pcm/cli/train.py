@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from pcm.commands import writable_dir
+from pcm.cli.common import writable_dir
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
     ) -> None:
         from pcm.config import validate
-        from pcm.train import TrainConfig, run_train
+        from pcm.stages.train import TrainConfig, run_train
 
         if preset is not None:
             if model_preset is not None and model_preset != preset:

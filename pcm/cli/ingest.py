@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from pcm.commands import writable_dir
+from pcm.cli.common import writable_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from pcm.config import validate
         from pcm.demo_data import demo_paths
-        from pcm.ingest import IngestConfig, run_ingest
+        from pcm.stages.ingest import IngestConfig, run_ingest
 
         if demo == (source is not None):
             raise ValueError("give a caption file SOURCE or --demo (exactly one)")

@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pcm import checkpoint
 from pcm.config import StageConfig
 from pcm.model import PCMNetConfig, load_preset
-from pcm.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, checkpoints
 from storage.layout import RunLayout, StageDir
 from storage.lock import try_lock
@@ -208,7 +208,7 @@ def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, for
 
             total = total_steps_hint(sd)
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
-            distributed.launch(["pcm.train", "--config", config.model_dump_json(), "--captions", str(captions),
+            distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", str(captions),
                                 "--encode", str(encode), "--root", str(root)], config.devices, poll,
                                bind=config.dist_bind)
         else:
@@ -666,10 +666,10 @@ def evaluate_val(model, vocab, val, store, config: TrainConfig, device, autocast
 
 # ---------------------------------------------------------------------- torchrun entry point
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pcm.train --config JSON --captions DIR --encode DIR --root DIR` (one torchrun worker)."""
+    """`python -m pcm.stages.train --config JSON --captions DIR --encode DIR --root DIR` (one torchrun worker)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pcm.train", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m pcm.stages.train", description=main.__doc__)
     p.add_argument("--config", required=True, help="TrainConfig as JSON")
     p.add_argument("--captions", required=True)
     p.add_argument("--encode", required=True)

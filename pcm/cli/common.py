@@ -1,4 +1,4 @@
-"""CLI sub-commands, one module per stage; each exposes `register(app)`."""
+"""What the CLI commands share: the bundled pipeline presets (read as data) and the output-folder check."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-# The pipeline presets, read here as data: listing them must not import pcm.pipeline (torch, diffusers, ...).
+# The pipeline presets, read here as data: listing them must not import pcm.stages.pipeline (torch, diffusers, ...).
 PIPELINE_PRESETS = Path(__file__).resolve().parent.parent / "presets" / "pipeline"
 
 

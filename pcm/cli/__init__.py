@@ -72,7 +72,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 
 for _name in COMMAND_MODULES:
-    importlib.import_module(f"pcm.commands.{_name}").register(app)
+    importlib.import_module(f"pcm.cli.{_name}").register(app)
 
 
 def run() -> None:
