@@ -17,6 +17,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from storage.layout import StageDir
+
 log = logging.getLogger(__name__)
 
 
@@ -137,7 +139,7 @@ def pipeline_summary(results: Mapping[str, Any]) -> str:
     lines += ["", "Each stage's own artifacts (progress, tables, pictures, the evaluation report) are on its "
               "subflow run; their keys start with the stage name and fingerprint."]
     if "evaluate" in results:
-        metrics_file = Path(results["evaluate"].path) / "metrics.json"
+        metrics_file = StageDir.at(results["evaluate"].path).metrics
         if metrics_file.is_file():
             import json
 

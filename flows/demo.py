@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from flows.local_server import REPO, LocalStack
+from storage.layout import RunLayout, StageDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +43,12 @@ def main(argv: list[str] | None = None) -> int:
             print(run.stderr[-4000:], file=sys.stderr)
             print(f"[demo] the flow run failed; logs: {stack.home}/worker.log, {stack.home}/server.log", file=sys.stderr)
             return 1
-        metrics = sorted((REPO / "runs" / "evaluate").glob("*/metrics.json"), key=os.path.getmtime)
+        evaluated = [sd for sd in RunLayout(REPO / "runs").stage_dirs("evaluate") if sd.metrics.is_file()]
+        evaluated.sort(key=lambda sd: sd.metrics.stat().st_mtime)
         print(f"[demo] finished in {time.monotonic() - t0:.0f}s", flush=True)
         print(f"[demo] outputs:   {REPO / 'runs'}  (one directory per stage and fingerprint)")
-        if metrics:
-            print_results(metrics[-1])
+        if evaluated:
+            print_results(evaluated[-1])
         print(f"[demo] dashboard: {stack.dashboard_url}")
         if args.keep_running:
             print("[demo] server and worker keep running; press Ctrl-C to stop them", flush=True)
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
 
 
-def print_results(metrics_file: Path, n: int = 5) -> None:
-    """The metrics beside the language-only control, and a few captions beside a reference."""
+def print_results(sd: StageDir, n: int = 5) -> None:
+    """The metrics of an evaluate stage beside the language-only control, and a few of its captions."""
+    metrics_file = sd.metrics
     summary = json.loads(metrics_file.read_text())
     m = summary["metrics"]
     shown = {k: (round(100 * v, 1) if isinstance(v, float) else str(v).split(":")[0]) for k, v in m.items()
@@ -73,10 +75,10 @@ def print_results(metrics_file: Path, n: int = 5) -> None:
         print(f"[demo] control:   CIDEr {100 * control['CIDEr']:.1f} when each caption is scored against another "
               f"image's references (the captions above score {100 * m['CIDEr']:.1f} against their own)")
     print_published(summary)
-    predictions = json.loads((metrics_file.parent / "predictions.json").read_text())
+    predictions = json.loads(sd.predictions.read_text())
     for p in predictions[:: max(1, len(predictions) // n)][:n]:
         print(f"[demo] {str(p['image_id']):>10}: {p['caption']}")
-    print(f"[demo] report:    {metrics_file.parent / 'report.md'}")
+    print(f"[demo] report:    {sd.report}")
 
 
 def print_published(summary: dict) -> None:

@@ -28,9 +28,9 @@ from pcm.model import PCMNet, PCMNetConfig
 from pcm.vocab import Vocab
 from storage import atomic, checkpoints
 from storage.arrays import read_header
+from storage.checkpoints import CLIP, CONCEPTS, CONFIG, FILES, MODEL, OPTIMIZER, STATE, VOCAB
 from storage.layout import StageDir
 
-FILES = ("config.json", "vocab.json", "model.safetensors", "concepts.safetensors", "clip.json", "state.json")
 CONFIG_KEYS = ("model", "train")
 # Model fields every checkpoint has recorded since the first one and that shape the network or what
 # it decodes; a checkpoint missing one is damaged (fields added later keep their defaults when absent).
@@ -41,18 +41,18 @@ REQUIRED_MODEL_KEYS = ("d_embed", "d_width", "n_patches", "d_model", "n_heads", 
 # ---------------------------------------------------------------------- places
 def checkpoints_dir(train_dir: str | os.PathLike) -> Path:
     """Where the step checkpoints of a train stage directory live."""
-    return StageDir.at(train_dir).file("checkpoints")
+    return StageDir.at(train_dir).checkpoints
 
 
 def best_dir(train_dir: str | os.PathLike) -> Path:
     """The best-by-validation checkpoint of a train stage directory."""
-    return checkpoints.recover(StageDir.at(train_dir).file("best"))
+    return checkpoints.recover(StageDir.at(train_dir).best)
 
 
 def find(train_dir: str | os.PathLike, which: str = "best") -> Path:
     """The `best` or `latest` checkpoint of a train stage directory (a checkpoint directory is itself)."""
     train_dir = Path(train_dir)
-    if (train_dir / "model.safetensors").exists():
+    if (train_dir / MODEL).exists():
         return train_dir
     if which == "best":
         found = best_dir(train_dir)
@@ -97,20 +97,20 @@ def save(path: str | os.PathLike, *, model: PCMNet, vocab: Vocab, config: dict[s
          concept_names: list[str], state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write a checkpoint directory atomically (replacing `path` in one rename)."""
     with checkpoints.atomic_directory(path) as tmp:
-        atomic.write_json(tmp / "config.json", {"model": model.cfg.model_dump(mode="json"), "train": config})
-        vocab.save(tmp / "vocab.json")
+        atomic.write_json(tmp / CONFIG, {"model": model.cfg.model_dump(mode="json"), "train": config})
+        vocab.save(tmp / VOCAB)
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / MODEL))
         frozen = {"bank": model.concepts, "ln_post.weight": model.ln_post_weight, "ln_post.bias": model.ln_post_bias,
                   "proj": model.proj}
-        save_file({k: v.detach().cpu().contiguous() for k, v in frozen.items()}, str(tmp / "concepts.safetensors"),
+        save_file({k: v.detach().cpu().contiguous() for k, v in frozen.items()}, str(tmp / CONCEPTS),
                   metadata={"concepts": json.dumps(concept_names)})
-        atomic.write_json(tmp / "clip.json", clip)
+        atomic.write_json(tmp / CLIP, clip)
         if optimizer is not None:
             tensors, groups = _flatten_optimizer(model, optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            save_file(tensors, str(tmp / OPTIMIZER))
             state = {**state, "optimizer_groups": groups}
-        atomic.write_json(tmp / "state.json", state)
+        atomic.write_json(tmp / STATE, state)
 
 
 def _param_names(model: nn.Module) -> list[str]:
@@ -141,9 +141,9 @@ def export(src: str | os.PathLike, dest: str | os.PathLike, state: dict[str, Any
     checkpoints.check_safe(src)
     with checkpoints.atomic_directory(dest) as tmp:
         for name in FILES:
-            if name != "state.json":
+            if name != STATE:
                 shutil.copyfile(src / name, tmp / name)
-        atomic.write_json(tmp / "state.json", state)
+        atomic.write_json(tmp / STATE, state)
 
 
 # ---------------------------------------------------------------------- read
@@ -159,7 +159,7 @@ def _json_type(value: Any) -> str:
 
 def read_config(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], PCMNetConfig]:
     """(config.json as read, its validated model config); anything wrong is one error naming the file and keys."""
-    path = Path(ckpt_dir) / "config.json"
+    path = Path(ckpt_dir) / CONFIG
     config = atomic.read_json(path)
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object with keys {list(CONFIG_KEYS)} "
@@ -185,7 +185,7 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], PCMNetConf
 def read_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """state.json of a checkpoint (refusing pickled payloads); it must be an object with an integer step."""
     checkpoints.check_safe(ckpt_dir)
-    path = Path(ckpt_dir) / "state.json"
+    path = Path(ckpt_dir) / STATE
     state = atomic.read_json(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a JSON object (got {_json_type(state)}: {_got(state)})")
@@ -217,17 +217,17 @@ def load(ckpt_dir: str | os.PathLike, device: str = "cpu") -> tuple[PCMNet, Voca
         raise FileNotFoundError(f"{ckpt_dir}: incomplete checkpoint, missing {missing}")
     config, cfg = read_config(ckpt_dir)
     state = read_state(ckpt_dir)
-    vocab = Vocab.load(ckpt_dir / "vocab.json")
-    frozen = load_file(str(ckpt_dir / "concepts.safetensors"))
+    vocab = Vocab.load(ckpt_dir / VOCAB)
+    frozen = load_file(str(ckpt_dir / CONCEPTS))
     absent = [k for k in ("bank", "ln_post.weight", "ln_post.bias", "proj") if k not in frozen]
     if absent:
         raise ValueError(f"{ckpt_dir / 'concepts.safetensors'}: missing tensors {absent}")
     head = {k: frozen[k] for k in ("ln_post.weight", "ln_post.bias", "proj")}
     model = PCMNet(cfg, len(vocab), frozen["bank"], head)
-    _load_model_weights(model, ckpt_dir / "model.safetensors")
+    _load_model_weights(model, ckpt_dir / MODEL)
     model.to(device).eval()
-    names = json.loads(read_header(ckpt_dir / "concepts.safetensors")[1].get("concepts", "[]"))
-    meta = {"clip": atomic.read_json(ckpt_dir / "clip.json"), "config": config, "step": state["step"],
+    names = json.loads(read_header(ckpt_dir / CONCEPTS)[1].get("concepts", "[]"))
+    meta = {"clip": atomic.read_json(ckpt_dir / CLIP), "config": config, "step": state["step"],
             "concepts": names, "state": state}
     return model, vocab, meta
 
@@ -236,9 +236,9 @@ def load_weights(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: torch
     """Restore a training checkpoint into an existing model (and optimizer); returns its state."""
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
-    _load_model_weights(model, ckpt_dir / "model.safetensors")
+    _load_model_weights(model, ckpt_dir / MODEL)
     if optimizer is not None:
-        tensors = load_file(str(ckpt_dir / "optimizer.safetensors"))
+        tensors = load_file(str(ckpt_dir / OPTIMIZER))
         names = _param_names(model)
         per_param: dict[int, dict[str, torch.Tensor]] = {}
         for full, t in tensors.items():

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from pcm.vocab import Vocab
-from storage import tables
+from storage import manifests, tables
 from storage.arrays import open_arrays, read_header
 from storage.layout import StageDir
 
@@ -142,16 +142,15 @@ class Pairs:
 def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 1.0, seed: int = 0) -> Pairs:
     """Ok rows of scores.parquet joined with their caption text; a seeded `data_fraction` subset."""
     enc, cap = StageDir.at(encode), StageDir.at(captions)
-    scores = tables.read(enc.file("scores.parquet"), tables.SCORES).to_pylist()
-    texts = {r["caption_id"]: r["text"] for r in tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist()
-             if r["status"] == tables.STATUS_OK and r["split"] == "train"}
-    ok = sorted((r for r in scores if r["status"] == tables.STATUS_OK), key=lambda r: r["caption_id"])
+    scores = manifests.SCORES.read(enc).to_pylist()
+    texts = {r["caption_id"]: r["text"] for r in tables.ok_rows(manifests.CAPTIONS.read(cap).to_pylist(), "train")}
+    ok = sorted(tables.ok_rows(scores), key=lambda r: r["caption_id"])
     unknown = [r["caption_id"] for r in ok if r["caption_id"] not in texts]
     if unknown:
-        raise ValueError(f"{enc.file('scores.parquet')}: {len(unknown)} caption ids (first {unknown[0]!r}) are not ok "
-                         f"training captions of {cap.file('captions.parquet')}; were both stages run on the same data?")
+        raise ValueError(f"{manifests.SCORES.path(enc)}: {len(unknown)} caption ids (first {unknown[0]!r}) are not ok "
+                         f"training captions of {manifests.CAPTIONS.path(cap)}; were both stages run on the same data?")
     if not ok:
-        raise ValueError(f"{enc.file('scores.parquet')}: no rows with status ok; nothing to train on")
+        raise ValueError(f"{manifests.SCORES.path(enc)}: no rows with status ok; nothing to train on")
     if data_fraction < 1.0:
         keep = max(1, round(data_fraction * len(ok)))
         chosen = np.sort(np.random.default_rng(seed).permutation(len(ok))[:keep])
@@ -179,15 +178,14 @@ def load_val(captions: str | Path, encode: str | Path, max_images: int | None = 
     """The encoded real images of the val split (never test) and their references."""
     enc, cap = StageDir.at(encode), StageDir.at(captions)
     refs: dict[str, list[str]] = {}
-    for r in tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist():
+    for r in manifests.CAPTIONS.read(cap).to_pylist():
         if r["split"] != "val" or r["status"] != tables.STATUS_OK:
             continue
         if r["references"]:
             refs[r["image_id"]] = list(r["references"])
         elif r["image_id"] not in refs or r["text"] not in refs[r["image_id"]]:
             refs.setdefault(r["image_id"], []).append(r["text"])
-    real_path = enc.file("real.parquet")
-    rows = tables.read(real_path, tables.REAL_IMAGES).to_pylist() if real_path.exists() else []
+    rows = manifests.REAL.read(enc).to_pylist() if manifests.REAL.exists(enc) else []
     rows = sorted((r for r in rows if r["split"] == "val" and r["status"] == tables.STATUS_OK and r["image_id"] in refs),
                   key=lambda r: r["image_id"])[:max_images]
     return ValImages(image_ids=[r["image_id"] for r in rows],
@@ -198,8 +196,8 @@ def load_val(captions: str | Path, encode: str | Path, max_images: int | None = 
 
 def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
     """Concept names and the L2-normalised concept bank [C, D] from concepts.parquet."""
-    path = StageDir.at(encode).file("concepts.parquet")
-    rows = tables.read(path, tables.CONCEPTS).to_pylist()
+    enc = StageDir.at(encode)
+    path, rows = manifests.CONCEPTS.path(enc), manifests.CONCEPTS.read(enc).to_pylist()
     if not rows:
         raise ValueError(f"{path}: the concept vocabulary is empty; encode needs training captions with nouns")
     bank = torch.tensor([r["embedding"] for r in rows], dtype=torch.float32)
@@ -208,7 +206,7 @@ def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
 
 def load_clip_head(encode: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CLIP's frozen ln_post + proj and the file's metadata (clip spec JSON, ln_eps)."""
-    path = StageDir.at(encode).file("clip_head.safetensors")
+    path = StageDir.at(encode).clip_head
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; rerun `pcm encode` (it writes the CLIP head)")
     head = load_file(str(path))

@@ -13,6 +13,16 @@ from pathlib import Path
 from storage import atomic
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+# The files of one checkpoint directory (train's checkpoints/step-NNNNNNNN/ and best/).
+CONFIG = "config.json"                  # {"model": PCMNetConfig, "train": TrainConfig}
+VOCAB = "vocab.json"
+MODEL = "model.safetensors"             # trainable weights
+CONCEPTS = "concepts.safetensors"       # the frozen concept embeddings (names in the header metadata)
+CLIP = "clip.json"                      # the CLIP the features came from
+STATE = "state.json"                    # step, best score, RNG states
+OPTIMIZER = "optimizer.safetensors"     # step checkpoints only
+FILES = (CONFIG, VOCAB, MODEL, CONCEPTS, CLIP, STATE)  # every checkpoint has these
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".txt"}
 
 

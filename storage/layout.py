@@ -15,6 +15,9 @@
         checkpoints/step-NNNNNNNN/, best/, metrics.jsonl   train
         predictions.json, metrics.json, per_image.parquet, report.md   evaluate
         pictures/                       figures (grids, histograms, curves) viewable without Prefect
+
+Parquet files are named with their schema in storage/manifests.py; the files inside a checkpoint
+directory in storage/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -54,6 +57,53 @@ class StageDir:
     def pictures(self) -> Path:
         return self.path / "pictures"
 
+    @property
+    def root(self) -> Path:
+        """The run root this stage directory lies in (`<root>/<stage>/<fingerprint>`)."""
+        return self.path.parent.parent
+
+    # -- named outputs that are not Parquet manifests (those are in storage/manifests.py) ------
+    @property
+    def checkpoints(self) -> Path:
+        """train: `checkpoints/step-NNNNNNNN/` directories."""
+        return self.path / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        """train: the checkpoint of the best validation score."""
+        return self.path / "best"
+
+    @property
+    def metrics_log(self) -> Path:
+        """train: one JSON line per logged step and validation."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def clip_head(self) -> Path:
+        """encode: the CLIP projection and logit scale the model needs at caption time."""
+        return self.path / "clip_head.safetensors"
+
+    @property
+    def predictions(self) -> Path:
+        """evaluate: image id -> generated caption."""
+        return self.path / "predictions.json"
+
+    @property
+    def metrics(self) -> Path:
+        """evaluate: corpus scores, protocol and caveats."""
+        return self.path / "metrics.json"
+
+    @property
+    def report(self) -> Path:
+        """evaluate: the human-readable report."""
+        return self.path / "report.md"
+
+    def picture(self, name: str) -> Path:
+        """A figure under pictures/ (`samples.png`, `loss_curve.png`, ...)."""
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"invalid picture name {name!r}")
+        return self.pictures / name
+
     def file(self, name: str) -> Path:
         """A named output of this stage (`captions.parquet`, `metrics.json`, ...)."""
         if not name or "/" in name or "\\" in name or name.startswith("."):
@@ -82,8 +132,40 @@ class StageDir:
     def shard_lock(self, kind: str, index: int) -> Path:
         return self.shard_dir(kind) / f".{self.shard_name(index)}.lock"
 
+    def image_shard(self, index: int) -> Path:
+        """synthesize: `shards/shard-NNNNNN.tar`."""
+        return self.shard_file("shards", index, "tar")
+
+    def feature_shard(self, kind: str, index: int) -> Path:
+        """encode: `features/` or `real/` `shard-NNNNNN.safetensors`."""
+        return self.shard_file(kind, index, "safetensors")
+
     def is_complete(self) -> bool:
         return self.done_marker.exists()
+
+    def inputs(self) -> list[StageDir]:
+        """The stage directories this one was made from, as its config.json records them (none without one)."""
+        if not self.config_file.exists():
+            return []
+        from storage import atomic  # layout itself stays free of I/O helpers for everything else
+
+        recorded = atomic.read_json(self.config_file).get("inputs", {})
+        return [StageDir(self.root / stage / fp, stage, fp) for stage, fp in recorded.items()
+                if stage in STAGES and _FINGERPRINT.match(str(fp))]
+
+    def lineage(self, stage: str) -> list[StageDir]:
+        """Every directory of `stage` upstream of this one (through the config.json inputs), nearest first."""
+        found, todo, seen = [], list(self.inputs()), set()
+        while todo:
+            sd = todo.pop(0)
+            if sd.path in seen:
+                continue
+            seen.add(sd.path)
+            if sd.stage == stage:
+                found.append(sd)
+            else:
+                todo.extend(sd.inputs())
+        return found
 
     @classmethod
     def at(cls, path: str | os.PathLike) -> StageDir:
@@ -107,6 +189,14 @@ class RunLayout:
         if not _FINGERPRINT.match(fingerprint):
             raise ValueError(f"invalid fingerprint {fingerprint!r}: expected lowercase hex")
         return StageDir(self.root / stage / fingerprint, stage, fingerprint)
+
+    def stage_dirs(self, stage: str) -> list[StageDir]:
+        """The directories of `stage` under this root (finished or not), by fingerprint."""
+        parent = self.root / stage
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        found = sorted(p for p in parent.iterdir() if p.is_dir() and _FINGERPRINT.match(p.name)) if parent.is_dir() else []
+        return [StageDir(p, stage, p.name) for p in found]
 
     def stage_from_path(self, path: str | os.PathLike) -> StageDir:
         """The StageDir for an existing `<root>/<stage>/<fingerprint>` path."""

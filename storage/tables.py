@@ -153,6 +153,11 @@ def read(path: str | os.PathLike, schema: pa.Schema, columns: list[str] | None =
         raise SchemaError(f"{path}: not a readable Parquet file ({e})") from None
 
 
+def ok_rows(rows: Iterable[Mapping[str, Any]], split: str | None = None) -> list[Mapping[str, Any]]:
+    """The rows with status ok (of one split when given), in order: the filter every reader of a manifest needs."""
+    return [r for r in rows if r["status"] == STATUS_OK and (split is None or r["split"] == split)]
+
+
 def concat(paths: Iterable[str | os.PathLike], schema: pa.Schema) -> pa.Table:
     """Read and concatenate several files of one schema (empty table when none)."""
     tables = [read(p, schema) for p in paths]

@@ -20,7 +20,7 @@ import webdataset as wds
 
 from storage import arrays, atomic, checkpoints, shards, tables
 from storage.fingerprint import fingerprint
-from storage.layout import RunLayout
+from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock, LockHeld
 from storage.result import StageResult
 
@@ -413,3 +413,54 @@ def test_a_moved_run_root_names_its_new_place_never_the_old_one(tmp_path):
     assert moved["encode"].cached and moved["synthesize"].cached
     assert Path(moved["encode"].extra["pictures"]["clip_scores"]).is_relative_to(new)
     assert Path(moved["train"].extra["latest"]).is_relative_to(new) and moved["evaluate"].counts
+
+
+# -- named manifests and stage lineage ----------------------------------------------------
+def test_manifests_pair_each_file_with_its_schema(tmp_path):
+    from storage import manifests
+
+    sd = RunLayout(tmp_path).stage("encode", "0123456789abcdef")
+    rows = [{"concept": "dog", "count": 3, "embedding": [1.0, 0.0], "model": "m"}]
+    manifests.CONCEPTS.write(sd, rows)
+    assert manifests.CONCEPTS.path(sd) == sd.path / "concepts.parquet" and manifests.CONCEPTS.exists(sd)
+    assert pq.read_table(sd.path / "concepts.parquet").to_pylist() == rows  # any Arrow reader
+    with pytest.raises(tables.SchemaError, match="concepts.parquet"):
+        manifests.CONCEPTS.write(sd, [{**rows[0], "count": "three"}])
+    pq.write_table(pa.table({"concept": ["x"]}), sd.path / "concepts.parquet")
+    with pytest.raises(tables.SchemaError, match="concepts.parquet: does not match the schema"):
+        manifests.CONCEPTS.read(sd)
+    # every manifest name is unique, and the per-shard tables land in their kind's folder
+    names = [m.name for m in vars(manifests).values() if isinstance(m, manifests.Manifest)]
+    assert len(names) == len(set(names)) == 6
+    assert manifests.SHARD_SCORES.path(sd, 2) == sd.path / "features" / "shard-000002.scores.parquet"
+    assert manifests.SHARD_REAL.path(sd, 0) == sd.path / "real" / "shard-000000.status.parquet"
+
+
+def test_ok_rows_keeps_ok_rows_of_a_split_in_order():
+    rows = [{"status": "ok", "split": "val", "i": 0}, {"status": "rejected", "split": "val", "i": 1},
+            {"status": "ok", "split": "train", "i": 2}, {"status": "ok", "split": "val", "i": 3}]
+    assert [r["i"] for r in tables.ok_rows(rows, "val")] == [0, 3]
+    assert [r["i"] for r in tables.ok_rows(rows)] == [0, 2, 3]
+
+
+def test_stage_dir_root_inputs_and_lineage(tmp_path):
+    layout = RunLayout(tmp_path)
+    ingest = layout.stage("ingest", "1" * 16)
+    other_ingest = layout.stage("ingest", "2" * 16)
+    synth = layout.stage("synthesize", "3" * 16)
+    encode = layout.stage("encode", "4" * 16)
+    train = layout.stage("train", "5" * 16)
+    for sd, inputs in ((ingest, {}), (other_ingest, {}), (synth, {"ingest": ingest.fingerprint}),
+                       (encode, {"ingest": other_ingest.fingerprint, "synthesize": synth.fingerprint}),
+                       (train, {"ingest": ingest.fingerprint, "encode": encode.fingerprint})):
+        sd.path.mkdir(parents=True)
+        atomic.write_json(sd.config_file, {"stage": sd.stage, "inputs": inputs})
+    assert train.root == tmp_path.resolve() and StageDir.at(train.path).root == train.root
+    assert [s.stage for s in train.inputs()] == ["encode", "ingest"]  # config.json order (keys sorted)
+    assert train.lineage("ingest") == [ingest, other_ingest]  # nearest first, each once
+    assert train.lineage("synthesize") == [synth] and ingest.lineage("ingest") == []
+    assert [sd.fingerprint for sd in layout.stage_dirs("ingest")] == ["1" * 16, "2" * 16]
+    assert layout.stage_dirs("evaluate") == []
+    assert train.metrics_log.name == "metrics.jsonl" and train.best.name == "best"
+    with pytest.raises(ValueError, match="invalid picture name"):
+        train.picture("../x.png")

@@ -60,11 +60,14 @@ def test_paper_numbers_on_the_papers_dataset_keep_the_comparison():
 
 def test_demo_prints_the_paper_numbers_with_the_caveat(tmp_path, capsys):
     from flows.demo import print_results
+    from storage.layout import RunLayout
 
+    sd = RunLayout(tmp_path).stage("evaluate", "0123456789abcdef")
+    sd.path.mkdir(parents=True)
     block = published_block(CORPUS, "coco-vitl14", train="toyworld", evaluated="toyworld", split="test")
-    (tmp_path / "metrics.json").write_text(json.dumps(summary("toyworld", block)))
-    (tmp_path / "predictions.json").write_text(json.dumps([{"image_id": 1, "caption": "a red circle"}]))
-    print_results(tmp_path / "metrics.json")
+    sd.metrics.write_text(json.dumps(summary("toyworld", block)))
+    sd.predictions.write_text(json.dumps([{"image_id": 1, "caption": "a red circle"}]))
+    print_results(sd)
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "113.6" in x)
     assert "not comparable: different dataset" in line and "toyworld" in line
@@ -72,8 +75,8 @@ def test_demo_prints_the_paper_numbers_with_the_caveat(tmp_path, capsys):
     # a metrics.json written before the label: the demo works it out itself
     old = {"setting": "coco-vitl14", "title": "COCO in-domain, ViT-L/14", "protocol": "in-domain",
            "rows": [{"metric": "CIDEr", "measured": 90.0, "published": 113.6, "difference": -23.6}]}
-    (tmp_path / "metrics.json").write_text(json.dumps(summary("toyworld", old)))
-    print_results(tmp_path / "metrics.json")
+    sd.metrics.write_text(json.dumps(summary("toyworld", old)))
+    print_results(sd)
     line = next(x for x in capsys.readouterr().out.splitlines() if "113.6" in x)
     assert "not comparable: different dataset" in line and "-23.6" not in line
 

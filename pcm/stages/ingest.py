@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pcm.config import StageConfig
 from pcm.stages.stage import ProgressFn, cached, finish, locked, stage_dir
-from storage import atomic, tables
+from storage import atomic, manifests, tables
 from storage.fingerprint import file_digest
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
@@ -33,7 +33,7 @@ CODE_VERSION = "4"  # 2: train rows keep their image path (paired-image runs); 3
 # breaks, control characters rejected, duplicate JSON keys / CSV columns and runaway CSV quotes are errors;
 # 4: a CSV row with more cells than the header is a rejected row (its extra cells were dropped)
 STAGE = "ingest"
-OUTPUT = "captions.parquet"
+OUTPUT = manifests.CAPTIONS.name
 FORMATS = ("karpathy", "coco", "txt", "jsonl", "csv")
 SPLITS = ("train", "val", "test")
 # Karpathy's "restval" images are the part of COCO val2014 that the split gives to training.
@@ -139,7 +139,7 @@ def plan(config: IngestConfig, root: str) -> StageDir:
 
 def verify(sd: StageDir) -> str | None:
     """None when captions.parquet is in place with the row count the marker promises."""
-    path = sd.file(OUTPUT)
+    path = manifests.CAPTIONS.path(sd)
     if not path.exists():
         return f"{OUTPUT} missing"
     try:
@@ -701,7 +701,7 @@ def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
         columns, counts = build_columns(rows, config, f"{fmt}:{source_path(config).name}")
         report(2, 3, f"checked: {counts['ok']} ok, {counts['rejected']} rejected")
         t2 = time.monotonic()
-        tables.write(sd.file(OUTPUT), columns, tables.CAPTIONS)
+        manifests.CAPTIONS.write(sd, columns)
         report(3, 3, f"wrote {OUTPUT}")
         t3 = time.monotonic()
         log.info("ingest: %d captions from %s (%d ok, %d rejected) -> %s", counts["rows"], config.source,
