@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from pcm import bundled
 from pcm.device import resolve_device
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets" / "clip"
+PRESET_DIR = bundled.PRESETS / "clip"
 LOCAL_DIR = "local-dir:"
 Precision = Literal["fp32", "fp16", "bf16"]
 _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -28,23 +29,18 @@ _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def preset_names() -> list[str]:
     """The tiny presets shipped as data files under pcm/presets/clip/."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return bundled.names("clip", ".json")
 
 
 def preset_path(name: str) -> Path:
     """The data file of a CLIP preset (only the bundled names; never a path built from input)."""
-    if name not in preset_names():
-        raise ValueError(f"unknown CLIP preset {name!r}; presets: {', '.join(preset_names())}")
-    return PRESET_DIR / f"{name}.json"
+    return bundled.path("clip", ".json", name, "CLIP")
 
 
 @cache
 def read_preset(name: str) -> dict[str, Any]:
     """A preset's JSON: description, seed, default pool and the open_clip model/preprocess configs."""
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown CLIP preset {name!r}; presets: {', '.join(preset_names())}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(preset_path(name).read_text(encoding="utf-8"))
 
 
 def _grid_side(model: str, pretrained: str | None) -> int | None:

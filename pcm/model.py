@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-PRESETS = Path(__file__).resolve().parent / "presets" / "model"
+from pcm import bundled
+
+PRESETS = bundled.PRESETS / "model"
 
 
 class PCMNetConfig(BaseModel):
@@ -79,11 +81,14 @@ class PCMNetConfig(BaseModel):
 
 def load_preset(name: str, overrides: dict[str, Any] | None = None) -> PCMNetConfig:
     """A preset by name (or a .toml path), with field overrides applied and validated."""
-    known = sorted(p.stem for p in PRESETS.glob("*.toml"))
     # A bare name picks a bundled preset (never a path built from it); a .toml path is explicit.
-    path = Path(name) if name.endswith(".toml") else PRESETS / f"{name}.toml"
-    if not path.exists() or (not name.endswith(".toml") and name not in known):
-        raise ValueError(f"model preset {name!r} not found ({path}); known presets: {', '.join(known)}")
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"model preset file {name!r} not found; known presets: "
+                             f"{', '.join(bundled.names('model', '.toml'))}")
+    else:
+        path = bundled.path("model", ".toml", name, "model")
     with open(path, "rb") as f:
         values = tomllib.load(f)
     return PCMNetConfig.model_validate({**values, **(overrides or {})})
