@@ -44,3 +44,21 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_INPUT_DIGESTS: dict[tuple, str] = {}
+
+
+def input_digest(path: str | os.PathLike) -> str:
+    """`file_digest` of a raw input file, hashed once per process while the file is unchanged.
+
+    Planning a stage hashes its input files, and one run plans a stage several times (Prefect's cache
+    key, the cached-result check, the task itself): a 600k-caption JSON would be read four times. The
+    file is identified by device, inode, size and nanosecond mtime, so a rewritten file is hashed again.
+    Integrity checks of written outputs (`storage.shards.check_shard`) keep using `file_digest`.
+    """
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _INPUT_DIGESTS:
+        _INPUT_DIGESTS[key] = file_digest(path)
+    return _INPUT_DIGESTS[key]

@@ -80,6 +80,21 @@ def test_karpathy_rows_splits_references_and_ids(karpathy, tmp_path):
     assert result.extra["format"] == "karpathy"
 
 
+def test_a_run_hashes_its_caption_file_once(karpathy, tmp_path, monkeypatch):
+    # plan() runs for Prefect's cache key, the cached-result check, the task and run_ingest: one read of the file.
+    from storage import fingerprint
+
+    calls = []
+    real = fingerprint.file_digest
+    monkeypatch.setattr(fingerprint, "file_digest", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(fingerprint, "_INPUT_DIGESTS", {})  # as in a fresh process
+    config = IngestConfig(source=str(karpathy))
+    first = plan(config, str(tmp_path / "runs"))
+    assert plan(config, str(tmp_path / "runs")) == first
+    assert run_ingest(config, str(tmp_path / "runs")).fingerprint == first.fingerprint
+    assert len(calls) == 1
+
+
 def test_karpathy_without_cocoid_uses_imgid(tmp_path):
     doc = {"images": [{"filename": "1000.jpg", "imgid": 5, "split": "test",
                        "sentences": [{"raw": "a boy", "sentid": 25}]}]}

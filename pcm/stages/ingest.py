@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pcm.config import StageConfig
 from pcm.stages.stage import ProgressFn, cached, finish, locked, stage_dir
 from storage import atomic, manifests, tables
-from storage.fingerprint import file_digest
+from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -133,7 +133,7 @@ def dataset_name(config: IngestConfig) -> str:
 def plan(config: IngestConfig, root: str) -> StageDir:
     """The stage directory for this config and this file's content; no work."""
     path = source_path(config)
-    extra = {"source_name": path.name, "source_sha256": file_digest(path)}
+    extra = {"source_name": path.name, "source_sha256": input_digest(path)}
     return stage_dir(RunLayout(root), STAGE, config, [], CODE_VERSION, extra=extra)
 
 
