@@ -476,9 +476,9 @@ def check_encode(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
 
 
 def _losses(train_dir: str) -> list[tuple[int, float]]:
-    from pcm.stages.train import read_metrics
+    from storage import jsonl
 
-    return [(r["step"], float(r["loss"])) for r in read_metrics(Path(train_dir) / "metrics.jsonl") if "loss" in r]
+    return [(r["step"], float(r["loss"])) for r in jsonl.read(Path(train_dir) / "metrics.jsonl") if "loss" in r]
 
 
 def compare_losses(eager: list[tuple[int, float]], other: list[tuple[int, float]], rtol: float, c: Checks) -> float:

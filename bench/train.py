@@ -4,7 +4,7 @@
     python bench/train.py --preset tiny --device cpu --steps 20          # quick check on a laptop
 
 ViT-L/14 shapes: 64 patches x 1024, global 768, concept bank 446, vocabulary 10,200, 20 words
-(+ BOS/EOS = 21 decoder positions). The step is the training loop's own (`pcm.stages.train.TrainStep`):
+(+ BOS/EOS = 21 decoder positions). The step is the training loop's own (`pcm.optim.TrainStep`):
 bf16 autocast, fused Adam, CXE loss, clipping by value, and optionally torch.compile and a
 whole-step CUDA graph.
 """
@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcm.model import PCMNet, load_preset  # noqa: E402
-from pcm.stages.train import TrainConfig, TrainStep, make_optimizer  # noqa: E402
+from pcm.optim import TrainStep, make_optimizer  # noqa: E402
+from pcm.stages.train import TrainConfig, optimizer_spec, step_spec  # noqa: E402
 
 SHAPES = {"vitl14": (768, 1024, 64), "vitb32": (512, 768, 49), "tiny": (64, 64, 4)}
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = PCMNet(cfg, a.vocab, bank, head).to(device).train()
     params = [q for q in model.parameters() if q.requires_grad]
     config = TrainConfig(preset=a.preset, batch_size=a.batch_size, device=a.device, cuda_graphs=a.cuda_graphs)
-    opt = make_optimizer(params, config, device, capturable=a.cuda_graphs)
+    opt = make_optimizer(params, optimizer_spec(config), device, capturable=a.cuda_graphs)
     net = torch.compile(model) if a.compile else model
-    step = TrainStep(net, opt, params, config, pad=0, device=device, amp=amp, cuda_graph=a.cuda_graphs)
+    step = TrainStep(net, opt, params, step_spec(config), pad=0, device=device, amp=amp, cuda_graph=a.cuda_graphs)
     batches = [random_batch(a.batch_size, shapes, a.vocab, a.words, device) for _ in range(4)]
     flops = step_flops(model, batches[0], step)
 

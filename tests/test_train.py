@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from pcm import checkpoint
 from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs, load_val
 from pcm.stages.stage import finish
-from pcm.stages.train import TrainConfig, read_metrics, run_train, verify
+from pcm.stages.train import TrainConfig, run_train, verify
 from pcm.vocab import Vocab
-from storage import atomic, checkpoints, tables
+from storage import atomic, checkpoints, jsonl, tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir
 
@@ -216,7 +216,7 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
     g, v = FeatureStore(StageDir.at(enc), "features").gather(pairs.shard, pairs.row)
     decoded = [vocab.decode(ids) for ids in greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos)]
     assert decoded == pairs.texts
-    losses = [r["loss"] for r in read_metrics(Path(result.path) / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.05 * losses[0]
     assert Path(result.extra["pictures"]["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
     # A second run is served from disk; verify notices a missing output.
@@ -230,7 +230,7 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
 def test_validation_by_cider_uses_the_decoder_and_the_coco_metrics(tmp_path):
     cap, enc = make_inputs(tmp_path / "runs")
     result = run_train(tiny_config(epochs=2, val_metric="cider"), cap, enc, str(tmp_path / "runs"))
-    vals = [r for r in read_metrics(Path(result.path) / "metrics.jsonl") if "val" in r]
+    vals = [r for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "val" in r]
     assert [r["step"] for r in vals] == [4] and vals[0]["val_metric"] == "cider"
     assert result.extra["best_value"] == vals[0]["val"] and 0.0 <= vals[0]["val"] <= 10.0
 
@@ -272,8 +272,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_pa
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"killed at step {killed_at} (asked {kill_at}): {len(diff)} tensors differ, e.g. {diff[:3]}"
     # metrics.jsonl: every step once, the same losses, and the same best checkpoint.
-    ra = [(r["step"], r.get("loss"), r.get("val")) for r in read_metrics(Path(ref.path) / "metrics.jsonl")]
-    rb = [(r["step"], r.get("loss"), r.get("val")) for r in read_metrics(Path(resumed.path) / "metrics.jsonl")]
+    ra = [(r["step"], r.get("loss"), r.get("val")) for r in jsonl.read(Path(ref.path) / "metrics.jsonl")]
+    rb = [(r["step"], r.get("loss"), r.get("val")) for r in jsonl.read(Path(resumed.path) / "metrics.jsonl")]
     assert ra == rb
     assert resumed.extra["best_step"] == ref.extra["best_step"]
 
@@ -291,8 +291,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     subprocess.run([sys.executable, "-c", code, two_config.model_dump_json(), cap2, enc2, str(tmp_path / "two")],
                    env=env, check=True, timeout=300)
     two_dir = tmp_path / "two" / "train" / one.fingerprint
-    la = [r["loss"] for r in read_metrics(Path(one.path) / "metrics.jsonl") if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(two_dir / "metrics.jsonl") if "loss" in r]
+    la = [r["loss"] for r in jsonl.read(Path(one.path) / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in jsonl.read(two_dir / "metrics.jsonl") if "loss" in r]
     assert len(la) == len(lb) == 6
     assert np.allclose(la, lb, rtol=1e-4, atol=1e-5), (la, lb)
     wa = load_file(str(Path(one.extra["latest"]) / "model.safetensors"))
@@ -344,20 +344,21 @@ def test_cli_train_runs_with_sets(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from pcm.cli.train import parse_sets, register
+    from pcm.cli.common import stage_values
+    from pcm.cli.train import register
 
-    assert parse_sets(["model.pcm=false", "cxe_w=2.5", "val_metric=loss"]) == {
+    assert stage_values(TrainConfig, ["model.pcm=false", "cxe_w=2.5", "val_metric=loss"]) == {
         "model": {"pcm": False}, "cxe_w": 2.5, "val_metric": "loss"}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_sets(["pcm"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        stage_values(TrainConfig, ["pcm"])
     app = typer.Typer()
     app.callback()(lambda: None)
     register(app)
     cap, enc = make_inputs(tmp_path / "runs")
     sets = ["batch_size=4", "epochs=1", "warmup=5", "min_word_count=1", "val_metric=loss", "num_workers=0",
             "model.pcm=false", "cxe=false"]
-    args = ["train", "--captions", cap, "--encode", enc, "--root", str(tmp_path / "runs"), "--preset", "tiny",
-            "--device", "cpu", "--no-progress"] + [x for s in sets for x in ("--set", s)]
+    args = ["train", "--captions", cap, "--encode", enc, "--root", str(tmp_path / "runs"),
+            "--model-preset", "tiny", "--set", "device=cpu", "--set", "progress_bar=false"] + [x for s in sets for x in ("--set", s)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "train done: 2 steps on 8 pairs" in res.output
@@ -370,7 +371,7 @@ def test_without_val_images_best_is_the_final_model(tmp_path):
     result = run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))
     assert result.counts["val_images"] == 0 and result.extra["best_value"] is None
     assert result.extra["val_metric"] == "none" and result.extra["best_step"] == 4
-    assert not [r for r in read_metrics(Path(result.path) / "metrics.jsonl") if "val" in r]
+    assert not [r for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "val" in r]
     best, latest = checkpoint.find(result.path, "best"), checkpoint.find(result.path, "latest")
     assert (best / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
 
@@ -389,3 +390,14 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkey
         monkeypatch.setattr(ft, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
         second = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
     assert second.path == first.path and second.counts == first.counts
+
+
+def test_resolve_device_gives_each_training_process_its_own_gpu():
+    from pcm.device import resolve_device
+
+    # Stages pass the name through; a training process's bare `cuda` names its local rank's GPU.
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("cuda", local_rank=0) == "cuda:0" and resolve_device("cuda", local_rank=3) == "cuda:3"
+    assert resolve_device("cuda:1", local_rank=3) == "cuda:1" and resolve_device("cpu", local_rank=3) == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto", local_rank=2) == ("cuda:2" if torch.cuda.is_available() else "cpu")

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,9 +24,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pcm import checkpoint
 from pcm.config import StageConfig
+from pcm.device import resolve_device
 from pcm.model import PCMNetConfig, load_preset
+from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
-from storage import atomic, checkpoints
+from storage import atomic, checkpoints, jsonl
 from storage.layout import RunLayout, StageDir
 from storage.lock import try_lock
 from storage.result import StageResult
@@ -178,12 +181,6 @@ def verify(sd: StageDir) -> str | None:
     return None
 
 
-def noam_lr(step: int, d_model: int = 512, warmup: int = 10_000, factor: float = 1.0) -> float:
-    """Noam schedule: factor * d^-0.5 * min(step^-0.5, step * warmup^-1.5), steps counted from 1."""
-    step = max(step, 1)
-    return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
-
-
 def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, force: bool = False,
               progress: ProgressFn | None = None) -> StageResult:
     """Train (or resume) under the stage lock; write stage.done.json last and return the result."""
@@ -236,14 +233,14 @@ def remove_stale_temporaries(sd: StageDir) -> int:
 
 def total_steps_hint(sd: StageDir) -> int:
     """Steps planned, as the workers record them in metrics.jsonl's first line (0 before it exists)."""
-    for rec in read_metrics(sd.file("metrics.jsonl")):
+    for rec in jsonl.read(sd.file("metrics.jsonl")):
         if "total_steps" in rec:
             return int(rec["total_steps"])
     return 0
 
 
 def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None:
-    recs = [r for r in read_metrics(sd.file("metrics.jsonl")) if "loss" in r]
+    recs = [r for r in jsonl.read(sd.file("metrics.jsonl")) if "loss" in r]
     total = total or total_steps_hint(sd)
     if recs and total:
         progress(recs[-1]["step"], total, f"loss {recs[-1]['loss']:.3f}")
@@ -261,32 +258,6 @@ def _finish(sd: StageDir, started: float) -> StageResult:
     return finish(sd, counts, started, extra)
 
 
-# ---------------------------------------------------------------------- metrics file
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The whole lines of metrics.jsonl (a torn last line from a kill is skipped)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the lines up to `step` (the checkpoint being resumed); later ones are redone."""
-    if path.exists():
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def plot_metrics(sd: StageDir) -> Path:
     """pictures/loss_curve.png: training loss per step and the validation metric."""
     import matplotlib
@@ -294,7 +265,7 @@ def plot_metrics(sd: StageDir) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = read_metrics(sd.file("metrics.jsonl"))
+    recs = jsonl.read(sd.file("metrics.jsonl"))
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     val = [(r["step"], r["val"]) for r in recs if "val" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -318,197 +289,284 @@ def plot_metrics(sd: StageDir) -> Path:
 
 
 # ---------------------------------------------------------------------- the training loop
-def resolve_device(spec: str, local_rank: int = 0):
-    import torch
+def lr_at(config: TrainConfig, step: int) -> float:
+    """The Noam learning rate of `step` under this config."""
+    return noam_lr(step, config.noam_d_model, config.warmup, config.lr_factor)
 
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
+
+def optimizer_spec(config: TrainConfig) -> OptimizerSpec:
+    """Adam's settings of this config, starting at the schedule's step-1 rate."""
+    return OptimizerSpec(lr=lr_at(config, 1), betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+
+
+def step_spec(config: TrainConfig) -> StepSpec:
+    """The loss and clipping settings of this config."""
+    return StepSpec(cxe=config.cxe, cxe_w=config.cxe_w, label_smoothing=config.label_smoothing,
+                    focal_gamma=config.focal_gamma, loss_reduction=config.loss_reduction, grad_clip=config.grad_clip)
+
+
+@dataclass
+class TrainData:
+    """What the inputs give a run: the pairs and their tokens, the val split, vocabulary, concepts, CLIP head."""
+
+    pairs: Any            # dataset.Pairs (synthetic image features x captions)
+    store: Any            # their FeatureStore
+    inputs: Any           # decoder input / target token ids, one row per pair
+    targets: Any
+    val: Any              # dataset.ValImages: the real val images and their references (possibly none)
+    val_store: Any
+    vocab: Any
+    model_config: PCMNetConfig  # the preset fitted to the feature shapes
+    names: list[str]      # concept names and their CLIP text embeddings
+    bank: Any
+    head: Any             # CLIP's ln_post and proj
+    clip_spec: dict[str, Any]
+
+
+@dataclass
+class Run:
+    """One process's run as setup builds it; the loop advances the last four (what a checkpoint records)."""
+
+    config: TrainConfig
+    sd: StageDir
+    info: Any             # distributed.DistInfo
+    device: Any
+    data: TrainData
+    model: Any            # the PCMNet (what is saved) ...
+    opt: Any
+    train_step: TrainStep  # ... and the step over its DDP / compiled wrapper
+    batches: Any          # dataset.EpochBatches
+    total: int
+    autocast: Any         # bf16 autocast or a null context, for validation
+    step: int
+    epoch: int
+    position: int         # next batch of the epoch
+    best: dict[str, Any]  # {"metric", "value", "step"} of the best validation so far
 
 
 def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, progress: ProgressFn | None = None) -> None:
-    """The training loop of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
+    """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
-    from tqdm import tqdm
 
-    from pcm import dataset, distributed
-    from pcm.model import PCMNet
-    from pcm.vocab import Vocab
+    from pcm import distributed
 
     info = distributed.from_env()
-    device = resolve_device(config.device, info.local_rank)
+    device = torch.device(resolve_device(config.device, info.local_rank))
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     distributed.setup(info, device)
     try:
-        # Data, vocabulary, concepts and the model config fitted to the feature shapes.
-        pairs = dataset.load_pairs(captions, encode, config.data_fraction, config.seed)
-        enc = StageDir.at(encode)
-        store = dataset.FeatureStore(enc, "features")
-        store.check_rows(pairs.shard, pairs.row, pairs.caption_ids)
-        if config.shuffle_images:
-            log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
-            pairs = pairs.with_images_shuffled(config.seed)
-        d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))
-        names, bank = dataset.load_concepts(encode)
-        head, head_meta = dataset.load_clip_head(encode)
-        cfg = config.model_preset().with_data_shapes(d_embed, d_width, n_patches, str(enc.path))
-        if "ln_eps" in head_meta:
-            cfg = cfg.model_copy(update={"clip_ln_eps": float(head_meta["ln_eps"])})
-        clip_spec = load_result(encode).extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
-        vocab = Vocab.build(pairs.texts, config.min_word_count)
-        inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
-        val = dataset.load_val(captions, encode, config.val_max_images)
-        val_store = dataset.FeatureStore(enc, "real")
-        if len(val):
-            val_store.check_rows(val.shard, val.row, val.image_ids)
-            if config.val_metric == "cider":
-                from pcm.metrics import require_java
-
-                require_java()  # fail now, not at the first validation
-        if len(val) == 0:
-            log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
-                        "validation is skipped and best/ holds the final model", enc.path)
-
-        torch.manual_seed(config.seed)  # the same initial weights on every rank
-        model = PCMNet(cfg, len(vocab), bank, head).to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if config.cuda_graphs and (device.type != "cuda" or info.world > 1):
-            raise ValueError("cuda_graphs needs one CUDA device (devices=1, device=cuda)")
-        opt = make_optimizer(params, config, device, capturable=config.cuda_graphs)
-        batches = dataset.EpochBatches(pairs, store, inputs, targets, config.batch_size, config.seed, info.rank,
-                                       info.world)
-        total = len(batches) * config.epochs
-        total = min(total, config.max_steps) if config.max_steps else total
-        higher_better = config.val_metric == "cider"
-
-        # Fresh start or resume from the latest checkpoint (model, Adam, position, best, RNG).
-        ckpt_root = checkpoint.checkpoints_dir(sd.path)
-        metrics_path = sd.file("metrics.jsonl")
-        latest = checkpoints.latest(ckpt_root)
-        state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "finished": False,
-                                 "best": {"metric": config.val_metric, "value": None, "step": None}}
-        if latest is not None:
-            state = checkpoint.load_weights(latest, model, opt)
-            saved_vocab = Vocab.load(latest / "vocab.json")
-            if saved_vocab.words != vocab.words:
-                raise ValueError(f"{latest}: its vocabulary differs from the one built from the data; "
-                                 "the inputs changed under this stage directory; rerun with --force")
-            if info.world == 1:
-                checkpoint.set_rng_state(state["rng"])
-            else:  # ranks draw different dropout masks; resume reseeds them from (seed, rank, step)
-                torch.manual_seed(hash((config.seed, info.rank, state["step"])) % 2**63)
-            log.info("resuming %s at step %d (epoch %d, batch %d)", sd.path, state["step"], state["epoch"],
-                     state["position"])
-            if info.is_main:
-                repair_best(sd, latest, state)
-        else:
-            torch.manual_seed(config.seed + 1 + info.rank)
-        if info.is_main:
-            if latest is not None:
-                truncate_metrics(metrics_path, state["step"])
-            else:  # lines of a run killed before its first checkpoint are redone
-                metrics_path.unlink(missing_ok=True)
-                append_metrics(metrics_path, {"step": 0, "total_steps": total, "train_pairs": len(pairs),
-                                              "val_images": len(val), "vocab": len(vocab), "val_metric": config.val_metric})
-
-        net = distributed.wrap(model, info, device)
-        if config.compile:
-            net = torch.compile(net)
-        amp = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-        train_step = TrainStep(net, opt, params, config, vocab.pad, device, amp, config.cuda_graphs)
-
-        def save(step: int, epoch: int, position: int, finished: bool) -> None:
-            common = {"train_pairs": len(pairs), "val_images": len(val), "vocab": len(vocab),
-                      "scheduler": {"kind": "noam", "d_model": config.noam_d_model, "warmup": config.warmup,
-                                    "factor": config.lr_factor}}
-            record = {**common, "step": step, "epoch": epoch, "position": position, "finished": finished,
-                      "best": state["best"], "rng": checkpoint.rng_state()}
-            checkpoint.save(ckpt_root / checkpoints.step_name(step), model=model, vocab=vocab,
-                            config=config.model_dump(mode="json"), clip=clip_spec, concept_names=names,
-                            state=record, optimizer=opt)
-            checkpoints.prune(ckpt_root, config.keep_last)
-
-        def validate(step: int, last: bool) -> bool:
-            """Score the val split; True when this step is the best so far (then best/ is written)."""
-            if len(val) == 0:  # nothing to select on: best/ is the final model
-                better = last
-                state["best"] = {"metric": "none", "value": None, "step": step} if last else state["best"]
-            else:
-                value = evaluate_val(model, vocab, val, val_store, config, device, autocast)
-                best = state["best"]
-                better = best["value"] is None or (value > best["value"] if higher_better else value < best["value"])
-                append_metrics(metrics_path, {"step": step, "val": value, "val_metric": config.val_metric})
-                if better:
-                    state["best"] = {"metric": config.val_metric, "value": value, "step": step}
-            return better
-
-        def save_best(step: int) -> None:
-            checkpoint.save(checkpoint.best_dir(sd.path), model=model, vocab=vocab,
-                            config=config.model_dump(mode="json"), clip=clip_spec, concept_names=names,
-                            state={"step": step, "epoch": state["epoch"], "best": state["best"]})
-
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        bar = tqdm(total=total, initial=step, desc="train", unit="step",
-                   disable=not (config.progress_bar and info.is_main))
-        loss_sum, loss_n, t_log = torch.zeros((), device=device), 0, time.monotonic()
-        model.train()
-        while step < total:
-            batches.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                batches, batch_size=None, sampler=range(position, len(batches)), num_workers=config.num_workers,
-                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
-                persistent_workers=False)
-            for batch in loader:
-                b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                step, position = step + 1, position + 1
-                loss = train_step(b, noam_lr(step, config.noam_d_model, config.warmup, config.lr_factor))
-                loss_sum += loss
-                loss_n += 1
-                bar.update(1)
-
-                if position == len(batches):  # the epoch is done: the next position is the next epoch's start
-                    epoch, position = epoch + 1, 0
-                state.update(step=step, epoch=epoch, position=position)
-                last = step >= total
-                if step % config.log_every == 0 or last:
-                    mean_loss = float(distributed.mean(loss_sum / loss_n, info))
-                    now = time.monotonic()
-                    if info.is_main:
-                        lr = noam_lr(step, config.noam_d_model, config.warmup, config.lr_factor)
-                        append_metrics(metrics_path, {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                                                      "samples_per_s": loss_n * config.batch_size / (now - t_log)})
-                        bar.set_postfix(loss=f"{mean_loss:.3f}")
-                        if progress:
-                            progress(step, total, f"loss {mean_loss:.3f}")
-                    loss_sum, loss_n, t_log = torch.zeros((), device=device), 0, now
-                do_val, do_save = step % config.val_every == 0 or last, step % config.checkpoint_every == 0 or last
-                better = False
-                if info.is_main and do_val:
-                    model.eval()
-                    better = validate(step, last)
-                    model.train()
-                # A new best is always checkpointed, and that step checkpoint first: a kill before best/
-                # is written leaves a checkpoint that names it, and the resume writes best/ from it.
-                if info.is_main and (do_save or better):
-                    save(step, epoch, position, finished=last)
-                if better:
-                    save_best(step)
-                if do_val or do_save:  # the other ranks wait for rank 0's writes
-                    distributed.barrier(info)
-                    t_log = time.monotonic()  # samples/s counts training time only
-                if last:
-                    break
-        bar.close()
+        run = setup(config, captions, encode, sd, info, device)
+        train_loop(run, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         distributed.teardown(info)
+
+
+def load_data(config: TrainConfig, captions: str, encode: str) -> TrainData:
+    """Pairs, vocabulary, concepts, CLIP head and the val split, checked against the feature shards."""
+    from pcm import dataset
+    from pcm.vocab import Vocab
+
+    pairs = dataset.load_pairs(captions, encode, config.data_fraction, config.seed)
+    enc = StageDir.at(encode)
+    store = dataset.FeatureStore(enc, "features")
+    store.check_rows(pairs.shard, pairs.row, pairs.caption_ids)
+    if config.shuffle_images:
+        log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
+        pairs = pairs.with_images_shuffled(config.seed)
+    d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))
+    names, bank = dataset.load_concepts(encode)
+    head, head_meta = dataset.load_clip_head(encode)
+    cfg = config.model_preset().with_data_shapes(d_embed, d_width, n_patches, str(enc.path))
+    if "ln_eps" in head_meta:
+        cfg = cfg.model_copy(update={"clip_ln_eps": float(head_meta["ln_eps"])})
+    clip_spec = load_result(encode).extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
+    vocab = Vocab.build(pairs.texts, config.min_word_count)
+    inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
+    val = dataset.load_val(captions, encode, config.val_max_images)
+    val_store = dataset.FeatureStore(enc, "real")
+    if len(val):
+        val_store.check_rows(val.shard, val.row, val.image_ids)
+        if config.val_metric == "cider":
+            from pcm.metrics import require_java
+
+            require_java()  # fail now, not at the first validation
+    if len(val) == 0:
+        log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
+                    "validation is skipped and best/ holds the final model", enc.path)
+    return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec)
+
+
+def setup(config: TrainConfig, captions: str, encode: str, sd: StageDir, info: Any, device: Any) -> Run:
+    """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
+    import torch
+
+    from pcm import dataset, distributed
+    from pcm.model import PCMNet
+
+    data = load_data(config, captions, encode)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = PCMNet(data.model_config, len(data.vocab), data.bank, data.head).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.cuda_graphs and (device.type != "cuda" or info.world > 1):
+        raise ValueError("cuda_graphs needs one CUDA device (devices=1, device=cuda)")
+    opt = make_optimizer(params, optimizer_spec(config), device, capturable=config.cuda_graphs)
+    batches = dataset.EpochBatches(data.pairs, data.store, data.inputs, data.targets, config.batch_size, config.seed,
+                                   info.rank, info.world)
+    total = len(batches) * config.epochs
+    total = min(total, config.max_steps) if config.max_steps else total
+
+    latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
+    if latest is not None:
+        state = resume(config, sd, latest, info, model, opt, data.vocab)
+    else:
+        torch.manual_seed(config.seed + 1 + info.rank)
+        state = {"step": 0, "epoch": 0, "position": 0, "best": {"metric": config.val_metric, "value": None, "step": None}}
+    if info.is_main:
+        metrics_path = sd.file("metrics.jsonl")
+        if latest is not None:
+            jsonl.truncate(metrics_path, state["step"])
+        else:  # lines of a run killed before its first checkpoint are redone
+            metrics_path.unlink(missing_ok=True)
+            jsonl.append(metrics_path, {"step": 0, "total_steps": total, "train_pairs": len(data.pairs),
+                                        "val_images": len(data.val), "vocab": len(data.vocab),
+                                        "val_metric": config.val_metric})
+
+    # Wrapped and stepped only now, over the loaded weights and Adam state: a CUDA-graph step turns Adam's
+    # learning rate into a GPU tensor, which loading the optimizer state would replace.
+    net = distributed.wrap(model, info, device)
+    if config.compile:
+        net = torch.compile(net)
+    amp = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    train_step = TrainStep(net, opt, params, step_spec(config), data.vocab.pad, device, amp, config.cuda_graphs)
+    return Run(config, sd, info, device, data, model, opt, train_step, batches, total, autocast,
+               step=state["step"], epoch=state["epoch"], position=state["position"], best=state["best"])
+
+
+def resume(config: TrainConfig, sd: StageDir, latest: Path, info: Any, model: Any, opt: Any, vocab: Any) -> dict[str, Any]:
+    """Load model, Adam and RNG states from the latest checkpoint; returns its state (position, best)."""
+    import torch
+
+    from pcm.vocab import Vocab
+
+    state = checkpoint.load_weights(latest, model, opt)
+    if Vocab.load(latest / "vocab.json").words != vocab.words:
+        raise ValueError(f"{latest}: its vocabulary differs from the one built from the data; "
+                         "the inputs changed under this stage directory; rerun with --force")
+    if info.world == 1:
+        checkpoint.set_rng_state(state["rng"])
+    else:  # ranks draw different dropout masks; resume reseeds them from (seed, rank, step)
+        torch.manual_seed(hash((config.seed, info.rank, state["step"])) % 2**63)
+    log.info("resuming %s at step %d (epoch %d, batch %d)", sd.path, state["step"], state["epoch"], state["position"])
+    if info.is_main:
+        repair_best(sd, latest, state)
+    return state
+
+
+def train_loop(run: Run, progress: ProgressFn | None) -> None:
+    """Step to `run.total`: log every `log_every`, validate every `val_every`, checkpoint every `checkpoint_every`."""
+    import torch
+    from tqdm import tqdm
+
+    from pcm import distributed
+
+    config, info, device = run.config, run.info, run.device
+    metrics_path = run.sd.file("metrics.jsonl")
+    bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step",
+               disable=not (config.progress_bar and info.is_main))
+    loss_sum, loss_n, t_log = torch.zeros((), device=device), 0, time.monotonic()
+    run.model.train()
+    while run.step < run.total:
+        run.batches.set_epoch(run.epoch)
+        loader = torch.utils.data.DataLoader(
+            run.batches, batch_size=None, sampler=range(run.position, len(run.batches)),
+            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed), persistent_workers=False)
+        for batch in loader:
+            b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            run.step, run.position = run.step + 1, run.position + 1
+            loss = run.train_step(b, lr_at(config, run.step))
+            loss_sum += loss
+            loss_n += 1
+            bar.update(1)
+
+            if run.position == len(run.batches):  # the epoch is done: the next position is the next epoch's start
+                run.epoch, run.position = run.epoch + 1, 0
+            last = run.step >= run.total
+            if run.step % config.log_every == 0 or last:
+                mean_loss = float(distributed.mean(loss_sum / loss_n, info))
+                now = time.monotonic()
+                if info.is_main:
+                    jsonl.append(metrics_path, {"step": run.step, "epoch": run.epoch, "loss": mean_loss,
+                                                "lr": lr_at(config, run.step),
+                                                "samples_per_s": loss_n * config.batch_size / (now - t_log)})
+                    bar.set_postfix(loss=f"{mean_loss:.3f}")
+                    if progress:
+                        progress(run.step, run.total, f"loss {mean_loss:.3f}")
+                loss_sum, loss_n, t_log = torch.zeros((), device=device), 0, now
+            do_val = run.step % config.val_every == 0 or last
+            do_save = run.step % config.checkpoint_every == 0 or last
+            better = False
+            if info.is_main and do_val:
+                run.model.eval()
+                better = validate(run, last)
+                run.model.train()
+            # A new best is always checkpointed, and that step checkpoint first: a kill before best/
+            # is written leaves a checkpoint that names it, and the resume writes best/ from it.
+            if info.is_main and (do_save or better):
+                save(run, finished=last)
+            if better:
+                save_best(run)
+            if do_val or do_save:  # the other ranks wait for rank 0's writes
+                distributed.barrier(info)
+                t_log = time.monotonic()  # samples/s counts training time only
+            if last:
+                break
+    bar.close()
+
+
+def validate(run: Run, last: bool) -> bool:
+    """Score the val split at this step; True when it is the best so far (then best/ is written)."""
+    config, data = run.config, run.data
+    if len(data.val) == 0:  # nothing to select on: best/ is the final model
+        if last:
+            run.best = {"metric": "none", "value": None, "step": run.step}
+        return last
+    value = evaluate_val(run.model, data.vocab, data.val, data.val_store, run.device, run.autocast,
+                         metric=config.val_metric, beam=config.val_beam, batch_size=config.val_batch_size)
+    best = run.best["value"]
+    better = best is None or (value > best if config.val_metric == "cider" else value < best)
+    jsonl.append(run.sd.file("metrics.jsonl"), {"step": run.step, "val": value, "val_metric": config.val_metric})
+    if better:
+        run.best = {"metric": config.val_metric, "value": value, "step": run.step}
+    return better
+
+
+def save(run: Run, finished: bool) -> None:
+    """The step checkpoint: weights, Adam, position, best and RNG states (the oldest beyond keep_last go)."""
+    config, data = run.config, run.data
+    ckpt_root = checkpoint.checkpoints_dir(run.sd.path)
+    record = {"train_pairs": len(data.pairs), "val_images": len(data.val), "vocab": len(data.vocab),
+              "scheduler": {"kind": "noam", "d_model": config.noam_d_model, "warmup": config.warmup,
+                            "factor": config.lr_factor},
+              "step": run.step, "epoch": run.epoch, "position": run.position, "finished": finished,
+              "best": run.best, "rng": checkpoint.rng_state()}
+    checkpoint.save(ckpt_root / checkpoints.step_name(run.step), model=run.model, vocab=data.vocab,
+                    config=config.model_dump(mode="json"), clip=data.clip_spec, concept_names=data.names,
+                    state=record, optimizer=run.opt)
+    checkpoints.prune(ckpt_root, config.keep_last)
+
+
+def save_best(run: Run) -> None:
+    """best/: this step's weights without Adam."""
+    data = run.data
+    checkpoint.save(checkpoint.best_dir(run.sd.path), model=run.model, vocab=data.vocab,
+                    config=run.config.model_dump(mode="json"), clip=data.clip_spec, concept_names=data.names,
+                    state={"step": run.step, "epoch": run.epoch, "best": run.best})
 
 
 def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
@@ -535,96 +593,9 @@ def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
     checkpoint.export(source, best, {"step": best_step, "epoch": src_state["epoch"], "best": state["best"]})
 
 
-def make_optimizer(params: list, config: TrainConfig, device: Any, capturable: bool = False) -> Any:
-    """Adam as the paper sets it (fused on GPU); `capturable` keeps its state on the GPU for CUDA graphs."""
-    import torch
-
-    return torch.optim.Adam(params, lr=noam_lr(1, config.noam_d_model, config.warmup, config.lr_factor),
-                            betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-                            fused=device.type == "cuda", capturable=capturable)
-
-
-class TrainStep:
-    """One optimisation step: forward (bf16 autocast on GPU), CXE loss, backward, clip by value, Adam.
-
-    With `cuda_graph` the whole step is captured once, after `WARMUP` eager steps on a side stream,
-    and replayed from then on: at the paper's batch of 32 a step is bound by kernel-launch
-    overhead, not by FLOPs. Batches are copied into static buffers; the learning rate lives in a
-    GPU tensor the graph reads.
-    """
-
-    WARMUP = 3
-
-    def __init__(self, net: Any, opt: Any, params: list, config: TrainConfig, pad: int, device: Any, amp: bool,
-                 cuda_graph: bool = False) -> None:
-        import torch
-
-        self.net, self.opt, self.params, self.config, self.pad = net, opt, params, config, pad
-        self.device, self.amp, self.cuda_graph = device, amp, cuda_graph
-        self.calls, self.graph, self.static, self.static_loss = 0, None, None, None
-        if cuda_graph:
-            for group in opt.param_groups:
-                group["lr"] = torch.tensor(float(group["lr"]), device=device)
-
-    def _set_lr(self, lr: float) -> None:
-        import torch
-
-        for group in self.opt.param_groups:
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-
-    def _forward_backward(self, b: dict) -> Any:
-        import torch
-
-        from pcm.loss import caption_loss, clip_weights
-
-        # No autocast weight cache: a captured graph must recompute the casts at every replay.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            logits = self.net(b["global"], b["patches"], b["inputs"])
-        c = self.config
-        loss = caption_loss(logits, b["targets"], clip_weights(b["clip_score"], c.cxe_w, c.cxe), pad=self.pad,
-                            label_smoothing=c.label_smoothing, focal_gamma=c.focal_gamma, reduction=c.loss_reduction)
-        loss.backward()
-        if c.grad_clip is not None:
-            torch.nn.utils.clip_grad_value_(self.params, c.grad_clip)
-        self.opt.step()
-        return loss.detach()
-
-    def __call__(self, batch: dict, lr: float) -> Any:
-        """Train on one batch (tensors on the device) at learning rate `lr`; returns the loss tensor."""
-        import torch
-
-        self._set_lr(lr)
-        if not self.cuda_graph:
-            self.opt.zero_grad(set_to_none=True)
-            return self._forward_backward(batch)
-        if self.static is None:
-            self.static = {k: v.clone() for k, v in batch.items()}
-        else:
-            for k, v in batch.items():
-                self.static[k].copy_(v, non_blocking=True)
-        self.calls += 1
-        if self.calls <= self.WARMUP:  # eager steps on a side stream, as capture requires
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.opt.zero_grad(set_to_none=True)
-                loss = self._forward_backward(self.static)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
-        if self.graph is None:
-            self.opt.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_loss = self._forward_backward(self.static)
-        self.graph.replay()
-        return self.static_loss
-
-
-def evaluate_val(model, vocab, val, store, config: TrainConfig, device, autocast) -> float:
-    """Validation score on the real val images: CIDEr of decoded captions, or the caption loss."""
+def evaluate_val(model, vocab, val, store, device, autocast, *, metric: str, beam: int, batch_size: int) -> float:
+    """Validation score on the real val images: `metric` "cider" (captions decoded greedily, or with a
+    beam of `beam`) or "loss" (the caption loss per reference), `batch_size` images at a time."""
     import numpy as np
     import torch
 
@@ -633,19 +604,19 @@ def evaluate_val(model, vocab, val, store, config: TrainConfig, device, autocast
     predictions: dict[str, str] = {}
     losses: list[float] = []
     with torch.no_grad(), autocast:
-        for start in range(0, len(val), config.val_batch_size):
-            sl = slice(start, start + config.val_batch_size)
+        for start in range(0, len(val), batch_size):
+            sl = slice(start, start + batch_size)
             g, v = store.gather(val.shard[sl], val.row[sl])
             g, v = g.to(device), v.to(device)
-            if config.val_metric == "cider":
+            if metric == "cider":
                 from pcm.decode import beam_search, greedy_decode
 
-                if config.val_beam == 1:
+                if beam == 1:
                     ids = greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
                                         max_len=model.cfg.max_len)
                 else:
                     ids = beam_search(model, g, v, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
-                                      beam_size=config.val_beam, max_len=model.cfg.max_len)
+                                      beam_size=beam, max_len=model.cfg.max_len)
                 predictions.update({k: vocab.decode(s) for k, s in zip(val.image_ids[sl], ids, strict=True)})
             else:
                 from pcm.dataset import caption_tokens
@@ -657,7 +628,7 @@ def evaluate_val(model, vocab, val, store, config: TrainConfig, device, autocast
                 logits = model.decode(torch.from_numpy(inp).to(device), memory[which], pad[which])
                 n = len(which)
                 losses.append(float(caption_loss(logits, torch.from_numpy(out).to(device), pad=vocab.pad)) * n)
-    if config.val_metric == "loss":
+    if metric == "loss":
         return sum(losses) / sum(len(r) for r in val.references)
     from pcm.metrics import score_cider
 
