@@ -151,3 +151,63 @@ def test_ingest_of_a_too_deeply_nested_json_is_one_line_naming_the_file(monkeypa
     code, err = run_pcm(monkeypatch, capsys, "ingest", str(deep), "--root", str(tmp_path / "runs"))
     assert code == 2
     assert_one_clean_line(err, f"{deep}: JSON nested too deeply")
+
+
+# -------------------------------------------------- --set: one grammar, one-line errors naming the key
+EVAL_INPUTS = ["--train", "t", "--encode", "e", "--captions", "c"]
+BAD_SETS = [
+    (["synthesize", "--captions", "c", "--set", "stepz=4"],
+     ["--set stepz=4: unknown key 'stepz' (did you mean 'steps'?)", "valid keys: model, revision, dtype"]),
+    (["synthesize", "--captions", "c", "--dry-run", "--set", "steps=abc"], ["--set steps=abc", "valid integer"]),
+    (["synthesize", "--captions", "c", "--set", "steps.x=1"], ["'steps' is not a table"]),
+    (["encode", "--captions", "c", "--shards", "s", "--set", "clip.pol=4"],
+     ["--set clip.pol=4: unknown key 'clip.pol'", "valid keys of clip: clip.model, clip.pretrained"]),
+    (["encode", "--captions", "c", "--shards", "s", "--set", "clip={pol = 4}"], ["unknown key 'clip.pol'"]),
+    (["train", "--captions", "c", "--encode", "e", "--set", "model.d_modl=3"],
+     ["--set model.d_modl=3", "unknown model fields ['d_modl']", "'d_model'"]),
+    (["train", "--captions", "c", "--encode", "e", "--set", "batch_size=0"], ["--set batch_size=0", "greater than 0"]),
+    (["evaluate", *EVAL_INPUTS, "--set", "split=train"], ["--set split=train", "'test' or 'val'"]),
+    (["ingest", "caps.txt", "--set", "splits=[val, test]"], ["--set splits=[val, test]", "quote the strings inside"]),
+    (["ingest", "caps.txt", "--set", "source=other.txt"], ["source is given by SOURCE or --demo"]),
+    (["ingest", "caps.txt", "--set", "max_chars"], ["--set 'max_chars': expected KEY=VALUE"]),
+    (["run", "--set", "train.lrr=1"], ["--set train.lrr=1: unknown key 'train.lrr'", "train.lr_factor"]),
+    (["run", "--set", "trian.epochs=1"], ["unknown section 'trian' (did you mean 'train'?)", "ingest, synthesize"]),
+    (["run", "--show-config", "--set", "train.epochs=abc"], ["--set train.epochs=abc", "valid integer"]),
+    (["run", "--show-config", "--set", "encode.clip.pool=0"], ["--set encode.clip.pool=0", "grid side >= 1"]),
+]
+
+
+@pytest.mark.parametrize("args, parts", BAD_SETS, ids=[" ".join(a[:1] + a[-1:]) for a, _ in BAD_SETS])
+def test_a_bad_set_key_or_value_is_one_line_naming_it(monkeypatch, capsys, tmp_path, args, parts):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_pcm(monkeypatch, capsys, *args, *([] if args[0] == "run" else ["--root", str(tmp_path)]))
+    assert code == 2
+    assert_one_clean_line(err, *parts)
+
+
+REMOVED = [
+    (["synthesize", "--captions", "c", "--steps", "4"], "use --set steps=4 "),
+    (["synthesize", "--captions", "c", "--no-progress", "--height=64"], "use --set progress_bar=false --set height=64"),
+    (["synthesize", "--captions", "c", "--negative-prompt", "a dog"], "use --set 'negative_prompt=a dog'"),
+    (["ingest", "caps.txt", "--no-dedup", "--max-chars", "80"], "use --set dedup=false --set max_chars=80"),
+    (["encode", "--captions", "c", "--shards", "s", "--clip", "tiny", "--pretrained", "none"],
+     "use --set clip.model=tiny --set clip.pretrained=none"),
+    (["train", "--captions", "c", "--encode", "e", "--devices", "2"], "use --set devices=2"),
+    (["evaluate", *EVAL_INPUTS, "--beam-size", "5"], "use --set beam_size=5"),
+    (["run", "--steps", "4"], "use --set synthesize.steps=4"),
+    (["run", "--device", "cpu"], "use one of --set synthesize.device=cpu, --set encode.device=cpu"),
+]
+
+
+@pytest.mark.parametrize("args, hint", REMOVED, ids=[" ".join(a) for a, _ in REMOVED])
+def test_a_removed_option_says_which_set_to_use(monkeypatch, capsys, args, hint):
+    code, err = run_pcm(monkeypatch, capsys, *args)
+    assert code == 2
+    assert_one_clean_line(err, f"`pcm {args[0]}` has no option --", hint, f"(`pcm {args[0]} --help` lists every key)")
+    res = CliRunner().invoke(app, args)  # the same through the typer app alone
+    assert isinstance(res.exception, ValueError) and hint in str(res.exception)
+
+
+def test_an_option_that_is_no_config_field_keeps_clicks_error(monkeypatch, capsys):
+    code, err = run_pcm(monkeypatch, capsys, "synthesize", "--captions", "c", "--bogus")
+    assert code == 2 and "No such option: --bogus" in err

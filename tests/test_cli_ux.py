@@ -51,17 +51,17 @@ def test_synthesize_defaults_to_the_presets_own_size_and_steps_and_says_so():
     assert (config["height"], config["width"], config["steps"]) == (tiny["height"], tiny["width"], tiny["steps"])
     assert f"{tiny['width']}x{tiny['height']} px, {tiny['steps']} steps" in said and "RANDOM WEIGHTS" in said
     # What the user gives wins; the rest still comes from the preset.
-    config, _ = dry_run("--height", "128", "--steps", "2")
+    config, _ = dry_run("--set", "height=128", "--set", "steps=2")
     assert (config["height"], config["width"], config["steps"]) == (128, tiny["width"], 2)
 
 
 def test_synthesize_real_models_keep_the_config_defaults():
-    from pcm.cli.synthesize import HELP_DEFAULTS
     from pcm.stages.synthesize import SynthesizeConfig
 
     defaults = {k: SynthesizeConfig.model_fields[k].default for k in ("height", "width", "steps")}
-    assert HELP_DEFAULTS == defaults  # what --help shows
-    config, said = dry_run("--model", "some-org/some-model")
+    shown = {k: d for k, d, _ in command("synthesize").config_rows()}
+    assert {k: int(shown[k]) for k in defaults} == defaults  # what --help shows
+    config, said = dry_run("--set", "model=some-org/some-model")
     assert {k: config[k] for k in defaults} == defaults
     assert "RANDOM WEIGHTS" not in said and "model some-org/some-model" in said
 
@@ -69,7 +69,7 @@ def test_synthesize_real_models_keep_the_config_defaults():
 def test_synthesize_help_states_each_presets_real_vae_factor():
     res = CliRunner().invoke(app, ["synthesize", "--help"])
     assert res.exit_code == 0 and "--dry-run" in res.output
-    help_ = param(command("synthesize"), "height").help
+    help_ = next(text for key, _, text in command("synthesize").config_rows() if key == "height")
     assert "8 for Stable Diffusion" in help_
     for name in ("tiny", "sd15-arch"):
         assert f"{name} {preset_vae_factor(name)}" in help_, help_
@@ -77,10 +77,10 @@ def test_synthesize_help_states_each_presets_real_vae_factor():
 
 
 def test_synthesize_size_errors_name_the_models_actual_factor():
-    res = CliRunner().invoke(app, ["synthesize", "--captions", "unused", "--dry-run", "--height", "100"])
+    res = CliRunner().invoke(app, ["synthesize", "--captions", "unused", "--dry-run", "--set", "height=100"])
     assert res.exit_code != 0 and isinstance(res.exception, ValueError)
     message = str(res.exception)
-    assert "--height 100: must be a multiple of 8" in message
+    assert "--set height=100: must be a multiple of 8" in message
     assert f"preset 'tiny' downsamples by {preset_vae_factor('tiny')}" in message and "try 96 or 104" in message
 
 
@@ -181,7 +181,8 @@ def test_version_is_the_installed_distributions(monkeypatch):
     assert CliRunner().invoke(app, ["--version"]).stdout.strip() == f"pcm {pcm.__version__}"
 
 
-@pytest.mark.parametrize("path", [(), ("run",), ("synthesize",), ("caption",), ("train",)])
+@pytest.mark.parametrize("path", [(), ("run",), ("ingest",), ("synthesize",), ("encode",), ("train",), ("evaluate",),
+                                  ("caption",)])
 def test_help_has_examples_that_parse(path):
     from test_readme_commands import check_pcm_parses, split_redirect
 
@@ -197,6 +198,10 @@ def test_help_has_examples_that_parse(path):
 
 HEAVY = ("torch", "diffusers", "open_clip", "transformers", "prefect", "pyarrow", "pcm.stages.pipeline", "pcm.stages.train",
          "pcm.stages.synthesize", "pcm.stages.encode")
+# A stage's --help lists its config fields from the config class itself: it imports that stage's module, but
+# for ingest, synthesize and evaluate no model library (train and encode import torch at the top).
+MODEL_LIBRARIES = ("torch", "diffusers", "open_clip", "transformers", "prefect", "pcm.stages.pipeline",
+                   "pcm.stages.train", "pcm.stages.encode")
 
 
 def test_help_version_and_presets_import_no_model_library():
@@ -204,9 +209,10 @@ def test_help_version_and_presets_import_no_model_library():
 import json, sys
 from typer.testing import CliRunner
 from pcm.cli import app
-heavy = {HEAVY!r}
 out = {{}}
-for args in (["--help"], ["--version"], ["presets"], ["synthesize", "--help"], ["run", "--help"]):
+for args, heavy in ((["--help"], {HEAVY!r}), (["--version"], {HEAVY!r}), (["presets"], {HEAVY!r}),
+                    (["run", "--help"], {HEAVY!r}), (["ingest", "--help"], {MODEL_LIBRARIES!r}),
+                    (["synthesize", "--help"], {MODEL_LIBRARIES!r}), (["evaluate", "--help"], {MODEL_LIBRARIES!r})):
     res = CliRunner().invoke(app, args)
     out[" ".join(args)] = [res.exit_code, res.stdout, [m for m in heavy if m in sys.modules]]
 print(json.dumps(out))
@@ -258,3 +264,103 @@ def test_train_takes_model_preset_and_keeps_preset_as_a_deprecated_alias(tmp_pat
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for line in doc.read_text(encoding="utf-8").splitlines():
             assert not re.search(r"pcm train .*--preset\b", line), (doc.name, line)
+
+
+# -- 9. one `--set KEY=VALUE` grammar; a stage's --help lists its config fields ---------------------------------
+STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
+# What each stage command keeps as options: its inputs, --root, --force and switches that are no config field.
+KEPT = {"ingest": {"source", "demo", "sets", "root", "force"},
+        "synthesize": {"captions", "sets", "import_images", "import_mapping", "root", "worker_index", "num_workers",
+                       "shards", "force", "dry_run"},
+        "encode": {"captions", "shards", "images_root", "sets", "root", "force"},
+        "train": {"captions", "encode", "model_preset", "preset", "sets", "root", "force"},
+        "evaluate": {"train", "encode", "captions", "sets", "root", "force"}}
+
+
+def expected_defaults(cls) -> dict[str, str]:
+    """Every --set key of a config class and its default as --set spells it (a nested model as KEY.SUB)."""
+    from pydantic import BaseModel
+
+    from pcm.config import toml_text
+
+    out = {}
+    for name, f in cls.model_fields.items():
+        value = None if f.is_required() else f.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            out |= {f"{name}.{k}": toml_text(getattr(value, k)) for k in type(value).model_fields}
+        else:
+            out[name] = "(" if f.is_required() else toml_text(value)  # required: the row names what gives it
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_help_lists_every_config_field_with_its_default(stage, monkeypatch):
+    import typer.rich_utils
+
+    from pcm.cli.common import config_class
+
+    assert {p.name for p in command(stage).params} == KEPT[stage]  # no option re-declares a config field
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 250)  # one table row a line
+    res = CliRunner().invoke(app, [stage, "--help"])
+    assert res.exit_code == 0, res.output
+    cls = config_class(stage)
+    expected = expected_defaults(cls)
+    if stage == "train":
+        from pcm.model import PCMNetConfig
+
+        expected |= {f"model.{k}": "" for k in PCMNetConfig.model_fields}
+    for key, default in expected.items():
+        assert re.search(rf"^\W*{re.escape(key)}\s+{re.escape(default)}", res.output, flags=re.M), (key, default)
+    for name, f in cls.model_fields.items():  # and what each field means, from its pydantic description
+        if f.description:
+            assert " ".join(f.description.split())[:40] in " ".join(res.output.split()), name
+    literal = {"ingest": 'splits  ["train", "val", "test"]', "synthesize": "steps  20", "encode": "clip.model  ViT-L-14",
+               "train": "cxe_w  4.0", "evaluate": "beam_size  3"}[stage]
+    key, default = literal.split("  ")
+    assert re.search(rf"^\W*{re.escape(key)}\s+{re.escape(default)}\s", res.output, flags=re.M), literal
+
+
+def stage_config(monkeypatch, tmp_path, stage: str, args: list[str]):
+    """The config `pcm STAGE ARGS` would run its stage with (the stage itself is stopped)."""
+    import importlib
+
+    seen = []
+
+    def stop(config, *a, **k):
+        seen.append(config)
+        raise RuntimeError("stopped before the stage")
+
+    monkeypatch.setattr(importlib.import_module(f"pcm.stages.{stage}"), f"run_{stage}", stop)
+    res = CliRunner().invoke(app, [stage, *args, "--root", str(tmp_path / "runs")])
+    assert seen, (res.output, res.exception)
+    return seen[-1]
+
+
+# Values of each kind: numbers (1e-4 style too), booleans, bare words and quoted text, none, arrays, tables.
+TRICKY = {"ingest": ['splits=["train", "test"]', "max_chars=200", "dedup=false", "name=none"],
+          "synthesize": ["steps=3", "guidance_scale=5e0", "negative_prompt=blurry photo", "compile=true", "limit=6"],
+          "encode": ["clip.pool=none", "prompt=A picture of {c}.", "top_n=none", "batch_size=8"],
+          "train": ["model.pcm=false", "model={top_k = 3}", "cxe_w=2.5", "lr_factor=1e-1", "val_metric=loss",
+                    "betas=[0.8, 0.99]", "grad_clip=null"],
+          "evaluate": ["beam_size=5", "split=val", "published=coco-vitl14", "length_penalty=0.5", 'spice="off"']}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_set_gives_the_same_config_on_run_and_on_the_stage_command(stage, monkeypatch, tmp_path):
+    from pcm.config import toml_text
+    from pcm.stages.pipeline import load_preset
+
+    shown = CliRunner().invoke(app, ["run", "--preset", "tiny", "--show-config",
+                                     *[x for s in TRICKY[stage] for x in ("--set", f"{stage}.{s}")]])
+    assert shown.exit_code == 0, (shown.output, shown.exception)
+    want = json.loads(shown.stdout)[stage]
+    # The stage command from the same preset section, given as --set (its inputs as options) ...
+    section = load_preset("tiny")[stage]
+    inputs = {"ingest": lambda: [section.pop("source")], "synthesize": lambda: ["--captions", "c"],
+              "encode": lambda: ["--captions", "c", "--shards", "s", "--images-root", section.pop("images_root")],
+              "train": lambda: ["--captions", "c", "--encode", "e"],
+              "evaluate": lambda: ["--train", str(tmp_path), "--encode", "e", "--captions", "c"]}[stage]()
+    sets = [f"{k}={toml_text(v)}" for k, v in section.items()] + TRICKY[stage]
+    got = stage_config(monkeypatch, tmp_path, stage, [*inputs, *[x for s in sets for x in ("--set", s)]])
+    # ... is the same config: every --set value parsed the same way.
+    assert got.model_dump(mode="json") == want

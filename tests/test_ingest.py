@@ -523,8 +523,8 @@ def test_cli_prints_counts_and_the_stage_directory(karpathy, tmp_path):
 
     from pcm.cli import app
 
-    res = CliRunner().invoke(app, ["ingest", str(karpathy), "--root", str(tmp_path / "runs"), "--splits", "val,test",
-                                   "--max-chars", "100"])
+    res = CliRunner().invoke(app, ["ingest", str(karpathy), "--root", str(tmp_path / "runs"),
+                                   "--set", 'splits=["val", "test"]', "--set", "max_chars=100"])
     assert res.exit_code == 0, res.output
     path = res.stdout.strip().splitlines()[-1]
     assert Path(path, "captions.parquet").exists() and "rejected_whitespace" in res.output

@@ -70,6 +70,23 @@ def test_parse_assignments():
         "encode.images_root": "/data/x"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_assignments(["train.epochs"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_assignments(["train..epochs=2"])
+    # One grammar for every command (pcm.config's): TOML values, none/null for None, else the text itself.
+    assert parse_assignments(["lr=1e-4", "on=true", "v=none", "w=null", 'q="none"', "p=a b", "d=2024-01-01",
+                              'l=["val", "test"]', "t=[val, test]", "e="]) == {
+        "lr": 1e-4, "on": True, "v": None, "w": None, "q": "none", "p": "a b", "d": "2024-01-01",
+        "l": ["val", "test"], "t": "[val, test]", "e": ""}
+    assert parse_assignments(["x=1\ny = 2"]) == {"x": "1\ny = 2"}  # one value, never a second TOML key
+
+
+def test_toml_text_reads_back_as_the_same_value():
+    from pcm.config import parse_value, toml_text
+
+    for value in (2, 1e-08, 0.5, True, None, "text", "a path/x.json", "", "none", "1.5", "A photo of {c}.",
+                  ["train", "val"], [0.9, 0.999], {"pcm": False, "top_k": 3}):
+        assert parse_value(toml_text(value)) == value, (value, toml_text(value))
+    assert toml_text({"pool": None}) == "{pool = none}"  # shown in --help only: a TOML table cannot hold none
 
 
 def test_flow_parameter_validates_the_whole_config():

@@ -3,70 +3,82 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from pcm.cli.common import writable_dir
+from pcm.cli.common import Row, build_config, config_command, set_option, stage_values, writable_dir
+
+ENCODE_EXAMPLES = """Examples:
+
+  pcm encode --captions runs/ingest/<fp> --shards runs/synthesize/<fp> --images-root /data/coco   # ViT-L/14, openai
+
+  pcm encode --captions runs/ingest/<fp> --shards runs/synthesize/<fp> --set clip.model=tiny --set clip.precision=fp32
+
+  pcm encode --captions runs/ingest/<fp> --shards runs/synthesize/<fp> --set clip.model=ViT-B-32 --set clip.pool=none
+"""
+
+GIVEN_BY = {"images_root": "--images-root"}
+# The --help text of EncodeConfig and ClipSpec fields that have no pydantic description (yet).
+DESCRIPTIONS = {
+    "clip.model": "open_clip architecture (ViT-L-14, ViT-B-32, ...) or preset: tiny, tiny-l14",
+    "clip.pretrained": "open_clip tag (openai; none for presets), a checkpoint file, or local-dir:/path holding "
+                       "open_clip_config.json + weights",
+    "clip.precision": "fp32 on the CPU is faster",
+    "clip.pool": "patch grid side after average pooling; unset: 16x16 -> 8x8 as in the paper, presets their own, "
+                 "anything else none (no pooling)",
+    "images_root": "directory the val/test image_path values of captions.parquet are relative to (e.g. the COCO "
+                   "images folder); without it no real image is encoded",
+    "real_shard_size": "real images per real/ feature shard",
+    "min_count": "concepts: keep nouns seen at least this often",
+    "top_n": "concepts: keep at most the N most frequent nouns (446 = the authors' COCO list); none = all",
+    "vocabulary_file": "text file, one concept a line, instead of extracting nouns from the captions",
+    "concepts_from": "another encode stage directory: use its concept words (the release: COCO's for Flickr30k)",
+    "prompt": "prompt template of the concept embeddings ({c} = the concept)",
+    "prompt_ensemble": "average each concept's embedding over a prompt ensemble: openai-imagenet (CLIP's 80 "
+                       "ImageNet templates) or simple-imagenet (open_clip's 7); none: the prompt alone",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+    "batch_size": "images per CLIP batch",
+    "num_workers": "DataLoader processes decoding and preprocessing images",
+    "pin_memory": "pinned host batches (GPU)",
+    "progress_bar": "show progress bars",
+}
 
 
-def _pool(text: str) -> dict[str, Any]:
-    """`auto` -> the spec's default (paper: 16x16 -> 8x8), `none` -> no pooling, N -> an N x N grid."""
-    if text == "auto":
-        return {}
-    if text == "none":
-        return {"pool": None}
-    try:
-        return {"pool": int(text)}
-    except ValueError:
-        raise ValueError(f"--pool {text!r}: expected auto, none or a grid side such as 8") from None
+def help_rows(rows: list[Row]) -> list[Row]:
+    """--help's rows; where a field has no description of its own, the one above."""
+    out = []
+    for key, default, text in rows:
+        if (not text or text.startswith("one of ")) and key in DESCRIPTIONS:
+            text = f"{DESCRIPTIONS[key]} ({text})" if text else DESCRIPTIONS[key]
+        out.append((key, default, text))
+    return out
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(help="Encode synthetic (and real val/test) images with a frozen CLIP.\n\n"
+    @app.command(cls=config_command("encode", given_by=GIVEN_BY, rows=help_rows), epilog=ENCODE_EXAMPLES,
+                 help="Encode synthetic (and real val/test) images with a frozen CLIP.\n\n"
                  "Writes <root>/encode/<fingerprint>/: features/shard-NNNNNN.safetensors (global embedding + "
                  "patch tokens per synthetic image), scores.parquet (CLIP score and caption embedding per "
                  "sample), real/ and real.parquet (with --images-root), concepts.parquet (noun vocabulary + "
                  "'A photo of {c}.' embeddings), clip_head.safetensors and pictures/clip_scores.png. "
-                 "Reruns encode only the shards without a done marker.")
+                 "Reruns encode only the shards without a done marker. Every config field is set with "
+                 "--set KEY=VALUE (listed below), the CLIP's as clip.KEY.")
     def encode(
         captions: str = typer.Option(..., "--captions", help="finished ingest stage directory (captions.parquet)"),
         shards: str = typer.Option(..., "--shards", help="finished synthesize stage directory (shards/*.tar)"),
-        root: str = typer.Option("runs", "--root", help="run root directory"),
-        clip: str = typer.Option("ViT-L-14", "--clip", help="open_clip architecture (ViT-L-14, ViT-B-32, ...) "
-                                 "or preset: tiny, tiny-l14"),
-        pretrained: str | None = typer.Option(
-            None, "--pretrained", help="open_clip tag (default: openai; none for presets), a checkpoint file, or "
-            "local-dir:/path holding open_clip_config.json + weights"),
-        precision: str = typer.Option("fp16", help="fp16, bf16 or fp32 (fp32 on the CPU is faster)"),
-        pool: str = typer.Option("auto", help="patch grid side after average pooling: auto (16x16 -> 8x8 as in the "
-                                 "paper, presets: their default), none, or N"),
         images_root: str | None = typer.Option(
             None, "--images-root", help="directory the val/test image_path values of captions.parquet are "
             "relative to (e.g. the COCO images folder); without it no real image is encoded"),
-        real_shard_size: int = typer.Option(1000, help="real images per real/ feature shard"),
-        min_count: int = typer.Option(2, help="concepts: keep nouns seen at least this often"),
-        top_n: int | None = typer.Option(446, help="concepts: keep at most the N most frequent nouns"),
-        vocabulary: str | None = typer.Option(None, "--vocabulary", help="text file, one concept a line, instead of "
-                                              "extracting nouns from the captions"),
-        prompt: str = typer.Option("A photo of {c}.", help="prompt template of the concept embeddings"),
-        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-        batch_size: int = typer.Option(256, help="images per CLIP batch"),
-        num_workers: int = typer.Option(4, help="DataLoader processes decoding and preprocessing images"),
-        pin_memory: bool = typer.Option(True, "--pin-memory/--no-pin-memory", help="pinned host batches (GPU)"),
+        sets: list[str] = set_option(),
+        root: str = typer.Option("runs", "--root", help="run root directory"),
         force: bool = typer.Option(False, "--force", help="re-encode everything even if done"),
-        progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
     ) -> None:
-        from pcm.config import validate
         from pcm.stages.encode import EncodeConfig, run_encode
 
-        spec: dict[str, Any] = {"model": clip, "precision": precision, **_pool(pool)}
-        if pretrained is not None:
-            spec["pretrained"] = None if pretrained == "none" else pretrained
-        values = dict(clip=spec, images_root=images_root, real_shard_size=real_shard_size, min_count=min_count,
-                      top_n=top_n, vocabulary_file=vocabulary, prompt=prompt, device=device, batch_size=batch_size,
-                      num_workers=num_workers, pin_memory=pin_memory, progress_bar=progress_bar)
-        config = validate(EncodeConfig, values, "encode")
+        values = stage_values(EncodeConfig, sets, GIVEN_BY, example="clip.model=ViT-B-32")
+        if images_root is not None:
+            values["images_root"] = images_root
+        config = build_config(EncodeConfig, values, "encode", sets)
         writable_dir(root)
         result = run_encode(config, captions, shards, root, force=force)
         c, state = result.counts, "cached" if result.cached else "done"

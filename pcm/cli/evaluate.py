@@ -7,13 +7,20 @@ from pathlib import Path
 
 import typer
 
-from pcm.cli.common import writable_dir
+from pcm.cli.common import build_config, config_command, set_option, stage_values, writable_dir
 
 
 def _root_of(train: str) -> str:
     """A stage directory is <root>/<stage>/<fingerprint>: the run root is two levels up."""
     return str(Path(train).resolve().parent.parent)
 
+
+EVALUATE_EXAMPLES = """Examples:
+
+  pcm evaluate --train runs/train/<fp> --encode runs/encode/<fp> --captions runs/ingest/<fp>
+
+  pcm evaluate --train runs/train/<fp> --encode runs/encode/<fp> --captions runs/ingest/<fp> --set split=val --set beam_size=5
+"""
 
 CAPTION_EXAMPLES = """Examples:
 
@@ -26,40 +33,28 @@ CAPTION_EXAMPLES = """Examples:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("evaluate")
+    @app.command("evaluate", cls=config_command("evaluate"), epilog=EVALUATE_EXAMPLES)
     def evaluate(
         train: str = typer.Option(..., "--train", help="Finished train stage directory (holds the checkpoints)."),
         encode: str = typer.Option(..., "--encode", help="Finished encode stage directory with the real images' "
                                    "features (another dataset's for cross-domain evaluation)."),
         captions: str = typer.Option(..., "--captions", help="Finished ingest stage directory with the reference "
                                      "captions of those images."),
-        split: str = typer.Option("test", "--split", help="test or val."),
-        checkpoint: str = typer.Option("best", "--checkpoint", help="best (validation) or latest."),
-        beam_size: int = typer.Option(3, "--beam-size", help="Beam width; 1 = greedy."),
-        max_len: int = typer.Option(20, "--max-len", help="Maximum caption length in words."),
-        length_penalty: float = typer.Option(0.0, "--length-penalty", help="Rank beams by score / length**A."),
-        spice: str = typer.Option("auto", "--spice", help="auto (when its jars are installed), on or off."),
-        published: str = typer.Option(None, "--published", help="Paper setting to compare with, e.g. coco-vitl14 "
-                                      "(see pcm/presets/published.toml)."),
-        report_samples: int = typer.Option(12, "--report-samples", help="Sample predictions shown in report.md."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
-        batch_size: int = typer.Option(64, "--batch-size", help="Images decoded per batch."),
+        sets: list[str] = set_option(),
         root: str = typer.Option(None, "--root", help="Run root for the output (default: the train stage's root)."),
         force: bool = typer.Option(False, "--force", help="Redo the evaluation even if it is finished."),
     ) -> None:
         """Caption the real images of a split with a trained model and score them (BLEU, METEOR, ROUGE-L, CIDEr, SPICE).
 
         Writes predictions.json (COCO results format), metrics.json, per_image.parquet and report.md to ROOT/evaluate/<fingerprint>/.
-        Cross-domain: pass the other dataset's --encode and --captions.
+        Cross-domain: pass the other dataset's --encode and --captions. Every config field is set with
+        --set KEY=VALUE (listed below).
         """
-        from pcm.config import validate
-        from pcm.stages.evaluate import EvaluateConfig, run_evaluate
         from pcm.report import LABELS
+        from pcm.stages.evaluate import EvaluateConfig, run_evaluate
 
-        config = validate(EvaluateConfig, {
-            "split": split, "checkpoint": checkpoint, "beam_size": beam_size, "max_len": max_len,
-            "length_penalty": length_penalty, "spice": spice, "published": published,
-            "report_samples": report_samples, "device": device, "batch_size": batch_size}, "evaluate")
+        config = build_config(EvaluateConfig, stage_values(EvaluateConfig, sets, example="beam_size=5"), "evaluate",
+                              sets)
         if root is not None or Path(train).is_dir():  # a missing train directory is run_evaluate's error
             writable_dir(root or _root_of(train), "--root" if root is not None else
                          "--root (default: the train stage's run root)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import typer
 
-from pcm.cli.common import pipeline_presets, writable_dir
+from pcm.cli.common import VALUE_SYNTAX, build_config, config_command, pipeline_presets, writable_dir
 
 RUN_EXAMPLES = """Examples:
 
@@ -37,8 +39,33 @@ def parse_stages(items: Sequence[str] | None, option: str, order: Sequence[str])
     return tuple(s for s in order if s in names)
 
 
+def pipeline_overrides(items: Sequence[str], preset: str) -> dict[str, Any]:
+    """`--set SECTION.KEY=VALUE` of `pcm run`: each key checked against its stage's config, each stage a --set
+    touches validated with the preset (a bad value is one line naming its --set); then resolve() takes them."""
+    from pcm.config import parse_assignments, unknown_key
+    from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, apply_overrides, load_preset
+
+    overrides = parse_assignments(items, example="train.epochs=2")
+    typed = {item.partition("=")[0].strip(): item for item in items}
+    for key, value in overrides.items():
+        section = key.split(".")[0]
+        if section not in PipelineConfig.model_fields:
+            near = difflib.get_close_matches(section, STAGE_ORDER, n=1)
+            raise ValueError(f"--set {typed[key]}: unknown section {section!r}"
+                             f"{f' (did you mean {near[0]!r}?)' if near else ''}; expected SECTION.KEY=VALUE with "
+                             f"SECTION one of {', '.join(STAGE_ORDER)}")
+        if why := unknown_key(PipelineConfig, key, value):
+            raise ValueError(f"--set {typed[key]}: {why}")
+    raw = apply_overrides(load_preset(preset), overrides)
+    for section in dict.fromkeys(k.split(".")[0] for k in overrides):
+        if section in STAGE_ORDER and section in raw:
+            build_config(PipelineConfig.model_fields[section].annotation, raw[section], section,
+                         [item for k, item in typed.items() if k.split(".")[0] == section], prefix=f"{section}.")
+    return overrides
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("run", epilog=RUN_EXAMPLES)
+    @app.command("run", cls=config_command(None), epilog=RUN_EXAMPLES)
     def run(
         stages: list[str] = typer.Argument(
             None, help="Stages to run: ingest, synthesize, encode, train, evaluate, or 'all' (default); "
@@ -47,7 +74,9 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("demo", "--preset", "-p", help="Pipeline preset name (see `pcm presets`), a "
                                    ".toml file, or the .json that --show-config prints."),
         set_: list[str] = typer.Option(
-            None, "--set", "-s", help="Override a parameter: SECTION.KEY=VALUE, e.g. synthesize.steps=4 (repeatable)."),
+            None, "--set", "-s", metavar="SECTION.KEY=VALUE",
+            help="Override a parameter: SECTION.KEY=VALUE, e.g. synthesize.steps=4 (repeatable); each stage's keys, "
+            f"defaults and meanings: `pcm <stage> --help`. {VALUE_SYNTAX}."),
         root: str = typer.Option("runs", "--root", help="Run root: outputs go to ROOT/<stage>/<fingerprint>/."),
         force: list[str] = typer.Option(
             None, "--force", help="Redo these stages even if finished: a stage, a comma list (encode,train) or "
@@ -56,11 +85,11 @@ def register(app: typer.Typer) -> None:
                                          "save it to a .json file and pass that file as --preset to run it."),
     ) -> None:
         """Run the pipeline from a preset, reusing every finished stage."""
-        from pcm.stages.pipeline import STAGE_ORDER, parse_assignments, resolve, run_pipeline
+        from pcm.stages.pipeline import STAGE_ORDER, resolve, run_pipeline
 
         wanted = parse_stages(stages, "STAGES", STAGE_ORDER) or tuple(STAGE_ORDER)
         forced = parse_stages(force, "--force", STAGE_ORDER)
-        cfg = resolve(preset, parse_assignments(set_ or []))
+        cfg = resolve(preset, pipeline_overrides(set_ or [], preset))
         if show_config:
             typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return

@@ -9,9 +9,9 @@ from typing import Any
 
 import typer
 
-from pcm.cli.common import PIPELINE_PRESETS, writable_dir
+from pcm.cli.common import PIPELINE_PRESETS, Row, build_config, config_command, set_option, stage_values, writable_dir
 
-# The sizes a model preset renders when --height/--width/--steps are not given: those of the pipeline
+# The sizes a model preset renders when height/width/steps are not set: those of the pipeline
 # preset that uses it (pcm/presets/pipeline/*.toml, e.g. tiny: 64 px, 4 steps), else its native size.
 PRESET_FIELDS = ("height", "width", "steps")
 SD_VAE_FACTOR = 8  # Stable Diffusion 1.x/2.x and SDXL VAEs downsample by 8
@@ -48,7 +48,7 @@ def preset_defaults(model: str) -> dict[str, int]:
 
 
 def size_multiple(model: str) -> int:
-    """What --height/--width must be a multiple of for `model`: 8 (the config's rule) and its VAE factor."""
+    """What height/width must be a multiple of for `model`: 8 (the config's rule) and its VAE factor."""
     return math.lcm(CONFIG_MULTIPLE, vae_factor(model) or SD_VAE_FACTOR)
 
 
@@ -56,35 +56,37 @@ def _factor_help() -> str:
     from pcm import diffusion
 
     facts = ", ".join(f"{n} {vae_factor(n)}" for n in diffusion.preset_names())
-    return (f"a multiple of {CONFIG_MULTIPLE} and of the model's VAE factor (8 for Stable Diffusion; "
-            f"presets: {facts})")
+    return f"the VAE factor is {SD_VAE_FACTOR} for Stable Diffusion; presets: {facts}"
 
 
-# SynthesizeConfig's defaults, for --help only (importing pcm.stages.synthesize imports torch); a test keeps them equal.
-HELP_DEFAULTS = {"steps": 20, "height": 512, "width": 512}
-
-
-def _default_help(key: str) -> str:
-    """`--help`'s default of a preset-filled option, e.g. `20; presets: sd15-arch 20, tiny 4`."""
+def help_rows(rows: list[Row]) -> list[Row]:
+    """--help's rows, with the real size rule of each model and what a preset renders at (`tiny 64`)."""
     from pcm import diffusion
 
-    per = ", ".join(f"{n} {preset_defaults(n).get(key, HELP_DEFAULTS[key])}" for n in diffusion.preset_names())
-    return f"{HELP_DEFAULTS[key]}; presets: {per}"
+    out = []
+    for key, default, text in rows:
+        if key in ("height", "width"):
+            text = f"{text}; {_factor_help()}"
+        if key in PRESET_FIELDS:
+            per = ", ".join(f"{n} {preset_defaults(n).get(key, default)}" for n in diffusion.preset_names())
+            text = f"{text}; unless set, a preset model uses its own: {per}"
+        out.append((key, default, text))
+    return out
 
 
-def check_size(model: str, height: int, width: int) -> None:
-    """--height/--width against the real rule for `model`, naming the VAE factor actually involved."""
+def check_size(model: str, height: Any, width: Any) -> None:
+    """height/width against the real rule for `model`, naming the VAE factor actually involved."""
     step = size_multiple(model)
     factor = vae_factor(model)
     why = (f"the config requires multiples of {CONFIG_MULTIPLE}; the VAE of preset {model!r} downsamples by "
            f"{factor}" if factor is not None else
            f"the config requires multiples of {CONFIG_MULTIPLE}; the model's own VAE factor (8 for Stable "
            "Diffusion) is checked when it loads")
-    for option, value in (("--height", height), ("--width", width)):
-        if value % step:
+    for key, value in (("height", height), ("width", width)):
+        if isinstance(value, int) and not isinstance(value, bool) and value % step:  # else the config's error
             lower, upper = value - value % step, value - value % step + step
             near = f"{lower} or {upper}" if lower >= 8 else f"{upper}"
-            raise ValueError(f"{option} {value}: must be a multiple of {step} ({why}); try {near}")
+            raise ValueError(f"--set {key}={value}: must be a multiple of {step} ({why}); try {near}")
 
 
 def describe(config: Any) -> str:
@@ -123,18 +125,21 @@ SYNTHESIZE_EXAMPLES = """Examples:
 
   pcm synthesize --captions runs/ingest/<fp> --dry-run                 # what it would render, then stop
 
-  pcm synthesize --captions runs/ingest/<fp> --limit 16                # tiny random-weight model, {height} px, {steps} steps
+  pcm synthesize --captions runs/ingest/<fp> --set limit=16            # tiny random-weight model, {height} px, {steps} steps
 
-  pcm synthesize --captions runs/ingest/<fp> --model models/stable-diffusion-v1-5 --dtype fp16 --device cuda
+  pcm synthesize --captions runs/ingest/<fp> --set model=models/stable-diffusion-v1-5 --set dtype=fp16 --set device=cuda
 
   pcm synthesize --captions runs/ingest/<fp> --worker-index 0 --num-workers 4   # one of 4 hosts
 """
+
+GIVEN_BY = {"imported_images": "--import-images", "imported_mapping": "--import-mapping"}
 
 
 def register(app: typer.Typer) -> None:
     tiny = preset_defaults("tiny")
 
-    @app.command(help="Render one image per ok train caption of an ingest stage into WebDataset shards.\n\n"
+    @app.command(cls=config_command("synthesize", given_by=GIVEN_BY, rows=help_rows),
+                 help="Render one image per ok train caption of an ingest stage into WebDataset shards.\n\n"
                  "Writes <root>/synthesize/<fingerprint>/shards/shard-NNNNNN.tar (+ .status.parquet, "
                  ".done.json) and, when every shard is done, samples.parquet and pictures/samples.png. "
                  "Reruns do only pending shards. Several processes (or machines sharing the root) can "
@@ -142,70 +147,41 @@ def register(app: typer.Typer) -> None:
                  "finish finalises the stage.\n\n"
                  "The default model, tiny, has RANDOM WEIGHTS (noise-like images, for mechanics checks); "
                  f"a preset renders at its own size and steps (tiny: {tiny['width']}x{tiny['height']} px, {tiny['steps']} "
-                 "steps) unless --height, "
-                 "--width or --steps are given. Prints what it will render first; --dry-run stops there.",
+                 "steps) unless height, width or steps are set. Every config field is set with --set KEY=VALUE "
+                 "(listed below). Prints what it will render first; --dry-run stops there.",
                  epilog=SYNTHESIZE_EXAMPLES.format(**tiny))
     def synthesize(
         captions: str = typer.Option(..., "--captions", help="finished ingest stage directory (holds captions.parquet)"),
-        root: str = typer.Option("runs", "--root", help="run root directory"),
-        model: str = typer.Option("tiny", help="diffusers hub id, local pipeline directory, or preset: tiny, sd15-arch"),
-        revision: str | None = typer.Option(None, help="hub revision (branch, tag or commit)"),
-        dtype: str = typer.Option("fp32", help="fp16, bf16 or fp32 (use fp16 on GPUs)"),
-        scheduler: str = typer.Option("dpm++", help="dpm++, ddim, euler, euler-a or lcm"),
-        steps: int | None = typer.Option(None, help="denoising steps", show_default=_default_help("steps")),
-        guidance_scale: float = typer.Option(7.5, help="classifier-free guidance scale (<= 1 disables it)"),
-        height: int | None = typer.Option(None, help=f"image height in pixels: {_factor_help()}",
-                                          show_default=_default_help("height")),
-        width: int | None = typer.Option(None, help="image width in pixels: the same rule as --height",
-                                         show_default=_default_help("width")),
-        negative_prompt: str = typer.Option("", help="negative prompt"),
-        seed: int = typer.Option(0, help="run seed (each image's seed derives from it and its caption_id)"),
-        limit: int | None = typer.Option(None, help="only the first N ok train captions"),
-        shard_size: int = typer.Option(1000, help="images per shard"),
-        image_format: str = typer.Option("jpeg", help="jpeg, png or webp"),
-        jpeg_quality: int = typer.Option(95, help="JPEG/WebP quality (1-100)"),
+        sets: list[str] = set_option(),
         import_images: str | None = typer.Option(
             None, "--import-images", help="NOT GENERATED HERE: take the images from this directory (files and/or "
             "tar sets, e.g. the authors' SynthImgCap) instead of a diffusion model; see docs/synthesize.md"),
         import_mapping: str | None = typer.Option(
             None, "--import-mapping", help="CSV caption_id,image naming each caption's image under --import-images "
             "(default: the image named after the caption_id)"),
-        tiny_vae: str | None = typer.Option(
-            None, help="APPROXIMATE (changes the images): decode with a tiny VAE, e.g. madebyollin/taesd, a "
-            "local directory, or 'tiny' for the presets"),
-        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-        batch_size: int = typer.Option(8, help="images per UNet batch"),
-        compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the UNet (GPU)"),
-        channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last",
-                                           help="channels-last memory format (GPU)"),
-        writer_threads: int = typer.Option(4, help="threads encoding images while the GPU works"),
+        root: str = typer.Option("runs", "--root", help="run root directory"),
         worker_index: int = typer.Option(0, help="this worker's index when splitting shards (i % N == index)"),
         num_workers: int = typer.Option(1, help="number of workers splitting the shards"),
         shards: str | None = typer.Option(None, help="explicit shard indices, e.g. 0,1,5-9 (instead of workers)"),
         force: bool = typer.Option(False, "--force", help="regenerate the shards in scope even if done"),
-        progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config (JSON) and exit"),
     ) -> None:
-        from pcm.config import validate
         from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 
-        given = {"steps": steps, "height": height, "width": width}
-        values: dict[str, Any] = dict(
-            model=model, revision=revision, dtype=dtype, scheduler=scheduler,
-            guidance_scale=guidance_scale, negative_prompt=negative_prompt, seed=seed,
-            limit=limit, shard_size=shard_size, image_format=image_format, jpeg_quality=jpeg_quality,
-            imported_images=import_images, imported_mapping=import_mapping, tiny_vae=tiny_vae, device=device,
-            batch_size=batch_size, compile=compile, channels_last=channels_last, writer_threads=writer_threads,
-            progress_bar=progress_bar)
-        # Options not given: the preset's own values (tiny: 64 px, 4 steps), else SynthesizeConfig's defaults.
-        defaults = {} if import_images else preset_defaults(model)
-        values.update({k: v if v is not None else defaults.get(k) for k, v in given.items()})
-        values = {k: v for k, v in values.items() if k not in given or v is not None}
-        if not import_images:
+        values = stage_values(SynthesizeConfig, sets, GIVEN_BY, example="steps=4")
+        if import_images is not None:
+            values["imported_images"] = import_images
+        if import_mapping is not None:
+            values["imported_mapping"] = import_mapping
+        model = values.get("model", SynthesizeConfig.model_fields["model"].default)
+        if not import_images and isinstance(model, str):
+            # Not set: the preset's own values (tiny: 64 px, 4 steps), else SynthesizeConfig's defaults.
+            for key, value in preset_defaults(model).items():
+                values.setdefault(key, value)
             fields = SynthesizeConfig.model_fields
             check_size(model, values.get("height", fields["height"].default),
                        values.get("width", fields["width"].default))
-        config = validate(SynthesizeConfig, values, "synthesize")
+        config = build_config(SynthesizeConfig, values, "synthesize", sets)
         if shards is not None and num_workers != 1:
             raise ValueError("give either --shards or --worker-index/--num-workers, not both")
         if dry_run:

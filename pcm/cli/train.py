@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import typer
 
-from pcm.cli.common import writable_dir
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """`key=value` pairs (values parsed as JSON when they parse, else kept as text); `model.x` goes to overrides."""
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set batch_size=64 or --set model.pcm=false")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if key.startswith("model."):
-            values.setdefault("model", {})[key.removeprefix("model.")] = value
-        else:
-            values[key] = value
-    return values
-
+from pcm.cli.common import Row, build_config, config_command, set_option, stage_values, writable_dir
 
 TRAIN_EXAMPLES = """Examples:
 
@@ -35,33 +14,45 @@ TRAIN_EXAMPLES = """Examples:
 
   pcm train --captions runs/ingest/<fp> --encode runs/encode/<fp> --model-preset vitb32 --set cxe_w=2.5
 
-  pcm train --captions runs/ingest/<fp> --encode runs/encode/<fp> --model-preset tiny --set epochs=2 --device cpu
+  pcm train --captions runs/ingest/<fp> --encode runs/encode/<fp> --model-preset tiny --set epochs=2 --set device=cpu
 """
+
+MODEL_PRESET = "vitl14"  # whose model fields --help shows as the model.KEY defaults (TrainConfig's default preset)
+
+
+def help_rows(rows: list[Row]) -> dict[str, list[Row]]:
+    """TrainConfig's rows, then a panel of the model fields (model.KEY; default: the default model preset's)."""
+    from pcm.cli.common import CONFIG_TITLE
+    from pcm.config import toml_text
+    from pcm.model import PCMNetConfig, load_preset
+
+    preset = load_preset(MODEL_PRESET)
+    model = [(f"model.{name}", toml_text(getattr(preset, name)), (f.description or "").strip())
+             for name, f in PCMNetConfig.model_fields.items()]
+    return {CONFIG_TITLE: rows, f"Model: --set model.KEY=VALUE (defaults: model preset {MODEL_PRESET}'s; "
+            "--model-preset picks another)": model}
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(help="Train PCM-Net on a finished encode stage (features, CLIP scores, concepts).\n\n"
+    @app.command(cls=config_command("train", rows=help_rows), epilog=TRAIN_EXAMPLES,
+                 help="Train PCM-Net on a finished encode stage (features, CLIP scores, concepts).\n\n"
                  "Writes <root>/train/<fingerprint>/checkpoints/step-NNNNNNNN/, best/ (best validation "
                  "score on the val split), metrics.jsonl and pictures/loss_curve.png. A rerun resumes from "
-                 "the latest checkpoint and ends with the same weights as an uninterrupted run. Any "
-                 "TrainConfig field can be set with --set key=value, model fields with --set model.key=value; "
-                 "ablations: --set model.pcm=false, --set cxe=false, --set model.noise=false.",
-                 epilog=TRAIN_EXAMPLES)
+                 "the latest checkpoint and ends with the same weights as an uninterrupted run. Every "
+                 "TrainConfig field is set with --set KEY=VALUE, a model preset's fields with --set model.KEY=VALUE "
+                 "(both listed below); ablations: --set model.pcm=false, --set cxe=false, --set model.noise=false.")
     def train(
         captions: str = typer.Option(..., "--captions", help="finished ingest stage directory (captions.parquet)"),
         encode: str = typer.Option(..., "--encode", help="finished encode stage directory (features, scores)"),
-        root: str = typer.Option("runs", "--root", help="run root directory"),
         model_preset: str | None = typer.Option(
             None, "--model-preset", help="PCM-Net model preset: vitl14, vitb32, tiny, toy, or a .toml file "
-            "(not a pipeline preset: those are `pcm run --preset`)", show_default="vitl14"),
+            "(not a pipeline preset: those are `pcm run --preset`); the same as --set preset=NAME",
+            show_default=MODEL_PRESET),
         preset: str | None = typer.Option(None, "--preset", hidden=True, help="deprecated: --model-preset"),
-        sets: list[str] = typer.Option([], "--set", help="override a config field: key=value (repeatable)"),
-        devices: int = typer.Option(1, help="GPUs (processes); > 1 runs DDP under torchrun"),
-        device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+        sets: list[str] = set_option(),
+        root: str = typer.Option("runs", "--root", help="run root directory"),
         force: bool = typer.Option(False, "--force", help="discard checkpoints and train from scratch"),
-        progress_bar: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
     ) -> None:
-        from pcm.config import validate
         from pcm.stages.train import TrainConfig, run_train
 
         if preset is not None:
@@ -71,9 +62,12 @@ def register(app: typer.Typer) -> None:
             typer.secho("note: `pcm train --preset` is deprecated, use --model-preset (a PCM-Net model preset; "
                         "`pcm run --preset` is a pipeline preset)", fg=typer.colors.YELLOW, err=True)
         name = model_preset if model_preset is not None else preset
-        values = {**({"preset": name} if name is not None else {}), "devices": devices, "device": device,
-                  "progress_bar": progress_bar, **parse_sets(sets)}
-        config = validate(TrainConfig, values, "train")
+        values: dict[str, Any] = stage_values(TrainConfig, sets, example="model.d_model=256")
+        if name is not None:
+            if values.get("preset", name) != name:
+                raise ValueError(f"--model-preset {name} and --set preset={values['preset']}: give one of them")
+            values["preset"] = name
+        config = build_config(TrainConfig, values, "train", sets)
         writable_dir(root)
         result = run_train(config, captions, encode, root, force=force)
         e, c = result.extra, result.counts

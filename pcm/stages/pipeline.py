@@ -10,7 +10,6 @@ and "{toymodels}" to the shipped toy models (pcm/data/toymodels).
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import logging
@@ -21,7 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pcm.config import StageConfig, describe_validation_error, validate
+from pcm.config import StageConfig, describe_validation_error, set_dotted, validate
+from pcm.config import parse_assignments as parse_assignments  # the `--set` grammar, re-exported
 from pcm.stages.encode import BY_CONTENT, EncodeConfig, run_encode
 from pcm.stages.evaluate import EvaluateConfig, run_evaluate
 from pcm.stages.ingest import IngestConfig, run_ingest
@@ -94,32 +94,19 @@ def _expand(value: Any, table: dict[str, str]) -> Any:
     return value
 
 
-def _merge(old: Any, new: Any) -> Any:
-    """A table set onto a table updates it key by key (recursively); anything else replaces."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return {**old, **{k: _merge(old.get(k), v) for k, v in new.items()}}
-    return new
-
-
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (`train.batch_size`) in a copy of `raw`; unknown sections are errors.
 
     A table value merges into the table it replaces: `encode.clip={pool = 4}` keeps the preset's
     model and weights, `train.model={pcm = false}` keeps the preset's other model overrides.
+    The grammar is pcm.config's, the one every `pcm ... --set` uses (the stage commands without SECTION.).
     """
-    out = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        if parts[0] not in PipelineConfig.model_fields:
-            raise ValueError(f"override {dotted!r}: unknown section {parts[0]!r}; "
+    for dotted in overrides:
+        section = dotted.split(".")[0]
+        if section not in PipelineConfig.model_fields:
+            raise ValueError(f"override {dotted!r}: unknown section {section!r}; "
                              f"expected one of {', '.join(STAGE_ORDER)}")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {dotted!r}: {p!r} is not a section")
-        node[parts[-1]] = _merge(node.get(parts[-1]), copy.deepcopy(value))
-    return out
+    return set_dotted(raw, overrides)
 
 
 def resolve(preset: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -130,20 +117,6 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None) -> PipelineCon
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise ValueError(describe_validation_error(e, preset)) from None
-
-
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """`["train.epochs=2", "synthesize.negative_prompt=blurry"]` -> typed dict (values parsed as TOML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = text  # a bare word is a string
-    return out
 
 
 Progress = Callable[[str, int, int, str], None]
