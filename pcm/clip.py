@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pcm import bundled
 from pcm.device import resolve_device
@@ -76,10 +76,13 @@ class ClipSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    model: str = "ViT-L-14"
-    pretrained: str | None = "openai"
-    precision: Precision = "fp16"
-    pool: int | None = None
+    model: str = Field("ViT-L-14", description="open_clip architecture (ViT-L-14, ViT-B-32, ...) or preset: "
+                       "tiny, tiny-l14")
+    pretrained: str | None = Field("openai", description="open_clip tag (openai; none for presets), a checkpoint "
+                                   "file, or local-dir:/path holding open_clip_config.json + weights")
+    precision: Precision = Field("fp16", description="fp32 on the CPU is faster")
+    pool: int | None = Field(None, description="patch grid side after average pooling; unset: 16x16 -> 8x8 as in "
+                             "the paper, presets their own, anything else none (no pooling)")
 
     @model_validator(mode="before")
     @classmethod
@@ -205,11 +208,12 @@ def _missing_weights_error(spec: ClipSpec, cause: BaseException) -> RuntimeError
         file = file or "open_clip_model.safetensors"
         local = f"models/{repo.split('/')[-1]}"
         fetch = (f"hf download {repo} {file} --local-dir {local} (huggingface_hub older than 0.34: "
-                 f"huggingface-cli download {repo} {file} --local-dir {local}), copy {local} here and pass "
-                 f"--pretrained {local}/{file}")
+                 f"huggingface-cli download {repo} {file} --local-dir {local}), copy {local} here and set "
+                 f"clip.pretrained={local}/{file} (`pcm encode --set clip.pretrained=...`, "
+                 f"`pcm run --set encode.clip.pretrained=...`)")
     else:
-        fetch = (f"fetch the weights file from {cfg.get('url', '?')} and pass its path as "
-                 "--pretrained /path/to/open_clip_model.safetensors")
+        fetch = (f"fetch the weights file from {cfg.get('url', '?')} and set its path as "
+                 "clip.pretrained=/path/to/open_clip_model.safetensors (`pcm encode --set clip.pretrained=...`)")
     return RuntimeError(
         f"CLIP weights {spec.model}/{spec.pretrained} are not available on this machine ({type(cause).__name__}). "
         f"Download them where there is internet: {fetch}; or run python -c \"import open_clip; "

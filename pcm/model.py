@@ -35,11 +35,11 @@ class PCMNetConfig(BaseModel):
     d_width: int | None = Field(None, gt=0, description="CLIP patch width W (before ln_post/proj)")
     n_patches: int | None = Field(None, gt=0, description="patches per image N")
     # Transformer sizes.
-    d_model: int = Field(512, gt=0)
-    n_heads: int = Field(8, gt=0)
-    n_enc_layers: int = Field(3, gt=0)
-    n_dec_layers: int = Field(3, gt=0)
-    d_ff: int = Field(2048, gt=0)
+    d_model: int = Field(512, gt=0, description="width of the encoder and decoder")
+    n_heads: int = Field(8, gt=0, description="attention heads (d_model must divide by it)")
+    n_enc_layers: int = Field(3, gt=0, description="visual encoder layers over the CLIP patch tokens")
+    n_dec_layers: int = Field(3, gt=0, description="caption decoder layers")
+    d_ff: int = Field(2048, gt=0, description="feed-forward width of each layer")
     # Dropout (release values).
     embed_dropout: float = Field(0.5, ge=0, lt=1, description="after ReLU -> LayerNorm of the input tokens")
     dropout: float = Field(0.2, ge=0, lt=1, description="encoder layers (0.25 for COCO ViT-L/14)")

@@ -104,7 +104,8 @@ def test_the_clip_weights_error_gives_an_hf_download_command():
     message = str(_missing_weights_error(ClipSpec(model="ViT-B-32", pretrained="openai"), OSError("offline")))
     assert ("hf download timm/vit_base_patch32_clip_224.openai open_clip_model.safetensors --local-dir "
             "models/vit_base_patch32_clip_224.openai") in message
-    assert "--pretrained models/vit_base_patch32_clip_224.openai/open_clip_model.safetensors" in message
+    assert "clip.pretrained=models/vit_base_patch32_clip_224.openai/open_clip_model.safetensors" in message
+    assert "pcm encode --set clip.pretrained=" in message
 
 
 # -- 7b. --force all and comma lists -----------------------------------------------------------------------

@@ -20,12 +20,6 @@ ENCODE_EXAMPLES = """Examples:
 GIVEN_BY = {"images_root": "--images-root"}
 # The --help text of EncodeConfig and ClipSpec fields that have no pydantic description (yet).
 DESCRIPTIONS = {
-    "clip.model": "open_clip architecture (ViT-L-14, ViT-B-32, ...) or preset: tiny, tiny-l14",
-    "clip.pretrained": "open_clip tag (openai; none for presets), a checkpoint file, or local-dir:/path holding "
-                       "open_clip_config.json + weights",
-    "clip.precision": "fp32 on the CPU is faster",
-    "clip.pool": "patch grid side after average pooling; unset: 16x16 -> 8x8 as in the paper, presets their own, "
-                 "anything else none (no pooling)",
     "images_root": "directory the val/test image_path values of captions.parquet are relative to (e.g. the COCO "
                    "images folder); without it no real image is encoded",
     "real_shard_size": "real images per real/ feature shard",

@@ -67,15 +67,15 @@ class TrainConfig(StageConfig):
     min_word_count: int = Field(5, ge=1, description="words seen fewer times become <unk>")
     # Optimiser and schedule.
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's betas, each in [0, 1)")
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (L2 on every trainable weight)")
     noam_d_model: int = Field(512, gt=0, description="model size of the Noam schedule")
     warmup: int = Field(10_000, gt=0, description="Noam warm-up steps (peak lr ~4.4e-4 for 512 / 10,000)")
     lr_factor: float = Field(1.0, gt=0, le=1000, description="multiplies the Noam learning rate (at most 1000)")
     grad_clip: float | None = Field(0.1, gt=0, description="clip gradients by value; None = off")
     # Data.
     batch_size: int = Field(32, gt=0, description="global batch (split over devices)")
-    epochs: int = Field(12, gt=0)
+    epochs: int = Field(12, gt=0, description="passes over the training pairs")
     max_steps: int | None = Field(None, gt=0, description="stop after this many steps (demos, tests)")
     data_fraction: float = Field(1.0, gt=0, le=1, description="train on a seeded random fraction of the pairs")
     shuffle_images: bool = Field(False, description="CONTROL, NOT THE METHOD: train each caption on another "
@@ -87,7 +87,7 @@ class TrainConfig(StageConfig):
     val_metric: Literal["cider", "loss"] = Field("cider", description="picks best/: val CIDEr or val loss")
     val_beam: int = Field(1, ge=1, description="1 = greedy decoding for validation, else beam size")
     val_max_images: int | None = Field(1000, gt=0, description="validate on the first N val images; None = all")
-    val_batch_size: int = Field(128, gt=0)
+    val_batch_size: int = Field(128, gt=0, description="images per batch when captioning the val split")
     # Runtime (not fingerprinted).
     checkpoint_every: int = Field(1000, gt=0, description="steps between resumable checkpoints")
     keep_last: int = Field(2, ge=1, description="step checkpoints kept")
@@ -101,7 +101,7 @@ class TrainConfig(StageConfig):
         "torchrun --standalone (its stores listen on every interface)")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bitwise resumable)")
     cuda_graphs: bool = Field(False, description="capture the whole training step as a CUDA graph (one GPU)")
-    progress_bar: bool = True
+    progress_bar: bool = Field(True, description="show a tqdm bar on the terminal (rank 0)")
 
     @model_validator(mode="before")
     @classmethod
