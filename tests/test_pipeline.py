@@ -138,3 +138,14 @@ def test_a_table_override_merges_into_the_presets_table():
     assert (clip.model, clip.pool) == ("toyworld-clip", 4) and clip.pretrained.endswith("toymodels/clip")
     assert resolve("flickr30k-vitl14", {"train.model": {"pcm": False}}).train.model == {"dropout": 0.2, "pcm": False}
     assert resolve("demo", {"train.epochs": 3}).train.epochs == 3   # scalars still replace
+
+
+def test_one_stage_list():
+    # The layout's list is the run order, the CLI's and the Prefect parameter's (a Literal must spell it out).
+    import typing
+
+    from flows.synth_and_train import Stage
+    from pcm.stages.pipeline import STAGE_ORDER
+    from storage.layout import STAGES
+
+    assert STAGE_ORDER is STAGES and typing.get_args(Stage) == STAGES

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import typer
 from typer.core import TyperCommand
 
+from storage.layout import STAGES  # storage imports no torch: the CLI stays light
+
 try:  # typer 0.2x carries its own copy of click
     from typer._click.exceptions import NoSuchOption
 except ImportError:  # pragma: no cover - older typer on the real click
@@ -67,7 +69,6 @@ def writable_dir(path: str | os.PathLike, option: str = "--root") -> Path:
 
 
 # ------------------------------------------------------------------ --set KEY=VALUE on every command
-STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
 VALUE_SYNTAX = ("VALUE is TOML: 4, 1e-4, true, \"text\", [\"val\", \"test\"], {pcm = false}; a bare word is text; "
                 "none (or null) unsets an optional field")
 SET_HELP = "Set a config field: KEY=VALUE, repeatable; the keys are listed below. " + VALUE_SYNTAX + "."

@@ -28,12 +28,13 @@ from pcm.stages.ingest import IngestConfig, run_ingest
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from pcm.stages.train import TrainConfig, run_train
 from storage import atomic
+from storage.layout import STAGES
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
 PRESETS = Path(__file__).parent.parent / "presets" / "pipeline"
-STAGE_ORDER = ("ingest", "synthesize", "encode", "train", "evaluate")
+STAGE_ORDER = STAGES  # the layout's stage list is the run order
 
 
 class PipelineConfig(BaseModel):
