@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pcm.config import validation_problems
 from pcm.model import PCMNet, PCMNetConfig
 from pcm.vocab import Vocab
 from storage import atomic, checkpoints
@@ -177,8 +178,7 @@ def read_config(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], PCMNetConf
         try:
             return config, PCMNetConfig.model_validate(config["model"])
         except ValidationError as e:
-            problems += [f"model.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {_got(err.get('input'))})"
-                         for err in e.errors()]
+            problems += validation_problems(e, "model", show=_got)
     raise ValueError(f"{path}: " + "; ".join(problems))
 
 

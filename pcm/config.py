@@ -9,7 +9,7 @@ import json
 import tomllib
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,14 +31,18 @@ class StageConfig(BaseModel):
         return self.model_dump(mode="json", exclude=set(self.RUNTIME))
 
 
-def describe_validation_error(e: ValidationError, where: str) -> str:
-    """One line per invalid parameter: `where.field: message (got value)`."""
+def validation_problems(e: ValidationError, where: str, show: Callable[[Any], str] = repr) -> list[str]:
+    """One line per invalid parameter: `where.field: message (got value)`; every config error says it so."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        got = err.get("input")
-        lines.append(f"{where}.{loc}: {err['msg']} (got {got!r})" if loc else f"{where}: {err['msg']}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+        lines.append(f"{where}.{loc}: {err['msg']} (got {show(err.get('input'))})" if loc else f"{where}: {err['msg']}")
+    return lines
+
+
+def describe_validation_error(e: ValidationError, where: str) -> str:
+    """The multi-line message of an invalid stage config."""
+    return "invalid config:\n  " + "\n  ".join(validation_problems(e, where))
 
 
 def validate(cls: type[StageConfig], values: dict[str, Any], where: str) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pcm import checkpoint
-from pcm.config import StageConfig
+from pcm.config import StageConfig, validation_problems
 from pcm.device import resolve_device
 from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
@@ -134,8 +134,7 @@ class TrainConfig(StageConfig):
         try:  # a bad preset name or override fails here, once, at the edge
             self.model_preset()
         except ValidationError as e:
-            bad = "; ".join(f"model.{'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})"
-                            for x in e.errors())
+            bad = "; ".join(validation_problems(e, "model"))
             raise ValueError(f"preset {self.preset!r} with overrides is invalid: {bad}") from None
         return self
 
