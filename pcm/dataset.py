@@ -178,16 +178,13 @@ def load_val(captions: str | Path, encode: str | Path, max_images: int | None = 
     """The encoded real images of the val split (never test) and their references."""
     enc, cap = StageDir.at(encode), StageDir.at(captions)
     refs: dict[str, list[str]] = {}
-    for r in manifests.CAPTIONS.read(cap).to_pylist():
-        if r["split"] != "val" or r["status"] != tables.STATUS_OK:
-            continue
+    for r in tables.ok_rows(manifests.CAPTIONS.read(cap).to_pylist(), "val"):
         if r["references"]:
             refs[r["image_id"]] = list(r["references"])
         elif r["image_id"] not in refs or r["text"] not in refs[r["image_id"]]:
             refs.setdefault(r["image_id"], []).append(r["text"])
     rows = manifests.REAL.read(enc).to_pylist() if manifests.REAL.exists(enc) else []
-    rows = sorted((r for r in rows if r["split"] == "val" and r["status"] == tables.STATUS_OK and r["image_id"] in refs),
-                  key=lambda r: r["image_id"])[:max_images]
+    rows = sorted((r for r in tables.ok_rows(rows, "val") if r["image_id"] in refs), key=lambda r: r["image_id"])[:max_images]
     return ValImages(image_ids=[r["image_id"] for r in rows],
                      shard=np.array([r["shard"] for r in rows], dtype=np.int64),
                      row=np.array([r["row"] for r in rows], dtype=np.int64),

@@ -97,8 +97,8 @@ def register(app: typer.Typer) -> None:
         texts: list[str] = []
         for f in files:
             if f.suffix == ".parquet":
-                texts += [r["text"] for r in tables.read(f, tables.CAPTIONS, ["split", "text", "status"]).to_pylist()
-                          if r["split"] == "train" and r["status"] == tables.STATUS_OK]
+                rows = tables.read(f, tables.CAPTIONS, ["split", "text", "status"]).to_pylist()
+                texts += [r["text"] for r in tables.ok_rows(rows, "train")]
             else:
                 texts += [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
         found = extract_concepts(texts, min_count=min_count, top_n=top_n)
