@@ -62,13 +62,14 @@ def stage(args: argparse.Namespace, work: Path, captions: str, name: str, **opts
 
     The model is loaded and warmed up (and compiled, if asked) before the clock starts, as for (a).
     """
-    from pcm.stages.synthesize import SynthesizeConfig, Synthesizer, run_synthesize
+    from pcm.diffusion import Synthesizer
+    from pcm.stages.synthesize import SynthesizeConfig, generation_spec, run_synthesize
 
     config = SynthesizeConfig(model=args.preset, dtype=args.dtype, device=args.device, scheduler="dpm++",
                               steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
                               batch_size=args.batch_size, shard_size=max(args.batch_size, args.n_images // 4),
                               limit=args.n_images, progress_bar=False, **opts)
-    synth = Synthesizer(config)
+    synth = Synthesizer(generation_spec(config))
     synth.generate(["warm-up"] * args.batch_size, list(range(args.batch_size)))
     sync(args.device)
     t0 = time.perf_counter()

@@ -1,4 +1,8 @@
-"""Diffusion model loading: diffusers text-to-image pipelines by hub id, local directory or built-in preset."""
+"""Diffusion models: diffusers text-to-image pipelines by hub id, local directory or built-in preset.
+
+Loading (`load_pipeline`, `load_tiny_vae`), then generation: `Synthesizer` turns prompts and
+seeds into uint8 images with a loaded pipeline, from a `GenerationSpec` (no stage config).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,13 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from pcm.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +291,135 @@ def load_tiny_vae(spec: str, pipe: Any, *, model: str) -> Any:
         raise ValueError(f"tiny VAE {spec!r} has {vae.config.latent_channels} latent channels but the model's UNet "
                          f"makes {want}; use the tiny VAE trained for this model family")
     return vae.to(device=device, dtype=dtype).eval()
+
+
+# -- generation -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What `Synthesizer` reads: the model and its sampling settings (what), then how it runs on the device.
+
+    The synthesize stage builds one from its config (`pcm.stages.synthesize.generation_spec`).
+    """
+
+    model: str
+    revision: str | None = None
+    dtype: str = "fp32"
+    scheduler: str = "dpm++"
+    steps: int = 20
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+    tiny_vae: str | None = None
+    # -- how, not what
+    device: str = "auto"
+    batch_size: int = 8          # a compiled UNet gets every batch padded to this size
+    compile: bool = False
+    channels_last: bool = False
+
+
+class Prompted(Protocol):
+    """A planned sample: its prompt and its own seed (the synthesize stage's Sample)."""
+
+    text: str
+    seed: int
+
+
+def decode_latents(vae: Any, latents: Any) -> Any:
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], as the pipelines decode them."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:  # SDXL-style VAEs with per-channel statistics
+        m = latents.new_tensor(mean).view(1, -1, 1, 1)
+        s = latents.new_tensor(std).view(1, -1, 1, 1)
+        z = latents * s / cfg.scaling_factor + m
+    else:
+        z = latents / cfg.scaling_factor
+    param_dtype = next(vae.parameters()).dtype
+    return vae.decode(z.to(param_dtype), return_dict=False)[0]
+
+
+def to_uint8(images: Any) -> Any:
+    """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3] (diffusers' postprocess, bit for bit).
+
+    The same operations in the same dtypes as diffusers (the affine map in the image dtype, then
+    float32, round half to even), but on the device: only uint8 crosses to the host.
+    """
+    import torch
+
+    x = (images / 2 + 0.5).clamp(0, 1).float()
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Synthesizer:
+    """A loaded pipeline that turns (prompts, seeds) into uint8 images, or a failure reason per sample."""
+
+    def __init__(self, spec: GenerationSpec) -> None:
+        import torch
+
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.pipe = load_pipeline(spec.model, revision=spec.revision, dtype=spec.dtype,
+                                  device=self.device, scheduler=spec.scheduler)
+        self.vae = self.pipe.vae
+        if spec.tiny_vae:
+            self.vae = load_tiny_vae(spec.tiny_vae, self.pipe, model=spec.model)
+        # SDXL's VAE overflows in fp16; its pipeline decodes in fp32 and so do we.
+        upcast = getattr(self.vae.config, "force_upcast", False) and hasattr(self.pipe, "upcast_vae")
+        if upcast and self.vae is self.pipe.vae and self.vae.dtype == torch.float16:
+            self.vae = self.vae.to(torch.float32)
+        if spec.channels_last:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if spec.compile:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        scale = self.pipe.vae_scale_factor
+        if spec.height % scale or spec.width % scale:
+            raise ValueError(f"height and width must be multiples of {scale} for {spec.model}")
+        self.latent_shape = (self.pipe.unet.config.in_channels, spec.height // scale, spec.width // scale)
+
+    def generate_samples(self, samples: Sequence[Prompted]) -> list[Any]:
+        return self.generate([s.text for s in samples], [s.seed for s in samples])
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Any]:
+        """One entry per prompt: a uint8 [H, W, 3] array, or a string saying why the sample failed."""
+        import torch
+
+        n = len(prompts)
+        if self.spec.compile and n < self.spec.batch_size:
+            # A compiled UNet recompiles for a new batch size: pad the tail batch, drop the extra rows.
+            pad = self.spec.batch_size - n
+            prompts, seeds = list(prompts) + [prompts[-1]] * pad, list(seeds) + [seeds[-1]] * pad
+        latents = self.denoise(prompts, seeds)[:n]
+        out: list[Any] = [None] * n
+        finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
+        good = [i for i in range(n) if finite[i]]
+        for i in range(n):
+            if not finite[i]:
+                out[i] = "non-finite latents after denoising"
+        if good:
+            with torch.inference_mode():
+                images = decode_latents(self.vae, latents[good])
+            ok_pixels = torch.isfinite(images.flatten(1)).all(dim=1).tolist()
+            pixels = to_uint8(images.nan_to_num())
+            for j, i in enumerate(good):
+                out[i] = pixels[j] if ok_pixels[j] else "non-finite pixels after VAE decoding"
+        return out
+
+    def denoise(self, prompts: Sequence[str], seeds: Sequence[int]) -> Any:
+        """Final latents [B, C, h, w] from the pipeline: prompts encoded in one batch, guidance batched.
+
+        Each sample has its own CPU generator: it draws the initial latents here and the noise of
+        ancestral samplers inside the pipeline, so a sample does not depend on its batch.
+        """
+        import torch
+
+        c = self.spec
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latents = torch.cat([torch.randn((1, *self.latent_shape), generator=g) for g in generators])
+        with torch.inference_mode():
+            return self.pipe(
+                prompt=list(prompts), negative_prompt=[c.negative_prompt] * len(prompts) if c.negative_prompt else None,
+                height=c.height, width=c.width, num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
+                latents=latents.to(self.pipe.device, self.pipe.unet.dtype), generator=generators,
+                output_type="latent", return_dict=False)[0]

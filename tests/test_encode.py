@@ -219,6 +219,18 @@ def test_run_encode_outputs(tmp_path):
     assert again.cached and again.fingerprint == result.fingerprint
 
 
+def test_score_histogram_is_a_png_and_the_same_each_time(tmp_path):
+    from pcm.pictures import score_histogram
+
+    scores = np.random.default_rng(0).uniform(-0.1, 0.4, 200).astype(np.float32)
+    score_histogram(tmp_path / "a.png", scores, "CLIP scores")
+    score_histogram(tmp_path / "b.png", scores, "CLIP scores")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    score_histogram(tmp_path / "empty.png", np.zeros(0, np.float32), "no images")  # no mean line, no error
+    assert (tmp_path / "empty.png").stat().st_size > 0
+
+
 def test_real_images_skipped_without_images_root(tmp_path):
     cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
     result = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))

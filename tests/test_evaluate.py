@@ -216,14 +216,14 @@ def test_evaluate_command_prints_the_metrics(run):
     app = typer.Typer()
     register(app)
     res = CliRunner().invoke(app, ["evaluate", "--train", run["train"], "--encode", run["encode"], "--captions",
-                                   run["captions"], "--report-samples", "3", "--published", "coco-vitb32",
-                                   "--device", "cpu"])
+                                   run["captions"], "--set", "report_samples=3", "--set", "published=coco-vitb32",
+                                   "--set", "device=cpu"])
     assert res.exit_code == 0, res.output
     assert "test split, in-domain, step 5, 4 images" in res.output
     assert "CIDEr" in res.output and "report: " + str(run["layout"].root / "evaluate") in res.output
     res = CliRunner().invoke(app, ["evaluate", "--train", run["train"], "--encode", run["encode"], "--captions",
-                                   run["captions"], "--split", "train"])
-    assert res.exit_code != 0 and "evaluate.split" in str(res.exception)
+                                   run["captions"], "--set", "split=train"])
+    assert res.exit_code != 0 and "invalid evaluate config: --set split=train: Input should be" in str(res.exception)
 
 
 def test_caption_command_on_files_and_folders(run, tmp_path):

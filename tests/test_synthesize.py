@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pcm.diffusion import Synthesizer
 from pcm.stages.stage import finish
-from pcm.stages.synthesize import SynthesizeConfig, Synthesizer, plan, run_synthesize, sample_seed
+from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_synthesize, sample_seed
 from storage import tables
 from storage.layout import RunLayout
 from storage.lock import try_lock
@@ -216,11 +217,39 @@ def test_bad_configs_give_clear_errors(captions, layout):
         run_synthesize(SynthesizeConfig(**TINY), str(layout.root / "ingest" / "ffffffffffffffff"), str(layout.root))
 
 
+def test_a_loaded_synthesizer_must_come_from_the_configs_generation_fields(captions, layout, tmp_path):
+    from pcm.stages.synthesize import made_from
+
+    synth = object.__new__(Synthesizer)  # not loaded: only its spec is looked at
+    synth.spec = generation_spec(SynthesizeConfig(**TINY))
+    assert made_from(synth, SynthesizeConfig(**dict(TINY, writer_threads=2, image_format="png")))  # not read by it
+    assert not made_from(synth, SynthesizeConfig(**dict(TINY, steps=3)))
+    assert not made_from(synth, SynthesizeConfig(**dict(TINY, paired_images=str(tmp_path))))  # no diffusion there
+    with pytest.raises(ValueError, match="made from another config"):
+        run_synthesize(SynthesizeConfig(**dict(TINY, steps=3)), captions, str(layout.root), synthesizer=synth)
+
+
+def test_sample_grid_draws_the_images_with_their_captions_the_same_each_time(tmp_path):
+    from PIL import Image
+
+    from pcm.pictures import sample_grid
+    from pcm.stages.synthesize import encode_image
+
+    rng = np.random.default_rng(0)
+    samples = [(encode_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "png", 95), f"caption {i}")
+               for i in range(5)]
+    out = sample_grid(samples, tmp_path / "pictures" / "samples.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (4 * 160, 2 * (160 + 48))  # four a row, text under each
+    again = sample_grid(samples, tmp_path / "again.png")
+    assert again.read_bytes() == out.read_bytes()
+
+
 @pytest.mark.parametrize("scheduler", ["dpm++", "euler-a"])
 def test_stage_images_equal_the_plain_pipeline(scheduler):
     import torch
 
-    synth = Synthesizer(SynthesizeConfig(**dict(TINY, scheduler=scheduler)))
+    synth = Synthesizer(generation_spec(SynthesizeConfig(**dict(TINY, scheduler=scheduler))))
     prompts = ["a cat on a mat", "two dogs running on the beach", "a bowl of fruit"]
     seeds = [sample_seed(0, c) for c in ("a", "b", "c")]
     ours = np.stack(synth.generate(prompts, seeds))
@@ -246,8 +275,8 @@ def test_cli_runs_the_stage(captions, layout):
     app = typer.Typer()
     register(app)
     app.command("noop", hidden=True)(lambda: None)  # a second command keeps `synthesize` as a sub-command
-    args = ["synthesize", "--captions", captions, "--root", str(layout.root), "--steps", "2", "--height", "32",
-            "--width", "32", "--shard-size", "4", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    sets = ["steps=2", "height=32", "width=32", "shard_size=4", "batch_size=4", "device=cpu", "progress_bar=false"]
+    args = ["synthesize", "--captions", captions, "--root", str(layout.root), *[x for s in sets for x in ("--set", s)]]
     out = CliRunner().invoke(app, [*args, "--shards", "1"])
     assert out.exit_code == 0, out.output
     assert "1 of 2 shards still pending" in out.output

@@ -44,13 +44,14 @@ from pcm.clip import (
 )
 from pcm.config import StageConfig
 from pcm.device import resolve_device
+from pcm.pictures import score_histogram
 from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
-from storage import atomic, tables
+from storage import atomic, claims, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
 from storage.fingerprint import file_digest, fingerprint
 from storage.layout import RunLayout, StageDir
-from storage.lock import FileLock, try_lock
+from storage.lock import FileLock
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -489,16 +490,15 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
         for u in todo:
             if len(mine) >= window:
                 break
-            lock = try_lock(sd.shard_lock(u.kind, u.index))
-            if lock is None:
+            got = claims.try_claim(sd.shard_lock(u.kind, u.index), sd.shard_file(u.kind, u.index, "safetensors"))
+            if got is claims.HELD:
                 continue
-            if _unit_done(sd, u):       # finished by another process before we got the lock
-                lock.release()
+            if got is claims.DONE:      # finished by another process before we got the lock
                 done_count += 1
                 continue
             atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
             mine.append(u)
-            locks[(u.kind, u.index)] = lock
+            locks[(u.kind, u.index)] = got
         if mine:
             if clip is None:
                 clip = cached_clip(config.clip, resolve_device(config.device))
@@ -512,8 +512,7 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
                 locks.clear()
         else:
             # Every unit left is held by another process: wait for one, then redo it if its holder died.
-            with FileLock(sd.shard_lock(todo[0].kind, todo[0].index), timeout=None):
-                pass
+            claims.wait_released(sd.shard_lock(todo[0].kind, todo[0].index))
         todo = [u for u in todo if not _unit_done(sd, u)]
     return encoded, seconds, clip
 
@@ -584,25 +583,6 @@ def write_clip_head(sd: StageDir, clip: LoadedClip) -> None:
     head = {k: v.numpy() for k, v in clip_head(clip).items()}
     write_arrays(sd.file("clip_head.safetensors"), head,
                  {"clip": clip.spec.model_dump_json(), "ln_eps": repr(clip.ln_eps)})
-
-
-def score_histogram(path: Path, scores: np.ndarray, title: str) -> None:
-    """A PNG histogram of raw CLIP scores (cosines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="#3b6ea5")
-    ax.set(xlabel="CLIP score (cosine of image and caption embeddings)", ylabel="synthetic images", title=title)
-    if len(scores):
-        ax.axvline(float(np.mean(scores)), color="#c0392b", linestyle="--", label=f"mean {np.mean(scores):.3f}")
-        ax.legend()
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 # CXE weights min(1, w * cos), cos <= 0 -> 0 (pcm.loss.clip_weights), summarised at the presets' w: the toy

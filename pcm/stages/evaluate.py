@@ -374,7 +374,8 @@ def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, c
 def _write_report(sd: StageDir, config: EvaluateConfig, summary: dict[str, Any], rows: list[dict[str, Any]],
                   evalset: EvalSet, encode: StageResult) -> dict[str, str]:
     """report.md and its thumbnail grid; returns the pictures written ({name: path})."""
-    from pcm.report import render, spread, thumbnail_grid
+    from pcm.pictures import thumbnail_grid
+    from pcm.report import render, spread
 
     picks = spread(len(rows), config.report_samples)
     samples = [rows[i] for i in picks]

@@ -20,13 +20,14 @@ from pydantic import Field, field_validator, model_validator
 
 from pcm import diffusion
 from pcm.config import StageConfig
-from pcm.device import resolve_device
+from pcm.diffusion import GenerationSpec, Synthesizer
+from pcm.pictures import sample_grid
 from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
-from storage import atomic, tables
+from storage import atomic, claims, tables
 from storage.fingerprint import file_digest
 from storage.image_sets import ImageIndex, read_mapping
 from storage.layout import RunLayout, StageDir
-from storage.lock import FileLock, try_lock
+from storage.lock import FileLock
 from storage.result import StageResult
 from storage.shards import ShardWriter, check_key, is_done, iter_tar, read_marker
 
@@ -243,104 +244,13 @@ def verify(sd: StageDir) -> str | None:
 
 
 # -- generation -----------------------------------------------------------------------------
-def decode_latents(vae: Any, latents: Any) -> Any:
-    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], as the pipelines decode them."""
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:  # SDXL-style VAEs with per-channel statistics
-        m = latents.new_tensor(mean).view(1, -1, 1, 1)
-        s = latents.new_tensor(std).view(1, -1, 1, 1)
-        z = latents * s / cfg.scaling_factor + m
-    else:
-        z = latents / cfg.scaling_factor
-    param_dtype = next(vae.parameters()).dtype
-    return vae.decode(z.to(param_dtype), return_dict=False)[0]
-
-
-def to_uint8(images: Any) -> Any:
-    """[B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3] (diffusers' postprocess, bit for bit).
-
-    The same operations in the same dtypes as diffusers (the affine map in the image dtype, then
-    float32, round half to even), but on the device: only uint8 crosses to the host.
-    """
-    import torch
-
-    x = (images / 2 + 0.5).clamp(0, 1).float()
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-class Synthesizer:
-    """A loaded pipeline that turns (prompts, seeds) into uint8 images, or a failure reason per sample."""
-
-    def __init__(self, config: SynthesizeConfig) -> None:
-        import torch
-
-        self.config = config
-        self.device = resolve_device(config.device)
-        self.pipe = diffusion.load_pipeline(config.model, revision=config.revision, dtype=config.dtype,
-                                            device=self.device, scheduler=config.scheduler)
-        self.vae = self.pipe.vae
-        if config.tiny_vae:
-            self.vae = diffusion.load_tiny_vae(config.tiny_vae, self.pipe, model=config.model)
-        # SDXL's VAE overflows in fp16; its pipeline decodes in fp32 and so do we.
-        upcast = getattr(self.vae.config, "force_upcast", False) and hasattr(self.pipe, "upcast_vae")
-        if upcast and self.vae is self.pipe.vae and self.vae.dtype == torch.float16:
-            self.vae = self.vae.to(torch.float32)
-        if config.channels_last:
-            self.pipe.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
-        if config.compile:
-            self.pipe.unet = torch.compile(self.pipe.unet)
-        scale = self.pipe.vae_scale_factor
-        if config.height % scale or config.width % scale:
-            raise ValueError(f"height and width must be multiples of {scale} for {config.model}")
-        self.latent_shape = (self.pipe.unet.config.in_channels, config.height // scale, config.width // scale)
-
-    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
-        return self.generate([s.text for s in samples], [s.seed for s in samples])
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Any]:
-        """One entry per prompt: a uint8 [H, W, 3] array, or a string saying why the sample failed."""
-        import torch
-
-        n = len(prompts)
-        if self.config.compile and n < self.config.batch_size:
-            # A compiled UNet recompiles for a new batch size: pad the tail batch, drop the extra rows.
-            pad = self.config.batch_size - n
-            prompts, seeds = list(prompts) + [prompts[-1]] * pad, list(seeds) + [seeds[-1]] * pad
-        latents = self.denoise(prompts, seeds)[:n]
-        out: list[Any] = [None] * n
-        finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
-        good = [i for i in range(n) if finite[i]]
-        for i in range(n):
-            if not finite[i]:
-                out[i] = "non-finite latents after denoising"
-        if good:
-            with torch.inference_mode():
-                images = decode_latents(self.vae, latents[good])
-            ok_pixels = torch.isfinite(images.flatten(1)).all(dim=1).tolist()
-            pixels = to_uint8(images.nan_to_num())
-            for j, i in enumerate(good):
-                out[i] = pixels[j] if ok_pixels[j] else "non-finite pixels after VAE decoding"
-        return out
-
-    def denoise(self, prompts: Sequence[str], seeds: Sequence[int]) -> Any:
-        """Final latents [B, C, h, w] from the pipeline: prompts encoded in one batch, guidance batched.
-
-        Each sample has its own CPU generator: it draws the initial latents here and the noise of
-        ancestral samplers inside the pipeline, so a sample does not depend on its batch.
-        """
-        import torch
-
-        c = self.config
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latents = torch.cat([torch.randn((1, *self.latent_shape), generator=g) for g in generators])
-        with torch.inference_mode():
-            return self.pipe(
-                prompt=list(prompts), negative_prompt=[c.negative_prompt] * len(prompts) if c.negative_prompt else None,
-                height=c.height, width=c.width, num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
-                latents=latents.to(self.pipe.device, self.pipe.unet.dtype), generator=generators,
-                output_type="latent", return_dict=False)[0]
+def generation_spec(config: SynthesizeConfig) -> GenerationSpec:
+    """What the diffusion model (`pcm.diffusion.Synthesizer`) needs of the config."""
+    return GenerationSpec(
+        model=config.model, revision=config.revision, dtype=config.dtype, scheduler=config.scheduler,
+        steps=config.steps, guidance_scale=config.guidance_scale, height=config.height, width=config.width,
+        negative_prompt=config.negative_prompt, tiny_vae=config.tiny_vae, device=config.device,
+        batch_size=config.batch_size, compile=config.compile, channels_last=config.channels_last)
 
 
 class PairedImages:
@@ -426,7 +336,14 @@ def make_generator(config: SynthesizeConfig) -> Synthesizer | PairedImages | Imp
     """What turns the plan's samples into images: the diffusion model, the paired images (oracle) or an import."""
     if config.paired_images:
         return PairedImages(config)
-    return ImportedImages(config) if config.imported_images else Synthesizer(config)
+    return ImportedImages(config) if config.imported_images else Synthesizer(generation_spec(config))
+
+
+def made_from(generator: Synthesizer | PairedImages | ImportedImages, config: SynthesizeConfig) -> bool:
+    """Whether a loaded generator is what `make_generator(config)` makes (the diffusion model: from its spec)."""
+    if isinstance(generator, Synthesizer):
+        return config.source == "generated" and generator.spec == generation_spec(config)
+    return generator.config == config
 
 
 def encode_image(pixels: Any, image_format: str, quality: int) -> bytes:
@@ -511,7 +428,7 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
     leave finalising to their own task), a partial result with `extra["complete"] = False`.
     `synthesizer`: an already loaded model to reuse (benchmarks, notebooks); made from `config`.
     """
-    if synthesizer is not None and synthesizer.config != config:
+    if synthesizer is not None and not made_from(synthesizer, config):
         raise ValueError("the synthesizer passed to run_synthesize was made from another config")
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index must be in [0, num_workers); got {worker_index} of {num_workers}")
@@ -543,7 +460,7 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
             progress(sum(is_done(tar(i)) for i in range(total)), total, message)
 
     if todo:
-        counts = _generate(synthesizer or make_generator(config), sd, groups, todo, force, counts, report)
+        counts = _generate(synthesizer or make_generator(config), config, sd, groups, todo, force, counts, report)
     if not finalize_when_complete or not all(is_done(tar(i)) for i in range(total)):
         pending = [i for i in range(total) if not is_done(tar(i))]
         return StageResult(stage=STAGE, fingerprint=sd.fingerprint, path=str(sd.path),
@@ -553,16 +470,15 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
     return finalize(config, captions, root, started=started)
 
 
-def _generate(synth: Synthesizer | PairedImages | ImportedImages, sd: StageDir, groups: list[list[Sample]], todo: list[int], force: bool,
-              counts: dict[str, int], report: Callable[[str], None]) -> dict[str, int]:
-    """Generate the shards `todo`; the GPU never waits for image encoding or tar writing."""
+def _generate(synth: Synthesizer | PairedImages | ImportedImages, config: SynthesizeConfig, sd: StageDir,
+              groups: list[list[Sample]], todo: list[int], force: bool, counts: dict[str, int],
+              report: Callable[[str], None]) -> dict[str, int]:
+    """Generate the shards `todo` (`synth` made from `config`); the GPU never waits for image encoding or tar writing."""
     from tqdm.auto import tqdm
 
-    config = synth.config
     sd.shard_dir("shards").mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=sum(len(groups[i]) for i in todo), desc="synthesize", unit="img",
                disable=not config.progress_bar)
-    skipped: list[int] = []
     # Encoding threads turn pixels into JPEG bytes; one writer thread writes whole shards in order.
     with ThreadPoolExecutor(config.writer_threads, thread_name_prefix="pcm-encode") as encoders, \
             ThreadPoolExecutor(1, thread_name_prefix="pcm-shard-writer") as writer:
@@ -601,23 +517,13 @@ def _generate(synth: Synthesizer | PairedImages | ImportedImages, sd: StageDir, 
                 lock.release()
                 raise
 
-        for index in todo:
-            lock = try_lock(sd.shard_lock("shards", index))
-            if lock is None:
-                log.info("%s is being written by another process; skipping it for now", sd.shard_name(index))
-                skipped.append(index)
-                continue
-            if not force and is_done(sd.shard_file("shards", index, "tar")):
-                lock.release()  # finished by another worker since we listed it
-                continue
-            one(index, lock)
-        collect()
-        for index in skipped:
-            # Wait for the other process; redo the shard only if it died before finishing.
-            lock = FileLock(sd.shard_lock("shards", index), timeout=None).acquire()
-            if is_done(sd.shard_file("shards", index, "tar")):
-                lock.release()
-                continue
+        def held(index: int) -> None:
+            log.info("%s is being written by another process; skipping it for now", sd.shard_name(index))
+
+        # Free shards first, then the ones other processes held: redone only if their holder died.
+        for index, lock in claims.claim_each(todo, lambda i: sd.shard_lock("shards", i),
+                                             lambda i: sd.shard_file("shards", i, "tar"), redo=force,
+                                             on_held=held, before_waiting=collect):
             one(index, lock)
         collect()
     bar.close()
@@ -645,7 +551,7 @@ def finalize(config: SynthesizeConfig, captions: str, root: str, *, started: flo
                                "and rerun with --force")
         tables.write(sd.file("samples.parquet"), status, tables.SAMPLES)
         ok = sum(s == tables.STATUS_OK for s in status["status"].to_pylist())
-        pictures = {"samples": str(sample_grid(sd, len(groups)))}
+        pictures = {"samples": str(sample_grid(first_samples(sd, len(groups)), sd.pictures / "samples.png"))}
         gen_s = sum(read_marker(sd.shard_file("shards", i, "tar")).get("generate_s", 0.0) for i in range(len(groups)))
         timings = {"generate_s": round(gen_s, 3)}
         if gen_s > 0:
@@ -658,35 +564,15 @@ def finalize(config: SynthesizeConfig, captions: str, root: str, *, started: flo
                              "image_format": config.image_format, "extension": EXTENSIONS[config.image_format]})
 
 
-def sample_grid(sd: StageDir, n_shards: int, n: int = 16, cell: int = 160) -> Path:
-    """A PNG grid of the first `n` images with their captions, under sd.pictures."""
-    import textwrap
-
-    from PIL import Image, ImageDraw, ImageFont
-
-    items: list[tuple[Image.Image, str]] = []
+def first_samples(sd: StageDir, n_shards: int, n: int = 16) -> list[tuple[bytes, str]]:
+    """The first `n` images of the shards (file bytes) with their captions: what the sample grid shows."""
+    items: list[tuple[bytes, str]] = []
     for i in range(n_shards):
         for sample in iter_tar(sd.shard_file("shards", i, "tar")):
             ext = next(e for e in EXTENSIONS.values() if e in sample)
-            img = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-            items.append((img, sample["txt"].decode("utf-8")))
+            items.append((sample[ext], sample["txt"].decode("utf-8")))
             if len(items) >= n:
                 break
         if len(items) >= n:
             break
-    cols = max(1, min(4, len(items)))
-    rows = max(1, math.ceil(len(items) / cols))
-    text_h = 48
-    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
-    for k, (img, text) in enumerate(items):
-        x, y = (k % cols) * cell, (k // cols) * (cell + text_h)
-        grid.paste(img.resize((cell, cell)), (x, y))
-        lines = textwrap.wrap(text, width=cell // 7)[:3]
-        draw.multiline_text((x + 3, y + cell + 2), "\n".join(lines), fill="black", font=font)
-    path = sd.pictures / "samples.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
-    return path
+    return items

@@ -1,0 +1,96 @@
+"""The stages' pictures (PNG files under a stage's pictures/), drawn from explicit inputs.
+
+Each function takes what it draws (image bytes, paths, arrays) and the file to write, never a
+stage config or directory, and writes it atomically. PIL and matplotlib are imported inside the
+functions (numpy too): importing a stage must not cost their start-up. The same inputs give the same bytes
+(no timestamps or metadata), so a rerun's pictures are identical.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from storage import atomic
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def sample_grid(samples: Sequence[tuple[bytes, str]], out: Path, cell: int = 160) -> Path:
+    """A grid of (image file bytes, caption) samples, four a row, each caption under its image; `out`."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    items = [(Image.open(io.BytesIO(data)).convert("RGB"), text) for data, text in samples]
+    cols = max(1, min(4, len(items)))
+    rows = max(1, math.ceil(len(items) / cols))
+    text_h = 48
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for k, (img, text) in enumerate(items):
+        x, y = (k % cols) * cell, (k // cols) * (cell + text_h)
+        grid.paste(img.resize((cell, cell)), (x, y))
+        lines = textwrap.wrap(text, width=cell // 7)[:3]
+        draw.multiline_text((x + 3, y + cell + 2), "\n".join(lines), fill="black", font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(out) as tmp:
+        grid.save(tmp, format="PNG")
+    return out
+
+
+def score_histogram(path: Path, scores: np.ndarray, title: str) -> None:
+    """A PNG histogram of raw CLIP scores (cosines)."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="#3b6ea5")
+    ax.set(xlabel="CLIP score (cosine of image and caption embeddings)", ylabel="synthetic images", title=title)
+    if len(scores):
+        ax.axvline(float(np.mean(scores)), color="#c0392b", linestyle="--", label=f"mean {np.mean(scores):.3f}")
+        ax.legend()
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def thumbnail_grid(paths: list[Path | None], out: Path, tile: int = 160, cols: int = 4) -> Path | None:
+    """A PNG grid of numbered thumbnails (gray where an image is missing); None when no image opens."""
+    from PIL import Image, ImageDraw, UnidentifiedImageError
+
+    if not paths:
+        return None
+    cols = min(cols, len(paths))
+    rows = math.ceil(len(paths) / cols)
+    grid = Image.new("RGB", (cols * tile, rows * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    opened = 0
+    for i, path in enumerate(paths):
+        x, y = (i % cols) * tile, (i // cols) * tile
+        try:
+            if path is None:
+                raise FileNotFoundError
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((tile - 4, tile - 4))
+                grid.paste(im, (x + (tile - im.width) // 2, y + (tile - im.height) // 2))
+                opened += 1
+        except (OSError, UnidentifiedImageError, ValueError):
+            draw.rectangle([x + 2, y + 2, x + tile - 3, y + tile - 3], fill=(200, 200, 200))
+        draw.rectangle([x + 2, y + 2, x + 24, y + 18], fill="black")
+        draw.text((x + 5, y + 4), str(i + 1), fill="white")
+    if not opened:
+        return None
+    with atomic.atomic_path(out) as tmp:
+        grid.save(tmp, format="PNG")
+    return out

@@ -1,0 +1,87 @@
+"""Shard claiming: which of the processes sharing a stage directory writes each shard.
+
+Nothing but a shard's lock file (storage.lock) and its done marker (storage.shards) decide, so
+workers need no coordinator: a worker takes a shard by try-locking it, never waiting while free
+work remains; a shard with its marker is finished, whoever wrote it; once its free shards are
+through, a worker waits for the ones others hold and redoes each whose holder died without
+finishing (the lock goes with the process, the marker never came).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from storage.lock import FileLock, try_lock
+from storage.shards import is_done
+
+K = TypeVar("K")
+
+
+class Skip(enum.Enum):
+    """Why `try_claim` gave no lock."""
+
+    HELD = "held"   # another process holds the shard's lock: come back later
+    DONE = "done"   # finished (by another process since the caller listed it)
+
+
+HELD, DONE = Skip.HELD, Skip.DONE
+
+
+def try_claim(lock: Path, shard: Path, *, redo: bool = False) -> FileLock | Skip:
+    """The shard's lock, taken now, or why not: HELD by another process, or DONE (its marker exists).
+
+    `shard` is the file whose done marker says the shard is finished; `redo` claims it even then
+    (a forced rerun). The caller releases the lock once the shard is written (or abandoned).
+    """
+    taken = try_lock(lock)
+    if taken is None:
+        return HELD
+    if not redo and is_done(shard):
+        taken.release()  # checked under the lock: a holder that just finished has written its marker
+        return DONE
+    return taken
+
+
+def wait_released(lock: Path) -> None:
+    """Block until no process holds `lock` (its holder finished, or died)."""
+    FileLock(lock, timeout=None).acquire().release()
+
+
+def wait_claim(lock: Path, shard: Path) -> FileLock | None:
+    """Wait for the holder of `lock` to let go; its lock if the shard is still not done (the holder died), else None."""
+    taken = FileLock(lock, timeout=None).acquire()
+    if is_done(shard):
+        taken.release()
+        return None
+    return taken
+
+
+def claim_each(keys: Iterable[K], lock: Callable[[K], Path], shard: Callable[[K], Path], *, redo: bool = False,
+               on_held: Callable[[K], None] | None = None,
+               before_waiting: Callable[[], None] | None = None) -> Iterator[tuple[K, FileLock]]:
+    """Yield (key, its taken lock) for each shard of `keys` this process is to write, the caller releasing each lock.
+
+    First the free shards in order, those another process holds skipped (`on_held(key)` is told);
+    then, after `before_waiting()` (e.g. to finish what is in flight, so it is not held up by the
+    wait), each skipped shard is waited for and yielded only if its holder died before finishing.
+    `redo` (a forced rerun) claims free shards even when done; a shard another process held and
+    finished is still taken as done.
+    """
+    held: list[K] = []
+    for key in keys:
+        got = try_claim(lock(key), shard(key), redo=redo)
+        if got is HELD:
+            if on_held is not None:
+                on_held(key)
+            held.append(key)
+        elif got is not DONE:
+            yield key, got
+    if held and before_waiting is not None:
+        before_waiting()
+    for key in held:
+        taken = wait_claim(lock(key), shard(key))
+        if taken is not None:
+            yield key, taken
