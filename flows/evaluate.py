@@ -8,9 +8,9 @@ from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
+from pcm.report import LABELS
 from pcm.stages.evaluate import METRICS, REPORT, EvaluateConfig, plan, run_evaluate, verify
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.report import LABELS
 from storage import atomic
 from storage.result import StageResult
 

@@ -11,11 +11,11 @@ from flows.artifacts import Progress, picture, summary_table
 from flows.caching import fingerprint_key, is_finished, run_stage
 from flows.records import results_dir
 from flows.retries import retry_transient
+from pcm.diffusion import Synthesizer
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.synthesize import (
     PairedImages,
     SynthesizeConfig,
-    Synthesizer,
     finalize,
     make_generator,
     num_shards,

@@ -94,3 +94,31 @@ def thumbnail_grid(paths: list[Path | None], out: Path, tile: int = 160, cols: i
     with atomic.atomic_path(out) as tmp:
         grid.save(tmp, format="PNG")
     return out
+
+
+def loss_curve(records: Sequence[dict], out: Path) -> Path:
+    """The training loss per step and the validation metric (train's metrics.jsonl records) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val"]) for r in records if "val" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (CXE)", color="tab:blue")
+    if val:
+        ax2 = ax.twinx()
+        metric = next((r["val_metric"] for r in records if "val" in r), "")
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:orange")
+        ax2.set_ylabel(f"validation {metric}", color="tab:orange")
+    ax.set_title("PCM-Net training")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

@@ -103,40 +103,6 @@ def spread(n_items: int, k: int) -> list[int]:
     return sorted({math.floor(i * n_items / k) for i in range(k)})
 
 
-def thumbnail_grid(paths: list[Path | None], out: Path, tile: int = 160, cols: int = 4) -> Path | None:
-    """A PNG grid of numbered thumbnails (gray where an image is missing); None when no image opens."""
-    from PIL import Image, ImageDraw, UnidentifiedImageError
-
-    from storage import atomic
-
-    if not paths:
-        return None
-    cols = min(cols, len(paths))
-    rows = math.ceil(len(paths) / cols)
-    grid = Image.new("RGB", (cols * tile, rows * tile), "white")
-    draw = ImageDraw.Draw(grid)
-    opened = 0
-    for i, path in enumerate(paths):
-        x, y = (i % cols) * tile, (i // cols) * tile
-        try:
-            if path is None:
-                raise FileNotFoundError
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                im.thumbnail((tile - 4, tile - 4))
-                grid.paste(im, (x + (tile - im.width) // 2, y + (tile - im.height) // 2))
-                opened += 1
-        except (OSError, UnidentifiedImageError, ValueError):
-            draw.rectangle([x + 2, y + 2, x + tile - 3, y + tile - 3], fill=(200, 200, 200))
-        draw.rectangle([x + 2, y + 2, x + 24, y + 18], fill="black")
-        draw.text((x + 5, y + 4), str(i + 1), fill="white")
-    if not opened:
-        return None
-    with atomic.atomic_path(out) as tmp:
-        grid.save(tmp, format="PNG")
-    return out
-
-
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 

@@ -27,6 +27,7 @@ from pcm.config import StageConfig, validation_problems
 from pcm.device import resolve_device
 from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
+from pcm.pictures import loss_curve
 from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
 from storage import atomic, checkpoints, jsonl
 from storage.layout import RunLayout, StageDir
@@ -248,43 +249,13 @@ def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None
 def _finish(sd: StageDir, started: float) -> StageResult:
     latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
     state = atomic.read_json(latest / "state.json")
-    pictures = {"loss_curve": str(plot_metrics(sd))}
+    pictures = {"loss_curve": str(loss_curve(jsonl.read(sd.metrics_log), sd.picture("loss_curve.png")))}
     extra = {"best": str(checkpoint.best_dir(sd.path)), "latest": str(latest),
              "clip": atomic.read_json(latest / "clip.json"), "val_metric": state["best"]["metric"],
              "best_value": state["best"]["value"], "best_step": state["best"]["step"], "pictures": pictures}
     counts = {"steps": state["step"], "train_pairs": state["train_pairs"], "val_images": state["val_images"],
               "vocab": state["vocab"]}
     return finish(sd, counts, started, extra)
-
-
-def plot_metrics(sd: StageDir) -> Path:
-    """pictures/loss_curve.png: training loss per step and the validation metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = jsonl.read(sd.file("metrics.jsonl"))
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val"]) for r in recs if "val" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (CXE)", color="tab:blue")
-    if val:
-        ax2 = ax.twinx()
-        metric = next((r["val_metric"] for r in recs if "val" in r), "")
-        ax2.plot(*zip(*val, strict=True), "o-", color="tab:orange")
-        ax2.set_ylabel(f"validation {metric}", color="tab:orange")
-    ax.set_title("PCM-Net training")
-    fig.tight_layout()
-    out = sd.pictures / "loss_curve.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
 
 
 # ---------------------------------------------------------------------- the training loop
