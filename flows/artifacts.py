@@ -186,7 +186,7 @@ def _flow_run_started() -> float | None:
 
 def _finished_at(result: Any) -> float | None:
     try:
-        return (Path(result.path) / "stage.done.json").stat().st_mtime
+        return StageDir.at(result.path).done_marker.stat().st_mtime
     except OSError:
         return None
 

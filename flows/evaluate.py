@@ -9,9 +9,10 @@ from prefect import flow, task
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
 from pcm.report import LABELS
-from pcm.stages.evaluate import METRICS, REPORT, EvaluateConfig, plan, run_evaluate, verify
+from pcm.stages.evaluate import EvaluateConfig, plan, run_evaluate, verify
 from pcm.stages.pipeline import StageRef, stage_config
 from storage import atomic
+from storage.layout import StageDir
 from storage.result import StageResult
 
 
@@ -27,7 +28,7 @@ def evaluate_task(config: EvaluateConfig, train: str, encode: str, captions: str
 @task(name="evaluate-artifacts")
 def publish(result: StageResult) -> None:
     """Metrics table, paper comparison, report and thumbnails for the dashboard (also when cached)."""
-    summary = atomic.read_json(result.dir / METRICS)
+    summary = atomic.read_json(StageDir.at(result.dir).metrics)
     metrics = summary["metrics"]
     control = (summary.get("control") or {}).get("metrics") or {}
 
@@ -44,7 +45,7 @@ def publish(result: StageResult) -> None:
         artifacts.table(f"{key}-paper", summary["published"]["rows"], summary["published"]["title"])
     # The report links its thumbnail grid by relative path, which the dashboard cannot follow: the
     # artifact shows it inline instead (a JPEG thumbnail), numbered as the samples table.
-    artifacts.report(f"{key}-report", result.dir / REPORT, result.extra.get("pictures", {}), "Evaluation report")
+    artifacts.report(f"{key}-report", StageDir.at(result.dir).report, result.extra.get("pictures", {}), "Evaluation report")
     artifacts.summary_table(f"{key}-summary", result, "Evaluate stage counts and timings")
 
 

@@ -53,7 +53,7 @@ def synthesize_finalize(config: SynthesizeConfig, captions: str, root: str) -> S
 
 def run_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool) -> dict:
     """The shard task, its cache trusted only while the shard is done on disk."""
-    stale = force or not is_done(plan(config, captions, root).shard_file("shards", index, "tar"))
+    stale = force or not is_done(plan(config, captions, root).image_shard(index))
     return synthesize_shard.with_options(refresh_cache=stale, result_storage=results_dir(root), persist_result=True,
                                          result_serializer="json")(config, captions, root, index, force)
 
@@ -64,7 +64,7 @@ def shard_indices(config: SynthesizeConfig, captions: str, shards: list[int] | N
 
 def all_done(config: SynthesizeConfig, captions: str, root: str) -> bool:
     sd = plan(config, captions, root)
-    return all(is_done(sd.shard_file("shards", i, "tar")) for i in range(num_shards(config, captions)))
+    return all(is_done(sd.image_shard(i)) for i in range(num_shards(config, captions)))
 
 
 @flow(name="synthesize")

@@ -55,7 +55,7 @@ class FeatureStore:
 
     def shard(self, index: int) -> dict[str, np.ndarray]:
         if index not in self._open:
-            path = self.sd.shard_file(self.kind, index, "safetensors")
+            path = self.sd.feature_shard(self.kind, index)
             if not path.exists():
                 raise FileNotFoundError(f"{path}: feature shard missing; rerun `pcm encode` to finish it")
             arrays, keys = open_features(path)
@@ -65,7 +65,7 @@ class FeatureStore:
                     if arrays[name].shape[1:] != ref[name].shape[1:] or arrays[name].dtype != ref[name].dtype:
                         raise ValueError(
                             f"{path}: {name!r} rows are {arrays[name].dtype} {list(arrays[name].shape[1:])} but "
-                            f"{self.sd.shard_file(self.kind, first, 'safetensors')} has "
+                            f"{self.sd.feature_shard(self.kind, first)} has "
                             f"{ref[name].dtype} {list(ref[name].shape[1:])}; the feature shards come from "
                             "different encodes, rerun `pcm encode --force`")
             self._open[index] = arrays
@@ -81,7 +81,7 @@ class FeatureStore:
         for s, r, k in zip(shard.tolist(), row.tolist(), keys, strict=True):
             got = self.keys(s)
             if not 0 <= r < len(got) or got[r] != k:
-                where = self.sd.shard_file(self.kind, s, "safetensors")
+                where = self.sd.feature_shard(self.kind, s)
                 raise ValueError(f"{where}: row {r} should hold {k!r} but holds "
                                  f"{got[r] if 0 <= r < len(got) else 'nothing'}; the encode outputs are inconsistent, "
                                  "rerun `pcm encode --force`")
@@ -101,7 +101,7 @@ class FeatureStore:
             n = arrays["global"].shape[0]
             if sel.size and not (0 <= int(row[sel].min()) and int(row[sel].max()) < n):
                 bad = int(row[sel][(row[sel] < 0) | (row[sel] >= n)][0])
-                raise ValueError(f"{self.sd.shard_file(self.kind, int(s), 'safetensors')}: row {bad} asked for but "
+                raise ValueError(f"{self.sd.feature_shard(self.kind, int(s))}: row {bad} asked for but "
                                  f"the shard holds {n} rows; the encode outputs are inconsistent, rerun "
                                  "`pcm encode --force`")
             g[sel] = arrays["global"][row[sel]]

@@ -230,8 +230,8 @@ def test_caption_command_on_files_and_folders(run, tmp_path):
     import typer
 
     from pcm import checkpoint
-    from pcm.clip import ClipSpec, encode_images, load_clip
     from pcm.cli.evaluate import register
+    from pcm.clip import ClipSpec, encode_images, load_clip
     from pcm.decode import beam_search
 
     app = typer.Typer()

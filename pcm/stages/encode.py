@@ -46,10 +46,10 @@ from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.pictures import score_histogram
 from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
-from storage import atomic, claims, tables
+from storage import atomic, claims, manifests, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
-from storage.fingerprint import file_digest, fingerprint
+from storage.fingerprint import fingerprint, input_digest
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock
 from storage.result import StageResult
@@ -170,11 +170,11 @@ def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDi
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary_file={config.vocabulary_file!r}: not found; "
                                     "give a text file with one concept a line")
-        extra["vocabulary_sha256"] = file_digest(path)  # the content, not the name, makes the fingerprint
+        extra["vocabulary_sha256"] = input_digest(path)  # the content, not the name, makes the fingerprint
     if config.concepts_from:
         extra["concepts_from"] = _concept_source(config.concepts_from).fingerprint  # its content, not its path
     if config.clip.is_preset:  # an edited preset file is a different model
-        extra["clip_preset_sha256"] = file_digest(clip_preset_path(config.clip.model))
+        extra["clip_preset_sha256"] = input_digest(clip_preset_path(config.clip.model))
     if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
         extra["clip_quick_gelu"] = True
     layout = RunLayout(root)
@@ -214,7 +214,7 @@ def feature_units(shards: str) -> list[Unit]:
         n = len(list(sd.shard_dir("shards").glob("shard-*.tar")))
     units = []
     for i in range(n):
-        tar = sd.shard_file("shards", i, "tar")
+        tar = sd.image_shard(i)
         if not shard_io.is_done(tar):
             raise FileNotFoundError(f"{tar}: synthetic shard missing or unfinished (no .done.json); rerun the "
                                     "synthesize stage to restore it")
@@ -240,8 +240,8 @@ def real_units(config: EncodeConfig, captions: str) -> list[Unit]:
     """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
     if config.images_root is None:
         return []
-    table = tables.read(StageDir.at(load_result(captions).path).file("captions.parquet"), tables.CAPTIONS,
-                        columns=["image_id", "split", "image_path", "status"])
+    table = manifests.CAPTIONS.read(StageDir.at(load_result(captions).path),
+                                    columns=["image_id", "split", "image_path", "status"])
     images: dict[str, tuple[str, str, str | None]] = {}
     for r in table.to_pylist():
         if r["status"] == tables.STATUS_OK and r["split"] in ("val", "test") and r["image_id"] not in images:
@@ -375,11 +375,11 @@ def _write_unit(sd: StageDir, acc: _Acc, dims: tuple[int, int, int], spec: ClipS
     """Status table, then the safetensors file, then the marker (written last)."""
     unit, (D, P, W) = acc.unit, dims
     kind = unit.kind
-    status_file = sd.shard_file(kind, unit.index, "scores.parquet" if kind == FEATURES else "status.parquet")
+    status_file = (manifests.SHARD_SCORES if kind == FEATURES else manifests.SHARD_REAL).path(sd, unit.index)
     tables.write(status_file, acc.rows, tables.SCORES if kind == FEATURES else tables.REAL_IMAGES)
     g = np.concatenate(acc.globals_) if acc.globals_ else np.zeros((0, D), np.float16)
     p = np.concatenate(acc.patches) if acc.patches else np.zeros((0, P, W), np.float16)
-    features = sd.shard_file(kind, unit.index, "safetensors")
+    features = sd.feature_shard(kind, unit.index)
     write_arrays(features, {"global": g, "patches": p},
                  {"keys": json.dumps(acc.keys), "clip": spec.model_dump_json()})
     failed = sum(r["status"] != tables.STATUS_OK for r in acc.rows)
@@ -418,7 +418,7 @@ def _add_batch(acc: _Acc, batch: dict[str, Any], clip: LoadedClip) -> int:
 
 
 def _unit_done(sd: StageDir, unit: Unit) -> bool:
-    return shard_io.is_done(sd.shard_file(unit.kind, unit.index, "safetensors"))
+    return shard_io.is_done(sd.feature_shard(unit.kind, unit.index))
 
 
 def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: EncodeConfig,
@@ -490,7 +490,7 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
         for u in todo:
             if len(mine) >= window:
                 break
-            got = claims.try_claim(sd.shard_lock(u.kind, u.index), sd.shard_file(u.kind, u.index, "safetensors"))
+            got = claims.try_claim(sd.shard_lock(u.kind, u.index), sd.feature_shard(u.kind, u.index))
             if got is claims.HELD:
                 continue
             if got is claims.DONE:      # finished by another process before we got the lock
@@ -520,10 +520,8 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
 # -- stage-wide outputs ---------------------------------------------------------------------
 
 def _caption_texts(captions: str) -> list[str]:
-    table = tables.read(StageDir.at(load_result(captions).path).file("captions.parquet"), tables.CAPTIONS,
-                        columns=["split", "text", "status"])
-    return [r["text"] for r in table.to_pylist()
-            if r["split"] == "train" and r["status"] == tables.STATUS_OK and r["text"]]
+    table = manifests.CAPTIONS.read(StageDir.at(load_result(captions).path), columns=["split", "text", "status"])
+    return [r["text"] for r in tables.ok_rows(table.to_pylist(), "train") if r["text"]]
 
 
 def _concept_source(path: str) -> StageResult:
@@ -540,7 +538,7 @@ def _concept_source(path: str) -> StageResult:
 def concept_words(path: str) -> list[str]:
     """The concept words of another encode stage, in its order."""
     sd = StageDir.at(_concept_source(path).path)
-    return tables.read(sd.file("concepts.parquet"), tables.CONCEPTS, columns=["concept"]).column("concept").to_pylist()
+    return manifests.CONCEPTS.read(sd, columns=["concept"]).column("concept").to_pylist()
 
 
 def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: str | None,
@@ -581,7 +579,7 @@ def build_concepts(config: EncodeConfig, captions: str, clip: LoadedClip, batch_
 
 def write_clip_head(sd: StageDir, clip: LoadedClip) -> None:
     head = {k: v.numpy() for k, v in clip_head(clip).items()}
-    write_arrays(sd.file("clip_head.safetensors"), head,
+    write_arrays(sd.clip_head, head,
                  {"clip": clip.spec.model_dump_json(), "ln_eps": repr(clip.ln_eps)})
 
 
@@ -624,7 +622,7 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
     if not rows or any(r["status"] == tables.STATUS_OK for r in rows):
         return
     for u in units:
-        shard_io.done_path(sd.shard_file(u.kind, u.index, "safetensors")).unlink(missing_ok=True)
+        shard_io.done_path(sd.feature_shard(u.kind, u.index)).unlink(missing_ok=True)
     reasons = list(dict.fromkeys(r["error"] or r["status"] for r in rows))
     shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
     raise FileNotFoundError(
@@ -634,23 +632,25 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
         "images are there and readable; the stage is not marked done")
 
 
-STAGE_FILES = ("scores.parquet", "real.parquet", "concepts.parquet", "clip_head.safetensors")
+def stage_files(sd: StageDir) -> list[Path]:
+    """The whole-stage outputs (the per-shard files are checked through the marker's units)."""
+    return [m.path(sd) for m in (manifests.SCORES, manifests.REAL, manifests.CONCEPTS)] + [sd.clip_head]
 
 
 def verify(sd: StageDir) -> str | None:
     """None when every output exists with its done marker, else what is missing."""
     if not sd.done_marker.exists():
         return "stage.done.json missing"
-    for name in STAGE_FILES:
-        if not sd.file(name).exists():
-            return f"{name} missing"
+    for path in stage_files(sd):
+        if not path.exists():
+            return f"{path.name} missing"
     try:
         units = StageResult.load(sd.done_marker).extra.get("units", {})
     except ValueError as e:
         return str(e)
     for kind, indices in units.items():
         for i in indices:
-            if not shard_io.is_done(sd.shard_file(kind, i, "safetensors")):
+            if not shard_io.is_done(sd.feature_shard(kind, i)):
                 return f"{kind}/{sd.shard_name(i)} missing or unfinished"
     return None
 
@@ -659,9 +659,9 @@ def _reset(sd: StageDir, units: list[Unit]) -> None:
     """Drop the stage marker, the units' markers and the stage-wide files, so everything is redone."""
     sd.done_marker.unlink(missing_ok=True)
     for u in units:
-        shard_io.done_path(sd.shard_file(u.kind, u.index, "safetensors")).unlink(missing_ok=True)
-    for name in STAGE_FILES:
-        sd.file(name).unlink(missing_ok=True)
+        shard_io.done_path(sd.feature_shard(u.kind, u.index)).unlink(missing_ok=True)
+    for path in stage_files(sd):
+        path.unlink(missing_ok=True)
 
 
 def reset_stage(config: EncodeConfig, captions: str, shards: str, root: str) -> None:
@@ -700,31 +700,31 @@ def run_encode(config: EncodeConfig, captions: str, shards: str, root: str, *, f
         if force:
             _reset(sd, f_units + r_units)
         encoded, encode_s, clip = encode_units(config, sd, f_units + r_units, progress=progress)
-        real = tables.concat([sd.shard_file(REAL, u.index, "status.parquet") for u in r_units], tables.REAL_IMAGES)
+        real = manifests.SHARD_REAL.concat(sd, [u.index for u in r_units])
         _check_some_real_ok(config, sd, r_units, real)
 
-        need = [n for n in ("concepts.parquet", "clip_head.safetensors") if not sd.file(n).exists()]
+        need = [p.name for p in (manifests.CONCEPTS.path(sd), sd.clip_head) if not p.exists()]
         if need and clip is None:
             clip = cached_clip(config.clip, resolve_device(config.device))
         t0 = time.monotonic()
-        if not sd.file("concepts.parquet").exists():
-            tables.write(sd.file("concepts.parquet"), build_concepts(config, captions, clip), tables.CONCEPTS)
+        if not manifests.CONCEPTS.exists(sd):
+            manifests.CONCEPTS.write(sd, build_concepts(config, captions, clip))
         concepts_s = time.monotonic() - t0
-        if not sd.file("clip_head.safetensors").exists():
+        if not sd.clip_head.exists():
             write_clip_head(sd, clip)
 
-        scores = tables.concat([sd.shard_file(FEATURES, u.index, "scores.parquet") for u in f_units], tables.SCORES)
-        tables.write(sd.file("scores.parquet"), scores, tables.SCORES)
-        tables.write(sd.file("real.parquet"), real, tables.REAL_IMAGES)
+        scores = manifests.SHARD_SCORES.concat(sd, [u.index for u in f_units])
+        manifests.SCORES.write(sd, scores)
+        manifests.REAL.write(sd, real)
 
         ok_scores = np.array([r["clip_score"] for r in scores.select(["clip_score", "status"]).to_pylist()
                               if r["status"] == tables.STATUS_OK], dtype=np.float32)
-        picture = sd.pictures / "clip_scores.png"
+        picture = sd.picture("clip_scores.png")
         score_histogram(picture, ok_scores, f"CLIP scores, {config.clip.label()} ({len(ok_scores)} images)")
 
         statuses = scores.column("status").to_pylist()
         real_statuses = real.column("status").to_pylist()
-        n_concepts = tables.read(sd.file("concepts.parquet"), tables.CONCEPTS, columns=["concept"]).num_rows
+        n_concepts = manifests.CONCEPTS.read(sd, columns=["concept"]).num_rows
         counts = {"images": len(statuses), "images_ok": statuses.count(tables.STATUS_OK),
                   "images_failed": statuses.count(tables.STATUS_FAILED),
                   "real": len(real_statuses), "real_ok": real_statuses.count(tables.STATUS_OK),

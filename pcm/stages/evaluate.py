@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pcm.config import StageConfig
 from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
-from storage import atomic, shards, tables
+from storage import atomic, manifests, shards, tables
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "1"
 STAGE = "evaluate"
-PREDICTIONS, METRICS, PER_IMAGE, REPORT = "predictions.json", "metrics.json", "per_image.parquet", "report.md"
-OUTPUTS = (PREDICTIONS, METRICS, PER_IMAGE, REPORT)
 SAMPLES_PICTURE = "samples.png"
+
+
+def outputs(sd: StageDir) -> list[Path]:
+    """What a finished evaluate stage holds besides its marker."""
+    return [sd.predictions, sd.metrics, manifests.PER_IMAGE.path(sd), sd.report]
 
 
 
@@ -99,12 +102,12 @@ def plan(config: EvaluateConfig, train: str, encode: str, captions: str, root: s
 
 def verify(sd: StageDir) -> str | None:
     """None when every output exists; also asks for a rerun when SPICE became available (spice=auto)."""
-    missing = [name for name in OUTPUTS if not sd.file(name).exists()]
+    missing = [p.name for p in outputs(sd) if not p.exists()]
     if missing:
         return f"missing {', '.join(missing)}"
     from pcm.metrics import spice_missing
 
-    spice = atomic.read_json(sd.file(METRICS))["metrics"].get("SPICE")
+    spice = atomic.read_json(sd.metrics)["metrics"].get("SPICE")
     wanted = atomic.read_json(sd.config_file)["config"].get("spice") == "auto" if sd.config_file.exists() else False
     if wanted and isinstance(spice, str) and spice.startswith("unavailable: Stanford") and spice_missing() is None:
         return "SPICE's jars are installed now; scoring again with SPICE"
@@ -117,12 +120,11 @@ def verify(sd: StageDir) -> str | None:
 def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> EvalSet:
     """The split's encoded images (features position, path) with their references, and those left out."""
     enc, cap = StageDir.at(encode.path), StageDir.at(captions.path)
-    real = tables.read(enc.file("real.parquet"), tables.REAL_IMAGES).to_pylist()
-    caption_rows = tables.read(cap.file("captions.parquet"), tables.CAPTIONS,
-                               columns=["image_id", "split", "references", "status"]).to_pylist()
+    real = manifests.REAL.read(enc).to_pylist()
+    caption_rows = manifests.CAPTIONS.read(cap, columns=["image_id", "split", "references", "status"]).to_pylist()
     refs: dict[str, list[str]] = {}
-    for r in caption_rows:
-        if r["split"] == split and r["status"] == tables.STATUS_OK and r["references"] and r["image_id"] not in refs:
+    for r in tables.ok_rows(caption_rows, split):
+        if r["references"] and r["image_id"] not in refs:
             refs[r["image_id"]] = list(r["references"])
     out, seen = EvalSet(), set()
     for r in real:
@@ -163,22 +165,8 @@ def check_clip(checkpoint_clip: dict[str, Any], encode: StageResult) -> None:
 
 
 def _ingest_lineage(train: StageResult) -> list[StageResult]:
-    """The ingest stages upstream of a train stage, found through each stage's config.json inputs."""
-    root = Path(train.path).parent.parent
-    found, todo, seen = [], [Path(train.path)], set()
-    while todo:
-        path = todo.pop()
-        config = path / "config.json"
-        if path in seen or not config.exists():
-            continue
-        seen.add(path)
-        for stage, fp in atomic.read_json(config).get("inputs", {}).items():
-            upstream = root / stage / fp
-            if stage == "ingest" and (upstream / "stage.done.json").exists():
-                found.append(load_result(upstream))
-            else:
-                todo.append(upstream)
-    return found
+    """The finished ingest stages upstream of a train stage (through each stage's config.json inputs), nearest first."""
+    return [load_result(sd.path) for sd in StageDir.at(train.path).lineage("ingest") if sd.is_complete()]
 
 
 def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None, str | None]:
@@ -195,7 +183,7 @@ def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None
 def images_root(encode: StageResult) -> Path | None:
     """Where real.parquet's relative image paths start (recorded by the encode stage)."""
     root = encode.extra.get("images_root")
-    config = Path(encode.path) / "config.json"
+    config = StageDir.at(encode.path).config_file
     if root is None and config.exists():
         root = atomic.read_json(config).get("config", {}).get("images_root")
     return Path(root).expanduser() if root else None
@@ -227,7 +215,7 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
     captions: dict[str, str] = {}
     bar = tqdm(total=total, desc="evaluate: decoding", unit="img")
     for shard, members in sorted(by_shard.items()):
-        path = enc.shard_file("real", shard, "safetensors")
+        path = enc.feature_shard("real", shard)
         if not shards.is_done(path):
             raise FileNotFoundError(f"{path}: real-image feature shard missing or unfinished; rerun the encode stage")
         arrays, keys = open_features(path)  # header and row counts checked against the file
@@ -292,8 +280,8 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
 
     with locked(sd):
         sd.done_marker.unlink(missing_ok=True)
-        for name in OUTPUTS:
-            atomic.remove_stale_temporaries(sd.path, name)
+        for path in outputs(sd):
+            atomic.remove_stale_temporaries(sd.path, path.name)
         t0 = time.monotonic()
         evalset = load_eval_set(encode_r, captions_r, config.split)
         ckpt_dir = checkpoint.find(train_r.path, config.checkpoint)
@@ -305,13 +293,13 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
                         "(listed in metrics.json)", len(evalset.failed), config.split, len(evalset.not_encoded))
 
         t1 = time.monotonic()
-        predictions = None if force else _read_predictions(sd.file(PREDICTIONS), evalset.image_ids)
+        predictions = None if force else _read_predictions(sd.predictions, evalset.image_ids)
         if predictions is None:
             predictions = decode_split(model, vocab, encode_r, evalset, config, device, progress)
-            atomic.write_json(sd.file(PREDICTIONS),
+            atomic.write_json(sd.predictions,
                               [{"image_id": coco_image_id(i), "caption": c} for i, c in predictions.items()])
         else:
-            log.info("evaluate: reusing the %d predictions of %s", len(predictions), sd.file(PREDICTIONS))
+            log.info("evaluate: reusing the %d predictions of %s", len(predictions), sd.predictions)
         t2 = time.monotonic()
         corpus, per_image = score_captions(predictions, evalset.references, spice=config.spice)
         control = score_captions(predictions, shuffled_references(evalset.references), spice="off")[0] \
@@ -321,10 +309,10 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
         rows = [{"image_id": i, "caption": predictions[i], "references": evalset.references[i],
                  "bleu4": per_image[i]["bleu4"], "meteor": per_image[i]["meteor"], "rouge_l": per_image[i]["rouge_l"],
                  "cider": per_image[i]["cider"], "spice": per_image[i].get("spice")} for i in evalset.image_ids]
-        tables.write(sd.file(PER_IMAGE), rows, tables.PER_IMAGE)
+        manifests.PER_IMAGE.write(sd, rows)
         summary = _summary(config, corpus, evalset, ckpt_dir, meta, train_r, encode_r, captions_r)
         summary["control"] = None if control is None else {"metrics": control, "how": CONTROL_HOW}
-        atomic.write_json(sd.file(METRICS), summary)
+        atomic.write_json(sd.metrics, summary)
         pictures = _write_report(sd, config, summary, rows, evalset, encode_r)
         t4 = time.monotonic()
 
@@ -335,7 +323,7 @@ def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str,
             log.info("evaluate: control (references of another image): CIDEr %.3f vs %.3f", control["CIDEr"],
                      corpus["CIDEr"])
         extra = {"metrics": corpus, "control_metrics": control, "split": config.split,
-                 "protocol": summary["protocol"], "step": meta["step"], "report": str(sd.file(REPORT)),
+                 "protocol": summary["protocol"], "step": meta["step"], "report": str(sd.report),
                  "pictures": pictures}
         return finish(sd, counts, started, extra=extra,
                       timings={"load_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
@@ -381,6 +369,6 @@ def _write_report(sd: StageDir, config: EvaluateConfig, summary: dict[str, Any],
     samples = [rows[i] for i in picks]
     root = images_root(encode)
     grid = thumbnail_grid([resolve_image(root, evalset.image_paths[i]) for i in picks],
-                          sd.pictures / SAMPLES_PICTURE)
-    atomic.write_text(sd.file(REPORT), render(summary, samples, f"pictures/{SAMPLES_PICTURE}" if grid else None))
+                          sd.picture(SAMPLES_PICTURE))
+    atomic.write_text(sd.report, render(summary, samples, f"pictures/{SAMPLES_PICTURE}" if grid else None))
     return {"samples": str(grid)} if grid else {}

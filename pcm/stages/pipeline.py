@@ -28,7 +28,7 @@ from pcm.stages.ingest import IngestConfig, run_ingest
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from pcm.stages.train import TrainConfig, run_train
 from storage import atomic
-from storage.layout import STAGES
+from storage.layout import STAGES, StageDir
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def stage_config(stage: str, config: StageConfig | StageRef | dict[str, Any]) ->
 
 def _run_config(stage: str, path: str) -> dict[str, Any]:
     """The fingerprinted config a stage directory recorded (its config.json), checked to be of `stage`."""
-    file = Path(path) / "config.json"
+    file = StageDir.at(path).config_file
     if not file.is_file():
         raise FileNotFoundError(f"from_run {path!r}: no config.json there; give a {stage} stage directory, "
                                 f"e.g. runs/{stage}/<fingerprint>")

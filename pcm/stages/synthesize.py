@@ -23,8 +23,8 @@ from pcm.config import StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
 from pcm.pictures import sample_grid
 from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
-from storage import atomic, claims, tables
-from storage.fingerprint import file_digest
+from storage import atomic, claims, manifests, tables
+from storage.fingerprint import input_digest
 from storage.image_sets import ImageIndex, read_mapping
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock
@@ -146,7 +146,7 @@ def sample_seed(run_seed: int, caption_id: str) -> int:
 
 def _captions_file(captions: str | Path) -> Path:
     load_result(captions)  # a clear error when the ingest stage is not finished
-    return StageDir.at(captions).file("captions.parquet")
+    return manifests.CAPTIONS.path(StageDir.at(captions))
 
 
 def planned_samples(config: SynthesizeConfig, captions: str | Path) -> list[Sample]:
@@ -226,7 +226,7 @@ def plan(config: SynthesizeConfig, captions: str, root: str) -> StageDir:
     if config.imported_images:  # what the set and the mapping hold, not their names, make the fingerprint
         extra = {"imported_index": image_index(config).digest()}
         if config.imported_mapping:
-            extra["imported_mapping_sha256"] = file_digest(config.imported_mapping)
+            extra["imported_mapping_sha256"] = input_digest(config.imported_mapping)
     return stage_dir(RunLayout(root), STAGE, config, [load_result(captions)], CODE_VERSION, extra)
 
 
@@ -235,10 +235,10 @@ def verify(sd: StageDir) -> str | None:
     if not sd.done_marker.exists():
         return "no stage.done.json"
     n = StageResult.load(sd.done_marker).counts.get("shards", 0)
-    missing = [i for i in range(n) if not is_done(sd.shard_file("shards", i, "tar"))]
+    missing = [i for i in range(n) if not is_done(sd.image_shard(i))]
     if missing:
         return f"{len(missing)} shard(s) missing, e.g. {sd.shard_name(missing[0])}"
-    if not sd.file("samples.parquet").exists():
+    if not manifests.SAMPLES.exists(sd):
         return "samples.parquet missing"
     return None
 
@@ -391,7 +391,7 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
     """Write one shard: images in caption order, failed samples as status rows only."""
     ext = EXTENSIONS[config.image_format]
     rows: list[dict[str, Any]] = []
-    with ShardWriter(sd.shard_file("shards", index, "tar")) as w:
+    with ShardWriter(sd.image_shard(index)) as w:
         for s, r in zip(samples, results, strict=True):
             error = r if isinstance(r, str) else None
             data = b""
@@ -411,7 +411,7 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
         failed = sum(r["status"] == tables.STATUS_FAILED for r in rows)
         w.stats.update(ok=len(rows) - failed, failed=failed, generate_s=round(generate_s, 3))
         # The status rows go in before the tar is committed, so a done shard always has them.
-        tables.write(sd.shard_file("shards", index, "status.parquet"), rows, tables.SAMPLES)
+        manifests.SHARD_SAMPLES.write(sd, index, rows)
     return {"ok": len(rows) - failed, "failed": failed}
 
 
@@ -450,7 +450,7 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
         sd.done_marker.unlink(missing_ok=True)
 
     def tar(i: int) -> Path:
-        return sd.shard_file("shards", i, "tar")
+        return sd.image_shard(i)
 
     todo = [i for i in scope if force or not is_done(tar(i))]
     counts = {"ok": 0, "failed": 0, "shards_written": 0}
@@ -522,7 +522,7 @@ def _generate(synth: Synthesizer | PairedImages | ImportedImages, config: Synthe
 
         # Free shards first, then the ones other processes held: redone only if their holder died.
         for index, lock in claims.claim_each(todo, lambda i: sd.shard_lock("shards", i),
-                                             lambda i: sd.shard_file("shards", i, "tar"), redo=force,
+                                             sd.image_shard, redo=force,
                                              on_held=held, before_waiting=collect):
             one(index, lock)
         collect()
@@ -539,20 +539,19 @@ def finalize(config: SynthesizeConfig, captions: str, root: str, *, started: flo
         if (hit := cached(sd, verify)) is not None:
             return hit
         groups = shard_samples(config, planned_samples(config, captions))
-        pending = [i for i in range(len(groups)) if not is_done(sd.shard_file("shards", i, "tar"))]
+        pending = [i for i in range(len(groups)) if not is_done(sd.image_shard(i))]
         if pending:
             raise RuntimeError(f"{sd.path}: cannot finalise, {len(pending)} shard(s) not done "
                                f"(e.g. {sd.shard_name(pending[0])}); run `pcm synthesize` for them first")
-        status = tables.concat([sd.shard_file("shards", i, "status.parquet") for i in range(len(groups))],
-                               tables.SAMPLES)
+        status = manifests.SHARD_SAMPLES.concat(sd, range(len(groups)))
         planned = [s.caption_id for g in groups for s in g]
         if status["caption_id"].to_pylist() != planned:
             raise RuntimeError(f"{sd.path}: shard status rows do not match the plan; delete the shards "
                                "and rerun with --force")
-        tables.write(sd.file("samples.parquet"), status, tables.SAMPLES)
+        manifests.SAMPLES.write(sd, status)
         ok = sum(s == tables.STATUS_OK for s in status["status"].to_pylist())
-        pictures = {"samples": str(sample_grid(first_samples(sd, len(groups)), sd.pictures / "samples.png"))}
-        gen_s = sum(read_marker(sd.shard_file("shards", i, "tar")).get("generate_s", 0.0) for i in range(len(groups)))
+        pictures = {"samples": str(sample_grid(first_samples(sd, len(groups)), sd.picture("samples.png")))}
+        gen_s = sum(read_marker(sd.image_shard(i)).get("generate_s", 0.0) for i in range(len(groups)))
         timings = {"generate_s": round(gen_s, 3)}
         if gen_s > 0:
             timings["images_per_s"] = round(len(planned) / gen_s, 3)
@@ -568,7 +567,7 @@ def first_samples(sd: StageDir, n_shards: int, n: int = 16) -> list[tuple[bytes,
     """The first `n` images of the shards (file bytes) with their captions: what the sample grid shows."""
     items: list[tuple[bytes, str]] = []
     for i in range(n_shards):
-        for sample in iter_tar(sd.shard_file("shards", i, "tar")):
+        for sample in iter_tar(sd.image_shard(i)):
             ext = next(e for e in EXTENSIONS.values() if e in sample)
             items.append((sample[ext], sample["txt"].decode("utf-8")))
             if len(items) >= n:

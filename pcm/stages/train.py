@@ -162,21 +162,21 @@ def verify(sd: StageDir) -> str | None:
     latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
     if latest is None:
         return "no checkpoint"
-    state = atomic.read_json(latest / "state.json")
+    state = atomic.read_json(latest / checkpoints.STATE)
     if not state.get("finished"):
         return f"training unfinished ({latest.name})"
     best = checkpoint.best_dir(sd.path)
-    if not (best / "model.safetensors").exists() or not (best / "state.json").exists():
+    if not (best / checkpoints.MODEL).exists() or not (best / checkpoints.STATE).exists():
         return "no best/ checkpoint"
     want = (state.get("best") or {}).get("step")
     if sd.done_marker.exists():
         marked = (atomic.read_json(sd.done_marker).get("extra") or {}).get("best_step", want)
         if marked != want:
             return f"stage.done.json says best step {marked} but {latest.name} says {want}"
-    got = atomic.read_json(best / "state.json").get("step")
+    got = atomic.read_json(best / checkpoints.STATE).get("step")
     if got != want:
         return f"best/ holds step {got}, not the best step {want}"
-    if not sd.file("metrics.jsonl").exists():
+    if not sd.metrics_log.exists():
         return "no metrics.jsonl"
     return None
 
@@ -199,7 +199,7 @@ def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, for
         if force:
             for p in (checkpoint.checkpoints_dir(sd.path), checkpoint.best_dir(sd.path)):
                 shutil.rmtree(p, ignore_errors=True)
-            sd.file("metrics.jsonl").unlink(missing_ok=True)
+            sd.metrics_log.unlink(missing_ok=True)
         if config.devices > 1 and "WORLD_SIZE" not in os.environ:
             from pcm import distributed
 
@@ -222,9 +222,9 @@ def remove_stale_temporaries(sd: StageDir) -> int:
     """Delete what killed writers of this stage left: temporaries of config.json, metrics.jsonl,
     stage.done.json, pictures/loss_curve.png, best/ and the step checkpoints (call it holding the stage lock)."""
     n = atomic.remove_temporaries_of(sd.config_file, min_age=CONFIG_TMP_MIN_AGE_S)
-    for path in (sd.file("metrics.jsonl"), sd.done_marker, sd.pictures / "loss_curve.png"):
+    for path in (sd.metrics_log, sd.done_marker, sd.picture("loss_curve.png")):
         n += atomic.remove_temporaries_of(path)
-    n += checkpoints.remove_leftovers(sd.file("best"))
+    n += checkpoints.remove_leftovers(sd.best)
     n += checkpoints.remove_step_leftovers(checkpoint.checkpoints_dir(sd.path))
     if n:
         log.info("%s: removed %d temporaries left by killed writers", sd.path, n)
@@ -233,14 +233,14 @@ def remove_stale_temporaries(sd: StageDir) -> int:
 
 def total_steps_hint(sd: StageDir) -> int:
     """Steps planned, as the workers record them in metrics.jsonl's first line (0 before it exists)."""
-    for rec in jsonl.read(sd.file("metrics.jsonl")):
+    for rec in jsonl.read(sd.metrics_log):
         if "total_steps" in rec:
             return int(rec["total_steps"])
     return 0
 
 
 def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None:
-    recs = [r for r in jsonl.read(sd.file("metrics.jsonl")) if "loss" in r]
+    recs = [r for r in jsonl.read(sd.metrics_log) if "loss" in r]
     total = total or total_steps_hint(sd)
     if recs and total:
         progress(recs[-1]["step"], total, f"loss {recs[-1]['loss']:.3f}")
@@ -248,10 +248,10 @@ def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None
 
 def _finish(sd: StageDir, started: float) -> StageResult:
     latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
-    state = atomic.read_json(latest / "state.json")
+    state = atomic.read_json(latest / checkpoints.STATE)
     pictures = {"loss_curve": str(loss_curve(jsonl.read(sd.metrics_log), sd.picture("loss_curve.png")))}
     extra = {"best": str(checkpoint.best_dir(sd.path)), "latest": str(latest),
-             "clip": atomic.read_json(latest / "clip.json"), "val_metric": state["best"]["metric"],
+             "clip": atomic.read_json(latest / checkpoints.CLIP), "val_metric": state["best"]["metric"],
              "best_value": state["best"]["value"], "best_step": state["best"]["step"], "pictures": pictures}
     counts = {"steps": state["step"], "train_pairs": state["train_pairs"], "val_images": state["val_images"],
               "vocab": state["vocab"]}
@@ -396,7 +396,7 @@ def setup(config: TrainConfig, captions: str, encode: str, sd: StageDir, info: A
         torch.manual_seed(config.seed + 1 + info.rank)
         state = {"step": 0, "epoch": 0, "position": 0, "best": {"metric": config.val_metric, "value": None, "step": None}}
     if info.is_main:
-        metrics_path = sd.file("metrics.jsonl")
+        metrics_path = sd.metrics_log
         if latest is not None:
             jsonl.truncate(metrics_path, state["step"])
         else:  # lines of a run killed before its first checkpoint are redone
@@ -424,7 +424,7 @@ def resume(config: TrainConfig, sd: StageDir, latest: Path, info: Any, model: An
     from pcm.vocab import Vocab
 
     state = checkpoint.load_weights(latest, model, opt)
-    if Vocab.load(latest / "vocab.json").words != vocab.words:
+    if Vocab.load(latest / checkpoints.VOCAB).words != vocab.words:
         raise ValueError(f"{latest}: its vocabulary differs from the one built from the data; "
                          "the inputs changed under this stage directory; rerun with --force")
     if info.world == 1:
@@ -445,7 +445,7 @@ def train_loop(run: Run, progress: ProgressFn | None) -> None:
     from pcm import distributed
 
     config, info, device = run.config, run.info, run.device
-    metrics_path = run.sd.file("metrics.jsonl")
+    metrics_path = run.sd.metrics_log
     bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step",
                disable=not (config.progress_bar and info.is_main))
     loss_sum, loss_n, t_log = torch.zeros((), device=device), 0, time.monotonic()
@@ -510,7 +510,7 @@ def validate(run: Run, last: bool) -> bool:
                          metric=config.val_metric, beam=config.val_beam, batch_size=config.val_batch_size)
     best = run.best["value"]
     better = best is None or (value > best if config.val_metric == "cider" else value < best)
-    jsonl.append(run.sd.file("metrics.jsonl"), {"step": run.step, "val": value, "val_metric": config.val_metric})
+    jsonl.append(run.sd.metrics_log, {"step": run.step, "val": value, "val_metric": config.val_metric})
     if better:
         run.best = {"metric": config.val_metric, "value": value, "step": run.step}
     return better
@@ -550,7 +550,7 @@ def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
     if best_step is None:
         return
     best = checkpoint.best_dir(sd.path)
-    held = atomic.read_json(best / "state.json").get("step") if (best / "state.json").exists() else None
+    held = atomic.read_json(best / checkpoints.STATE).get("step") if (best / checkpoints.STATE).exists() else None
     if held == best_step:
         return
     source = dict(checkpoints.list_steps(checkpoint.checkpoints_dir(sd.path))).get(best_step)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pcm.stages.evaluate import PER_IMAGE
 from pcm.toyworld.dataset import read_scenes
 from pcm.toyworld.world import ATTRIBUTES, attribute_hits
-from storage import tables
+from storage import manifests
 from storage.layout import StageDir
 
 
@@ -15,9 +14,8 @@ def attribute_accuracy(evaluate: str | Path, captions: str | Path, dataset: str 
     """Share of evaluated images whose caption gets each attribute right, joining the evaluate stage's
     per-image captions to the dataset's scene records. Sky and ground are judged on the captions that
     mention them (`sky_stated`, `ground_stated`: how many do); kinds, colours, count and all on every one."""
-    per_image = tables.read(StageDir.at(evaluate).file(PER_IMAGE), tables.PER_IMAGE, columns=["image_id", "caption"])
-    rows = tables.read(StageDir.at(captions).file("captions.parquet"), tables.CAPTIONS,
-                       columns=["image_id", "image_path"]).to_pylist()
+    per_image = manifests.PER_IMAGE.read(StageDir.at(evaluate), columns=["image_id", "caption"])
+    rows = manifests.CAPTIONS.read(StageDir.at(captions), columns=["image_id", "image_path"]).to_pylist()
     path_of = {r["image_id"]: r["image_path"] for r in rows}
     scenes = read_scenes(dataset)
     hits = {a: 0 for a in ATTRIBUTES}
