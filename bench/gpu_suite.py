@@ -512,7 +512,7 @@ def check_train(work: Path, gpu: bool, rtol: float) -> tuple[dict[str, Any], Che
             continue
         cfg = resolve("tiny", ov | extra)
         t0 = time.perf_counter()
-        res = run_train(cfg.train, r["ingest"].path, r["encode"].path, str(work / f"train-{name}"))
+        res = run_train(cfg.train, r["ingest"], r["encode"], str(work / f"train-{name}"))
         seconds = time.perf_counter() - t0
         losses = _losses(res.path)
         runs[name] = {"seconds": round(seconds, 2), "steps": res.counts.get("steps"), "losses": losses}

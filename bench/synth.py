@@ -111,9 +111,10 @@ def main() -> None:
         captions = make_captions(work / "runs", max(args.n_images, args.batch_size))
         import torch
 
+        from pcm.stages.stage import load_result
         from pcm.stages.synthesize import SynthesizeConfig, planned_samples
 
-        prompts = [s.text for s in planned_samples(SynthesizeConfig(limit=args.n_images), captions)]
+        prompts = [s.text for s in planned_samples(SynthesizeConfig(limit=args.n_images), load_result(captions))]
         plain = plain_pipeline(args, prompts)
         ours = stage(args, work, captions, "stage", channels_last=gpu)
         extra = {"channels_last": gpu, "compile": "compile" in opt_in,

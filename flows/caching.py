@@ -1,7 +1,8 @@
 """Prefect caching keyed on stage fingerprints, checked against the outputs on disk.
 
 A stage task's cache key is `<stage>-<fingerprint>`, so a second run of the same config and
-inputs shows the task as Cached, on any machine sharing the run root. Before trusting a cache
+inputs shows the task as Cached, on any machine sharing the run root. Computing it (the stage's
+`plan`) writes nothing: the stage directory appears when the task starts working in it. Before trusting a cache
 hit, `run_stage` checks that the stage directory is complete (marker + `verify`); if not, the
 task is forced to run again and its record refreshed. Cache records are JSON kept on this host,
 outside the shared run root (flows/records.py).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow, task
@@ -22,42 +23,63 @@ from pcm.stages.encode import (
     verify,
 )
 from pcm.stages.pipeline import StageRef, stage_config
+from pcm.stages.stage import as_result
+from storage.result import StageResult
 
 
 @task(name="encode-reset")
-def encode_reset(config: EncodeConfig, captions: str, shards: str, root: str) -> None:
+def encode_reset(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str) -> None:
     reset_stage(config, captions, shards, root)
 
 
 @task(name="encode-features-shard", task_run_name="features-shard-{index:06d}", tags=["gpu"], retries=2,
       retry_delay_seconds=30, retry_condition_fn=retry_transient)
-def encode_features_shard(config: EncodeConfig, captions: str, shards: str, root: str, index: int) -> dict:
+def encode_features_shard(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str,
+                          index: int) -> dict:
     # Done shards are skipped on disk (their marker), so this task needs no Prefect cache.
     return {"index": index, **encode_shards(config, captions, shards, root, kind=FEATURES, indices=[index])}
 
 
 @task(name="encode-real", task_run_name="real-images", tags=["gpu"], retries=2, retry_delay_seconds=30,
       retry_condition_fn=retry_transient)
-def encode_real(config: EncodeConfig, captions: str, shards: str, root: str) -> dict:
+def encode_real(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str) -> dict:
     return encode_shards(config, captions, shards, root, kind=REAL)
 
 
 @task(name="encode", tags=["gpu"], cache_key_fn=fingerprint_key(plan))
-def encode_stage(config: EncodeConfig, captions: str, shards: str, root: str):
+def encode_stage(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str) -> StageResult:
     return run_encode(config, captions, shards, root)
 
 
+def shards_encoded(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str,
+                   reports: list[dict], started: float) -> StageResult:
+    """A fan-out child's result: no finished stage (`extra["complete"]` False), its shard tasks' reports in
+    `extra["shard_reports"]`, their counts summed."""
+    sd = plan(config, captions, shards, root)
+    return StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=str(sd.path),
+                       counts={k: sum(r.get(k, 0) for r in reports) for k in ("encoded", "units")},
+                       timings={"total_s": round(time.monotonic() - started, 3)},
+                       extra={"complete": False, "shard_reports": reports})
+
+
 @flow(name="encode")
-def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: str, shards: str, root: str = "runs",
-                force: bool = False, indices: list[int] | None = None):
+def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: StageResult | str,
+                shards: StageResult | str, root: str = "runs", force: bool = False,
+                indices: list[int] | None = None) -> StageResult:
     """Encode every synthetic shard (one task each) and the real images, then write the stage-wide outputs.
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
-    `indices`: only these feature shards, and nothing else (a fan-out child; the parent finalises).
+    `captions`, `shards`: the ingest and synthesize stages' results, or their directories (a deployment's
+    parameters), resolved here.
+    `indices`: only these feature shards, and nothing else (a fan-out child; the parent finalises): the
+    result is then a partial one, `extra["complete"]` False with the shard reports.
     """
+    started = time.monotonic()
     config = stage_config("encode", config)
+    captions, shards = as_result(captions), as_result(shards)
     if indices is not None:
-        return [encode_features_shard(config, captions, shards, root, index) for index in sorted(set(indices))]
+        reports = [encode_features_shard(config, captions, shards, root, index) for index in sorted(set(indices))]
+        return shards_encoded(config, captions, shards, root, reports, started)
     if force:
         encode_reset(config, captions, shards, root)
     if force or not is_finished(plan, verify, config=config, captions=captions, shards=shards, root=root):

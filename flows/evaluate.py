@@ -11,13 +11,14 @@ from flows.caching import fingerprint_key, run_stage
 from pcm.report import LABELS
 from pcm.stages.evaluate import EvaluateConfig, plan, run_evaluate, verify
 from pcm.stages.pipeline import StageRef, stage_config
+from pcm.stages.stage import as_result
 from storage import atomic
 from storage.layout import StageDir
 from storage.result import StageResult
 
 
 @task(name="evaluate", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
-def evaluate_task(config: EvaluateConfig, train: str, encode: str, captions: str, root: str,
+def evaluate_task(config: EvaluateConfig, train: StageResult, encode: StageResult, captions: StageResult, root: str,
                   force: bool = False) -> StageResult:
     """Decode and score (the stage skips work already on disk)."""
     progress = artifacts.Progress(f"evaluate-{plan(config, train, encode, captions, root).fingerprint}",
@@ -50,13 +51,17 @@ def publish(result: StageResult) -> None:
 
 
 @flow(name="evaluate")
-def evaluate_flow(config: StageRef | EvaluateConfig | dict[str, Any], train: str, encode: str, captions: str,
-                  root: str = "runs", force: bool = False) -> StageResult:
+def evaluate_flow(config: StageRef | EvaluateConfig | dict[str, Any], train: StageResult | str,
+                  encode: StageResult | str, captions: StageResult | str, root: str = "runs",
+                  force: bool = False) -> StageResult:
     """Caption a split's real images with a trained model and score them with the COCO caption metrics.
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
+    `train`, `encode`, `captions`: those stages' results, or their directories (a deployment's
+    parameters), resolved here.
     """
     config = stage_config("evaluate", config)
+    train, encode, captions = as_result(train), as_result(encode), as_result(captions)
     result = run_stage(evaluate_task, plan, verify, force=force, config=config, train=train, encode=encode,
                        captions=captions, root=root)
     publish(result)

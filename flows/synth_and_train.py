@@ -56,16 +56,19 @@ class PipelineParams(BaseModel):
         return resolve(self.preset, self.overrides)
 
 
-def fan_out_synthesis(cfg: PipelineConfig, captions: str, root: str, parts: int) -> None:
-    """Split the shards into `parts` child flow runs of synthesize/default and wait for all of them."""
+def fan_out_synthesis(cfg: PipelineConfig, captions: StageResult, root: str, parts: int) -> None:
+    """Split the shards into `parts` child flow runs of synthesize/default and wait for all of them.
+
+    The children get their inputs as JSON parameters (the stage directories) and resolve them themselves."""
     fan_out("synthesize/default", list(range(num_shards(cfg.synthesize, captions))), parts, "shards",
-            {"config": cfg.synthesize.model_dump(mode="json"), "captions": captions, "root": root})
+            {"config": cfg.synthesize.model_dump(mode="json"), "captions": captions.path, "root": root})
 
 
-def fan_out_encoding(cfg: PipelineConfig, captions: str, shards: str, root: str, parts: int) -> None:
+def fan_out_encoding(cfg: PipelineConfig, captions: StageResult, shards: StageResult, root: str, parts: int) -> None:
     """Split the feature shards into `parts` child flow runs of encode/default and wait; the parent finalises."""
     fan_out("encode/default", [u.index for u in feature_units(shards)], parts, "indices",
-            {"config": cfg.encode.model_dump(mode="json"), "captions": captions, "shards": shards, "root": root})
+            {"config": cfg.encode.model_dump(mode="json"), "captions": captions.path, "shards": shards.path,
+             "root": root})
 
 
 def fan_out(deployment: str, indices: list[int], parts: int, key: str, parameters: dict[str, Any]) -> None:
@@ -93,23 +96,32 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
     cfg, root, force = params.config(), params.root, set(params.force)
     last = STAGE_ORDER.index(params.stop_after)
     out: dict[str, StageResult] = {}
+    # Each stage gets the StageResults of the stages before it.
     out["ingest"] = ingest_flow(cfg.ingest, root, force="ingest" in force)
     if last >= 1:
         if params.synthesize_fanout:
-            fan_out_synthesis(cfg, out["ingest"].path, root, params.synthesize_fanout)
-        out["synthesize"] = synthesize_flow(cfg.synthesize, out["ingest"].path, root, force="synthesize" in force)
+            fan_out_synthesis(cfg, out["ingest"], root, params.synthesize_fanout)
+        out["synthesize"] = finished(synthesize_flow(cfg.synthesize, out["ingest"], root, force="synthesize" in force))
     if last >= 2:
         if params.encode_fanout:
-            fan_out_encoding(cfg, out["ingest"].path, out["synthesize"].path, root, params.encode_fanout)
-        out["encode"] = encode_flow(cfg.encode, out["ingest"].path, out["synthesize"].path, root,
-                                    force="encode" in force)
+            fan_out_encoding(cfg, out["ingest"], out["synthesize"], root, params.encode_fanout)
+        out["encode"] = encode_flow(cfg.encode, out["ingest"], out["synthesize"], root, force="encode" in force)
     if last >= 3:
-        out["train"] = train_flow(cfg.train, out["ingest"].path, out["encode"].path, root, force="train" in force)
+        out["train"] = train_flow(cfg.train, out["ingest"], out["encode"], root, force="train" in force)
     if last >= 4:
-        out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"].path, out["encode"].path, out["ingest"].path,
-                                        root, force="evaluate" in force)
+        out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"], out["encode"], out["ingest"], root,
+                                        force="evaluate" in force)
     publish_summary(out)
     return out
+
+
+def finished(result: StageResult) -> StageResult:
+    """A stage subflow's result, which must be the finished stage (not a partial one with shards pending)."""
+    if result.extra.get("complete") is False:
+        pending = result.counts.get("shards_pending", "some")
+        raise RuntimeError(f"{result.stage}: {pending} shard(s) of {result.path} are still pending after this run "
+                           "rendered its own; rerun the pipeline to finish them (finished shards are kept)")
+    return result
 
 
 @task(name="pipeline-summary")

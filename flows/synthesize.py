@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 from prefect import flow, task
@@ -13,12 +14,14 @@ from flows.records import results_dir
 from flows.retries import retry_transient
 from pcm.diffusion import Synthesizer
 from pcm.stages.pipeline import StageRef, stage_config
+from pcm.stages.stage import as_result
 from pcm.stages.synthesize import (
     PairedImages,
     SynthesizeConfig,
     finalize,
     make_generator,
     num_shards,
+    partial_result,
     plan,
     run_synthesize,
     verify,
@@ -34,7 +37,7 @@ def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
 
 @task(name="synthesize-shard", task_run_name="shard-{index:06d}", tags=["gpu"], retries=2,
       retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_key_fn=_shard_key)
-def synthesize_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool = False) -> dict:
+def synthesize_shard(config: SynthesizeConfig, captions: StageResult, root: str, index: int, force: bool = False) -> dict:
     r = run_synthesize(config, captions, root, shards=[index], force=force, finalize_when_complete=False,
                        synthesizer=loaded_synthesizer(config.model_dump_json()))
     return {"index": index, **r.counts}
@@ -47,34 +50,48 @@ def loaded_synthesizer(config_json: str) -> Synthesizer | PairedImages:
 
 
 @task(name="synthesize-finalize", cache_key_fn=fingerprint_key(plan))
-def synthesize_finalize(config: SynthesizeConfig, captions: str, root: str) -> StageResult:
+def synthesize_finalize(config: SynthesizeConfig, captions: StageResult, root: str) -> StageResult:
     return finalize(config, captions, root)
 
 
-def run_shard(config: SynthesizeConfig, captions: str, root: str, index: int, force: bool) -> dict:
+def run_shard(config: SynthesizeConfig, captions: StageResult, root: str, index: int, force: bool) -> dict:
     """The shard task, its cache trusted only while the shard is done on disk."""
     stale = force or not is_done(plan(config, captions, root).image_shard(index))
     return synthesize_shard.with_options(refresh_cache=stale, result_storage=results_dir(root), persist_result=True,
                                          result_serializer="json")(config, captions, root, index, force)
 
 
-def shard_indices(config: SynthesizeConfig, captions: str, shards: list[int] | None) -> list[int]:
+def shard_indices(config: SynthesizeConfig, captions: StageResult, shards: list[int] | None) -> list[int]:
     return sorted(set(shards)) if shards is not None else list(range(num_shards(config, captions)))
 
 
-def all_done(config: SynthesizeConfig, captions: str, root: str) -> bool:
+def all_done(config: SynthesizeConfig, captions: StageResult, root: str) -> bool:
     sd = plan(config, captions, root)
     return all(is_done(sd.image_shard(i)) for i in range(num_shards(config, captions)))
 
 
+def shards_written(config: SynthesizeConfig, captions: StageResult, root: str, reports: list[dict],
+                   started: float) -> StageResult:
+    """The partial result of a run that rendered its shards while others are pending: `extra["complete"]` False,
+    its shard tasks' reports in `extra["shard_reports"]`, their counts summed."""
+    counts = {k: sum(r.get(k, 0) for r in reports) for k in ("ok", "failed", "shards_written")}
+    return partial_result(plan(config, captions, root), num_shards(config, captions), counts, started,
+                          extra={"shard_reports": reports})
+
+
 @flow(name="synthesize")
-def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captions: str, root: str = "runs",
-                    shards: list[int] | None = None, force: bool = False) -> StageResult | list[dict]:
+def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captions: StageResult | str,
+                    root: str = "runs", shards: list[int] | None = None, force: bool = False) -> StageResult:
     """Render the shards (all, or `shards` when fanning out over machines), then finalise the stage.
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
+    `captions`: the ingest stage's result, or its directory (a deployment's parameter), resolved here.
+    Returns the finished stage's result, or, when shards outside this run's are still pending (a
+    fan-out child), a partial one: `extra["complete"]` False and this run's shard reports.
     """
+    started = time.monotonic()
     config = stage_config("synthesize", config)
+    captions = as_result(captions)
     if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
         progress = Progress(f"synthesize-{plan(config, captions, root).fingerprint}", "synthesize shards")
@@ -84,7 +101,8 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
             progress(k, len(indices), f"shard-{index:06d}")
         loaded_synthesizer.cache_clear()  # free the pipeline (GPU memory) before the next stages
         if not all_done(config, captions, root):
-            return done  # other flow runs own the remaining shards; the last one finalises
+            # Other flow runs own the remaining shards; the last one finalises.
+            return shards_written(config, captions, root, done, started)
     result = run_stage(synthesize_finalize, plan, verify, force=force, config=config, captions=captions, root=root)
     summary_table(f"synthesize-{result.fingerprint}", result, "synthesize: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():

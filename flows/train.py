@@ -9,12 +9,14 @@ from prefect import flow, task
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage
 from pcm.stages.pipeline import StageRef, stage_config
+from pcm.stages.stage import as_result
 from pcm.stages.train import TrainConfig, plan, run_train, verify
 from storage.result import StageResult
 
 
 @task(name="train", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
-def train_task(config: TrainConfig, captions: str, encode: str, root: str, force: bool = False) -> StageResult:
+def train_task(config: TrainConfig, captions: StageResult, encode: StageResult, root: str,
+               force: bool = False) -> StageResult:
     """Train or resume PCM-Net (the stage resumes from its latest checkpoint on disk)."""
     progress = artifacts.Progress(f"train-{plan(config, captions, encode, root).fingerprint}", "Training PCM-Net")
     return run_train(config, captions, encode, root, force=force, progress=progress)
@@ -33,14 +35,17 @@ def publish(result: StageResult) -> None:
 
 
 @flow(name="train")
-def train_flow(config: StageRef | TrainConfig | dict[str, Any], captions: str, encode: str, root: str = "runs",
-               force: bool = False) -> StageResult:
+def train_flow(config: StageRef | TrainConfig | dict[str, Any], captions: StageResult | str,
+               encode: StageResult | str, root: str = "runs", force: bool = False) -> StageResult:
     """Train PCM-Net on an encode stage's synthetic-image features (val split picks best/).
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`;
     StageRef comes first, so `{"preset": "tiny"}` is the tiny pipeline's train section).
+    `captions`, `encode`: the ingest and encode stages' results, or their directories (a deployment's
+    parameters), resolved here.
     """
     config = stage_config("train", config)
+    captions, encode = as_result(captions), as_result(encode)
     result = run_stage(train_task, plan, verify, force=force, config=config, captions=captions, encode=encode,
                        root=root)
     publish(result)

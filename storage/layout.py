@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
 SHARD_DIGITS = 6
@@ -34,11 +35,17 @@ _FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
 
 @dataclass(frozen=True)
 class StageDir:
-    """One stage output directory `<root>/<stage>/<fingerprint>` and the names inside it."""
+    """One stage output directory `<root>/<stage>/<fingerprint>` and the names inside it.
+
+    `record` is what its config.json is to hold (stage, code version, config, inputs) when planning
+    computed this StageDir (pcm.stages.stage.stage_dir; written by open_stage, never by planning);
+    None for one found on disk (`at`, `stage_dirs`, `inputs`). It is not part of the identity.
+    """
 
     path: Path
     stage: str
     fingerprint: str
+    record: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     # -- whole-stage files ------------------------------------------------------------
     @property

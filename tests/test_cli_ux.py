@@ -31,6 +31,16 @@ def param(cmd, name: str):
     return next(p for p in cmd.params if p.name == name)
 
 
+def fake_inputs(monkeypatch) -> None:
+    """The stage commands resolve their input directories (load_result) before the stage runs: any path
+    stands for a finished stage here, for tests that stop the stage and only look at its config."""
+    import pcm.stages.stage
+    from storage.result import StageResult
+
+    monkeypatch.setattr(pcm.stages.stage, "load_result",
+                        lambda path: StageResult(stage="unknown", fingerprint="0" * 16, path=str(path)))
+
+
 def preset_vae_factor(name: str) -> int:
     vae = json.loads((PRESETS / "diffusion" / f"{name}.json").read_text())["vae"]
     return 2 ** (len(vae["block_out_channels"]) - 1)
@@ -243,6 +253,7 @@ def fake_train(monkeypatch):
         raise RuntimeError("stopped before training")
 
     monkeypatch.setattr(pcm.stages.train, "run_train", fake)
+    fake_inputs(monkeypatch)
     return seen
 
 
@@ -332,6 +343,7 @@ def stage_config(monkeypatch, tmp_path, stage: str, args: list[str]):
         raise RuntimeError("stopped before the stage")
 
     monkeypatch.setattr(importlib.import_module(f"pcm.stages.{stage}"), f"run_{stage}", stop)
+    fake_inputs(monkeypatch)
     res = CliRunner().invoke(app, [stage, *args, "--root", str(tmp_path / "runs")])
     assert seen, (res.output, res.exception)
     return seen[-1]

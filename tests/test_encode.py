@@ -152,7 +152,7 @@ def test_missing_weights_offline_give_one_clear_error():
     with pytest.raises(RuntimeError) as e:
         load_clip(ClipSpec(model="ViT-B-32", pretrained="openai", precision="fp32"))
     msg = str(e.value)
-    assert "not available" in msg and "--pretrained" in msg and "open_clip.create_model('ViT-B-32'" in msg
+    assert "not available" in msg and "--set clip.pretrained=" in msg and "open_clip.create_model('ViT-B-32'" in msg
 
 
 def test_run_encode_outputs(tmp_path):

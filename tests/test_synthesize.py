@@ -302,8 +302,9 @@ def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(caption
 
     cfg = SynthesizeConfig(**TINY)
     with prefect_test_harness(server_startup_timeout=180):
-        part = synthesize_flow(cfg, captions, str(layout.root), shards=[2])
-        assert [d["index"] for d in part] == [2]
+        part = synthesize_flow(cfg, captions, str(layout.root), shards=[2])  # a fan-out child's share
+        assert part.extra["complete"] is False and part.counts["shards_pending"] == 2
+        assert [d["index"] for d in part.extra["shard_reports"]] == [2]
         first = synthesize_flow(cfg, captions, str(layout.root))
         sd = plan(cfg, captions, str(layout.root))
         markers = {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)}

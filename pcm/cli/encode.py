@@ -68,13 +68,15 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="re-encode everything even if done"),
     ) -> None:
         from pcm.stages.encode import EncodeConfig, run_encode
+        from pcm.stages.stage import load_result
 
         values = stage_values(EncodeConfig, sets, GIVEN_BY, example="clip.model=ViT-B-32")
         if images_root is not None:
             values["images_root"] = images_root
         config = build_config(EncodeConfig, values, "encode", sets)
         writable_dir(root)
-        result = run_encode(config, captions, shards, root, force=force)
+        ingest, synthesize = load_result(captions), load_result(shards)  # the inputs, resolved once here
+        result = run_encode(config, ingest, synthesize, root, force=force)
         c, state = result.counts, "cached" if result.cached else "done"
         speed = f", {result.timings['images_per_s']:,.0f} images/s" if "images_per_s" in result.timings else ""
         typer.echo(f"encode {state}: {c['images_ok']} ok, {c['images_failed']} failed synthetic images; "

@@ -52,13 +52,15 @@ def register(app: typer.Typer) -> None:
         """
         from pcm.report import LABELS
         from pcm.stages.evaluate import EvaluateConfig, run_evaluate
+        from pcm.stages.stage import load_result
 
         config = build_config(EvaluateConfig, stage_values(EvaluateConfig, sets, example="beam_size=5"), "evaluate",
                               sets)
         if root is not None or Path(train).is_dir():  # a missing train directory is run_evaluate's error
             writable_dir(root or _root_of(train), "--root" if root is not None else
                          "--root (default: the train stage's run root)")
-        result = run_evaluate(config, train, encode, captions, root or _root_of(train), force=force)
+        inputs = load_result(train), load_result(encode), load_result(captions)  # resolved once here
+        result = run_evaluate(config, *inputs, root or _root_of(train), force=force)
         metrics = result.extra["metrics"]
         state = "cached" if result.cached else "done"
         typer.echo(f"evaluate {state}: {result.extra['split']} split, {result.extra['protocol']}, "

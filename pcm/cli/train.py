@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Option("runs", "--root", help="run root directory"),
         force: bool = typer.Option(False, "--force", help="discard checkpoints and train from scratch"),
     ) -> None:
+        from pcm.stages.stage import load_result
         from pcm.stages.train import TrainConfig, run_train
 
         if preset is not None:
@@ -69,7 +70,8 @@ def register(app: typer.Typer) -> None:
             values["preset"] = name
         config = build_config(TrainConfig, values, "train", sets)
         writable_dir(root)
-        result = run_train(config, captions, encode, root, force=force)
+        ingest, encoded = load_result(captions), load_result(encode)  # the inputs, resolved once here
+        result = run_train(config, ingest, encoded, root, force=force)
         e, c = result.extra, result.counts
         state = "cached" if result.cached else "done"
         best = (f"best val {e['val_metric']} {e['best_value']:.4f} at step {e['best_step']}"

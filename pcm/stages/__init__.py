@@ -4,7 +4,7 @@
     pcm/            the library: model, loss, decode, vocab, dataset, checkpoint, clip, diffusion,
                     concepts, metrics, report - functions of explicit arguments, no stage configs
     pcm/stages/     ingest -> synthesize -> encode -> train -> evaluate: each module holds its typed
-                    config, `plan` (its directory from the fingerprint), `verify`, and `run_<stage>`;
+                    config, `plan` (its directory from the fingerprint; writes nothing), `verify`, and `run_<stage>`;
                     stage.py is what they share (lock, cache check, marker last), pipeline.py the
                     presets and the order
     pcm/cli/        the `pcm` command: one module per command, heavy imports inside the commands

@@ -45,7 +45,17 @@ from pcm.clip import (
 from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.pictures import score_histogram
-from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import (
+    ProgressFn,
+    StageInput,
+    as_result,
+    cached,
+    finish,
+    load_result,
+    locked,
+    open_stage,
+    stage_dir,
+)
 from storage import atomic, claims, manifests, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
@@ -152,17 +162,20 @@ def check_images_root(config: EncodeConfig) -> None:
 
 # -- inputs and units ----------------------------------------------------------------------
 
-def _inputs(captions: str, shards_dir: str) -> tuple[StageResult, StageResult]:
-    cap, syn = load_result(captions), load_result(shards_dir)
+def _inputs(captions: StageInput, shards: StageInput) -> tuple[StageResult, StageResult]:
+    """The ingest and synthesize stages' results (a directory given is resolved here), checked to be theirs."""
+    cap, syn = as_result(captions), as_result(shards)
     if cap.stage != "ingest":
-        raise ValueError(f"captions={captions!r} is a {cap.stage} stage directory; pass the ingest stage's")
+        given = cap.path if isinstance(captions, StageResult) else captions
+        raise ValueError(f"captions={given!r} is a {cap.stage} stage directory; pass the ingest stage's")
     if syn.stage != "synthesize":
-        raise ValueError(f"shards={shards_dir!r} is a {syn.stage} stage directory; pass the synthesize stage's")
+        given = syn.path if isinstance(shards, StageResult) else shards
+        raise ValueError(f"shards={given!r} is a {syn.stage} stage directory; pass the synthesize stage's")
     return cap, syn
 
 
-def plan(config: EncodeConfig, captions: str, shards: str, root: str) -> StageDir:
-    """The stage directory for these inputs; no work (used by Prefect's cache key)."""
+def plan(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str) -> StageDir:
+    """The stage directory for these inputs (results or directories); no work, nothing written (Prefect's cache key)."""
     cap, syn = _inputs(captions, shards)
     extra = {}
     if config.vocabulary_file:
@@ -201,15 +214,14 @@ class Unit:
     expected: int | None = None                           # samples, when known in advance
 
 
-def feature_units(shards: str) -> list[Unit]:
+def feature_units(shards: StageResult) -> list[Unit]:
     """One unit per synthetic shard of the finished synthesize stage, in index order.
 
     Every shard the stage reported must still be done on disk: a missing one is an error naming it,
     never a silently smaller encode.
     """
-    result = load_result(shards)
-    sd = StageDir.at(result.path)
-    n = result.counts.get("shards")
+    sd = StageDir.at(shards.path)
+    n = shards.counts.get("shards")
     if n is None:  # an older result without the count: the shards on disk
         n = len(list(sd.shard_dir("shards").glob("shard-*.tar")))
     units = []
@@ -236,12 +248,11 @@ def _marker_count(tar: Path) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def real_units(config: EncodeConfig, captions: str) -> list[Unit]:
+def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
     """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
     if config.images_root is None:
         return []
-    table = manifests.CAPTIONS.read(StageDir.at(load_result(captions).path),
-                                    columns=["image_id", "split", "image_path", "status"])
+    table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["image_id", "split", "image_path", "status"])
     images: dict[str, tuple[str, str, str | None]] = {}
     for r in table.to_pylist():
         if r["status"] == tables.STATUS_OK and r["split"] in ("val", "test") and r["image_id"] not in images:
@@ -519,8 +530,8 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
 
 # -- stage-wide outputs ---------------------------------------------------------------------
 
-def _caption_texts(captions: str) -> list[str]:
-    table = manifests.CAPTIONS.read(StageDir.at(load_result(captions).path), columns=["split", "text", "status"])
+def _caption_texts(captions: StageResult) -> list[str]:
+    table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["split", "text", "status"])
     return [r["text"] for r in tables.ok_rows(table.to_pylist(), "train") if r["text"]]
 
 
@@ -559,7 +570,7 @@ def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: st
     return bank.T.float().cpu().numpy()                                      # [D, C] -> [C, D], unit rows
 
 
-def build_concepts(config: EncodeConfig, captions: str, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
+def build_concepts(config: EncodeConfig, captions: StageResult, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
     """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
     texts = _caption_texts(captions)
     if config.vocabulary_file or config.concepts_from:
@@ -664,14 +675,15 @@ def _reset(sd: StageDir, units: list[Unit]) -> None:
         path.unlink(missing_ok=True)
 
 
-def reset_stage(config: EncodeConfig, captions: str, shards: str, root: str) -> None:
+def reset_stage(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str) -> None:
     """Forget every finished output of this stage directory (a forced rerun's first step)."""
-    sd = plan(config, captions, shards, root)
+    cap, syn = _inputs(captions, shards)
+    sd = plan(config, cap, syn, root)
     with locked(sd):
-        _reset(sd, feature_units(shards) + real_units(config, captions))
+        _reset(sd, feature_units(syn) + real_units(config, cap))
 
 
-def encode_shards(config: EncodeConfig, captions: str, shards: str, root: str, *, kind: str,
+def encode_shards(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str, *, kind: str,
                   indices: list[int] | None = None, progress: ProgressFn | None = None) -> dict[str, int]:
     """Encode the pending units of one kind (all, or `indices`): a Prefect task per shard.
 
@@ -679,18 +691,23 @@ def encode_shards(config: EncodeConfig, captions: str, shards: str, root: str, *
     """
     if kind not in (FEATURES, REAL):
         raise ValueError(f"kind={kind!r}: expected {FEATURES!r} or {REAL!r}")
-    sd = plan(config, captions, shards, root)
-    units = feature_units(shards) if kind == FEATURES else real_units(config, captions)
+    cap, syn = _inputs(captions, shards)
+    sd = open_stage(plan(config, cap, syn, root))  # these units are written without the stage lock
+    units = feature_units(syn) if kind == FEATURES else real_units(config, cap)
     if indices is not None:
         units = [u for u in units if u.index in set(indices)]
     encoded, seconds, _ = encode_units(config, sd, units, progress=progress)
     return {"encoded": encoded, "units": len(units), "seconds": round(seconds, 3)}
 
 
-def run_encode(config: EncodeConfig, captions: str, shards: str, root: str, *, force: bool = False,
+def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str, *, force: bool = False,
                progress: ProgressFn | None = None) -> StageResult:
-    """Encode every pending unit, then write scores, real, concepts, the CLIP head and the histogram."""
+    """Encode every pending unit, then write scores, real, concepts, the CLIP head and the histogram.
+
+    `captions`, `shards`: the ingest and synthesize stages' StageResults, or their directories.
+    """
     started = time.monotonic()
+    captions, shards = _inputs(captions, shards)
     sd = plan(config, captions, shards, root)
     if not force and (done := cached(sd, verify)) is not None:
         return done

@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from pcm.config import StageConfig
-from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, finish, load_result, locked, stage_dir
 from storage import atomic, manifests, shards, tables
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
@@ -87,16 +87,17 @@ class EvalSet:
 # -- planning ---------------------------------------------------------------------------
 
 
-def _inputs(train: str, encode: str, captions: str) -> tuple[StageResult, StageResult, StageResult]:
-    results = load_result(train), load_result(encode), load_result(captions)
+def _inputs(train: StageInput, encode: StageInput, captions: StageInput) -> tuple[StageResult, StageResult, StageResult]:
+    """The train, encode and ingest stages' results (a directory given is resolved here), checked to be theirs."""
+    results = as_result(train), as_result(encode), as_result(captions)
     for r, want, flag in zip(results, ("train", "encode", "ingest"), ("--train", "--encode", "--captions"), strict=True):
         if r.stage != want:
             raise ValueError(f"{flag} {r.path}: this is a '{r.stage}' stage directory; expected a '{want}' one")
     return results
 
 
-def plan(config: EvaluateConfig, train: str, encode: str, captions: str, root: str) -> StageDir:
-    """The stage directory for this config and these three inputs; no work."""
+def plan(config: EvaluateConfig, train: StageInput, encode: StageInput, captions: StageInput, root: str) -> StageDir:
+    """The stage directory for this config and these three inputs (results or directories); no work, nothing written."""
     return stage_dir(RunLayout(root), STAGE, config, _inputs(train, encode, captions), CODE_VERSION)
 
 
@@ -265,12 +266,15 @@ def _read_predictions(path: Path, image_ids: list[str]) -> dict[str, str] | None
     return {i: found[i] for i in image_ids} if set(found) == set(image_ids) else None
 
 
-def run_evaluate(config: EvaluateConfig, train: str, encode: str, captions: str, root: str, *,
+def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, captions: StageInput, root: str, *,
                  force: bool = False, progress: ProgressFn | None = None) -> StageResult:
-    """Caption the split's real images with the checkpoint, score them, write predictions, metrics and report."""
+    """Caption the split's real images with the checkpoint, score them, write predictions, metrics and report.
+
+    `train`, `encode`, `captions`: those stages' StageResults, or their directories.
+    """
     started = time.monotonic()
     train_r, encode_r, captions_r = _inputs(train, encode, captions)
-    sd = stage_dir(RunLayout(root), STAGE, config, (train_r, encode_r, captions_r), CODE_VERSION)
+    sd = plan(config, train_r, encode_r, captions_r, root)
     if not force and (done := cached(sd, verify)):
         log.info("evaluate: reusing %s", sd.path)
         return done

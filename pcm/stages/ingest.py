@@ -131,7 +131,7 @@ def dataset_name(config: IngestConfig) -> str:
 
 
 def plan(config: IngestConfig, root: str) -> StageDir:
-    """The stage directory for this config and this file's content; no work."""
+    """The stage directory for this config and this file's content; no work, nothing written (it reads the file)."""
     path = source_path(config)
     extra = {"source_name": path.name, "source_sha256": input_digest(path)}
     return stage_dir(RunLayout(root), STAGE, config, [], CODE_VERSION, extra=extra)

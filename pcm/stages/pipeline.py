@@ -169,14 +169,14 @@ def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResul
              progress: Callable[[int, int, str], None] | None) -> StageResult:
     if stage == "ingest":
         return run_ingest(cfg.ingest, root, force=f, progress=progress)
+    # Each stage takes its inputs as the StageResults the earlier stages returned.
     if stage == "synthesize":
-        return run_synthesize(cfg.synthesize, r["ingest"].path, root, force=f, progress=progress)
+        return run_synthesize(cfg.synthesize, r["ingest"], root, force=f, progress=progress)
     if stage == "encode":
-        return run_encode(cfg.encode, r["ingest"].path, r["synthesize"].path, root, force=f, progress=progress)
+        return run_encode(cfg.encode, r["ingest"], r["synthesize"], root, force=f, progress=progress)
     if stage == "train":
-        return run_train(cfg.train, r["ingest"].path, r["encode"].path, root, force=f, progress=progress)
-    return run_evaluate(cfg.evaluate, r["train"].path, r["encode"].path, r["ingest"].path, root, force=f,
-                        progress=progress)
+        return run_train(cfg.train, r["ingest"], r["encode"], root, force=f, progress=progress)
+    return run_evaluate(cfg.evaluate, r["train"], r["encode"], r["ingest"], root, force=f, progress=progress)
 
 
 # ------------------------------------------------------------ one stage's config, by reference

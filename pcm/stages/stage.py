@@ -1,9 +1,22 @@
-"""What every stage shares: its directory from the fingerprint, the lock, the cache check, the final marker."""
+"""What every stage shares: its directory from the fingerprint, the lock, the cache check, the final marker.
+
+Planning is pure: `stage_dir` (each stage's `plan`) computes the fingerprint and what config.json is
+to hold, and writes nothing, so Prefect's cache keys and "is it finished?" checks leave no trace.
+`open_stage` creates the directory and writes config.json once, when work is about to start there:
+`locked` opens the directory it locks, and the shard workers that write without the stage lock open
+it themselves.
+
+A stage's inputs are StageResults (the finished upstream stages), resolved once where a run starts
+(the CLI, a flow, `run_pipeline`); the public `plan`/`run_<stage>` also take a stage directory's
+path and resolve it with `as_result`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,16 +34,36 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, str], None]
 
 
+# A stage's input: the StageResult of a finished stage, or the path of its directory.
+StageInput = StageResult | str | os.PathLike
+
+
 def stage_dir(layout: RunLayout, stage: str, config: StageConfig, inputs: Sequence[StageResult],
               code_version: str, extra: dict | None = None) -> StageDir:
-    """The directory of this (stage, config, inputs, code) combination; writes config.json once."""
+    """The directory of this (stage, config, inputs, code) combination; computed only, nothing is written.
+
+    Its `record` is the content of its config.json, which `open_stage` writes.
+    """
     content = config.content() | (extra or {})
     fp = fingerprint(stage, content, [r.fingerprint for r in inputs], code_version)
-    sd = layout.stage(stage, fp)
+    record = {"stage": stage, "code_version": code_version, "config": content,
+              "inputs": {r.stage: r.fingerprint for r in inputs}}
+    return dataclasses.replace(layout.stage(stage, fp), record=record)
+
+
+def open_stage(sd: StageDir) -> StageDir:
+    """Create the stage directory and write its config.json once (an existing one is kept); returns `sd`.
+
+    Called when work is about to start there: by `locked`, and by the shard workers that write
+    shards without the stage lock. `sd` must come from planning (`stage_dir`) unless the directory
+    already has its config.json.
+    """
     sd.path.mkdir(parents=True, exist_ok=True)
     if not sd.config_file.exists():
-        atomic.write_json(sd.config_file, {"stage": stage, "code_version": code_version, "config": content,
-                                           "inputs": {r.stage: r.fingerprint for r in inputs}})
+        if sd.record is None:
+            raise ValueError(f"{sd.path}: no config.json, and this StageDir was not planned (it records no config); "
+                             "open the StageDir the stage's plan() returns")
+        atomic.write_json(sd.config_file, sd.record)
     return sd
 
 
@@ -53,7 +86,8 @@ def cached(sd: StageDir, verify: Callable[[StageDir], str | None] | None = None)
 
 @contextlib.contextmanager
 def locked(sd: StageDir, wait: float | None = 0.0) -> Iterator[None]:
-    """Hold the stage lock; `wait=0` fails fast naming the holder, `None` waits."""
+    """Open the stage directory (`open_stage`), then hold its lock; `wait=0` fails fast naming the holder, `None` waits."""
+    open_stage(sd)
     with FileLock(sd.lock_file, timeout=wait):
         yield
 
@@ -74,3 +108,17 @@ def load_result(path: str | Path) -> StageResult:
     if not marker.exists():
         raise FileNotFoundError(f"{path}: not a finished stage directory (no stage.done.json); run that stage first")
     return StageResult.load(marker)
+
+
+def as_result(x: StageInput) -> StageResult:
+    """A stage input as a StageResult: `x` itself, or the result of the stage directory it names (`load_result`).
+
+    A partial result (`extra["complete"] is False`: a synthesize call with shards still pending
+    elsewhere) is no finished stage, and an error like a directory without its marker.
+    """
+    if not isinstance(x, StageResult):
+        return load_result(x)
+    if x.extra.get("complete") is False:
+        raise FileNotFoundError(f"{x.path}: not a finished stage directory (this {x.stage} result is partial, "
+                                "with work pending); finish that stage first")
+    return x

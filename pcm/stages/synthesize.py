@@ -22,7 +22,7 @@ from pcm import diffusion
 from pcm.config import StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
 from pcm.pictures import sample_grid
-from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, finish, locked, open_stage, stage_dir
 from storage import atomic, claims, manifests, tables
 from storage.fingerprint import input_digest
 from storage.image_sets import ImageIndex, read_mapping
@@ -144,12 +144,11 @@ def sample_seed(run_seed: int, caption_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def _captions_file(captions: str | Path) -> Path:
-    load_result(captions)  # a clear error when the ingest stage is not finished
-    return manifests.CAPTIONS.path(StageDir.at(captions))
+def _captions_file(captions: StageResult) -> Path:
+    return manifests.CAPTIONS.path(StageDir.at(captions.path))
 
 
-def planned_samples(config: SynthesizeConfig, captions: str | Path) -> list[Sample]:
+def planned_samples(config: SynthesizeConfig, captions: StageResult) -> list[Sample]:
     """The ok train-split captions in file order (first `limit`), each with its seed."""
     return list(_planned(config.seed, config.limit, str(_captions_file(captions)), config.paired_images is not None))
 
@@ -189,7 +188,7 @@ def shard_samples(config: SynthesizeConfig, samples: Sequence[Sample]) -> list[l
     return [list(samples[i:i + n]) for i in range(0, len(samples), n)]
 
 
-def num_shards(config: SynthesizeConfig, captions: str | Path) -> int:
+def num_shards(config: SynthesizeConfig, captions: StageResult) -> int:
     return math.ceil(len(planned_samples(config, captions)) / config.shard_size)
 
 
@@ -220,14 +219,15 @@ def imported_key(config: SynthesizeConfig, caption_id: str) -> str | None:
     return None if image is None else index.resolve(image)
 
 
-def plan(config: SynthesizeConfig, captions: str, root: str) -> StageDir:
-    """The stage directory for these captions and this config; no work (Prefect's cache key)."""
+def plan(config: SynthesizeConfig, captions: StageInput, root: str) -> StageDir:
+    """The stage directory for these captions (the ingest stage's result or directory) and this config; no work,
+    nothing written (Prefect's cache key)."""
     extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else None
     if config.imported_images:  # what the set and the mapping hold, not their names, make the fingerprint
         extra = {"imported_index": image_index(config).digest()}
         if config.imported_mapping:
             extra["imported_mapping_sha256"] = input_digest(config.imported_mapping)
-    return stage_dir(RunLayout(root), STAGE, config, [load_result(captions)], CODE_VERSION, extra)
+    return stage_dir(RunLayout(root), STAGE, config, [as_result(captions)], CODE_VERSION, extra)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -415,7 +415,7 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
     return {"ok": len(rows) - failed, "failed": failed}
 
 
-def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards: list[int] | None = None,
+def run_synthesize(config: SynthesizeConfig, captions: StageInput, root: str, *, shards: list[int] | None = None,
                    worker_index: int = 0, num_workers: int = 1, force: bool = False,
                    progress: ProgressFn | None = None, finalize_when_complete: bool = True,
                    synthesizer: Synthesizer | PairedImages | ImportedImages | None = None) -> StageResult:
@@ -427,15 +427,18 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
     are still pending (or `finalize_when_complete` is False, as in the per-shard Prefect tasks, which
     leave finalising to their own task), a partial result with `extra["complete"] = False`.
     `synthesizer`: an already loaded model to reuse (benchmarks, notebooks); made from `config`.
+    `captions`: the ingest stage's StageResult, or its directory.
     """
     if synthesizer is not None and not made_from(synthesizer, config):
         raise ValueError("the synthesizer passed to run_synthesize was made from another config")
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index must be in [0, num_workers); got {worker_index} of {num_workers}")
     started = time.monotonic()
+    captions = as_result(captions)
     sd = plan(config, captions, root)
     if not force and (hit := cached(sd, verify)) is not None:
         return hit
+    open_stage(sd)  # the shards of this call are written without the stage lock
     samples = planned_samples(config, captions)
     groups = shard_samples(config, samples)
     total = len(groups)
@@ -462,12 +465,18 @@ def run_synthesize(config: SynthesizeConfig, captions: str, root: str, *, shards
     if todo:
         counts = _generate(synthesizer or make_generator(config), config, sd, groups, todo, force, counts, report)
     if not finalize_when_complete or not all(is_done(tar(i)) for i in range(total)):
-        pending = [i for i in range(total) if not is_done(tar(i))]
-        return StageResult(stage=STAGE, fingerprint=sd.fingerprint, path=str(sd.path),
-                           counts={**counts, "shards": total, "shards_pending": len(pending)},
-                           timings={"total_s": round(time.monotonic() - started, 3)},
-                           extra={"complete": False, "pending": pending[:100]})
+        return partial_result(sd, total, counts, started)
     return finalize(config, captions, root, started=started)
+
+
+def partial_result(sd: StageDir, total: int, counts: dict[str, int], started: float,
+                   extra: dict[str, Any] | None = None) -> StageResult:
+    """What a call that wrote some shards returns while others are pending: `extra["complete"] = False`, no marker."""
+    pending = [i for i in range(total) if not is_done(sd.image_shard(i))]
+    return StageResult(stage=STAGE, fingerprint=sd.fingerprint, path=str(sd.path),
+                       counts={**counts, "shards": total, "shards_pending": len(pending)},
+                       timings={"total_s": round(time.monotonic() - started, 3)},
+                       extra={"complete": False, "pending": pending[:100], **(extra or {})})
 
 
 def _generate(synth: Synthesizer | PairedImages | ImportedImages, config: SynthesizeConfig, sd: StageDir,
@@ -531,9 +540,11 @@ def _generate(synth: Synthesizer | PairedImages | ImportedImages, config: Synthe
 
 
 # -- finalisation -----------------------------------------------------------------------------
-def finalize(config: SynthesizeConfig, captions: str, root: str, *, started: float | None = None) -> StageResult:
+def finalize(config: SynthesizeConfig, captions: StageInput, root: str, *,
+             started: float | None = None) -> StageResult:
     """Merge the shards' status rows into samples.parquet, draw a sample grid, write the stage marker."""
     started = time.monotonic() if started is None else started
+    captions = as_result(captions)
     sd = plan(config, captions, root)
     with locked(sd, wait=None):
         if (hit := cached(sd, verify)) is not None:

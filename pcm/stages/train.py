@@ -28,7 +28,7 @@ from pcm.device import resolve_device
 from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.pictures import loss_curve
-from pcm.stages.stage import ProgressFn, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, finish, load_result, locked, stage_dir
 from storage import atomic, checkpoints, jsonl
 from storage.layout import RunLayout, StageDir
 from storage.lock import try_lock
@@ -152,9 +152,9 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-def plan(config: TrainConfig, captions: str, encode: str, root: str) -> StageDir:
-    """The train stage directory of these inputs (no work)."""
-    return stage_dir(RunLayout(root), "train", config, [load_result(captions), load_result(encode)], CODE_VERSION)
+def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str) -> StageDir:
+    """The train stage directory of these inputs (results or directories); no work, nothing written."""
+    return stage_dir(RunLayout(root), "train", config, [as_result(captions), as_result(encode)], CODE_VERSION)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -181,9 +181,13 @@ def verify(sd: StageDir) -> str | None:
     return None
 
 
-def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, force: bool = False,
+def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, root: str, *, force: bool = False,
               progress: ProgressFn | None = None) -> StageResult:
-    """Train (or resume) under the stage lock; write stage.done.json last and return the result."""
+    """Train (or resume) under the stage lock; write stage.done.json last and return the result.
+
+    `captions`, `encode`: the ingest and encode stages' StageResults, or their directories.
+    """
+    captions, encode = as_result(captions), as_result(encode)
     sd = plan(config, captions, encode, root)
     if not force and (done := cached(sd, verify)) is not None:
         if (lock := try_lock(sd.lock_file)) is not None:  # a finished stage is tidied too (if nobody works in it)
@@ -205,16 +209,16 @@ def run_train(config: TrainConfig, captions: str, encode: str, root: str, *, for
 
             total = total_steps_hint(sd)
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
-            distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", str(captions),
-                                "--encode", str(encode), "--root", str(root)], config.devices, poll,
+            distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", captions.path,
+                                "--encode", encode.path, "--root", str(root)], config.devices, poll,
                                bind=config.dist_bind)
         else:
             train_worker(config, captions, encode, sd, progress=progress)
         return _finish(sd, started)
 
 
-# A plan() of another process writes config.json without the stage lock (in milliseconds): its
-# temporaries go only once this old.
+# Another process opening this directory (pcm.stages.stage.open_stage, before it takes the lock) writes
+# config.json without the stage lock (in milliseconds): its temporaries go only once this old.
 CONFIG_TMP_MIN_AGE_S = 60.0
 
 
@@ -314,7 +318,8 @@ class Run:
     best: dict[str, Any]  # {"metric", "value", "step"} of the best validation so far
 
 
-def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, progress: ProgressFn | None = None) -> None:
+def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir,
+                 progress: ProgressFn | None = None) -> None:
     """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
 
@@ -335,28 +340,28 @@ def train_worker(config: TrainConfig, captions: str, encode: str, sd: StageDir, 
         distributed.teardown(info)
 
 
-def load_data(config: TrainConfig, captions: str, encode: str) -> TrainData:
+def load_data(config: TrainConfig, captions: StageResult, encode: StageResult) -> TrainData:
     """Pairs, vocabulary, concepts, CLIP head and the val split, checked against the feature shards."""
     from pcm import dataset
     from pcm.vocab import Vocab
 
-    pairs = dataset.load_pairs(captions, encode, config.data_fraction, config.seed)
-    enc = StageDir.at(encode)
+    pairs = dataset.load_pairs(captions.path, encode.path, config.data_fraction, config.seed)
+    enc = StageDir.at(encode.path)
     store = dataset.FeatureStore(enc, "features")
     store.check_rows(pairs.shard, pairs.row, pairs.caption_ids)
     if config.shuffle_images:
         log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
         pairs = pairs.with_images_shuffled(config.seed)
     d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))
-    names, bank = dataset.load_concepts(encode)
-    head, head_meta = dataset.load_clip_head(encode)
+    names, bank = dataset.load_concepts(encode.path)
+    head, head_meta = dataset.load_clip_head(encode.path)
     cfg = config.model_preset().with_data_shapes(d_embed, d_width, n_patches, str(enc.path))
     if "ln_eps" in head_meta:
         cfg = cfg.model_copy(update={"clip_ln_eps": float(head_meta["ln_eps"])})
-    clip_spec = load_result(encode).extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
+    clip_spec = encode.extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
     vocab = Vocab.build(pairs.texts, config.min_word_count)
     inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
-    val = dataset.load_val(captions, encode, config.val_max_images)
+    val = dataset.load_val(captions.path, encode.path, config.val_max_images)
     val_store = dataset.FeatureStore(enc, "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
@@ -370,7 +375,7 @@ def load_data(config: TrainConfig, captions: str, encode: str) -> TrainData:
     return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec)
 
 
-def setup(config: TrainConfig, captions: str, encode: str, sd: StageDir, info: Any, device: Any) -> Run:
+def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any) -> Run:
     """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
     import torch
 
@@ -618,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.model_validate_json(a.config)
-    train_worker(config, a.captions, a.encode, plan(config, a.captions, a.encode, a.root))
+    captions, encode = load_result(a.captions), load_result(a.encode)
+    train_worker(config, captions, encode, plan(config, captions, encode, a.root))
 
 
 if __name__ == "__main__":
