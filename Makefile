@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-all demo lint lock clean-demo
+.PHONY: setup test test-fast test-all demo lint lock clean-demo
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q -m "not slow and not gpu"
+
+# The edit-test loop: no Prefect server, no end-to-end or crash-harness runs, no long trainings.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not gpu and not e2e and not heavy"
 
 test-all: setup
 	$(PY) -m pytest -q

@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from builders import caption_row, ingest_stage
 from PIL import Image
 
 from pcm.stages.encode import EncodeConfig, run_encode
 from pcm.stages.ingest import IngestConfig, run_ingest
-from pcm.stages.stage import finish
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from storage import tables
 from storage.arrays import open_arrays
@@ -112,6 +111,9 @@ def synth_outputs(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the shared tiny run
+heavy = pytest.mark.heavy  # the cases on the shared tiny run (real stages, ~10 s): not in `make test-fast`
+
+
 @dataclass(frozen=True)
 class TinyRun:
     base: Path
@@ -288,18 +290,9 @@ def test_ingest_bad_caption_is_a_rejected_row_and_the_rest_is_kept(tmp_path, cas
 
 
 # ---------------------------------------------------------------------- synthesize
-def fake_ingest(root: Path, table: pa.Table) -> str:
-    """A finished ingest stage holding `table` as captions.parquet, whatever its schema."""
-    sd = RunLayout(root).stage("ingest", "c" * 16)
-    sd.path.mkdir(parents=True)
-    pq.write_table(table, sd.file("captions.parquet"))
-    finish(sd, {"rows": table.num_rows}, 0.0)
-    return str(sd.path)
-
-
 def test_synthesize_refuses_captions_with_a_wrong_schema(tmp_path):
     table = pa.table({"caption_id": ["c1", "c2"], "split": ["train", "train"], "text": [1, 2]})
-    captions = fake_ingest(tmp_path / "runs", table)
+    captions = ingest_stage(tmp_path / "runs", table)
     with pytest.raises(tables.SchemaError) as err:
         run_synthesize(SynthesizeConfig(**SYNTH), captions, str(tmp_path / "runs"))
     message = str(err.value)
@@ -310,15 +303,15 @@ def test_synthesize_refuses_captions_with_a_wrong_schema(tmp_path):
 
 
 def test_synthesize_refuses_duplicate_caption_ids_naming_the_row(tmp_path):
-    rows = [dict(caption_id=cid, image_id="i", split="train", text=f"a dog {n}", raw_text="a dog", source="t",
-                 image_path=None, references=[], status="ok", error=None) for n, cid in enumerate(["c-1", "c-2", "c-1"])]
-    captions = fake_ingest(tmp_path / "runs", tables.to_table(rows, tables.CAPTIONS))
+    rows = [caption_row(cid, f"a dog {n}", raw_text="a dog") for n, cid in enumerate(["c-1", "c-2", "c-1"])]
+    captions = ingest_stage(tmp_path / "runs", tables.to_table(rows, tables.CAPTIONS))
     with pytest.raises(ValueError, match=r"captions\.parquet: row 2: duplicate caption_id 'c-1'; caption ids must be unique"):
         run_synthesize(SynthesizeConfig(**SYNTH), captions, str(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*"))
 
 
+@heavy
 @pytest.mark.parametrize("case", ["missing-directory", "directory-without-model_index"])
 def test_synthesize_with_a_missing_or_wrong_model_directory(tiny, tmp_path, case):
     model = tmp_path / "my-model"
@@ -350,6 +343,7 @@ def fail_after(limit: int, shard_name: str, calls: list[int]):
     return write
 
 
+@heavy
 def test_disk_full_while_writing_a_shard_then_rerun_equals_a_clean_run(tiny, tmp_path, monkeypatch):
     from storage import shards
 
@@ -371,6 +365,7 @@ def test_disk_full_while_writing_a_shard_then_rerun_equals_a_clean_run(tiny, tmp
 
 
 # ---------------------------------------------------------------------- encode
+@heavy
 def test_encode_records_a_missing_test_image_as_a_failed_row(tiny):
     real = {r["image_id"]: r for r in tables.read(Path(tiny.encode) / "real.parquet", tables.REAL_IMAGES).to_pylist()}
     assert real["100"]["status"] == "ok" and real["100"]["row"] == 0
@@ -381,6 +376,7 @@ def test_encode_records_a_missing_test_image_as_a_failed_row(tiny):
     assert leftovers(tiny.encode) == []
 
 
+@heavy
 def test_encode_records_corrupt_jpegs_as_failed_score_rows(tiny, tmp_path):
     shards = clone_stage(tiny.shards, tmp_path / "runs")
     tar = shards / "shards" / "shard-000000.tar"
@@ -414,6 +410,7 @@ def _cut_points(tar: Path) -> dict[str, tuple[int, str]]:
             "on-a-header": (last_sample.offset, "")}
 
 
+@heavy
 def test_encode_truncated_tar_mid_image_is_an_error_naming_the_shard_and_keeps_the_rest(tiny, tmp_path):
     shards = clone_stage(tiny.shards, tmp_path / "runs")
     tar = shards / "shards" / "shard-000001.tar"
@@ -431,6 +428,7 @@ def test_encode_truncated_tar_mid_image_is_an_error_naming_the_shard_and_keeps_t
     assert r.counts["encoded_now"] < 7 and encode_outputs(r.path) == encode_outputs(tiny.encode)
 
 
+@heavy
 def test_encode_truncated_tar_on_a_header_boundary_loses_no_sample_silently(tiny, tmp_path):
     shards = clone_stage(tiny.shards, tmp_path / "runs")
     tar = shards / "shards" / "shard-000001.tar"
@@ -447,6 +445,7 @@ def test_encode_truncated_tar_on_a_header_boundary_loses_no_sample_silently(tiny
     assert sorted(row["caption_id"] for row in rows) == sorted(planned)  # every sample has a (failed) row
 
 
+@heavy
 def test_encode_with_a_missing_clip_checkpoint_names_the_parameter(tiny, tmp_path):
     missing = tmp_path / "no-such-weights.safetensors"
     config = encode_config(tiny.images, clip={"model": "tiny", "precision": "fp32", "pretrained": str(missing)})
@@ -456,6 +455,7 @@ def test_encode_with_a_missing_clip_checkpoint_names_the_parameter(tiny, tmp_pat
     assert not list(sd.glob("features/shard-*")) and not (sd / "scores.parquet").exists()
 
 
+@heavy
 def test_disk_full_while_writing_features_then_rerun_equals_a_clean_run(tiny, tmp_path, monkeypatch):
     import contextlib
 
@@ -511,6 +511,7 @@ def test_a_json_file_with_invalid_utf8_gives_an_error_naming_it(tmp_path):
 
 
 # ---------------------------------------------------------------------- train and the model
+@heavy
 def test_train_with_k_larger_than_the_concept_vocabulary(tiny, tmp_path):
     from pcm.stages.train import TrainConfig, run_train
 

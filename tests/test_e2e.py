@@ -1,39 +1,56 @@
 """End to end with real parts: a Prefect server, a process worker, `prefect deployment run`.
 
-One module-scoped stack (server on 127.0.0.1, SQLite, work pool, deployments from prefect.yaml,
-worker) serves every test here; runs write to a temporary root.
+The session's Prefect server (127.0.0.1, SQLite; tests/conftest.py) with this module's work pool,
+deployments from prefect.yaml and worker serves every test here; runs write to a temporary root.
+What the tests read back from the server is filtered to their own flow runs, so other tests' runs
+on the shared server change nothing; the `gpu` concurrency limit is removed again at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from prefect_server import client_stack
 
-from flows.local_server import LocalStack, free_port
+from flows.local_server import LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3000)]
+
+# The tiny preset at 32 px with 2 denoising steps and 4 epochs (28 steps, two validations): the same
+# stages, tasks, caching and fan-out on the same 201 captions, a fraction of the CPU time.
+FAST = {"synthesize.height": 32, "synthesize.width": 32, "synthesize.steps": 2, "train.epochs": 4,
+        "train.val_every": 14, "train.checkpoint_every": 14}
 
 MAIN_TASKS = {"ingest": "ingest", "synthesize": "synthesize-finalize", "encode": "encode", "train": "train",
               "evaluate": "evaluate"}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    s = LocalStack(home=home, port=free_port())
+def stack(prefect_server, tmp_path_factory):
+    """The shared server plus a work pool, the deployments and a worker (its own PREFECT_HOME and logs)."""
+    s = client_stack(prefect_server, tmp_path_factory.mktemp("prefect-home"))
     try:
-        s.start_server()
         s.create_pool()
         s.deploy()
         s.start_worker("worker-1")
         yield s
     finally:
+        for proc in s.procs:  # the workers (the server is the session's): told together, they stop together
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         s.stop()
+        # Flows other tests run on the shared server run without a `gpu` limit, as on a server of their own.
+        req = urllib.request.Request(f"{s.api_url}/concurrency_limits/tag/gpu", method="DELETE")
+        with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=30):
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +102,8 @@ def stage_dirs(root: Path, stage: str) -> list[Path]:
 
 
 def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
-    config = {"preset": "tiny", "root": str(root)}  # the demo deployment, on the random-weight preset (fast)
+    # The demo deployment, on the random-weight preset (fast).
+    config = {"preset": "tiny", "root": str(root), "overrides": FAST}
     first = run(stack, "synth-and-train/demo", config)
 
     # Every stage's outputs exist; the metrics are numbers.
@@ -103,7 +121,7 @@ def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
     assert any(entry["name"].startswith("pcm.") for entry in logs), sorted({entry["name"] for entry in logs})
 
     # Artifacts on the dashboard: progress, tables, pictures, the evaluation report.
-    artifacts = api(stack, "/artifacts/filter", {})
+    artifacts = api(stack, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": run_ids(stack, first)}}})
     kinds = {a["type"] for a in artifacts}
     assert {"progress", "table", "markdown"} <= kinds, kinds
     keys = " ".join(a.get("key") or "" for a in artifacts)
@@ -118,7 +136,7 @@ def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
     assert time.monotonic() - t0 < 120
 
     # One changed parameter: the stages before it are cached, it and those after it recompute.
-    third = run(stack, "synth-and-train/demo", {**config, "overrides": {"encode.top_n": 50}})
+    third = run(stack, "synth-and-train/demo", {**config, "overrides": {**FAST, "encode.top_n": 50}})
     states = task_states(stack, third)
     assert states["ingest"] == "Cached" and states["synthesize-finalize"] == "Cached", states
     assert all(states[t] == "Completed" for t in ("encode", "train", "evaluate")), states
@@ -133,8 +151,8 @@ def test_two_workers_share_a_synthesize_and_an_encode_fan_out(stack, root):
     stack.start_worker("worker-2")
     fan_root = root / "fanout"
     config = {"preset": "tiny", "root": str(fan_root), "stop_after": "encode", "synthesize_fanout": 4,
-              "encode_fanout": 2, "overrides": {"synthesize.shard_size": 16}}
-    run(stack, "synth-and-train/demo", config)
+              "encode_fanout": 2, "overrides": {**FAST, "synthesize.shard_size": 16}}
+    fanned = run(stack, "synth-and-train/demo", config)
     (sd,) = stage_dirs(fan_root, "synthesize")
     tars = sorted(sd.glob("shards/shard-*.tar"))
     assert len(tars) == 13  # 201 captions, 16 per shard
@@ -149,5 +167,5 @@ def test_two_workers_share_a_synthesize_and_an_encode_fan_out(stack, root):
     # The parent, its four synthesize children and its two encode children were picked up by the workers.
     logs = "".join((stack.home / f"worker-{i}.log").read_text() for i in (1, 2))
     assert logs.count("submitting flow run") >= 7
-    runs = api(stack, "/flow_runs/filter", {"limit": 200})
+    runs = api(stack, "/flow_runs/filter", {"limit": 200, "flow_runs": {"id": {"any_": run_ids(stack, fanned)}}})
     assert sum(1 for r in runs if (r.get("parameters") or {}).get("indices") is not None) == 2

@@ -16,6 +16,8 @@ from pcm.toyworld.score import attribute_accuracy
 from storage.atomic import read_json
 from storage.layout import StageDir
 
+pytestmark = pytest.mark.heavy  # two real pipeline runs on the toy world (minutes)
+
 SMALL = {"ingest.subset": 600, "synthesize.steps": 8, "train.epochs": 10, "train.warmup": 200,
          "train.val_every": 1000, "train.checkpoint_every": 1000, "train.progress_bar": False,
          "synthesize.progress_bar": False, "evaluate.beam_size": 1, "train.val_beam": 1}

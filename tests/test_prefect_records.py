@@ -53,9 +53,7 @@ def test_a_prefect_home_inside_the_run_root_is_warned_about(tmp_path, monkeypatc
     assert "lies inside the run root" in caplog.text
 
 
-def test_records_planted_in_the_run_root_are_never_read(tmp_path, monkeypatch, sentinel):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_records_planted_in_the_run_root_are_never_read(tmp_path, monkeypatch, sentinel, prefect_api):
     from flows.ingest import ingest_flow
 
     planted = tmp_path / "planted"
@@ -65,14 +63,13 @@ def test_records_planted_in_the_run_root_are_never_read(tmp_path, monkeypatch, s
     src = tmp_path / "caps.txt"
     src.write_text(CAPTIONS)
     root = tmp_path / "runs"
-    with prefect_test_harness(server_startup_timeout=180):
-        first = ingest_flow(IngestConfig(source=str(src)), root=str(root))
-        key = f"ingest-{first.fingerprint}"
-        assert (results_dir(root) / key).is_file() and not (root / ".prefect-results").exists()
-        # What a writer of the shared root could plant where the records used to be, and beside the stage.
-        for where in (root / ".prefect-results", root / "ingest"):
-            where.mkdir(parents=True, exist_ok=True)
-            (where / key).write_bytes(pickled_record(where / key, sentinel))
-            (where / f"{key}-class").write_bytes(class_record(where / key, "evil_mod.Thing"))
-        second = ingest_flow(IngestConfig(source=str(src)), root=str(root))
+    first = ingest_flow(IngestConfig(source=str(src)), root=str(root))
+    key = f"ingest-{first.fingerprint}"
+    assert (results_dir(root) / key).is_file() and not (root / ".prefect-results").exists()
+    # What a writer of the shared root could plant where the records used to be, and beside the stage.
+    for where in (root / ".prefect-results", root / "ingest"):
+        where.mkdir(parents=True, exist_ok=True)
+        (where / key).write_bytes(pickled_record(where / key, sentinel))
+        (where / f"{key}-class").write_bytes(class_record(where / key, "evil_mod.Thing"))
+    second = ingest_flow(IngestConfig(source=str(src)), root=str(root))
     assert second.path == first.path and second.counts == first.counts

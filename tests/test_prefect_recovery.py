@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from crash_harness import REPO, run_stage
+from crash_harness import REPO
 
 from flows.local_server import LocalStack, free_port
 from storage import shards
@@ -23,25 +23,39 @@ N = 64  # shards: enough that the crash lands mid-run
 SMALL = {"synthesize.limit": N, "synthesize.shard_size": 1, "synthesize.height": 32, "synthesize.width": 32,
          "synthesize.steps": 2}
 
+# Started while the server starts (its imports take as long): it waits, after its imports, for the
+# server and the `gpu` concurrency limit the shard tasks are tagged for, then runs the flow.
 FLOW = """
-import json, sys
+import json, os, sys, time, urllib.request
 from flows.synthesize import synthesize_flow
 from pcm.stages.pipeline import resolve
 root, captions, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+deadline = time.monotonic() + 300
+for url in (os.environ["PREFECT_API_URL"] + "/health", os.environ["PREFECT_API_URL"] + "/concurrency_limits/tag/gpu"):
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            sys.exit(f"{url} never answered")
+        time.sleep(0.2)
 synthesize_flow(resolve("tiny", overrides).synthesize, captions, root)
 """
 
 
 def test_flow_run_after_server_crash_resumes_without_redoing_shards(tmp_path):
-    run_stage(tmp_path, "ingest", SMALL)
-    captions = str(next((tmp_path / "ingest").iterdir()))
+    from pcm.stages.pipeline import resolve, run_pipeline
+
+    captions = run_pipeline(resolve("tiny", SMALL), str(tmp_path), stages=("ingest",))["ingest"].path
     stack = LocalStack(home=tmp_path / "prefect", port=free_port())
+    flow = subprocess.Popen([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
+                            env=stack.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         stack.start_server()
         stack.create_pool()  # as the README does: the `gpu` concurrency limit the shard tasks are tagged for
-        env = stack.env()
-        flow = subprocess.Popen([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         markers = lambda: sorted(tmp_path.glob("synthesize/*/shards/shard-*.done.json"))  # noqa: E731
         deadline = time.monotonic() + 300
         while len(markers()) < 3 and time.monotonic() < deadline:
@@ -61,13 +75,22 @@ def test_flow_run_after_server_crash_resumes_without_redoing_shards(tmp_path):
         finished = {p.name: p.stat().st_mtime_ns for p in markers()}
         assert finished and len(finished) < N
 
-        stack.start_server()  # same PREFECT_HOME: the same database comes back
         # The killed run held a `gpu` slot; with leases kept in memory the restarted server would
         # never give it back and the rerun's next shard task would wait forever.
-        rerun = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
-                               env=stack.env(), capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        rerun = subprocess.Popen([sys.executable, "-c", FLOW, str(tmp_path), captions, json.dumps(SMALL)], cwd=REPO,
+                                 env=stack.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stack.start_server()  # same PREFECT_HOME: the same database comes back
+            _, err = rerun.communicate(timeout=600)
+        finally:
+            if rerun.poll() is None:
+                rerun.kill()
+                rerun.communicate()
+        assert rerun.returncode == 0, err[-3000:]
     finally:
+        if flow.poll() is None:
+            flow.kill()
+            flow.wait()
         stack.stop()
 
     (sd,) = (tmp_path / "synthesize").iterdir()

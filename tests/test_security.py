@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -432,15 +431,14 @@ def _listening(port: int) -> list[str]:
 
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads the socket table from /proc (Linux)")
-def test_started_prefect_server_listens_on_loopback_only(tmp_path):
-    from flows.local_server import LocalStack, free_port
+def test_started_prefect_server_listens_on_loopback_only(prefect_server):
+    from flows.local_server import LocalStack
 
-    started = time.monotonic()
-    with LocalStack(home=tmp_path / "prefect", port=free_port()) as stack:
-        stack.start_server(timeout=120)
-        addresses = _listening(stack.port)
+    # The session's server is a LocalStack started with its defaults (tests/prefect_server.py).
+    assert prefect_server.host == LocalStack.__dataclass_fields__["host"].default
+    addresses = _listening(prefect_server.port)
     assert addresses and set(addresses) == {"0100007F"}, addresses  # 127.0.0.1, little-endian hex
-    assert time.monotonic() - started < 120
+    assert prefect_server.startup_s < 120
 
 
 # ---------------------------------------------------------------------- configs never name code
@@ -531,6 +529,7 @@ def test_clip_preset_names_cannot_escape_the_preset_directory(tmp_path):
 
 
 
+@pytest.mark.heavy  # two DDP processes
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net to list listening sockets")
 def test_distributed_training_listens_on_loopback_only(tmp_path, monkeypatch):
     from pcm import distributed

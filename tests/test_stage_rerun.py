@@ -118,8 +118,7 @@ def test_from_run_asks_again_for_a_file_it_holds_by_content_only(tmp_path):
     assert cfg.vocabulary_file == str(vocab) and cfg.min_count == 3
 
 
-def test_flow_rerun_by_preset_reuses_the_pipelines_stage(tiny_run):
-    from prefect.testing.utilities import prefect_test_harness
+def test_flow_rerun_by_preset_reuses_the_pipelines_stage(tiny_run, prefect_api):
     from prefect.utilities.callables import parameter_schema
 
     from flows.encode import encode_flow
@@ -134,8 +133,7 @@ def test_flow_rerun_by_preset_reuses_the_pipelines_stage(tiny_run):
 
     root, r = tiny_run
     before = shard_mtimes(r["synthesize"].path)
-    with prefect_test_harness(server_startup_timeout=180):
-        again = synthesize_flow(config={"preset": "tiny", "overrides": SMALL}, captions=r["ingest"].path, root=root)
+    again = synthesize_flow(config={"preset": "tiny", "overrides": SMALL}, captions=r["ingest"].path, root=root)
     assert again.path == r["synthesize"].path and again.fingerprint == r["synthesize"].fingerprint
     assert again.counts == r["synthesize"].counts
     assert shard_mtimes(r["synthesize"].path) == before  # no shard re-rendered

@@ -97,6 +97,7 @@ def test_dataset_round_trips_its_scene_records(tmp_path):
         scene_from_record({**data["images"][0]["scene"], "sky": "noon"})
 
 
+@pytest.mark.heavy  # regenerates the shipped dataset
 def test_shipped_dataset_equals_the_generator_output(tmp_path):
     from pcm.toyworld.dataset import DATASET_FILE
 
@@ -232,6 +233,7 @@ def test_world_cli_writes_a_dataset_and_checks_the_shipped_models(tmp_path):
 
 
 # -- training the toy models ---------------------------------------------------------------------
+@pytest.mark.heavy  # three short toy-CLIP trainings
 def test_toy_clip_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
@@ -256,6 +258,7 @@ def test_toy_clip_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.heavy  # trains both toy models (tens of seconds)
 def test_train_models_command_trains_both_measures_them_and_writes_a_manifest(tmp_path):
     from typer.testing import CliRunner
 
