@@ -16,10 +16,6 @@ def names(kind: str, suffix: str) -> list[str]:
     return sorted(p.stem for p in (PRESETS / kind).glob(f"*{suffix}"))
 
 
-def is_bundled(kind: str, suffix: str, name: str) -> bool:
-    return name in names(kind, suffix)
-
-
 def path(kind: str, suffix: str, name: str, label: str | None = None) -> Path:
     """The data file of a bundled preset, or a ValueError naming the known ones."""
     known = names(kind, suffix)

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage import atomic
+
 STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
 SHARD_DIGITS = 6
 _FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
@@ -154,8 +156,6 @@ class StageDir:
         """The stage directories this one was made from, as its config.json records them (none without one)."""
         if not self.config_file.exists():
             return []
-        from storage import atomic  # layout itself stays free of I/O helpers for everything else
-
         recorded = atomic.read_json(self.config_file).get("inputs", {})
         return [StageDir(self.root / stage / fp, stage, fp) for stage, fp in recorded.items()
                 if stage in STAGES and _FINGERPRINT.match(str(fp))]

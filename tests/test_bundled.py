@@ -17,7 +17,7 @@ def test_each_kind_finds_its_shipped_files(kind, suffix, name):
 
 @pytest.mark.parametrize("name", ["../pipeline/demo", "/etc/passwd", "tiny.json", "", "TINY", "tiny/"])
 def test_names_that_are_not_a_bundled_file_are_refused(name):
-    assert not bundled.is_bundled("clip", ".json", name)
+    assert name not in bundled.names("clip", ".json")
     with pytest.raises(ValueError, match=r"CLIP preset .* not found; known presets: .*tiny"):
         bundled.path("clip", ".json", name, "CLIP")
 
