@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pcm import bundled
-from pcm.device import resolve_device
+from pcm.device import resolve_device, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 PRESET_DIR = bundled.PRESETS / "clip"
 LOCAL_DIR = "local-dir:"
 Precision = Literal["fp32", "fp16", "bf16"]
-_TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def preset_names() -> list[str]:
@@ -255,7 +254,7 @@ def _build_preset(spec: ClipSpec) -> tuple[Any, Any]:
         open_clip.load_checkpoint(model, spec.pretrained, weights_only=True)
     if spec.precision != "fp32":
         # As open_clip's factory does: weights in low precision, LayerNorms (LayerNormFp32) in fp32.
-        open_clip.model.convert_weights_to_lp(model, dtype=getattr(torch, _TORCH_DTYPE[spec.precision]))
+        open_clip.model.convert_weights_to_lp(model, dtype=torch_dtype(spec.precision))
     size = preset["model_cfg"]["vision_cfg"]["image_size"]
     preprocess = image_transform_v2(PreprocessCfg(size=size, **preset["preprocess_cfg"]), is_train=False)
     return model, preprocess

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+# Precision names accepted in configs (diffusion dtype, CLIP precision) -> torch dtype attribute names.
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
 
 def resolve_device(spec: str, local_rank: int | None = None) -> str:
     """`auto` -> `cuda` when a GPU is visible, else `cpu`; any other value is passed through.
@@ -16,3 +21,12 @@ def resolve_device(spec: str, local_rank: int | None = None) -> str:
     if local_rank is not None and spec == "cuda":
         return f"cuda:{local_rank}"
     return spec
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a precision name (`fp16`, `bf16`, `fp32`); torch is imported only here."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])

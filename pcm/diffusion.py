@@ -22,11 +22,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from pcm.device import resolve_device
+from pcm import bundled
+from pcm.device import resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).parent / "presets" / "diffusion"
+PRESET_DIR = bundled.PRESETS / "diffusion"
 
 # Scheduler names accepted on the command line and in configs -> diffusers class names.
 SCHEDULERS = {
@@ -36,13 +37,12 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "lcm": "LCMScheduler",                     # for LCM-distilled models (2-8 steps)
 }
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 # -- names --------------------------------------------------------------------------------
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return bundled.names("diffusion", ".json")
 
 
 def is_preset(model: str) -> bool:
@@ -50,30 +50,24 @@ def is_preset(model: str) -> bool:
     return model in preset_names()
 
 
+def preset_path(name: str) -> Path:
+    """The data file of a diffusion preset (only the bundled names; never a path built from input)."""
+    return bundled.path("diffusion", ".json", name, "diffusion")
+
+
 def preset_digest(name: str) -> str:
     """A short hash of a preset's data file: a changed preset gives a new cache entry and fingerprint."""
-    return hashlib.sha256((PRESET_DIR / f"{name}.json").read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(preset_path(name).read_bytes()).hexdigest()[:12]
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.json"
-    if name not in preset_names():
-        raise ValueError(f"unknown diffusion preset {name!r}; expected one of {', '.join(preset_names())}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(preset_path(name).read_text(encoding="utf-8"))
 
 
 def check_scheduler(name: str) -> str:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
     return name
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
 
 
 def cache_dir() -> Path:

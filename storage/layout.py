@@ -113,6 +113,21 @@ class StageDir:
             raise ValueError(f"invalid picture name {name!r}")
         return self.pictures / name
 
+    @property
+    def samples_picture(self) -> Path:
+        """synthesize: a grid of generated images; evaluate: real images with their captions."""
+        return self.picture("samples.png")
+
+    @property
+    def clip_scores_picture(self) -> Path:
+        """encode: the histogram of the synthetic images' CLIP scores."""
+        return self.picture("clip_scores.png")
+
+    @property
+    def loss_curve_picture(self) -> Path:
+        """train: the training loss and validation curve."""
+        return self.picture("loss_curve.png")
+
     def file(self, name: str) -> Path:
         """A named output of this stage (`captions.parquet`, `metrics.json`, ...)."""
         if not name or "/" in name or "\\" in name or name.startswith("."):

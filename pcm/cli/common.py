@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import typer
 from typer.core import TyperCommand
 
+from pcm import bundled
 from storage.layout import STAGES  # storage imports no torch: the CLI stays light
 
 try:  # typer 0.2x carries its own copy of click
@@ -22,14 +23,16 @@ try:  # typer 0.2x carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on the real click
     from click.exceptions import NoSuchOption
 
-# The pipeline presets, read here as data: listing them must not import pcm.stages.pipeline (torch, diffusers, ...).
-PIPELINE_PRESETS = Path(__file__).resolve().parent.parent / "presets" / "pipeline"
+def pipeline_preset_files() -> list[Path]:
+    """The bundled pipeline presets' TOML files, read here as data: listing them must not import
+    pcm.stages.pipeline (torch, diffusers, ...)."""
+    return [bundled.path("pipeline", ".toml", name) for name in bundled.names("pipeline", ".toml")]
 
 
 def pipeline_presets() -> dict[str, str]:
     """Bundled pipeline preset name -> its `description`, straight from pcm/presets/pipeline/*.toml."""
     out: dict[str, str] = {}
-    for path in sorted(PIPELINE_PRESETS.glob("*.toml")):
+    for path in pipeline_preset_files():
         with open(path, "rb") as f:
             out[path.stem] = str(tomllib.load(f).get("description", ""))
     return out

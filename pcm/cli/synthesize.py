@@ -9,7 +9,15 @@ from typing import Any
 
 import typer
 
-from pcm.cli.common import PIPELINE_PRESETS, Row, build_config, config_command, set_option, stage_values, writable_dir
+from pcm.cli.common import (
+    Row,
+    build_config,
+    config_command,
+    pipeline_preset_files,
+    set_option,
+    stage_values,
+    writable_dir,
+)
 
 # The sizes a model preset renders when height/width/steps are not set: those of the pipeline
 # preset that uses it (pcm/presets/pipeline/*.toml, e.g. tiny: 64 px, 4 steps), else its native size.
@@ -34,7 +42,7 @@ def preset_defaults(model: str) -> dict[str, int]:
 
     if not diffusion.is_preset(model):
         return {}
-    paths = sorted(PIPELINE_PRESETS.glob("*.toml"), key=lambda p: (p.stem != model, p.name))
+    paths = sorted(pipeline_preset_files(), key=lambda p: (p.stem != model, p.name))
     for path in paths:
         with open(path, "rb") as f:
             section = tomllib.load(f).get("synthesize", {})

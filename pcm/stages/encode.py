@@ -254,8 +254,8 @@ def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
         return []
     table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["image_id", "split", "image_path", "status"])
     images: dict[str, tuple[str, str, str | None]] = {}
-    for r in table.to_pylist():
-        if r["status"] == tables.STATUS_OK and r["split"] in ("val", "test") and r["image_id"] not in images:
+    for r in tables.ok_rows(table.to_pylist()):
+        if r["split"] in ("val", "test") and r["image_id"] not in images:
             images[r["image_id"]] = (r["image_id"], r["split"], r["image_path"])
     rows = [images[k] for k in sorted(images)]
     size = config.real_shard_size
@@ -630,7 +630,7 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
     them again instead of reusing the failed rows.
     """
     rows = real.select(["image_id", "status", "error"]).to_pylist()
-    if not rows or any(r["status"] == tables.STATUS_OK for r in rows):
+    if not rows or tables.ok_rows(rows):
         return
     for u in units:
         shard_io.done_path(sd.feature_shard(u.kind, u.index)).unlink(missing_ok=True)
@@ -734,9 +734,9 @@ def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput, r
         manifests.SCORES.write(sd, scores)
         manifests.REAL.write(sd, real)
 
-        ok_scores = np.array([r["clip_score"] for r in scores.select(["clip_score", "status"]).to_pylist()
-                              if r["status"] == tables.STATUS_OK], dtype=np.float32)
-        picture = sd.picture("clip_scores.png")
+        scored = scores.select(["clip_score", "status"]).to_pylist()
+        ok_scores = np.array([r["clip_score"] for r in tables.ok_rows(scored)], dtype=np.float32)
+        picture = sd.clip_scores_picture
         score_histogram(picture, ok_scores, f"CLIP scores, {config.clip.label()} ({len(ok_scores)} images)")
 
         statuses = scores.column("status").to_pylist()

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "1"
 STAGE = "evaluate"
-SAMPLES_PICTURE = "samples.png"
 
 
 def outputs(sd: StageDir) -> list[Path]:
@@ -200,9 +199,11 @@ def resolve_image(root: Path | None, image_path: str | None) -> Path | None:
 # -- the work ---------------------------------------------------------------------------
 
 
-def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, config: EvaluateConfig,
-                 device: str, progress: ProgressFn | None = None) -> dict[str, str]:
-    """Caption every image of `evalset` from its stored features; image id -> caption."""
+def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, device: str, *, batch_size: int,
+                 beam_size: int, max_len: int, length_penalty: float,
+                 progress: ProgressFn | None = None) -> dict[str, str]:
+    """Caption every image of `evalset` from its stored features, `batch_size` images at a time, by beam
+    search (`beam_size`, `max_len` words, `length_penalty`); image id -> caption."""
     import torch
 
     from pcm.dataset import open_features
@@ -225,13 +226,13 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
             if row >= len(keys) or keys[row] != image_id:
                 raise ValueError(f"{path}: row {row} holds {keys[row] if row < len(keys) else 'nothing'!r}, but "
                                  f"real.parquet puts {image_id!r} there; rerun the encode stage")
-        for start in range(0, len(members), config.batch_size):
-            batch = members[start: start + config.batch_size]
+        for start in range(0, len(members), batch_size):
+            batch = members[start: start + batch_size]
             rows = [evalset.rows[i] for i in batch]
             g = torch.from_numpy(np.asarray(arrays["global"][rows], dtype=np.float32)).to(device)     # [b, D]
             p = torch.from_numpy(np.asarray(arrays["patches"][rows], dtype=np.float32)).to(device)    # [b, P, W]
             ids = beam_search(model, g, p, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
-                              beam_size=config.beam_size, max_len=config.max_len, length_penalty=config.length_penalty)
+                              beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
             for i, tokens in zip(batch, ids, strict=True):
                 captions[evalset.image_ids[i]] = vocab.decode(tokens)
             done += len(batch)
@@ -299,7 +300,9 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         t1 = time.monotonic()
         predictions = None if force else _read_predictions(sd.predictions, evalset.image_ids)
         if predictions is None:
-            predictions = decode_split(model, vocab, encode_r, evalset, config, device, progress)
+            predictions = decode_split(model, vocab, encode_r, evalset, device, batch_size=config.batch_size,
+                                       beam_size=config.beam_size, max_len=config.max_len,
+                                       length_penalty=config.length_penalty, progress=progress)
             atomic.write_json(sd.predictions,
                               [{"image_id": coco_image_id(i), "caption": c} for i, c in predictions.items()])
         else:
@@ -373,6 +376,7 @@ def _write_report(sd: StageDir, config: EvaluateConfig, summary: dict[str, Any],
     samples = [rows[i] for i in picks]
     root = images_root(encode)
     grid = thumbnail_grid([resolve_image(root, evalset.image_paths[i]) for i in picks],
-                          sd.picture(SAMPLES_PICTURE))
-    atomic.write_text(sd.report, render(summary, samples, f"pictures/{SAMPLES_PICTURE}" if grid else None))
+                          sd.samples_picture)
+    link = sd.samples_picture.relative_to(sd.path).as_posix()  # pictures/samples.png, relative to report.md
+    atomic.write_text(sd.report, render(summary, samples, link if grid else None))
     return {"samples": str(grid)} if grid else {}

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pcm import bundled
 from pcm.config import StageConfig, describe_validation_error, set_dotted, validate
 from pcm.config import parse_assignments as parse_assignments  # the `--set` grammar, re-exported
 from pcm.stages.encode import BY_CONTENT, EncodeConfig, run_encode
@@ -33,7 +34,7 @@ from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-PRESETS = Path(__file__).parent.parent / "presets" / "pipeline"
+PRESETS = bundled.PRESETS / "pipeline"
 STAGE_ORDER = STAGES  # the layout's stage list is the run order
 
 
@@ -52,7 +53,7 @@ class PipelineConfig(BaseModel):
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+    return bundled.names("pipeline", ".toml")
 
 
 def load_preset(preset: str) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def load_preset(preset: str) -> dict[str, Any]:
     path = Path(preset).expanduser()
     if not (path.suffix in (".toml", ".json") and path.is_file()):
         # A bare name picks a bundled preset, never a path built from it.
-        path = PRESETS / f"{preset}.toml" if preset in preset_names() else None
+        path = bundled.path("pipeline", ".toml", preset) if preset in preset_names() else None
     if path is None or not path.exists():
         raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(preset_names())}, a .toml file or the "
                          ".json that `pcm run --show-config` prints")

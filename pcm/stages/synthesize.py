@@ -561,7 +561,7 @@ def finalize(config: SynthesizeConfig, captions: StageInput, root: str, *,
                                "and rerun with --force")
         manifests.SAMPLES.write(sd, status)
         ok = sum(s == tables.STATUS_OK for s in status["status"].to_pylist())
-        pictures = {"samples": str(sample_grid(first_samples(sd, len(groups)), sd.picture("samples.png")))}
+        pictures = {"samples": str(sample_grid(first_samples(sd, len(groups)), sd.samples_picture))}
         gen_s = sum(read_marker(sd.image_shard(i)).get("generate_s", 0.0) for i in range(len(groups)))
         timings = {"generate_s": round(gen_s, 3)}
         if gen_s > 0:

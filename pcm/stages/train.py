@@ -226,7 +226,7 @@ def remove_stale_temporaries(sd: StageDir) -> int:
     """Delete what killed writers of this stage left: temporaries of config.json, metrics.jsonl,
     stage.done.json, pictures/loss_curve.png, best/ and the step checkpoints (call it holding the stage lock)."""
     n = atomic.remove_temporaries_of(sd.config_file, min_age=CONFIG_TMP_MIN_AGE_S)
-    for path in (sd.metrics_log, sd.done_marker, sd.picture("loss_curve.png")):
+    for path in (sd.metrics_log, sd.done_marker, sd.loss_curve_picture):
         n += atomic.remove_temporaries_of(path)
     n += checkpoints.remove_leftovers(sd.best)
     n += checkpoints.remove_step_leftovers(checkpoint.checkpoints_dir(sd.path))
@@ -253,7 +253,7 @@ def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None
 def _finish(sd: StageDir, started: float) -> StageResult:
     latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
     state = atomic.read_json(latest / checkpoints.STATE)
-    pictures = {"loss_curve": str(loss_curve(jsonl.read(sd.metrics_log), sd.picture("loss_curve.png")))}
+    pictures = {"loss_curve": str(loss_curve(jsonl.read(sd.metrics_log), sd.loss_curve_picture))}
     extra = {"best": str(checkpoint.best_dir(sd.path)), "latest": str(latest),
              "clip": atomic.read_json(latest / checkpoints.CLIP), "val_metric": state["best"]["metric"],
              "best_value": state["best"]["value"], "best_step": state["best"]["step"], "pictures": pictures}
