@@ -15,7 +15,7 @@ from storage import shards
 from storage.lock import LockHeld
 from storage.result import StageResult
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.heavy]  # every test runs stages in subprocesses
 
 SMALL = {"synthesize.limit": 12, "synthesize.shard_size": 1, "synthesize.height": 32, "synthesize.width": 32,
          "synthesize.steps": 2, "encode.top_n": 20, "train.batch_size": 4, "train.val_metric": "loss", "train.val_every": 10000}

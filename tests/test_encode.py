@@ -311,6 +311,7 @@ run_encode(cfg, {cap!r}, {syn!r}, {root!r}, progress=lambda done, total, msg: ti
 """
 
 
+@pytest.mark.heavy
 def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     cap, syn = make_inputs(tmp_path / "runs", n_shards=4, per_shard=3)
     cfg = tiny_config()
@@ -344,6 +345,7 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     assert not list((Path(resumed.path) / "features").glob(".tmp-*"))
 
 
+@pytest.mark.heavy
 def test_bench_runs_on_cpu_and_prints_the_ratio():
     out = subprocess.run([sys.executable, "bench/encode.py", "--preset", "tiny", "--device", "cpu",
                           "--n-images", "48", "--batch-size", "16", "--workers", "1"],

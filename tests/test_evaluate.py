@@ -117,6 +117,7 @@ def config(**kw):
     return EvaluateConfig(**{"device": "cpu", "report_samples": 3, **kw})
 
 
+@pytest.mark.heavy  # run, cached, then resumed: one decoding and the Java scorers twice
 def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
     import pcm.stages.evaluate as ev
     from pcm import checkpoint
@@ -208,6 +209,7 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
         run_evaluate(config(), run["train"], str(enc.path), run["captions"], root)
 
 
+@pytest.mark.heavy  # a whole evaluate through the CLI: decoding and the Java scorers
 def test_evaluate_command_prints_the_metrics(run):
     import typer
 
@@ -260,19 +262,16 @@ def test_caption_command_on_files_and_folders(run, tmp_path):
     assert [r["caption"] for r in rows if "caption" in r] == want
 
 
-def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(run, tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(run, tmp_path, monkeypatch, prefect_api):
     import flows.evaluate as fe
     from flows.evaluate import evaluate_flow
 
     root = str(tmp_path / "flow-runs")
     cfg = config(spice="off")
-    with prefect_test_harness(server_startup_timeout=180):
-        first = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
-        assert not first.cached and Path(first.path, "report.md").exists()
-        # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
-        monkeypatch.setattr(fe, "run_evaluate", lambda *a, **k: pytest.fail("stage ran again"))
-        second = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
+    first = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
+    assert not first.cached and Path(first.path, "report.md").exists()
+    # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
+    monkeypatch.setattr(fe, "run_evaluate", lambda *a, **k: pytest.fail("stage ran again"))
+    second = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
     assert second.path == first.path
     assert json.loads(Path(first.path, "metrics.json").read_text())["metrics"]["SPICE"] == "skipped: spice=off"

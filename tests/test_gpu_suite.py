@@ -15,6 +15,7 @@ STEPS = ["synth", "encode", "train-eager", "train-compile", "train-cuda-graphs",
          "check-encode", "check-train"]
 
 
+@pytest.mark.heavy  # every step of the suite in a subprocess (a minute or more)
 @pytest.mark.timeout(900)
 def test_gpu_suite_cpu_tiny(tmp_path: Path) -> None:
     out = tmp_path / "x.json"

@@ -117,6 +117,7 @@ def test_bad_sets_and_mappings_give_errors_naming_the_file(tmp_path):
         SynthesizeConfig(imported_mapping=str(bad))
 
 
+@pytest.mark.heavy  # the whole tiny pipeline on imported images
 def test_encode_train_and_evaluate_run_unchanged_on_an_imported_stage(tmp_path):
     from pcm.stages.pipeline import resolve, run_pipeline
 

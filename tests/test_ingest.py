@@ -532,22 +532,21 @@ def test_cli_prints_counts_and_the_stage_directory(karpathy, tmp_path):
     assert res.exit_code != 0 and "SOURCE or --demo" in str(res.exception)
 
 
-def test_flow_second_run_is_cached(karpathy, tmp_path):
+def test_flow_second_run_is_cached(karpathy, tmp_path, prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.ingest import ingest_flow
 
     config = IngestConfig(source=str(karpathy))
-    with prefect_test_harness(server_startup_timeout=180):
-        states = [ingest_flow(config=config, root=str(tmp_path / "runs"), return_state=True) for _ in range(2)]
-        names = []
-        with get_client(sync_client=True) as client:
-            for state in states:
-                flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-                runs = client.read_task_runs(flow_run_filter=flow_runs)
-                names.append([r.state.name for r in runs if not r.name.startswith("ingest-artifacts")])
+    states = [ingest_flow(config=config, root=str(tmp_path / "runs"), return_state=True) for _ in range(2)]
+    names = []
+    with get_client(sync_client=True) as client:
+        for state in states:
+            # The server is the session's: only this flow run's task runs (never those of other tests).
+            flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            runs = client.read_task_runs(flow_run_filter=flow_runs)
+            names.append([r.state.name for r in runs if not r.name.startswith("ingest-artifacts")])
     results = [s.result() for s in states]
     assert results[0].fingerprint == results[1].fingerprint and results[0].counts == results[1].counts
     assert names == [["Completed"], ["Cached"]]

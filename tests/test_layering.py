@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -88,6 +90,7 @@ def test_importing_storage_never_imports_torch():
     assert _heavy_modules_after_importing("storage") == []
 
 
+@pytest.mark.heavy  # its probe is a subprocess that imports torch (and webdataset)
 def test_the_import_probe_sees_torch(tmp_path):
     # The probe above must be able to fail: a submodule that imports webdataset (the old storage/shards.py) is caught.
     (tmp_path / "probe").mkdir()

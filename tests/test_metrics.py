@@ -62,6 +62,7 @@ def coco_eval_direct(tmp_path, predictions, references, monkeypatch):
     return ev
 
 
+@pytest.mark.heavy  # the Java scorers (METEOR, the PTB tokenizer, SPICE when installed), twice
 def test_equals_coco_eval_cap_on_the_same_files(tmp_path, monkeypatch):
     corpus, per_image = score_captions(PREDICTIONS, REFERENCES, spice="auto")
     ev = coco_eval_direct(tmp_path, PREDICTIONS, REFERENCES, monkeypatch)
@@ -82,6 +83,7 @@ def test_equals_coco_eval_cap_on_the_same_files(tmp_path, monkeypatch):
         assert corpus["SPICE"] == pytest.approx(ev.eval["SPICE"], abs=1e-9)
 
 
+@pytest.mark.heavy  # the Java scorers (the PTB tokenizer, METEOR)
 def test_hand_checked_bleu_and_cider():
     # Identical candidate and reference: every BLEU is 1. With two images of disjoint words each
     # n-gram has document frequency 1 of 2, so idf = log 2 for all; the TF-IDF vectors are equal,
@@ -105,6 +107,7 @@ def test_hand_checked_bleu_and_cider():
     assert corpus["Bleu_4"] == pytest.approx(0.0, abs=1e-3)
 
 
+@pytest.mark.heavy  # the Java scorers (the PTB tokenizer, METEOR)
 def test_spice_unavailable_is_reported_and_on_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(metrics, "spice_lib_dir", lambda: tmp_path)  # a lib directory without the jars
     corpus, per_image = score_captions({"x": "a dog"}, {"x": ["a dog runs"]}, spice="auto")
@@ -126,6 +129,7 @@ def test_missing_java_and_bad_inputs_are_clear_errors(monkeypatch):
         score_captions({"x": "a dog"}, {"x": ["a dog"]})
 
 
+@pytest.mark.heavy  # the full scorer runs on Java (the PTB tokenizer, METEOR)
 def test_cider_alone_equals_the_full_scorer():
     from pcm.metrics import score_captions, score_cider
 

@@ -18,6 +18,8 @@ from pcm.stages.pipeline import STAGE_ORDER, resolve, run_pipeline
 from pcm.stages.stage import as_result, load_result, open_stage
 from storage.layout import StageDir
 
+pytestmark = pytest.mark.heavy  # the module's fixture runs the whole (small) tiny pipeline
+
 # The tiny preset made small: 4 images of 32 px in 2 shards, 2 steps; 2 training steps; greedy decoding.
 SMALL = {"synthesize.limit": 4, "synthesize.steps": 2, "synthesize.height": 32, "synthesize.width": 32,
          "synthesize.shard_size": 2, "train.max_steps": 2, "train.val_every": 2, "train.checkpoint_every": 2,

@@ -391,6 +391,7 @@ def test_files_a_library_writes_private_still_honour_the_umask(tmp_path):
         assert p.stat().st_mode & 0o777 == want, p
 
 
+@pytest.mark.heavy  # the whole tiny pipeline, in two run roots
 def test_a_moved_run_root_names_its_new_place_never_the_old_one(tmp_path):
     import shutil
 

@@ -103,6 +103,7 @@ def test_one_image_and_metadata_per_caption(captions, layout):
     assert again.cached and again.fingerprint == r.fingerprint
 
 
+@pytest.mark.heavy  # renders shard 1 three times: alone, forced again, then in a full run
 def test_same_shard_twice_is_byte_identical(captions, layout):
     cfg = SynthesizeConfig(**TINY)
     sd = plan(cfg, captions, str(layout.root))
@@ -118,6 +119,7 @@ def test_same_shard_twice_is_byte_identical(captions, layout):
     assert hashlib.sha256(Path(full.path, "shards", "shard-000001.tar").read_bytes()).hexdigest() == before
 
 
+@pytest.mark.heavy
 def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
     cfg = dict(TINY, shard_size=1, batch_size=1, steps=6)
     script = ("import sys; from pcm.stages.synthesize import SynthesizeConfig, run_synthesize; "
@@ -150,6 +152,7 @@ def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
     assert samples["caption_id"].to_pylist() == train_ids()
 
 
+@pytest.mark.heavy  # two worker processes, each starting its own pipeline
 def test_two_workers_split_the_shards_without_duplicates(captions, layout):
     cfg = SynthesizeConfig(**dict(TINY, shard_size=2))
     a = run_synthesize(cfg, captions, str(layout.root), worker_index=0, num_workers=2)
@@ -159,6 +162,7 @@ def test_two_workers_split_the_shards_without_duplicates(captions, layout):
     assert shard_keys(b.path) == train_ids()
 
 
+@pytest.mark.heavy
 def test_a_shard_held_by_another_process_is_skipped_then_waited_for(captions, layout):
     cfg = SynthesizeConfig(**TINY)
     sd = plan(cfg, captions, str(layout.root))
@@ -295,25 +299,23 @@ def test_flow_retries_only_transient_errors():
     assert not is_transient(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
-def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(captions, layout):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(captions, layout, prefect_api):
     from flows.synthesize import synthesize_flow
 
     cfg = SynthesizeConfig(**TINY)
-    with prefect_test_harness(server_startup_timeout=180):
-        part = synthesize_flow(cfg, captions, str(layout.root), shards=[2])  # a fan-out child's share
-        assert part.extra["complete"] is False and part.counts["shards_pending"] == 2
-        assert [d["index"] for d in part.extra["shard_reports"]] == [2]
-        first = synthesize_flow(cfg, captions, str(layout.root))
-        sd = plan(cfg, captions, str(layout.root))
-        markers = {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)}
-        again = synthesize_flow(cfg, captions, str(layout.root))
+    part = synthesize_flow(cfg, captions, str(layout.root), shards=[2])  # a fan-out child's share
+    assert part.extra["complete"] is False and part.counts["shards_pending"] == 2
+    assert [d["index"] for d in part.extra["shard_reports"]] == [2]
+    first = synthesize_flow(cfg, captions, str(layout.root))
+    sd = plan(cfg, captions, str(layout.root))
+    markers = {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)}
+    again = synthesize_flow(cfg, captions, str(layout.root))
     assert first.extra["complete"] and first.counts["ok"] == N_TRAIN and shard_keys(first.path) == train_ids()
     assert again.fingerprint == first.fingerprint
     assert {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)} == markers  # nothing redone
 
 
+@pytest.mark.heavy
 def test_bench_prints_both_figures_and_the_ratio(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "synth.py"), "--preset", "tiny", "--device", "cpu",
                           "--n-images", "8", "--batch-size", "4", "--steps", "2", "--size", "32",

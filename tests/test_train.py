@@ -201,6 +201,7 @@ def test_epoch_batches_cover_each_pair_once_and_split_a_global_batch_over_ranks(
 
 
 # ---------------------------------------------------------------------- training
+@pytest.mark.heavy  # a real training: 120 steps
 def test_tiny_model_memorises_eight_captions(tmp_path):
     from pcm.decode import greedy_decode
 
@@ -239,6 +240,7 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return {**load_file(str(ckpt / "model.safetensors")), **load_file(str(ckpt / "optimizer.safetensors"))}
 
 
+@pytest.mark.heavy
 def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_path):
     config = tiny_config(epochs=40, checkpoint_every=2, val_every=7, log_every=1)   # 80 steps, dropout + noise on
     cap, enc = make_inputs(tmp_path / "ref")
@@ -278,6 +280,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_pa
     assert resumed.extra["best_step"] == ref.extra["best_step"]
 
 
+@pytest.mark.heavy
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     config = tiny_config(model={**NO_DROPOUT, "noise": False}, epochs=3, log_every=1, val_every=100,
                          checkpoint_every=100)
@@ -376,19 +379,16 @@ def test_without_val_images_best_is_the_final_model(tmp_path):
     assert (best / "model.safetensors").read_bytes() == (latest / "model.safetensors").read_bytes()
 
 
-def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkeypatch, prefect_api):
     import flows.train as ft
 
     cap, enc = make_inputs(tmp_path / "runs")
     root = str(tmp_path / "runs")
-    with prefect_test_harness(server_startup_timeout=180):
-        first = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
-        assert not first.cached and Path(first.extra["pictures"]["loss_curve"]).exists()
-        # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
-        monkeypatch.setattr(ft, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
-        second = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
+    first = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
+    assert not first.cached and Path(first.extra["pictures"]["loss_curve"]).exists()
+    # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
+    monkeypatch.setattr(ft, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
+    second = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
     assert second.path == first.path and second.counts == first.counts
 
 

@@ -51,6 +51,7 @@ def best_step_held(sd: Path) -> int:
 
 
 # ---------------------------------------------------------------------- 3: best/ after a kill
+@pytest.mark.heavy
 def test_kill_right_after_the_best_step_checkpoint_then_rerun_writes_best_from_it(tmp_path):
     config = tiny_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)   # 16 steps, val at 4, 8, 12, 16
     cap, enc = make_inputs(tmp_path / "ref")
