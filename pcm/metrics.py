@@ -16,8 +16,9 @@ import io
 import logging
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +124,36 @@ def score_cider(predictions: dict[str, str], references: dict[str, list[str]]) -
     return float(score)
 
 
+@contextlib.contextmanager
+def meteor_process() -> Iterator[Any]:
+    """One METEOR Java process for several `score_captions(..., meteor=...)` calls, stopped on exit.
+
+    Its first score loads METEOR's paraphrase tables (about 10 s on two cores); later scores take
+    milliseconds, and equal those of a fresh process (each EVAL aggregates only its own segments).
+    """
+    require_java()
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        yield scorer
+    finally:  # stop the Java process now, not at garbage collection (Meteor.__del__ then finds it stopped)
+        with scorer.lock:
+            scorer.meteor_p.stdin.close()
+            scorer.meteor_p.kill()
+            scorer.meteor_p.wait()
+
+
 def score_captions(predictions: dict[str, str], references: dict[str, list[str]],
-                   spice: SpiceMode = "auto") -> tuple[dict[str, float | str], dict[str, dict[str, float]]]:
+                   spice: SpiceMode = "auto", *, meteor: Any = None,
+                   ) -> tuple[dict[str, float | str], dict[str, dict[str, float]]]:
     """Corpus metrics (COCOEvalCap names: Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE) and per-image scores.
 
     `predictions` maps image id -> caption, `references` image id -> reference captions (raw text;
     both are PTB-tokenised here). `spice`: "auto" computes SPICE when its jars are present and
     otherwise reports `"unavailable: <why>"`; "on" requires it; "off" reports `"skipped: ..."`.
     Per-image scores (`bleu4`, `meteor`, `rouge_l`, `cider`, and `spice` when computed) are keyed
-    by image id.
+    by image id. `meteor`: a running `meteor_process()` to reuse; by default one is started and stopped.
     """
     if spice not in ("auto", "on", "off"):
         raise ValueError(f"spice must be auto, on or off; got {spice!r}")
@@ -139,7 +161,6 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
     require_java()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     ids = list(predictions)
@@ -151,12 +172,9 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
         bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     for n in range(4):
         corpus[f"Bleu_{n + 1}"] = float(bleu[n])
-    meteor_scorer = Meteor()
-    try:
-        meteor, meteor_each = meteor_scorer.compute_score(gts, res)
-    finally:
-        del meteor_scorer  # stops the METEOR Java process now, not at garbage collection
-    corpus["METEOR"] = float(meteor)
+    with contextlib.nullcontext(meteor) if meteor is not None else meteor_process() as scorer:
+        meteor_corpus, meteor_each = scorer.compute_score(gts, res)
+    corpus["METEOR"] = float(meteor_corpus)
     rouge, rouge_each = Rouge().compute_score(gts, res)
     corpus["ROUGE_L"] = float(rouge)
     cider, cider_each = Cider().compute_score(gts, res)

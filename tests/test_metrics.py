@@ -31,6 +31,14 @@ PREDICTIONS = {
 }
 
 
+@pytest.fixture(scope="module")
+def meteor():
+    """One METEOR process for the file's scorings (each fresh one loads its tables, 10-20 s here);
+    test_one_meteor_process_scores_like_a_fresh_one_each_time shows the scores are the same."""
+    with metrics.meteor_process() as process:
+        yield process
+
+
 class FakeSpice:
     """Stands in for SPICE inside COCOEvalCap when its jars are absent (it would try to download them)."""
 
@@ -63,8 +71,8 @@ def coco_eval_direct(tmp_path, predictions, references, monkeypatch):
 
 
 @pytest.mark.heavy  # the Java scorers (METEOR, the PTB tokenizer, SPICE when installed), twice
-def test_equals_coco_eval_cap_on_the_same_files(tmp_path, monkeypatch):
-    corpus, per_image = score_captions(PREDICTIONS, REFERENCES, spice="auto")
+def test_equals_coco_eval_cap_on_the_same_files(tmp_path, monkeypatch, meteor):
+    corpus, per_image = score_captions(PREDICTIONS, REFERENCES, spice="auto", meteor=meteor)
     ev = coco_eval_direct(tmp_path, PREDICTIONS, REFERENCES, monkeypatch)
     for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
         assert corpus[key] == pytest.approx(ev.eval[key], abs=1e-12), key
@@ -84,13 +92,13 @@ def test_equals_coco_eval_cap_on_the_same_files(tmp_path, monkeypatch):
 
 
 @pytest.mark.heavy  # the Java scorers (the PTB tokenizer, METEOR)
-def test_hand_checked_bleu_and_cider():
+def test_hand_checked_bleu_and_cider(meteor):
     # Identical candidate and reference: every BLEU is 1. With two images of disjoint words each
     # n-gram has document frequency 1 of 2, so idf = log 2 for all; the TF-IDF vectors are equal,
     # each n-gram cosine is 1 with no length penalty, and CIDEr-D = 10 * mean(1, 1, 1, 1) = 10.
     preds = {"a": "the quick brown fox jumps", "b": "seven red apples lie here"}
     refs = {k: [v] for k, v in preds.items()}
-    corpus, per_image = score_captions(preds, refs, spice="off")
+    corpus, per_image = score_captions(preds, refs, spice="off", meteor=meteor)
     for n in range(1, 5):
         assert corpus[f"Bleu_{n}"] == pytest.approx(1.0, abs=1e-6)
     assert corpus["CIDEr"] == pytest.approx(10.0, abs=1e-9)
@@ -100,7 +108,7 @@ def test_hand_checked_bleu_and_cider():
 
     # "dog runs on grass" vs "dog runs on sand", same length (brevity penalty 1):
     # p1 = 3/4, p2 = 2/3, p3 = 1/2, p4 = 0/1.
-    corpus, _ = score_captions({"x": "Dog runs on grass."}, {"x": ["dog runs on sand"]}, spice="off")
+    corpus, _ = score_captions({"x": "Dog runs on grass."}, {"x": ["dog runs on sand"]}, spice="off", meteor=meteor)
     assert corpus["Bleu_1"] == pytest.approx(0.75, abs=1e-6)
     assert corpus["Bleu_2"] == pytest.approx(math.sqrt(0.75 * 2 / 3), abs=1e-6)
     assert corpus["Bleu_3"] == pytest.approx((0.75 * 2 / 3 * 0.5) ** (1 / 3), abs=1e-6)
@@ -108,13 +116,13 @@ def test_hand_checked_bleu_and_cider():
 
 
 @pytest.mark.heavy  # the Java scorers (the PTB tokenizer, METEOR)
-def test_spice_unavailable_is_reported_and_on_is_an_error(monkeypatch, tmp_path):
+def test_spice_unavailable_is_reported_and_on_is_an_error(monkeypatch, tmp_path, meteor):
     monkeypatch.setattr(metrics, "spice_lib_dir", lambda: tmp_path)  # a lib directory without the jars
-    corpus, per_image = score_captions({"x": "a dog"}, {"x": ["a dog runs"]}, spice="auto")
+    corpus, per_image = score_captions({"x": "a dog"}, {"x": ["a dog runs"]}, spice="auto", meteor=meteor)
     assert corpus["SPICE"].startswith("unavailable: ") and str(tmp_path) in corpus["SPICE"]
     assert corpus["CIDEr"] == pytest.approx(0.0) and corpus["Bleu_1"] > 0  # the others still computed
     with pytest.raises(RuntimeError, match="spice=on.*stanford-corenlp-3.6.0"):
-        score_captions({"x": "a dog"}, {"x": ["a dog runs"]}, spice="on")
+        score_captions({"x": "a dog"}, {"x": ["a dog runs"]}, spice="on", meteor=meteor)
 
 
 def test_missing_java_and_bad_inputs_are_clear_errors(monkeypatch):
@@ -130,11 +138,25 @@ def test_missing_java_and_bad_inputs_are_clear_errors(monkeypatch):
 
 
 @pytest.mark.heavy  # the full scorer runs on Java (the PTB tokenizer, METEOR)
-def test_cider_alone_equals_the_full_scorer():
-    from pcm.metrics import score_captions, score_cider
+def test_cider_alone_equals_the_full_scorer(meteor):
+    from pcm.metrics import score_cider
 
     preds = {"1": "a man riding a horse", "2": "two dogs on the grass", "3": "a red bus"}
     refs = {"1": ["a man rides a horse", "a person on a horse"], "2": ["two dogs play on grass", "dogs on a lawn"],
             "3": ["a red double-decker bus", "a bus on the street"]}
-    corpus, _ = score_captions(preds, refs, spice="off")
+    corpus, _ = score_captions(preds, refs, spice="off", meteor=meteor)
     assert score_cider(preds, refs) == pytest.approx(corpus["CIDEr"], abs=1e-12)
+
+
+@pytest.mark.heavy  # the Java scorers
+def test_one_meteor_process_scores_like_a_fresh_one_each_time(meteor):
+    other = dict(zip(REFERENCES, list(REFERENCES.values())[1:] + list(REFERENCES.values())[:1], strict=True))
+    fresh = [score_captions(PREDICTIONS, refs, spice="off") for refs in (REFERENCES, other)]  # a process each
+    # The module's process has scored the other tests' captions before (when they ran first) and these twice.
+    shared = [score_captions(PREDICTIONS, refs, spice="off", meteor=meteor) for refs in (REFERENCES, other, REFERENCES)]
+    assert shared == [fresh[0], fresh[1], fresh[0]]  # equal floats, per image too
+    assert fresh[0][0]["METEOR"] != fresh[1][0]["METEOR"]  # the two reference sets do score differently
+    with metrics.meteor_process() as own:
+        process = own.meteor_p
+        assert process.poll() is None
+    assert process.poll() is not None  # stopped on leaving the block
