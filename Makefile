@@ -23,15 +23,20 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# Test files run on TEST_WORKERS pytest-xdist workers, each file whole on one worker (module fixtures,
+# the session's Prefect server per worker); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PYTEST) -m "not slow and not gpu"
 
 # The edit-test loop: no Prefect server, no end-to-end or crash-harness runs, no long trainings.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not gpu and not e2e and not heavy"
+	$(PYTEST) -m "not slow and not gpu and not e2e and not heavy"
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 demo: setup
 	$(PY) -m flows.demo

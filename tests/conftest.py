@@ -22,6 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tiny models are built once per machine and reused by every test (and by subprocesses).
 os.environ.setdefault("PCM_CACHE_DIR", str(REPO / ".pytest_cache" / "pcm-models"))
+# Under pytest-xdist (`make test` runs two workers) each worker keeps its Prefect state apart: flows run
+# without a server use Prefect's ephemeral one, whose SQLite database lives in PREFECT_HOME.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("PREFECT_HOME", str(REPO / ".pytest_cache" / f"prefect-home-{os.environ['PYTEST_XDIST_WORKER']}"))
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +93,10 @@ def pytest_collection_modifyitems(config, items):
         # Whatever uses a Prefect server is left out of `make test-fast`.
         if "prefect_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.heavy)
+    # Files with end-to-end tests first, then those with heavy ones (the order within a file kept): with
+    # pytest-xdist's --dist loadfile the longest files start first instead of leaving one worker a long tail.
+    rank: dict[str, int] = {}
+    for item in items:
+        kind = 0 if "e2e" in item.keywords else 1 if "heavy" in item.keywords else 2
+        rank[item.nodeid.split("::")[0]] = min(kind, rank.get(item.nodeid.split("::")[0], 2))
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])

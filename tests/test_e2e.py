@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,10 +23,10 @@ from flows.local_server import LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3000)]
 
-# The tiny preset at 32 px with 2 denoising steps and 4 epochs (28 steps, two validations): the same
-# stages, tasks, caching and fan-out on the same 201 captions, a fraction of the CPU time.
-FAST = {"synthesize.height": 32, "synthesize.width": 32, "synthesize.steps": 2, "train.epochs": 4,
-        "train.val_every": 14, "train.checkpoint_every": 14}
+# The tiny preset on 72 of its 201 training captions, at 32 px with 2 denoising steps and 4 epochs
+# (two validations): the same stages, tasks, caching and fan-out, a fraction of the CPU time.
+FAST = {"ingest.subset": 72, "synthesize.height": 32, "synthesize.width": 32, "synthesize.steps": 2,
+        "train.epochs": 4, "train.batch_size": 16, "train.val_every": 9, "train.checkpoint_every": 9}
 
 MAIN_TASKS = {"ingest": "ingest", "synthesize": "synthesize-finalize", "encode": "encode", "train": "train",
               "evaluate": "evaluate"}
@@ -128,12 +127,10 @@ def test_demo_pipeline_runs_caches_and_recomputes_downstream(stack, root):
     for part in ("ingest", "synthesize", "encode", "train", "evaluate"):
         assert part in keys, (part, keys)
 
-    # Second run: every stage is a cache hit and takes seconds.
-    t0 = time.monotonic()
+    # Second run: every stage is a cache hit.
     second = run(stack, "synth-and-train/demo", config)
     states = task_states(stack, second)
     assert all(states[t] == "Cached" for t in MAIN_TASKS.values()), states
-    assert time.monotonic() - t0 < 120
 
     # One changed parameter: the stages before it are cached, it and those after it recompute.
     third = run(stack, "synth-and-train/demo", {**config, "overrides": {**FAST, "encode.top_n": 50}})
@@ -150,22 +147,22 @@ def test_two_workers_share_a_synthesize_and_an_encode_fan_out(stack, root):
 
     stack.start_worker("worker-2")
     fan_root = root / "fanout"
-    config = {"preset": "tiny", "root": str(fan_root), "stop_after": "encode", "synthesize_fanout": 4,
+    config = {"preset": "tiny", "root": str(fan_root), "stop_after": "encode", "synthesize_fanout": 2,
               "encode_fanout": 2, "overrides": {**FAST, "synthesize.shard_size": 16}}
     fanned = run(stack, "synth-and-train/demo", config)
     (sd,) = stage_dirs(fan_root, "synthesize")
     tars = sorted(sd.glob("shards/shard-*.tar"))
-    assert len(tars) == 13  # 201 captions, 16 per shard
+    assert len(tars) == 5  # 72 captions, 16 per shard: split 3 + 2 between the two children
     keys = [s["__key__"] for tar in tars for s in iter_tar(tar)]
-    assert len(keys) == 201 and len(set(keys)) == 201  # every caption once, none twice
+    assert len(keys) == 72 and len(set(keys)) == 72  # every caption once, none twice
     assert not list(sd.glob("shards/.tmp-*"))
     # Encode: every feature shard once, finalised by the parent.
     (enc,) = stage_dirs(fan_root, "encode")
     feats = sorted(enc.glob("features/shard-*.safetensors"))
-    assert len(feats) == 13
-    assert sum(len(open_arrays(f)[0]["global"]) for f in feats) == 201
-    # The parent, its four synthesize children and its two encode children were picked up by the workers.
+    assert len(feats) == 5
+    assert sum(len(open_arrays(f)[0]["global"]) for f in feats) == 72
+    # The parent, its two synthesize children and its two encode children were picked up by the workers.
     logs = "".join((stack.home / f"worker-{i}.log").read_text() for i in (1, 2))
-    assert logs.count("submitting flow run") >= 7
+    assert logs.count("submitting flow run") >= 5
     runs = api(stack, "/flow_runs/filter", {"limit": 200, "flow_runs": {"id": {"any_": run_ids(stack, fanned)}}})
     assert sum(1 for r in runs if (r.get("parameters") or {}).get("indices") is not None) == 2
