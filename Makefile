@@ -24,9 +24,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 # Test files run on TEST_WORKERS pytest-xdist workers, each file whole on one worker (module fixtures,
-# the session's Prefect server per worker); TEST_WORKERS=0 runs them in this process.
+# the session's Prefect server per worker), the longest first (tests/conftest.py orders them);
+# TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PYTEST) -m "not slow and not gpu"

@@ -93,10 +93,21 @@ def pytest_collection_modifyitems(config, items):
         # Whatever uses a Prefect server is left out of `make test-fast`.
         if "prefect_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.heavy)
-    # Files with end-to-end tests first, then those with heavy ones (the order within a file kept): with
-    # pytest-xdist's --dist loadfile the longest files start first instead of leaving one worker a long tail.
-    rank: dict[str, int] = {}
+    # The longest files first, the order within a file kept: `make test` runs pytest-xdist with --dist
+    # loadfile --no-loadscope-reorder, which hands out files in this order (its default would sort them
+    # by their number of tests, leaving the few long ones for the end). End-to-end files, then files
+    # heavy as a whole (their pytestmark), then files with some heavy tests, then the rest.
+    def rank(item) -> int:
+        module_marks = getattr(item.module, "pytestmark", []) if getattr(item, "module", None) else []
+        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
+        if "e2e" in item.keywords:
+            return 0
+        if any(m.name == "heavy" for m in module_marks):
+            return 1
+        return 2 if "heavy" in item.keywords else 3
+
+    file_rank: dict[str, int] = {}
     for item in items:
-        kind = 0 if "e2e" in item.keywords else 1 if "heavy" in item.keywords else 2
-        rank[item.nodeid.split("::")[0]] = min(kind, rank.get(item.nodeid.split("::")[0], 2))
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+        path = item.nodeid.split("::")[0]
+        file_rank[path] = min(rank(item), file_rank.get(path, 3))
+    items.sort(key=lambda item: file_rank[item.nodeid.split("::")[0]])
