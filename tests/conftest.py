@@ -24,8 +24,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PCM_CACHE_DIR", str(REPO / ".pytest_cache" / "pcm-models"))
 # Under pytest-xdist (`make test` runs two workers) each worker keeps its Prefect state apart: flows run
 # without a server use Prefect's ephemeral one, whose SQLite database lives in PREFECT_HOME.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("PREFECT_HOME", str(REPO / ".pytest_cache" / f"prefect-home-{os.environ['PYTEST_XDIST_WORKER']}"))
+if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
+    _home = REPO / ".pytest_cache" / f"prefect-home-{os.environ['PYTEST_XDIST_WORKER']}"
+    _home.mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level (a fresh clone has no .pytest_cache)
+    os.environ["PREFECT_HOME"] = str(_home)
 
 
 @pytest.fixture(scope="session")
