@@ -100,11 +100,10 @@ def pytest_collection_modifyitems(config, items):
     # by their number of tests, leaving the few long ones for the end). End-to-end files, then files
     # heavy as a whole (their pytestmark), then files with some heavy tests, then the rest.
     def rank(item) -> int:
-        module_marks = getattr(item.module, "pytestmark", []) if getattr(item, "module", None) else []
-        module_marks = module_marks if isinstance(module_marks, list) else [module_marks]
         if "e2e" in item.keywords:
             return 0
-        if any(m.name == "heavy" for m in module_marks):
+        module = item.getparent(pytest.Module)
+        if module is not None and module.get_closest_marker("heavy"):  # the file's pytestmark
             return 1
         return 2 if "heavy" in item.keywords else 3
 
