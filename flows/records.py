@@ -20,6 +20,8 @@ import hashlib
 import logging
 from pathlib import Path
 
+from storage import remote
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,9 @@ def prefect_home() -> Path:
 
 
 def results_dir(root: str | Path) -> Path:
-    """This host's directory of cache records for run root `root` (outside it)."""
+    """This host's directory of cache records for run root `root` (outside it; an object-store URL is named as is)."""
+    if remote.is_url(root):
+        return prefect_home() / "pcm-results" / hashlib.sha256(str(root).rstrip("/").encode()).hexdigest()[:16]
     resolved = Path(root).expanduser().resolve()
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     path = prefect_home() / "pcm-results" / digest

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from storage.lock import FileLock, try_lock
+from storage.lock import FileLock, lock_at, try_lock
 from storage.shards import is_done
 
 K = TypeVar("K")
@@ -47,12 +47,12 @@ def try_claim(lock: Path, shard: Path, *, redo: bool = False) -> FileLock | Skip
 
 def wait_released(lock: Path) -> None:
     """Block until no process holds `lock` (its holder finished, or died)."""
-    FileLock(lock, timeout=None).acquire().release()
+    lock_at(lock, timeout=None).acquire().release()
 
 
 def wait_claim(lock: Path, shard: Path) -> FileLock | None:
     """Wait for the holder of `lock` to let go; its lock if the shard is still not done (the holder died), else None."""
-    taken = FileLock(lock, timeout=None).acquire()
+    taken = lock_at(lock, timeout=None).acquire()
     if is_done(shard):
         taken.release()
         return None

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage import atomic
+from storage import atomic, remote
 
 STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
 SHARD_DIGITS = 6
@@ -191,19 +191,29 @@ class StageDir:
 
     @classmethod
     def at(cls, path: str | os.PathLike) -> StageDir:
-        """The StageDir of an existing `<root>/<stage>/<fingerprint>` path."""
-        p = Path(path).resolve()
-        return cls(p, p.parent.name, p.name)
+        """The StageDir of an existing `<root>/<stage>/<fingerprint>` path, or of its URL on an object-store root.
+
+        A URL names this worker's working copy (storage.remote), fetched from the store once its marker is there.
+        """
+        p = remote.local_path(path).resolve()
+        sd = cls(p, p.parent.name, p.name)
+        if remote.is_url(path) and not sd.done_marker.exists():
+            remote.fetch_tree(sd.path, sd.done_marker)
+        return sd
 
 
 @dataclass(frozen=True)
 class RunLayout:
-    """All runs under one root (any local or mounted path)."""
+    """All runs under one root: a local or mounted path, or an fsspec URL (`s3://bucket/prefix`).
+
+    `root` is always local: for a URL, this worker's working copy of it (storage.remote).
+    """
 
     root: Path
 
     def __init__(self, root: str | os.PathLike) -> None:
-        object.__setattr__(self, "root", Path(root).expanduser().resolve())
+        local = remote.local_root(str(root)) if remote.is_url(root) else Path(root).expanduser().resolve()
+        object.__setattr__(self, "root", local)
 
     def stage(self, stage: str, fingerprint: str) -> StageDir:
         if stage not in STAGES:

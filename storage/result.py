@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage import atomic
+from storage import atomic, remote
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class StageResult:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: not a stage marker (expected a JSON object)")
         d = _map_strings(d, lambda s: _absolute(s, root))
-        d["path"] = str(Path(path).resolve().parent)   # where the marker is, whatever it says
+        d["path"] = remote.public(Path(path).resolve().parent)   # where the marker is, whatever it says
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
@@ -63,7 +63,8 @@ class StageResult:
 
     @property
     def dir(self) -> Path:
-        return Path(self.path)
+        """The stage directory here (this worker's working copy when `path` is an object-store URL)."""
+        return remote.local_path(self.path)
 
 
 ROOT_PREFIX = "@root/"
@@ -78,6 +79,9 @@ def _relative(s: str, root: Path) -> str:
     for base in {str(root), str(root.resolve())}:
         if s.startswith(base + os.sep):
             return ROOT_PREFIX + Path(s[len(base) + 1:]).as_posix()
+    url = remote.public(root)  # an object-store root's URL, as a mirrored result's `path` names it
+    if url != str(root) and s.startswith(url + "/"):
+        return ROOT_PREFIX + s[len(url) + 1:]
     return s
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from storage import atomic
+from storage import atomic, remote
 from storage.fingerprint import file_digest
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -40,8 +40,13 @@ def done_path(shard: Path) -> Path:
 
 
 def is_done(shard: Path) -> bool:
-    """A shard counts only when both the file and its marker exist."""
-    return Path(shard).exists() and done_path(shard).exists()
+    """A shard counts only when both the file and its marker exist.
+
+    On an object-store root, a shard another worker published is fetched into the working copy first.
+    """
+    if Path(shard).exists() and done_path(shard).exists():
+        return True
+    return remote.fetch_unit(done_path(shard)) and Path(shard).exists()
 
 
 def pending(shards: Iterable[Path]) -> list[Path]:
@@ -54,7 +59,9 @@ def read_marker(shard: Path) -> dict[str, Any]:
 
 
 def write_marker(shard: Path, stats: dict[str, Any]) -> None:
+    """Write the shard's done marker; on an object-store root, then publish the shard, marker last."""
     atomic.write_json(done_path(shard), stats)
+    remote.publish_unit(done_path(shard))
 
 
 class _HashingFile(io.RawIOBase):

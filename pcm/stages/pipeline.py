@@ -153,7 +153,7 @@ def run_pipeline(cfg: PipelineConfig, root: str, *, stages: tuple[str, ...] = ST
 def _waiting_for_others(run: Callable[[], StageResult], stage: str, wait_s: float | None) -> StageResult:
     """Run a stage; while another process holds its lock, wait for it (saying whom), then run it again,
     which reuses what that process finished or resumes what it left."""
-    from storage.lock import FileLock, LockHeld
+    from storage.lock import LockHeld, lock_at
 
     while True:
         try:
@@ -163,7 +163,7 @@ def _waiting_for_others(run: Callable[[], StageResult], stage: str, wait_s: floa
                 raise
             log.warning("%s: waiting for %s, which is running this stage (its results will be reused)", stage,
                         e.holder)
-            FileLock(e.path, timeout=wait_s).acquire().release()
+            lock_at(e.path, timeout=wait_s).acquire().release()
 
 
 def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResult], f: bool,

@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pcm.config import StageConfig
-from storage import atomic
+from storage import atomic, remote
 from storage.fingerprint import fingerprint
 from storage.layout import RunLayout, StageDir
-from storage.lock import FileLock
+from storage.lock import lock_at
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def open_stage(sd: StageDir) -> StageDir:
             raise ValueError(f"{sd.path}: no config.json, and this StageDir was not planned (it records no config); "
                              "open the StageDir the stage's plan() returns")
         atomic.write_json(sd.config_file, sd.record)
+        remote.publish_files(sd.config_file)  # an object-store root: other workers see what the directory is
     return sd
 
 
@@ -73,7 +74,7 @@ def cached(sd: StageDir, verify: Callable[[StageDir], str | None] | None = None)
     `verify` returns None when the outputs are complete, else a reason; an incomplete stage
     has its marker removed so the rerun redoes what is missing.
     """
-    if not sd.done_marker.exists():
+    if not sd.done_marker.exists() and not remote.fetch_tree(sd.path, sd.done_marker):
         return None
     problem = verify(sd) if verify else None
     if problem:
@@ -88,23 +89,24 @@ def cached(sd: StageDir, verify: Callable[[StageDir], str | None] | None = None)
 def locked(sd: StageDir, wait: float | None = 0.0) -> Iterator[None]:
     """Open the stage directory (`open_stage`), then hold its lock; `wait=0` fails fast naming the holder, `None` waits."""
     open_stage(sd)
-    with FileLock(sd.lock_file, timeout=wait):
+    with lock_at(sd.lock_file, timeout=wait):
         yield
 
 
 def finish(sd: StageDir, counts: dict[str, int], started: float, extra: dict | None = None,
            timings: dict[str, float] | None = None) -> StageResult:
     """Write the stage marker last and return the result."""
-    result = StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=str(sd.path), counts=counts,
+    result = StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=remote.public(sd.path), counts=counts,
                          timings={"total_s": round(time.monotonic() - started, 3), **(timings or {})},
                          extra=extra or {})
     result.save(sd.done_marker)
+    remote.publish_tree(sd.path, marker=sd.done_marker)  # an object-store root: the outputs, then the marker
     return result
 
 
 def load_result(path: str | Path) -> StageResult:
     """The result of a finished stage directory (given as a path), or a clear error."""
-    marker = StageDir.at(path).done_marker
+    marker = StageDir.at(path).done_marker   # a URL is fetched from the store (storage.remote)
     if not marker.exists():
         raise FileNotFoundError(f"{path}: not a finished stage directory (no stage.done.json); run that stage first")
     return StageResult.load(marker)

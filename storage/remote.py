@@ -1,0 +1,229 @@
+"""Run roots on object storage: each worker works in a local copy and publishes finished units to the store.
+
+    root = "s3://bucket/runs"   (any fsspec URL)
+    the worker's working copy:  <PCM_MIRROR_DIR, default ~/.cache/pcm/mirrors>/<sha256(url)[:16]>/
+
+Stages read and write the working copy exactly as they do a local root; storage keeps it and the
+store in step at a few points, each a unit with a marker:
+- a finished shard (`shards.write_marker`): its files, then its done marker;
+- a stage directory when its config.json is written (`pcm.stages.stage.open_stage`) and when the
+  stage finishes (`finish`): every file not yet in the store, `stage.done.json` last;
+- reading: a stage directory named by URL (`StageDir.at("s3://…/encode/<fp>")`) is fetched once
+  its marker is in the store (image shards excepted: `shards.is_done` fetches each when asked
+  about it, so an encode worker downloads only the tars it encodes).
+Each file is uploaded under a temporary key (`.tmp-<name>.<uuid>`) and moved onto its final key,
+its marker after it, so the store never holds a partial object under a final name and a marker
+never names a file that is not there. Downloads land through storage.atomic, so the working copy
+keeps the same rule. Locks on a mirrored root are lease objects (storage.lease), not files.
+Credentials and endpoints come from the fsspec backend's own settings (for S3: the AWS_* variables,
+AWS_ENDPOINT_URL included); this module passes none.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage import atomic
+
+MIRROR_FILE = ".pcm-mirror.json"   # in a working copy's root: the URL it mirrors
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+# Never published: locks are lease objects in the store, temporaries and old checkpoint names are
+# a writer's own, and the mirror file is the working copy's.
+_PRIVATE = re.compile(r"^(\.tmp-|\.old-|\..*\.lock$|\.lock$|\.pcm-mirror\.json$)")
+# Subdirectories a stage fetch leaves to `shards.is_done` (fetched one shard at a time).
+_LAZY_DIRS = ("shards",)
+
+
+def is_url(root: str | os.PathLike) -> bool:
+    """True for an fsspec URL (`s3://bucket/prefix`, `gcs://…`); a plain path (or file://) is local."""
+    s = str(root)
+    return bool(_URL.match(s)) and not s.startswith("file://")
+
+
+def mirror_dir() -> Path:
+    """Where this worker keeps its working copies (`PCM_MIRROR_DIR`, default ~/.cache/pcm/mirrors)."""
+    return Path(os.environ.get("PCM_MIRROR_DIR") or Path.home() / ".cache" / "pcm" / "mirrors").expanduser()
+
+
+def local_root(url: str) -> Path:
+    """This worker's working copy of the run root `url`, created (with its mirror file) on first use."""
+    url = url.rstrip("/")
+    local = (mirror_dir() / hashlib.sha256(url.encode()).hexdigest()[:16]).resolve()
+    marker = local / MIRROR_FILE
+    if not marker.exists():
+        local.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(marker, {"url": url})
+        _mirror_at.cache_clear()  # a lookup before it existed said "no mirror here"
+    return local
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A working copy `local` of the run root `url`."""
+
+    url: str
+    local: Path
+
+    @functools.cached_property
+    def fs(self) -> Any:
+        import fsspec
+
+        fs, _ = fsspec.url_to_fs(self.url)
+        return fs
+
+    @property
+    def base(self) -> str:
+        """The root in the filesystem's own path form (`bucket/prefix` for s3://bucket/prefix)."""
+        import fsspec
+
+        return fsspec.url_to_fs(self.url)[1].rstrip("/")
+
+    def relative(self, path: str | os.PathLike) -> str:
+        return Path(path).resolve().relative_to(self.local).as_posix()
+
+    def key(self, path: str | os.PathLike) -> str:
+        """The store path of a file of the working copy."""
+        rel = self.relative(path)
+        return f"{self.base}/{rel}" if rel != "." else self.base
+
+    def public(self, path: str | os.PathLike) -> str:
+        """The URL of a file or directory of the working copy (what results and messages show)."""
+        rel = self.relative(path)
+        return f"{self.url}/{rel}" if rel != "." else self.url
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return bool(self.fs.exists(self.key(path)))
+
+    def publish(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Upload files in order (put the marker last), each under a temporary key moved onto its final one."""
+        for p in paths:
+            final = self.key(p)
+            parent, name = final.rsplit("/", 1)
+            tmp = f"{parent}/.tmp-{name}.{uuid.uuid4().hex[:8]}"
+            self.fs.put_file(str(p), tmp)
+            try:
+                self.fs.mv(tmp, final)
+            except BaseException:
+                self.fs.rm_file(tmp)
+                raise
+
+    def fetch(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Download files of the store into the working copy, in order, each through a temporary name."""
+        for p in paths:
+            with atomic.atomic_path(p) as tmp:
+                self.fs.get_file(self.key(p), str(tmp))
+
+    def listing(self, directory: str | os.PathLike) -> dict[str, int]:
+        """Public files under `directory` in the store: relative path -> size (empty when absent)."""
+        base = self.key(directory)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for key, info in found.items():
+            rel = key[len(base) + 1:] if key.startswith(base + "/") else None
+            if rel and not any(_PRIVATE.match(part) for part in rel.split("/")) and info.get("type") != "directory":
+                out[rel] = int(info.get("size") or 0)
+        return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _mirror_at(directory: str) -> Mirror | None:
+    f = Path(directory) / MIRROR_FILE
+    if not f.exists():
+        return None
+    return Mirror(url=json.loads(f.read_text())["url"], local=Path(directory))
+
+
+def mirror_of(path: str | os.PathLike) -> Mirror | None:
+    """The working copy `path` lies in (a file or directory up to five levels below its root), or None."""
+    p = Path(path).resolve()
+    for d in (p, *list(p.parents)[:5]):
+        m = _mirror_at(str(d))
+        if m is not None:
+            return m
+    return None
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """A local path for `path`: the working-copy path of a URL `<root>/<stage>/<fingerprint>`, else `path` itself."""
+    s = str(path)
+    if not is_url(s):
+        return Path(path)
+    parts = s.rstrip("/").rsplit("/", 2)
+    if len(parts) != 3:
+        raise ValueError(f"{s}: expected a stage directory URL <root>/<stage>/<fingerprint>")
+    return local_root(parts[0]) / parts[1] / parts[2]
+
+
+def public(path: str | os.PathLike) -> str:
+    """What to call a path of the working copy outside this worker: its URL; a local root's path is itself."""
+    m = mirror_of(path)
+    return m.public(path) if m is not None else str(path)
+
+
+def publish_files(*paths: str | os.PathLike) -> None:
+    """Upload these files of a working copy in order (the marker last); nothing for a local root."""
+    if paths and (m := mirror_of(paths[0])) is not None:
+        m.publish(paths)
+
+
+def publish_unit(marker: Path) -> None:
+    """Upload a shard's files (`shard-NNNNNN.*` beside `marker`), then `marker`; nothing for a local root."""
+    m = mirror_of(marker)
+    if m is None:
+        return
+    stem = marker.name.split(".", 1)[0]
+    files = sorted(p for p in marker.parent.glob(f"{stem}.*") if p != marker and p.is_file())
+    m.publish([*files, marker])
+
+
+def fetch_unit(marker: Path) -> bool:
+    """Fetch a shard whose `marker` is in the store but not here (its files, then the marker); False if unpublished."""
+    m = mirror_of(marker)
+    if m is None or not m.exists(marker):
+        return False
+    stem = marker.name.split(".", 1)[0]
+    listing = m.listing(marker.parent)
+    files = sorted(marker.parent / rel for rel in listing if "/" not in rel and rel.split(".", 1)[0] == stem
+                   and rel != marker.name)
+    m.fetch([*files, marker])
+    return True
+
+
+def publish_tree(directory: Path, marker: Path | None = None) -> None:
+    """Upload every public file under `directory` the store lacks or holds at another size, `marker` last."""
+    m = mirror_of(directory)
+    if m is None:
+        return
+    have = m.listing(directory)
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p != marker
+             and not any(_PRIVATE.match(part) for part in p.relative_to(directory).parts)]
+    todo = [p for p in files if have.get(p.relative_to(directory).as_posix()) != p.stat().st_size]
+    m.publish([*todo, *([marker] if marker is not None else [])])
+
+
+def fetch_tree(directory: Path, marker: Path) -> bool:
+    """Fetch a stage directory whose `marker` is in the store (image shards left to `fetch_unit`), marker last.
+
+    Returns False (fetching nothing) when the marker is not published. Files here at the store's size are kept.
+    """
+    m = mirror_of(directory)
+    if m is None or not m.exists(marker):
+        return False
+    rel_marker = marker.relative_to(directory).as_posix()
+    todo = [directory / rel for rel, size in sorted(m.listing(directory).items())
+            if rel != rel_marker and rel.split("/", 1)[0] not in _LAZY_DIRS
+            and not ((directory / rel).is_file() and (directory / rel).stat().st_size == size)]
+    m.fetch([*todo, marker])
+    return True

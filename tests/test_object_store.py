@@ -1,0 +1,296 @@
+"""Run roots on object storage: a real S3 API server (moto, on 127.0.0.1), lease locks, units published marker last,
+and two workers that share no local directory fanning synthesize and encode out over one bucket, one of them
+SIGKILLed mid-shard, ending with the bytes of a local run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from storage import remote
+from storage.layout import RunLayout, StageDir
+from storage.lock import LockHeld, lock_at
+from storage.shards import ShardWriter, is_done
+
+REPO = Path(__file__).resolve().parents[1]
+PCM = str(Path(sys.executable).with_name("pcm"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 and the environment that points boto/s3fs at it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3, request):
+    import boto3
+
+    name = "b-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def store(bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return fs
+
+
+def _mirror(monkeypatch, tmp_path: Path, name: str) -> Path:
+    monkeypatch.setenv("PCM_MIRROR_DIR", str(tmp_path / name))
+    return tmp_path / name
+
+
+# ------------------------------------------------------------------------------ leases
+def test_a_lease_is_exclusive_names_its_holder_and_is_released(bucket, store, tmp_path, monkeypatch):
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout(f"s3://{bucket}/run").stage("synthesize", "a" * 16)
+    first = lock_at(sd.lock_file).acquire()
+    assert store.exists(f"{bucket}/run/synthesize/{'a' * 16}/.lock")
+    with pytest.raises(LockHeld) as e:
+        lock_at(sd.lock_file, timeout=0).acquire()
+    assert f"pid {os.getpid()}" in str(e.value) and f"s3://{bucket}/run/synthesize/" in str(e.value)
+    first.release()
+    assert not store.exists(f"{bucket}/run/synthesize/{'a' * 16}/.lock")
+    lock_at(sd.lock_file, timeout=0).acquire().release()
+
+
+def test_a_renewed_lease_outlives_its_ttl_and_an_expired_one_is_taken_over(bucket, store, tmp_path, monkeypatch):
+    _mirror(monkeypatch, tmp_path, "a")
+    monkeypatch.setenv("PCM_LEASE_SECONDS", "1.5")
+    path = RunLayout(f"s3://{bucket}/run").stage("encode", "b" * 16).lock_file
+    held = lock_at(path).acquire()
+    time.sleep(3.5)                                   # over twice the ttl: only renewal keeps it
+    with pytest.raises(LockHeld):
+        lock_at(path, timeout=0).acquire()
+    held._stop.set()                                  # the holder stops renewing, as a killed one does
+    held._renewer.join()
+    taker = lock_at(path, timeout=10).acquire()       # waits for the expiry, then takes it over
+    assert json.loads(store.cat(f"{bucket}/run/encode/{'b' * 16}/.lock"))["pid"] == os.getpid()
+    taker.release()
+    held.release()                                    # the stale holder's release deletes nothing of the taker's
+
+
+def test_a_killed_holders_lease_expires(bucket, store, tmp_path, monkeypatch, s3):
+    """A holder SIGKILLed while holding a lease: a waiter gets it once the ttl has passed, not before."""
+    _mirror(monkeypatch, tmp_path, "a")
+    url = f"s3://{bucket}/run"
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from storage.layout import RunLayout; from storage.lock import lock_at;"
+         f"lock_at(RunLayout({url!r}).stage('train', 'c' * 16).lock_file).acquire(); print('held', flush=True);"
+         "time.sleep(600)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PCM_MIRROR_DIR": str(tmp_path / "child"), "PCM_LEASE_SECONDS": "3"})
+    try:
+        assert child.stdout.readline().strip() == "held"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        killed = time.time()
+        path = RunLayout(url).stage("train", "c" * 16).lock_file
+        with pytest.raises(LockHeld, match="lease expires in"):
+            lock_at(path, timeout=0).acquire()
+        lock_at(path, timeout=20).acquire().release()
+        assert time.time() - killed > 1.0
+    finally:
+        child.kill()
+
+
+def test_an_fsspec_store_without_conditional_writes_is_refused_for_locks(tmp_path, monkeypatch):
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout("memory://bucket/run").stage("ingest", "d" * 16)
+    with pytest.raises(ValueError, match="conditional writes.*s3:// only"):
+        lock_at(sd.lock_file)
+
+
+# ------------------------------------------------------------------------------ units
+def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, store, tmp_path, monkeypatch):
+    url = f"s3://{bucket}/run"
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout(url).stage("synthesize", "e" * 16)
+    with ShardWriter(sd.image_shard(0)) as w:
+        w.write({"__key__": "k1", "txt": "a cat"})
+    keys = sorted(store.find(f"{bucket}/run"))
+    base = f"{bucket}/run/synthesize/{'e' * 16}/shards"
+    assert keys == [f"{base}/shard-000000.done.json", f"{base}/shard-000000.tar"]   # no temporary key left
+    local_a = sd.image_shard(0).read_bytes()
+
+    _mirror(monkeypatch, tmp_path, "b")             # another worker, its own working copy
+    sd_b = RunLayout(url).stage("synthesize", "e" * 16)
+    assert sd_b.path != sd.path and not sd_b.image_shard(0).exists()
+    assert is_done(sd_b.image_shard(0))             # published: fetched, tar then marker
+    assert sd_b.image_shard(0).read_bytes() == local_a
+
+
+def test_a_shard_without_its_published_marker_is_not_done_elsewhere(bucket, store, tmp_path, monkeypatch):
+    url = f"s3://{bucket}/run"
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout(url).stage("synthesize", "f" * 16)
+    sd.image_shard(0).parent.mkdir(parents=True)
+    sd.image_shard(0).write_bytes(b"half a tar")
+    remote.publish_files(sd.image_shard(0))          # the tar went up, the writer died before its marker
+    _mirror(monkeypatch, tmp_path, "b")
+    sd_b = RunLayout(url).stage("synthesize", "f" * 16)
+    assert not is_done(sd_b.image_shard(0)) and not sd_b.image_shard(0).exists()
+
+
+def test_a_stage_named_by_url_is_fetched_with_its_marker_and_results_name_the_url(bucket, tmp_path, monkeypatch):
+    from pcm.stages.stage import finish, load_result, open_stage
+
+    url = f"s3://{bucket}/run"
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = open_stage(_planned(url))
+    sd.file("captions.parquet").write_bytes(b"PAR1")
+    result = finish(sd, {"rows": 1}, time.monotonic(), extra={"table": str(sd.file("captions.parquet"))})
+    assert result.path == f"{url}/ingest/{sd.fingerprint}"
+    marker = json.loads(sd.done_marker.read_text())
+    assert marker["path"] == f"@root/ingest/{sd.fingerprint}" and marker["extra"]["table"].startswith("@root/")
+
+    _mirror(monkeypatch, tmp_path, "b")
+    got = load_result(result.path)
+    assert got.path == result.path and got.counts == {"rows": 1}
+    assert StageDir.at(result.path).file("captions.parquet").read_bytes() == b"PAR1"
+    assert got.dir == StageDir.at(result.path).path and got.dir.is_relative_to(tmp_path / "b")
+
+
+def _planned(url: str) -> StageDir:
+    import dataclasses
+
+    sd = RunLayout(url).stage("ingest", "9" * 16)
+    return dataclasses.replace(sd, record={"stage": "ingest", "code_version": "t", "config": {}, "inputs": {}})
+
+
+# ------------------------------------------------------------------------------ two workers, one bucket
+SMALL = ["ingest.subset=40", "synthesize.shard_size=8", "synthesize.height=32", "synthesize.width=32",
+         "synthesize.steps=2"]
+
+
+def _pcm(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([PCM, "run", "--preset", "tiny", *sum((["--set", s] for s in SMALL), []), *args],
+                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _lease_holders(store, prefix: str) -> dict[str, int]:
+    """Shard lease key -> holder pid, of the leases in the store under `prefix`."""
+    store.invalidate_cache()
+    out = {}
+    for key in store.find(prefix):
+        if key.endswith(".lock") and "/." in key and "shard-" in key:
+            try:
+                out[key] = json.loads(store.cat(key))["pid"]
+            except (FileNotFoundError, ValueError, KeyError):
+                pass
+    return out
+
+
+def _kill_mid_shard(store, prefix: str, victim: subprocess.Popen, other: subprocess.Popen, min_done: int) -> str:
+    """SIGKILL `victim` while it holds a shard lease, once `min_done` shards under `prefix` are published."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert victim.poll() is None, "the worker to kill ended before it could be killed mid-shard"
+        store.invalidate_cache()
+        done = [k for k in store.find(prefix) if k.endswith(".done.json") and "/shard-" in k]
+        held = [k for k, pid in _lease_holders(store, prefix).items() if pid == victim.pid]
+        if len(done) >= min_done and held:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            return held[0]
+        time.sleep(0.2)
+    raise AssertionError("no moment with the victim holding a shard lease")
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(1500)
+def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(bucket, store, tmp_path):
+    url = f"s3://{bucket}/run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PCM_LEASE_SECONDS": "4", "OMP_NUM_THREADS": "1"}
+    env_a = {**env, "PCM_MIRROR_DIR": str(tmp_path / "host-a")}
+    env_b = {**env, "PCM_MIRROR_DIR": str(tmp_path / "host-b")}
+
+    # The local reference run, then ingest into the bucket.
+    local = _pcm(["--root", str(tmp_path / "local"), "ingest", "synthesize", "encode"], env_a, tmp_path / "local.log")
+    assert local.wait() == 0, (tmp_path / "local.log").read_text()[-3000:]
+    assert _pcm(["--root", url, "ingest"], env_a, tmp_path / "ingest.log").wait() == 0
+
+    # synthesize: both hosts claim shards; A is killed while it renders one; B redoes it once its lease expires.
+    a = _pcm(["--root", url, "synthesize"], env_a, tmp_path / "synth-a.log")
+    b = _pcm(["--root", url, "synthesize"], env_b, tmp_path / "synth-b.log")
+    try:
+        killed = _kill_mid_shard(store, f"{bucket}/run/synthesize", a, b, min_done=1)
+        assert b.wait(timeout=900) == 0, (tmp_path / "synth-b.log").read_text()[-3000:]
+    finally:
+        a.kill(), b.kill()
+    assert "shard-" in killed
+
+    # encode: the same with the hosts' roles swapped.
+    a = _pcm(["--root", url, "encode"], env_a, tmp_path / "enc-a.log")
+    b = _pcm(["--root", url, "encode"], env_b, tmp_path / "enc-b.log")
+    try:
+        _kill_mid_shard(store, f"{bucket}/run/encode", b, a, min_done=1)
+        assert a.wait(timeout=900) == 0, (tmp_path / "enc-a.log").read_text()[-3000:]
+    finally:
+        a.kill(), b.kill()
+
+    # The rerun on the killed host finds everything finished in the bucket.
+    rerun = _pcm(["--root", url, "ingest", "synthesize", "encode"], env_b, tmp_path / "rerun.log")
+    assert rerun.wait() == 0
+    out = (tmp_path / "rerun.log").read_text()
+    assert all(f"{s:<11} cached  {url}/{s}/" in out for s in ("ingest", "synthesize", "encode")), out[-2000:]
+
+    # Nothing lost, nothing duplicated, no partial object under a final key: the bucket holds the local run's bytes.
+    store.invalidate_cache()
+    objects = {k[len(f"{bucket}/run/"):]: k for k in store.find(f"{bucket}/run")}
+    published = {rel for rel in objects if not any(p.startswith(".") for p in rel.split("/"))}
+    local_root = tmp_path / "local"
+    local_files = {p.relative_to(local_root).as_posix() for p in local_root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local_root).parts)}
+    assert published == local_files
+    differ = []
+    for rel in sorted(published):
+        if rel.endswith((".tar", ".parquet", ".safetensors")) and store.cat(objects[rel]) != (local_root / rel).read_bytes():
+            differ.append(rel)
+    assert differ == []
+    samples = next(r for r in published if r.startswith("synthesize/") and r.endswith("/samples.parquet"))
+    keys = pq.read_table(local_root / samples).column("caption_id").to_pylist()
+    assert len(keys) == len(set(keys)) == 40
+    assert not any(k.endswith(".lock") for k in objects)     # every lease was released or taken over and released
+    assert sum(r.endswith(".tar") for r in published) == 5
