@@ -39,7 +39,8 @@ class PipelineParams(BaseModel):
     preset: str = Field("demo", description="pipeline preset: demo (toy world), tiny (random weights), coco-vitl14, coco-vitb32, flickr30k-vitl14, or a .toml path")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description='dotted parameters, e.g. {"synthesize.guidance_scale": 5.0}')
-    root: str = Field("runs", description="run root shared by every worker (local path or mount)")
+    root: str = Field("runs", description="run root shared by every worker: a local path or mount, or "
+                      "s3://bucket/prefix (each worker then keeps a local working copy)")
     force: list[Stage] = Field(default_factory=list, description="stages to redo even when finished")
     stop_after: Stage = Field("evaluate", description="last stage to run")
     synthesize_fanout: int = Field(0, ge=0, le=1024,

@@ -66,6 +66,22 @@ def local_root(url: str) -> Path:
     return local
 
 
+def check_writable(url: str, option: str = "--root") -> None:
+    """Write and delete a probe object under `url`, or raise a ValueError naming it and what to check."""
+    m = Mirror(url.rstrip("/"), Path("."))
+    probe = f"{m.base}/.pcm-write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        m.fs.pipe_file(probe, b"")
+        m.fs.rm_file(probe)
+    except ImportError as e:
+        raise ValueError(f"cannot use {option} {url}: {e}; install the store's fsspec backend "
+                         "(pip install s3fs for s3://)") from None
+    except Exception as e:  # noqa: BLE001 - every backend raises its own errors
+        raise ValueError(f"cannot write to {option} {url}: {type(e).__name__}: {e}; check that the bucket exists and "
+                         "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3) "
+                         "allow writing") from None
+
+
 @dataclass(frozen=True)
 class Mirror:
     """A working copy `local` of the run root `url`."""
@@ -74,18 +90,21 @@ class Mirror:
     local: Path
 
     @functools.cached_property
-    def fs(self) -> Any:
+    def _fs_and_base(self) -> tuple[Any, str]:
         import fsspec
 
-        fs, _ = fsspec.url_to_fs(self.url)
-        return fs
+        # No listings cache: a listing cached here would hide the units other workers publish later.
+        fs, base = fsspec.url_to_fs(self.url, use_listings_cache=False)
+        return fs, base.rstrip("/")
+
+    @property
+    def fs(self) -> Any:
+        return self._fs_and_base[0]
 
     @property
     def base(self) -> str:
         """The root in the filesystem's own path form (`bucket/prefix` for s3://bucket/prefix)."""
-        import fsspec
-
-        return fsspec.url_to_fs(self.url)[1].rstrip("/")
+        return self._fs_and_base[1]
 
     def relative(self, path: str | os.PathLike) -> str:
         return Path(path).resolve().relative_to(self.local).as_posix()
@@ -211,6 +230,13 @@ def publish_tree(directory: Path, marker: Path | None = None) -> None:
              and not any(_PRIVATE.match(part) for part in p.relative_to(directory).parts)]
     todo = [p for p in files if have.get(p.relative_to(directory).as_posix()) != p.stat().st_size]
     m.publish([*todo, *([marker] if marker is not None else [])])
+
+
+def ensure_published(directory: Path, marker: Path) -> None:
+    """Publish a stage finished here whose marker never reached the store (its worker was killed while publishing)."""
+    m = mirror_of(directory)
+    if m is not None and marker.exists() and not m.exists(marker):
+        publish_tree(directory, marker)
 
 
 def fetch_tree(directory: Path, marker: Path) -> bool:

@@ -142,6 +142,24 @@ def test_an_fsspec_store_without_conditional_writes_is_refused_for_locks(tmp_pat
         lock_at(sd.lock_file)
 
 
+def test_a_root_in_a_missing_bucket_is_refused_before_any_work(s3, tmp_path, monkeypatch):
+    from pcm.cli.common import writable_dir
+
+    _mirror(monkeypatch, tmp_path, "a")
+    with pytest.raises(ValueError, match=r"cannot write to --root s3://no-such-bucket/run: .*bucket exists"):
+        writable_dir("s3://no-such-bucket/run")
+
+
+def test_a_writable_root_gives_the_working_copy_and_leaves_no_probe(bucket, store, tmp_path, monkeypatch):
+    from pcm.cli.common import writable_dir
+
+    _mirror(monkeypatch, tmp_path, "a")
+    monkeypatch.chdir(tmp_path)
+    local = writable_dir(f"s3://{bucket}/run")
+    assert local == RunLayout(f"s3://{bucket}/run").root and local.is_relative_to(tmp_path / "a")
+    assert store.find(bucket) == [] and not (tmp_path / "s3:").exists()   # no folder named after the URL
+
+
 # ------------------------------------------------------------------------------ units
 def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, store, tmp_path, monkeypatch):
     url = f"s3://{bucket}/run"
@@ -171,6 +189,40 @@ def test_a_shard_without_its_published_marker_is_not_done_elsewhere(bucket, stor
     _mirror(monkeypatch, tmp_path, "b")
     sd_b = RunLayout(url).stage("synthesize", "f" * 16)
     assert not is_done(sd_b.image_shard(0)) and not sd_b.image_shard(0).exists()
+
+
+def test_a_shard_published_after_a_listing_is_seen(bucket, store, tmp_path, monkeypatch):
+    """No listings cache: a worker that listed a shard directory still sees units published after it."""
+    import boto3
+
+    url = f"s3://{bucket}/run"
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout(url).stage("synthesize", "7" * 16)
+    for i in (0, 1):
+        with ShardWriter(sd.image_shard(i)) as w:
+            w.write({"__key__": f"k{i}", "txt": "a cat"})
+    _mirror(monkeypatch, tmp_path, "b")
+    sd_b = RunLayout(url).stage("synthesize", "7" * 16)
+    assert is_done(sd_b.image_shard(0))                       # lists shards/ to fetch shard 0
+    prefix = f"run/synthesize/{'7' * 16}/shards"
+    s3 = boto3.client("s3")                                   # another worker publishes shard 2, not through s3fs
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/shard-000002.tar", Body=sd.image_shard(1).read_bytes())
+    assert not is_done(sd_b.image_shard(2))                   # the tar alone: not done
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/shard-000002.done.json", Body=b'{"count": 1}')
+    assert is_done(sd_b.image_shard(2))
+
+
+def test_a_stage_whose_publishing_was_cut_short_is_published_when_found_cached(bucket, store, tmp_path, monkeypatch):
+    from pcm.stages.stage import cached, finish, open_stage
+
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = open_stage(_planned(f"s3://{bucket}/run"))
+    sd.file("captions.parquet").write_bytes(b"PAR1")
+    finish(sd, {"rows": 1}, time.monotonic())
+    key = f"{bucket}/run/ingest/{sd.fingerprint}"
+    store.rm_file(f"{key}/stage.done.json"), store.rm_file(f"{key}/captions.parquet")   # killed while publishing
+    assert cached(sd) is not None
+    assert store.cat(f"{key}/captions.parquet") == b"PAR1" and store.exists(f"{key}/stage.done.json")
 
 
 def test_a_stage_named_by_url_is_fetched_with_its_marker_and_results_name_the_url(bucket, tmp_path, monkeypatch):
@@ -294,3 +346,4 @@ def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(buck
     assert len(keys) == len(set(keys)) == 40
     assert not any(k.endswith(".lock") for k in objects)     # every lease was released or taken over and released
     assert sum(r.endswith(".tar") for r in published) == 5
+    assert not (REPO / "s3:").exists()    # no local folder named after the URL

@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperCommand
 
 from pcm import bundled
+from storage import remote
 from storage.layout import STAGES  # storage imports no torch: the CLI stays light
 
 try:  # typer 0.2x carries its own copy of click
@@ -51,7 +52,11 @@ def writable_dir(path: str | os.PathLike, option: str = "--root") -> Path:
 
     Every failure is a ValueError naming the folder and what to do, raised before any work starts
     (a read-only root would otherwise end a stage with an OSError traceback, possibly hours in).
+    An object-store URL is probed in the store (storage.remote.check_writable); its working copy is returned.
     """
+    if remote.is_url(path):
+        remote.check_writable(str(path), option)
+        return remote.local_root(str(path))
     folder = Path(path).expanduser()
     fix = f"choose a writable {option}"
     if blocker := _blocker(folder):

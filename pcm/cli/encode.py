@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
             None, "--images-root", help="directory the val/test image_path values of captions.parquet are "
             "relative to (e.g. the COCO images folder); without it no real image is encoded"),
         sets: list[str] = set_option(),
-        root: str = typer.Option("runs", "--root", help="run root directory"),
+        root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="re-encode everything even if done"),
     ) -> None:
         from pcm.stages.encode import EncodeConfig, run_encode

@@ -8,10 +8,13 @@ from pathlib import Path
 import typer
 
 from pcm.cli.common import build_config, config_command, set_option, stage_values, writable_dir
+from storage import remote
 
 
 def _root_of(train: str) -> str:
-    """A stage directory is <root>/<stage>/<fingerprint>: the run root is two levels up."""
+    """A stage directory is <root>/<stage>/<fingerprint>: the run root is two levels up (of a URL too)."""
+    if remote.is_url(train):
+        return train.rstrip("/").rsplit("/", 2)[0]
     return str(Path(train).resolve().parent.parent)
 
 

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
                                             "a .txt (one caption a line), .jsonl or .csv"),
         demo: bool = typer.Option(False, "--demo", help="ingest the bundled demo dataset instead of SOURCE"),
         sets: list[str] = set_option(),
-        root: str = typer.Option("runs", "--root", help="run root directory"),
+        root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="ingest again even if the directory is finished"),
     ) -> None:
         from pcm.demo_data import demo_paths

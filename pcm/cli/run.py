@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
             None, "--set", "-s", metavar="SECTION.KEY=VALUE",
             help="Override a parameter: SECTION.KEY=VALUE, e.g. synthesize.steps=4 (repeatable); each stage's keys, "
             f"defaults and meanings: `pcm <stage> --help`. {VALUE_SYNTAX}."),
-        root: str = typer.Option("runs", "--root", help="Run root: outputs go to ROOT/<stage>/<fingerprint>/."),
+        root: str = typer.Option("runs", "--root", help="Run root: outputs go to ROOT/<stage>/<fingerprint>/; a directory, or s3://bucket/prefix (README: Scale-out)."),
         force: list[str] = typer.Option(
             None, "--force", help="Redo these stages even if finished: a stage, a comma list (encode,train) or "
             "all; only stages this run asks for are redone (repeatable)."),

@@ -167,7 +167,7 @@ def register(app: typer.Typer) -> None:
         import_mapping: str | None = typer.Option(
             None, "--import-mapping", help="CSV caption_id,image naming each caption's image under --import-images "
             "(default: the image named after the caption_id)"),
-        root: str = typer.Option("runs", "--root", help="run root directory"),
+        root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         worker_index: int = typer.Option(0, help="this worker's index when splitting shards (i % N == index)"),
         num_workers: int = typer.Option(1, help="number of workers splitting the shards"),
         shards: str | None = typer.Option(None, help="explicit shard indices, e.g. 0,1,5-9 (instead of workers)"),

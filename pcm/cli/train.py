@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
             show_default=MODEL_PRESET),
         preset: str | None = typer.Option(None, "--preset", hidden=True, help="deprecated: --model-preset"),
         sets: list[str] = set_option(),
-        root: str = typer.Option("runs", "--root", help="run root directory"),
+        root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="discard checkpoints and train from scratch"),
     ) -> None:
         from pcm.stages.stage import load_result

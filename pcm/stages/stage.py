@@ -81,6 +81,7 @@ def cached(sd: StageDir, verify: Callable[[StageDir], str | None] | None = None)
         log.warning("%s: outputs incomplete (%s); resuming", sd.path, problem)
         sd.done_marker.unlink(missing_ok=True)
         return None
+    remote.ensure_published(sd.path, sd.done_marker)  # an object-store root: a publish cut short is finished
     r = StageResult.load(sd.done_marker)
     return StageResult(**{**r.to_dict(), "cached": True})
 
