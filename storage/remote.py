@@ -141,11 +141,16 @@ class Mirror:
             with atomic.atomic_path(p) as tmp:
                 self.fs.get_file(self.key(p), str(tmp))
 
-    def listing(self, directory: str | os.PathLike) -> dict[str, int]:
-        """Public files under `directory` in the store: relative path -> size (empty when absent)."""
+    def listing(self, directory: str | os.PathLike, prefix: str = "") -> dict[str, int]:
+        """Public files under `directory` in the store whose names start with `prefix`: relative path -> size."""
         base = self.key(directory)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         try:
-            found = self.fs.find(base, detail=True)
+            if prefix and "s3" in protocols:  # S3 lists by key prefix: one shard's keys, not the whole directory's
+                found = self.fs.find(base, detail=True, prefix=prefix)
+            else:
+                found = {k: v for k, v in self.fs.find(base, detail=True).items()
+                         if k.startswith(f"{base}/{prefix}")}
         except FileNotFoundError:
             return {}
         out = {}
@@ -213,7 +218,7 @@ def fetch_unit(marker: Path) -> bool:
     if m is None or not m.exists(marker):
         return False
     stem = marker.name.split(".", 1)[0]
-    listing = m.listing(marker.parent)
+    listing = m.listing(marker.parent, prefix=f"{stem}.")
     files = sorted(marker.parent / rel for rel in listing if "/" not in rel and rel.split(".", 1)[0] == stem
                    and rel != marker.name)
     m.fetch([*files, marker])
