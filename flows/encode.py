@@ -24,6 +24,7 @@ from pcm.stages.encode import (
 )
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.stage import as_result
+from storage import remote
 from storage.result import StageResult
 
 
@@ -56,7 +57,7 @@ def shards_encoded(config: EncodeConfig, captions: StageResult, shards: StageRes
     """A fan-out child's result: no finished stage (`extra["complete"]` False), its shard tasks' reports in
     `extra["shard_reports"]`, their counts summed."""
     sd = plan(config, captions, shards, root)
-    return StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=str(sd.path),
+    return StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=remote.public(sd.path),
                        counts={k: sum(r.get(k, 0) for r in reports) for k in ("encoded", "units")},
                        timings={"total_s": round(time.monotonic() - started, 3)},
                        extra={"complete": False, "shard_reports": reports})

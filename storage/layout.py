@@ -193,12 +193,13 @@ class StageDir:
     def at(cls, path: str | os.PathLike) -> StageDir:
         """The StageDir of an existing `<root>/<stage>/<fingerprint>` path, or of its URL on an object-store root.
 
-        A URL names this worker's working copy (storage.remote), fetched from the store once its marker is there.
+        A URL names this worker's working copy (storage.remote), brought up to date from the store the first
+        time this process names it, once its marker is there (image shards are fetched as they are read).
         """
         p = remote.local_path(path).resolve()
         sd = cls(p, p.parent.name, p.name)
-        if remote.is_url(path) and not sd.done_marker.exists():
-            remote.fetch_tree(sd.path, sd.done_marker)
+        if remote.is_url(path):
+            remote.fetch_stage_once(sd.path, sd.done_marker)
         return sd
 
 

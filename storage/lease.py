@@ -14,6 +14,7 @@ over (the holder was stalled past its expiry): `lost` is set and the holder is l
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,29 @@ def lease_seconds() -> float:
 
 
 def _precondition_failed(e: BaseException) -> bool:
-    """s3fs raises a FileExistsError (If-None-Match) or an OSError carrying PreconditionFailed (If-Match)."""
-    return isinstance(e, FileExistsError) or "pre-condition" in str(e) or "PreconditionFailed" in str(e)
+    """The store refused a conditional write: s3fs raises a FileExistsError (If-None-Match), an OSError
+    carrying PreconditionFailed (If-Match), or EBUSY for a 409 ConditionalRequestConflict (a conditional
+    PUT racing a DELETE of the same key), which is retried like a held lease."""
+    text = str(e)
+    return (isinstance(e, FileExistsError) or (isinstance(e, OSError) and e.errno == errno.EBUSY)
+            or "pre-condition" in text or "PreconditionFailed" in text or "ConditionalRequestConflict" in text)
+
+
+class LeaseLost(RuntimeError):
+    """This worker's lease was taken over (it stalled past its expiry): what it wrote is not published."""
+
+
+_HELD: dict[str, LeaseLock] = {}   # lock path -> the lease this process holds there
+
+
+def confirm(path: str | os.PathLike) -> None:
+    """Renew the lease this process holds at `path` now, or raise LeaseLost; nothing if it holds none there.
+
+    Called before a unit is published, so a worker that lost its shard to another never publishes over it.
+    """
+    held = _HELD.get(str(Path(path)))
+    if held is not None:
+        held.renew()
 
 
 class LeaseLock:
@@ -61,7 +84,10 @@ class LeaseLock:
         self.ttl = lease_seconds() if ttl is None else ttl
         self.bucket, self.key = mirror.fs.split_path(mirror.key(path))[:2]
         self._etag: str | None = None
+        self._nonce = ""                 # this acquisition's, in the body: tells our own lease from another's
+        self._started = 0.0
         self._stop = threading.Event()
+        self._renewing = threading.Lock()
         self._renewer: threading.Thread | None = None
         self.lost = False
 
@@ -91,8 +117,13 @@ class LeaseLock:
             return {}, etag
 
     def _body(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": self._started, "nonce": self._nonce,
                 "command": " ".join(sys.argv)[:300], "expires": time.time() + self.ttl}
+
+    def _ours(self) -> str | None:
+        """The lease's ETag if the store holds our own body (a write whose reply was lost did land), else None."""
+        got = self._get()
+        return got[1] if got is not None and got[0].get("nonce") == self._nonce else None
 
     # -- FileLock's interface ---------------------------------------------------------------
     def holder(self) -> dict[str, Any]:
@@ -109,27 +140,33 @@ class LeaseLock:
         return f"pid {h.get('pid')} on {h.get('host')} since {started} ({h.get('command', '?')}; {lease})"
 
     def _try_take(self) -> bool:
-        try:
-            self._etag = self._put(self._body(), IfNoneMatch="*")
-            return True
-        except Exception as e:  # noqa: BLE001 - only a failed precondition means "held"
-            if not _precondition_failed(e):
-                raise
-        got = self._get()
-        if got is None:
-            return False  # released between our two calls: try again at once
-        holder, etag = got
-        if holder.get("expires", 0) > time.time():
-            return False
-        try:  # expired: take it over, unless another worker does first
-            self._etag = self._put(self._body(), IfMatch=etag)
-            log.warning("took over the expired lease %s of %s", self.key,
-                        f"pid {holder.get('pid')} on {holder.get('host')}")
-            return True
-        except Exception as e:  # noqa: BLE001
-            if not _precondition_failed(e):
-                raise
-            return False
+        self._nonce, self._started = uuid.uuid4().hex, time.time()
+        for _ in range(3):  # a lease released between our two calls: try again at once
+            try:
+                self._etag = self._put(self._body(), IfNoneMatch="*")
+                return True
+            except Exception as e:  # noqa: BLE001 - only a refused condition means "held"
+                if not _precondition_failed(e):
+                    raise
+            got = self._get()
+            if got is None:
+                continue
+            holder, etag = got
+            if holder.get("nonce") == self._nonce:  # our create landed, its reply was lost and retried
+                self._etag = etag
+                return True
+            if holder.get("expires", 0) > time.time():
+                return False
+            try:  # expired: take it over, unless another worker does first
+                self._etag = self._put(self._body(), IfMatch=etag)
+                log.warning("took over the expired lease %s of %s", self.key,
+                            f"pid {holder.get('pid')} on {holder.get('host')}")
+                return True
+            except Exception as e:  # noqa: BLE001
+                if not _precondition_failed(e):
+                    raise
+                return False
+        return False
 
     def acquire(self) -> LeaseLock:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -141,25 +178,43 @@ class LeaseLock:
                                path=self.path, holder=holder)
             time.sleep(self.poll)
         self.lost = False
+        _HELD[str(self.path)] = self
         self._stop.clear()
         self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.path.name}", daemon=True)
         self._renewer.start()
         return self
 
+    def renew(self) -> None:
+        """Move the expiry on now (If-Match our ETag), or raise LeaseLost if another worker has taken the lease."""
+        with self._renewing:
+            if self.lost:
+                raise LeaseLost(f"lost the lease {self.key}: another worker took it over after it expired")
+            try:
+                self._etag = self._put(self._body(), IfMatch=self._etag)
+            except Exception as e:  # noqa: BLE001
+                if not _precondition_failed(e):
+                    raise
+                etag = self._ours()  # a renewal whose reply was lost did land: still ours
+                if etag is None:
+                    self.lost = True
+                    log.error("lost the lease %s: another worker took it over after it expired", self.key)
+                    raise LeaseLost(f"lost the lease {self.key}: another worker took it over after it "
+                                    "expired") from None
+                self._etag = etag
+
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                self._etag = self._put(self._body(), IfMatch=self._etag)
+                self.renew()
+            except LeaseLost:
+                return
             except Exception as e:  # noqa: BLE001 - a renewal failure is logged, the work goes on
-                if _precondition_failed(e):
-                    self.lost = True
-                    log.error("lost the lease %s: another worker took it over after it expired", self.key)
-                    return
                 log.warning("could not renew the lease %s (%s); retrying", self.key, e)
 
     def release(self) -> None:
         if self._etag is None:
             return
+        _HELD.pop(str(self.path), None)
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()

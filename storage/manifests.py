@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage import tables
+from storage import shards, tables
 from storage.layout import StageDir
 
 
@@ -58,13 +58,17 @@ class ShardManifest:
         return sd.shard_file(self.kind, index, self.suffix)
 
     def read(self, sd: StageDir, index: int) -> pa.Table:
+        shards.fetch_file(self.path(sd, index))  # an object-store root: another worker's shard, fetched
         return tables.read(self.path(sd, index), self.schema)
 
     def write(self, sd: StageDir, index: int, data: pa.Table | Iterable[Mapping[str, Any]] | Mapping[str, list]) -> pa.Table:
         return tables.write(self.path(sd, index), data, self.schema)
 
     def concat(self, sd: StageDir, indices: Iterable[int]) -> pa.Table:
-        return tables.concat([self.path(sd, i) for i in indices], self.schema)
+        paths = [self.path(sd, i) for i in indices]
+        for p in paths:
+            shards.fetch_file(p)  # an object-store root: the status tables of other workers' shards
+        return tables.concat(paths, self.schema)
 
 
 SHARD_SAMPLES = ShardManifest("shards", "status.parquet", tables.SAMPLES)      # synthesize, per image shard

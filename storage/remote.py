@@ -39,7 +39,9 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # Never published: locks are lease objects in the store, temporaries and old checkpoint names are
 # a writer's own, and the mirror file is the working copy's.
 _PRIVATE = re.compile(r"^(\.tmp-|\.old-|\..*\.lock$|\.lock$|\.pcm-mirror\.json$)")
-# Subdirectories a stage fetch leaves to `shards.is_done` (fetched one shard at a time).
+# Subdirectories of one file set per shard, published shard by shard with their markers.
+_UNIT_DIRS = ("shards", "features", "real")
+# Of those, what a stage fetch leaves to `shards.fetch` (image tars: fetched one at a time, when read).
 _LAZY_DIRS = ("shards",)
 
 
@@ -67,19 +69,38 @@ def local_root(url: str) -> Path:
 
 
 def check_writable(url: str, option: str = "--root") -> None:
-    """Write and delete a probe object under `url`, or raise a ValueError naming it and what to check."""
-    m = Mirror(url.rstrip("/"), Path("."))
+    """Probe an object-store root before work starts, or raise a ValueError naming it and what to do.
+
+    Only s3:// is accepted: every stage takes a lock, and leases need conditional writes. The probe
+    writes an object twice with `If-None-Match: *` (the second must be refused: a store that ignores
+    the condition would let two workers hold one lock) and deletes it.
+    """
+    url = url.rstrip("/")
+    if not url.startswith(("s3://", "s3a://")):
+        raise ValueError(f"cannot use {option} {url}: object-store roots must be s3:// (locks need S3's conditional "
+                         "writes); use an s3:// bucket, or a local or shared-mount path")
+    m = Mirror(url, Path("."))
     probe = f"{m.base}/.pcm-write-check-{uuid.uuid4().hex[:8]}"
     try:
-        m.fs.pipe_file(probe, b"")
-        m.fs.rm_file(probe)
+        bucket, key = m.fs.split_path(probe)[:2]
+        m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
     except ImportError as e:
-        raise ValueError(f"cannot use {option} {url}: {e}; install the store's fsspec backend "
-                         "(pip install s3fs for s3://)") from None
+        raise ValueError(f"cannot use {option} {url}: {e}; install the S3 backend: pip install s3fs") from None
     except Exception as e:  # noqa: BLE001 - every backend raises its own errors
         raise ValueError(f"cannot write to {option} {url}: {type(e).__name__}: {e}; check that the bucket exists and "
                          "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3) "
                          "allow writing") from None
+    try:
+        try:
+            m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, FileExistsError) or "pre-condition" in str(e) or "PreconditionFailed" in str(e):
+                return
+            raise
+        raise ValueError(f"cannot use {option} {url}: the store ignored a conditional write (If-None-Match), so "
+                         "its locks would not exclude anyone; use a store with S3 conditional writes")
+    finally:
+        m.fs.rm_file(probe)
 
 
 @dataclass(frozen=True)
@@ -209,6 +230,7 @@ def publish_unit(marker: Path) -> None:
         return
     stem = marker.name.split(".", 1)[0]
     files = sorted(p for p in marker.parent.glob(f"{stem}.*") if p != marker and p.is_file())
+    _confirm_lease(marker.parent / f".{stem}.lock")   # the shard's lock (StageDir.shard_lock)
     m.publish([*files, marker])
 
 
@@ -225,36 +247,97 @@ def fetch_unit(marker: Path) -> bool:
     return True
 
 
-def publish_tree(directory: Path, marker: Path | None = None) -> None:
-    """Upload every public file under `directory` the store lacks or holds at another size, `marker` last."""
+def publish_tree(directory: Path, marker: Path | None = None, *, units: bool = False) -> None:
+    """Upload a stage directory's own files, then `marker`; nothing for a local root.
+
+    The per-shard directories (`shards/`, `features/`, `real/`) are published shard by shard by their
+    markers (`publish_unit`); `units=True` also uploads their files the store lacks or holds at
+    another size (a publication cut short). The stage's own files always go up: a rewritten file of
+    the same size (new weights of the same shapes) must replace the old one.
+    """
     m = mirror_of(directory)
     if m is None:
         return
-    have = m.listing(directory)
     files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p != marker
              and not any(_PRIVATE.match(part) for part in p.relative_to(directory).parts)]
-    todo = [p for p in files if have.get(p.relative_to(directory).as_posix()) != p.stat().st_size]
+    own = [p for p in files if p.relative_to(directory).parts[0] not in _UNIT_DIRS]
+    todo = own
+    if units:
+        have = m.listing(directory)
+        todo += [p for p in files if p.relative_to(directory).parts[0] in _UNIT_DIRS
+                 and have.get(p.relative_to(directory).as_posix()) != p.stat().st_size]
+    _confirm_lease(directory / ".lock")                # the stage's lock (StageDir.lock_file)
     m.publish([*todo, *([marker] if marker is not None else [])])
+
+
+def _confirm_lease(lock: Path) -> None:
+    """Renew the lease this process holds at `lock` (storage.lease.confirm), or raise LeaseLost before publishing."""
+    from storage import lease
+
+    lease.confirm(lock)
 
 
 def ensure_published(directory: Path, marker: Path) -> None:
     """Publish a stage finished here whose marker never reached the store (its worker was killed while publishing)."""
     m = mirror_of(directory)
     if m is not None and marker.exists() and not m.exists(marker):
-        publish_tree(directory, marker)
+        publish_tree(directory, marker, units=True)
 
 
 def fetch_tree(directory: Path, marker: Path) -> bool:
-    """Fetch a stage directory whose `marker` is in the store (image shards left to `fetch_unit`), marker last.
+    """Bring a stage directory whose `marker` is in the store into the working copy, marker last.
 
-    Returns False (fetching nothing) when the marker is not published. Files here at the store's size are kept.
+    Returns False (fetching nothing) when the marker is not published. The stage's own files are
+    fetched unless the local marker is the store's (the same stage run); shard files only when
+    missing or of another size, and image shards (`shards/`) not at all: `shards.fetch` gets each
+    when it is read, so a host downloads only the tars it encodes.
     """
     m = mirror_of(directory)
     if m is None or not m.exists(marker):
         return False
+    same_run = marker.exists() and m.fs.cat_file(m.key(marker)) == marker.read_bytes()
     rel_marker = marker.relative_to(directory).as_posix()
-    todo = [directory / rel for rel, size in sorted(m.listing(directory).items())
-            if rel != rel_marker and rel.split("/", 1)[0] not in _LAZY_DIRS
-            and not ((directory / rel).is_file() and (directory / rel).stat().st_size == size)]
+    todo = []
+    for rel, size in sorted(m.listing(directory).items()):
+        local, top = directory / rel, rel.split("/", 1)[0]
+        if rel == rel_marker or top in _LAZY_DIRS:
+            continue
+        here = local.is_file() and local.stat().st_size == size
+        if not here or (top not in _UNIT_DIRS and not same_run):
+            todo.append(local)
     m.fetch([*todo, marker])
     return True
+
+
+_fetched: set[str] = set()
+
+
+def fetch_stage_once(directory: Path, marker: Path) -> None:
+    """`fetch_tree` the first time this process names the stage by URL (later stages read what it fetched)."""
+    if str(directory) not in _fetched and fetch_tree(directory, marker):
+        _fetched.add(str(directory))
+
+
+def published(marker: Path) -> bool:
+    """Whether the store holds `marker` (a file of a working copy); False for a local root."""
+    m = mirror_of(marker)
+    return m is not None and m.exists(marker)
+
+
+def fetch_file(path: Path, marker: Path) -> bool:
+    """Fetch one file of a shard whose `marker` is published (and the marker, if missing here); False otherwise."""
+    m = mirror_of(path)
+    if m is None or not m.exists(marker):
+        return False
+    m.fetch([p for p in dict.fromkeys((path, marker)) if not p.exists()])
+    return True
+
+
+def unpublish(path: Path) -> None:
+    """Delete a marker from the store (a forced rerun or an incomplete stage drops it first); nothing for a local root."""
+    m = mirror_of(path)
+    if m is not None:
+        try:
+            m.fs.rm_file(m.key(path))
+        except FileNotFoundError:
+            pass

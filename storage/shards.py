@@ -42,11 +42,30 @@ def done_path(shard: Path) -> Path:
 def is_done(shard: Path) -> bool:
     """A shard counts only when both the file and its marker exist.
 
-    On an object-store root, a shard another worker published is fetched into the working copy first.
+    On an object-store root, a shard another worker published counts (its marker is in the store);
+    it is fetched only when read (`fetch`, which the readers here call).
     """
     if Path(shard).exists() and done_path(shard).exists():
         return True
-    return remote.fetch_unit(done_path(shard)) and Path(shard).exists()
+    return remote.published(done_path(shard))
+
+
+def fetch(shard: Path) -> None:
+    """On an object-store root, bring a published shard's files into the working copy (a no-op when here)."""
+    if not (Path(shard).exists() and done_path(shard).exists()):
+        remote.fetch_unit(done_path(shard))
+
+
+def fetch_file(path: Path) -> None:
+    """One file of a published shard (`shard-NNNNNN.status.parquet`, ...), fetched if not here."""
+    if not Path(path).exists():
+        remote.fetch_file(Path(path), done_path(path))
+
+
+def drop_marker(shard: Path) -> None:
+    """Forget that a shard is done: its marker goes, here and (first) in the store, so it is redone."""
+    remote.unpublish(done_path(shard))
+    done_path(shard).unlink(missing_ok=True)
 
 
 def pending(shards: Iterable[Path]) -> list[Path]:
@@ -55,13 +74,19 @@ def pending(shards: Iterable[Path]) -> list[Path]:
 
 
 def read_marker(shard: Path) -> dict[str, Any]:
+    if not done_path(shard).exists():
+        remote.fetch_file(done_path(shard), done_path(shard))  # an object-store root: the marker alone
     return atomic.read_json(done_path(shard))
 
 
 def write_marker(shard: Path, stats: dict[str, Any]) -> None:
     """Write the shard's done marker; on an object-store root, then publish the shard, marker last."""
     atomic.write_json(done_path(shard), stats)
-    remote.publish_unit(done_path(shard))
+    try:
+        remote.publish_unit(done_path(shard))
+    except BaseException:
+        done_path(shard).unlink(missing_ok=True)  # unpublished (a lost lease, a failed upload): not done here either
+        raise
 
 
 class _HashingFile(io.RawIOBase):
@@ -133,7 +158,7 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temporaries(self.path.parent, self.path.name)
-        done_path(self.path).unlink(missing_ok=True)  # a rewrite invalidates any old marker first
+        drop_marker(self.path)  # a rewrite invalidates any old marker first (in the store too)
         self._tmp = atomic.temporary_path(self.path)
         self._file = open(self._tmp, "wb")
         self._hashing = _HashingFile(self._file)
@@ -188,6 +213,7 @@ def check_shard(path: str | os.PathLike) -> dict[str, Any] | None:
     file: a stage reading the shard right after finds it in the page cache.
     """
     path = Path(path)
+    fetch(path)
     if not done_path(path).exists():
         return None
     marker = read_marker(path)
@@ -218,6 +244,7 @@ def iter_tar(path: str | os.PathLike, *, verify: bool = True) -> Iterator[dict[s
     Raises ShardError (a ValueError) naming the file for a truncated, corrupt or unreadable tar.
     """
     path = Path(path)
+    fetch(path)
     if verify:
         marker = check_shard(path)
     else:

@@ -20,7 +20,7 @@ import pytest
 from storage import remote
 from storage.layout import RunLayout, StageDir
 from storage.lock import LockHeld, lock_at
-from storage.shards import ShardWriter, is_done
+from storage.shards import ShardWriter, is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]
 PCM = str(Path(sys.executable).with_name("pcm"))
@@ -160,6 +160,84 @@ def test_a_writable_root_gives_the_working_copy_and_leaves_no_probe(bucket, stor
     assert store.find(bucket) == [] and not (tmp_path / "s3:").exists()   # no folder named after the URL
 
 
+def test_a_root_on_a_store_without_conditional_writes_is_refused(bucket, tmp_path, monkeypatch):
+    from pcm.cli.common import writable_dir
+
+    _mirror(monkeypatch, tmp_path, "a")
+    with pytest.raises(ValueError, match="must be s3://"):
+        writable_dir("gcs://bucket/run")
+    import s3fs
+
+    real = s3fs.S3FileSystem.call_s3
+
+    def ignoring_conditions(self, method, *args, **kwargs):
+        kwargs.pop("IfNoneMatch", None)                 # an "S3 API" that ignores If-None-Match
+        return real(self, method, *args, **kwargs)
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", ignoring_conditions)
+    with pytest.raises(ValueError, match="ignored a conditional write"):
+        writable_dir(f"s3://{bucket}/run")
+
+
+def test_a_worker_that_lost_its_lease_publishes_nothing(bucket, store, tmp_path, monkeypatch):
+    from storage import lease
+    from storage.lease import LeaseLost
+
+    _mirror(monkeypatch, tmp_path, "a")
+    monkeypatch.setenv("PCM_LEASE_SECONDS", "1")
+    sd = RunLayout(f"s3://{bucket}/run").stage("synthesize", "6" * 16)
+    stalled = lock_at(sd.shard_lock("shards", 0)).acquire()
+    stalled._stop.set(), stalled._renewer.join()          # stalled past its expiry (a VM pause, SIGSTOP)
+    taker = lock_at(sd.shard_lock("shards", 0), timeout=10).acquire()   # another worker (here: this process)
+    lease._HELD[str(sd.shard_lock("shards", 0))] = stalled              # ...the stalled worker's own view
+    with pytest.raises(LeaseLost, match="took it over"):
+        with ShardWriter(sd.image_shard(0)) as w:          # the stalled worker finishes its shard late
+            w.write({"__key__": "late", "txt": "a cat"})
+    assert not store.exists(f"{bucket}/run/synthesize/{'6' * 16}/shards/shard-000000.done.json")
+    assert not store.exists(f"{bucket}/run/synthesize/{'6' * 16}/shards/shard-000000.tar")
+    taker.release(), stalled.release()
+
+
+def test_a_conflict_reply_counts_as_held_not_as_a_failure():
+    import errno
+
+    from storage.lease import _precondition_failed
+
+    assert _precondition_failed(OSError(errno.EBUSY, "ConditionalRequestConflict"))
+    assert _precondition_failed(FileExistsError("At least one of the pre-conditions you specified did not hold"))
+    assert not _precondition_failed(OSError(errno.EACCES, "Access Denied"))
+
+
+def test_a_rewritten_shard_leaves_the_store_before_it_is_written(bucket, store, tmp_path, monkeypatch):
+    """A forced rewrite drops the store's marker first: no worker fetches the old shard under a new marker."""
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout(f"s3://{bucket}/run").stage("synthesize", "5" * 16)
+    marker = f"{bucket}/run/synthesize/{'5' * 16}/shards/shard-000000.done.json"
+    with ShardWriter(sd.image_shard(0)) as w:
+        w.write({"__key__": "old", "txt": "a cat"})
+    assert store.exists(marker)
+    with ShardWriter(sd.image_shard(0)) as w:
+        assert not store.exists(marker)
+        w.write({"__key__": "new", "txt": "a dog"})
+    assert store.exists(marker) and b"new.txt" in store.cat(marker.replace(".done.json", ".tar"))
+
+
+def test_a_forced_stage_rerun_replaces_same_sized_files_in_the_store(bucket, store, tmp_path, monkeypatch):
+    from pcm.stages.stage import drop_marker, finish, open_stage
+
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = open_stage(_planned(f"s3://{bucket}/run"))
+    sd.file("captions.parquet").write_bytes(b"OLD1")
+    finish(sd, {"rows": 1}, time.monotonic())
+    drop_marker(sd)
+    key = f"{bucket}/run/ingest/{sd.fingerprint}"
+    assert not store.exists(f"{key}/stage.done.json")
+    sd.file("captions.parquet").write_bytes(b"NEW1")     # the same size: weights of the same shapes
+    finish(sd, {"rows": 1}, time.monotonic())
+    assert store.cat(f"{key}/captions.parquet") == b"NEW1"
+    _mirror(monkeypatch, tmp_path, "b")
+    assert StageDir.at(f"s3://{bucket}/run/ingest/{sd.fingerprint}").file("captions.parquet").read_bytes() == b"NEW1"
+
+
 # ------------------------------------------------------------------------------ units
 def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, store, tmp_path, monkeypatch):
     url = f"s3://{bucket}/run"
@@ -175,7 +253,9 @@ def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, 
     _mirror(monkeypatch, tmp_path, "b")             # another worker, its own working copy
     sd_b = RunLayout(url).stage("synthesize", "e" * 16)
     assert sd_b.path != sd.path and not sd_b.image_shard(0).exists()
-    assert is_done(sd_b.image_shard(0))             # published: fetched, tar then marker
+    assert is_done(sd_b.image_shard(0))             # published: done, and not downloaded to say so
+    assert not sd_b.image_shard(0).exists()
+    assert [x["__key__"] for x in iter_tar(sd_b.image_shard(0))] == ["k1"]   # read: fetched, tar then marker
     assert sd_b.image_shard(0).read_bytes() == local_a
 
 
@@ -203,7 +283,7 @@ def test_a_shard_published_after_a_listing_is_seen(bucket, store, tmp_path, monk
             w.write({"__key__": f"k{i}", "txt": "a cat"})
     _mirror(monkeypatch, tmp_path, "b")
     sd_b = RunLayout(url).stage("synthesize", "7" * 16)
-    assert is_done(sd_b.image_shard(0))                       # lists shards/ to fetch shard 0
+    assert list(iter_tar(sd_b.image_shard(0)))                # lists shard 0's keys to fetch it
     prefix = f"run/synthesize/{'7' * 16}/shards"
     s3 = boto3.client("s3")                                   # another worker publishes shard 2, not through s3fs
     s3.put_object(Bucket=bucket, Key=f"{prefix}/shard-000002.tar", Body=sd.image_shard(1).read_bytes())
@@ -322,11 +402,13 @@ def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(buck
     finally:
         a.kill(), b.kill()
 
-    # The rerun on the killed host finds everything finished in the bucket.
-    rerun = _pcm(["--root", url, "ingest", "synthesize", "encode"], env_b, tmp_path / "rerun.log")
+    # A rerun on a third host finds everything finished in the bucket, and downloads no image to know it.
+    env_c = {**env, "PCM_MIRROR_DIR": str(tmp_path / "host-c")}
+    rerun = _pcm(["--root", url, "ingest", "synthesize", "encode"], env_c, tmp_path / "rerun.log")
     assert rerun.wait() == 0
     out = (tmp_path / "rerun.log").read_text()
     assert all(f"{s:<11} cached  {url}/{s}/" in out for s in ("ingest", "synthesize", "encode")), out[-2000:]
+    assert list((tmp_path / "host-c").rglob("*.tar")) == []
 
     # Nothing lost, nothing duplicated, no partial object under a final key: the bucket holds the local run's bytes.
     store.invalidate_cache()

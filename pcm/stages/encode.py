@@ -50,13 +50,14 @@ from pcm.stages.stage import (
     StageInput,
     as_result,
     cached,
+    drop_marker,
     finish,
     load_result,
     locked,
     open_stage,
     stage_dir,
 )
-from storage import atomic, claims, manifests, tables
+from storage import atomic, claims, manifests, remote, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
 from storage.fingerprint import fingerprint, input_digest
@@ -196,7 +197,8 @@ def plan(config: EncodeConfig, captions: StageInput, shards: StageInput, root: s
     except FileNotFoundError:
         # A finished stage no longer needs its real images (its features are stored): reuse it.
         fp = fingerprint("encode", config.content() | extra, [cap.fingerprint, syn.fingerprint], CODE_VERSION)
-        if not layout.stage("encode", fp).done_marker.exists():
+        marker = layout.stage("encode", fp).done_marker
+        if not (marker.exists() or remote.published(marker)):  # finished here, or in an object-store root
             raise
         log.warning("encode.images_root=%r does not exist; reusing the finished stage encoded from it",
                     config.images_root)
@@ -633,7 +635,7 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
     if not rows or tables.ok_rows(rows):
         return
     for u in units:
-        shard_io.done_path(sd.feature_shard(u.kind, u.index)).unlink(missing_ok=True)
+        shard_io.drop_marker(sd.feature_shard(u.kind, u.index))
     reasons = list(dict.fromkeys(r["error"] or r["status"] for r in rows))
     shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
     raise FileNotFoundError(
@@ -668,9 +670,9 @@ def verify(sd: StageDir) -> str | None:
 
 def _reset(sd: StageDir, units: list[Unit]) -> None:
     """Drop the stage marker, the units' markers and the stage-wide files, so everything is redone."""
-    sd.done_marker.unlink(missing_ok=True)
+    drop_marker(sd)
     for u in units:
-        shard_io.done_path(sd.feature_shard(u.kind, u.index)).unlink(missing_ok=True)
+        shard_io.drop_marker(sd.feature_shard(u.kind, u.index))
     for path in stage_files(sd):
         path.unlink(missing_ok=True)
 

@@ -21,7 +21,17 @@ from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from pcm.config import StageConfig
-from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import (
+    ProgressFn,
+    StageInput,
+    as_result,
+    cached,
+    drop_marker,
+    finish,
+    load_result,
+    locked,
+    stage_dir,
+)
 from storage import atomic, manifests, shards, tables
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
@@ -284,7 +294,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
     from pcm.metrics import meteor_process, score_captions
 
     with locked(sd):
-        sd.done_marker.unlink(missing_ok=True)
+        drop_marker(sd)
         for path in outputs(sd):
             atomic.remove_stale_temporaries(sd.path, path.name)
         t0 = time.monotonic()

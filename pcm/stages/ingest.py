@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from pcm.config import StageConfig
-from pcm.stages.stage import ProgressFn, cached, finish, locked, stage_dir
+from pcm.stages.stage import ProgressFn, cached, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
 from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
@@ -692,7 +692,7 @@ def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
         return done
     report = progress or (lambda done, total, message: None)
     with locked(sd):
-        sd.done_marker.unlink(missing_ok=True)
+        drop_marker(sd)
         atomic.remove_stale_temporaries(sd.path, OUTPUT)
         t0 = time.monotonic()
         fmt, rows = read_source(config)

@@ -79,11 +79,17 @@ def cached(sd: StageDir, verify: Callable[[StageDir], str | None] | None = None)
     problem = verify(sd) if verify else None
     if problem:
         log.warning("%s: outputs incomplete (%s); resuming", sd.path, problem)
-        sd.done_marker.unlink(missing_ok=True)
+        drop_marker(sd)
         return None
     remote.ensure_published(sd.path, sd.done_marker)  # an object-store root: a publish cut short is finished
     r = StageResult.load(sd.done_marker)
     return StageResult(**{**r.to_dict(), "cached": True})
+
+
+def drop_marker(sd: StageDir) -> None:
+    """Forget that the stage is finished (a forced rerun, an incomplete stage): its marker goes, in the store first."""
+    remote.unpublish(sd.done_marker)
+    sd.done_marker.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -22,8 +22,18 @@ from pcm import diffusion
 from pcm.config import StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
 from pcm.pictures import sample_grid
-from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, finish, locked, open_stage, stage_dir
-from storage import atomic, claims, manifests, tables
+from pcm.stages.stage import (
+    ProgressFn,
+    StageInput,
+    as_result,
+    cached,
+    drop_marker,
+    finish,
+    locked,
+    open_stage,
+    stage_dir,
+)
+from storage import atomic, claims, manifests, remote, tables
 from storage.fingerprint import input_digest
 from storage.image_sets import ImageIndex, read_mapping
 from storage.layout import RunLayout, StageDir
@@ -450,7 +460,7 @@ def run_synthesize(config: SynthesizeConfig, captions: StageInput, root: str, *,
     else:
         scope = [i for i in range(total) if i % num_workers == worker_index]
     if force:
-        sd.done_marker.unlink(missing_ok=True)
+        drop_marker(sd)
 
     def tar(i: int) -> Path:
         return sd.image_shard(i)
@@ -473,7 +483,7 @@ def partial_result(sd: StageDir, total: int, counts: dict[str, int], started: fl
                    extra: dict[str, Any] | None = None) -> StageResult:
     """What a call that wrote some shards returns while others are pending: `extra["complete"] = False`, no marker."""
     pending = [i for i in range(total) if not is_done(sd.image_shard(i))]
-    return StageResult(stage=STAGE, fingerprint=sd.fingerprint, path=str(sd.path),
+    return StageResult(stage=STAGE, fingerprint=sd.fingerprint, path=remote.public(sd.path),
                        counts={**counts, "shards": total, "shards_pending": len(pending)},
                        timings={"total_s": round(time.monotonic() - started, 3)},
                        extra={"complete": False, "pending": pending[:100], **(extra or {})})

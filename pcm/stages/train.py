@@ -28,7 +28,17 @@ from pcm.device import resolve_device
 from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.pictures import loss_curve
-from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, finish, load_result, locked, stage_dir
+from pcm.stages.stage import (
+    ProgressFn,
+    StageInput,
+    as_result,
+    cached,
+    drop_marker,
+    finish,
+    load_result,
+    locked,
+    stage_dir,
+)
 from storage import atomic, checkpoints, jsonl
 from storage.layout import RunLayout, StageDir
 from storage.lock import try_lock
@@ -198,7 +208,7 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
         return done
     with locked(sd):
         started = time.monotonic()
-        sd.done_marker.unlink(missing_ok=True)
+        drop_marker(sd)
         remove_stale_temporaries(sd)
         if force:
             for p in (checkpoint.checkpoints_dir(sd.path), checkpoint.best_dir(sd.path)):
