@@ -14,7 +14,6 @@ over (the holder was stalled past its expiry): `lost` is set and the holder is l
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.lock import LockHeld
-from storage.remote import Mirror
+from storage.remote import Mirror, refused_condition
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +41,6 @@ def lease_seconds() -> float:
     if ttl <= 0:
         raise ValueError(f"PCM_LEASE_SECONDS={raw!r}: must be > 0")
     return ttl
-
-
-def _precondition_failed(e: BaseException) -> bool:
-    """The store refused a conditional write: s3fs raises a FileExistsError (If-None-Match), an OSError
-    carrying PreconditionFailed (If-Match), or EBUSY for a 409 ConditionalRequestConflict (a conditional
-    PUT racing a DELETE of the same key), which is retried like a held lease."""
-    text = str(e)
-    return (isinstance(e, FileExistsError) or (isinstance(e, OSError) and e.errno == errno.EBUSY)
-            or "pre-condition" in text or "PreconditionFailed" in text or "ConditionalRequestConflict" in text)
 
 
 class LeaseLost(RuntimeError):
@@ -146,7 +136,7 @@ class LeaseLock:
                 self._etag = self._put(self._body(), IfNoneMatch="*")
                 return True
             except Exception as e:  # noqa: BLE001 - only a refused condition means "held"
-                if not _precondition_failed(e):
+                if not refused_condition(e):
                     raise
             got = self._get()
             if got is None:
@@ -163,7 +153,7 @@ class LeaseLock:
                             f"pid {holder.get('pid')} on {holder.get('host')}")
                 return True
             except Exception as e:  # noqa: BLE001
-                if not _precondition_failed(e):
+                if not refused_condition(e):
                     raise
                 return False
         return False
@@ -192,7 +182,7 @@ class LeaseLock:
             try:
                 self._etag = self._put(self._body(), IfMatch=self._etag)
             except Exception as e:  # noqa: BLE001
-                if not _precondition_failed(e):
+                if not refused_condition(e):
                     raise
                 etag = self._ours()  # a renewal whose reply was lost did land: still ours
                 if etag is None:
@@ -224,7 +214,7 @@ class LeaseLock:
             except FileNotFoundError:
                 pass  # taken over and released by another worker meanwhile
             except Exception as e:  # noqa: BLE001
-                if not _precondition_failed(e):
+                if not refused_condition(e):
                     raise
         self._etag = None
 

@@ -21,6 +21,7 @@ AWS_ENDPOINT_URL included); this module passes none.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -68,6 +69,15 @@ def local_root(url: str) -> Path:
     return local
 
 
+def refused_condition(e: BaseException) -> bool:
+    """The store refused a conditional write: s3fs raises a FileExistsError (If-None-Match), an OSError
+    carrying PreconditionFailed (If-Match), or EBUSY for a 409 ConditionalRequestConflict (a conditional
+    PUT racing a DELETE of the same key), which a lease retries like a held one."""
+    text = str(e)
+    return (isinstance(e, FileExistsError) or (isinstance(e, OSError) and e.errno == errno.EBUSY)
+            or "pre-condition" in text or "PreconditionFailed" in text or "ConditionalRequestConflict" in text)
+
+
 def check_writable(url: str, option: str = "--root") -> None:
     """Probe an object-store root before work starts, or raise a ValueError naming it and what to do.
 
@@ -94,7 +104,7 @@ def check_writable(url: str, option: str = "--root") -> None:
         try:
             m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
         except Exception as e:  # noqa: BLE001
-            if isinstance(e, FileExistsError) or "pre-condition" in str(e) or "PreconditionFailed" in str(e):
+            if refused_condition(e):
                 return
             raise
         raise ValueError(f"cannot use {option} {url}: the store ignored a conditional write (If-None-Match), so "

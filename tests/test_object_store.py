@@ -200,11 +200,11 @@ def test_a_worker_that_lost_its_lease_publishes_nothing(bucket, store, tmp_path,
 def test_a_conflict_reply_counts_as_held_not_as_a_failure():
     import errno
 
-    from storage.lease import _precondition_failed
+    from storage.remote import refused_condition
 
-    assert _precondition_failed(OSError(errno.EBUSY, "ConditionalRequestConflict"))
-    assert _precondition_failed(FileExistsError("At least one of the pre-conditions you specified did not hold"))
-    assert not _precondition_failed(OSError(errno.EACCES, "Access Denied"))
+    assert refused_condition(OSError(errno.EBUSY, "ConditionalRequestConflict"))
+    assert refused_condition(FileExistsError("At least one of the pre-conditions you specified did not hold"))
+    assert not refused_condition(OSError(errno.EACCES, "Access Denied"))
 
 
 def test_a_rewritten_shard_leaves_the_store_before_it_is_written(bucket, store, tmp_path, monkeypatch):
