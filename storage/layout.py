@@ -33,6 +33,12 @@ from storage import atomic, remote
 STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
 SHARD_DIGITS = 6
 _FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
+STAGE_LOCK = ".lock"   # in a stage directory
+
+
+def shard_lock_of(shard_file: Path) -> Path:
+    """The lock of the shard a file belongs to: `shards/shard-000003.tar` -> `shards/.shard-000003.lock`."""
+    return shard_file.parent / f".{shard_file.name.split('.', 1)[0]}.lock"
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class StageDir:
 
     @property
     def lock_file(self) -> Path:
-        return self.path / ".lock"
+        return self.path / STAGE_LOCK
 
     @property
     def pictures(self) -> Path:
@@ -154,7 +160,7 @@ class StageDir:
         return self.shard_file(kind, index, "done.json")
 
     def shard_lock(self, kind: str, index: int) -> Path:
-        return self.shard_dir(kind) / f".{self.shard_name(index)}.lock"
+        return shard_lock_of(self.shard_file(kind, index, "done.json"))
 
     def image_shard(self, index: int) -> Path:
         """synthesize: `shards/shard-NNNNNN.tar`."""

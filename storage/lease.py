@@ -65,8 +65,7 @@ class LeaseLock:
 
     def __init__(self, mirror: Mirror, path: str | os.PathLike, timeout: float | None = 0.0, poll: float = 0.5,
                  ttl: float | None = None) -> None:
-        protocols = mirror.fs.protocol if isinstance(mirror.fs.protocol, tuple) else (mirror.fs.protocol,)
-        if "s3" not in protocols:
+        if not mirror.is_s3:
             raise ValueError(f"{mirror.url}: locks on this store need conditional writes, which pcm implements for "
                              "s3:// only; use an s3:// root, or a local/shared-mount root")
         self.mirror, self.path = mirror, Path(path)

@@ -133,6 +133,11 @@ class Mirror:
         return self._fs_and_base[0]
 
     @property
+    def is_s3(self) -> bool:
+        protocol = self.fs.protocol
+        return "s3" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
+    @property
     def base(self) -> str:
         """The root in the filesystem's own path form (`bucket/prefix` for s3://bucket/prefix)."""
         return self._fs_and_base[1]
@@ -175,9 +180,8 @@ class Mirror:
     def listing(self, directory: str | os.PathLike, prefix: str = "") -> dict[str, int]:
         """Public files under `directory` in the store whose names start with `prefix`: relative path -> size."""
         base = self.key(directory)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         try:
-            if prefix and "s3" in protocols:  # S3 lists by key prefix: one shard's keys, not the whole directory's
+            if prefix and self.is_s3:  # S3 lists by key prefix: one shard's keys, not the whole directory's
                 found = self.fs.find(base, detail=True, prefix=prefix)
             else:
                 found = {k: v for k, v in self.fs.find(base, detail=True).items()
@@ -240,7 +244,7 @@ def publish_unit(marker: Path) -> None:
         return
     stem = marker.name.split(".", 1)[0]
     files = sorted(p for p in marker.parent.glob(f"{stem}.*") if p != marker and p.is_file())
-    _confirm_lease(marker.parent / f".{stem}.lock")   # the shard's lock (StageDir.shard_lock)
+    _confirm_lease(_layout().shard_lock_of(marker))
     m.publish([*files, marker])
 
 
@@ -276,8 +280,15 @@ def publish_tree(directory: Path, marker: Path | None = None, *, units: bool = F
         have = m.listing(directory)
         todo += [p for p in files if p.relative_to(directory).parts[0] in _UNIT_DIRS
                  and have.get(p.relative_to(directory).as_posix()) != p.stat().st_size]
-    _confirm_lease(directory / ".lock")                # the stage's lock (StageDir.lock_file)
+    _confirm_lease(directory / _layout().STAGE_LOCK)
     m.publish([*todo, *([marker] if marker is not None else [])])
+
+
+def _layout() -> Any:
+    """storage.layout, which imports this module (so it is imported when first needed)."""
+    from storage import layout
+
+    return layout
 
 
 def _confirm_lease(lock: Path) -> None:
