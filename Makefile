@@ -18,9 +18,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@command -v java >/dev/null 2>&1 || { echo "Installing Java (pycocoevalcap needs it)"; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -r requirements.lock
+	$(PY) -m pip install -q --no-cache-dir --no-deps -e .
 	touch $@
 
 # Test files run on TEST_WORKERS pytest-xdist workers, each file whole on one worker (module fixtures,
