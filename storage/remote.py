@@ -13,7 +13,8 @@ store in step at a few points, each a unit with a marker:
   about it, so an encode worker downloads only the tars it encodes).
 Each file is uploaded under a temporary key (`.tmp-<name>.<uuid>`) and moved onto its final key,
 its marker after it, so the store never holds a partial object under a final name and a marker
-never names a file that is not there. Downloads land through storage.atomic, so the working copy
+never names a file that is not there. The temporary keys of an upload killed between the two are
+deleted by the next holder of that shard's lease, and those under a stage when it finishes. Downloads land through storage.atomic, so the working copy
 keeps the same rule. Locks on a mirrored root are lease objects (storage.lease), not files.
 Credentials and endpoints come from the fsspec backend's own settings (for S3: the AWS_* variables,
 AWS_ENDPOINT_URL included); this module passes none.
@@ -25,6 +26,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -35,6 +37,7 @@ from typing import Any
 
 from storage import atomic
 
+log = logging.getLogger(__name__)
 MIRROR_FILE = ".pcm-mirror.json"   # in a working copy's root: the URL it mirrors
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # Never published: locks are lease objects in the store, temporaries and old checkpoint names are
@@ -171,6 +174,23 @@ class Mirror:
                 self.fs.rm_file(tmp)
                 raise
 
+    def remove_temporaries(self, directory: str | os.PathLike, name: str = "") -> list[str]:
+        """Delete the temporary upload keys (`.tmp-<name>...`) under `directory`, left by an uploader killed
+        between its upload and its move; returns their keys. Only for the holder of what they belong to."""
+        base = self.key(directory)
+        prefix = f".tmp-{name}"
+        try:
+            # S3 lists by key prefix: one shard's keys, or else the whole directory's (subdirectories too)
+            found = self.fs.find(base, prefix=prefix) if self.is_s3 and name else self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        stale = [k for k in found if k.startswith(base + "/") and k.rsplit("/", 1)[-1].startswith(prefix)
+                 and (name == "" or k.rsplit("/", 1)[0] == base)]
+        if stale:
+            log.info("removing %d temporary key(s) of a killed upload under %s", len(stale), self.public(directory))
+            self.fs.rm(stale)
+        return stale
+
     def fetch(self, paths: Iterable[str | os.PathLike]) -> None:
         """Download files of the store into the working copy, in order, each through a temporary name."""
         for p in paths:
@@ -245,6 +265,7 @@ def publish_unit(marker: Path) -> None:
     stem = marker.name.split(".", 1)[0]
     files = sorted(p for p in marker.parent.glob(f"{stem}.*") if p != marker and p.is_file())
     _confirm_lease(_layout().shard_lock_of(marker))
+    m.remove_temporaries(marker.parent, f"{stem}.")   # a killed earlier holder's, never another shard's
     m.publish([*files, marker])
 
 
@@ -281,6 +302,8 @@ def publish_tree(directory: Path, marker: Path | None = None, *, units: bool = F
         todo += [p for p in files if p.relative_to(directory).parts[0] in _UNIT_DIRS
                  and have.get(p.relative_to(directory).as_posix()) != p.stat().st_size]
     _confirm_lease(directory / _layout().STAGE_LOCK)
+    if marker is not None:  # the stage is complete: no upload under it is still wanted
+        m.remove_temporaries(directory)
     m.publish([*todo, *([marker] if marker is not None else [])])
 
 

@@ -259,6 +259,27 @@ def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, 
     assert sd_b.image_shard(0).read_bytes() == local_a
 
 
+def test_a_killed_uploads_temporary_keys_are_removed_by_the_next_holder(bucket, store, tmp_path, monkeypatch):
+    """An uploader killed between its upload and its move leaves a `.tmp-` key: the next writer of that shard
+    deletes that shard's (never another shard's), and the stage's last ones go when the stage finishes."""
+    from pcm.stages.stage import finish, open_stage
+
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = open_stage(_planned(f"s3://{bucket}/run"))
+    base = f"{bucket}/run/ingest/{sd.fingerprint}"
+    mine, other = f"{base}/shards/.tmp-shard-000000.tar.0badf00d", f"{base}/shards/.tmp-shard-000001.tar.0badf00d"
+    for key in (mine, other, f"{base}/.tmp-captions.parquet.0badf00d"):
+        store.pipe(key, b"half an upload")
+    with ShardWriter(sd.path / "shards" / "shard-000000.tar") as w:
+        w.write({"__key__": "k1", "txt": "a cat"})
+    assert not store.exists(mine) and store.exists(other)
+    assert store.exists(f"{base}/shards/shard-000000.done.json")
+    sd.file("captions.parquet").write_bytes(b"rows")
+    finish(sd, {"rows": 1}, time.monotonic())
+    assert not [k for k in store.find(base) if "/.tmp-" in k], store.find(base)
+    assert store.exists(f"{base}/stage.done.json") and store.cat(f"{base}/captions.parquet") == b"rows"
+
+
 def test_a_shard_without_its_published_marker_is_not_done_elsewhere(bucket, store, tmp_path, monkeypatch):
     url = f"s3://{bucket}/run"
     _mirror(monkeypatch, tmp_path, "a")
