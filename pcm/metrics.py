@@ -11,9 +11,11 @@ papers print them x100.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -126,7 +128,7 @@ def score_cider(predictions: dict[str, str], references: dict[str, list[str]]) -
 
 @contextlib.contextmanager
 def meteor_process() -> Iterator[Any]:
-    """One METEOR Java process for several `score_captions(..., meteor=...)` calls, stopped on exit.
+    """A METEOR Java process of its own for `score_captions(..., meteor=...)` calls, stopped on leaving the block.
 
     Its first score loads METEOR's paraphrase tables (about 10 s on two cores); later scores take
     milliseconds, and equal those of a fresh process (each EVAL aggregates only its own segments).
@@ -137,11 +139,38 @@ def meteor_process() -> Iterator[Any]:
     scorer = Meteor()
     try:
         yield scorer
-    finally:  # stop the Java process now, not at garbage collection (Meteor.__del__ then finds it stopped)
-        with scorer.lock:
+    finally:
+        _stop(scorer)
+
+
+_SHARED: dict[int, Any] = {}   # pid -> this process's kept METEOR scorer (a forked child starts its own)
+
+
+def shared_meteor() -> Any:
+    """This process's METEOR Java process: started on first use, kept for later scores, stopped at exit.
+
+    Every start loads METEOR's paraphrase tables again (10-15 CPU-seconds on two cores), so a process
+    that scores several times (the scores and the control of an evaluation, several evaluations in one
+    `pcm run`, a notebook) starts it once. A forked child never writes to its parent's process, and
+    one that has died is replaced.
+    """
+    scorer = _SHARED.get(os.getpid())
+    if scorer is None or scorer.meteor_p.poll() is not None:
+        require_java()
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = _SHARED[os.getpid()] = Meteor()
+        atexit.register(_stop, scorer)
+    return scorer
+
+
+def _stop(scorer: Any) -> None:
+    """Stop a METEOR Java process now, not at garbage collection (Meteor.__del__ then finds it stopped)."""
+    with scorer.lock:
+        if scorer.meteor_p.poll() is None:
             scorer.meteor_p.stdin.close()
             scorer.meteor_p.kill()
-            scorer.meteor_p.wait()
+        scorer.meteor_p.wait()
 
 
 def score_captions(predictions: dict[str, str], references: dict[str, list[str]],
@@ -153,7 +182,7 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
     both are PTB-tokenised here). `spice`: "auto" computes SPICE when its jars are present and
     otherwise reports `"unavailable: <why>"`; "on" requires it; "off" reports `"skipped: ..."`.
     Per-image scores (`bleu4`, `meteor`, `rouge_l`, `cider`, and `spice` when computed) are keyed
-    by image id. `meteor`: a running `meteor_process()` to reuse; by default one is started and stopped.
+    by image id. `meteor`: the METEOR scorer to use (a `meteor_process()`); by default `shared_meteor()`.
     """
     if spice not in ("auto", "on", "off"):
         raise ValueError(f"spice must be auto, on or off; got {spice!r}")
@@ -172,8 +201,7 @@ def score_captions(predictions: dict[str, str], references: dict[str, list[str]]
         bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     for n in range(4):
         corpus[f"Bleu_{n + 1}"] = float(bleu[n])
-    with contextlib.nullcontext(meteor) if meteor is not None else meteor_process() as scorer:
-        meteor_corpus, meteor_each = scorer.compute_score(gts, res)
+    meteor_corpus, meteor_each = (meteor if meteor is not None else shared_meteor()).compute_score(gts, res)
     corpus["METEOR"] = float(meteor_corpus)
     rouge, rouge_each = Rouge().compute_score(gts, res)
     corpus["ROUGE_L"] = float(rouge)

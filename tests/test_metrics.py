@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import os
 
 import pytest
 
@@ -151,7 +152,10 @@ def test_cider_alone_equals_the_full_scorer(meteor):
 @pytest.mark.heavy  # the Java scorers
 def test_one_meteor_process_scores_like_a_fresh_one_each_time(meteor):
     other = dict(zip(REFERENCES, list(REFERENCES.values())[1:] + list(REFERENCES.values())[:1], strict=True))
-    fresh = [score_captions(PREDICTIONS, refs, spice="off") for refs in (REFERENCES, other)]  # a process each
+    fresh = []
+    for refs in (REFERENCES, other):  # a process each
+        with metrics.meteor_process() as own:
+            fresh.append(score_captions(PREDICTIONS, refs, spice="off", meteor=own))
     # The module's process has scored the other tests' captions before (when they ran first) and these twice.
     shared = [score_captions(PREDICTIONS, refs, spice="off", meteor=meteor) for refs in (REFERENCES, other, REFERENCES)]
     assert shared == [fresh[0], fresh[1], fresh[0]]  # equal floats, per image too
@@ -160,3 +164,27 @@ def test_one_meteor_process_scores_like_a_fresh_one_each_time(meteor):
         process = own.meteor_p
         assert process.poll() is None
     assert process.poll() is not None  # stopped on leaving the block
+
+
+@pytest.mark.heavy  # the Java scorer
+def test_the_shared_meteor_is_kept_per_process_replaced_when_dead_and_never_a_parents():
+    first = metrics.shared_meteor()
+    assert metrics.shared_meteor() is first and first.meteor_p.poll() is None
+    score_captions(PREDICTIONS, REFERENCES, spice="off")          # the default scorer: still the same process
+    assert metrics.shared_meteor() is first
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child holds no scorer: its first score starts its own, never uses its parent's pipes
+        try:
+            os.close(read)
+            os.write(write, b"own" if metrics._SHARED.get(os.getpid()) is None else b"parent's")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"own"
+    os.close(read)
+    assert first.meteor_p.poll() is None                          # the child left the parent's process alone
+    metrics._stop(first)                                          # died: the next score starts another
+    again = metrics.shared_meteor()
+    assert again is not first and again.meteor_p.poll() is None

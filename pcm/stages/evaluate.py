@@ -291,7 +291,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         return done
     from pcm import checkpoint
     from pcm.device import resolve_device
-    from pcm.metrics import meteor_process, score_captions
+    from pcm.metrics import score_captions
 
     with locked(sd):
         drop_marker(sd)
@@ -318,10 +318,10 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         else:
             log.info("evaluate: reusing the %d predictions of %s", len(predictions), sd.predictions)
         t2 = time.monotonic()
-        with meteor_process() as meteor:  # one METEOR start (~10 s) for the scores and the control
-            corpus, per_image = score_captions(predictions, evalset.references, spice=config.spice, meteor=meteor)
-            control = score_captions(predictions, shuffled_references(evalset.references), spice="off",
-                                     meteor=meteor)[0] if config.control and len(predictions) > 1 else None
+        # The scores and the control share the process's METEOR (metrics.shared_meteor: one start, ~10 s).
+        corpus, per_image = score_captions(predictions, evalset.references, spice=config.spice)
+        control = score_captions(predictions, shuffled_references(evalset.references),
+                                 spice="off")[0] if config.control and len(predictions) > 1 else None
         t3 = time.monotonic()
 
         rows = [{"image_id": i, "caption": predictions[i], "references": evalset.references[i],
