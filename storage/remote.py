@@ -14,8 +14,9 @@ store in step at a few points, each a unit with a marker:
 Each file is uploaded under a temporary key (`.tmp-<name>.<uuid>`) and moved onto its final key,
 its marker after it, so the store never holds a partial object under a final name and a marker
 never names a file that is not there. The temporary keys of an upload killed between the two are
-deleted by the next holder of that shard's lease, and those under a stage when it finishes. Downloads land through storage.atomic, so the working copy
-keeps the same rule. Locks on a mirrored root are lease objects (storage.lease), not files.
+deleted by the next holder of that shard's lease, and those under a stage when it finishes.
+Downloads land through storage.atomic, so the working copy keeps the same rule. Locks on a
+mirrored root are lease objects (storage.lease), not files.
 Credentials and endpoints come from the fsspec backend's own settings (for S3: the AWS_* variables,
 AWS_ENDPOINT_URL included); this module passes none.
 """
