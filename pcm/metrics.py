@@ -160,8 +160,14 @@ def shared_meteor() -> Any:
         from pycocoevalcap.meteor.meteor import Meteor
 
         scorer = _SHARED[os.getpid()] = Meteor()
-        atexit.register(_stop, scorer)
+        atexit.register(_stop_at_exit, os.getpid(), scorer)
     return scorer
+
+
+def _stop_at_exit(owner: int, scorer: Any) -> None:
+    """The exit handler of `owner`'s METEOR: a forked child inherits it and must not kill its parent's process."""
+    if os.getpid() == owner:
+        _stop(scorer)
 
 
 def _stop(scorer: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -178,6 +179,7 @@ def test_the_shared_meteor_is_kept_per_process_replaced_when_dead_and_never_a_pa
         try:
             os.close(read)
             os.write(write, b"own" if metrics._SHARED.get(os.getpid()) is None else b"parent's")
+            atexit._run_exitfuncs()  # a child that exits normally runs the exit handlers it inherited
         finally:
             os._exit(0)
     os.close(write)
@@ -185,6 +187,7 @@ def test_the_shared_meteor_is_kept_per_process_replaced_when_dead_and_never_a_pa
     assert os.read(read, 16) == b"own"
     os.close(read)
     assert first.meteor_p.poll() is None                          # the child left the parent's process alone
+    score_captions(PREDICTIONS, REFERENCES, spice="off")          # and its pipes work
     metrics._stop(first)                                          # died: the next score starts another
     again = metrics.shared_meteor()
     assert again is not first and again.meteor_p.poll() is None
