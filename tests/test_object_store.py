@@ -357,8 +357,30 @@ SMALL = ["ingest.subset=40", "synthesize.shard_size=8", "synthesize.height=32", 
          "synthesize.steps=2"]
 
 
-def _pcm(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([PCM, "run", "--preset", "tiny", *sum((["--set", s] for s in SMALL), []), *args],
+# The `pcm` command with each shard's write held back 2 s (its lease held meanwhile), for the worker to
+# be killed: the tiny shards take a few hundred ms otherwise, and a victim that finished them all
+# before the test caught it holding a lease made the test flaky.
+SLOW_PCM = """
+import sys, time
+from pcm.stages import encode, synthesize
+from pcm.cli import run
+
+def held_back(write):
+    def slow(*args, **kwargs):
+        time.sleep(2.0)
+        return write(*args, **kwargs)
+    return slow
+
+encode._write_unit = held_back(encode._write_unit)
+synthesize._write_shard = held_back(synthesize._write_shard)
+sys.argv[0] = "pcm"
+sys.exit(run())
+"""
+
+
+def _pcm(args: list[str], env: dict[str, str], log: Path, *, slow: bool = False) -> subprocess.Popen:
+    command = [sys.executable, "-c", SLOW_PCM] if slow else [PCM]
+    return subprocess.Popen([*command, "run", "--preset", "tiny", *sum((["--set", s] for s in SMALL), []), *args],
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -375,20 +397,27 @@ def _lease_holders(store, prefix: str) -> dict[str, int]:
     return out
 
 
-def _kill_mid_shard(store, prefix: str, victim: subprocess.Popen, other: subprocess.Popen, min_done: int) -> str:
-    """SIGKILL `victim` while it holds a shard lease, once `min_done` shards under `prefix` are published."""
+def _tails(folder: Path, *logs: str) -> str:
+    return "\n".join(f"--- {name}\n" + (folder / name).read_text()[-3000:] for name in logs)
+
+
+def _kill_mid_shard(store, prefix: str, workers: list[subprocess.Popen], min_done: int) -> tuple[str, subprocess.Popen]:
+    """SIGKILL the first of `workers` seen holding a shard lease under `prefix`, once `min_done` shards there are
+    published; returns the lease it held and the worker left."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        assert victim.poll() is None, "the worker to kill ended before it could be killed mid-shard"
+        assert all(w.poll() is None for w in workers), "a worker ended before one could be killed mid-shard"
         store.invalidate_cache()
         done = [k for k in store.find(prefix) if k.endswith(".done.json") and "/shard-" in k]
-        held = [k for k, pid in _lease_holders(store, prefix).items() if pid == victim.pid]
-        if len(done) >= min_done and held:
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
-            return held[0]
+        holders = _lease_holders(store, prefix)
+        for victim in workers:
+            held = [k for k, pid in holders.items() if pid == victim.pid]
+            if len(done) >= min_done and held:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                return held[0], next(w for w in workers if w is not victim)
         time.sleep(0.2)
-    raise AssertionError("no moment with the victim holding a shard lease")
+    raise AssertionError("no moment with a worker holding a shard lease")
 
 
 @pytest.mark.heavy
@@ -404,22 +433,25 @@ def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(buck
     assert local.wait() == 0, (tmp_path / "local.log").read_text()[-3000:]
     assert _pcm(["--root", url, "ingest"], env_a, tmp_path / "ingest.log").wait() == 0
 
-    # synthesize: both hosts claim shards; A is killed while it renders one; B redoes it once its lease expires.
-    a = _pcm(["--root", url, "synthesize"], env_a, tmp_path / "synth-a.log")
+    # synthesize: both hosts claim shards; A (or B, if A had none) is killed while it writes one; the other
+    # redoes it once its lease expires.
+    a = _pcm(["--root", url, "synthesize"], env_a, tmp_path / "synth-a.log", slow=True)
     b = _pcm(["--root", url, "synthesize"], env_b, tmp_path / "synth-b.log")
     try:
-        killed = _kill_mid_shard(store, f"{bucket}/run/synthesize", a, b, min_done=1)
-        assert b.wait(timeout=900) == 0, (tmp_path / "synth-b.log").read_text()[-3000:]
+        killed, left = _kill_mid_shard(store, f"{bucket}/run/synthesize", [a, b], min_done=1)
+        assert left.wait(timeout=900) == 0, _tails(tmp_path, "synth-a.log", "synth-b.log")
     finally:
         a.kill(), b.kill()
     assert "shard-" in killed
 
-    # encode: the same with the hosts' roles swapped.
-    a = _pcm(["--root", url, "encode"], env_a, tmp_path / "enc-a.log")
-    b = _pcm(["--root", url, "encode"], env_b, tmp_path / "enc-b.log")
+    # encode: `pcm run` holds the stage lock while it encodes, so one host encodes and the other waits for it;
+    # whichever won the lock is killed mid-shard, and the other takes the stage and the shard over once the leases
+    # expire.
+    a = _pcm(["--root", url, "encode"], env_a, tmp_path / "enc-a.log", slow=True)
+    b = _pcm(["--root", url, "encode"], env_b, tmp_path / "enc-b.log", slow=True)
     try:
-        _kill_mid_shard(store, f"{bucket}/run/encode", b, a, min_done=1)
-        assert a.wait(timeout=900) == 0, (tmp_path / "enc-a.log").read_text()[-3000:]
+        killed, left = _kill_mid_shard(store, f"{bucket}/run/encode", [a, b], min_done=1)
+        assert left.wait(timeout=900) == 0, _tails(tmp_path, "enc-a.log", "enc-b.log")
     finally:
         a.kill(), b.kill()
 
