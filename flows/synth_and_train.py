@@ -18,15 +18,18 @@ from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows import artifacts
+from flows.caching import is_finished
 from flows.encode import encode_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
+from pcm.stages import encode, synthesize
 from pcm.stages.encode import feature_units
 from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, resolve
 from pcm.stages.synthesize import num_shards
 from storage.result import StageResult
+from storage.shards import is_done
 
 Stage = Literal["ingest", "synthesize", "encode", "train", "evaluate"]
 
@@ -58,23 +61,33 @@ class PipelineParams(BaseModel):
 
 
 def fan_out_synthesis(cfg: PipelineConfig, captions: StageResult, root: str, parts: int) -> None:
-    """Split the shards into `parts` child flow runs of synthesize/default and wait for all of them.
+    """Split the pending shards into `parts` child flow runs of synthesize/default and wait for all of them.
 
-    The children get their inputs as JSON parameters (the stage directories) and resolve them themselves."""
-    fan_out("synthesize/default", list(range(num_shards(cfg.synthesize, captions))), parts, "shards",
+    The children get their inputs as JSON parameters (the stage directories) and resolve them themselves.
+    A finished stage starts no child, and a resumed one only children for the shards still pending."""
+    if is_finished(synthesize.plan, synthesize.verify, config=cfg.synthesize, captions=captions, root=root):
+        return
+    sd = synthesize.plan(cfg.synthesize, captions, root)
+    pending = [i for i in range(num_shards(cfg.synthesize, captions)) if not is_done(sd.image_shard(i))]
+    fan_out("synthesize/default", pending, parts, "shards",
             {"config": cfg.synthesize.model_dump(mode="json"), "captions": captions.path, "root": root})
 
 
 def fan_out_encoding(cfg: PipelineConfig, captions: StageResult, shards: StageResult, root: str, parts: int) -> None:
-    """Split the feature shards into `parts` child flow runs of encode/default and wait; the parent finalises."""
-    fan_out("encode/default", [u.index for u in feature_units(shards)], parts, "indices",
+    """Split the pending feature shards into `parts` child flow runs of encode/default and wait; the parent
+    finalises. As for synthesis, a finished stage starts no child."""
+    if is_finished(encode.plan, encode.verify, config=cfg.encode, captions=captions, shards=shards, root=root):
+        return
+    sd = encode.plan(cfg.encode, captions, shards, root)
+    pending = [u.index for u in feature_units(shards) if not is_done(sd.feature_shard(u.kind, u.index))]
+    fan_out("encode/default", pending, parts, "indices",
             {"config": cfg.encode.model_dump(mode="json"), "captions": captions.path, "shards": shards.path,
              "root": root})
 
 
 def fan_out(deployment: str, indices: list[int], parts: int, key: str, parameters: dict[str, Any]) -> None:
     """Run `deployment` as up to `parts` child flow runs, each given every parts-th shard index under `key`,
-    and block until all are final; a failed child fails the parent."""
+    and block until all are final; a failed child fails the parent. No index, no child."""
     groups = [indices[i::parts] for i in range(min(parts, len(indices)))]
     runs = [run_deployment(deployment, timeout=0, parameters={**parameters, key: g}) for g in groups]
     with get_client(sync_client=True) as client:  # block until every child is final; a failed one fails us

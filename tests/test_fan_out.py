@@ -1,0 +1,47 @@
+"""The pipeline's fan-out hands the child flow runs only the shards still pending, and starts none for a
+finished stage (no Prefect server: the child runs are recorded instead of started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import synth_and_train
+from pcm.stages.encode import FEATURES, encode_shards, run_encode
+from pcm.stages.pipeline import resolve, run_pipeline
+from pcm.stages.synthesize import run_synthesize
+
+pytestmark = pytest.mark.heavy  # synthesize and encode on the tiny models, in this process (seconds)
+
+SMALL = {"ingest.subset": 24, "synthesize.shard_size": 8, "synthesize.height": 32, "synthesize.width": 32,
+         "synthesize.steps": 2}
+
+
+@pytest.fixture
+def children(monkeypatch) -> list[tuple[str, list[int], int, str]]:
+    started: list[tuple[str, list[int], int, str]] = []
+    monkeypatch.setattr(synth_and_train, "fan_out",
+                        lambda deployment, indices, parts, key, parameters: started.append((deployment, indices, parts, key)))
+    return started
+
+
+def test_fan_out_sends_only_pending_shards_and_nothing_for_a_finished_stage(tmp_path, children):
+    cfg, root = resolve("tiny", SMALL), str(tmp_path)
+    captions = run_pipeline(cfg, root, stages=("ingest",))["ingest"]
+
+    # Synthesize: 3 shards, shard 1 already rendered (a resumed fan-out).
+    run_synthesize(cfg.synthesize, captions, root, shards=[1], finalize_when_complete=False)
+    synth_and_train.fan_out_synthesis(cfg, captions, root, parts=2)
+    assert children == [("synthesize/default", [0, 2], 2, "shards")]
+    shards = run_synthesize(cfg.synthesize, captions, root)   # the rest, and the stage finalised
+    children.clear()
+    synth_and_train.fan_out_synthesis(cfg, captions, root, parts=2)
+    assert children == []
+
+    # Encode: feature shard 2 already encoded.
+    encode_shards(cfg.encode, captions, shards, root, kind=FEATURES, indices=[2])
+    synth_and_train.fan_out_encoding(cfg, captions, shards, root, parts=2)
+    assert children == [("encode/default", [0, 1], 2, "indices")]
+    run_encode(cfg.encode, captions, shards, root)
+    children.clear()
+    synth_and_train.fan_out_encoding(cfg, captions, shards, root, parts=2)
+    assert children == []
