@@ -221,7 +221,8 @@ class ChainReport:
 def kill_chain(root: Path, stage: str, overrides: dict, progress: Callable[[], int],
                check: Callable[[], None], *, kills: int = 10, seed: int = 0,
                jitter: tuple[float, float] = (0.0, 0.4), early: tuple[float, float] = (0.0, 2.0),
-               max_attempts: int = 40, finish: bool = True, zygote: Zygote | None = None) -> ChainReport:
+               max_attempts: int = 40, finish: bool = True, zygote: Zygote | None = None,
+               units: int | None = None) -> ChainReport:
     """SIGKILL `stage` until `kills` kills landed (or it finished), checking invariants after each; then
     (`finish`) run it once more to the end, raising if that run fails.
 
@@ -230,7 +231,9 @@ def kill_chain(root: Path, stage: str, overrides: dict, progress: Callable[[], i
     the last attempt that made progress took to make its first new unit (`early` seconds before any
     did). A mid-work kill comes `jitter` seconds after progress() first rose in that attempt, and so
     does an early one whose delay outlasts the setup. The children are forked from `zygote` (closed
-    at the end), or from a zygote of this chain's own.
+    at the end), or from a zygote of this chain's own. `units`: the progress count of a finished stage; once
+    every unit is on disk no attempt can wait for progress, so the mid-work ones become timed ones too (their
+    kills land in the stage's last steps; a mid-work attempt would run to the end and stop the chain short).
     """
     rng = random.Random(seed)
     zygote = zygote or Zygote(stage, root / f"crash-{stage}.log")
@@ -242,7 +245,7 @@ def kill_chain(root: Path, stage: str, overrides: dict, progress: Callable[[], i
             before = progress()
             pid = zygote.spawn(request)
             started = time.monotonic()
-            mid_work = report.attempts % 2 == 0
+            mid_work = report.attempts % 2 == 0 and (units is None or before < units)
             if mid_work:
                 delay = 600.0
             else:
