@@ -132,12 +132,15 @@ class LocalStack:
             args += ["--param", f"{k}={json.dumps(v)}"]
         return self.prefect(*args, check=False, timeout=timeout + 60)
 
-    def stop(self) -> None:
-        """Workers first (they may be running flows), then the server; SIGTERM, then SIGKILL."""
+    def stop(self, grace: float = 10) -> None:
+        """Workers first (they may be running flows), then the server; SIGTERM, then SIGKILL.
+
+        Each process gets `grace` seconds after the first SIGTERM (a worker's graceful stop); a second SIGTERM
+        makes a worker SIGKILL itself."""
         for proc in reversed(self.procs):
             if proc.poll() is not None:
                 continue
-            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
