@@ -343,13 +343,3 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     b = tables.read(Path(clean.path) / "scores.parquet", tables.SCORES)
     assert a.equals(b)
     assert not list((Path(resumed.path) / "features").glob(".tmp-*"))
-
-
-@pytest.mark.heavy
-def test_bench_runs_on_cpu_and_prints_the_ratio():
-    out = subprocess.run([sys.executable, "bench/encode.py", "--preset", "tiny", "--device", "cpu",
-                          "--n-images", "48", "--batch-size", "16", "--workers", "1"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env=os.environ | {"PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "model-only" in out.stdout and "end-to-end" in out.stdout and "ratio" in out.stdout

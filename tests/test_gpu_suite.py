@@ -38,10 +38,16 @@ def test_gpu_suite_cpu_tiny(tmp_path: Path) -> None:
             assert s["reason"], s
     assert steps["train-cuda-graphs"]["status"] == "skipped" and "no GPU" in steps["train-cuda-graphs"]["reason"]
 
-    # Every figure the table shows came from the bench's own output.
+    # Every figure the table shows came from the bench's own output (bench/synth.py and bench/encode.py have no
+    # test of their own: these steps run them), and each printed ratio is the quotient of its two figures.
     synth = steps["synth"]["figures"]
     assert synth["plain_images_per_s"] > 0 and synth["stage_images_per_s"] > 0 and synth["opt_in"] == "tiny-vae"
-    assert steps["encode"]["figures"]["end_to_end_images_per_s"] > 0
+    assert synth["opt_in_images_per_s"] > 0
+    for figure, ratio in (("stage_images_per_s", "stage_ratio"), ("opt_in_images_per_s", "opt_in_ratio")):
+        assert abs(synth[ratio] - synth[figure] / synth["plain_images_per_s"]) < 0.01 + 0.01 * synth[ratio], synth
+    encode = steps["encode"]["figures"]
+    assert encode["end_to_end_images_per_s"] > 0 and encode["model_only_images_per_s"] > 0
+    assert abs(encode["ratio"] - encode["end_to_end_images_per_s"] / encode["model_only_images_per_s"]) < 0.01, encode
     assert steps["train-eager"]["figures"]["samples_per_s"] > 0
     for name in ("check-synthesize", "check-encode", "check-train"):
         checks = steps[name]["figures"]["checks"]

@@ -153,18 +153,17 @@ def test_cider_alone_equals_the_full_scorer(meteor):
 @pytest.mark.heavy  # the Java scorers
 def test_one_meteor_process_scores_like_a_fresh_one_each_time(meteor):
     other = dict(zip(REFERENCES, list(REFERENCES.values())[1:] + list(REFERENCES.values())[:1], strict=True))
-    fresh = []
+    fresh, processes = [], []
     for refs in (REFERENCES, other):  # a process each
         with metrics.meteor_process() as own:
             fresh.append(score_captions(PREDICTIONS, refs, spice="off", meteor=own))
+            processes.append(own.meteor_p)
+            assert own.meteor_p.poll() is None
+        assert processes[-1].poll() is not None  # stopped on leaving the block
     # The module's process has scored the other tests' captions before (when they ran first) and these twice.
     shared = [score_captions(PREDICTIONS, refs, spice="off", meteor=meteor) for refs in (REFERENCES, other, REFERENCES)]
     assert shared == [fresh[0], fresh[1], fresh[0]]  # equal floats, per image too
     assert fresh[0][0]["METEOR"] != fresh[1][0]["METEOR"]  # the two reference sets do score differently
-    with metrics.meteor_process() as own:
-        process = own.meteor_p
-        assert process.poll() is None
-    assert process.poll() is not None  # stopped on leaving the block
 
 
 @pytest.mark.heavy  # the Java scorer

@@ -46,8 +46,12 @@ synthesize_flow(resolve("tiny", overrides).synthesize, captions, root)
 """
 
 
-def test_flow_run_after_server_crash_resumes_without_redoing_shards(tmp_path):
+def test_flow_run_after_server_crash_resumes_without_redoing_shards(tmp_path, monkeypatch):
     from pcm.stages.pipeline import resolve, run_pipeline
+
+    # The server looks for expired concurrency leases every second instead of every 15 s (its default), so the
+    # killed run's `gpu` slot comes back as soon as its lease runs out (Prefect's task engine fixes it at 60 s).
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "1")
 
     captions = run_pipeline(resolve("tiny", SMALL), str(tmp_path), stages=("ingest",))["ingest"].path
     stack = LocalStack(home=tmp_path / "prefect", port=free_port())
