@@ -16,7 +16,7 @@ from pcm.stages.encode import (
     EncodeConfig,
     cached_clip,
     encode_shards,
-    feature_units,
+    pending_feature_shards,
     plan,
     reset_stage,
     run_encode,
@@ -84,7 +84,7 @@ def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: Stag
     if force:
         encode_reset(config, captions, shards, root)
     if force or not is_finished(plan, verify, config=config, captions=captions, shards=shards, root=root):
-        indices = [u.index for u in feature_units(shards)]
+        indices = pending_feature_shards(config, captions, shards, root)  # shards done (by fan-out children) need no task
         progress = Progress(f"encode-{plan(config, captions, shards, root).fingerprint}", "encode feature shards")
         for k, index in enumerate(indices, 1):
             encode_features_shard(config, captions, shards, root, index)

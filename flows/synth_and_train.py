@@ -25,11 +25,8 @@ from flows.ingest import ingest_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from pcm.stages import encode, synthesize
-from pcm.stages.encode import feature_units
 from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, resolve
-from pcm.stages.synthesize import num_shards
 from storage.result import StageResult
-from storage.shards import is_done
 
 Stage = Literal["ingest", "synthesize", "encode", "train", "evaluate"]
 
@@ -67,9 +64,7 @@ def fan_out_synthesis(cfg: PipelineConfig, captions: StageResult, root: str, par
     A finished stage starts no child, and a resumed one only children for the shards still pending."""
     if is_finished(synthesize.plan, synthesize.verify, config=cfg.synthesize, captions=captions, root=root):
         return
-    sd = synthesize.plan(cfg.synthesize, captions, root)
-    pending = [i for i in range(num_shards(cfg.synthesize, captions)) if not is_done(sd.image_shard(i))]
-    fan_out("synthesize/default", pending, parts, "shards",
+    fan_out("synthesize/default", synthesize.pending_shards(cfg.synthesize, captions, root), parts, "shards",
             {"config": cfg.synthesize.model_dump(mode="json"), "captions": captions.path, "root": root})
 
 
@@ -78,9 +73,7 @@ def fan_out_encoding(cfg: PipelineConfig, captions: StageResult, shards: StageRe
     finalises. As for synthesis, a finished stage starts no child."""
     if is_finished(encode.plan, encode.verify, config=cfg.encode, captions=captions, shards=shards, root=root):
         return
-    sd = encode.plan(cfg.encode, captions, shards, root)
-    pending = [u.index for u in feature_units(shards) if not is_done(sd.feature_shard(u.kind, u.index))]
-    fan_out("encode/default", pending, parts, "indices",
+    fan_out("encode/default", encode.pending_feature_shards(cfg.encode, captions, shards, root), parts, "indices",
             {"config": cfg.encode.model_dump(mode="json"), "captions": captions.path, "shards": shards.path,
              "root": root})
 

@@ -22,6 +22,7 @@ from pcm.stages.synthesize import (
     make_generator,
     num_shards,
     partial_result,
+    pending_shards,
     plan,
     run_synthesize,
     verify,
@@ -66,8 +67,7 @@ def shard_indices(config: SynthesizeConfig, captions: StageResult, shards: list[
 
 
 def all_done(config: SynthesizeConfig, captions: StageResult, root: str) -> bool:
-    sd = plan(config, captions, root)
-    return all(is_done(sd.image_shard(i)) for i in range(num_shards(config, captions)))
+    return not pending_shards(config, captions, root)
 
 
 def shards_written(config: SynthesizeConfig, captions: StageResult, root: str, reports: list[dict],

@@ -434,6 +434,13 @@ def _unit_done(sd: StageDir, unit: Unit) -> bool:
     return shard_io.is_done(sd.feature_shard(unit.kind, unit.index))
 
 
+def pending_feature_shards(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str) -> list[int]:
+    """Indices of the synthetic shards whose feature shard is not done yet (what a flow run still has to encode)."""
+    cap, syn = _inputs(captions, shards)
+    sd = plan(config, cap, syn, root)
+    return [u.index for u in feature_units(syn) if not _unit_done(sd, u)]
+
+
 def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: EncodeConfig,
                  report: Callable[[Unit, dict[str, int]], None]) -> int:
     """Encode `units` (whose locks the caller holds) in one DataLoader pass; returns images encoded."""

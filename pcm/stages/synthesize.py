@@ -240,6 +240,13 @@ def plan(config: SynthesizeConfig, captions: StageInput, root: str) -> StageDir:
     return stage_dir(RunLayout(root), STAGE, config, [as_result(captions)], CODE_VERSION, extra)
 
 
+def pending_shards(config: SynthesizeConfig, captions: StageInput, root: str) -> list[int]:
+    """Indices of the shards not done yet (what flow runs still have to render)."""
+    captions = as_result(captions)
+    sd = plan(config, captions, root)
+    return [i for i in range(num_shards(config, captions)) if not is_done(sd.image_shard(i))]
+
+
 def verify(sd: StageDir) -> str | None:
     """None when every shard and samples.parquet exist, else what is missing."""
     if not sd.done_marker.exists():
