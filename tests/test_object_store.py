@@ -422,15 +422,16 @@ def _kill_mid_shard(store, prefix: str, workers: list[subprocess.Popen], min_don
 
 @pytest.mark.heavy
 @pytest.mark.timeout(1500)
-def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(bucket, store, tmp_path):
+def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(bucket, store, tmp_path, request):
     url = f"s3://{bucket}/run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PCM_LEASE_SECONDS": "4", "OMP_NUM_THREADS": "1"}
     env_a = {**env, "PCM_MIRROR_DIR": str(tmp_path / "host-a")}
     env_b = {**env, "PCM_MIRROR_DIR": str(tmp_path / "host-b")}
 
-    # The local reference run, then ingest into the bucket.
+    # The local reference run, beside everything below until its bytes are compared (the bucket's workers spend
+    # much of their time waiting: held-back writes, expiring leases); ingest into the bucket meanwhile.
     local = _pcm(["--root", str(tmp_path / "local"), "ingest", "synthesize", "encode"], env_a, tmp_path / "local.log")
-    assert local.wait() == 0, (tmp_path / "local.log").read_text()[-3000:]
+    request.addfinalizer(local.kill)  # stopped if the test fails before it is waited for (a no-op once it has ended)
     assert _pcm(["--root", url, "ingest"], env_a, tmp_path / "ingest.log").wait() == 0
 
     # synthesize: both hosts claim shards; A (or B, if A had none) is killed while it writes one; the other
@@ -464,6 +465,7 @@ def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(buck
     assert list((tmp_path / "host-c").rglob("*.tar")) == []
 
     # Nothing lost, nothing duplicated, no partial object under a final key: the bucket holds the local run's bytes.
+    assert local.wait(timeout=900) == 0, (tmp_path / "local.log").read_text()[-3000:]
     store.invalidate_cache()
     objects = {k[len(f"{bucket}/run/"):]: k for k in store.find(f"{bucket}/run")}
     published = {rel for rel in objects if not any(p.startswith(".") for p in rel.split("/"))}
