@@ -18,7 +18,6 @@ from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows import artifacts
-from flows.caching import is_finished
 from flows.encode import encode_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
@@ -61,9 +60,7 @@ def fan_out_synthesis(cfg: PipelineConfig, captions: StageResult, root: str, par
     """Split the pending shards into `parts` child flow runs of synthesize/default and wait for all of them.
 
     The children get their inputs as JSON parameters (the stage directories) and resolve them themselves.
-    A finished stage starts no child, and a resumed one only children for the shards still pending."""
-    if is_finished(synthesize.plan, synthesize.verify, config=cfg.synthesize, captions=captions, root=root):
-        return
+    A finished stage has none pending, so it starts no child; a resumed one splits what is left."""
     fan_out("synthesize/default", synthesize.pending_shards(cfg.synthesize, captions, root), parts, "shards",
             {"config": cfg.synthesize.model_dump(mode="json"), "captions": captions.path, "root": root})
 
@@ -71,8 +68,6 @@ def fan_out_synthesis(cfg: PipelineConfig, captions: StageResult, root: str, par
 def fan_out_encoding(cfg: PipelineConfig, captions: StageResult, shards: StageResult, root: str, parts: int) -> None:
     """Split the pending feature shards into `parts` child flow runs of encode/default and wait; the parent
     finalises. As for synthesis, a finished stage starts no child."""
-    if is_finished(encode.plan, encode.verify, config=cfg.encode, captions=captions, shards=shards, root=root):
-        return
     fan_out("encode/default", encode.pending_feature_shards(cfg.encode, captions, shards, root), parts, "indices",
             {"config": cfg.encode.model_dump(mode="json"), "captions": captions.path, "shards": shards.path,
              "root": root})
@@ -81,6 +76,8 @@ def fan_out_encoding(cfg: PipelineConfig, captions: StageResult, shards: StageRe
 def fan_out(deployment: str, indices: list[int], parts: int, key: str, parameters: dict[str, Any]) -> None:
     """Run `deployment` as up to `parts` child flow runs, each given every parts-th shard index under `key`,
     and block until all are final; a failed child fails the parent. No index, no child."""
+    if not indices:
+        return
     groups = [indices[i::parts] for i in range(min(parts, len(indices)))]
     runs = [run_deployment(deployment, timeout=0, parameters={**parameters, key: g}) for g in groups]
     with get_client(sync_client=True) as client:  # block until every child is final; a failed one fails us

@@ -66,10 +66,6 @@ def shard_indices(config: SynthesizeConfig, captions: StageResult, shards: list[
     return sorted(set(shards)) if shards is not None else list(range(num_shards(config, captions)))
 
 
-def all_done(config: SynthesizeConfig, captions: StageResult, root: str) -> bool:
-    return not pending_shards(config, captions, root)
-
-
 def shards_written(config: SynthesizeConfig, captions: StageResult, root: str, reports: list[dict],
                    started: float) -> StageResult:
     """The partial result of a run that rendered its shards while others are pending: `extra["complete"]` False,
@@ -100,7 +96,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
             done.append(run_shard(config, captions, root, index, force))
             progress(k, len(indices), f"shard-{index:06d}")
         loaded_synthesizer.cache_clear()  # free the pipeline (GPU memory) before the next stages
-        if not all_done(config, captions, root):
+        if pending_shards(config, captions, root):
             # Other flow runs own the remaining shards; the last one finalises.
             return shards_written(config, captions, root, done, started)
     result = run_stage(synthesize_finalize, plan, verify, force=force, config=config, captions=captions, root=root)

@@ -1,5 +1,5 @@
-"""The pipeline's fan-out hands the child flow runs only the shards still pending, and starts none for a
-finished stage (no Prefect server: the child runs are recorded instead of started)."""
+"""The pipeline's fan-out hands the child flow runs only the shards still pending, and starts none when none
+is (no Prefect server: the child runs are recorded instead of started)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def test_fan_out_sends_only_pending_shards_and_nothing_for_a_finished_stage(tmp_
     shards = run_synthesize(cfg.synthesize, captions, root)   # the rest, and the stage finalised
     children.clear()
     synth_and_train.fan_out_synthesis(cfg, captions, root, parts=2)
-    assert children == []
+    assert children == [("synthesize/default", [], 2, "shards")]   # fan_out starts no child for no index
+    children.clear()
 
     # Encode: feature shard 2 already encoded.
     encode_shards(cfg.encode, captions, shards, root, kind=FEATURES, indices=[2])
@@ -44,4 +45,13 @@ def test_fan_out_sends_only_pending_shards_and_nothing_for_a_finished_stage(tmp_
     run_encode(cfg.encode, captions, shards, root)
     children.clear()
     synth_and_train.fan_out_encoding(cfg, captions, shards, root, parts=2)
-    assert children == []
+    assert children == [("encode/default", [], 2, "indices")]
+
+
+def test_fan_out_of_no_shard_starts_no_child_and_asks_the_server_nothing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing to fan out, yet the server was asked")
+
+    monkeypatch.setattr(synth_and_train, "run_deployment", refuse)
+    monkeypatch.setattr(synth_and_train, "get_client", refuse)
+    synth_and_train.fan_out("synthesize/default", [], 4, "shards", {})
