@@ -97,8 +97,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.heavy)
     # The longest files first, the order within a file kept: `make test` runs pytest-xdist with --dist
     # loadfile --no-loadscope-reorder, which hands out files in this order (its default would sort them
-    # by their number of tests, leaving the few long ones for the end). End-to-end files, then files
-    # heavy as a whole (their pytestmark), then files with some heavy tests, then the rest.
+    # by their number of tests, leaving the few long ones for the end). The files measured longest come
+    # first, longest first (LONGEST); then end-to-end files, files heavy as a whole (their pytestmark),
+    # files with some heavy tests, the rest.
     def rank(item) -> int:
         if "e2e" in item.keywords:
             return 0
@@ -107,8 +108,31 @@ def pytest_collection_modifyitems(config, items):
             return 1
         return 2 if "heavy" in item.keywords else 3
 
-    file_rank: dict[str, int] = {}
+    file_rank: dict[str, tuple[int, int]] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
-        file_rank[path] = min(rank(item), file_rank.get(path, 3))
+        name = path.rsplit("/", 1)[-1]
+        known = (LONGEST.index(name), 0) if name in LONGEST else (len(LONGEST), rank(item))
+        file_rank[path] = min(known, file_rank.get(path, known))
     items.sort(key=lambda item: file_rank[item.nodeid.split("::")[0]])
+
+
+# The test files that take longest in `make test`, longest first (seconds of one worker, measured on this
+# project's 2-core machine with three workers, session 11): handed out first, so that no long file starts
+# last and keeps one worker busy while the others have finished.
+LONGEST = (
+    "test_e2e.py",              # 166 s: three deployment runs, seven flow-run processes
+    "test_learning.py",         # 151 s: two trainings and evaluations on the toy world
+    "test_prefect_recovery.py", # 125 s, a minute of it waiting for a killed run's lease
+    "test_object_store.py",     # 90 s: moto's S3 server, eight `pcm` processes
+    "test_toyworld.py",         # 55 s
+    "test_metrics.py",          # 51 s: the Java scorers
+    "test_crash_resume.py",     # 45 s
+    "test_concurrency.py",      # 45 s
+    "test_gpu_suite.py",        # 43 s
+    "test_synthesize.py",       # 35 s
+    "test_evaluate.py",         # 28 s
+    "test_security.py",         # 27 s
+    "test_train.py",            # 18 s
+    "test_encode.py",           # 17 s
+)
