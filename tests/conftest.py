@@ -4,6 +4,7 @@ Prefect server for the whole session (`prefect_server`, `prefect_api`: see tests
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,20 +31,39 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = str(_home)
 
 
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the process that runs pytest, not an xdist worker
+        from prefect_server import run_folder
+
+        config.stash[SERVER_FOLDER] = run_folder()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    folder = config.stash.get(SERVER_FOLDER, None)
+    if folder is not None:  # every worker is done by now
+        from prefect_server import stop_run_server
+
+        stop_run_server(folder)
+        if config.stash.get(EXIT_STATUS, 0) == 0:  # a failed run keeps the server's log (prefect/server.log)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+SERVER_FOLDER = pytest.StashKey[Path]()
+EXIT_STATUS = pytest.StashKey[int]()
+
+
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """The session's Prefect server (a LocalStack on 127.0.0.1, its own free port), started on first use.
+def prefect_server():
+    """The run's Prefect server (a LocalStack on 127.0.0.1, its own free port), started on first use and
+    shared by every xdist worker (tests/prefect_server.py). Tests that need a server of their own (one
+    they kill, say) start a LocalStack themselves."""
+    from prefect_server import run_server
 
-    `startup_s` holds the seconds it took to become healthy. Tests that need a server of their own
-    (one they kill, say) start a LocalStack themselves."""
-    from prefect_server import start_shared_server
-
-    stack, seconds = start_shared_server(tmp_path_factory.mktemp("prefect-server"))
-    stack.startup_s = seconds
-    try:
-        yield stack
-    finally:
-        stack.stop()
+    return run_server()
 
 
 @pytest.fixture

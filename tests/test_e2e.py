@@ -1,9 +1,9 @@
 """End to end with real parts: a Prefect server, two process workers, `prefect deployment run`.
 
-The session's Prefect server (127.0.0.1, SQLite; tests/conftest.py) with this module's work pool,
-deployments from prefect.yaml and workers serves every test here; runs write to a temporary root.
-What the tests read back from the server is filtered to their own flow runs, so other tests' runs
-on the shared server change nothing; the `gpu` concurrency limit is removed again at the end.
+The module's own Prefect server (127.0.0.1, SQLite) with a work pool, the deployments from prefect.yaml, the
+`gpu` concurrency limit and two workers serves every test here; runs write to a temporary root. The
+server is this module's, not the run's shared one: its `gpu` limit would hold back the flows other tests
+run meanwhile on other xdist workers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prefect_server import client_stack
+from prefect_server import start_server
 
 from flows.local_server import LocalStack
 
@@ -33,9 +33,9 @@ MAIN_TASKS = {"ingest": "ingest", "synthesize": "synthesize-finalize", "encode":
 
 
 @pytest.fixture(scope="module")
-def stack(prefect_server, tmp_path_factory):
-    """The shared server plus a work pool, the deployments and two workers (their own PREFECT_HOME and logs)."""
-    s = client_stack(prefect_server, tmp_path_factory.mktemp("prefect-home"))
+def stack(tmp_path_factory):
+    """A server of this module's own plus a work pool, the deployments and two workers (logs in its home)."""
+    s = start_server(tmp_path_factory.mktemp("prefect"))
     try:
         s.create_pool()
         s.deploy()
@@ -43,16 +43,12 @@ def stack(prefect_server, tmp_path_factory):
         s.start_worker("worker-2")
         yield s
     finally:
-        for proc in s.procs:  # the workers (the server is the session's): told together, they stop together
+        for proc in s.procs[1:]:  # the workers (procs[0] is the server): told together, they stop together
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
         # Idle workers that have run flows stay up after their graceful stop began (measured: past 10 s), so the
         # second SIGTERM (a worker then SIGKILLs itself) comes after a second: no flow run is left to finish.
         s.stop(grace=1)
-        # Flows other tests run on the shared server run without a `gpu` limit, as on a server of their own.
-        req = urllib.request.Request(f"{s.api_url}/concurrency_limits/tag/gpu", method="DELETE")
-        with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=30):
-            pass
 
 
 @pytest.fixture(scope="module")
