@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tiny models are built once per machine and reused by every test (and by subprocesses).
 os.environ.setdefault("PCM_CACHE_DIR", str(REPO / ".pytest_cache" / "pcm-models"))
-# Under pytest-xdist (`make test` runs two workers) each worker keeps its Prefect state apart: flows run
+# Under pytest-xdist (`make test` runs three workers) each worker keeps its Prefect state apart: flows run
 # without a server use Prefect's ephemeral one, whose SQLite database lives in PREFECT_HOME.
 if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
     _home = REPO / ".pytest_cache" / f"prefect-home-{os.environ['PYTEST_XDIST_WORKER']}"
@@ -141,18 +141,17 @@ def pytest_collection_modifyitems(config, items):
 # project's 2-core machine with three workers, session 11): handed out first, so that no long file starts
 # last and keeps one worker busy while the others have finished.
 LONGEST = (
-    "test_e2e.py",              # 166 s: three deployment runs, seven flow-run processes
-    "test_learning.py",         # 151 s: two trainings and evaluations on the toy world
-    "test_prefect_recovery.py", # 125 s, a minute of it waiting for a killed run's lease
-    "test_object_store.py",     # 90 s: moto's S3 server, eight `pcm` processes
-    "test_toyworld.py",         # 55 s
-    "test_metrics.py",          # 51 s: the Java scorers
-    "test_crash_resume.py",     # 45 s
-    "test_concurrency.py",      # 45 s
-    "test_gpu_suite.py",        # 43 s
-    "test_synthesize.py",       # 35 s
-    "test_evaluate.py",         # 28 s
-    "test_security.py",         # 27 s
-    "test_train.py",            # 18 s
-    "test_encode.py",           # 17 s
+    "test_e2e.py",              # 174 s: its own server, three deployment runs, seven flow-run processes
+    "test_learning.py",         # 158 s: two trainings and evaluations on the toy world
+    "test_prefect_recovery.py", # 122 s, a minute of it waiting for a killed run's lease
+    "test_object_store.py",     # 102 s: moto's S3 server, eight `pcm` processes
+    "test_toyworld.py",         # 72 s
+    "test_crash_resume.py",     # 66 s
+    "test_metrics.py",          # 52 s: the Java scorers
+    "test_gpu_suite.py",        # 40 s
+    "test_train.py",            # 36 s
+    "test_synthesize.py",       # 36 s
+    "test_concurrency.py",      # 34 s
+    "test_evaluate.py",         # 11 s
+    "test_encode.py",           # 10 s
 )
