@@ -1,5 +1,6 @@
-"""Test setup: offline hubs, quiet Prefect, a shared cache for tiny models, a run-root fixture, and one
-Prefect server for the whole session (`prefect_server`, `prefect_api`: see tests/prefect_server.py)."""
+"""Test setup: offline hubs, quiet Prefect, a shared cache for tiny models, a run-root fixture, one Prefect
+server for the whole run (`prefect_server`, `prefect_api`: see tests/prefect_server.py) and the order the
+test files are handed out in."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = str(_home)
 
 
+SERVER_FOLDER = pytest.StashKey[Path]()  # in the process that runs pytest: the run's server folder
+EXIT_STATUS = pytest.StashKey[int]()
+
+
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # the process that runs pytest, not an xdist worker
         from prefect_server import run_folder
@@ -50,10 +55,6 @@ def pytest_unconfigure(config):
         stop_run_server(folder)
         if config.stash.get(EXIT_STATUS, 0) == 0:  # a failed run keeps the server's log (prefect/server.log)
             shutil.rmtree(folder, ignore_errors=True)
-
-
-SERVER_FOLDER = pytest.StashKey[Path]()
-EXIT_STATUS = pytest.StashKey[int]()
 
 
 @pytest.fixture(scope="session")
