@@ -33,12 +33,12 @@ PREDICTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def meteor():
-    """One METEOR process for the file's scorings (each fresh one loads its tables, 10-20 s here);
-    test_one_meteor_process_scores_like_a_fresh_one_each_time shows the scores are the same."""
-    with metrics.meteor_process() as process:
-        yield process
+    """This process's kept METEOR (`shared_meteor`: a fresh one loads its tables, 6-15 CPU-s here, and the
+    evaluate and learning tests on this xdist worker reuse it); test_one_meteor_process_scores_like_a_fresh_one_each_time
+    shows that a kept process scores like a fresh one."""
+    return metrics.shared_meteor()
 
 
 class FakeSpice:
@@ -65,6 +65,9 @@ def coco_eval_direct(tmp_path, predictions, references, monkeypatch):
     (tmp_path / "res.json").write_text(json.dumps([{"image_id": int(k), "caption": c} for k, c in predictions.items()]))
     if spice_missing():
         monkeypatch.setattr(coco_eval, "Spice", FakeSpice)
+    # COCOEvalCap's own pipeline (its tokenisation, its scorers, its averaging) on this process's kept METEOR
+    # rather than a process of its own, which would load METEOR's tables once more.
+    monkeypatch.setattr(coco_eval, "Meteor", metrics.shared_meteor)
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(tmp_path / "ann.json"))
         ev = coco_eval.COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
@@ -160,7 +163,7 @@ def test_one_meteor_process_scores_like_a_fresh_one_each_time(meteor):
             processes.append(own.meteor_p)
             assert own.meteor_p.poll() is None
         assert processes[-1].poll() is not None  # stopped on leaving the block
-    # The module's process has scored the other tests' captions before (when they ran first) and these twice.
+    # This process's kept METEOR has scored the other tests' captions before (when they ran first) and these twice.
     shared = [score_captions(PREDICTIONS, refs, spice="off", meteor=meteor) for refs in (REFERENCES, other, REFERENCES)]
     assert shared == [fresh[0], fresh[1], fresh[0]]  # equal floats, per image too
     assert fresh[0][0]["METEOR"] != fresh[1][0]["METEOR"]  # the two reference sets do score differently
