@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 # Test files run on TEST_WORKERS pytest-xdist workers, each file whole on one worker (module fixtures,
-# the session's Prefect server per worker), the longest first (tests/conftest.py orders them);
+# one Prefect server for the whole run), the longest first (tests/conftest.py orders them);
 # TEST_WORKERS=0 runs them in this process. Three on two cores: the long files wait much of their time
 # (for a lease to expire, a server, a worker's poll), and a third worker fills those waits.
 TEST_WORKERS ?= 3
