@@ -33,7 +33,6 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
 
 
 SERVER_FOLDER = pytest.StashKey[Path]()  # in the process that runs pytest: the run's server folder
-EXIT_STATUS = pytest.StashKey[int]()
 
 
 def pytest_configure(config):
@@ -43,17 +42,14 @@ def pytest_configure(config):
         config.stash[SERVER_FOLDER] = run_folder()
 
 
+@pytest.hookimpl(trylast=True)  # after every worker is done, and after this process's own session teardown
 def pytest_sessionfinish(session, exitstatus):
-    session.config.stash[EXIT_STATUS] = int(exitstatus)
-
-
-def pytest_unconfigure(config):
-    folder = config.stash.get(SERVER_FOLDER, None)
-    if folder is not None:  # every worker is done by now
+    folder = session.config.stash.get(SERVER_FOLDER, None)
+    if folder is not None:
         from prefect_server import stop_run_server
 
         stop_run_server(folder)
-        if config.stash.get(EXIT_STATUS, 0) == 0:  # a failed run keeps the server's log (prefect/server.log)
+        if exitstatus == 0:  # a failed run keeps the server's log (prefect/server.log)
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -19,9 +19,7 @@ of their own (`start_server`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
-import json
 import os
 import signal
 import tempfile
@@ -30,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flows.local_server import LocalStack, free_port
+from storage.atomic import read_json, write_json
+from storage.lock import FileLock
 
 FOLDER_ENV = "PCM_TEST_SERVER_DIR"
 _STARTED: dict[str, LocalStack] = {}  # run folder -> its server, in the process that started it
@@ -55,19 +55,16 @@ def run_folder() -> Path:
 
 
 def run_server() -> LocalStack:
-    """The run's shared server: started by the first test process that asks (under a file lock), found
+    """The run's shared server: started by the first test process that asks (under the folder's lock), found
     through its record by the others. Only the process that started it holds its process (`procs`)."""
     folder = Path(os.environ[FOLDER_ENV])
-    with open(folder / "server.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    with FileLock(folder / "server.lock", timeout=None):  # released on leaving, also if this process dies
         record = folder / "server.json"
         if record.exists():
-            return LocalStack(home=folder / "prefect", port=json.loads(record.read_text())["port"])
+            return LocalStack(home=folder / "prefect", port=read_json(record)["port"])
         stack = start_server(folder / "prefect")
         _STARTED[str(folder)] = stack
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": stack.port, "pid": stack.procs[0].pid}))
-        os.replace(tmp, record)  # the others never read a half record
+        write_json(record, {"port": stack.port, "pid": stack.procs[0].pid})  # atomic: never read half written
         return stack
 
 
@@ -78,7 +75,7 @@ def stop_run_server(folder: Path, grace: float = 10) -> None:
     if str(folder) in _STARTED:
         _STARTED.pop(str(folder)).stop()
     elif record.exists():
-        group = json.loads(record.read_text())["pid"]  # the server leads its own process group
+        group = read_json(record)["pid"]  # the server leads its own process group
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, sig)
