@@ -127,6 +127,10 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.caption_ids)
 
+    def with_scores(self, clip_score: np.ndarray) -> Pairs:
+        """The same pairs with other CLIP scores (what CXE weighs them by)."""
+        return Pairs(self.caption_ids, self.texts, self.shard, self.row, np.asarray(clip_score, dtype=np.float32))
+
     def with_images_shuffled(self, seed: int) -> Pairs:
         """A CONTROL, not the method: every caption gets another caption's image (a seeded derangement),
         so a model trained on it can learn the captions' language but nothing about images."""

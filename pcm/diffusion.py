@@ -315,7 +315,7 @@ class GenerationSpec:
 class Prompted(Protocol):
     """A planned sample: its prompt and its own seed (the synthesize stage's Sample)."""
 
-    text: str
+    prompt: str
     seed: int
 
 
@@ -373,7 +373,7 @@ class Synthesizer:
         self.latent_shape = (self.pipe.unet.config.in_channels, spec.height // scale, spec.width // scale)
 
     def generate_samples(self, samples: Sequence[Prompted]) -> list[Any]:
-        return self.generate([s.text for s in samples], [s.seed for s in samples])
+        return self.generate([s.prompt for s in samples], [s.seed for s in samples])
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Any]:
         """One entry per prompt: a uint8 [H, W, 3] array, or a string saying why the sample failed."""

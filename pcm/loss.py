@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,6 +31,22 @@ def clip_weights(clip_score: Tensor, w: float, enabled: bool = True) -> Tensor:
     if not enabled:
         return torch.ones_like(clip_score, dtype=torch.float32)
     return (w * clip_score.float()).clamp(min=0.0, max=1.0)
+
+
+def auto_cxe_w(clip_scores: np.ndarray) -> float:
+    """CXE's w calibrated to the data: 1 / the median CLIP score of the training pairs, so the median pair
+    sits at the cap (weight 1) and worse pairs weigh less. The paper's w = 4 does the same by hand for
+    OpenAI CLIP, whose matched cosines sit near 0.25."""
+    median = float(np.median(np.asarray(clip_scores, dtype=np.float64))) if len(clip_scores) else 0.0
+    if not median > 0:
+        raise ValueError(f"train.cxe_w = 'auto': the median CLIP score of the {len(clip_scores)} training pairs is "
+                         f"{median:.4f}; w = 1 / median needs it positive: give cxe_w a number or turn cxe off")
+    return 1.0 / median
+
+
+def cxe_weights_np(clip_scores: np.ndarray, w: float) -> np.ndarray:
+    """`clip_weights` on a numpy array (float64): min(1, w * cos), clamped at 0."""
+    return np.clip(w * np.asarray(clip_scores, dtype=np.float64), 0.0, 1.0)
 
 
 def token_losses(logp: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -34,7 +34,8 @@ CAPTIONS = pa.schema([
 SAMPLES = pa.schema([
     ("caption_id", pa.string()),
     ("shard", pa.int32()),
-    ("seed", pa.int64()),
+    ("seed", pa.int64()),               # the seed the image was rendered with
+    ("rendered_from", pa.string()),     # null, or the caption whose image this one got (wrong_image_fraction)
     ("status", pa.string()),            # ok / failed
     ("error", pa.string()),
 ])

@@ -3,7 +3,8 @@
     cfg = resolve("demo", {"synthesize.guidance_scale": 5.0})
     results = run_pipeline(cfg)          # in-process, no Prefect server
 
-Presets live in pcm/presets/pipeline/<name>.toml; a path to a TOML file works too. In a preset,
+Presets live in pcm/presets/pipeline/<name>.toml; a path to a TOML file works too. A preset may start
+from another (`base = "demo"`): its tables are merged key by key onto the base's. In a preset,
 "{demo}" expands to the bundled demo data directory, "{toyworld}" to the bundled toy-world data
 and "{toymodels}" to the shipped toy models (pcm/data/toymodels).
 """
@@ -21,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pcm import bundled
-from pcm.config import StageConfig, describe_validation_error, set_dotted, validate
+from pcm.config import StageConfig, describe_validation_error, merge_tables, set_dotted, validate
 from pcm.config import parse_assignments as parse_assignments  # the `--set` grammar, re-exported
 from pcm.stages.encode import BY_CONTENT, EncodeConfig, run_encode
 from pcm.stages.evaluate import EvaluateConfig, run_evaluate
@@ -56,7 +57,7 @@ def preset_names() -> list[str]:
     return bundled.names("pipeline", ".toml")
 
 
-def load_preset(preset: str) -> dict[str, Any]:
+def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw dict of a preset name, a TOML path or the JSON `pcm run --show-config` prints (which may hold
     nulls TOML cannot say), with "{demo}", "{toyworld}" and "{toymodels}" expanded."""
     path = Path(preset).expanduser()
@@ -79,6 +80,12 @@ def load_preset(preset: str) -> dict[str, Any]:
             raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML: {e}") from None
+    base = raw.pop("base", None)
+    if base is not None:  # a variant of another preset: only what differs is written down
+        if not isinstance(base, str) or base not in preset_names() or base in (*_seen, path.stem):
+            raise ValueError(f"{path}: base = {base!r} must name another bundled preset, without a cycle "
+                             f"({', '.join(preset_names())})")
+        raw = merge_tables(load_preset(base, (*_seen, path.stem)), raw)
     from pcm.demo_data import DEMO_DIR
     from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
 

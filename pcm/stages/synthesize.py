@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -43,7 +43,7 @@ from storage.shards import ShardWriter, check_key, is_done, iter_tar, read_marke
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: status rows record rendered_from (the wrong_image_fraction switch)
 STAGE = "synthesize"
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
@@ -77,6 +77,9 @@ class SynthesizeConfig(StageConfig):
     imported_mapping: str | None = Field(
         None, description="CSV `caption_id,image` naming each caption's image under imported_images; None = the "
         "image whose name (without suffix) is the caption_id")
+    wrong_image_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="A CONTROLLED DEFECT, NOT THE METHOD: give this fraction of the train "
+        "captions another caption's image (a seeded derangement among them; recorded per sample as rendered_from)")
     tiny_vae: str | None = Field(
         None, description="APPROXIMATE, CHANGES THE IMAGES: decode with a tiny VAE (TAESD) by hub id, local "
         "directory, or `tiny` (random, presets only) instead of the model's VAE; ~8x faster decoding")
@@ -95,6 +98,8 @@ class SynthesizeConfig(StageConfig):
         for key in ("paired_images", "imported_images", "imported_mapping"):
             if out.get(key) is None:
                 out.pop(key, None)
+        if out.get("wrong_image_fraction") == 0.0:
+            out.pop("wrong_image_fraction")
         return out
 
     @property
@@ -127,6 +132,9 @@ class SynthesizeConfig(StageConfig):
             raise ValueError("give paired_images or imported_images, not both: each replaces the diffusion model")
         if self.imported_mapping and not self.imported_images:
             raise ValueError("imported_mapping needs imported_images (the directory the mapping points into)")
+        if self.wrong_image_fraction and self.imported_images:
+            raise ValueError("wrong_image_fraction does not apply to imported_images: write the wrong pairs into "
+                             "an imported_mapping instead")
         return self
 
     @model_validator(mode="after")
@@ -140,12 +148,24 @@ class SynthesizeConfig(StageConfig):
 # -- the plan -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sample:
-    """One planned image: its caption and its own seed."""
+    """One planned image: its caption and its own seed.
+
+    With `wrong_image_fraction`, a swapped sample keeps its caption (`text`, what it is trained on) but
+    is rendered from another caption's prompt, seed and image_path (`rendered_from` names that caption),
+    so it gets exactly the image that caption would have had.
+    """
 
     caption_id: str
     text: str
     seed: int
     image_path: str | None = None   # the caption's own image (read only for paired-image runs)
+    rendered_from: str | None = None
+    rendered_text: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        """What the generator renders: the caption, or for a swapped sample the other caption."""
+        return self.text if self.rendered_text is None else self.rendered_text
 
 
 def sample_seed(run_seed: int, caption_id: str) -> int:
@@ -159,8 +179,10 @@ def _captions_file(captions: StageResult) -> Path:
 
 
 def planned_samples(config: SynthesizeConfig, captions: StageResult) -> list[Sample]:
-    """The ok train-split captions in file order (first `limit`), each with its seed."""
-    return list(_planned(config.seed, config.limit, str(_captions_file(captions)), config.paired_images is not None))
+    """The ok train-split captions in file order (first `limit`), each with its seed (some swapped, with
+    `wrong_image_fraction`)."""
+    key = (config.seed, config.limit, str(_captions_file(captions)), config.paired_images is not None)
+    return list(_swapped(*key, config.wrong_image_fraction) if config.wrong_image_fraction else _planned(*key))
 
 
 @functools.lru_cache(maxsize=4)
@@ -190,6 +212,31 @@ def _planned(seed: int, limit: int | None, captions_file: str, paired: bool = Fa
             break
     if not out:
         raise ValueError(f"{path}: no ok train captions to synthesize; check the ingest stage's splits and statuses")
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _swapped(seed: int, limit: int | None, captions_file: str, paired: bool, fraction: float) -> tuple[Sample, ...]:
+    """The plan with round(fraction * n) samples, chosen by the seed, each given another chosen one's image.
+
+    A cyclic shift over a seeded random order of the chosen samples is a derangement: no chosen sample keeps
+    its own image, and the set of images is unchanged (only the pairing is wrong).
+    """
+    import numpy as np
+
+    samples = _planned(seed, limit, captions_file, paired)
+    n = len(samples)
+    m = round(fraction * n)
+    if m < 2:
+        raise ValueError(f"synthesize.wrong_image_fraction={fraction} of {n} captions swaps {m}; a swap needs at "
+                         "least 2 captions: raise the fraction or use more captions")
+    # Its own random stream (the "wrong" tag), so the choice does not move with anything else seeded by `seed`.
+    chosen = np.random.default_rng([seed, 0x77726F6E67]).permutation(n)[:m]
+    out = list(samples)
+    for k, i in enumerate(chosen):
+        src = samples[chosen[k - 1]]   # k = 0 takes the last chosen one's image
+        out[i] = replace(samples[i], seed=src.seed, image_path=src.image_path,
+                                     rendered_from=src.caption_id, rendered_text=src.text)
     return tuple(out)
 
 
@@ -400,7 +447,9 @@ def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
         "steps": config.steps, "guidance_scale": config.guidance_scale, "negative_prompt": config.negative_prompt,
         "height": config.height, "width": config.width, "dtype": config.dtype, "tiny_vae": config.tiny_vae,
         "versions": _versions(),
-    } | ({"paired_image": sample.image_path, "paired_images": config.paired_images} if config.paired_images else {})
+    } | ({"paired_image": sample.image_path, "paired_images": config.paired_images} if config.paired_images else {}) \
+      | ({"rendered_from": sample.rendered_from, "rendered_text": sample.rendered_text,
+          "wrong_image_fraction": config.wrong_image_fraction} if sample.rendered_from else {})
 
 
 def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[Future | str],
@@ -419,12 +468,12 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
                     error = f"image {'import' if config.imported_images else 'encoding'} failed: {type(e).__name__}: {e}"
             if error is not None:
                 rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
-                             "status": tables.STATUS_FAILED, "error": error})
+                             "rendered_from": s.rendered_from, "status": tables.STATUS_FAILED, "error": error})
                 continue
             meta = json.dumps(sample_metadata(config, s), sort_keys=True, ensure_ascii=False)
             w.write({"__key__": s.caption_id, ext: data, "txt": s.text.encode("utf-8"), "json": meta.encode("utf-8")})
             rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
-                         "status": tables.STATUS_OK, "error": None})
+                         "rendered_from": s.rendered_from, "status": tables.STATUS_OK, "error": None})
         failed = sum(r["status"] == tables.STATUS_FAILED for r in rows)
         w.stats.update(ok=len(rows) - failed, failed=failed, generate_s=round(generate_s, 3))
         # The status rows go in before the tar is committed, so a done shard always has them.

@@ -12,15 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PlainValidator, ValidationError, field_validator, model_validator
 
 from pcm import checkpoint
 from pcm.config import StageConfig, validation_problems
@@ -54,6 +55,18 @@ RELEASE_TRAIN = {"label_smoothing": 0.1, "focal_gamma": 2.0, "loss_reduction": "
 RELEASE_MODEL = {"word_embedding": "release", "word_dropout": 0.1, "position_init_std": 0.02}
 
 
+def _cxe_w(v: Any) -> float | str:
+    """CXE's w: a positive finite number or "auto" (one error for either, not one per union member)."""
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+        raise ValueError("must be a positive finite number or \"auto\"")
+    return float(v)
+
+
+CxeW = Annotated[float | Literal["auto"], PlainValidator(_cxe_w, json_schema_input_type=float | Literal["auto"])]
+
+
 class TrainConfig(StageConfig):
     """PCM-Net training: model preset + overrides, loss, optimiser, schedule, data, validation, runtime."""
 
@@ -69,7 +82,11 @@ class TrainConfig(StageConfig):
         "numerics (label smoothing 0.1, focal 2, token mean, their word/position embeddings) where not set")
     # Loss.
     cxe: bool = Field(True, description="CLIP-weighted cross-entropy (off = every caption weighs 1)")
-    cxe_w: float = Field(4.0, gt=0, description="w of min(1, w * cos): 4 for ViT-L/14, 2.5 release ViT-B/32")
+    cxe_w: CxeW = Field(
+        4.0, description="w of min(1, w * cos): 4 for ViT-L/14, 2.5 release ViT-B/32; auto = 1 / the median "
+        "CLIP score of the training pairs (the median pair at the cap)")
+    cxe_uniform: bool = Field(False, description="CONTROL, NOT THE METHOD: every pair weighs CXE's mean weight "
+                              "over the training pairs (is it the per-pair weighting or the smaller loss?)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="0 = paper; 0.1 = release (KL to 1-eps / "
                                    "eps/(V-1))")
     focal_gamma: float = Field(0.0, ge=0, description="0 = off (paper); 2 = release (batch mean of (1-p)^2)")
@@ -125,6 +142,12 @@ class TrainConfig(StageConfig):
             return data
         return {**RELEASE_TRAIN, **data, "model": {**RELEASE_MODEL, **model}}
 
+    @model_validator(mode="after")
+    def _uniform_needs_cxe(self) -> TrainConfig:
+        if self.cxe_uniform and not self.cxe:
+            raise ValueError("cxe_uniform (a control) spreads CXE's mean weight over every pair: it needs cxe = true")
+        return self
+
     @field_validator("betas")
     @classmethod
     def _betas_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -155,7 +178,8 @@ class TrainConfig(StageConfig):
     def content(self) -> dict[str, Any]:
         # Switches added later are left out at their defaults, so ordinary runs keep the fingerprints they had.
         out = super().content()
-        for key, default in (("shuffle_images", False), ("parity", "paper"), ("loss_reduction", "caption-sum")):
+        for key, default in (("shuffle_images", False), ("parity", "paper"), ("loss_reduction", "caption-sum"),
+                             ("cxe_uniform", False)):
             if out.get(key) == default:
                 out.pop(key, None)
         return out
@@ -253,6 +277,11 @@ def total_steps_hint(sd: StageDir) -> int:
     return 0
 
 
+def cxe_record(sd: StageDir) -> dict[str, Any]:
+    """CXE's w as used and its weight statistics, as the workers record them in metrics.jsonl's first line."""
+    return next((rec["cxe"] for rec in jsonl.read(sd.metrics_log) if "cxe" in rec), {})
+
+
 def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None:
     recs = [r for r in jsonl.read(sd.metrics_log) if "loss" in r]
     total = total or total_steps_hint(sd)
@@ -266,7 +295,8 @@ def _finish(sd: StageDir, started: float) -> StageResult:
     pictures = {"loss_curve": str(loss_curve(jsonl.read(sd.metrics_log), sd.loss_curve_picture))}
     extra = {"best": str(checkpoint.best_dir(sd.path)), "latest": str(latest),
              "clip": atomic.read_json(latest / checkpoints.CLIP), "val_metric": state["best"]["metric"],
-             "best_value": state["best"]["value"], "best_step": state["best"]["step"], "pictures": pictures}
+             "best_value": state["best"]["value"], "best_step": state["best"]["step"], "pictures": pictures,
+             "cxe": cxe_record(sd)}
     counts = {"steps": state["step"], "train_pairs": state["train_pairs"], "val_images": state["val_images"],
               "vocab": state["vocab"]}
     return finish(sd, counts, started, extra)
@@ -283,9 +313,13 @@ def optimizer_spec(config: TrainConfig) -> OptimizerSpec:
     return OptimizerSpec(lr=lr_at(config, 1), betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
-def step_spec(config: TrainConfig) -> StepSpec:
-    """The loss and clipping settings of this config."""
-    return StepSpec(cxe=config.cxe, cxe_w=config.cxe_w, label_smoothing=config.label_smoothing,
+def step_spec(config: TrainConfig, cxe_w: float | None = None) -> StepSpec:
+    """The loss and clipping settings of this config (`cxe_w`: the resolved w when the config says auto)."""
+    if cxe_w is None:
+        if config.cxe_w == "auto":
+            raise ValueError("cxe_w = 'auto' is resolved from the training pairs: pass the resolved w")
+        cxe_w = config.cxe_w
+    return StepSpec(cxe=config.cxe, cxe_w=cxe_w, label_smoothing=config.label_smoothing,
                     focal_gamma=config.focal_gamma, loss_reduction=config.loss_reduction, grad_clip=config.grad_clip)
 
 
@@ -305,6 +339,7 @@ class TrainData:
     bank: Any
     head: Any             # CLIP's ln_post and proj
     clip_spec: dict[str, Any]
+    cxe: dict[str, Any]   # w as used (auto resolved) and the weights it gives the pairs (mean, share 0, share 1)
 
 
 @dataclass
@@ -362,6 +397,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult) -
     if config.shuffle_images:
         log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
         pairs = pairs.with_images_shuffled(config.seed)
+    pairs, cxe = cxe_weighting(config, pairs)
     d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))
     names, bank = dataset.load_concepts(encode.path)
     head, head_meta = dataset.load_clip_head(encode.path)
@@ -382,7 +418,29 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult) -
     if len(val) == 0:
         log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
                     "validation is skipped and best/ holds the final model", enc.path)
-    return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec)
+    return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe)
+
+
+def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]:
+    """CXE's w as used (`auto`: from these pairs) and the weights it gives them; with `cxe_uniform` (a control)
+    the pairs' scores are replaced so that every pair gets the mean weight."""
+    import numpy as np
+
+    from pcm.loss import auto_cxe_w, cxe_weights_np
+
+    if config.cxe_w != "auto":
+        w = float(config.cxe_w)
+    else:  # without CXE, w weighs nothing: 1 stands in, and the scores need not allow an auto w
+        w = auto_cxe_w(pairs.clip_score) if config.cxe else 1.0
+    weights = cxe_weights_np(pairs.clip_score, w) if config.cxe else np.ones(len(pairs))
+    stats = {"cxe_w": w, "weight_mean": float(weights.mean()), "weight_zero": float((weights <= 0).mean()),
+             "weight_cap": float((weights >= 1).mean())}
+    if config.cxe_uniform:
+        log.warning("train.cxe_uniform: a control run; every pair weighs %.4f, CXE's mean weight", stats["weight_mean"])
+        # min(1, w * s) with s = mean / w is exactly the mean (at most 1) for every pair.
+        pairs = pairs.with_scores(np.full(len(pairs), stats["weight_mean"] / w, dtype=np.float32))
+        stats["uniform"] = True
+    return pairs, stats
 
 
 def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any) -> Run:
@@ -418,7 +476,7 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
             metrics_path.unlink(missing_ok=True)
             jsonl.append(metrics_path, {"step": 0, "total_steps": total, "train_pairs": len(data.pairs),
                                         "val_images": len(data.val), "vocab": len(data.vocab),
-                                        "val_metric": config.val_metric})
+                                        "val_metric": config.val_metric, "cxe": data.cxe})
 
     # Wrapped and stepped only now, over the loaded weights and Adam state: a CUDA-graph step turns Adam's
     # learning rate into a GPU tensor, which loading the optimizer state would replace.
@@ -427,7 +485,7 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
         net = torch.compile(net)
     amp = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    train_step = TrainStep(net, opt, params, step_spec(config), data.vocab.pad, device, amp, config.cuda_graphs)
+    train_step = TrainStep(net, opt, params, step_spec(config, data.cxe["cxe_w"]), data.vocab.pad, device, amp, config.cuda_graphs)
     return Run(config, sd, info, device, data, model, opt, train_step, batches, total, autocast,
                step=state["step"], epoch=state["epoch"], position=state["position"], best=state["best"])
 
