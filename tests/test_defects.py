@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+import torch
 from builders import caption_row, ingest_stage
+
 from pcm.dataset import Pairs
 from pcm.loss import auto_cxe_w, clip_weights
 from pcm.stages.pipeline import load_preset, resolve
@@ -121,7 +122,7 @@ def test_uniform_control_gives_every_pair_cxes_mean_weight():
     config = TrainConfig(preset="tiny", cxe_w=3.0, cxe_uniform=True)
     pairs, stats = cxe_weighting(config, _pairs(scores))
     mean = float(np.clip(3.0 * np.array(scores), 0, 1).mean())
-    got = clip_weights(__import__("torch").from_numpy(pairs.clip_score), 3.0).numpy()   # what the loss uses
+    got = clip_weights(torch.from_numpy(pairs.clip_score), 3.0).numpy()   # what the loss uses
     assert np.allclose(got, mean, atol=1e-6) and stats["uniform"]
     assert pairs.caption_ids == _pairs(scores).caption_ids and list(pairs.row) == list(range(6))
     with pytest.raises(ValueError, match="cxe_uniform .* needs cxe = true"):
