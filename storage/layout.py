@@ -241,3 +241,12 @@ class RunLayout:
         """The StageDir for an existing `<root>/<stage>/<fingerprint>` path."""
         sd = StageDir.at(path)
         return self.stage(sd.stage, sd.fingerprint)  # validated: a known stage, a hex fingerprint
+
+
+def experiment_record(records: str | os.PathLike, level: str, arm: str, seed: int) -> Path:
+    """An experiment's record of one finished arm and seed: `<records>/<level>/<arm>/seed-<n>.json`
+    (`+` in an arm's name is spelt `plus-`, so `+PCM` is `plus-PCM`)."""
+    parts = [level, arm.replace("+", "plus-")]
+    if any(not re.fullmatch(r"[A-Za-z0-9_.-]+", p) or p.startswith(".") for p in parts) or seed < 0:
+        raise ValueError(f"invalid experiment record name {level!r} / {arm!r} / seed {seed}")
+    return Path(records, *parts, f"seed-{seed}.json")

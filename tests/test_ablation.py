@@ -1,0 +1,86 @@
+"""The toy-world ablation's bookkeeping: what it plans, how records resume it, and what the report says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pcm.toyworld import ablation
+from pcm.toyworld.world import ATTRIBUTES
+from storage.atomic import write_json
+from storage.layout import experiment_record
+
+
+def fake_record(records, level: str, arm: str, seed: int, shift: float, rng) -> None:
+    per_image = {f"img{i:03d}": float(100 + i % 7 + shift + rng.normal(0, 1)) for i in range(40)}
+    rec = {"level": level, "arm": arm, "seed": seed, "per_image_cider": per_image, "control_cider": 30.0,
+           "attributes": {a: 0.5 for a in ATTRIBUTES}, "cxe": {"cxe_w": 2.0, "weight_mean": 0.8, "weight_zero": 0.05}}
+    path = experiment_record(records, level, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, rec)
+
+
+def test_every_level_runs_the_papers_four_arms_and_its_controls_with_valid_configs():
+    for level in ablation.LEVELS:
+        arms = ablation.ARMS_OF[level]
+        assert arms[:4] == ["base", "+PCM", "+CXE", "PCM+CXE"]
+        for arm in arms:
+            cfg = ablation.arm_config(level, arm, seed=3)
+            assert cfg.train.seed == 3 and cfg.train.cxe_w == "auto"
+            assert cfg.train.model_preset().pcm == (arm not in ("base", "+CXE"))
+            assert cfg.train.cxe == (arm in ("+CXE", "PCM+CXE", "uniform"))
+    assert ablation.arm_config("wrong30", "drop30", 0).train.data_fraction == 0.7
+    assert ablation.arm_config("defective", "uniform", 0).train.cxe_uniform
+    # Arms of a level share ingest, synthesize and encode: only train and evaluate differ.
+    a, b = ablation.arm_config("defective", "base", 0), ablation.arm_config("defective", "PCM+CXE", 1)
+    assert (a.ingest, a.synthesize, a.encode, a.evaluate) == (b.ingest, b.synthesize, b.encode, b.evaluate)
+    with pytest.raises(ValueError, match="unknown levels"):
+        ablation.planned(["nope"], 1)
+
+
+def test_records_resume_the_plan_and_the_summary_pairs_arms_with_base(tmp_path):
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        fake_record(tmp_path, "defective", "base", seed, 0.0, rng)
+        fake_record(tmp_path, "defective", "+CXE", seed, 4.0, rng)
+    done = ablation.load_records(tmp_path)
+    assert set(done) == {("defective", arm, s) for arm in ("base", "+CXE") for s in range(3)}
+    todo = [j for j in ablation.planned(["defective"], 3) if j not in done]
+    assert ("defective", "base", 0) not in todo and ("defective", "+PCM", 0) in todo
+    summary = ablation.summarise(done, n_boot=300)
+    cxe = summary["defective"]["arms"]["+CXE"]
+    assert cxe["vs"]["mean"] == pytest.approx(4.0, abs=0.5) and cxe["vs"]["excludes_0"]
+    assert cxe["seeds"] == 3 and cxe["cxe_weight_mean"] == 0.8
+    rows = ablation.table_rows(summary["defective"])
+    assert [r["arm"] for r in rows] == ["base", "+CXE"] and rows[0]["vs base [95% CI]"] == "-"
+    assert ablation.plot(summary, tmp_path / "ablation.png").stat().st_size > 1000
+
+
+def test_record_names_are_checked():
+    assert experiment_record("r", "wrong30", "+PCM", 2).as_posix() == "r/wrong30/plus-PCM/seed-2.json"
+    for bad in (("../x", "base", 0), ("a", "b/c", 0), ("a", "b", -1)):
+        with pytest.raises(ValueError, match="invalid experiment record"):
+            experiment_record("r", *bad)
+
+
+@pytest.mark.heavy
+def test_the_flow_reports_finished_records_as_dashboard_artifacts(tmp_path, prefect_api):
+    from prefect.client.orchestration import get_client
+
+    from flows.ablation import ablation_flow
+
+    rng = np.random.default_rng(1)
+    for arm in ablation.ARMS_OF["faithful"]:
+        fake_record(tmp_path / "records", "faithful", arm, 0, 0.0, rng)
+    out = ablation_flow(levels=["faithful"], seeds=1, root=str(tmp_path / "runs"), records=str(tmp_path / "records"),
+                        plot=str(tmp_path / "ablation.png"))
+    assert set(out["faithful"]) == set(ablation.ARMS_OF["faithful"])
+    assert not (tmp_path / "runs").exists()   # every arm had its record: nothing was trained
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    import asyncio
+
+    assert {"ablation-faithful", "ablation-arms"} <= asyncio.run(keys())
