@@ -44,6 +44,10 @@ def publish(result: StageResult) -> None:
     artifacts.table(key, rows, f"{summary['split']} split, {summary['protocol']}, step {summary['checkpoint']['step']}")
     if summary.get("published"):
         artifacts.table(f"{key}-paper", summary["published"]["rows"], summary["published"]["title"])
+        if len(summary["published"].get("methods") or []) > 1:
+            artifacts.table(f"{key}-methods", summary["published"]["methods"],
+                            "Published methods in this setting, for reference: "
+                            + summary["published"].get("paper_title", summary["published"]["title"]))
     # The report links its thumbnail grid by relative path, which the dashboard cannot follow: the
     # artifact shows it inline instead (a JPEG thumbnail), numbered as the samples table.
     artifacts.report(f"{key}-report", StageDir.at(result.dir).report, result.extra.get("pictures", {}), "Evaluation report")

@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.artifacts import Progress, picture, summary_table
+from flows.artifacts import Progress, picture, summary_table, table
 from flows.caching import fingerprint_key, is_finished, run_stage
 from flows.records import results_dir
 from flows.retries import retry_transient
@@ -27,6 +27,8 @@ from pcm.stages.synthesize import (
     run_synthesize,
     verify,
 )
+from pcm.toyworld.faithfulness import stage_report, table_rows
+from pcm.toyworld.manifest import is_shipped
 from storage.result import StageResult
 from storage.shards import is_done
 
@@ -103,4 +105,21 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     summary_table(f"synthesize-{result.fingerprint}", result, "synthesize: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
         picture(f"synthesize-{name}-{result.fingerprint}", path, f"synthesize: {name}")
+    if judged_by_toy_clip(config):
+        report = synthesize_faithfulness(result.path)
+        table(f"synthesize-faithfulness-{result.fingerprint}", table_rows(report),
+              f"synthesize: faithfulness of {report['images']} images to their captions, judged by the toy CLIP "
+              "(pcm world quality --synthesize; docs/toyworld.md)")
     return result
+
+
+def judged_by_toy_clip(config: SynthesizeConfig) -> bool:
+    """Whether the stage's images come from the shipped toy text-to-image model (by its files' content), so the
+    toy CLIP can judge them against their captions."""
+    return config.source == "generated" and is_shipped(config.model, "t2i")
+
+
+@task(name="synthesize-faithfulness")
+def synthesize_faithfulness(path: str) -> dict:
+    """The stage's faithfulness report, computed once and kept in the stage directory (faithfulness.json)."""
+    return stage_report(path)

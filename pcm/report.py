@@ -44,6 +44,16 @@ def comparison(corpus: dict[str, float | str], name: str) -> list[dict[str, Any]
     return rows
 
 
+def methods(name: str) -> list[dict[str, Any]]:
+    """The published rows of a setting, PCM-Net's first, then other methods' in the same setting (same datasets
+    and CLIP backbone: `[[NAME.others]]`): method, each metric any of them reports (None where one does not),
+    source."""
+    setting = published_setting(name)
+    rows = [setting, *setting.get("others", [])]
+    keys = [k for k in LABELS if any(k in r for r in rows)]
+    return [{"method": r["method"], **{LABELS[k]: r.get(k) for k in keys}, "source": r["source"]} for r in rows]
+
+
 def published_datasets(name: str) -> tuple[str, str]:
     """(training dataset, evaluated dataset) of a published setting, lowercase.
 
@@ -91,7 +101,7 @@ def published_block(corpus: dict[str, float | str], name: str, *, train: str | N
         rows = [{**r, "difference": None, "note": caveat} for r in rows]
     return {"setting": name, "title": setting["title"] + (f" -- {caveat}" if caveat else ""),
             "paper_title": setting["title"], "protocol": setting["protocol"], "comparable": caveat is None,
-            "caveat": caveat, "rows": rows}
+            "caveat": caveat, "rows": rows, "methods": methods(name)}
 
 
 def spread(n_items: int, k: int) -> list[int]:
@@ -109,6 +119,19 @@ def _cell(text: Any) -> str:
 
 def _fmt(value: float | str | None) -> str:
     return f"{100 * value:.1f}" if isinstance(value, float) else "n/a"
+
+
+def _methods_table(pub: dict[str, Any]) -> list[str]:
+    """Markdown lines: the setting's published methods side by side (PCM-Net's row first), each with its source."""
+    rows = pub["methods"]
+    metrics = [k for k in rows[0] if k not in ("method", "source")]
+    lines = [f"### Published methods in this setting ({pub.get('paper_title', pub['title'])}), for reference", "",
+             "| method | " + " | ".join(metrics) + " | source |", "|---|" + "---:|" * len(metrics) + "---|"]
+    for r in rows:
+        cells = [str(r[m]) if r[m] is not None else "-" for m in metrics]
+        lines.append(f"| {_cell(r['method'])} | " + " | ".join(cells) + f" | {_cell(r['source'])} |")
+    return lines + ["", "Published numbers (see each source), not measured here; for the other methods CIDEr only, "
+                    "as their other metrics were not checked.", ""]
 
 
 def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | None) -> str:
@@ -159,6 +182,8 @@ def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | N
         if pub["protocol"] != summary["protocol"]:
             lines += ["", f"Note: the paper's setting is {pub['protocol']}, this evaluation is {summary['protocol']}."]
         lines.append("")
+    if summary.get("published") and len(summary["published"].get("methods") or []) > 1:
+        lines += _methods_table(summary["published"])
     if samples:
         lines += ["## Samples", ""]
         if grid:

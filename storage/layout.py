@@ -9,6 +9,7 @@
         shards/shard-NNNNNN.status.parquet   one status row per sample of the shard
         shards/shard-NNNNNN.done.json   marker, written after the tar is in place
         samples.parquet                 synthesize: all status rows (written at the end)
+        faithfulness.json               synthesize: toy-world images vs their captions (written after the stage)
         features/shard-NNNNNN.safetensors    encode: synthetic image features (+ .done.json)
         real/shard-NNNNNN.safetensors        encode: real val/test image features (+ .done.json)
         scores.parquet, real.parquet, concepts.parquet, clip_head.safetensors   encode
@@ -92,6 +93,12 @@ class StageDir:
     def metrics_log(self) -> Path:
         """train: one JSON line per logged step and validation."""
         return self.path / "metrics.jsonl"
+
+    @property
+    def faithfulness(self) -> Path:
+        """synthesize (toy world): how faithful the images are to their captions, judged by the toy CLIP;
+        written after the stage is done, on demand, and not part of it (pcm.toyworld.faithfulness)."""
+        return self.path / "faithfulness.json"
 
     @property
     def clip_head(self) -> Path:

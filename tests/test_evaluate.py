@@ -159,6 +159,7 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
 
     report = sd.file("report.md").read_text()
     assert "| BLEU-1 |" in report and "coco-vitb32" not in report and "COCO in-domain, ViT-B/32" in report
+    assert "| IFCap | - | - | - | 108.0 | - |" in report and "| SynC + PCM-Net |" in report  # same setting, beside
     assert "`104` failed to encode" in report and "`105`" in report
     assert "](pictures/samples.png)" in report and (sd.pictures / "samples.png").stat().st_size > 0
     assert result.extra["pictures"] == {"samples": str(sd.pictures / "samples.png")}

@@ -64,6 +64,16 @@ def pipeline_overrides(items: Sequence[str], preset: str) -> dict[str, Any]:
     return overrides
 
 
+def print_faithfulness(config: Any, stage: str) -> None:
+    """For images of the shipped toy text-to-image model: how faithful they are to their captions (the toy CLIP's
+    judgement, kept in the stage's faithfulness.json; a few seconds the first time)."""
+    from pcm.toyworld.faithfulness import stage_report, summary_line
+    from pcm.toyworld.manifest import is_shipped
+
+    if config.source == "generated" and is_shipped(config.model, "t2i"):
+        typer.echo(f"{'':<11} faithfulness: {summary_line(stage_report(stage))}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run", cls=config_command(None), epilog=RUN_EXAMPLES)
     def run(
@@ -104,6 +114,8 @@ def register(app: typer.Typer) -> None:
         for name, r in results.items():
             state = "cached" if r.cached else "done"
             typer.echo(f"{name:<11} {state:<7} {r.path}  {json.dumps(r.counts)}")
+        if "synthesize" in results:
+            print_faithfulness(cfg.synthesize, results["synthesize"].path)
 
     @app.command("presets")
     def presets() -> None:

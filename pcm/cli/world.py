@@ -69,12 +69,43 @@ def _quality(models: Path, images: int = 100) -> dict:
 
 
 @world_app.command("quality")
-def quality(models: Path = typer.Argument(None, help="models directory (default: the shipped pcm/data/toymodels)"),
-            ) -> None:
-    """Measure the toy models on held-out scenes (CLIP retrieval, text-to-image faithfulness)."""
+def quality(
+    models: Path = typer.Argument(None, help="models directory (default: the shipped pcm/data/toymodels)"),
+    synthesize: Path | None = typer.Option(
+        None, "--synthesize", metavar="STAGE_DIR",
+        help="instead, judge a finished synthesize stage's images against their captions "
+        "(runs/synthesize/<fingerprint>) and write its faithfulness.json"),
+    clip: Path | None = typer.Option(None, "--clip", help="with --synthesize: the toy CLIP that judges "
+                                     "(default: MODELS/clip, else the shipped one)"),
+    images: int = typer.Option(200, min=1, help="with --synthesize: images judged, a seeded random choice "
+                               "(all when the stage has fewer)"),
+    seed: int = typer.Option(0, help="with --synthesize: seed of the choice of images"),
+    force: bool = typer.Option(False, "--force", help="with --synthesize: recompute even when the stage's "
+                               "faithfulness.json was made with the same CLIP, images and seed"),
+) -> None:
+    """Measure the toy models on held-out scenes (CLIP retrieval, text-to-image faithfulness), or, with
+    --synthesize, how faithful a synthesize stage's images are to their captions, as the toy CLIP judges.
+
+    The stage report: caption->image R@1 / R@5 among the chosen images and the mean CLIP score.
+
+    Per attribute (sky, ground, colour, kind, count), its caption vs the same caption with that attribute changed.
+
+    beats_all: the share of images whose caption scores above every such variant; pairwise: the share beaten.
+
+    Definitions and measured levels: pcm/toyworld/faithfulness.py, docs/toyworld.md ("Defect levels").
+    """
     from pcm.toyworld.dataset import SHIPPED_MODELS
 
-    typer.echo(json.dumps(_quality(models or SHIPPED_MODELS), indent=2))
+    if synthesize is None:
+        typer.echo(json.dumps(_quality(models or SHIPPED_MODELS), indent=2))
+        return
+    from pcm.toyworld.faithfulness import stage_report, summary_line
+    from storage.layout import StageDir
+
+    report = stage_report(synthesize, clip or (models / "clip" if models else None), n=images, seed=seed,
+                          reuse=not force)
+    typer.echo(json.dumps(report, indent=2))
+    typer.echo(f"{summary_line(report)}\nwritten to {StageDir.at(synthesize).faithfulness}", err=True)
 
 
 @world_app.command("check")

@@ -50,3 +50,27 @@ def check_manifest(models_dir: str | Path) -> list[str]:
         if str(p.relative_to(root)) not in listed:
             problems.append(f"{p}: not in the manifest")
     return problems
+
+
+def dir_digest(directory: str | Path) -> str:
+    """sha256 over a directory's files (relative paths and contents, dot-files and the manifest left out):
+    its content, however its path is spelled."""
+    root = Path(directory)
+    h = hashlib.sha256()
+    for p in _files(root):
+        h.update(f"{p.relative_to(root).as_posix()}\0{_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def is_shipped(directory: str | Path, part: str) -> bool:
+    """Whether `directory` holds the shipped toy model `part` (`t2i` or `clip`): every file the shipped manifest
+    lists for it, with the same size and sha256, wherever the directory lies (a copy counts, a retrained model
+    does not). Hashes ~15 MB for the t2i model."""
+    from pcm.toyworld.dataset import SHIPPED_MODELS
+
+    root = Path(directory)
+    listed = atomic.read_json(SHIPPED_MODELS / MANIFEST_FILE)["files"]
+    wanted = {rel[len(part) + 1:]: f for rel, f in listed.items() if rel.startswith(part + "/")}
+    return root.is_dir() and bool(wanted) and all(
+        (root / rel).is_file() and (root / rel).stat().st_size == f["bytes"] and _sha256(root / rel) == f["sha256"]
+        for rel, f in wanted.items())
