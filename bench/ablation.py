@@ -90,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from pcm.toyworld.faithfulness import summary_line
+
     summary = ablation.summarise(done)
     for level, lv in summary.items():
+        lv["faithfulness"] = ablation.level_faithfulness(level, args.work)
         print(f"\n## {level} ({lv['preset']}): CIDEr x100 on {lv['images']} drawn test scenes\n"
               + text_table(ablation.table_rows(lv)))
+        if lv["faithfulness"]:
+            print(f"generator faithfulness: {summary_line(lv['faithfulness'])}")
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "python": platform.python_version()},
               "settings": {"captions": 1500, "bootstrap": ablation.BOOTSTRAP, "arms": ablation.ARMS,

@@ -25,10 +25,15 @@ def arm_task(level: str, arm: str, seed: int, root: str, records: str) -> dict:
 
 
 @task(name="ablation-report")
-def report_task(records: str, plot: str) -> dict:
-    """Summarise every record; a table per level and the figure as artifacts."""
+def report_task(records: str, plot: str, root: str) -> dict:
+    """Summarise every record; a table per level (and its generator's faithfulness) and the figure as artifacts."""
+    from pcm.toyworld.faithfulness import table_rows
+
     summary = ablation.summarise(ablation.load_records(records))
     for level, lv in summary.items():
+        if (faithful := ablation.level_faithfulness(level, root)) is not None:
+            artifacts.table(f"ablation-{level}-faithfulness", table_rows(faithful),
+                            f"How faithful the {level} level's generator is (toy-CLIP counterfactual tests)")
         artifacts.table(f"ablation-{level}", ablation.table_rows(lv),
                         f"Toy-world ablation, {level} ({lv['preset']}): CIDEr on {lv['images']} drawn test scenes, "
                         "mean, sd, 95% bootstrap interval (seeds x images), paired difference to base")
@@ -47,7 +52,7 @@ def ablation_flow(levels: list[str] | None = None, seeds: int = 5, root: str = "
     for level, arm, seed in ablation.planned(levels or list(ablation.LEVELS), seeds):
         if (level, arm, seed) not in done:
             arm_task(level, arm, seed, root, records)
-    return report_task(records, plot)
+    return report_task(records, plot, root)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,20 @@ def run_arm(level: str, arm: str, seed: int, root: str | os.PathLike, records: s
     return rec
 
 
+def level_faithfulness(level: str, root: str | os.PathLike) -> dict[str, Any] | None:
+    """The faithfulness report (pcm.toyworld.faithfulness) of a level's synthesize stage under `root`, or None
+    when that stage has not finished there (nothing is run)."""
+    from pcm.stages import ingest, synthesize
+    from pcm.toyworld.faithfulness import stage_report
+
+    cfg = arm_config(level, ARMS_OF[level][0], 0)
+    captions = ingest.plan(cfg.ingest, str(root))
+    if not captions.done_marker.exists():
+        return None
+    images = synthesize.plan(cfg.synthesize, str(captions.path), str(root))
+    return stage_report(images.path) if images.done_marker.exists() else None
+
+
 def load_records(records: str | os.PathLike) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Every finished arm's record under `records`, by (level, arm, seed)."""
     from storage.atomic import read_json
