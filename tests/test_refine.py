@@ -287,3 +287,40 @@ def test_cli_refine_and_train_refine(tmp_path, monkeypatch):
     assert json.loads(shown.stdout)["refine"] == RefineConfig(enabled=True, keep_fraction=0.8).model_dump(mode="json")
     bad = CliRunner().invoke(app, ["refine", "--captions", cap, "--encode", enc, "--root", root, "--set", "k=0"])
     assert bad.exit_code != 0 and "k" in str(bad.exception)
+
+
+# ---------------------------------------------------------------------- in the pipeline
+TINY = {"synthesize.limit": 4, "synthesize.steps": 2, "synthesize.height": 32, "synthesize.width": 32,
+        "synthesize.shard_size": 2, "train.max_steps": 2, "train.val_every": 2, "train.checkpoint_every": 2,
+        "train.val_metric": "loss", "train.batch_size": 2}
+
+
+def test_the_pipeline_runs_refine_only_when_enabled_and_trains_on_it(tmp_path):
+    from pcm.stages.pipeline import resolve, run_pipeline
+
+    root = str(tmp_path / "runs")
+    off = run_pipeline(resolve("tiny", TINY), root, stages=("train",))
+    assert "refine" not in off and json.loads((Path(off["train"].path) / "config.json").read_text())["inputs"] == {
+        "ingest": off["ingest"].fingerprint, "encode": off["encode"].fingerprint}
+    on = run_pipeline(resolve("tiny", {**TINY, "refine.enabled": True, "refine.k": 3, "refine.device": "cpu"}), root,
+                      stages=("train",))
+    assert on["encode"].path == off["encode"].path and on["train"].path != off["train"].path
+    assert on["train"].counts["train_pairs"] == on["refine"].counts["kept"] == 3   # floor(0.9 * 4)
+    rows = manifests.PAIRS.read(StageDir.at(on["refine"].path)).to_pylist()
+    scored = [r for r in rows if r["rank"] is not None]   # synthesize.limit: 4 of the training captions have images
+    assert len(scored) == 4 and sorted(r["status"] for r in scored) == ["dropped"] + ["kept"] * 3
+    assert all("no synthetic image" in r["reason"] for r in rows if r["rank"] is None)
+    if on["refine"].counts["reassigned"]:  # random-weight CLIP: whether a caption moves is up to chance
+        assert Path(on["refine"].extra["pictures"]["pairs"]).is_file()
+
+
+def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkeypatch, prefect_api):
+    import flows.refine as fr
+
+    root = str(tmp_path / "runs")
+    cap, enc = refine_inputs(tmp_path / "runs")
+    first = fr.refine_flow(small(), cap, enc, root=root)
+    assert not first.cached and Path(first.extra["pictures"]["pairs"]).is_file()
+    monkeypatch.setattr(fr, "run_refine", lambda *a, **k: pytest.fail("stage ran again"))
+    second = fr.refine_flow({"preset": "tiny", "overrides": {"k": 4, "block": 3, "device": "cpu"}}, cap, enc, root=root)
+    assert second.path == first.path and second.counts == first.counts
