@@ -239,24 +239,24 @@ def pairs_rows(config: RefineConfig, data: Embeddings, image: np.ndarray, score:
 
 def pairs_picture(sd: StageDir, encode: StageResult, data: Embeddings, rows: list[dict[str, Any]]) -> str | None:
     """pictures/pairs.png: the best-ranked re-assigned captions with their own and their new image, from the
-    synthesize stage's shards (found through the encode stage's inputs); None when nothing to show or no shards."""
+    synthesize stage's shards (found through the encode stage's inputs; gray when they cannot be read);
+    None when no caption moved."""
     moved = sorted((r for r in rows if r["status"] == tables.STATUS_KEPT and r["image_caption_id"] != r["caption_id"]),
                    key=lambda r: r["rank"])[:GRID_ROWS]
-    synth = StageDir.at(encode.path).lineage("synthesize")
-    if not moved or not synth:
+    if not moved:
         return None
+    synth = StageDir.at(encode.path).lineage("synthesize")
     where = {cid: int(s) for cid, s in zip(data.caption_ids, data.shard, strict=True)}
     wanted = {k for r in moved for k in (r["caption_id"], r["image_caption_id"])}
     found: dict[str, bytes] = {}
     try:
-        for s in sorted({where[k] for k in wanted}):
+        for s in sorted({where[k] for k in wanted}) if synth else ():
             for sample in shard_io.iter_tar(synth[0].image_shard(s)):
                 if sample["__key__"] in wanted:
                     found[sample["__key__"]] = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample),
                                                     None)
     except (OSError, shard_io.ShardError) as e:
-        log.warning("%s: no pairs picture, the synthetic images cannot be read (%s)", sd.path, e)
-        return None
+        log.warning("%s: the pairs picture shows no images, the synthetic images cannot be read (%s)", sd.path, e)
     lines = [(data.texts[r["caption_id"]], found.get(r["caption_id"]), found.get(r["image_caption_id"]),
               f"rank {r['rank']}, score {r['score']:.3f}, CLIP {r['clip_score']:.3f}") for r in moved]
     return str(pair_grid(lines, sd.pairs_picture))
