@@ -1,4 +1,6 @@
-"""The `synth-and-train` DAG: ingest -> synthesize -> encode -> train -> evaluate, each a subflow.
+"""The `synth-and-train` DAG: ingest -> synthesize -> encode -> [refine] -> train -> evaluate, each a subflow.
+
+refine runs only when the config enables it (`refine.enabled`); train then trains on its pairs.
 
 Its one parameter is a typed `PipelineParams` (preset + overrides); Prefect validates it, and
 with it every stage config, before anything runs. Stages pass only small StageResults (paths,
@@ -21,13 +23,14 @@ from flows import artifacts
 from flows.encode import encode_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
+from flows.refine import refine_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from pcm.stages import encode, synthesize
-from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, resolve
+from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, enabled, resolve
 from storage.result import StageResult
 
-Stage = Literal["ingest", "synthesize", "encode", "train", "evaluate"]
+Stage = Literal["ingest", "synthesize", "encode", "refine", "train", "evaluate"]
 
 
 class PipelineParams(BaseModel):
@@ -99,20 +102,27 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
     params = config
     cfg, root, force = params.config(), params.root, set(params.force)
     last = STAGE_ORDER.index(params.stop_after)
+
+    def runs(stage: str) -> bool:
+        return STAGE_ORDER.index(stage) <= last and enabled(cfg, stage)
+
     out: dict[str, StageResult] = {}
     # Each stage gets the StageResults of the stages before it.
     out["ingest"] = ingest_flow(cfg.ingest, root, force="ingest" in force)
-    if last >= 1:
+    if runs("synthesize"):
         if params.synthesize_fanout:
             fan_out_synthesis(cfg, out["ingest"], root, params.synthesize_fanout)
         out["synthesize"] = finished(synthesize_flow(cfg.synthesize, out["ingest"], root, force="synthesize" in force))
-    if last >= 2:
+    if runs("encode"):
         if params.encode_fanout:
             fan_out_encoding(cfg, out["ingest"], out["synthesize"], root, params.encode_fanout)
         out["encode"] = encode_flow(cfg.encode, out["ingest"], out["synthesize"], root, force="encode" in force)
-    if last >= 3:
-        out["train"] = train_flow(cfg.train, out["ingest"], out["encode"], root, force="train" in force)
-    if last >= 4:
+    if runs("refine"):
+        out["refine"] = refine_flow(cfg.refine, out["ingest"], out["encode"], root, force="refine" in force)
+    if runs("train"):
+        out["train"] = train_flow(cfg.train, out["ingest"], out["encode"], root, force="train" in force,
+                                  refine=out.get("refine"))
+    if runs("evaluate"):
         out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"], out["encode"], out["ingest"], root,
                                         force="evaluate" in force)
     publish_summary(out)

@@ -123,6 +123,11 @@ class Pairs:
     shard: np.ndarray       # [n] int64
     row: np.ndarray         # [n] int64
     clip_score: np.ndarray  # [n] float32
+    image_keys: list[str] | None = None  # whose synthetic image each (shard, row) holds; None: the caption's own
+
+    def __post_init__(self) -> None:
+        if self.image_keys is None:
+            self.image_keys = list(self.caption_ids)
 
     def __len__(self) -> int:
         return len(self.caption_ids)
@@ -140,13 +145,20 @@ class Pairs:
         order = np.random.default_rng(seed).permutation(n)
         target = np.empty(n, dtype=np.int64)
         target[order] = np.roll(order, 1)          # image of order[k-1] -> caption order[k]: never its own
-        return Pairs(self.caption_ids, self.texts, self.shard[target], self.row[target], self.clip_score)
+        return Pairs(self.caption_ids, self.texts, self.shard[target], self.row[target], self.clip_score,
+                     [self.image_keys[t] for t in target])
 
 
-def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 1.0, seed: int = 0) -> Pairs:
-    """Ok rows of scores.parquet joined with their caption text; a seeded `data_fraction` subset."""
+def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 1.0, seed: int = 0,
+               refine: str | Path | None = None) -> Pairs:
+    """Ok rows of scores.parquet joined with their caption text; a seeded `data_fraction` subset.
+
+    With a refine stage: its kept pairs instead (each caption's re-assigned image and that pair's CLIP score).
+    """
     enc, cap = StageDir.at(encode), StageDir.at(captions)
-    scores = manifests.SCORES.read(enc).to_pylist()
+    if refine is not None:
+        return _subset(refined_pairs(cap, enc, StageDir.at(refine)), data_fraction, seed)
+    scores = manifests.SCORES.read(enc, columns=["caption_id", "shard", "row", "clip_score", "status"]).to_pylist()
     texts = {r["caption_id"]: r["text"] for r in tables.ok_rows(manifests.CAPTIONS.read(cap).to_pylist(), "train")}
     ok = sorted(tables.ok_rows(scores), key=lambda r: r["caption_id"])
     unknown = [r["caption_id"] for r in ok if r["caption_id"] not in texts]
@@ -155,14 +167,45 @@ def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 
                          f"training captions of {manifests.CAPTIONS.path(cap)}; were both stages run on the same data?")
     if not ok:
         raise ValueError(f"{manifests.SCORES.path(enc)}: no rows with status ok; nothing to train on")
-    if data_fraction < 1.0:
-        keep = max(1, round(data_fraction * len(ok)))
-        chosen = np.sort(np.random.default_rng(seed).permutation(len(ok))[:keep])
-        ok = [ok[i] for i in chosen]
-    return Pairs(caption_ids=[r["caption_id"] for r in ok], texts=[texts[r["caption_id"]] for r in ok],
-                 shard=np.array([r["shard"] for r in ok], dtype=np.int64),
-                 row=np.array([r["row"] for r in ok], dtype=np.int64),
-                 clip_score=np.array([r["clip_score"] for r in ok], dtype=np.float32))
+    return _subset(Pairs(caption_ids=[r["caption_id"] for r in ok], texts=[texts[r["caption_id"]] for r in ok],
+                         shard=np.array([r["shard"] for r in ok], dtype=np.int64),
+                         row=np.array([r["row"] for r in ok], dtype=np.int64),
+                         clip_score=np.array([r["clip_score"] for r in ok], dtype=np.float32)),
+                   data_fraction, seed)
+
+
+def _subset(pairs: Pairs, data_fraction: float, seed: int) -> Pairs:
+    """A seeded random `data_fraction` of the pairs, in their order (all of them at 1)."""
+    if data_fraction >= 1.0:
+        return pairs
+    keep = max(1, round(data_fraction * len(pairs)))
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(pairs))[:keep])
+    return Pairs([pairs.caption_ids[i] for i in chosen], [pairs.texts[i] for i in chosen], pairs.shard[chosen],
+                 pairs.row[chosen], pairs.clip_score[chosen], [pairs.image_keys[i] for i in chosen])
+
+
+def refined_pairs(cap: StageDir, enc: StageDir, ref: StageDir) -> Pairs:
+    """The kept rows of a refine stage's pairs.parquet (by caption id): each caption with the image it was
+    paired with (shard, row of the encode stage's features) and that pair's CLIP score."""
+    made_from = {sd.stage: sd.fingerprint for sd in ref.inputs()}
+    for sd in (cap, enc):
+        if made_from.get(sd.stage, sd.fingerprint) != sd.fingerprint:
+            raise ValueError(f"{ref.path}: this refine stage was made from {sd.stage} {made_from[sd.stage]}, not "
+                             f"{sd.path}; pass the refine stage of these inputs")
+    texts = {r["caption_id"]: r["text"] for r in tables.ok_rows(manifests.CAPTIONS.read(cap).to_pylist(), "train")}
+    kept = sorted((r for r in manifests.PAIRS.read(ref).to_pylist() if r["status"] == tables.STATUS_KEPT),
+                  key=lambda r: r["caption_id"])
+    if not kept:
+        raise ValueError(f"{manifests.PAIRS.path(ref)}: no kept pairs; nothing to train on")
+    unknown = [r["caption_id"] for r in kept if r["caption_id"] not in texts]
+    if unknown:
+        raise ValueError(f"{manifests.PAIRS.path(ref)}: {len(unknown)} caption ids (first {unknown[0]!r}) are not ok "
+                         f"training captions of {manifests.CAPTIONS.path(cap)}; pass the refine stage of these inputs")
+    return Pairs(caption_ids=[r["caption_id"] for r in kept], texts=[texts[r["caption_id"]] for r in kept],
+                 shard=np.array([r["shard"] for r in kept], dtype=np.int64),
+                 row=np.array([r["row"] for r in kept], dtype=np.int64),
+                 clip_score=np.array([r["clip_score"] for r in kept], dtype=np.float32),
+                 image_keys=[r["image_caption_id"] for r in kept])
 
 
 @dataclass

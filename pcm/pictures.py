@@ -44,6 +44,36 @@ def sample_grid(samples: Sequence[tuple[bytes, str]], out: Path, cell: int = 160
     return out
 
 
+def pair_grid(rows: Sequence[tuple[str, bytes | None, bytes | None, str]], out: Path, cell: int = 128) -> Path:
+    """One line per (caption, original image bytes, re-assigned image bytes, note): the caption and note on
+    the left, then the two images (gray where one is missing); `out`."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    text_w, pad = 260, 4
+    grid = Image.new("RGB", (text_w + 2 * cell + 3 * pad, max(1, len(rows)) * (cell + pad) + 16), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    draw.text((text_w + pad, 2), "original", fill="black", font=font)
+    draw.text((text_w + cell + 2 * pad, 2), "re-assigned", fill="black", font=font)
+    for k, (caption, original, new, note) in enumerate(rows):
+        y = 16 + k * (cell + pad)
+        lines = textwrap.wrap(caption, width=text_w // 7)[:6] + [note]
+        draw.multiline_text((pad, y + 2), "\n".join(lines), fill="black", font=font)
+        for j, data in enumerate((original, new)):
+            x = text_w + pad + j * (cell + pad)
+            if data is None:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(200, 200, 200))
+                continue
+            with Image.open(io.BytesIO(data)) as im:
+                grid.paste(im.convert("RGB").resize((cell, cell)), (x, y))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(out) as tmp:
+        grid.save(tmp, format="PNG")
+    return out
+
+
 def score_histogram(path: Path, scores: np.ndarray, title: str) -> None:
     """A PNG histogram of raw CLIP scores (cosines)."""
     import matplotlib

@@ -13,6 +13,7 @@
         features/shard-NNNNNN.safetensors    encode: synthetic image features (+ .done.json)
         real/shard-NNNNNN.safetensors        encode: real val/test image features (+ .done.json)
         scores.parquet, real.parquet, concepts.parquet, clip_head.safetensors   encode
+        pairs.parquet                   refine (optional): each training caption's image, score, kept/dropped
         checkpoints/step-NNNNNNNN/, best/, metrics.jsonl   train
         predictions.json, metrics.json, per_image.parquet, report.md   evaluate
         pictures/                       figures (grids, histograms, curves) viewable without Prefect
@@ -31,7 +32,8 @@ from typing import Any
 
 from storage import atomic, remote
 
-STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
+# The run order. refine is optional: the pipeline skips it unless its config enables it (pcm.stages.pipeline).
+STAGES = ("ingest", "synthesize", "encode", "refine", "train", "evaluate")
 SHARD_DIGITS = 6
 _FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
 STAGE_LOCK = ".lock"   # in a stage directory
@@ -135,6 +137,11 @@ class StageDir:
     def clip_scores_picture(self) -> Path:
         """encode: the histogram of the synthetic images' CLIP scores."""
         return self.picture("clip_scores.png")
+
+    @property
+    def pairs_picture(self) -> Path:
+        """refine: captions with their original and their re-assigned synthetic image."""
+        return self.picture("pairs.png")
 
     @property
     def loss_curve_picture(self) -> Path:

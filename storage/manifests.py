@@ -43,6 +43,7 @@ SAMPLES = Manifest("samples.parquet", tables.SAMPLES)         # synthesize: ever
 SCORES = Manifest("scores.parquet", tables.SCORES)            # encode: one row per synthetic sample
 REAL = Manifest("real.parquet", tables.REAL_IMAGES)           # encode: one row per real val/test image
 CONCEPTS = Manifest("concepts.parquet", tables.CONCEPTS)      # encode: the concept vocabulary
+PAIRS = Manifest("pairs.parquet", tables.PAIRS)               # refine: caption -> the synthetic image it trains on
 PER_IMAGE = Manifest("per_image.parquet", tables.PER_IMAGE)   # evaluate: one row per evaluated image
 
 

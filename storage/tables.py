@@ -15,6 +15,8 @@ from storage import atomic
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_REJECTED = "rejected"
+STATUS_KEPT = "kept"          # refine: the pair trains
+STATUS_DROPPED = "dropped"    # refine: the caption does not train (reason says why)
 
 # ingest: one row per input caption (rejected rows kept with a reason).
 CAPTIONS = pa.schema([
@@ -49,6 +51,19 @@ SCORES = pa.schema([
     ("text_embedding", pa.list_(pa.float32())),
     ("status", pa.string()),
     ("error", pa.string()),
+])
+
+# refine: one row per ok training caption of the ingest stage: the synthetic image it is now paired with.
+PAIRS = pa.schema([
+    ("caption_id", pa.string()),
+    ("image_caption_id", pa.string()),  # whose synthetic image (the feature row's key); null when not scored
+    ("shard", pa.int32()),              # that image's encode feature shard and row (-1 when not scored)
+    ("row", pa.int32()),
+    ("score", pa.float32()),            # what the pairs are ranked by (method's pair score); null when not scored
+    ("clip_score", pa.float32()),       # raw cosine of the caption's and the paired image's CLIP embeddings (CXE)
+    ("rank", pa.int32()),               # 1 = best score among the scored captions; null when not scored
+    ("status", pa.string()),            # kept / dropped
+    ("reason", pa.string()),            # why dropped; null when kept
 ])
 
 # encode: one row per real val/test image.

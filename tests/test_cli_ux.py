@@ -279,13 +279,14 @@ def test_train_takes_model_preset_and_keeps_preset_as_a_deprecated_alias(tmp_pat
 
 
 # -- 9. one `--set KEY=VALUE` grammar; a stage's --help lists its config fields ---------------------------------
-STAGES = ("ingest", "synthesize", "encode", "train", "evaluate")
+STAGES = ("ingest", "synthesize", "encode", "refine", "train", "evaluate")
 # What each stage command keeps as options: its inputs, --root, --force and switches that are no config field.
 KEPT = {"ingest": {"source", "demo", "sets", "root", "force"},
         "synthesize": {"captions", "sets", "import_images", "import_mapping", "root", "worker_index", "num_workers",
                        "shards", "force", "dry_run"},
         "encode": {"captions", "shards", "images_root", "sets", "root", "force"},
-        "train": {"captions", "encode", "model_preset", "preset", "sets", "root", "force"},
+        "refine": {"captions", "encode", "sets", "root", "force"},
+        "train": {"captions", "encode", "refine", "model_preset", "preset", "sets", "root", "force"},
         "evaluate": {"train", "encode", "captions", "sets", "root", "force"}}
 
 
@@ -327,7 +328,7 @@ def test_every_stage_help_lists_every_config_field_with_its_default(stage, monke
         if f.description:
             assert " ".join(f.description.split())[:40] in " ".join(res.output.split()), name
     literal = {"ingest": 'splits  ["train", "val", "test"]', "synthesize": "steps  20", "encode": "clip.model  ViT-L-14",
-               "train": "cxe_w  4.0", "evaluate": "beam_size  3"}[stage]
+               "refine": "keep_fraction  0.9", "train": "cxe_w  4.0", "evaluate": "beam_size  3"}[stage]
     key, default = literal.split("  ")
     assert re.search(rf"^\W*{re.escape(key)}\s+{re.escape(default)}\s", res.output, flags=re.M), literal
 
@@ -353,6 +354,7 @@ def stage_config(monkeypatch, tmp_path, stage: str, args: list[str]):
 TRICKY = {"ingest": ['splits=["train", "test"]', "max_chars=200", "dedup=false", "name=none"],
           "synthesize": ["steps=3", "guidance_scale=5e0", "negative_prompt=blurry photo", "compile=true", "limit=6"],
           "encode": ["clip.pool=none", "prompt=A picture of {c}.", "top_n=none", "batch_size=8"],
+          "refine": ["enabled=true", "method=clip-filter", "keep_fraction=8e-1", "k=3"],
           "train": ["model.pcm=false", "model={top_k = 3}", "cxe_w=2.5", "lr_factor=1e-1", "val_metric=loss",
                     "betas=[0.8, 0.99]", "grad_clip=null"],
           "evaluate": ["beam_size=5", "split=val", "published=coco-vitl14", "length_penalty=0.5", 'spice="off"']}
@@ -368,9 +370,10 @@ def test_set_gives_the_same_config_on_run_and_on_the_stage_command(stage, monkey
     assert shown.exit_code == 0, (shown.output, shown.exception)
     want = json.loads(shown.stdout)[stage]
     # The stage command from the same preset section, given as --set (its inputs as options) ...
-    section = load_preset("tiny")[stage]
+    section = load_preset("tiny").get(stage, {})  # refine: no table in the preset, its defaults
     inputs = {"ingest": lambda: [section.pop("source")], "synthesize": lambda: ["--captions", "c"],
               "encode": lambda: ["--captions", "c", "--shards", "s", "--images-root", section.pop("images_root")],
+              "refine": lambda: ["--captions", "c", "--encode", "e"],
               "train": lambda: ["--captions", "c", "--encode", "e"],
               "evaluate": lambda: ["--train", str(tmp_path), "--encode", "e", "--captions", "c"]}[stage]()
     sets = [f"{k}={toml_text(v)}" for k, v in section.items()] + TRICKY[stage]

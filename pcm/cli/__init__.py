@@ -30,7 +30,7 @@ EXAMPLES = """Examples:
 app = typer.Typer(
     name="pcm",
     help="Zero-shot image captioning from synthetic images (PCM-Net).\n\n"
-    "Stages: ingest -> synthesize -> encode -> train -> evaluate. Each writes to "
+    "Stages: ingest -> synthesize -> encode -> [refine] -> train -> evaluate. Each writes to "
     "<root>/<stage>/<fingerprint>/ and skips work that is already done.",
     epilog=EXAMPLES,
     no_args_is_help=True,
@@ -40,7 +40,7 @@ app = typer.Typer(
 
 # Each module defines `register(app)`; heavy libraries are imported inside the commands so
 # `pcm --help` stays fast.
-COMMAND_MODULES = ("ingest", "synthesize", "encode", "train", "evaluate", "run", "world")
+COMMAND_MODULES = ("ingest", "synthesize", "encode", "refine", "train", "evaluate", "run", "world")
 
 
 def version() -> str:

@@ -21,6 +21,8 @@ RUN_EXAMPLES = """Examples:
 
   pcm run --force all                                       # redo every stage (or --force encode,train)
 
+  pcm run --set refine.enabled=true                         # SynC re-pairing between encode and train
+
   pcm run --preset demo --show-config > my.json             # the resolved config (JSON) ...
 
   pcm run --preset my.json                                  # ... runs as a preset
@@ -78,7 +80,8 @@ def register(app: typer.Typer) -> None:
     @app.command("run", cls=config_command(None), epilog=RUN_EXAMPLES)
     def run(
         stages: list[str] = typer.Argument(
-            None, help="Stages to run: ingest, synthesize, encode, train, evaluate, or 'all' (default); "
+            None, help="Stages to run: ingest, synthesize, encode, refine (only with refine.enabled=true), train, "
+            "evaluate, or 'all' (default); "
             "several as separate words or a comma list. Earlier stages a stage needs are reused from disk or "
             "run first."),
         preset: str = typer.Option("demo", "--preset", "-p", help="Pipeline preset name (see `pcm presets`), a "

@@ -44,6 +44,8 @@ def register(app: typer.Typer) -> None:
     def train(
         captions: str = typer.Option(..., "--captions", help="finished ingest stage directory (captions.parquet)"),
         encode: str = typer.Option(..., "--encode", help="finished encode stage directory (features, scores)"),
+        refine: str | None = typer.Option(None, "--refine", help="finished refine stage directory: train on its "
+                                          "kept pairs (pairs.parquet) instead of each caption's own image"),
         model_preset: str | None = typer.Option(
             None, "--model-preset", help="PCM-Net model preset: vitl14, vitb32, tiny, toy, or a .toml file "
             "(not a pipeline preset: those are `pcm run --preset`); the same as --set preset=NAME",
@@ -71,7 +73,8 @@ def register(app: typer.Typer) -> None:
         config = build_config(TrainConfig, values, "train", sets)
         writable_dir(root)
         ingest, encoded = load_result(captions), load_result(encode)  # the inputs, resolved once here
-        result = run_train(config, ingest, encoded, root, force=force)
+        refined = load_result(refine) if refine is not None else None
+        result = run_train(config, ingest, encoded, root, force=force, refine=refined)
         e, c = result.extra, result.counts
         state = "cached" if result.cached else "done"
         best = (f"best val {e['val_metric']} {e['best_value']:.4f} at step {e['best_step']}"

@@ -27,6 +27,7 @@ from pcm.config import parse_assignments as parse_assignments  # the `--set` gra
 from pcm.stages.encode import BY_CONTENT, EncodeConfig, run_encode
 from pcm.stages.evaluate import EvaluateConfig, run_evaluate
 from pcm.stages.ingest import IngestConfig, run_ingest
+from pcm.stages.refine import RefineConfig, run_refine
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from pcm.stages.train import TrainConfig, run_train
 from storage import atomic
@@ -49,6 +50,9 @@ class PipelineConfig(BaseModel):
     ingest: IngestConfig
     synthesize: SynthesizeConfig
     encode: EncodeConfig
+    # Optional (SynC re-pairing / CLIP-score filtering): off unless `refine.enabled = true`, so a preset without
+    # a [refine] table runs, and fingerprints, exactly as before the stage existed.
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     train: TrainConfig
     evaluate: EvaluateConfig
 
@@ -151,10 +155,19 @@ def run_pipeline(cfg: PipelineConfig, root: str, *, stages: tuple[str, ...] = ST
     # A later stage needs the earlier ones: they are run (or reused) even when not asked for.
     last = max(STAGE_ORDER.index(s) for s in stages)
     for stage in STAGE_ORDER[: last + 1]:
+        if not enabled(cfg, stage):
+            if stage in wanted:
+                log.warning("%s: off in this config (set %s.enabled=true to run it); skipped", stage, stage)
+            continue
         f = stage in force and stage in wanted
         r[stage] = _waiting_for_others(lambda stage=stage, f=f: _run_one(cfg, root, stage, r, f, prog(stage)),
                                        stage, wait_s=lock_wait_s)
     return r
+
+
+def enabled(cfg: PipelineConfig, stage: str) -> bool:
+    """Whether the pipeline runs `stage` under `cfg`: every stage, but refine only when enabled."""
+    return stage != "refine" or cfg.refine.enabled
 
 
 def _waiting_for_others(run: Callable[[], StageResult], stage: str, wait_s: float | None) -> StageResult:
@@ -182,8 +195,10 @@ def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResul
         return run_synthesize(cfg.synthesize, r["ingest"], root, force=f, progress=progress)
     if stage == "encode":
         return run_encode(cfg.encode, r["ingest"], r["synthesize"], root, force=f, progress=progress)
-    if stage == "train":
-        return run_train(cfg.train, r["ingest"], r["encode"], root, force=f, progress=progress)
+    if stage == "refine":
+        return run_refine(cfg.refine, r["ingest"], r["encode"], root, force=f, progress=progress)
+    if stage == "train":  # on the refine stage's pairs when it ran, else on encode's own pairs
+        return run_train(cfg.train, r["ingest"], r["encode"], root, force=f, progress=progress, refine=r.get("refine"))
     return run_evaluate(cfg.evaluate, r["train"], r["encode"], r["ingest"], root, force=f, progress=progress)
 
 

@@ -186,9 +186,15 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str) -> StageDir:
-    """The train stage directory of these inputs (results or directories); no work, nothing written."""
-    return stage_dir(RunLayout(root), "train", config, [as_result(captions), as_result(encode)], CODE_VERSION)
+def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str,
+         refine: StageInput | None = None) -> StageDir:
+    """The train stage directory of these inputs (results or directories); no work, nothing written.
+
+    `refine` (optional): a refine stage whose pairs.parquet says which image each caption trains on; without
+    it the inputs, and so the fingerprint, are exactly those of a run before the refine stage existed.
+    """
+    inputs = [as_result(captions), as_result(encode)] + ([as_result(refine)] if refine is not None else [])
+    return stage_dir(RunLayout(root), "train", config, inputs, CODE_VERSION)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -216,13 +222,15 @@ def verify(sd: StageDir) -> str | None:
 
 
 def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, root: str, *, force: bool = False,
-              progress: ProgressFn | None = None) -> StageResult:
+              progress: ProgressFn | None = None, refine: StageInput | None = None) -> StageResult:
     """Train (or resume) under the stage lock; write stage.done.json last and return the result.
 
-    `captions`, `encode`: the ingest and encode stages' StageResults, or their directories.
+    `captions`, `encode`: the ingest and encode stages' StageResults, or their directories; `refine`
+    (optional): a refine stage's, whose kept pairs are trained on.
     """
     captions, encode = as_result(captions), as_result(encode)
-    sd = plan(config, captions, encode, root)
+    refine = as_result(refine) if refine is not None else None
+    sd = plan(config, captions, encode, root, refine)
     if not force and (done := cached(sd, verify)) is not None:
         if (lock := try_lock(sd.lock_file)) is not None:  # a finished stage is tidied too (if nobody works in it)
             try:
@@ -244,10 +252,11 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
             total = total_steps_hint(sd)
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
             distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", captions.path,
-                                "--encode", encode.path, "--root", str(root)], config.devices, poll,
+                                "--encode", encode.path, "--root", str(root),
+                                *(["--refine", refine.path] if refine else [])], config.devices, poll,
                                bind=config.dist_bind)
         else:
-            train_worker(config, captions, encode, sd, progress=progress)
+            train_worker(config, captions, encode, sd, progress=progress, refine=refine)
         return _finish(sd, started)
 
 
@@ -364,7 +373,7 @@ class Run:
 
 
 def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None, refine: StageResult | None = None) -> None:
     """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
 
@@ -378,22 +387,25 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
         torch.use_deterministic_algorithms(True)
     distributed.setup(info, device)
     try:
-        run = setup(config, captions, encode, sd, info, device)
+        run = setup(config, captions, encode, sd, info, device, refine)
         train_loop(run, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         distributed.teardown(info)
 
 
-def load_data(config: TrainConfig, captions: StageResult, encode: StageResult) -> TrainData:
-    """Pairs, vocabulary, concepts, CLIP head and the val split, checked against the feature shards."""
+def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
+              refine: StageResult | None = None) -> TrainData:
+    """Pairs (a refine stage's when given), vocabulary, concepts, CLIP head and the val split, checked against
+    the feature shards."""
     from pcm import dataset
     from pcm.vocab import Vocab
 
-    pairs = dataset.load_pairs(captions.path, encode.path, config.data_fraction, config.seed)
+    pairs = dataset.load_pairs(captions.path, encode.path, config.data_fraction, config.seed,
+                               refine=refine.path if refine else None)
     enc = StageDir.at(encode.path)
     store = dataset.FeatureStore(enc, "features")
-    store.check_rows(pairs.shard, pairs.row, pairs.caption_ids)
+    store.check_rows(pairs.shard, pairs.row, pairs.image_keys)
     if config.shuffle_images:
         log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
         pairs = pairs.with_images_shuffled(config.seed)
@@ -443,14 +455,15 @@ def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]
     return pairs, stats
 
 
-def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any) -> Run:
+def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any,
+          refine: StageResult | None = None) -> Run:
     """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
     import torch
 
     from pcm import dataset, distributed
     from pcm.model import PCMNet
 
-    data = load_data(config, captions, encode)
+    data = load_data(config, captions, encode, refine)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = PCMNet(data.model_config, len(data.vocab), data.bank, data.head).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -680,7 +693,8 @@ def evaluate_val(model, vocab, val, store, device, autocast, *, metric: str, bea
 
 # ---------------------------------------------------------------------- torchrun entry point
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pcm.stages.train --config JSON --captions DIR --encode DIR --root DIR` (one torchrun worker)."""
+    """`python -m pcm.stages.train --config JSON --captions DIR --encode DIR --root DIR [--refine DIR]` (one torchrun
+    worker)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pcm.stages.train", description=main.__doc__)
@@ -688,11 +702,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--captions", required=True)
     p.add_argument("--encode", required=True)
     p.add_argument("--root", required=True)
+    p.add_argument("--refine", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.model_validate_json(a.config)
     captions, encode = load_result(a.captions), load_result(a.encode)
-    train_worker(config, captions, encode, plan(config, captions, encode, a.root))
+    refine = load_result(a.refine) if a.refine else None
+    train_worker(config, captions, encode, plan(config, captions, encode, a.root, refine), refine=refine)
 
 
 if __name__ == "__main__":
