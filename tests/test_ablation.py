@@ -28,7 +28,8 @@ def test_every_level_runs_the_papers_four_arms_and_its_controls_with_valid_confi
             cfg = ablation.arm_config(level, arm, seed=3)
             assert cfg.train.seed == 3 and cfg.train.cxe_w == "auto"
             assert cfg.train.model_preset().pcm == (arm not in ("base", "+CXE"))
-            assert cfg.train.cxe == (arm in ("+CXE", "PCM+CXE", "uniform"))
+            assert cfg.train.cxe == (arm in ("+CXE", "PCM+CXE", "uniform", "refine", "clip-filter"))
+            assert cfg.refine.enabled == (arm in ("refine", "clip-filter"))
     assert ablation.arm_config("wrong30", "drop30", 0).train.data_fraction == 0.7
     assert ablation.arm_config("defective", "uniform", 0).train.cxe_uniform
     # Arms of a level share ingest, synthesize and encode: only train and evaluate differ.
@@ -84,3 +85,27 @@ def test_the_flow_reports_finished_records_as_dashboard_artifacts(tmp_path, pref
     import asyncio
 
     assert {"ablation-faithful", "ablation-arms"} <= asyncio.run(keys())
+
+
+def test_refine_outcomes_tell_repaired_wrong_pairs_from_kept_and_dropped_ones(tmp_path):
+    from builders import caption_row, ingest_stage, new_stage
+    from storage import tables
+
+    texts = {"c0": "a dog", "c1": "a cat", "c2": "same scene", "c3": "same scene", "c4": "a ball"}
+    captions = ingest_stage(tmp_path, [caption_row(c, t) for c, t in texts.items()])
+    made_from = {"c1": "c2", "c2": "c1", "c4": "c0"}            # c1, c2 and c4 were given other captions' images
+    syn = new_stage(tmp_path, "synthesize", "5" * 16)
+    tables.write(syn.file("samples.parquet"), [{"caption_id": c, "shard": 0, "seed": 0, "rendered_from": made_from.get(c),
+                                                "status": "ok", "error": None} for c in texts], tables.SAMPLES)
+    ref = new_stage(tmp_path, "refine", "7" * 16)
+    pairs = [("c0", "c0", "kept"), ("c1", "c2", "kept"), ("c2", "c1", "dropped"), ("c3", "c1", "kept"),
+             ("c4", "c4", "kept")]
+    tables.write(ref.file("pairs.parquet"), [
+        {"caption_id": c, "image_caption_id": img, "shard": 0, "row": 0, "score": 0.5, "clip_score": 0.5, "rank": 1,
+         "status": status, "reason": None if status == "kept" else "below"} for c, img, status in pairs], tables.PAIRS)
+    assert ablation.refine_outcomes(syn.path, ref.path, captions) == {
+        "right: own image": 1,              # c0 kept its own image
+        "wrong: own image": 1,              # c1 moved to the key holding the image made from its caption: repaired
+        "wrong: dropped": 1,                # c2
+        "right: equivalent image": 1,       # c3 moved to an image made from a caption that says the same
+        "wrong: kept its image": 1}         # c4 still trains on another caption's image

@@ -8,7 +8,8 @@ CLIP score of its training pairs), so each world's median pair sits at the cap.
 Arms: base, +PCM, +CXE, PCM+CXE (the paper's table) and controls that separate mechanism from side
 effect: `uniform` (PCM+CXE, but every pair weighs CXE's mean weight: is it the per-pair weighting or
 the smaller loss?) and, on wrong30, `drop30` (PCM without CXE on a random 70% of the pairs: does CXE
-beat having less data?). Ingest, synthesize and encode are shared by the arms of a level; every arm
+beat having less data?). On the defective levels, SynC's data step before PCM+CXE: `refine` (re-assign
+and filter) and its cheap baseline `clip-filter` (the original pairs' top 90% by CLIP score). Ingest, synthesize and encode are shared by the arms of a level; every arm
 is a cached train + evaluate stage, and a finished arm leaves a record (`storage.layout.experiment_record`:
 metrics, per-image CIDEr, attributes, CXE weights, the commit) that later runs skip and the report reads.
 """
@@ -36,11 +37,14 @@ ARMS: dict[str, dict[str, Any]] = {
     "PCM+CXE": {},
     "uniform": {"train.cxe_uniform": True},
     "drop30": {"train.cxe": False, "train.data_fraction": 0.7},
+    # SynC's data step before PCM-Net (docs/refine.md), and its cheap baseline.
+    "refine": {"refine.enabled": True, "refine.method": "sync"},
+    "clip-filter": {"refine.enabled": True, "refine.method": "clip-filter"},
 }
 # Which arms run on which level, in the order they are worth running.
 ARMS_OF: dict[str, list[str]] = {
-    "defective": ["base", "+PCM", "+CXE", "PCM+CXE", "uniform"],
-    "wrong30": ["base", "+PCM", "+CXE", "PCM+CXE", "drop30", "uniform"],
+    "defective": ["base", "+PCM", "+CXE", "PCM+CXE", "refine", "clip-filter", "uniform"],
+    "wrong30": ["base", "+PCM", "+CXE", "PCM+CXE", "refine", "clip-filter", "drop30", "uniform"],
     "faithful": ["base", "+PCM", "+CXE", "PCM+CXE"],
 }
 PAPER = {"base": 108.9, "+PCM": 111.6, "+CXE": 112.0, "PCM+CXE": 113.6}  # COCO ViT-L/14 CIDEr (PCM-NET.md)
@@ -88,18 +92,54 @@ def run_arm(level: str, arm: str, seed: int, root: str | os.PathLike, records: s
     metrics = read_json(ev.metrics)
     per_image = manifests.PER_IMAGE.read(ev, columns=["image_id", "cider"]).to_pylist()
     control = ((metrics.get("control") or {}).get("metrics") or {}).get("CIDEr", float("nan"))
+    refined = refine_outcomes(r["synthesize"].path, r["refine"].path, r["ingest"].path) if "refine" in r else None
     rec = {"level": level, "arm": arm, "seed": seed, "preset": LEVELS[level][0],
            "overrides": LEVELS[level][1] | ARMS[arm], "cider": metrics["metrics"]["CIDEr"] * 100,
            "bleu4": metrics["metrics"]["Bleu_4"] * 100, "control_cider": control * 100,
            "per_image_cider": {p["image_id"]: p["cider"] * 100 for p in per_image},
            "attributes": attribute_accuracy(r["evaluate"].path, r["ingest"].path, cfg.ingest.source),
            "cxe": r["train"].extra.get("cxe", {}), "train_pairs": r["train"].counts.get("train_pairs"),
+           "refine": refined,
            "stages": {s: res.fingerprint for s, res in r.items()}, "commit": _commit(),
            "seconds": round(time.monotonic() - t0, 1)}
     path = experiment_record(records, level, arm, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, rec)
     return rec
+
+
+def refine_outcomes(synthesize: str | os.PathLike, refine: str | os.PathLike,
+                    captions: str | os.PathLike) -> dict[str, int]:
+    """What a refine stage did with each pair, split by whether the pair was deliberately wrong
+    (synthesize.wrong_image_fraction): dropped; kept on the caption's own image (for a wrong pair: repaired);
+    kept on the image it had (for a wrong pair: still wrong); moved to an image made from another caption
+    that states the same scene (`equivalent`, judged on the captions) or a different one (`other`)."""
+    from collections import Counter
+
+    from pcm.toyworld.counterfactual import parse
+    from pcm.toyworld.faithfulness import compatible
+    from storage import manifests, tables
+    from storage.layout import StageDir
+
+    made_from = {r["caption_id"]: r["rendered_from"] or r["caption_id"]
+                 for r in manifests.SAMPLES.read(StageDir.at(synthesize)).to_pylist()}
+    text = {r["caption_id"]: r["text"] for r in manifests.CAPTIONS.read(StageDir.at(captions)).to_pylist()}
+    out: Counter = Counter()
+    for p in manifests.PAIRS.read(StageDir.at(refine)).to_pylist():
+        cid = p["caption_id"]
+        was = "wrong" if made_from.get(cid, cid) != cid else "right"
+        source = made_from.get(p["image_caption_id"]) if p["image_caption_id"] else None
+        if p["status"] != tables.STATUS_KEPT:
+            now = "dropped"
+        elif source == cid:
+            now = "own image"
+        elif p["image_caption_id"] == cid:
+            now = "kept its image"
+        else:
+            same = source is not None and compatible(parse(text[cid]) or text[cid], parse(text[source]) or text[source])
+            now = "equivalent image" if same else "other image"
+        out[f"{was}: {now}"] += 1
+    return dict(sorted(out.items()))
 
 
 def level_faithfulness(level: str, root: str | os.PathLike) -> dict[str, Any] | None:
