@@ -89,6 +89,7 @@ def test_the_flow_reports_finished_records_as_dashboard_artifacts(tmp_path, pref
 
 def test_refine_outcomes_tell_repaired_wrong_pairs_from_kept_and_dropped_ones(tmp_path):
     from builders import caption_row, ingest_stage, new_stage
+
     from storage import tables
 
     texts = {"c0": "a dog", "c1": "a cat", "c2": "same scene", "c3": "same scene", "c4": "a ball"}

@@ -19,7 +19,7 @@ from pcm.dataset import FeatureStore, load_pairs
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
 from pcm.stages.train import plan as train_plan
 from pcm.stages.train import run_train
-from storage import manifests, tables
+from storage import manifests
 from storage.arrays import open_arrays
 from storage.layout import StageDir
 from tests.builders import finished_stage
