@@ -401,3 +401,22 @@ def test_resolve_device_gives_each_training_process_its_own_gpu():
     assert resolve_device("cuda:1", local_rank=3) == "cuda:1" and resolve_device("cpu", local_rank=3) == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("auto", local_rank=2) == ("cuda:2" if torch.cuda.is_available() else "cpu")
+
+
+def test_warmup_fraction_fits_the_run_and_a_run_inside_its_warmup_is_warned(tmp_path, caplog):
+    from pcm.stages.train import lr_at, warmup_steps
+
+    assert warmup_steps(tiny_config(), 8) == 20                       # steps, as given
+    assert warmup_steps(tiny_config(warmup_fraction=0.25), 8) == 2    # a quarter of this run's 8 steps
+    assert warmup_steps(tiny_config(warmup_fraction=0.01), 8) == 1    # never 0
+    assert "warmup_fraction" not in tiny_config().content()           # old fingerprints stay
+    cap, enc = make_inputs(tmp_path / "runs", n_val=0)
+    with caplog.at_level("WARNING", logger="pcm.stages.train"):
+        run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))   # 4 steps against 20 of warm-up
+    assert "4 steps in all but 20 of warm-up" in caplog.text
+    caplog.clear()
+    r = run_train(tiny_config(epochs=2, warmup_fraction=0.5), cap, enc, str(tmp_path / "runs"))
+    assert "of warm-up" not in caplog.text
+    lrs = [rec["lr"] for rec in jsonl.read(Path(r.path) / "metrics.jsonl") if "lr" in rec]
+    assert lrs == pytest.approx([lr_at(tiny_config(), s, 2) for s in (1, 2, 3, 4)])
+    assert lrs[1] > lrs[2]                                            # past the peak at step 2: decaying

@@ -99,6 +99,8 @@ class TrainConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (L2 on every trainable weight)")
     noam_d_model: int = Field(512, gt=0, description="model size of the Noam schedule")
     warmup: int = Field(10_000, gt=0, description="Noam warm-up steps (peak lr ~4.4e-4 for 512 / 10,000)")
+    warmup_fraction: float | None = Field(None, gt=0, lt=1, description="warm-up as this fraction of the run's "
+                                          "steps instead of `warmup` (a run of any size leaves warm-up)")
     lr_factor: float = Field(1.0, gt=0, le=1000, description="multiplies the Noam learning rate (at most 1000)")
     grad_clip: float | None = Field(0.1, gt=0, description="clip gradients by value; None = off")
     # Data.
@@ -179,7 +181,7 @@ class TrainConfig(StageConfig):
         # Switches added later are left out at their defaults, so ordinary runs keep the fingerprints they had.
         out = super().content()
         for key, default in (("shuffle_images", False), ("parity", "paper"), ("loss_reduction", "caption-sum"),
-                             ("cxe_uniform", False)):
+                             ("cxe_uniform", False), ("warmup_fraction", None)):
             if out.get(key) == default:
                 out.pop(key, None)
         return out
@@ -312,14 +314,20 @@ def _finish(sd: StageDir, started: float) -> StageResult:
 
 
 # ---------------------------------------------------------------------- the training loop
-def lr_at(config: TrainConfig, step: int) -> float:
-    """The Noam learning rate of `step` under this config."""
-    return noam_lr(step, config.noam_d_model, config.warmup, config.lr_factor)
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    """The run's warm-up: `warmup_fraction` of its `total` steps (at least 1) when set, else `warmup`."""
+    return max(1, round(config.warmup_fraction * total)) if config.warmup_fraction else config.warmup
 
 
-def optimizer_spec(config: TrainConfig) -> OptimizerSpec:
+def lr_at(config: TrainConfig, step: int, warmup: int | None = None) -> float:
+    """The Noam learning rate of `step` under this config (`warmup`: the run's, see warmup_steps)."""
+    return noam_lr(step, config.noam_d_model, warmup or config.warmup, config.lr_factor)
+
+
+def optimizer_spec(config: TrainConfig, warmup: int | None = None) -> OptimizerSpec:
     """Adam's settings of this config, starting at the schedule's step-1 rate."""
-    return OptimizerSpec(lr=lr_at(config, 1), betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    return OptimizerSpec(lr=lr_at(config, 1, warmup), betas=config.betas, eps=config.eps,
+                         weight_decay=config.weight_decay)
 
 
 def step_spec(config: TrainConfig, cxe_w: float | None = None) -> StepSpec:
@@ -365,6 +373,7 @@ class Run:
     train_step: TrainStep  # ... and the step over its DDP / compiled wrapper
     batches: Any          # dataset.EpochBatches
     total: int
+    warmup: int           # the run's warm-up steps (warmup_steps)
     autocast: Any         # bf16 autocast or a null context, for validation
     step: int
     epoch: int
@@ -469,11 +478,15 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
     params = [p for p in model.parameters() if p.requires_grad]
     if config.cuda_graphs and (device.type != "cuda" or info.world > 1):
         raise ValueError("cuda_graphs needs one CUDA device (devices=1, device=cuda)")
-    opt = make_optimizer(params, optimizer_spec(config), device, capturable=config.cuda_graphs)
     batches = dataset.EpochBatches(data.pairs, data.store, data.inputs, data.targets, config.batch_size, config.seed,
                                    info.rank, info.world)
     total = len(batches) * config.epochs
     total = min(total, config.max_steps) if config.max_steps else total
+    warmup = warmup_steps(config, total)
+    if total < warmup and info.is_main:
+        log.warning("train: %d steps in all but %d of warm-up: the learning rate rises for the whole run and never "
+                    "decays; lower train.warmup or give train.warmup_fraction (e.g. 0.1)", total, warmup)
+    opt = make_optimizer(params, optimizer_spec(config, warmup), device, capturable=config.cuda_graphs)
 
     latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
     if latest is not None:
@@ -489,7 +502,7 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
             metrics_path.unlink(missing_ok=True)
             jsonl.append(metrics_path, {"step": 0, "total_steps": total, "train_pairs": len(data.pairs),
                                         "val_images": len(data.val), "vocab": len(data.vocab),
-                                        "val_metric": config.val_metric, "cxe": data.cxe})
+                                        "val_metric": config.val_metric, "warmup": warmup, "cxe": data.cxe})
 
     # Wrapped and stepped only now, over the loaded weights and Adam state: a CUDA-graph step turns Adam's
     # learning rate into a GPU tensor, which loading the optimizer state would replace.
@@ -499,7 +512,7 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
     amp = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     train_step = TrainStep(net, opt, params, step_spec(config, data.cxe["cxe_w"]), data.vocab.pad, device, amp, config.cuda_graphs)
-    return Run(config, sd, info, device, data, model, opt, train_step, batches, total, autocast,
+    return Run(config, sd, info, device, data, model, opt, train_step, batches, total, warmup, autocast,
                step=state["step"], epoch=state["epoch"], position=state["position"], best=state["best"])
 
 
@@ -545,7 +558,7 @@ def train_loop(run: Run, progress: ProgressFn | None) -> None:
         for batch in loader:
             b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             run.step, run.position = run.step + 1, run.position + 1
-            loss = run.train_step(b, lr_at(config, run.step))
+            loss = run.train_step(b, lr_at(config, run.step, run.warmup))
             loss_sum += loss
             loss_n += 1
             bar.update(1)
@@ -558,7 +571,7 @@ def train_loop(run: Run, progress: ProgressFn | None) -> None:
                 now = time.monotonic()
                 if info.is_main:
                     jsonl.append(metrics_path, {"step": run.step, "epoch": run.epoch, "loss": mean_loss,
-                                                "lr": lr_at(config, run.step),
+                                                "lr": lr_at(config, run.step, run.warmup),
                                                 "samples_per_s": loss_n * config.batch_size / (now - t_log)})
                     bar.set_postfix(loss=f"{mean_loss:.3f}")
                     if progress:
@@ -607,7 +620,7 @@ def save(run: Run, finished: bool) -> None:
     config, data = run.config, run.data
     ckpt_root = checkpoint.checkpoints_dir(run.sd.path)
     record = {"train_pairs": len(data.pairs), "val_images": len(data.val), "vocab": len(data.vocab),
-              "scheduler": {"kind": "noam", "d_model": config.noam_d_model, "warmup": config.warmup,
+              "scheduler": {"kind": "noam", "d_model": config.noam_d_model, "warmup": run.warmup,
                             "factor": config.lr_factor},
               "step": run.step, "epoch": run.epoch, "position": run.position, "finished": finished,
               "best": run.best, "rng": checkpoint.rng_state()}
