@@ -29,6 +29,7 @@ from pcm.stages.synthesize import (
 )
 from pcm.toyworld.faithfulness import stage_report, table_rows
 from pcm.toyworld.manifest import is_shipped
+from pcm.toyworld.wording import train_texts, unfamiliar, warning
 from storage.result import StageResult
 from storage.shards import is_done
 
@@ -90,6 +91,9 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     started = time.monotonic()
     config = stage_config("synthesize", config)
     captions = as_result(captions)
+    toy = judged_by_toy_clip(config)
+    if toy:
+        wording_check(captions.path)
     if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
         progress = Progress(f"synthesize-{plan(config, captions, root).fingerprint}", "synthesize shards")
@@ -105,7 +109,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     summary_table(f"synthesize-{result.fingerprint}", result, "synthesize: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
         picture(f"synthesize-{name}-{result.fingerprint}", path, f"synthesize: {name}")
-    if judged_by_toy_clip(config):
+    if toy:
         report = synthesize_faithfulness(result.path)
         table(f"synthesize-faithfulness-{result.fingerprint}", table_rows(report),
               f"synthesize: faithfulness of {report['images']} images to their captions, judged by the toy CLIP "
@@ -117,6 +121,20 @@ def judged_by_toy_clip(config: SynthesizeConfig) -> bool:
     """Whether the stage's images come from the shipped toy text-to-image model (by its files' content), so the
     toy CLIP can judge them against their captions."""
     return config.source == "generated" and is_shipped(config.model, "t2i")
+
+
+@task(name="synthesize-wording")
+def wording_check(captions: str) -> dict:
+    """Words of the training captions that the toy text-to-image model never saw: a warning in the log and a
+    table on the dashboard above pcm.toyworld.wording's threshold."""
+    from prefect import get_run_logger
+
+    report = unfamiliar(train_texts(captions))
+    if message := warning(report):
+        get_run_logger().warning(message)
+        table("synthesize-unfamiliar-words", {k: v for k, v in report.items() if k != "examples"} |
+              {"examples": ", ".join(report["examples"])}, f"synthesize: {message}")
+    return report
 
 
 @task(name="synthesize-faithfulness")

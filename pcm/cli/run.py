@@ -66,13 +66,27 @@ def pipeline_overrides(items: Sequence[str], preset: str) -> dict[str, Any]:
     return overrides
 
 
+def toy_generator(config: Any) -> bool:
+    """Whether the synthesize stage renders with the shipped toy text-to-image model (by its files' content)."""
+    from pcm.toyworld.manifest import is_shipped
+
+    return config.source == "generated" and is_shipped(config.model, "t2i")
+
+
+def warn_unfamiliar_words(captions: str) -> None:
+    """Say when the training captions hold words the toy text-to-image model never saw (pcm.toyworld.wording)."""
+    from pcm.toyworld.wording import train_texts, unfamiliar, warning
+
+    if message := warning(unfamiliar(train_texts(captions))):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
 def print_faithfulness(config: Any, stage: str) -> None:
     """For images of the shipped toy text-to-image model: how faithful they are to their captions (the toy CLIP's
     judgement, kept in the stage's faithfulness.json; a few seconds the first time)."""
     from pcm.toyworld.faithfulness import stage_report, summary_line
-    from pcm.toyworld.manifest import is_shipped
 
-    if config.source == "generated" and is_shipped(config.model, "t2i"):
+    if toy_generator(config):
         typer.echo(f"{'':<11} faithfulness: {summary_line(stage_report(stage))}")
 
 
@@ -113,6 +127,9 @@ def register(app: typer.Typer) -> None:
                         f"({','.join(wanted)}) are redone; ask for it too: pcm run {both} --force "
                         f"{','.join(forced)}", fg=typer.colors.YELLOW, err=True)
         writable_dir(root)
+        if toy_generator(cfg.synthesize) and STAGE_ORDER.index(max(wanted, key=STAGE_ORDER.index)) > 0:
+            # Before anything is rendered: does the toy model know these captions' words?
+            warn_unfamiliar_words(run_pipeline(cfg, root, stages=("ingest",), force=forced)["ingest"].path)
         results = run_pipeline(cfg, root, stages=wanted, force=forced)
         for name, r in results.items():
             state = "cached" if r.cached else "done"

@@ -188,6 +188,18 @@ def _templates(scene: Scene, rng: random.Random) -> list[str]:
     return out
 
 
+# The words the templates above add around the phrases (see _templates and group_phrase).
+_TEMPLATE_WORDS = ("a", "an", "there", "is", "are", "to", "the", "left", "of", "next", "and", "in")
+
+
+def caption_vocabulary() -> frozenset[str]:
+    """Every word a caption of the world can hold: what the toy text encoder was trained on (docs/toyworld.md)."""
+    phrases = [*OPENINGS, *(p for ps in SKY_PHRASES.values() for p in ps), *(p for ps in GROUND_PHRASES.values()
+                                                                             for p in ps)]
+    return frozenset({*_TEMPLATE_WORDS, *PALETTE, *KINDS, *PLURAL.values(), *COUNT_WORDS.values(),
+                      *(w for p in phrases for w in p.split())})
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     """One caption of the scene in a random phrasing (the captioner's training text)."""
     return rng.choice(_templates(scene, rng))
