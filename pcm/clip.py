@@ -114,10 +114,16 @@ class ClipSpec(BaseModel):
         return self.model in preset_names()
 
     def label(self) -> str:
-        """A short name for tables: `ViT-L-14/openai`, `tiny/seed-0`."""
+        """A short name for tables and titles: `ViT-L-14/openai`, `tiny/seed-0`, `toyworld-clip/local-dir:clip`
+        (a local directory or checkpoint file by its last name, never its whole path)."""
         if self.is_preset and not self.pretrained:
             return f"{self.model}/seed-{read_preset(self.model)['seed']}"
-        return f"{self.model}/{self.pretrained or 'random'}"
+        pretrained = self.pretrained or "random"
+        local = pretrained.startswith(LOCAL_DIR)
+        path = pretrained[len(LOCAL_DIR):] if local else pretrained
+        if local or "/" in path or os.sep in path:
+            pretrained = (LOCAL_DIR if local else "") + (Path(path).name or path)
+        return f"{self.model}/{pretrained}"
 
 
 @dataclass

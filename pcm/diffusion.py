@@ -6,6 +6,7 @@ seeds into uint8 images with a loaded pipeline, from a `GenerationSpec` (no stag
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -16,7 +17,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -220,39 +221,59 @@ def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32
     from the local Hugging Face cache when offline). The safety checker is not loaded: it would
     replace flagged training images by black ones.
     """
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
-
     check_scheduler(scheduler)
-    dt = torch_dtype(dtype)
-    if is_preset(model):
-        if revision:
-            raise ValueError(f"revision {revision!r} given for the preset {model!r}; presets have no revisions")
-        if load_preset(model)["cache"]:
-            pipe = DiffusionPipeline.from_pretrained(ensure_preset(model), dtype=dt)
-        else:
-            pipe = build_preset(model, device=device).to(dtype=dt)
-    else:
-        source = _source(model, revision, "diffusion model")
-        if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
-            raise FileNotFoundError(f"{source}: not a diffusers pipeline directory (no model_index.json); "
-                                    "pass the directory that `hf download --local-dir` wrote")
-        try:
-            with warnings.catch_warnings():
-                # diffusers 0.42 passes a deprecated argument to huggingface_hub; nothing to act on.
-                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-                index = DiffusionPipeline.load_config(source, revision=revision)
-                extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-                pipe = AutoPipelineForText2Image.from_pretrained(source, revision=revision, dtype=dt, **extra)
-        except OSError as e:  # includes huggingface_hub's offline / not-found errors
-            if Path(source).is_dir():
-                raise FileNotFoundError(f"{source}: incomplete diffusers model directory ({e})") from None
-            raise FileNotFoundError(missing_model_message(model, revision)) from None
+    with quiet_loading():
+        pipe = _load_pipeline(model, revision, torch_dtype(dtype), device)
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ValueError(f"{model}: {type(pipe).__name__} is not supported; the synthesize stage runs UNet-based "
                          "text-to-image pipelines (Stable Diffusion 1.x/2.x, SDXL and their Turbo/LCM variants)")
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No per-component progress bars from diffusers and transformers while a pipeline loads (the stage has its
+    own bar); their warnings stay."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
+def _load_pipeline(model: str, revision: str | None, dt: Any, device: str) -> Any:
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    # Without accelerate, diffusers warns at every load that it falls back to low_cpu_mem_usage=False: say it.
+    memory = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    if is_preset(model):
+        if revision:
+            raise ValueError(f"revision {revision!r} given for the preset {model!r}; presets have no revisions")
+        if load_preset(model)["cache"]:
+            return DiffusionPipeline.from_pretrained(ensure_preset(model), dtype=dt, **memory)
+        return build_preset(model, device=device).to(dtype=dt)
+    source = _source(model, revision, "diffusion model")
+    if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
+        raise FileNotFoundError(f"{source}: not a diffusers pipeline directory (no model_index.json); "
+                                "pass the directory that `hf download --local-dir` wrote")
+    try:
+        with warnings.catch_warnings():
+            # diffusers 0.42 passes a deprecated argument to huggingface_hub; nothing to act on.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            index = DiffusionPipeline.load_config(source, revision=revision)
+            extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+            return AutoPipelineForText2Image.from_pretrained(source, revision=revision, dtype=dt, **extra, **memory)
+    except OSError as e:  # includes huggingface_hub's offline / not-found errors
+        if Path(source).is_dir():
+            raise FileNotFoundError(f"{source}: incomplete diffusers model directory ({e})") from None
+        raise FileNotFoundError(missing_model_message(model, revision)) from None
 
 
 def load_tiny_vae(spec: str, pipe: Any, *, model: str) -> Any:

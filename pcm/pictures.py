@@ -74,8 +74,9 @@ def pair_grid(rows: Sequence[tuple[str, bytes | None, bytes | None, str]], out: 
     return out
 
 
-def score_histogram(path: Path, scores: np.ndarray, title: str) -> None:
-    """A PNG histogram of raw CLIP scores (cosines)."""
+def score_histogram(path: Path, scores: np.ndarray, title: str, caps: dict[str, float] | None = None) -> None:
+    """A PNG histogram of raw CLIP scores (cosines); `caps` marks where CXE's weight min(1, w * cos) reaches 1
+    for each named w (at cos = 1 / w)."""
     import matplotlib
     import numpy as np
 
@@ -84,10 +85,13 @@ def score_histogram(path: Path, scores: np.ndarray, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="#3b6ea5")
-    ax.set(xlabel="CLIP score (cosine of image and caption embeddings)", ylabel="synthetic images", title=title)
+    ax.set(xlabel="CLIP score (cosine of image and caption embeddings)", ylabel="synthetic images")
+    ax.set_title(title, fontsize=9)
     if len(scores):
         ax.axvline(float(np.mean(scores)), color="#c0392b", linestyle="--", label=f"mean {np.mean(scores):.3f}")
-        ax.legend()
+        for (name, w), colour in zip((caps or {}).items(), ("#27ae60", "#8e44ad", "#d35400", "#7f8c8d"), strict=False):
+            ax.axvline(1 / w, color=colour, linestyle=":", label=f"CXE weight 1 from here, {name} (w {w:.2f})")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

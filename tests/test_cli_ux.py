@@ -380,3 +380,34 @@ def test_set_gives_the_same_config_on_run_and_on_the_stage_command(stage, monkey
     got = stage_config(monkeypatch, tmp_path, stage, [*inputs, *[x for s in sets for x in ("--set", s)]])
     # ... is the same config: every --set value parsed the same way.
     assert got.model_dump(mode="json") == want
+
+
+def test_pcm_run_ends_with_the_scores_the_control_and_the_report(tmp_path, capsys):
+    from builders import new_stage
+
+    from pcm.cli.run import print_scores
+    from storage.atomic import write_json
+
+    sd = new_stage(tmp_path, "evaluate", "ab" * 8)
+    write_json(sd.metrics, {"split": "test", "counts": {"images": 300},
+                            "metrics": {"Bleu_4": 0.3335, "METEOR": 0.297, "ROUGE_L": 0.57, "CIDEr": 1.79,
+                                        "SPICE": "unavailable: jars missing"},
+                            "control": {"metrics": {"CIDEr": 0.361}}})
+    print_scores(str(sd.path))
+    out = capsys.readouterr().out
+    assert "scores (test, 300 images): BLEU-4 33.4, METEOR 29.7, ROUGE-L 57.0, CIDEr 179.0; " \
+           "language-only control CIDEr 36.1" in out
+    assert f"report: {sd.report}" in out and "SPICE" not in out
+
+
+def test_libraries_logging_info_through_the_root_logger_are_quiet_unless_verbose():
+    import logging
+
+    from pcm.cli import quiet_libraries
+
+    def record(name: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, "loading", None, None)
+
+    assert not quiet_libraries(record("root", logging.INFO))          # open_clip's dozen lines per load
+    assert quiet_libraries(record("root", logging.WARNING))
+    assert quiet_libraries(record("pcm.stages.encode", logging.INFO))

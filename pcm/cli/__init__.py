@@ -56,6 +56,12 @@ def version() -> str:
         return __version__
 
 
+def quiet_libraries(record: logging.LogRecord) -> bool:
+    """A log filter: libraries that log INFO through the root logger (open_clip: a dozen lines per model load)
+    are heard only from WARNING up, unless --verbose; the project's own loggers are named and pass."""
+    return record.name != "root" or record.levelno >= logging.WARNING
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"pcm {version()}")
@@ -68,6 +74,9 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
                                        help="Print the version and exit.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(quiet_libraries)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -81,6 +81,23 @@ def warn_unfamiliar_words(captions: str) -> None:
         typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
+def print_scores(evaluate: str) -> None:
+    """The evaluation's scores in one line (x100, as papers print them), its control's CIDEr, the report's path."""
+    from pcm.report import LABELS
+    from storage.atomic import read_json
+    from storage.layout import StageDir
+
+    sd = StageDir.at(evaluate)
+    metrics = read_json(sd.metrics)
+    scores = [f"{label} {100 * v:.1f}" for key, label in LABELS.items()
+              if key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+              and isinstance(v := metrics["metrics"].get(key), float)]
+    control = ((metrics.get("control") or {}).get("metrics") or {}).get("CIDEr")
+    shown = f"; language-only control CIDEr {100 * control:.1f}" if isinstance(control, float) else ""
+    typer.echo(f"scores ({metrics.get('split', 'test')}, {metrics.get('counts', {}).get('images', '?')} images): "
+               f"{', '.join(scores)}{shown}\nreport: {sd.report}")
+
+
 def print_faithfulness(config: Any, stage: str) -> None:
     """For images of the shipped toy text-to-image model: how faithful they are to their captions (the toy CLIP's
     judgement, kept in the stage's faithfulness.json; a few seconds the first time)."""
@@ -136,6 +153,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{name:<11} {state:<7} {r.path}  {json.dumps(r.counts)}")
         if "synthesize" in results:
             print_faithfulness(cfg.synthesize, results["synthesize"].path)
+        if "evaluate" in results:
+            print_scores(results["evaluate"].path)
 
     @app.command("presets")
     def presets() -> None:

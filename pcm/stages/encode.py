@@ -746,7 +746,10 @@ def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput, r
         scored = scores.select(["clip_score", "status"]).to_pylist()
         ok_scores = np.array([r["clip_score"] for r in tables.ok_rows(scored)], dtype=np.float32)
         picture = sd.clip_scores_picture
-        score_histogram(picture, ok_scores, f"CLIP scores, {config.clip.label()} ({len(ok_scores)} images)")
+        caps = {"paper ViT-L/14": 4.0, "release ViT-B/32": 2.5}
+        if len(ok_scores) and float(np.median(ok_scores)) > 0:
+            caps["auto (1 / median)"] = 1 / float(np.median(ok_scores))
+        score_histogram(picture, ok_scores, f"CLIP scores, {config.clip.label()} ({len(ok_scores)} images)", caps)
 
         statuses = scores.column("status").to_pylist()
         real_statuses = real.column("status").to_pylist()
