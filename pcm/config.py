@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 
 class StageConfig(BaseModel):
@@ -29,6 +29,15 @@ class StageConfig(BaseModel):
     def content(self) -> dict[str, Any]:
         """The fields that determine the stage's outputs (what the fingerprint hashes)."""
         return self.model_dump(mode="json", exclude=set(self.RUNTIME))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true as 1 for an int field (`--set train.epochs=true` trained one epoch): refuse it.
+        args = _union_args(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in args and {int, float} & set(args):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
 
 
 def validation_problems(e: ValidationError, where: str, show: Callable[[Any], str] = repr) -> list[str]:

@@ -233,6 +233,9 @@ class RunLayout:
     root: Path
 
     def __init__(self, root: str | os.PathLike) -> None:
+        if str(root).startswith("file:"):  # Path("file:///x") is the relative folder ./file:/x
+            raise ValueError(f"run root {str(root)!r}: give a local root as a path (/{str(root)[5:].lstrip('/')}), "
+                             "not a file: URL")
         local = remote.local_root(str(root)) if remote.is_url(root) else Path(root).expanduser().resolve()
         object.__setattr__(self, "root", local)
 

@@ -149,3 +149,21 @@ def test_one_stage_list():
     from storage.layout import STAGES
 
     assert STAGE_ORDER is STAGES and typing.get_args(Stage) == STAGES
+
+
+def test_red_team_small_holes_booleans_repeated_json_keys_and_file_urls(tmp_path):
+    from pcm.cli.common import writable_dir
+    from storage.layout import RunLayout
+
+    with pytest.raises(ValueError, match=r"tiny\.train\.epochs: .*expected a number, got the boolean true"):
+        resolve("tiny", {"train.epochs": True})           # was: trained one epoch
+    with pytest.raises(ValueError, match=r"guidance_scale: .*got the boolean false"):
+        resolve("tiny", {"synthesize.guidance_scale": False})
+    assert resolve("tiny", {"train.cxe": True}).train.cxe is True      # a boolean field takes booleans
+    preset = tmp_path / "mine.json"
+    preset.write_text('{"name": "x", "train": {"epochs": 1, "epochs": 5}}')
+    with pytest.raises(ValueError, match=r"mine\.json: invalid JSON: duplicate key 'epochs'"):
+        resolve(str(preset))                              # was: silently 5
+    for make in (RunLayout, writable_dir):
+        with pytest.raises(ValueError, match=r"as a path \(/tmp/x\), not a file: URL"):
+            make("file:///tmp/x")                         # was: wrote into ./file:/tmp/x

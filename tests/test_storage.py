@@ -432,7 +432,7 @@ def test_manifests_pair_each_file_with_its_schema(tmp_path):
         manifests.CONCEPTS.read(sd)
     # every manifest name is unique, and the per-shard tables land in their kind's folder
     names = [m.name for m in vars(manifests).values() if isinstance(m, manifests.Manifest)]
-    assert len(names) == len(set(names)) == 6
+    assert len(names) == len(set(names)) == 7  # captions, samples, scores, real, concepts, pairs, per_image
     assert manifests.SHARD_SCORES.path(sd, 2) == sd.path / "features" / "shard-000002.scores.parquet"
     assert manifests.SHARD_REAL.path(sd, 0) == sd.path / "real" / "shard-000000.status.parquet"
 

@@ -314,3 +314,34 @@ def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(caption
     assert {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)} == markers  # nothing redone
 
 
+
+
+def test_a_stage_where_every_sample_failed_is_an_error_and_not_done(captions, layout, tmp_path):
+    from pcm.stages.synthesize import WARN_FAILED_SHARE
+
+    # Paired images with no image_path on any caption: every sample is a failed row.
+    cfg = SynthesizeConfig(**TINY, paired_images=str(tmp_path))
+    with pytest.raises(RuntimeError, match=rf"every one of the {N_TRAIN} samples failed \(no image_path"):
+        run_synthesize(cfg, captions, str(layout.root))
+    sd = plan(cfg, captions, str(layout.root))
+    assert not sd.done_marker.exists() and not (sd.path / "samples.parquet").exists()
+    assert not any(is_done(sd.image_shard(i)) for i in range(3))        # a rerun renders every shard again
+    assert WARN_FAILED_SHARE == 0.1
+
+
+def test_a_large_failed_share_is_a_warning_in_the_log_and_the_result(captions, layout, tmp_path, caplog):
+    from PIL import Image
+
+    from storage.layout import StageDir
+
+    cap = StageDir.at(captions)
+    rows = tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist()
+    for i, r in enumerate(r for r in rows if r["split"] == "train" and r["status"] == "ok"):
+        if i < 6:                                                         # 6 of 8 have an image, 2 fail
+            r["image_path"] = f"img{i}.png"
+            Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(tmp_path / f"img{i}.png")
+    tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
+    with caplog.at_level("WARNING", logger="pcm.stages.synthesize"):
+        r = run_synthesize(SynthesizeConfig(**TINY, paired_images=str(tmp_path)), captions, str(layout.root))
+    assert r.counts["ok"] == 6 and r.counts["failed"] == 2
+    assert "2 of 8 samples failed (25%)" in r.extra["warning"] and "2 of 8 samples failed" in caplog.text

@@ -57,6 +57,9 @@ def writable_dir(path: str | os.PathLike, option: str = "--root") -> Path:
     if remote.is_url(path):
         remote.check_writable(str(path), option)
         return remote.local_root(str(path))
+    if str(path).startswith("file:"):  # Path("file:///x") would be the relative folder ./file:/x
+        raise ValueError(f"{option} {path}: give a local folder as a path (/{str(path)[5:].lstrip('/')}), "
+                         "not a file: URL")
     folder = Path(path).expanduser()
     fix = f"choose a writable {option}"
     if blocker := _blocker(folder):

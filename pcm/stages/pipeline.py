@@ -73,8 +73,8 @@ def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
                          ".json that `pcm run --show-config` prints")
     if path.suffix == ".json":
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a repeated key
             raise ValueError(f"{path}: invalid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a JSON object (the output of `pcm run --show-config`)")
@@ -94,6 +94,14 @@ def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
 
     return _expand(raw, {"{demo}": str(DEMO_DIR), "{toyworld}": str(SHIPPED_DIR), "{toymodels}": str(SHIPPED_MODELS)})
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (json would silently keep the last of a repeated key)."""
+    keys = [k for k, _ in pairs]
+    if repeated := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ValueError(f"duplicate key {repeated[0]!r} in one object: give each key once")
+    return dict(pairs)
 
 
 def _expand(value: Any, table: dict[str, str]) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+import storage.shards
 from pcm import diffusion
 from pcm.config import StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
@@ -625,8 +626,9 @@ def finalize(config: SynthesizeConfig, captions: StageInput, root: str, *,
         if status["caption_id"].to_pylist() != planned:
             raise RuntimeError(f"{sd.path}: shard status rows do not match the plan; delete the shards "
                                "and rerun with --force")
-        manifests.SAMPLES.write(sd, status)
         ok = sum(s == tables.STATUS_OK for s in status["status"].to_pylist())
+        failed_warning = check_some_ok(sd, status.select(["status", "error"]).to_pylist(), len(groups))
+        manifests.SAMPLES.write(sd, status)
         pictures = {"samples": str(sample_grid(first_samples(sd, len(groups)), sd.samples_picture))}
         gen_s = sum(read_marker(sd.image_shard(i)).get("generate_s", 0.0) for i in range(len(groups)))
         timings = {"generate_s": round(gen_s, 3)}
@@ -636,8 +638,33 @@ def finalize(config: SynthesizeConfig, captions: StageInput, root: str, *,
                                   "shards": len(groups)},
                       started=started, timings=timings,
                       extra={"complete": True, "pictures": pictures, "source": config.source,
+                             "warning": failed_warning,
                              "model": config.model if config.source == "generated" else config.source,
                              "image_format": config.image_format, "extension": EXTENSIONS[config.image_format]})
+
+
+# A stage where more than this share of the samples failed is finished, with a warning in the log and its result.
+WARN_FAILED_SHARE = 0.1
+
+
+def check_some_ok(sd: StageDir, rows: list[dict[str, Any]], n_shards: int) -> str | None:
+    """No sample ok is an error naming the first reasons (no stage marker, and the shards' markers are dropped so
+    that a rerun renders them again); a failed share over WARN_FAILED_SHARE is a warning, returned."""
+    failed = [r for r in rows if r["status"] != tables.STATUS_OK]
+    if rows and len(failed) == len(rows):
+        for i in range(n_shards):
+            storage.shards.drop_marker(sd.image_shard(i))
+        reasons = list(dict.fromkeys(r["error"] or r["status"] for r in failed))
+        shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
+        raise RuntimeError(f"{sd.path}: every one of the {len(rows)} samples failed ({shown}); the likely cause is the "
+                           "model, the device or the image source, not the captions. The stage is not marked done; "
+                           "fix the cause and rerun (its shards will be made again)")
+    if len(failed) > WARN_FAILED_SHARE * len(rows):
+        message = (f"{len(failed)} of {len(rows)} samples failed ({100 * len(failed) / len(rows):.0f}%), e.g. "
+                   f"{failed[0]['error']}; they are failed rows of samples.parquet and train without them")
+        log.warning("%s: %s", sd.path, message)
+        return message
+    return None
 
 
 def first_samples(sd: StageDir, n_shards: int, n: int = 16) -> list[tuple[bytes, str]]:
