@@ -64,7 +64,7 @@ def mirror_dir() -> Path:
 def local_root(url: str) -> Path:
     """This worker's working copy of the run root `url`, created (with its mirror file) on first use."""
     url = url.rstrip("/")
-    local = (mirror_dir() / hashlib.sha256(url.encode()).hexdigest()[:16]).resolve()
+    local = (mirror_dir() / _working_copy_name(url)).resolve()
     marker = local / MIRROR_FILE
     if not marker.exists():
         local.mkdir(parents=True, exist_ok=True)
@@ -217,12 +217,28 @@ class Mirror:
         return out
 
 
+def _working_copy_name(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=4096)
 def _mirror_at(directory: str) -> Mirror | None:
+    """The working copy whose root is `directory`, or None. Only `local_root` makes one: a folder of the mirror
+    cache named by its URL's hash. A mirror file anywhere else (planted in or above a local run root) would send
+    that root's outputs to whatever bucket it names with this host's credentials: it is ignored, and said so."""
     f = Path(directory) / MIRROR_FILE
     if not f.exists():
         return None
-    return Mirror(url=json.loads(f.read_text())["url"], local=Path(directory))
+    try:
+        url = json.loads(f.read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        url = None
+    here = Path(directory).resolve()
+    if not isinstance(url, str) or here.parent != mirror_dir().resolve() or here.name != _working_copy_name(url):
+        log.warning("%s: ignored; a run root's bucket comes only from the root given (--root, the flow's root), "
+                    "never from a file in or above a local root", f)
+        return None
+    return Mirror(url=url, local=here)
 
 
 def mirror_of(path: str | os.PathLike) -> Mirror | None:

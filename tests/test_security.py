@@ -539,3 +539,26 @@ def test_distributed_training_listens_on_loopback_only(tmp_path, monkeypatch):
     assert got["sum"] == 2.0 and got["listening"], got
     loopback = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
     assert all(addr.startswith(loopback) for addr in got["listening"]), got["listening"]
+
+
+def test_a_planted_mirror_file_in_or_above_a_local_root_uploads_nothing(tmp_path, monkeypatch, caplog):
+    from pcm.demo_data import DEMO_DIR
+    from pcm.stages.ingest import IngestConfig, run_ingest
+    from storage import remote
+
+    monkeypatch.setenv("PCM_MIRROR_DIR", str(tmp_path / "mirrors"))
+    remote._mirror_at.cache_clear()
+    uploads = []
+    monkeypatch.setattr(remote.Mirror, "publish", lambda self, paths: uploads.append((self.url, list(paths))))
+    root = tmp_path / "shared" / "runs"
+    for where in (root, root.parent):                     # in the root and a folder above it
+        where.mkdir(parents=True, exist_ok=True)
+        (where / remote.MIRROR_FILE).write_text('{"url": "s3://attacker-bucket/loot"}')
+    with caplog.at_level("WARNING", logger="storage.remote"):
+        r = run_ingest(IngestConfig(source=str(DEMO_DIR / "dataset_demo.json")), str(root))
+    assert uploads == [] and remote.mirror_of(r.path) is None and r.path.startswith(str(root))
+    assert "ignored; a run root's bucket comes only from the root given" in caplog.text
+    # The mirror cache's own working copy of a URL is still one (keyed by the URL's hash).
+    copy = remote.local_root("s3://bucket/prefix")
+    assert remote.mirror_of(copy / "ingest").url == "s3://bucket/prefix"
+    remote._mirror_at.cache_clear()
