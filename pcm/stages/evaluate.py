@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator
 from tqdm import tqdm
 
-from pcm.config import StageConfig
+from pcm.config import BY_CONTENT, StageConfig
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -155,7 +155,9 @@ def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> Eva
                          "whose images were encoded")
     if not out.image_ids:
         raise ValueError(f"{enc.file('real.parquet')}: no encoded {split} images to evaluate "
-                         f"({len(out.failed)} failed); encode the {split} split's images first")
+                         f"({len(out.failed)} failed); encode the {split} split's images first (encode.images_root), "
+                         "or evaluate on another data set with references (pcm run: eval_source.source and "
+                         "eval_source.images_root)")
     out.references = {i: refs[i] for i in out.image_ids}
     out.not_encoded = sorted(set(refs) - seen)
     return out
@@ -168,10 +170,28 @@ def check_clip(checkpoint_clip: dict[str, Any], encode: StageResult) -> None:
         log.warning("%s records no CLIP spec; cannot check it matches the checkpoint's", encode.path)
         return
     diff = [f"{k}: checkpoint {checkpoint_clip.get(k)!r} vs features {features_clip.get(k)!r}"
-            for k in ("model", "pretrained", "pool") if checkpoint_clip.get(k) != features_clip.get(k)]
+            for k in ("model", "pool") if checkpoint_clip.get(k) != features_clip.get(k)]
+    # The weights by content: one directory spelt absolute and relative, or copied elsewhere, is one CLIP.
+    mine, theirs = content_id(checkpoint_clip), content_id(features_clip)
+    if mine != theirs:
+        diff.append(f"weights: checkpoint {checkpoint_clip.get('pretrained')!r} ({mine}) vs features "
+                    f"{features_clip.get('pretrained')!r} ({theirs})")
     if diff:
         raise ValueError(f"--encode {encode.path}: its features come from another CLIP than the model's "
                          f"({'; '.join(diff)}); encode this dataset with the checkpoint's CLIP")
+
+
+def content_id(clip: dict[str, Any]) -> str | None:
+    """A recorded CLIP's content identity: as recorded, else computed from its spec (older records), else its
+    `pretrained` string when the weights it names are not here."""
+    from pcm.identity import clip_content_id
+
+    if clip.get("content_id"):
+        return clip["content_id"]
+    try:
+        return clip_content_id(clip)
+    except (FileNotFoundError, ValueError):
+        return clip.get("pretrained")
 
 
 def _ingest_lineage(train: StageResult) -> list[StageResult]:
@@ -196,6 +216,7 @@ def images_root(encode: StageResult) -> Path | None:
     config = StageDir.at(encode.path).config_file
     if root is None and config.exists():
         root = atomic.read_json(config).get("config", {}).get("images_root")
+        root = None if root == BY_CONTENT else root  # encode code version 2+ records the path in its result
     return Path(root).expanduser() if root else None
 
 

@@ -186,9 +186,18 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str) -> StageDir:
-    """The train stage directory of these inputs (results or directories); no work, nothing written."""
-    return stage_dir(RunLayout(root), "train", config, [as_result(captions), as_result(encode)], CODE_VERSION)
+# Validation on another data set: (its ingest, its real-only encode) stage results or directories.
+ValSource = tuple[StageInput, StageInput]
+
+
+def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str,
+         val: ValSource | None = None) -> StageDir:
+    """The train stage directory of these inputs (results or directories); no work, nothing written.
+
+    `val`: validate on another data set's (ingest, encode) instead of `captions`/`encode`'s val split; both
+    enter the fingerprint (best/ depends on them) as `val_inputs`, apart from the inputs the lineage follows."""
+    extra = {"val_inputs": {r.stage: r.fingerprint for r in map(as_result, val)}} if val else None
+    return stage_dir(RunLayout(root), "train", config, [as_result(captions), as_result(encode)], CODE_VERSION, extra)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -216,13 +225,14 @@ def verify(sd: StageDir) -> str | None:
 
 
 def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, root: str, *, force: bool = False,
-              progress: ProgressFn | None = None) -> StageResult:
+              progress: ProgressFn | None = None, val: ValSource | None = None) -> StageResult:
     """Train (or resume) under the stage lock; write stage.done.json last and return the result.
 
-    `captions`, `encode`: the ingest and encode stages' StageResults, or their directories.
+    `captions`, `encode`: the ingest and encode stages' StageResults, or their directories; `val`: see `plan`.
     """
     captions, encode = as_result(captions), as_result(encode)
-    sd = plan(config, captions, encode, root)
+    val = (as_result(val[0]), as_result(val[1])) if val else None
+    sd = plan(config, captions, encode, root, val)
     if not force and (done := cached(sd, verify)) is not None:
         if (lock := try_lock(sd.lock_file)) is not None:  # a finished stage is tidied too (if nobody works in it)
             try:
@@ -243,11 +253,12 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
 
             total = total_steps_hint(sd)
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
+            val_args = ["--val-captions", val[0].path, "--val-encode", val[1].path] if val else []
             distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", captions.path,
-                                "--encode", encode.path, "--root", str(root)], config.devices, poll,
+                                "--encode", encode.path, "--root", str(root), *val_args], config.devices, poll,
                                bind=config.dist_bind)
         else:
-            train_worker(config, captions, encode, sd, progress=progress)
+            train_worker(config, captions, encode, sd, progress=progress, val=val)
         return _finish(sd, started)
 
 
@@ -364,7 +375,7 @@ class Run:
 
 
 def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None, val: tuple[StageResult, StageResult] | None = None) -> None:
     """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
 
@@ -378,14 +389,15 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
         torch.use_deterministic_algorithms(True)
     distributed.setup(info, device)
     try:
-        run = setup(config, captions, encode, sd, info, device)
+        run = setup(config, captions, encode, sd, info, device, val=val)
         train_loop(run, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         distributed.teardown(info)
 
 
-def load_data(config: TrainConfig, captions: StageResult, encode: StageResult) -> TrainData:
+def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
+              val_source: tuple[StageResult, StageResult] | None = None) -> TrainData:
     """Pairs, vocabulary, concepts, CLIP head and the val split, checked against the feature shards."""
     from pcm import dataset
     from pcm.vocab import Vocab
@@ -407,8 +419,9 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult) -
     clip_spec = encode.extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
     vocab = Vocab.build(pairs.texts, config.min_word_count)
     inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
-    val = dataset.load_val(captions.path, encode.path, config.val_max_images)
-    val_store = dataset.FeatureStore(enc, "real")
+    val_cap, val_enc = val_source or (captions, encode)
+    val = dataset.load_val(val_cap.path, val_enc.path, config.val_max_images)
+    val_store = dataset.FeatureStore(StageDir.at(val_enc.path), "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
         if config.val_metric == "cider":
@@ -417,7 +430,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult) -
             require_java()  # fail now, not at the first validation
     if len(val) == 0:
         log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
-                    "validation is skipped and best/ holds the final model", enc.path)
+                    "validation is skipped and best/ holds the final model", val_enc.path)
     return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe)
 
 
@@ -443,14 +456,15 @@ def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]
     return pairs, stats
 
 
-def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any) -> Run:
+def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any,
+          val: tuple[StageResult, StageResult] | None = None) -> Run:
     """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
     import torch
 
     from pcm import dataset, distributed
     from pcm.model import PCMNet
 
-    data = load_data(config, captions, encode)
+    data = load_data(config, captions, encode, val)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = PCMNet(data.model_config, len(data.vocab), data.bank, data.head).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -688,11 +702,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--captions", required=True)
     p.add_argument("--encode", required=True)
     p.add_argument("--root", required=True)
+    p.add_argument("--val-captions")
+    p.add_argument("--val-encode")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.model_validate_json(a.config)
     captions, encode = load_result(a.captions), load_result(a.encode)
-    train_worker(config, captions, encode, plan(config, captions, encode, a.root))
+    val = (load_result(a.val_captions), load_result(a.val_encode)) if a.val_captions and a.val_encode else None
+    train_worker(config, captions, encode, plan(config, captions, encode, a.root, val), val=val)
 
 
 if __name__ == "__main__":
