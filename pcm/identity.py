@@ -33,8 +33,18 @@ def _known_digests(path: Path) -> dict[str, dict[str, Any]]:
         except (ValueError, OSError, AttributeError):
             return {}
         prefix = "" if base == path else path.name + "/"
-        return {rel[len(prefix):]: v for rel, v in files.items() if rel.startswith(prefix) and isinstance(v, dict)}
+        # Only files no newer than the manifest: a file edited since (same size, other bytes) is hashed again.
+        written = manifest.stat().st_mtime_ns
+        return {rel[len(prefix):]: v for rel, v in files.items() if rel.startswith(prefix) and isinstance(v, dict)
+                and _mtime(path / rel[len(prefix):]) <= written}
     return {}
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 1 << 62
 
 
 def model_dir_id(path: str | os.PathLike) -> str:
@@ -83,3 +93,44 @@ def find_shipped_clip(content_id: str) -> Path | None:
         if model_dir_id(d) == content_id:
             return d
     return None
+
+
+CLIP_OPTION = "--clip PATH_OR_TAG"   # the CLI option (and `clip=` argument) that points a checkpoint at its CLIP
+
+
+def checkpoint_clip(recorded: dict[str, Any], override: str | None = None, where: str = "checkpoint") -> Any:
+    """The pcm.clip.ClipSpec to encode new images with for a checkpoint whose clip.json is `recorded`.
+
+    `override` (a local directory, a weights file, `local-dir:PATH` or an open_clip tag) replaces the
+    recorded weights; a local one must have the recorded content identity. Without it, the recorded
+    spec is used when its weights are here; a recorded path that is gone (a checkpoint moved to
+    another checkout or machine) resolves to the shipped toy CLIP when that is the same content, else
+    the error names `--clip`.
+    """
+    from pcm.clip import LOCAL_DIR, ClipSpec
+
+    want = recorded.get("content_id")
+    fields = {k: v for k, v in recorded.items() if k in ClipSpec.model_fields}
+    if override is not None:
+        p = Path(override.removeprefix(LOCAL_DIR)).expanduser()
+        pretrained = (LOCAL_DIR + str(p)) if p.is_dir() else str(p) if p.is_file() else override
+        spec = ClipSpec.model_validate(fields | {"pretrained": pretrained})
+        got = clip_content_id(spec)
+        if want and got != want and (want.startswith("sha256:") or got.startswith("sha256:")):
+            raise ValueError(f"{CLIP_OPTION.split()[0]} {override}: its weights ({got}) are not the CLIP this "
+                             f"{where} was trained with ({want}, recorded as {recorded.get('pretrained')!r})")
+        return spec
+    pretrained = recorded.get("pretrained") or ""
+    path = pretrained.removeprefix(LOCAL_DIR)
+    local = pretrained.startswith(LOCAL_DIR) or os.path.isabs(path) or os.sep in path
+    if not pretrained or not local or Path(path).expanduser().exists():
+        return ClipSpec.model_validate(fields)
+    shipped = find_shipped_clip(want) if want else None
+    if shipped is not None:
+        log.info("%s: its CLIP %s is not here; using the shipped toy CLIP %s (same content, %s)", where,
+                 pretrained, shipped, want)
+        return ClipSpec.model_validate(fields | {"pretrained": LOCAL_DIR + str(shipped)})
+    raise FileNotFoundError(
+        f"{where}: its CLIP weights {pretrained!r} are not here (the {where} was moved, or made on another machine); "
+        f"give them with {CLIP_OPTION} (the directory, weights file or open_clip tag it was trained with"
+        + (f", content {want}" if want else "") + ")")
