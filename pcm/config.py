@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-
 # What stands in a fingerprinted config for a path identified by its content instead (a model directory's
 # digest, an image root's manifest, a file's sha256: the stage's plan adds that identity beside it).
 BY_CONTENT = "(identified by content)"

@@ -72,7 +72,11 @@ def clip_content_id(spec: Any) -> str:
         {k: v for k, v in spec.items() if k in ClipSpec.model_fields})
     pretrained = spec.pretrained
     if pretrained and pretrained.startswith(LOCAL_DIR):
-        return model_dir_id(pretrained[len(LOCAL_DIR):])
+        path = pretrained[len(LOCAL_DIR):]
+        if not Path(path).expanduser().is_dir():
+            raise FileNotFoundError(f"clip.pretrained={pretrained!r}: no such directory here (its files identify the "
+                                    "CLIP); give the folder holding open_clip_config.json and the weights")
+        return model_dir_id(path)
     if pretrained and os.path.isfile(os.path.expanduser(pretrained)):
         return "sha256:" + input_digest(os.path.expanduser(pretrained))
     if spec.is_preset:

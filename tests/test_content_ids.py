@@ -49,7 +49,7 @@ def test_two_clones_and_both_spellings_give_the_same_fingerprints(tmp_path, monk
     shipped = _plan_all(_demo(str(SHIPPED_DIR.parent)), tmp_path / "runs-shipped")
     from_a = _plan_all(_demo(str(a)), tmp_path / "runs-a")
     monkeypatch.chdir(tmp_path / "somewhere")
-    from_b_relative = _plan_all(_demo(os.path.join("clone-b", "data")), tmp_path / "runs-b")
+    from_b_relative = _plan_all(_demo(os.path.relpath(b)), tmp_path / "runs-b")   # clone-b/data
     assert from_a == shipped == from_b_relative
 
 

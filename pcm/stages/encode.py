@@ -44,8 +44,8 @@ from pcm.clip import (
     preset_path as clip_preset_path,
 )
 from pcm.config import BY_CONTENT, StageConfig
-from pcm.identity import clip_content_id
 from pcm.device import resolve_device
+from pcm.identity import clip_content_id
 from pcm.pictures import score_histogram
 from pcm.stages.stage import (
     ProgressFn,
@@ -59,7 +59,7 @@ from pcm.stages.stage import (
     open_stage,
     stage_dir,
 )
-from storage import atomic, claims, manifests, remote, tables
+from storage import atomic, claims, manifests, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
 from storage.fingerprint import files_manifest_digest, input_digest
