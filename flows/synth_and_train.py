@@ -24,7 +24,7 @@ from flows.ingest import ingest_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from pcm.stages import encode, synthesize
-from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, resolve
+from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, check_evaluable, resolve
 from storage.result import StageResult
 
 Stage = Literal["ingest", "synthesize", "encode", "train", "evaluate"]
@@ -100,6 +100,7 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
     cfg, root, force = params.config(), params.root, set(params.force)
     last = STAGE_ORDER.index(params.stop_after)
     out: dict[str, StageResult] = {}
+    check_evaluable(cfg, root, params.stop_after)  # a run that evaluate could not score stops before any stage
     # Each stage gets the StageResults of the stages before it.
     out["ingest"] = ingest_flow(cfg.ingest, root, force="ingest" in force)
     if last >= 1:
@@ -110,10 +111,15 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
         if params.encode_fanout:
             fan_out_encoding(cfg, out["ingest"], out["synthesize"], root, params.encode_fanout)
         out["encode"] = encode_flow(cfg.encode, out["ingest"], out["synthesize"], root, force="encode" in force)
+    if last >= 3 and cfg.eval_source is not None:  # validation and evaluate read another data set
+        out["eval_ingest"] = ingest_flow(cfg.eval_source.ingest(), root)
+        out["eval_encode"] = encode_flow(cfg.eval_source.encode(cfg.encode), out["eval_ingest"], None, root)
+    val = (out["eval_ingest"], out["eval_encode"]) if "eval_encode" in out else None
     if last >= 3:
-        out["train"] = train_flow(cfg.train, out["ingest"], out["encode"], root, force="train" in force)
+        out["train"] = train_flow(cfg.train, out["ingest"], out["encode"], root, force="train" in force, val=val)
     if last >= 4:
-        out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"], out["encode"], out["ingest"], root,
+        captions, encode = val or (out["ingest"], out["encode"])
+        out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"], encode, captions, root,
                                         force="evaluate" in force)
     publish_summary(out)
     return out

@@ -16,10 +16,10 @@ from storage.result import StageResult
 
 @task(name="train", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
 def train_task(config: TrainConfig, captions: StageResult, encode: StageResult, root: str,
-               force: bool = False) -> StageResult:
+               force: bool = False, val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train or resume PCM-Net (the stage resumes from its latest checkpoint on disk)."""
-    progress = artifacts.Progress(f"train-{plan(config, captions, encode, root).fingerprint}", "Training PCM-Net")
-    return run_train(config, captions, encode, root, force=force, progress=progress)
+    progress = artifacts.Progress(f"train-{plan(config, captions, encode, root, val).fingerprint}", "Training PCM-Net")
+    return run_train(config, captions, encode, root, force=force, progress=progress, val=val)
 
 
 @task(name="train-artifacts")
@@ -36,17 +36,18 @@ def publish(result: StageResult) -> None:
 
 @flow(name="train")
 def train_flow(config: StageRef | TrainConfig | dict[str, Any], captions: StageResult | str,
-               encode: StageResult | str, root: str = "runs", force: bool = False) -> StageResult:
+               encode: StageResult | str, root: str = "runs", force: bool = False,
+               val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train PCM-Net on an encode stage's synthetic-image features (val split picks best/).
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`;
     StageRef comes first, so `{"preset": "tiny"}` is the tiny pipeline's train section).
     `captions`, `encode`: the ingest and encode stages' results, or their directories (a deployment's
-    parameters), resolved here.
+    parameters), resolved here; `val`: validate on another data set's (ingest, encode) results.
     """
     config = stage_config("train", config)
     captions, encode = as_result(captions), as_result(encode)
     result = run_stage(train_task, plan, verify, force=force, config=config, captions=captions, encode=encode,
-                       root=root)
+                       root=root, val=val)
     publish(result)
     return result

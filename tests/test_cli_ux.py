@@ -286,7 +286,7 @@ KEPT = {"ingest": {"source", "demo", "sets", "root", "force"},
                        "shards", "force", "dry_run"},
         "encode": {"captions", "shards", "images_root", "sets", "root", "force"},
         "train": {"captions", "encode", "model_preset", "preset", "sets", "root", "force"},
-        "evaluate": {"train", "encode", "captions", "sets", "root", "force"}}
+        "evaluate": {"train", "encode", "captions", "sets", "root", "force", "clip"}}
 
 
 def expected_defaults(cls) -> dict[str, str]:

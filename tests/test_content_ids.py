@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from pcm.stages import encode, evaluate, ingest, synthesize, train
 from pcm.stages.pipeline import resolve
 from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
@@ -86,3 +88,19 @@ def test_an_image_root_is_identified_by_the_names_and_sizes_of_the_files_read(tm
     assert files_manifest_digest(tmp_path / "r1", ["x.jpg"]) == files_manifest_digest(tmp_path / "r2", ["x.jpg"])
     (tmp_path / "r2" / "x.jpg").write_bytes(b"123456")
     assert files_manifest_digest(tmp_path / "r1", ["x.jpg"]) != files_manifest_digest(tmp_path / "r2", ["x.jpg"])
+
+
+def test_evaluate_compares_clips_by_content_not_spelling(tmp_path, monkeypatch):
+    from pcm.stages.evaluate import check_clip
+
+    monkeypatch.chdir(SHIPPED_MODELS.parent.parent.parent)               # the checkout: pcm/data/toymodels/clip
+    spec = {"model": "toyworld-clip", "precision": "fp32", "pool": None}
+    absolute = spec | {"pretrained": f"local-dir:{SHIPPED_MODELS / 'clip'}"}
+    relative = spec | {"pretrained": "local-dir:pcm/data/toymodels/clip"}
+    features = StageResult(stage="encode", fingerprint="e" * 16, path=str(tmp_path), extra={"clip": relative})
+    check_clip(absolute, features)                                        # one directory, two spellings: accepted
+    other = tmp_path / "other"
+    shutil.copytree(SHIPPED_MODELS / "clip", other)
+    (other / "training.json").write_text("{}")
+    with pytest.raises(ValueError, match="--clip PATH_OR_TAG"):
+        check_clip(spec | {"pretrained": f"local-dir:{other}"}, features)
