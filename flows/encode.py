@@ -65,19 +65,19 @@ def shards_encoded(config: EncodeConfig, captions: StageResult, shards: StageRes
 
 @flow(name="encode")
 def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: StageResult | str,
-                shards: StageResult | str, root: str = "runs", force: bool = False,
+                shards: StageResult | str | None, root: str = "runs", force: bool = False,
                 indices: list[int] | None = None) -> StageResult:
     """Encode every synthetic shard (one task each) and the real images, then write the stage-wide outputs.
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`).
     `captions`, `shards`: the ingest and synthesize stages' results, or their directories (a deployment's
-    parameters), resolved here.
+    parameters), resolved here; `shards` None: a real-only stage (an evaluation source's val/test images).
     `indices`: only these feature shards, and nothing else (a fan-out child; the parent finalises): the
     result is then a partial one, `extra["complete"]` False with the shard reports.
     """
     started = time.monotonic()
     config = stage_config("encode", config)
-    captions, shards = as_result(captions), as_result(shards)
+    captions, shards = as_result(captions), None if shards is None else as_result(shards)
     if indices is not None:
         reports = [encode_features_shard(config, captions, shards, root, index) for index in sorted(set(indices))]
         return shards_encoded(config, captions, shards, root, reports, started)

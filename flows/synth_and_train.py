@@ -27,7 +27,7 @@ from flows.refine import refine_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from pcm.stages import encode, synthesize
-from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, enabled, resolve
+from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, check_evaluable, enabled, resolve
 from storage.result import StageResult
 
 Stage = Literal["ingest", "synthesize", "encode", "refine", "train", "evaluate"]
@@ -107,6 +107,7 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
         return STAGE_ORDER.index(stage) <= last and enabled(cfg, stage)
 
     out: dict[str, StageResult] = {}
+    check_evaluable(cfg, root, params.stop_after)  # a run that evaluate could not score stops before any stage
     # Each stage gets the StageResults of the stages before it.
     out["ingest"] = ingest_flow(cfg.ingest, root, force="ingest" in force)
     if runs("synthesize"):
@@ -119,11 +120,16 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
         out["encode"] = encode_flow(cfg.encode, out["ingest"], out["synthesize"], root, force="encode" in force)
     if runs("refine"):
         out["refine"] = refine_flow(cfg.refine, out["ingest"], out["encode"], root, force="refine" in force)
+    if runs("train") and cfg.eval_source is not None:  # validation and evaluate read another data set
+        out["eval_ingest"] = ingest_flow(cfg.eval_source.ingest(), root)
+        out["eval_encode"] = encode_flow(cfg.eval_source.encode(cfg.encode), out["eval_ingest"], None, root)
+    val = (out["eval_ingest"], out["eval_encode"]) if "eval_encode" in out else None
     if runs("train"):
         out["train"] = train_flow(cfg.train, out["ingest"], out["encode"], root, force="train" in force,
-                                  refine=out.get("refine"))
+                                  refine=out.get("refine"), val=val)
     if runs("evaluate"):
-        out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"], out["encode"], out["ingest"], root,
+        captions, encode = val or (out["ingest"], out["encode"])
+        out["evaluate"] = evaluate_flow(cfg.evaluate, out["train"], encode, captions, root,
                                         force="evaluate" in force)
     publish_summary(out)
     return out

@@ -16,11 +16,12 @@ from storage.result import StageResult
 
 @task(name="train", cache_key_fn=fingerprint_key(plan), tags=["gpu"])
 def train_task(config: TrainConfig, captions: StageResult, encode: StageResult, root: str,
-               refine: StageResult | None = None, force: bool = False) -> StageResult:
+               refine: StageResult | None = None, force: bool = False,
+               val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train or resume PCM-Net (the stage resumes from its latest checkpoint on disk)."""
-    progress = artifacts.Progress(f"train-{plan(config, captions, encode, root, refine).fingerprint}",
+    progress = artifacts.Progress(f"train-{plan(config, captions, encode, root, refine, val).fingerprint}",
                                   "Training PCM-Net")
-    return run_train(config, captions, encode, root, force=force, progress=progress, refine=refine)
+    return run_train(config, captions, encode, root, force=force, progress=progress, refine=refine, val=val)
 
 
 @task(name="train-artifacts")
@@ -38,18 +39,22 @@ def publish(result: StageResult) -> None:
 @flow(name="train")
 def train_flow(config: StageRef | TrainConfig | dict[str, Any], captions: StageResult | str,
                encode: StageResult | str, root: str = "runs", force: bool = False,
-               refine: StageResult | str | None = None) -> StageResult:
+               refine: StageResult | str | None = None,
+               val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train PCM-Net on an encode stage's synthetic-image features (val split picks best/).
 
     `config`: the stage config, or a reference to one (`{"preset": "demo"}`, `{"from_run": DIR}`;
     StageRef comes first, so `{"preset": "tiny"}` is the tiny pipeline's train section).
     `captions`, `encode`: the ingest and encode stages' results, or their directories (a deployment's
-    parameters), resolved here. `refine` (optional): a refine stage's, whose kept pairs are trained on.
+    parameters), resolved here. `refine` (optional): a refine stage's, whose kept pairs are trained on; `val`:
+    validate on another data set's (ingest, encode) results.
     """
     config = stage_config("train", config)
     captions, encode = as_result(captions), as_result(encode)
-    refined = {"refine": as_result(refine)} if refine is not None else {}  # absent: the task's key is as before
+    # Absent inputs are not passed at all: the task's cache key is then the one it had before they existed.
+    refined = {"refine": as_result(refine)} if refine is not None else {}
+    validated = {"val": val} if val is not None else {}
     result = run_stage(train_task, plan, verify, force=force, config=config, captions=captions, encode=encode,
-                       root=root, **refined)
+                       root=root, **refined, **validated)
     publish(result)
     return result

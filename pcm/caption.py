@@ -86,25 +86,83 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
     return checkpoint.find(path, which)
 
 
+class Captioner:
+    """A trained checkpoint with its CLIP, loaded once, captioning images:
+
+        from pcm import Captioner
+        cap = Captioner.from_pretrained("runs/train/<fp>")          # or a checkpoint directory (best/)
+        cap.caption(["a.jpg", "pictures/"])                         # [{"image", "caption"} or {"image", "error"}]
+    """
+
+    def __init__(self, model: Any, vocab: Any, clip: Any, device: str, checkpoint: Path, step: int) -> None:
+        self.model, self.vocab, self.clip, self.device = model, vocab, clip, device
+        self.checkpoint, self.step = checkpoint, step
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, which: str = "best", clip: str | None = None,
+                        device: str = "auto") -> Captioner:
+        """Load a checkpoint directory (or a train stage's `which` checkpoint) and its CLIP.
+
+        `clip`: the CLIP's directory, weights file or open_clip tag, for a checkpoint whose recorded CLIP
+        is not on this machine (see pcm.identity.checkpoint_clip).
+        """
+        from pcm import checkpoint
+        from pcm.clip import load_clip
+        from pcm.device import resolve_device
+        from pcm.identity import checkpoint_clip
+
+        device = resolve_device(device)
+        ckpt = find_checkpoint(path, which)
+        spec = checkpoint_clip(read_clip_record(ckpt), clip, where=f"checkpoint {ckpt}")
+        model, vocab, meta = checkpoint.load(ckpt, device)
+        return cls(model, vocab, load_clip(spec, device), device, ckpt, meta["step"])
+
+    def caption(self, images: Iterable[str | os.PathLike], *, beam_size: int = 3, max_len: int = 20,
+                length_penalty: float = 0.0, batch_size: int = 64) -> list[dict[str, Any]]:
+        """One {"image", "caption"} (or {"image", "error"} for an unreadable file) per image, in input order."""
+        return list(self.iter_captions(images, beam_size=beam_size, max_len=max_len,
+                                       length_penalty=length_penalty, batch_size=batch_size))
+
+    def iter_captions(self, images: Iterable[str | os.PathLike], *, beam_size: int = 3, max_len: int = 20,
+                      length_penalty: float = 0.0, batch_size: int = 64) -> Iterator[dict[str, Any]]:
+        """`caption`, row by row (a bar shows progress)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        paths = expand_inputs(images)
+        log.info("caption: %d images with %s (step %s)", len(paths), self.checkpoint, self.step)
+        yield from _caption_paths(self, paths, beam_size, max_len, length_penalty, batch_size)
+
+
+def read_clip_record(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's clip.json (the CLIP spec its features came from, with its content identity)."""
+    from storage import atomic
+    from storage.checkpoints import CLIP
+
+    return atomic.read_json(ckpt / CLIP)
+
+
 def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, which: str = "best",
                    beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0, batch_size: int = 64,
-                   device: str = "auto") -> Iterator[dict[str, Any]]:
-    """Yield {"image": path, "caption": text} per image, or {"image": path, "error": why} when it cannot be read."""
-    import torch
+                   device: str = "auto", clip: str | None = None) -> Iterator[dict[str, Any]]:
+    """Yield {"image": path, "caption": text} per image, or {"image": path, "error": why} when it cannot be read.
 
-    from pcm import checkpoint
-    from pcm.clip import ClipSpec, encode_images, load_clip
-    from pcm.decode import beam_search
-    from pcm.device import resolve_device
-
+    `clip`: the checkpoint's CLIP (directory, weights file or tag) when its recorded one is not here.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = resolve_device(device)
-    ckpt = find_checkpoint(checkpoint_path, which)
-    model, vocab, meta = checkpoint.load(ckpt, device)
-    clip = load_clip(ClipSpec.model_validate(meta["clip"]), device)
-    paths = expand_inputs(inputs)
-    log.info("caption: %d images with %s (step %s)", len(paths), ckpt, meta["step"])
+    captioner = Captioner.from_pretrained(checkpoint_path, which=which, clip=clip, device=device)
+    yield from captioner.iter_captions(inputs, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
+                                       batch_size=batch_size)
+
+
+def _caption_paths(captioner: Captioner, paths: list[Path], beam_size: int, max_len: int, length_penalty: float,
+                   batch_size: int) -> Iterator[dict[str, Any]]:
+    import torch
+
+    from pcm.clip import encode_images
+    from pcm.decode import beam_search
+
+    model, vocab, clip, device = captioner.model, captioner.vocab, captioner.clip, captioner.device
 
     bar = tqdm(total=len(paths), desc="caption", unit="img")
     for start in range(0, len(paths), batch_size):

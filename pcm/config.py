@@ -14,6 +14,10 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
+# What stands in a fingerprinted config for a path identified by its content instead (a model directory's
+# digest, an image root's manifest, a file's sha256: the stage's plan adds that identity beside it).
+BY_CONTENT = "(identified by content)"
+
 
 class StageConfig(BaseModel):
     """Base of every stage config: unknown fields are errors, values are immutable.

@@ -134,7 +134,8 @@ class Pairs:
 
     def with_scores(self, clip_score: np.ndarray) -> Pairs:
         """The same pairs with other CLIP scores (what CXE weighs them by)."""
-        return Pairs(self.caption_ids, self.texts, self.shard, self.row, np.asarray(clip_score, dtype=np.float32))
+        return Pairs(self.caption_ids, self.texts, self.shard, self.row, np.asarray(clip_score, dtype=np.float32),
+                     self.image_keys)
 
     def with_images_shuffled(self, seed: int) -> Pairs:
         """A CONTROL, not the method: every caption gets another caption's image (a seeded derangement),

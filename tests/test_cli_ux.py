@@ -287,7 +287,7 @@ KEPT = {"ingest": {"source", "demo", "sets", "root", "force"},
         "encode": {"captions", "shards", "images_root", "sets", "root", "force"},
         "refine": {"captions", "encode", "sets", "root", "force"},
         "train": {"captions", "encode", "refine", "model_preset", "preset", "sets", "root", "force"},
-        "evaluate": {"train", "encode", "captions", "sets", "root", "force"}}
+        "evaluate": {"train", "encode", "captions", "sets", "root", "force", "clip"}}
 
 
 def expected_defaults(cls) -> dict[str, str]:

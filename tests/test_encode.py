@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from pcm.clip import ClipSpec, clip_head, encode_images, encode_texts, load_clip
+from pcm.identity import clip_content_id
 from pcm.stages.encode import EncodeConfig, plan, run_encode, verify
 from pcm.stages.stage import finish
 from storage import tables
@@ -164,7 +165,9 @@ def test_run_encode_outputs(tmp_path):
     assert result.counts["images"] == 12 and result.counts["concepts"] >= 6
     assert (result.counts["images_ok"], result.counts["images_failed"]) == (11, 1)
     assert (result.counts["real_ok"], result.counts["real_failed"]) == (3, 1)
-    assert result.extra["clip"] == cfg.clip.model_dump(mode="json")
+    # the spec, and what its weights are (the preset's data file here), for train to copy into checkpoints
+    assert result.extra["clip"] == cfg.clip.model_dump(mode="json") | {"content_id": clip_content_id(cfg.clip)}
+    assert result.extra["clip"]["content_id"].startswith("preset:")
     assert Path(result.extra["pictures"]["clip_scores"]).read_bytes()[:4] == b"\x89PNG"
 
     clip = load_clip(cfg.clip)

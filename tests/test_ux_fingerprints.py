@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from pcm.config import BY_CONTENT
 from pcm.stages.encode import EncodeConfig
 from pcm.stages.encode import plan as encode_plan
 from pcm.stages.ingest import IngestConfig, dataset_name
@@ -55,8 +56,9 @@ def test_encode_relative_and_absolute_images_root_share_a_fingerprint(in_tmp):
     for spelling in ("coco", "./coco", "coco/", f"{in_tmp}/coco/", "runs/../coco"):
         assert encode_plan(tiny_config(images_root=spelling), cap, syn, root).fingerprint == absolute, spelling
     assert encode_plan(tiny_config(images_root=str(in_tmp / "runs")), cap, syn, root).fingerprint != absolute
-    # an absolute, clean path is fingerprinted as written (existing runs keep their directories)
-    assert tiny_config(images_root=str(in_tmp / "coco")).content()["images_root"] == str(in_tmp / "coco")
+    # by the names and sizes of the images read, not the path: a copy elsewhere is the same stage
+    shutil.copytree(in_tmp / "coco", in_tmp / "elsewhere" / "coco-copy")
+    assert encode_plan(tiny_config(images_root="elsewhere/coco-copy"), cap, syn, root).fingerprint == absolute
 
 
 def test_encode_vocabulary_file_counts_by_content_not_path(in_tmp):
@@ -72,11 +74,23 @@ def test_encode_vocabulary_file_counts_by_content_not_path(in_tmp):
     assert encode_plan(tiny_config(vocabulary_file="vocab.txt"), cap, syn, root).fingerprint not in fps
 
 
-def test_encode_clip_checkpoint_path_is_absolute_in_the_fingerprint(in_tmp):
+def test_encode_clip_checkpoint_counts_by_content_not_path(in_tmp):
+    cap, syn = make_inputs(in_tmp / "runs", n_shards=1)
+    root = str(in_tmp / "runs")
     (in_tmp / "ckpt.safetensors").write_bytes(b"x")
-    rel = EncodeConfig.model_validate({"clip": {"model": "tiny", "pretrained": "ckpt.safetensors"}})
-    assert rel.content()["clip"]["pretrained"] == str(in_tmp / "ckpt.safetensors")
+    os.mkdir(in_tmp / "copy")
+    shutil.copy(in_tmp / "ckpt.safetensors", in_tmp / "copy" / "renamed.safetensors")
+
+    def fp(pretrained: str) -> str:
+        return encode_plan(EncodeConfig.model_validate({"clip": {"model": "tiny", "pretrained": pretrained}}),
+                           cap, syn, root).fingerprint
+
+    fps = {fp(p) for p in ("ckpt.safetensors", str(in_tmp / "ckpt.safetensors"), "copy/renamed.safetensors")}
+    assert len(fps) == 1
+    (in_tmp / "copy" / "renamed.safetensors").write_bytes(b"y")
+    assert fp("copy/renamed.safetensors") not in fps
+    (in_tmp / "models" / "clip").mkdir(parents=True)
     local = EncodeConfig.model_validate({"clip": {"model": "ViT-B-32", "pretrained": "local-dir:models/clip"}})
-    assert local.content()["clip"]["pretrained"] == f"local-dir:{in_tmp}/models/clip"
+    assert local.content()["clip"]["pretrained"] == BY_CONTENT     # plan adds the directory's digest
     tag = EncodeConfig.model_validate({"clip": {"model": "ViT-B-32", "pretrained": "openai"}})
     assert tag.content()["clip"]["pretrained"] == "openai"

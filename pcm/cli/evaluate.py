@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = set_option(),
         root: str = typer.Option(None, "--root", help="Run root for the output (default: the train stage's root)."),
         force: bool = typer.Option(False, "--force", help="Redo the evaluation even if it is finished."),
+        clip: str = typer.Option(None, "--clip", metavar="PATH_OR_TAG", help="The checkpoint's CLIP (directory, "
+                                 "weights file or open_clip tag) when the path it records is not on this machine."),
     ) -> None:
         """Caption the real images of a split with a trained model and score them (BLEU, METEOR, ROUGE-L, CIDEr, SPICE).
 
@@ -63,7 +65,7 @@ def register(app: typer.Typer) -> None:
             writable_dir(root or _root_of(train), "--root" if root is not None else
                          "--root (default: the train stage's run root)")
         inputs = load_result(train), load_result(encode), load_result(captions)  # resolved once here
-        result = run_evaluate(config, *inputs, root or _root_of(train), force=force)
+        result = run_evaluate(config, *inputs, root or _root_of(train), force=force, clip=clip)
         metrics = result.extra["metrics"]
         state = "cached" if result.cached else "done"
         typer.echo(f"evaluate {state}: {result.extra['split']} split, {result.extra['protocol']}, "
@@ -84,6 +86,8 @@ def register(app: typer.Typer) -> None:
         max_len: int = typer.Option(20, "--max-len", help="Maximum caption length in words."),
         batch_size: int = typer.Option(64, "--batch-size", help="Images per batch."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+        clip: str = typer.Option(None, "--clip", metavar="PATH_OR_TAG", help="The checkpoint's CLIP (directory, "
+                                 "weights file or open_clip tag) when the path it records is not on this machine."),
     ) -> None:
         """Caption image files: one JSON line {"image", "caption"} per image ({"image", "error"} if unreadable)."""
         from pcm.caption import caption_images, write_captions
@@ -93,7 +97,7 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"--out {out} is a folder; give the path of the JSON lines file to write")
             writable_dir(Path(out).expanduser().parent, "--out folder")
         rows = caption_images(checkpoint, images, which=which, beam_size=beam_size, max_len=max_len,
-                              batch_size=batch_size, device=device)
+                              batch_size=batch_size, device=device, clip=clip)
         failed = 0
         if out:
             n, failed = write_captions(out, rows)

@@ -9,6 +9,7 @@ process only moves pinned batches to the device, runs CLIP and hands results to 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -42,8 +43,9 @@ from pcm.clip import (
 from pcm.clip import (
     preset_path as clip_preset_path,
 )
-from pcm.config import StageConfig
+from pcm.config import BY_CONTENT, StageConfig
 from pcm.device import resolve_device
+from pcm.identity import clip_content_id
 from pcm.pictures import score_histogram
 from pcm.stages.stage import (
     ProgressFn,
@@ -57,17 +59,18 @@ from pcm.stages.stage import (
     open_stage,
     stage_dir,
 )
-from storage import atomic, claims, manifests, remote, tables
+from storage import atomic, claims, manifests, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
-from storage.fingerprint import fingerprint, input_digest
+from storage.fingerprint import files_manifest_digest, input_digest
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: images_root and a local CLIP (local-dir: or a weights file) enter the fingerprint by
+# content (the manifest of the real images read; the digest of the weights), not by absolute path; real-only stages
 FEATURES, REAL = "features", "real"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -117,27 +120,26 @@ class EncodeConfig(StageConfig):
     def content(self) -> dict[str, Any]:
         """The fingerprinted fields, with paths normalised so their spelling cannot change the fingerprint.
 
-        `images_root` and a CLIP checkpoint path (`clip.pretrained`, `local-dir:` included) count as
-        absolute paths (`data/coco` run from /work and `/work/data/coco` are one stage; an absolute
-        path keeps its fingerprint). `vocabulary_file` and `concepts_from` are identified by content
-        (`plan` adds the file's sha256 and the other stage's fingerprint), so their paths are left out.
+        Paths are identified by content, never by spelling (two checkouts, two hosts agree): `plan`
+        adds the manifest of the real images read from `images_root`, the digest of a local CLIP
+        (`clip.pretrained` as `local-dir:` or a weights file), the sha256 of `vocabulary_file` and the
+        fingerprint of `concepts_from`; their paths are left out.
         """
         out = super().content()
         if out.get("images_root") is not None:
-            out["images_root"] = absolute_path(out["images_root"])
-        pretrained = out["clip"].get("pretrained")
-        if pretrained and pretrained.startswith(LOCAL_DIR):
-            out["clip"]["pretrained"] = LOCAL_DIR + absolute_path(pretrained[len(LOCAL_DIR):])
-        elif pretrained and not os.path.isabs(pretrained) and os.path.exists(pretrained):
-            out["clip"]["pretrained"] = absolute_path(pretrained)  # a checkpoint file (a tag is no file)
+            out["images_root"] = BY_CONTENT
+        if local_clip(self.clip):
+            out["clip"]["pretrained"] = BY_CONTENT
         for key in ("vocabulary_file", "concepts_from"):
             if out.get(key) is not None:
                 out[key] = BY_CONTENT
         return out
 
 
-# What stands in the fingerprint for a path identified by its content (see EncodeConfig.content).
-BY_CONTENT = "(identified by content)"
+def local_clip(spec: ClipSpec) -> bool:
+    """Whether the CLIP's weights are a local file or directory (identified by content), not a tag or a preset's seed."""
+    p = spec.pretrained
+    return bool(p) and (p.startswith(LOCAL_DIR) or os.path.exists(os.path.expanduser(p)))
 
 
 def absolute_path(path: str) -> str:
@@ -163,22 +165,32 @@ def check_images_root(config: EncodeConfig) -> None:
 
 # -- inputs and units ----------------------------------------------------------------------
 
-def _inputs(captions: StageInput, shards: StageInput) -> tuple[StageResult, StageResult]:
-    """The ingest and synthesize stages' results (a directory given is resolved here), checked to be theirs."""
-    cap, syn = as_result(captions), as_result(shards)
+def _inputs(captions: StageInput, shards: StageInput | None) -> tuple[StageResult, StageResult | None]:
+    """The ingest and synthesize stages' results (a directory given is resolved here), checked to be theirs.
+
+    `shards` None: a real-only stage (the val/test images of an evaluation source, no synthetic images).
+    """
+    cap, syn = as_result(captions), None if shards is None else as_result(shards)
     if cap.stage != "ingest":
         given = cap.path if isinstance(captions, StageResult) else captions
         raise ValueError(f"captions={given!r} is a {cap.stage} stage directory; pass the ingest stage's")
-    if syn.stage != "synthesize":
+    if syn is not None and syn.stage != "synthesize":
         given = syn.path if isinstance(shards, StageResult) else shards
         raise ValueError(f"shards={given!r} is a {syn.stage} stage directory; pass the synthesize stage's")
     return cap, syn
 
 
-def plan(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str) -> StageDir:
-    """The stage directory for these inputs (results or directories); no work, nothing written (Prefect's cache key)."""
+def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str) -> StageDir:
+    """The stage directory for these inputs (results or directories); no work, nothing written (Prefect's cache key).
+
+    `shards` None plans a real-only stage: the val/test images of the captions, no synthetic features
+    and no concepts (an evaluation source's, see pcm.stages.pipeline.EvalSource).
+    """
     cap, syn = _inputs(captions, shards)
-    extra = {}
+    inputs = [cap] if syn is None else [cap, syn]
+    extra: dict[str, Any] = {"real_only": True} if syn is None else {}
+    if local_clip(config.clip):  # the weights' digest, wherever the file or directory is
+        extra["clip_content"] = clip_content_id(config.clip)
     if config.vocabulary_file:
         path = Path(config.vocabulary_file)
         if not path.is_file():
@@ -196,13 +208,40 @@ def plan(config: EncodeConfig, captions: StageInput, shards: StageInput, root: s
         check_images_root(config)
     except FileNotFoundError:
         # A finished stage no longer needs its real images (its features are stored): reuse it.
-        fp = fingerprint("encode", config.content() | extra, [cap.fingerprint, syn.fingerprint], CODE_VERSION)
-        marker = layout.stage("encode", fp).done_marker
-        if not (marker.exists() or remote.published(marker)):  # finished here, or in an object-store root
+        sd = _finished_without_images(layout, stage_dir(layout, "encode", config, inputs, CODE_VERSION, extra))
+        if sd is None:
             raise
-        log.warning("encode.images_root=%r does not exist; reusing the finished stage encoded from it",
-                    config.images_root)
-    return stage_dir(layout, "encode", config, [cap, syn], CODE_VERSION, extra)
+        log.warning("encode.images_root=%r does not exist; reusing the finished stage encoded from it: %s",
+                    config.images_root, sd.path)
+        return sd
+    if config.images_root is not None:
+        extra["images_manifest"] = real_manifest(config, cap)
+    return stage_dir(layout, "encode", config, inputs, CODE_VERSION, extra)
+
+
+def real_manifest(config: EncodeConfig, captions: StageResult) -> str:
+    """The real images' identity: names and sizes of the val/test images the stage reads (one stat each).
+
+    Hashing a COCO image root (123k JPEGs, ~20 GB) at every plan is out of the question; the names
+    and sizes of the images read catch another or re-encoded image set, wherever the root is mounted,
+    and cost one stat per image, once per process.
+    """
+    paths = [p for u in real_units(config, captions) for _, _, p in u.images if p]
+    return files_manifest_digest(config.images_root, paths, cache_key=captions.fingerprint)
+
+
+def _finished_without_images(layout: RunLayout, planned: StageDir) -> StageDir | None:
+    """A finished local stage of this config and these inputs, whatever real images it read (they are gone now)."""
+    want = {k: v for k, v in (planned.record or {}).items() if k != "config"}
+    want_config = {k: v for k, v in planned.record["config"].items() if k != "images_manifest"}
+    for sd in layout.stage_dirs("encode"):
+        if not sd.done_marker.exists() or not sd.config_file.exists():
+            continue
+        rec = atomic.read_json(sd.config_file)
+        got_config = {k: v for k, v in rec.get("config", {}).items() if k != "images_manifest"}
+        if got_config == want_config and {k: v for k, v in rec.items() if k != "config"} == want:
+            return dataclasses.replace(sd, record=rec)
+    return None
 
 
 @dataclass(frozen=True)
@@ -216,12 +255,14 @@ class Unit:
     expected: int | None = None                           # samples, when known in advance
 
 
-def feature_units(shards: StageResult) -> list[Unit]:
-    """One unit per synthetic shard of the finished synthesize stage, in index order.
+def feature_units(shards: StageResult | None) -> list[Unit]:
+    """One unit per synthetic shard of the finished synthesize stage, in index order (none for a real-only stage).
 
     Every shard the stage reported must still be done on disk: a missing one is an error naming it,
     never a silently smaller encode.
     """
+    if shards is None:
+        return []
     sd = StageDir.at(shards.path)
     n = shards.counts.get("shards")
     if n is None:  # an older result without the count: the shards on disk
@@ -652,8 +693,11 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
         "images are there and readable; the stage is not marked done")
 
 
-def stage_files(sd: StageDir) -> list[Path]:
-    """The whole-stage outputs (the per-shard files are checked through the marker's units)."""
+def stage_files(sd: StageDir, real_only: bool = False) -> list[Path]:
+    """The whole-stage outputs (the per-shard files are checked through the marker's units); real.parquet alone
+    for a real-only stage."""
+    if real_only:
+        return [manifests.REAL.path(sd)]
     return [m.path(sd) for m in (manifests.SCORES, manifests.REAL, manifests.CONCEPTS)] + [sd.clip_head]
 
 
@@ -661,13 +705,14 @@ def verify(sd: StageDir) -> str | None:
     """None when every output exists with its done marker, else what is missing."""
     if not sd.done_marker.exists():
         return "stage.done.json missing"
-    for path in stage_files(sd):
-        if not path.exists():
-            return f"{path.name} missing"
     try:
-        units = StageResult.load(sd.done_marker).extra.get("units", {})
+        extra = StageResult.load(sd.done_marker).extra
     except ValueError as e:
         return str(e)
+    for path in stage_files(sd, bool(extra.get("real_only"))):
+        if not path.exists():
+            return f"{path.name} missing"
+    units = extra.get("units", {})
     for kind, indices in units.items():
         for i in indices:
             if not shard_io.is_done(sd.feature_shard(kind, i)):
@@ -684,7 +729,7 @@ def _reset(sd: StageDir, units: list[Unit]) -> None:
         path.unlink(missing_ok=True)
 
 
-def reset_stage(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str) -> None:
+def reset_stage(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str) -> None:
     """Forget every finished output of this stage directory (a forced rerun's first step)."""
     cap, syn = _inputs(captions, shards)
     sd = plan(config, cap, syn, root)
@@ -692,7 +737,7 @@ def reset_stage(config: EncodeConfig, captions: StageInput, shards: StageInput, 
         _reset(sd, feature_units(syn) + real_units(config, cap))
 
 
-def encode_shards(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str, *, kind: str,
+def encode_shards(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str, *, kind: str,
                   indices: list[int] | None = None, progress: ProgressFn | None = None) -> dict[str, int]:
     """Encode the pending units of one kind (all, or `indices`): a Prefect task per shard.
 
@@ -709,11 +754,12 @@ def encode_shards(config: EncodeConfig, captions: StageInput, shards: StageInput
     return {"encoded": encoded, "units": len(units), "seconds": round(seconds, 3)}
 
 
-def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str, *, force: bool = False,
-               progress: ProgressFn | None = None) -> StageResult:
+def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str, *,
+               force: bool = False, progress: ProgressFn | None = None) -> StageResult:
     """Encode every pending unit, then write scores, real, concepts, the CLIP head and the histogram.
 
     `captions`, `shards`: the ingest and synthesize stages' StageResults, or their directories.
+    `shards` None: a real-only stage (an evaluation source's val/test images): real.parquet and its shards only.
     """
     started = time.monotonic()
     captions, shards = _inputs(captions, shards)
@@ -728,6 +774,8 @@ def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput, r
         encoded, encode_s, clip = encode_units(config, sd, f_units + r_units, progress=progress)
         real = manifests.SHARD_REAL.concat(sd, [u.index for u in r_units])
         _check_some_real_ok(config, sd, r_units, real)
+        if shards is None:
+            return _finish_real_only(config, sd, started, real, r_units, encoded, encode_s)
 
         need = [p.name for p in (manifests.CONCEPTS.path(sd), sd.clip_head) if not p.exists()]
         if need and clip is None:
@@ -764,7 +812,8 @@ def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput, r
         if encoded:
             timings["images_per_s"] = round(encoded / encode_s, 1)
         extra: dict[str, Any] = {
-            "clip": config.clip.model_dump(mode="json"), "pictures": {"clip_scores": str(picture)},
+            "clip": clip_record(config), "pictures": {"clip_scores": str(picture)},
+            "images_root": absolute_path(config.images_root) if config.images_root else None,
             "units": {FEATURES: [u.index for u in f_units], REAL: [u.index for u in r_units]},
             "clip_score_mean": round(float(ok_scores.mean()), 4) if len(ok_scores) else None,
             "clip_score_stats": clip_score_stats(ok_scores),
@@ -778,3 +827,23 @@ def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput, r
         elif not r_units:
             extra["real_note"] = "captions.parquet has no ok val/test rows: no real images to encode"
         return finish(sd, counts, started, extra=extra, timings=timings)
+
+
+def clip_record(config: EncodeConfig) -> dict[str, Any]:
+    """The CLIP spec the features came from, with its content identity (train copies it into checkpoints'
+    clip.json; evaluate compares identities, never path spellings)."""
+    return config.clip.model_dump(mode="json") | {"content_id": clip_content_id(config.clip)}
+
+
+def _finish_real_only(config: EncodeConfig, sd: StageDir, started: float, real: Any, r_units: list[Unit],
+                      encoded: int, encode_s: float) -> StageResult:
+    """Write real.parquet and the marker of a real-only stage (an evaluation source: no synthetic images)."""
+    manifests.REAL.write(sd, real)
+    statuses = real.column("status").to_pylist()
+    counts = {"real": len(statuses), "real_ok": statuses.count(tables.STATUS_OK),
+              "real_failed": statuses.count(tables.STATUS_FAILED), "real_shards": len(r_units), "encoded_now": encoded}
+    extra = {"clip": clip_record(config), "real_only": True, "units": {REAL: [u.index for u in r_units]},
+             "images_root": absolute_path(config.images_root) if config.images_root else None}
+    if not r_units:
+        extra["real_note"] = "no real val/test images to encode (images_root unset, or no ok val/test rows)"
+    return finish(sd, counts, started, extra=extra, timings={"encode_s": round(encode_s, 3)})

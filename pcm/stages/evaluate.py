@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator
 from tqdm import tqdm
 
-from pcm.config import StageConfig
+from pcm.config import BY_CONTENT, StageConfig
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -155,23 +155,51 @@ def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> Eva
                          "whose images were encoded")
     if not out.image_ids:
         raise ValueError(f"{enc.file('real.parquet')}: no encoded {split} images to evaluate "
-                         f"({len(out.failed)} failed); encode the {split} split's images first")
+                         f"({len(out.failed)} failed); encode the {split} split's images first (encode.images_root), "
+                         "or evaluate on another data set with references (pcm run: eval_source.source and "
+                         "eval_source.images_root)")
     out.references = {i: refs[i] for i in out.image_ids}
     out.not_encoded = sorted(set(refs) - seen)
     return out
 
 
-def check_clip(checkpoint_clip: dict[str, Any], encode: StageResult) -> None:
-    """The features must come from the CLIP the model was trained on (checked when encode records it)."""
+def check_clip(checkpoint_clip: dict[str, Any], encode: StageResult, clip: str | None = None) -> None:
+    """The features must come from the CLIP the model was trained on (checked when encode records it).
+
+    `clip`: the checkpoint's CLIP (directory, weights file or tag) when its recorded path is not here."""
     features_clip = encode.extra.get("clip")
     if not features_clip:
         log.warning("%s records no CLIP spec; cannot check it matches the checkpoint's", encode.path)
         return
     diff = [f"{k}: checkpoint {checkpoint_clip.get(k)!r} vs features {features_clip.get(k)!r}"
-            for k in ("model", "pretrained", "pool") if checkpoint_clip.get(k) != features_clip.get(k)]
+            for k in ("model", "pool") if checkpoint_clip.get(k) != features_clip.get(k)]
+    # The weights by content: one directory spelt absolute and relative, or copied elsewhere, is one CLIP.
+    if clip is not None:
+        from pcm.identity import checkpoint_clip as resolve_clip
+        from pcm.identity import clip_content_id
+
+        checkpoint_clip = checkpoint_clip | {"content_id": clip_content_id(resolve_clip(checkpoint_clip, clip))}
+    mine, theirs = content_id(checkpoint_clip), content_id(features_clip)
+    if mine != theirs:
+        diff.append(f"weights: checkpoint {checkpoint_clip.get('pretrained')!r} ({mine}) vs features "
+                    f"{features_clip.get('pretrained')!r} ({theirs})")
     if diff:
         raise ValueError(f"--encode {encode.path}: its features come from another CLIP than the model's "
-                         f"({'; '.join(diff)}); encode this dataset with the checkpoint's CLIP")
+                         f"({'; '.join(diff)}); encode this dataset with the checkpoint's CLIP (a checkpoint moved "
+                         "from another checkout or machine: give its CLIP with --clip PATH_OR_TAG)")
+
+
+def content_id(clip: dict[str, Any]) -> str | None:
+    """A recorded CLIP's content identity: as recorded, else computed from its spec (older records), else its
+    `pretrained` string when the weights it names are not here."""
+    from pcm.identity import clip_content_id
+
+    if clip.get("content_id"):
+        return clip["content_id"]
+    try:
+        return clip_content_id(clip)
+    except (FileNotFoundError, ValueError):
+        return clip.get("pretrained")
 
 
 def _ingest_lineage(train: StageResult) -> list[StageResult]:
@@ -196,6 +224,7 @@ def images_root(encode: StageResult) -> Path | None:
     config = StageDir.at(encode.path).config_file
     if root is None and config.exists():
         root = atomic.read_json(config).get("config", {}).get("images_root")
+        root = None if root == BY_CONTENT else root  # encode code version 2+ records the path in its result
     return Path(root).expanduser() if root else None
 
 
@@ -278,10 +307,11 @@ def _read_predictions(path: Path, image_ids: list[str]) -> dict[str, str] | None
 
 
 def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, captions: StageInput, root: str, *,
-                 force: bool = False, progress: ProgressFn | None = None) -> StageResult:
+                 force: bool = False, progress: ProgressFn | None = None, clip: str | None = None) -> StageResult:
     """Caption the split's real images with the checkpoint, score them, write predictions, metrics and report.
 
-    `train`, `encode`, `captions`: those stages' StageResults, or their directories.
+    `train`, `encode`, `captions`: those stages' StageResults, or their directories; `clip`: the checkpoint's
+    CLIP when its recorded path is not here (only checked against the features' CLIP, never loaded).
     """
     started = time.monotonic()
     train_r, encode_r, captions_r = _inputs(train, encode, captions)
@@ -302,7 +332,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         ckpt_dir = checkpoint.find(train_r.path, config.checkpoint)
         device = resolve_device(config.device)
         model, vocab, meta = checkpoint.load(ckpt_dir, device)
-        check_clip(meta["clip"], encode_r)
+        check_clip(meta["clip"], encode_r, clip)
         if evalset.failed or evalset.not_encoded:
             log.warning("evaluate: %d %s images failed to encode and %d were not encoded; they are not scored "
                         "(listed in metrics.json)", len(evalset.failed), config.split, len(evalset.not_encoded))

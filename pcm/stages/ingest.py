@@ -137,6 +137,16 @@ def plan(config: IngestConfig, root: str) -> StageDir:
     return stage_dir(RunLayout(root), STAGE, config, [], CODE_VERSION, extra=extra)
 
 
+def splits_present(config: IngestConfig, root: str) -> set[str]:
+    """The splits this source gives rows to: from the finished stage's captions.parquet, else by reading the file
+    (nothing is written: `pcm run` checks before any stage works that evaluate will find images)."""
+    sd = plan(config, root)
+    if sd.done_marker.exists() and manifests.CAPTIONS.exists(sd):
+        rows = manifests.CAPTIONS.read(sd, columns=["split", "status"]).to_pylist()
+        return {r["split"] for r in tables.ok_rows(rows)}
+    return set(read_source(config)[1].split)
+
+
 def verify(sd: StageDir) -> str | None:
     """None when captions.parquet is in place with the row count the marker promises."""
     path = manifests.CAPTIONS.path(sd)

@@ -40,6 +40,26 @@ PRESETS = bundled.PRESETS / "pipeline"
 STAGE_ORDER = STAGES  # the layout's stage list is the run order
 
 
+class EvalSource(BaseModel):
+    """Evaluate (and validate) on another data set with references, e.g. own text-only captions scored on the
+    toy world's drawn val/test scenes: its caption file is ingested (val/test only) and its real images encoded
+    (no synthesis) with the run's CLIP, as stages of their own; the report says cross-domain."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="caption file with val/test splits and references (Karpathy or COCO JSON, "
+                        ".jsonl/.csv with split and image_path columns)")
+    images_root: str = Field(description="the folder its image paths are relative to")
+    name: str | None = Field(None, description="its dataset name (caption-id prefix); default from the file name")
+
+    def ingest(self) -> IngestConfig:
+        return IngestConfig(source=self.source, name=self.name, splits=("val", "test"))
+
+    def encode(self, run: EncodeConfig) -> EncodeConfig:
+        """The run's encode config (same CLIP, so the features match the model) on these images."""
+        return run.model_copy(update={"images_root": self.images_root})
+
+
 class PipelineConfig(BaseModel):
     """Every stage's config; validated as a whole before anything runs."""
 
@@ -55,6 +75,7 @@ class PipelineConfig(BaseModel):
     refine: RefineConfig = Field(default_factory=RefineConfig)
     train: TrainConfig
     evaluate: EvaluateConfig
+    eval_source: EvalSource | None = None   # evaluate and validate on another data set (cross-domain)
 
 
 def preset_names() -> list[str]:
@@ -90,10 +111,15 @@ def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
             raise ValueError(f"{path}: base = {base!r} must name another bundled preset, without a cycle "
                              f"({', '.join(preset_names())})")
         raw = merge_tables(load_preset(base, (*_seen, path.stem)), raw)
+    return _expand(raw, placeholders())
+
+
+def placeholders() -> dict[str, str]:
+    """What "{demo}", "{toyworld}" and "{toymodels}" stand for, in presets and in `--set` values."""
     from pcm.demo_data import DEMO_DIR
     from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
 
-    return _expand(raw, {"{demo}": str(DEMO_DIR), "{toyworld}": str(SHIPPED_DIR), "{toymodels}": str(SHIPPED_MODELS)})
+    return {"{demo}": str(DEMO_DIR), "{toyworld}": str(SHIPPED_DIR), "{toymodels}": str(SHIPPED_MODELS)}
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -132,7 +158,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 def resolve(preset: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A validated PipelineConfig; every invalid parameter is named in one error."""
-    raw = apply_overrides(load_preset(preset), overrides or {})
+    raw = apply_overrides(load_preset(preset), _expand(overrides or {}, placeholders()))
     raw.setdefault("name", Path(preset).stem)
     try:
         return PipelineConfig.model_validate(raw)
@@ -162,6 +188,7 @@ def run_pipeline(cfg: PipelineConfig, root: str, *, stages: tuple[str, ...] = ST
     wanted = set(stages)
     # A later stage needs the earlier ones: they are run (or reused) even when not asked for.
     last = max(STAGE_ORDER.index(s) for s in stages)
+    check_evaluable(cfg, root, STAGE_ORDER[last])   # before any stage works: a run that cannot be scored stops now
     for stage in STAGE_ORDER[: last + 1]:
         if not enabled(cfg, stage):
             if stage in wanted:
@@ -194,6 +221,53 @@ def _waiting_for_others(run: Callable[[], StageResult], stage: str, wait_s: floa
             lock_at(e.path, timeout=wait_s).acquire().release()
 
 
+EVAL_SOURCE_HINT = ("give an evaluation source with references, e.g. the toy world's drawn val/test scenes: "
+                    "--set eval_source.source={toyworld}/dataset_toyworld.json --set eval_source.images_root={toyworld} "
+                    "(the [eval_source] section of a preset), or stop before evaluate (pcm run ... train)")
+
+
+def check_evaluable(cfg: PipelineConfig, root: str, last: str) -> None:
+    """Fail before any stage works when evaluate would find no images (no images_root, or no captions of its split);
+    warn when training would validate on nothing. Reads the caption file (or the finished ingest), writes nothing."""
+    if cfg.eval_source is not None:
+        from pcm.stages.ingest import source_path
+
+        source_path(cfg.eval_source.ingest())     # a missing file is named now, not after training
+        if not Path(cfg.eval_source.images_root).expanduser().is_dir():
+            raise FileNotFoundError(f"eval_source.images_root={cfg.eval_source.images_root!r}: no such folder")
+        return
+    if STAGE_ORDER.index(last) < STAGE_ORDER.index("train"):
+        return
+    from pcm.stages.ingest import splits_present
+
+    split = cfg.evaluate.split
+    present = splits_present(cfg.ingest, root)
+    why = None
+    if split not in present:
+        why = (f"ingest.source={cfg.ingest.source!r} holds no {split} captions (splits: "
+               f"{', '.join(sorted(present)) or 'none'}); own captions are usually text-only training captions")
+    elif cfg.encode.images_root is None:
+        why = "encode.images_root is not set, so no real val/test images are encoded"
+    if why is None:
+        return
+    if last == "evaluate":
+        raise ValueError(f"evaluate would find no images to score: {why}. Nothing was run; {EVAL_SOURCE_HINT}")
+    log.warning("train: validation will be skipped (%s); best/ will be the last step. To validate, "
+                "give eval_source.source and eval_source.images_root", why)
+
+
+def _eval_inputs(cfg: PipelineConfig, root: str, r: dict[str, StageResult], f: bool) -> tuple[StageResult, StageResult]:
+    """(captions, encode) that validation and evaluate read: the run's own, or the evaluation source's, whose
+    ingest and real-only encode run once as stages of their own (results under "eval_ingest", "eval_encode")."""
+    es = cfg.eval_source
+    if es is None:
+        return r["ingest"], r["encode"]
+    if "eval_encode" not in r:
+        r["eval_ingest"] = run_ingest(es.ingest(), root, force=f)
+        r["eval_encode"] = run_encode(es.encode(cfg.encode), r["eval_ingest"], None, root, force=f)
+    return r["eval_ingest"], r["eval_encode"]
+
+
 def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResult], f: bool,
              progress: Callable[[int, int, str], None] | None) -> StageResult:
     if stage == "ingest":
@@ -206,8 +280,11 @@ def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResul
     if stage == "refine":
         return run_refine(cfg.refine, r["ingest"], r["encode"], root, force=f, progress=progress)
     if stage == "train":  # on the refine stage's pairs when it ran, else on encode's own pairs
-        return run_train(cfg.train, r["ingest"], r["encode"], root, force=f, progress=progress, refine=r.get("refine"))
-    return run_evaluate(cfg.evaluate, r["train"], r["encode"], r["ingest"], root, force=f, progress=progress)
+        val = _eval_inputs(cfg, root, r, False) if cfg.eval_source else None
+        return run_train(cfg.train, r["ingest"], r["encode"], root, force=f, progress=progress, refine=r.get("refine"),
+                         val=val)
+    captions, encode = _eval_inputs(cfg, root, r, False)
+    return run_evaluate(cfg.evaluate, r["train"], encode, captions, root, force=f, progress=progress)
 
 
 # ------------------------------------------------------------ one stage's config, by reference
@@ -276,9 +353,12 @@ def stage_config(stage: str, config: StageConfig | StageRef | dict[str, Any]) ->
             raise ValueError(f"override {other[0]!r}: a {stage} reference without a preset takes only "
                              f"{stage} overrides")
     stored = _run_config(stage, config.from_run)
-    raw = {k: v for k, v in stored.items() if k in cls.model_fields and v != BY_CONTENT}
+    raw = {k: _without_content(v) for k, v in stored.items() if k in cls.model_fields and v != BY_CONTENT}
     if preset is not None:  # how to run it: the preset's (with the overrides already applied)
-        raw |= {k: v for k, v in getattr(preset, stage).model_dump(mode="json").items() if k in cls.RUNTIME}
+        given_preset = getattr(preset, stage).model_dump(mode="json")
+        raw |= {k: v for k, v in given_preset.items() if k in cls.RUNTIME}
+        # A path the directory holds by content only: the preset's (the fingerprint checks it is the same content).
+        raw |= {k: given_preset[k] for k, v in stored.items() if k in given_preset and _holds_content(v)}
     raw = apply_overrides({stage: raw}, {k: v for k, v in overrides.items() if k.split(".")[0] == stage})[stage]
     where = f"from_run {config.from_run!r}"
     try:
@@ -300,6 +380,17 @@ def stage_config(stage: str, config: StageConfig | StageRef | dict[str, Any]) ->
                          f"by content only; give {'it' if len(lost) == 1 else 'them'} in overrides, e.g. "
                          f'{{"{lost[0]}": PATH}}')
     return cfg
+
+
+def _holds_content(v: Any) -> bool:
+    return v == BY_CONTENT or (isinstance(v, dict) and any(_holds_content(x) for x in v.values()))
+
+
+def _without_content(v: Any) -> Any:
+    """A stored value without the entries held by content only (`clip.pretrained` of a local CLIP)."""
+    if isinstance(v, dict):
+        return {k: _without_content(x) for k, x in v.items() if x != BY_CONTENT}
+    return v
 
 
 def _run_config(stage: str, path: str) -> dict[str, Any]:

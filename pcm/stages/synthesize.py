@@ -20,8 +20,9 @@ from pydantic import Field, field_validator, model_validator
 
 import storage.shards
 from pcm import diffusion
-from pcm.config import StageConfig
+from pcm.config import BY_CONTENT, StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
+from pcm.identity import local_model_dir, model_dir_id
 from pcm.pictures import sample_grid
 from pcm.stages.stage import (
     ProgressFn,
@@ -35,7 +36,7 @@ from pcm.stages.stage import (
     stage_dir,
 )
 from storage import atomic, claims, manifests, remote, tables
-from storage.fingerprint import input_digest
+from storage.fingerprint import files_manifest_digest, input_digest
 from storage.image_sets import ImageIndex, read_mapping
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock
@@ -44,7 +45,8 @@ from storage.shards import ShardWriter, check_key, is_done, iter_tar, read_marke
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "2"  # 2: status rows record rendered_from (the wrong_image_fraction switch)
+CODE_VERSION = "3"  # 2: status rows record rendered_from (the wrong_image_fraction switch); 3: local model and
+# TAESD directories, paired and imported image roots enter the fingerprint by content, not by path
 STAGE = "synthesize"
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
@@ -101,6 +103,13 @@ class SynthesizeConfig(StageConfig):
                 out.pop(key, None)
         if out.get("wrong_image_fraction") == 0.0:
             out.pop("wrong_image_fraction")
+        # Paths are identified by content (`plan` adds the identities), never by how they are spelled.
+        for key in ("model", "tiny_vae"):
+            if local_model_dir(out.get(key)) is not None:
+                out[key] = BY_CONTENT
+        for key in ("paired_images", "imported_images", "imported_mapping"):
+            if out.get(key) is not None:
+                out[key] = BY_CONTENT
         return out
 
     @property
@@ -280,12 +289,28 @@ def imported_key(config: SynthesizeConfig, caption_id: str) -> str | None:
 def plan(config: SynthesizeConfig, captions: StageInput, root: str) -> StageDir:
     """The stage directory for these captions (the ingest stage's result or directory) and this config; no work,
     nothing written (Prefect's cache key)."""
-    extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else None
+    captions = as_result(captions)
+    extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else {}
     if config.imported_images:  # what the set and the mapping hold, not their names, make the fingerprint
         extra = {"imported_index": image_index(config).digest()}
         if config.imported_mapping:
             extra["imported_mapping_sha256"] = input_digest(config.imported_mapping)
-    return stage_dir(RunLayout(root), STAGE, config, [as_result(captions)], CODE_VERSION, extra)
+    for key in ("model", "tiny_vae"):   # a local directory: the digest of its files
+        if config.source == "generated" and (d := local_model_dir(getattr(config, key))) is not None:
+            extra[f"{key}_content"] = model_dir_id(d)
+    if config.paired_images:
+        extra["paired_images_manifest"] = paired_manifest(config, captions)
+    return stage_dir(RunLayout(root), STAGE, config, [captions], CODE_VERSION, extra or None)
+
+
+def paired_manifest(config: SynthesizeConfig, captions: StageResult) -> str:
+    """The paired images' identity: names and sizes of the train images the stage reads (one stat each).
+
+    Hashing a COCO train root (~20 GB) at every plan is out of the question; names + sizes of the
+    files read catch a swapped or re-encoded image set, wherever the root is mounted.
+    """
+    paths = [s.image_path for s in planned_samples(config, captions) if s.image_path]
+    return files_manifest_digest(config.paired_images, paths, cache_key=f"{captions.fingerprint}:{config.limit}")
 
 
 def pending_shards(config: SynthesizeConfig, captions: StageInput, root: str) -> list[int]:

@@ -188,15 +188,22 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
+# Validation on another data set: (its ingest, its real-only encode) stage results or directories.
+ValSource = tuple[StageInput, StageInput]
+
+
 def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str,
-         refine: StageInput | None = None) -> StageDir:
+         refine: StageInput | None = None, val: ValSource | None = None) -> StageDir:
     """The train stage directory of these inputs (results or directories); no work, nothing written.
 
     `refine` (optional): a refine stage whose pairs.parquet says which image each caption trains on; without
     it the inputs, and so the fingerprint, are exactly those of a run before the refine stage existed.
+    `val`: validate on another data set's (ingest, encode) instead of `captions`/`encode`'s val split; both
+    enter the fingerprint (best/ depends on them) as `val_inputs`, apart from the inputs the lineage follows.
     """
     inputs = [as_result(captions), as_result(encode)] + ([as_result(refine)] if refine is not None else [])
-    return stage_dir(RunLayout(root), "train", config, inputs, CODE_VERSION)
+    extra = {"val_inputs": {r.stage: r.fingerprint for r in map(as_result, val)}} if val else None
+    return stage_dir(RunLayout(root), "train", config, inputs, CODE_VERSION, extra)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -224,15 +231,17 @@ def verify(sd: StageDir) -> str | None:
 
 
 def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, root: str, *, force: bool = False,
-              progress: ProgressFn | None = None, refine: StageInput | None = None) -> StageResult:
+              progress: ProgressFn | None = None, refine: StageInput | None = None,
+              val: ValSource | None = None) -> StageResult:
     """Train (or resume) under the stage lock; write stage.done.json last and return the result.
 
     `captions`, `encode`: the ingest and encode stages' StageResults, or their directories; `refine`
-    (optional): a refine stage's, whose kept pairs are trained on.
+    (optional): a refine stage's, whose kept pairs are trained on; `val`: see `plan`.
     """
     captions, encode = as_result(captions), as_result(encode)
     refine = as_result(refine) if refine is not None else None
-    sd = plan(config, captions, encode, root, refine)
+    val = (as_result(val[0]), as_result(val[1])) if val else None
+    sd = plan(config, captions, encode, root, refine, val)
     if not force and (done := cached(sd, verify)) is not None:
         if (lock := try_lock(sd.lock_file)) is not None:  # a finished stage is tidied too (if nobody works in it)
             try:
@@ -253,12 +262,13 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
 
             total = total_steps_hint(sd)
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
+            val_args = ["--val-captions", val[0].path, "--val-encode", val[1].path] if val else []
             distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", captions.path,
                                 "--encode", encode.path, "--root", str(root),
-                                *(["--refine", refine.path] if refine else [])], config.devices, poll,
+                                *(["--refine", refine.path] if refine else []), *val_args], config.devices, poll,
                                bind=config.dist_bind)
         else:
-            train_worker(config, captions, encode, sd, progress=progress, refine=refine)
+            train_worker(config, captions, encode, sd, progress=progress, refine=refine, val=val)
         return _finish(sd, started)
 
 
@@ -382,7 +392,8 @@ class Run:
 
 
 def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir,
-                 progress: ProgressFn | None = None, refine: StageResult | None = None) -> None:
+                 progress: ProgressFn | None = None, refine: StageResult | None = None,
+                 val: tuple[StageResult, StageResult] | None = None) -> None:
     """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
 
@@ -396,7 +407,7 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
         torch.use_deterministic_algorithms(True)
     distributed.setup(info, device)
     try:
-        run = setup(config, captions, encode, sd, info, device, refine)
+        run = setup(config, captions, encode, sd, info, device, refine, val=val)
         train_loop(run, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
@@ -404,9 +415,10 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
 
 
 def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
-              refine: StageResult | None = None) -> TrainData:
-    """Pairs (a refine stage's when given), vocabulary, concepts, CLIP head and the val split, checked against
-    the feature shards."""
+              refine: StageResult | None = None,
+              val_source: tuple[StageResult, StageResult] | None = None) -> TrainData:
+    """Pairs (a refine stage's when given), vocabulary, concepts, CLIP head and the val split (another data
+    set's with `val_source`), checked against the feature shards."""
     from pcm import dataset
     from pcm.vocab import Vocab
 
@@ -428,8 +440,9 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     clip_spec = encode.extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
     vocab = Vocab.build(pairs.texts, config.min_word_count)
     inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
-    val = dataset.load_val(captions.path, encode.path, config.val_max_images)
-    val_store = dataset.FeatureStore(enc, "real")
+    val_cap, val_enc = val_source or (captions, encode)
+    val = dataset.load_val(val_cap.path, val_enc.path, config.val_max_images)
+    val_store = dataset.FeatureStore(StageDir.at(val_enc.path), "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
         if config.val_metric == "cider":
@@ -438,7 +451,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
             require_java()  # fail now, not at the first validation
     if len(val) == 0:
         log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
-                    "validation is skipped and best/ holds the final model", enc.path)
+                    "validation is skipped and best/ holds the final model", val_enc.path)
     return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe)
 
 
@@ -465,14 +478,14 @@ def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]
 
 
 def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any,
-          refine: StageResult | None = None) -> Run:
+          refine: StageResult | None = None, val: tuple[StageResult, StageResult] | None = None) -> Run:
     """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
     import torch
 
     from pcm import dataset, distributed
     from pcm.model import PCMNet
 
-    data = load_data(config, captions, encode, refine)
+    data = load_data(config, captions, encode, refine, val)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = PCMNet(data.model_config, len(data.vocab), data.bank, data.head).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -716,12 +729,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--encode", required=True)
     p.add_argument("--root", required=True)
     p.add_argument("--refine", default=None)
+    p.add_argument("--val-captions")
+    p.add_argument("--val-encode")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TrainConfig.model_validate_json(a.config)
     captions, encode = load_result(a.captions), load_result(a.encode)
     refine = load_result(a.refine) if a.refine else None
-    train_worker(config, captions, encode, plan(config, captions, encode, a.root, refine), refine=refine)
+    val = (load_result(a.val_captions), load_result(a.val_encode)) if a.val_captions and a.val_encode else None
+    train_worker(config, captions, encode, plan(config, captions, encode, a.root, refine, val), refine=refine, val=val)
 
 
 if __name__ == "__main__":
