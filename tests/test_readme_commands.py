@@ -244,3 +244,15 @@ def test_the_readme_prefect_block_runs_as_written(tmp_path):
             if not _group_alive(shell.pid):
                 break
         shell.wait(10)
+
+
+def test_the_real_run_guide_pcm_commands_parse_and_resolve():
+    """docs/real-run.md's `pcm run` commands parse and resolve (preset and overrides), as the README's do."""
+    guide = (REPO / "docs" / "real-run.md").read_text(encoding="utf-8")
+    runs = [w for block in bash_blocks(guide) for w in shell_commands(block) if w[:2] == ["pcm", "run"]]
+    assert runs, "no pcm run command in docs/real-run.md"
+    for words in runs:
+        check_pcm_parses(words[1:])
+        res = CliRunner().invoke(app, [*words[1:], "--show-config"])
+        assert res.exit_code == 0, (shlex.join(words), res.output, res.exception)
+    assert "deploy/k8s-gpu-job-template.json" in guide and (REPO / "deploy" / "k8s-gpu-job-template.json").is_file()
