@@ -68,7 +68,7 @@ def test_params_read_as_prefect_reads_them():
 
 
 @pytest.mark.heavy
-def test_follow_streams_stage_states_and_progress_of_a_live_run(prefect_api, tmp_path):
+def test_follow_streams_stage_states_and_progress_of_a_live_run(prefect_api, tmp_path, capsys):
     from prefect.client.orchestration import get_client
 
     from flows.follow import follow
@@ -114,3 +114,10 @@ def test_follow_streams_stage_states_and_progress_of_a_live_run(prefect_api, tmp
     assert any("stage-one  render shards: 2/2 shard-000001 (100%)" in line for line in lines), text
     assert any(line.endswith("]   stage-one  Completed") for line in lines), text
     assert any(line.endswith("] follow-parent  Completed") for line in lines), text
+
+    # The command line, on the finished run's id: its final picture, and exit status 0 for Completed.
+    from flows.follow import main
+
+    assert main([str(root), "--interval", "0.5"]) == 0
+    shown = capsys.readouterr().out
+    assert "follow-parent  Completed" in shown and "render shards: 2/2 shard-000001 (100%)" in shown, shown
