@@ -1,4 +1,5 @@
-# Fresh machine: `make demo` runs the whole pipeline on tiny models; `make test` runs the tests.
+# Fresh machine: `make demo` runs the whole pipeline on the toy world's trained toy models (about 4 minutes
+# of stages on 2 cores, measured in README's toy-world section, plus the Prefect server's start); `make test` runs the tests.
 # Both create .venv from requirements.lock first (about 3 minutes the first time).
 
 PYTHON ?= python3

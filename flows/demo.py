@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.deploy()
         stack.start_worker()
         print(f"[demo] running {args.deployment} (watch it at {stack.dashboard_url}/runs)", flush=True)
-        run = stack.run_deployment(args.deployment)
-        print(run.stdout[-4000:], flush=True)
-        if run.returncode != 0:
-            print(run.stderr[-4000:], file=sys.stderr)
+        # `python -m flows.follow`: a line per stage state and progress step while it runs (the README's command).
+        follow = subprocess.run([sys.executable, "-m", "flows.follow", args.deployment], env=stack.env(), cwd=REPO)
+        if follow.returncode != 0:
             print(f"[demo] the flow run failed; logs: {stack.home}/worker.log, {stack.home}/server.log", file=sys.stderr)
             return 1
         evaluated = [sd for sd in RunLayout(REPO / "runs").stage_dirs("evaluate") if sd.metrics.is_file()]

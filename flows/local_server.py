@@ -35,6 +35,13 @@ def prefect_bin() -> str:
 
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
+# Runs a command with SIGINT at its default. A worker stops gracefully by sending itself SIGINT on its first
+# SIGTERM; started from a process that ignores SIGINT (`make demo &`, nohup, a script's `&` job) it would
+# inherit the ignoring, and stop only on a second SIGTERM. (exec keeps an ignored signal ignored, so the reset
+# must happen in the child before exec; preexec_fn is unsafe with threads, hence this tiny launcher.)
+WITH_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.argv[1], sys.argv[1:])"]
+
 
 @dataclass
 class LocalStack:
@@ -118,11 +125,11 @@ class LocalStack:
         if r.returncode != 0:
             raise RuntimeError(f"prefect deploy failed:\n{r.stdout}\n{r.stderr}")
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+    def start_worker(self, name: str = "worker", pool: str = POOL) -> subprocess.Popen:
         # A worker beside its server looks for scheduled runs every 2 s, not Prefect's 10: a scheduled
         # run waits half the interval on average, 1 s instead of 5 (PREFECT_WORKER_QUERY_SECONDS overrides).
         query = os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2")
-        return self._spawn(name, [prefect_bin(), "worker", "start", "--pool", POOL, "--name", name],
+        return self._spawn(name, [*WITH_SIGINT, prefect_bin(), "worker", "start", "--pool", pool, "--name", name],
                            env={"PREFECT_WORKER_QUERY_SECONDS": query})
 
     def run_deployment(self, name: str, params: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:

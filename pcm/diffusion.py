@@ -197,7 +197,7 @@ def missing_model_message(model: str, revision: str | None, what: str = "diffusi
             f"    hf download {model}{rev_arg} --local-dir {local}\n"
             f"(huggingface_hub older than 0.34 names it: huggingface-cli download {model}{rev_arg} --local-dir "
             f"{local}), then copy {local} to this machine and pass the directory instead of the id "
-            f"(e.g. --model {local}).")
+            f"(`pcm run --set synthesize.model={local}`, `pcm synthesize ... --set model={local}`).")
 
 
 def _source(model: str, revision: str | None, what: str) -> str:

@@ -100,6 +100,8 @@ def test_offline_errors_and_docs_give_the_hf_command_that_is_installed():
 
     message = missing_model_message("some-org/some-model", "v1")
     assert "    hf download some-org/some-model --revision v1 --local-dir models/some-model\n" in message
+    # where to pass the directory: the config key (`--model` was removed from the commands)
+    assert "--set synthesize.model=models/some-model" in message and "--model " not in message
     hf = Path(sys.executable).parent / "hf"
     assert hf.exists(), "the locked environment ships the `hf` command"
     usage = subprocess.run([str(hf), "download", "--help"], capture_output=True, text=True, timeout=60)

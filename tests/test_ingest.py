@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pcm.stages.ingest import IngestConfig, plan, run_ingest, verify
+from pcm.stages.ingest import IngestConfig, checked_summary, plan, run_ingest, verify
 from storage import tables
 from storage.shards import check_key
 
@@ -437,9 +438,23 @@ def test_seeded_subset_by_count_and_fraction(tmp_path):
     result = ingest(path, root, fraction=0.25, seed=1)
     assert result.counts["subset_kept"] == 50 and result.counts["subset_pool"] == 200
     assert result.counts["rejected_not_in_subset"] == 150 and result.counts["train_captions"] == 50
+    assert (result.counts["ok"], result.counts["rejected"], result.counts["not_selected"]) == (50, 0, 150)
     assert ingest(path, root, subset=500).counts["subset_kept"] == 200       # more than there are: all
     with pytest.raises(ValueError, match="subset .* or fraction, not both"):
         IngestConfig(source=str(path), subset=5, fraction=0.5)
+
+
+
+def test_subset_drops_are_logged_as_not_selected_not_rejected(tmp_path, caplog):
+    path = tmp_path / "many.txt"
+    path.write_text("".join(f"caption number {i}\n" for i in range(20)) + "   \n", encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="pcm.stages.ingest"):
+        result = ingest(path, tmp_path / "runs", subset=5, seed=3)
+    c = result.counts
+    assert (c["rows"], c["ok"], c["rejected"], c["not_selected"], c["rejected_whitespace"]) == (21, 5, 1, 15, 1)
+    assert "(5 ok, 1 rejected, 15 not selected by the subset)" in caplog.text, caplog.text
+    plain = ingest(path, tmp_path / "plain")
+    assert plain.counts["not_selected"] == 0 and checked_summary(plain.counts) == "20 ok, 1 rejected"
 
 
 # -- fingerprints and caching -----------------------------------------------------------

@@ -679,7 +679,11 @@ def build_columns(rows: _Rows, config: IngestConfig, source: str) -> tuple[dict[
     references = [refs.get((s, image), none) for s, image in zip(rows.split, rows.image_id, strict=True)]
 
     ok = sum(captions.values())
-    counts |= {"rows": n, "ok": ok, "rejected": n - ok, "skipped_splits": rows.skipped}
+    # A caption left out of a seeded subset is fine, only not chosen: counted apart from the rejected ones
+    # (its row keeps status "rejected" with reason not_in_subset, so that only chosen rows are "ok").
+    not_selected = reasons["not_in_subset"]
+    counts |= {"rows": n, "ok": ok, "rejected": n - ok - not_selected, "not_selected": not_selected,
+               "skipped_splits": rows.skipped}
     counts |= {f"rejected_{r}": reasons[r] for r in REASONS}
     for s in SPLITS:
         counts[f"{s}_captions"], counts[f"{s}_images"] = captions[s], len(images[s])
@@ -690,6 +694,12 @@ def build_columns(rows: _Rows, config: IngestConfig, source: str) -> tuple[dict[
 
 
 # -- the stage --------------------------------------------------------------------------
+
+
+def checked_summary(counts: dict[str, int]) -> str:
+    """"3500 ok, 0 rejected, 1500 not selected by the subset" (the last part only when a subset was drawn)."""
+    text = f"{counts['ok']} ok, {counts['rejected']} rejected"
+    return text + (f", {counts['not_selected']} not selected by the subset" if counts.get("not_selected") else "")
 
 
 def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
@@ -709,13 +719,13 @@ def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
         report(1, 3, f"read {len(rows.raw)} captions ({fmt})")
         t1 = time.monotonic()
         columns, counts = build_columns(rows, config, f"{fmt}:{source_path(config).name}")
-        report(2, 3, f"checked: {counts['ok']} ok, {counts['rejected']} rejected")
+        report(2, 3, f"checked: {checked_summary(counts)}")
         t2 = time.monotonic()
         manifests.CAPTIONS.write(sd, columns)
         report(3, 3, f"wrote {OUTPUT}")
         t3 = time.monotonic()
-        log.info("ingest: %d captions from %s (%d ok, %d rejected) -> %s", counts["rows"], config.source,
-                 counts["ok"], counts["rejected"], sd.file(OUTPUT))
+        log.info("ingest: %d captions from %s (%s) -> %s", counts["rows"], config.source, checked_summary(counts),
+                 sd.file(OUTPUT))
         extra = {"source": str(source_path(config).resolve()), "format": fmt, "name": dataset_name(config)}
         return finish(sd, counts, started, extra=extra,
                       timings={"read_s": round(t1 - t0, 3), "check_s": round(t2 - t1, 3),
