@@ -218,7 +218,7 @@ def plot(summary: dict[str, Any], path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(summary), figsize=(max(6.0, 4.6 * len(summary)), 4.0), squeeze=False)
     for ax, (level, lv) in zip(axes[0], summary.items(), strict=True):
         stats = lv["arms"]
         names = list(stats)
@@ -228,13 +228,16 @@ def plot(summary: dict[str, Any], path: str | os.PathLike) -> Path:
         for x, a in enumerate(names):
             ax.scatter([x] * stats[a]["seeds"], stats[a]["per_seed"], s=9, color="gray", alpha=0.6, zorder=0)
         ax.errorbar(range(len(names)), means, yerr=[lo, hi], fmt="o", capsize=4, color="tab:blue")
+        if REFERENCE_ARM in stats:
+            ax.axhline(stats[REFERENCE_ARM]["mean"], color="tab:red", linestyle=":", linewidth=1, label="base")
         ax.set_xticks(range(len(names)), names, rotation=30)
         seeds = sorted({stats[a]["seeds"] for a in names})
-        ax.set_title(f"{level} ({lv['preset']}), seeds {seeds[0]}" + (f"-{seeds[-1]}" if len(seeds) > 1 else ""),
-                     fontsize=9)
+        count = f"{seeds[0]}" + (f" to {seeds[-1]}" if len(seeds) > 1 else "")
+        ax.set_title(f"{level} ({lv['preset']}), {count} seeds per arm", fontsize=9)
         ax.set_ylabel(f"CIDEr ({lv['images']} test scenes)")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Toy-world ablation: mean and 95% bootstrap interval over seeds x images; dots = seeds", fontsize=9)
+    fig.suptitle("Toy-world ablation: mean CIDEr, 95% interval (bootstrap over seeds and images); dots: seeds",
+                 fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
