@@ -51,8 +51,12 @@ def best_dir(train_dir: str | os.PathLike) -> Path:
 
 
 def find(train_dir: str | os.PathLike, which: str = "best") -> Path:
-    """The `best` or `latest` checkpoint of a train stage directory (a checkpoint directory is itself)."""
-    train_dir = Path(train_dir)
+    """The `best` or `latest` checkpoint of a train stage directory (a checkpoint directory is itself); a stage
+    directory's URL on an object-store root names this worker's working copy of it, fetched from the store."""
+    from storage import remote
+    from storage.layout import StageDir
+
+    train_dir = StageDir.at(train_dir).path if remote.is_url(train_dir) else Path(train_dir)
     if (train_dir / MODEL).exists():
         return train_dir
     if which == "best":

@@ -484,3 +484,22 @@ def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(buck
     assert not any(k.endswith(".lock") for k in objects)     # every lease was released or taken over and released
     assert sum(r.endswith(".tar") for r in published) == 5
     assert not (REPO / "s3:").exists()    # no local folder named after the URL
+
+
+def test_the_whole_pipeline_evaluate_included_finishes_on_an_s3_root_and_is_reused_by_another_host(
+        bucket, tmp_path, monkeypatch):
+    """Before: evaluate always failed there (`s3:/bucket/run/train/<fp>: no best checkpoint`), reading the train
+    stage's URL as a local path."""
+    from pcm.config import parse_assignments
+    from pcm.stages.pipeline import resolve, run_pipeline
+
+    url = f"s3://{bucket}/run"
+    cfg = resolve("tiny", parse_assignments([*SMALL, "train.epochs=2", "train.val_every=4", "train.checkpoint_every=4",
+                                             "evaluate.control=false"]))
+    _mirror(monkeypatch, tmp_path, "host-a")
+    first = run_pipeline(cfg, url)
+    assert first["evaluate"].path.startswith(url) and "CIDEr" in json.loads(
+        StageDir.at(first["evaluate"].path).metrics.read_text())["metrics"]
+    _mirror(monkeypatch, tmp_path, "host-b")            # another host, an empty working copy: all reused
+    second = run_pipeline(cfg, url)
+    assert all(r.cached for r in second.values()) and second["evaluate"].path == first["evaluate"].path
