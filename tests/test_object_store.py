@@ -486,6 +486,7 @@ def test_two_workers_share_a_bucket_survive_a_sigkill_and_match_a_local_run(buck
     assert not (REPO / "s3:").exists()    # no local folder named after the URL
 
 
+@pytest.mark.heavy
 def test_the_whole_pipeline_evaluate_included_finishes_on_an_s3_root_and_is_reused_by_another_host(
         bucket, tmp_path, monkeypatch):
     """Before: evaluate always failed there (`s3:/bucket/run/train/<fp>: no best checkpoint`), reading the train
