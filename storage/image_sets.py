@@ -108,22 +108,39 @@ class ImageIndex:
 
 
 def read_mapping(path: str | os.PathLike) -> dict[str, str]:
-    """caption_id -> image from a CSV with the header `caption_id,image`; errors name the file and row."""
+    """caption_id -> image from a CSV with the header `caption_id,image`; errors name the file and the line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"imported mapping {path}: not found; give a CSV with the header caption_id,image")
+    if not path.is_file():  # a FIFO would block the read forever, a device may never end
+        raise ValueError(f"imported mapping {path}: not a regular file; give a CSV with the header caption_id,image")
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"caption_id", "image"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: the header must name the columns caption_id and image "
-                             f"(got {reader.fieldnames})")
-        for row in reader:
-            line = reader.line_num
-            cid, image = (row.get("caption_id") or "").strip(), (row.get("image") or "").strip()
-            if not cid or not image:
-                raise ValueError(f"{path}:{line}: empty caption_id or image")
-            if cid in out:
-                raise ValueError(f"{path}:{line}: caption_id {cid!r} is mapped twice")
-            out[cid] = image
-    return out
+    start = 1
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            if not {"caption_id", "image"} <= set(header):
+                raise ValueError(f"{path}: the header must name the columns caption_id and image (got {header})")
+            c, i = header.index("caption_id"), header.index("image")
+            while True:
+                start = reader.line_num + 1
+                record = next(reader, None)
+                if record is None:
+                    return out
+                if reader.line_num != start:  # no cell of a mapping spans lines: a quote opened and never closed
+                    raise ValueError(f"{path}:{start}: a quoted cell starting on this line runs to line "
+                                     f"{reader.line_num}: a stray or unclosed quote")
+                if not record:
+                    continue
+                cid = record[c].strip() if c < len(record) else ""
+                image = record[i].strip() if i < len(record) else ""
+                if not cid or not image:
+                    raise ValueError(f"{path}:{start}: empty caption_id or image")
+                if cid in out:
+                    raise ValueError(f"{path}:{start}: caption_id {cid!r} is mapped twice")
+                out[cid] = image
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the mapping as UTF-8") from None
+    except csv.Error as e:  # e.g. a cell over csv's field size limit (128 KiB): a stray quote swallowing the file
+        raise ValueError(f"{path}:{start}: invalid CSV ({e}); a caption_id,image mapping has short cells") from None

@@ -136,3 +136,40 @@ def test_encode_train_and_evaluate_run_unchanged_on_an_imported_stage(tmp_path):
     assert out["train"].counts["train_pairs"] == len(ids)
     metrics = json.loads((Path(out["evaluate"].path) / "metrics.json").read_text())
     assert "CIDEr" in metrics["metrics"]
+
+
+def test_the_mapping_reader_names_the_file_and_line_of_every_problem(tmp_path):
+    import os
+
+    from storage.image_sets import read_mapping
+
+    def mapping(text: bytes | str, name: str = "map.csv"):
+        p = tmp_path / name
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return p
+
+    assert read_mapping(mapping("caption_id,image\nc1,a.jpg\n\nc2, b.jpg\n")) == {"c1": "a.jpg", "c2": "b.jpg"}
+    big = mapping("caption_id,image\nc1,\"" + "x" * 200_000 + "\"\n")            # was: a raw csv.Error
+    with pytest.raises(ValueError, match=r"map\.csv:2: invalid CSV \(field larger than field limit"):
+        read_mapping(big)
+    latin = mapping(b"caption_id,image\nc1,caf\xe9.jpg\n")                         # was: no file named
+    with pytest.raises(ValueError, match=r"map\.csv: not UTF-8 text \(byte 23\)"):
+        read_mapping(latin)
+    stray = mapping('caption_id,image\nc1,a.jpg\nc2,"b.jpg\nc3,c.jpg\nc4,d.jpg\n')   # was: the last line named
+    with pytest.raises(ValueError, match=r"map\.csv:3: a quoted cell starting on this line runs to line 5"):
+        read_mapping(stray)
+    os.mkfifo(tmp_path / "fifo.csv")                                             # never opened (it would block)
+    with pytest.raises(ValueError, match=r"fifo\.csv: not a regular file"):
+        read_mapping(tmp_path / "fifo.csv")
+
+
+def test_an_unreadable_imported_image_fails_with_the_same_words_in_every_run():
+    from PIL import Image, UnidentifiedImageError
+
+    from pcm.stages.synthesize import without_addresses
+
+    try:
+        Image.open(io.BytesIO(b"not an image"))
+    except UnidentifiedImageError as e:
+        text = str(e)
+    assert " at 0x" in text and without_addresses(text) == "cannot identify image file <_io.BytesIO object>"

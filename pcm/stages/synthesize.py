@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -478,6 +479,12 @@ def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
           "wrong_image_fraction": config.wrong_image_fraction} if sample.rendered_from else {})
 
 
+def without_addresses(text: str) -> str:
+    """`text` without the memory addresses of object reprs (PIL names its `<_io.BytesIO object at 0x7f...>`), so
+    that identical runs write identical status rows."""
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1 object>", text)
+
+
 def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[Future | str],
                  config: SynthesizeConfig, generate_s: float) -> dict[str, int]:
     """Write one shard: images in caption order, failed samples as status rows only."""
@@ -491,7 +498,8 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
                 try:
                     data = r.result()  # type: ignore[union-attr]
                 except Exception as e:  # noqa: BLE001 - one bad image is a failed row, not a failed shard
-                    error = f"image {'import' if config.imported_images else 'encoding'} failed: {type(e).__name__}: {e}"
+                    error = (f"image {'import' if config.imported_images else 'encoding'} failed: "
+                             f"{type(e).__name__}: {without_addresses(str(e))}")
             if error is not None:
                 rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
                              "rendered_from": s.rendered_from, "status": tables.STATUS_FAILED, "error": error})
