@@ -228,10 +228,10 @@ def check_output(out: str | os.PathLike) -> Path:
     out = Path(out).expanduser()
     try:
         mode = os.lstat(out).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a folder path through a file: the caller's folder check
         mode = None
-    except NotADirectoryError:
-        raise ValueError(f"--out {out}: a part of its folder path is a file, not a folder") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise ValueError(f"--out {out} is a folder; give the path of the JSON lines file to write")
     if mode is not None and stat.S_ISLNK(mode):
         raise ValueError(f"--out {out} is a symbolic link; captions are written only to a new path or an existing "
                          "regular file (give the link's target, or another path)")

@@ -209,7 +209,7 @@ def test_out_refuses_a_symbolic_link_and_its_target_is_unchanged(toy, tmp_path):
 def test_out_refuses_a_folder(toy, tmp_path):
     folder = tmp_path / "captions"
     folder.mkdir()
-    _refused(toy, folder, "a directory")
+    _refused(toy, folder, "a folder")
     assert list(folder.iterdir()) == []
 
 
