@@ -166,6 +166,10 @@ def test_training_writes_the_reference_into_step_checkpoints_and_best(tmp_path):
     assert ref.info["pairs"] == len(scores) == 16 and ref.info["images"] == 16
     np.testing.assert_allclose(ref.score_quantiles, np.percentile(scores, confidence.QUANTILES), atol=1e-5)
     assert json.loads((step / REFERENCE).read_text()) == json.loads((best / REFERENCE).read_text())
+    exported = tmp_path / "exported"     # how a resume rewrites best/ from a step checkpoint: the reference goes too
+    checkpoint.export(step, exported, {"step": 1})
+    assert (exported / REFERENCE).read_bytes() == (step / REFERENCE).read_bytes()
+    assert (exported / REFERENCE_ARRAYS).read_bytes() == (step / REFERENCE_ARRAYS).read_bytes()
 
 
 # ---------------------------------------------------------------------- where --out may write
