@@ -26,14 +26,25 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pcm.config import validation_problems
 from pcm.confidence import Reference
+from pcm.config import validation_problems
 from pcm.model import PCMNet, PCMNetConfig
 from pcm.vocab import Vocab
 from storage import atomic, checkpoints
 from storage.arrays import read_header
-from storage.checkpoints import (CLIP, CONCEPTS, CONFIG, FILES, MODEL, OPTIMIZER, OPTIONAL_FILES, REFERENCE,
-                                 REFERENCE_ARRAYS, STATE, VOCAB)
+from storage.checkpoints import (
+    CLIP,
+    CONCEPTS,
+    CONFIG,
+    FILES,
+    MODEL,
+    OPTIMIZER,
+    OPTIONAL_FILES,
+    REFERENCE,
+    REFERENCE_ARRAYS,
+    STATE,
+    VOCAB,
+)
 from storage.layout import StageDir
 
 CONFIG_KEYS = ("model", "train")
