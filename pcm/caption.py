@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -91,12 +92,20 @@ class Captioner:
 
         from pcm import Captioner
         cap = Captioner.from_pretrained("runs/train/<fp>")          # or a checkpoint directory (best/)
-        cap.caption(["a.jpg", "pictures/"])                         # [{"image", "caption"} or {"image", "error"}]
+        cap.caption(["a.jpg", "pictures/"])                         # [{"image", "caption", ...} or {"image", "error"}]
+
+    Each captioned row also says how far to trust it (pcm.confidence): "clip_score" (image-caption cosine under
+    the checkpoint's CLIP), "score_percentile" (its rank among the training pairs' scores, 0-100), "distance"
+    (of the image from the training images) and "in_domain" (False, with a "reason": unlike the training
+    images, the caption is likely wrong). A checkpoint made before these were saved gives "clip_score",
+    "in_domain": None and "confidence": "unavailable (...)".
     """
 
-    def __init__(self, model: Any, vocab: Any, clip: Any, device: str, checkpoint: Path, step: int) -> None:
+    def __init__(self, model: Any, vocab: Any, clip: Any, device: str, checkpoint: Path, step: int,
+                 reference: Any = None) -> None:
         self.model, self.vocab, self.clip, self.device = model, vocab, clip, device
         self.checkpoint, self.step = checkpoint, step
+        self.reference = reference  # pcm.confidence.Reference, None for a checkpoint made before it
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, which: str = "best", clip: str | None = None,
@@ -115,11 +124,12 @@ class Captioner:
         ckpt = find_checkpoint(path, which)
         spec = checkpoint_clip(read_clip_record(ckpt), clip, where=f"checkpoint {ckpt}")
         model, vocab, meta = checkpoint.load(ckpt, device)
-        return cls(model, vocab, load_clip(spec, device), device, ckpt, meta["step"])
+        return cls(model, vocab, load_clip(spec, device), device, ckpt, meta["step"], checkpoint.load_reference(ckpt))
 
     def caption(self, images: Iterable[str | os.PathLike], *, beam_size: int = 3, max_len: int = 20,
                 length_penalty: float = 0.0, batch_size: int = 64) -> list[dict[str, Any]]:
-        """One {"image", "caption"} (or {"image", "error"} for an unreadable file) per image, in input order."""
+        """One {"image", "caption", confidence fields} (or {"image", "error"} for an unreadable file) per image,
+        in input order."""
         return list(self.iter_captions(images, beam_size=beam_size, max_len=max_len,
                                        length_penalty=length_penalty, batch_size=batch_size))
 
@@ -144,7 +154,8 @@ def read_clip_record(ckpt: Path) -> dict[str, Any]:
 def caption_images(checkpoint_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, which: str = "best",
                    beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0, batch_size: int = 64,
                    device: str = "auto", clip: str | None = None) -> Iterator[dict[str, Any]]:
-    """Yield {"image": path, "caption": text} per image, or {"image": path, "error": why} when it cannot be read.
+    """Yield {"image": path, "caption": text, confidence fields (see Captioner)} per image, or
+    {"image": path, "error": why} when it cannot be read.
 
     `clip`: the checkpoint's CLIP (directory, weights file or tag) when its recorded one is not here.
     """
@@ -159,7 +170,8 @@ def _caption_paths(captioner: Captioner, paths: list[Path], beam_size: int, max_
                    batch_size: int) -> Iterator[dict[str, Any]]:
     import torch
 
-    from pcm.clip import encode_images
+    from pcm.clip import encode_images, encode_texts
+    from pcm.confidence import assess
     from pcm.decode import beam_search
 
     model, vocab, clip, device = captioner.model, captioner.vocab, captioner.clip, captioner.device
@@ -179,19 +191,55 @@ def _caption_paths(captioner: Captioner, paths: list[Path], beam_size: int, max_
             g, patches = encode_images(clip, pixels)                           # [b, D], [b, P, W]
             ids = beam_search(model, g.to(device), patches.to(device), bos=vocab.bos, eos=vocab.eos,
                               banned=vocab.banned, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
-            for (p, _), tokens in zip(good, ids, strict=True):
-                results[p] = {"image": str(p), "caption": vocab.decode(tokens)}
+            texts = [vocab.decode(tokens) for tokens in ids]
+            scores = (g * encode_texts(clip, texts).to(g.device)).sum(-1)         # both unit vectors: the cosine
+            judged = assess(captioner.reference, scores.cpu().numpy(), patches.float().mean(1).cpu().numpy())
+            for (p, _), text, judgement in zip(good, texts, judged, strict=True):
+                results[p] = {"image": str(p), "caption": text, **judgement}
         for p in batch:
             yield results[p]
         bar.update(len(batch))
     bar.close()
 
 
-def _output_lock(out: Path) -> Any:
-    """The lock every `write_captions` to `out` holds while it touches `out` and its temporaries."""
-    from storage.lock import FileLock
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """The lock every `write_captions` to `out` holds while it touches `out` and its temporaries.
 
-    return FileLock(out.with_name(f".{out.name}.lock"), timeout=None)
+    An flock on `out`'s folder itself: a lock file beside `out` would be left behind (removing it
+    after use lets a waiting writer lock the removed file while a third locks a new one).
+    """
+    import fcntl
+
+    fd = os.open(out.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def check_output(out: str | os.PathLike) -> Path:
+    """`out` as a path `--out` may write: a new path or an existing regular file, in an existing folder.
+
+    The file is replaced by a rename, so a device (`/dev/null`), a FIFO or a symbolic link there would be
+    replaced too, not written through: all are refused, and a folder, before any image is captioned.
+    """
+    out = Path(out).expanduser()
+    try:
+        mode = os.lstat(out).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a folder path through a file: the caller's folder check
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise ValueError(f"--out {out} is a folder; give the path of the JSON lines file to write")
+    if mode is not None and stat.S_ISLNK(mode):
+        raise ValueError(f"--out {out} is a symbolic link; captions are written only to a new path or an existing "
+                         "regular file (give the link's target, or another path)")
+    what = None if mode is None else _not_regular(mode)
+    if what:
+        raise ValueError(f"--out {out} is {what}; captions are written only to a new path or an existing regular "
+                         "file (give the path of the JSON lines file to write)")
+    return out
 
 
 def remove_stale_temporaries(out: str | os.PathLike) -> int:
@@ -208,12 +256,13 @@ def remove_stale_temporaries(out: str | os.PathLike) -> int:
 def write_captions(out: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> tuple[int, int]:
     """`pcm caption --out`: rows as JSON lines, written whole to `out`; returns (rows, unreadable images).
 
-    A killed writer's temporaries of `out` are removed first, and again just before the write;
-    both under a lock beside `out` (`.<name>.lock`), which every writer holds while it writes.
+    `out` must be a new path or a regular file (check_output, again just before the rename). A killed
+    writer's temporaries of `out` are removed first, and again just before the write; both under an
+    flock on `out`'s folder, which every writer holds while it writes (nothing is left beside `out`).
     """
     from storage import atomic
 
-    out = Path(out)
+    out = check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     lines, failed = [], 0
@@ -221,6 +270,7 @@ def write_captions(out: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> tu
         failed += "error" in r
         lines.append(json.dumps(r, ensure_ascii=False))
     with _output_lock(out):
+        check_output(out)  # what stands there now, after the captioning (it may have taken hours)
         atomic.remove_temporaries_of(out)
         atomic.write_text(out, "".join(f"{line}\n" for line in lines))
     return len(lines), failed

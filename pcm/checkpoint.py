@@ -7,6 +7,8 @@
     clip.json            the CLIP spec that encoded the features (so new images can be encoded alike)
     state.json           step, epoch, data position, best validation score, Noam schedule, RNG states
     optimizer.safetensors  Adam state tensors named "<parameter>::<key>" (training checkpoints only)
+    reference.json + reference.safetensors  the training distribution `pcm caption` judges images against
+                         (pcm.confidence; absent from checkpoints made before it)
 """
 
 from __future__ import annotations
@@ -24,12 +26,25 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pcm.confidence import Reference
 from pcm.config import validation_problems
 from pcm.model import PCMNet, PCMNetConfig
 from pcm.vocab import Vocab
 from storage import atomic, checkpoints
 from storage.arrays import read_header
-from storage.checkpoints import CLIP, CONCEPTS, CONFIG, FILES, MODEL, OPTIMIZER, STATE, VOCAB
+from storage.checkpoints import (
+    CLIP,
+    CONCEPTS,
+    CONFIG,
+    FILES,
+    MODEL,
+    OPTIMIZER,
+    OPTIONAL_FILES,
+    REFERENCE,
+    REFERENCE_ARRAYS,
+    STATE,
+    VOCAB,
+)
 from storage.layout import StageDir
 
 CONFIG_KEYS = ("model", "train")
@@ -99,8 +114,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- write
 def save(path: str | os.PathLike, *, model: PCMNet, vocab: Vocab, config: dict[str, Any], clip: dict[str, Any],
-         concept_names: list[str], state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write a checkpoint directory atomically (replacing `path` in one rename)."""
+         concept_names: list[str], state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+         reference: Reference | None = None) -> None:
+    """Write a checkpoint directory atomically (replacing `path` in one rename); `reference`: the training
+    distribution for `pcm caption`'s confidence (pcm.confidence.build_reference)."""
     with checkpoints.atomic_directory(path) as tmp:
         atomic.write_json(tmp / CONFIG, {"model": model.cfg.model_dump(mode="json"), "train": config})
         vocab.save(tmp / VOCAB)
@@ -115,6 +132,10 @@ def save(path: str | os.PathLike, *, model: PCMNet, vocab: Vocab, config: dict[s
             tensors, groups = _flatten_optimizer(model, optimizer)
             save_file(tensors, str(tmp / OPTIMIZER))
             state = {**state, "optimizer_groups": groups}
+        if reference is not None:
+            atomic.write_json(tmp / REFERENCE, reference.to_record())
+            save_file({k: torch.from_numpy(v).contiguous() for k, v in reference.arrays().items()},
+                      str(tmp / REFERENCE_ARRAYS))
         atomic.write_json(tmp / STATE, state)
 
 
@@ -145,8 +166,8 @@ def export(src: str | os.PathLike, dest: str | os.PathLike, state: dict[str, Any
     src = Path(src)
     checkpoints.check_safe(src)
     with checkpoints.atomic_directory(dest) as tmp:
-        for name in FILES:
-            if name != STATE:
+        for name in FILES + OPTIONAL_FILES:
+            if name != STATE and (name in FILES or (src / name).exists()):
                 shutil.copyfile(src / name, tmp / name)
         atomic.write_json(tmp / STATE, state)
 
@@ -234,6 +255,17 @@ def load(ckpt_dir: str | os.PathLike, device: str = "cpu") -> tuple[PCMNet, Voca
     meta = {"clip": atomic.read_json(ckpt_dir / CLIP), "config": config, "step": state["step"],
             "concepts": names, "state": state}
     return model, vocab, meta
+
+
+def load_reference(ckpt_dir: str | os.PathLike) -> Reference | None:
+    """The checkpoint's training distribution for confidence, or None for a checkpoint made before it."""
+    ckpt_dir = Path(ckpt_dir)
+    checkpoints.check_safe(ckpt_dir)
+    if not (ckpt_dir / REFERENCE).exists() or not (ckpt_dir / REFERENCE_ARRAYS).exists():
+        return None
+    record = atomic.read_json(ckpt_dir / REFERENCE)
+    arrays = {k: v.double().numpy() for k, v in load_file(str(ckpt_dir / REFERENCE_ARRAYS)).items()}
+    return Reference.from_parts(record if isinstance(record, dict) else {}, arrays, str(ckpt_dir / REFERENCE))
 
 
 def load_weights(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:

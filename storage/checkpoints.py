@@ -23,6 +23,11 @@ CLIP = "clip.json"                      # the CLIP the features came from
 STATE = "state.json"                    # step, best score, RNG states
 OPTIMIZER = "optimizer.safetensors"     # step checkpoints only
 FILES = (CONFIG, VOCAB, MODEL, CONCEPTS, CLIP, STATE)  # every checkpoint has these
+# The training distribution that `pcm caption` judges new images against (pcm.confidence); checkpoints
+# made before it have neither file, and captions of them say confidence is unavailable.
+REFERENCE = "reference.json"                 # CLIP-score and distance percentiles, the threshold
+REFERENCE_ARRAYS = "reference.safetensors"   # mean and precision of the training images' pooled patch tokens
+OPTIONAL_FILES = (REFERENCE, REFERENCE_ARRAYS)
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".txt"}
 
 

@@ -156,7 +156,7 @@ def test_a_fifo_is_a_failed_row_at_once_not_a_hang(ckpt, tmp_path):
     os.mkfifo(fifo)
     rows = _finishing(lambda: _caption(ckpt, [fifo, ckpt["images"][0]]), [fifo], timeout=60)
     assert rows[0] == {"image": str(fifo), "error": f"ValueError: not a regular file: {fifo} is a FIFO (named pipe)"}
-    assert set(rows[1]) == {"image", "caption"}
+    assert "caption" in rows[1] and "error" not in rows[1]   # (and its confidence fields)
 
 
 def test_an_unidentified_image_names_its_path(ckpt, tmp_path):

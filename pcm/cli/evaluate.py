@@ -89,22 +89,37 @@ def register(app: typer.Typer) -> None:
         clip: str = typer.Option(None, "--clip", metavar="PATH_OR_TAG", help="The checkpoint's CLIP (directory, "
                                  "weights file or open_clip tag) when the path it records is not on this machine."),
     ) -> None:
-        """Caption image files: one JSON line {"image", "caption"} per image ({"image", "error"} if unreadable)."""
-        from pcm.caption import caption_images, write_captions
+        """Caption image files: one JSON line per image, {"image", "caption", "clip_score", "score_percentile",
+        "distance", "in_domain"} ({"image", "error"} if unreadable).
+
+        in_domain false (with a "reason"): the image is unlike the checkpoint's training images and its caption
+        is likely wrong. clip_score: the image-caption cosine under the checkpoint's CLIP; score_percentile:
+        where it falls among the training pairs' scores. See docs/evaluate.md, "Captioning your own images".
+        --out writes only to a new path or an existing regular file.
+        """
+        from pcm.caption import caption_images, check_output, write_captions
 
         if out:  # checked before any image is captioned, not when the rows are written
-            if Path(out).expanduser().is_dir():
-                raise ValueError(f"--out {out} is a folder; give the path of the JSON lines file to write")
-            writable_dir(Path(out).expanduser().parent, "--out folder")
+            writable_dir(check_output(out).parent, "--out folder")
         rows = caption_images(checkpoint, images, which=which, beam_size=beam_size, max_len=max_len,
                               batch_size=batch_size, device=device, clip=clip)
-        failed = 0
+        failed = unlike = 0
+
+        def counted(rows):
+            nonlocal unlike
+            for r in rows:
+                unlike += r.get("in_domain") is False
+                yield r
+
         if out:
-            n, failed = write_captions(out, rows)
+            n, failed = write_captions(out, counted(rows))
             typer.echo(f"{n} images -> {out}")
         else:
-            for r in rows:
+            for r in counted(rows):
                 failed += "error" in r
                 typer.echo(json.dumps(r, ensure_ascii=False))
         if failed:
             typer.secho(f"{failed} images could not be read (see their 'error')", fg=typer.colors.YELLOW, err=True)
+        if unlike:
+            typer.secho(f"{unlike} images are unlike the training images (in_domain false): their captions are "
+                        "likely wrong", fg=typer.colors.YELLOW, err=True)

@@ -367,6 +367,7 @@ class TrainData:
     head: Any             # CLIP's ln_post and proj
     clip_spec: dict[str, Any]
     cxe: dict[str, Any]   # w as used (auto resolved) and the weights it gives the pairs (mean, share 0, share 1)
+    reference: Any = None  # pcm.confidence.Reference: the training distribution saved with every checkpoint
 
 
 @dataclass
@@ -427,6 +428,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     enc = StageDir.at(encode.path)
     store = dataset.FeatureStore(enc, "features")
     store.check_rows(pairs.shard, pairs.row, pairs.image_keys)
+    reference = training_reference(pairs, store, config.seed)  # the pairs as made (before any control rewrites them)
     if config.shuffle_images:
         log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
         pairs = pairs.with_images_shuffled(config.seed)
@@ -452,7 +454,20 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     if len(val) == 0:
         log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
                     "validation is skipped and best/ holds the final model", val_enc.path)
-    return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe)
+    return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe,
+                     reference)
+
+
+def training_reference(pairs: Any, store: Any, seed: int) -> Any:
+    """The pairs' CLIP scores and their images' pooled patch tokens, summarised for `pcm caption`'s confidence."""
+    from pcm import confidence
+
+    shard, row = confidence.sample_images(pairs.shard, pairs.row, seed)
+    reference = confidence.build_reference(pairs.clip_score, confidence.pooled_features(store, shard, row), seed)
+    if reference is None:
+        log.warning("only %d distinct training images: checkpoints carry no confidence reference (needs %d)",
+                    len(shard), confidence.MIN_IMAGES)
+    return reference
 
 
 def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]:
@@ -639,7 +654,7 @@ def save(run: Run, finished: bool) -> None:
               "best": run.best, "rng": checkpoint.rng_state()}
     checkpoint.save(ckpt_root / checkpoints.step_name(run.step), model=run.model, vocab=data.vocab,
                     config=config.model_dump(mode="json"), clip=data.clip_spec, concept_names=data.names,
-                    state=record, optimizer=run.opt)
+                    state=record, optimizer=run.opt, reference=data.reference)
     checkpoints.prune(ckpt_root, config.keep_last)
 
 
@@ -648,7 +663,7 @@ def save_best(run: Run) -> None:
     data = run.data
     checkpoint.save(checkpoint.best_dir(run.sd.path), model=run.model, vocab=data.vocab,
                     config=run.config.model_dump(mode="json"), clip=data.clip_spec, concept_names=data.names,
-                    state={"step": run.step, "epoch": run.epoch, "best": run.best})
+                    state={"step": run.step, "epoch": run.epoch, "best": run.best}, reference=data.reference)
 
 
 def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
