@@ -57,6 +57,12 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if h == "arm" else "---:" for h in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(r[h]) for h in headers) + " |" for r in rows])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=Path, default=RESULTS / "ablation", help="one JSON per finished arm-seed")
     ap.add_argument("--out", type=Path, default=RESULTS / "ablation.json", help="the summary JSON")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "ablation.png", help="the figure")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for the README)")
     args = ap.parse_args(argv)
     try:
         jobs = ablation.planned([lv for lv in args.levels.split(",") if lv], args.seeds)
@@ -95,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = ablation.summarise(done)
     for level, lv in summary.items():
         lv["faithfulness"] = ablation.level_faithfulness(level, args.work)
+        show = markdown_table if args.markdown else text_table
         print(f"\n## {level} ({lv['preset']}): CIDEr x100 on {lv['images']} drawn test scenes\n"
-              + text_table(ablation.table_rows(lv)))
+              + show(ablation.table_rows(lv)))
         if lv["faithfulness"]:
             print(f"generator faithfulness: {summary_line(lv['faithfulness'])}")
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

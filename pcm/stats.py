@@ -10,6 +10,7 @@ the images' scores are resampled, not recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -18,21 +19,24 @@ import numpy as np
 DETECTABLE_SE = 1.959964 + 0.841621
 
 
-def bootstrap_arms(scores: dict[str, np.ndarray], reference: str | None = None, *, n: int = 2000,
-                   seed: int = 0) -> dict[str, dict[str, Any]]:
+def bootstrap_arms(scores: dict[str, np.ndarray], reference: str | Mapping[str, str] | None = None, *,
+                   n: int = 2000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per arm of `scores` (arm -> [seeds, images] array, images in the same order for every arm): mean over
-    seeds of the per-seed mean, sd over seeds, a 95% percentile interval; and for arms other than `reference`
-    with at most as many seeds, `vs`: the mean paired difference, its interval, standard error, the smallest
-    effect detectable at 80% power (`detectable`), and whether the interval excludes 0."""
+    seeds of the per-seed mean, sd over seeds, a 95% percentile interval; and, against its reference arm
+    (`reference`: one arm for all, or arm -> its reference) when that has at least as many seeds, `vs`: the mean
+    paired difference, its interval, standard error, the smallest effect detectable at 80% power (`detectable`),
+    and whether the interval excludes 0."""
     rng = np.random.default_rng(seed)
     shapes = {a.shape[1] for a in scores.values()}
     if len(shapes) != 1:
         raise ValueError(f"every arm must be scored on the same images; got image counts {sorted(shapes)}")
-    ref = scores.get(reference) if reference is not None else None
+    refs = reference if isinstance(reference, Mapping) else {a: reference for a in scores if a != reference}
     out: dict[str, dict[str, Any]] = {}
     for arm, m in scores.items():
         seeds, images = m.shape
-        paired = ref is not None and arm != reference and ref.shape[0] >= seeds
+        ref_arm = refs.get(arm) if reference is not None else None
+        ref = scores.get(ref_arm) if ref_arm is not None else None
+        paired = ref is not None and ref.shape[0] >= seeds
         boot, diff = np.empty(n), np.empty(n)
         for b in range(n):
             s_idx, i_idx = rng.integers(0, seeds, seeds), rng.integers(0, images, images)
@@ -48,7 +52,7 @@ def bootstrap_arms(scores: dict[str, np.ndarray], reference: str | None = None, 
             d = per_seed - ref[:seeds].mean(axis=1)
             lo, hi = float(np.quantile(diff, 0.025)), float(np.quantile(diff, 0.975))
             se = float(diff.std(ddof=1))
-            row["vs"] = {"reference": reference, "mean": float(d.mean()), "per_seed": d.tolist(), "ci95": [lo, hi],
+            row["vs"] = {"reference": ref_arm, "mean": float(d.mean()), "per_seed": d.tolist(), "ci95": [lo, hi],
                          "se": se, "detectable": DETECTABLE_SE * se, "excludes_0": lo > 0 or hi < 0}
         out[arm] = row
     return out

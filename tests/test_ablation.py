@@ -53,7 +53,8 @@ def test_records_resume_the_plan_and_the_summary_pairs_arms_with_base(tmp_path):
     assert cxe["vs"]["mean"] == pytest.approx(4.0, abs=0.5) and cxe["vs"]["excludes_0"]
     assert cxe["seeds"] == 3 and cxe["cxe_weight_mean"] == 0.8
     rows = ablation.table_rows(summary["defective"])
-    assert [r["arm"] for r in rows] == ["base", "+CXE"] and rows[0]["vs base [95% CI]"] == "-"
+    assert [r["arm"] for r in rows] == ["base", "+CXE"] and rows[0]["difference [95% CI]"] == "-"
+    assert rows[1]["compared with"] == "base"
     assert ablation.plot(summary, tmp_path / "ablation.png").stat().st_size > 1000
 
 

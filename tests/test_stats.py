@@ -43,3 +43,12 @@ def test_detectable_effect_is_2_8_standard_errors_and_arms_must_share_images():
     assert vs["per_seed"] == pytest.approx(list(b.mean(1) - a.mean(1)))
     with pytest.raises(ValueError, match="same images"):
         bootstrap_arms({"a": a, "b": b[:, :10]}, "a")
+
+
+def test_each_arm_can_have_its_own_reference():
+    base = np.tile(np.arange(20, dtype=float), (2, 1))
+    out = bootstrap_arms({"base": base, "method": base + 3, "with_step": base + 10},
+                         {"method": "base", "with_step": "method"}, n=200)
+    assert out["method"]["vs"]["reference"] == "base" and out["method"]["vs"]["mean"] == pytest.approx(3)
+    assert out["with_step"]["vs"]["reference"] == "method" and out["with_step"]["vs"]["mean"] == pytest.approx(7)
+    assert "vs" not in out["base"]
