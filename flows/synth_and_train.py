@@ -159,5 +159,7 @@ def finished(result: StageResult) -> StageResult:
 @task(name="pipeline-summary")
 def publish_summary(results: dict[str, StageResult]) -> None:
     """The parent run's own artifact: each stage reused or computed, its outputs, the metrics."""
-    key = "synth-and-train-" + "-".join(r.fingerprint[:8] for r in results.values())
+    # The last stage's fingerprint sees every stage before it: one key per pipeline, readable.
+    last = list(results.values())[-1]
+    key = artifacts.artifact_key("synth-and-train", last.stage, last.fingerprint[:8])
     artifacts.markdown(key, artifacts.pipeline_summary(results), "What each stage of this run did")
