@@ -38,7 +38,8 @@ def report_task(records: str, plot: str, root: str) -> dict:
                         f"Toy-world ablation, {level} ({lv['preset']}): CIDEr on {lv['images']} drawn test scenes, "
                         "mean, sd, 95% bootstrap interval (seeds x images), paired difference to base")
     if summary:
-        artifacts.picture("ablation-arms", ablation.plot(summary, plot), "Toy-world ablation: arms with 95% intervals")
+        artifacts.picture("ablation-arms", ablation.plot(summary, plot), "Toy-world ablation: arms with 95% intervals",
+                          root)
     return {level: {a: round(s["mean"], 1) for a, s in lv["arms"].items()} for level, lv in summary.items()}
 
 

@@ -27,6 +27,27 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:100]
 
 
+def in_root(path: str | Path, root: str | Path | None) -> str:
+    """A path as the dashboard shows it: relative to the run root (`encode/<fp>/pictures/x.png`), never a
+    machine path; a path outside the root (or with no root known) is shown by its file name only."""
+    text, base = str(path), str(root).rstrip("/") if root is not None else None
+    if base and text.startswith(base + "/"):
+        return text[len(base) + 1:]
+    return Path(text).name
+
+
+def root_of(result: Any) -> str:
+    """The run root of a StageResult (`<root>/<stage>/<fingerprint>`), as its `path` spells it."""
+    return str(result.path).rstrip("/").rsplit("/", 2)[0]
+
+
+def stage_key(stage: str, fingerprint: str, *parts: str) -> str:
+    """A stage's artifact key: `<stage>-<fingerprint[:8]>[-<part>...]`, readable, and with the stage
+    subflow's run name (flows.caching.stage_run_name) as its start. Eight hex digits name one stage directory
+    among a run root's (a clash needs about 65,000 directories of the same stage)."""
+    return artifact_key(stage, fingerprint[:8], *parts)
+
+
 class Progress:
     """A progress artifact fed by a stage's `progress(done, total, message)` callback.
 
@@ -62,7 +83,8 @@ def markdown(key: str, text: str, description: str) -> None:
     create_markdown_artifact(key=artifact_key(key), markdown=text, description=description)
 
 
-def embedded_image(path: str | Path, title: str, max_side: int = 960, max_bytes: int = 400_000) -> str:
+def embedded_image(path: str | Path, title: str, max_side: int = 960, max_bytes: int = 400_000,
+                   root: str | Path | None = None) -> str:
     """Markdown showing a stage's picture inline: a JPEG thumbnail at most `max_side` px (the file stays on disk)."""
     import io
 
@@ -76,7 +98,7 @@ def embedded_image(path: str | Path, title: str, max_side: int = 960, max_bytes:
         img.save(buf, format="JPEG", quality=80)
     data = buf.getvalue()
     if len(data) > max_bytes:
-        return f"Picture too large to embed ({len(data)} bytes): `{path}`"
+        return f"Picture too large to embed ({len(data)} bytes): `{in_root(path, root)}`"
     return f"![{title}](data:image/jpeg;base64,{base64.b64encode(data).decode()})"
 
 
@@ -100,13 +122,14 @@ def _already_published(key: str, digest: str) -> bool:
     return any(digest in (a.description or "") for a in found)
 
 
-def picture(key: str, path: str | Path, title: str) -> None:
-    """A picture written by a stage, as a markdown artifact with an inline thumbnail; skipped when the newest
-    artifact under the key already shows the same file content (a cached rerun re-uploads nothing)."""
+def picture(key: str, path: str | Path, title: str, root: str | Path | None = None) -> None:
+    """A picture written by a stage, as a markdown artifact with an inline thumbnail and its path relative to the
+    run root `root`; skipped when the newest artifact under the key already shows the same file content (a cached
+    rerun re-uploads nothing)."""
     key, digest = artifact_key(key), _digest(path)
     if _already_published(key, digest):
         return
-    body = f"{embedded_image(path, title)}\n\n`{path}`"
+    body = f"{embedded_image(path, title, root=root)}\n\n`{in_root(path, root)}`"
     create_markdown_artifact(key=key, markdown=f"### {title}\n\n{body}\n", description=f"{title} [sha256 {digest}]")
 
 
@@ -130,27 +153,41 @@ def report(key: str, path: str | Path, pictures: Mapping[str, str], description:
 
 
 def pipeline_summary(results: Mapping[str, Any]) -> str:
-    """Markdown for the parent run: each stage, reused or computed, its outputs and main counts, the metrics."""
-    lines = ["# synth-and-train", "", "| stage | this run | outputs | counts |", "|---|---|---|---|"]
+    """Markdown for the parent run: each stage, reused or computed, where its outputs are (relative to the run
+    root; evaluate's report.md), its main counts, then the metrics beside the language-only control."""
+    lines = ["# synth-and-train", "", "| stage | this run | outputs (in the run root) | counts |", "|---|---|---|---|"]
     for stage, r in results.items():
         state = "reused" if reused(r) else "computed"
         counts = ", ".join(f"{k} {v}" for k, v in list(r.counts.items())[:6])
-        lines.append(f"| {stage} | {state} | `{r.path}` | {counts} |")
+        where = in_root(r.path, root_of(r))
+        outputs = f"`{where}/`" + (f", `{where}/{StageDir.at(r.dir).report.name}`" if r.stage == "evaluate" else "")
+        lines.append(f"| {stage} | {state} | {outputs} | {counts} |")
     lines += ["", "Each stage's own artifacts (progress, tables, pictures, the evaluation report) are on its "
-              "subflow run; their keys start with the stage name and fingerprint."]
+              "subflow run, named `<stage>-<fingerprint[:8]>` like their keys."]
     if "evaluate" in results:
-        metrics_file = StageDir.at(results["evaluate"].path).metrics
+        metrics_file = StageDir.at(results["evaluate"].dir).metrics
         if metrics_file.is_file():
             import json
 
             m = json.loads(metrics_file.read_text(encoding="utf-8"))
             scores = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, float)}
-            lines += ["", "| metric (x100) | value |", "|---|---:|"]
-            lines += [f"| {k} | {100 * v:.1f} |" for k, v in scores.items()]
+            control = (m.get("control") or {}).get("metrics") or {}
+            if control:  # the same captions scored against another image's references: language only
+                lines += ["", "| metric (x100) | value | control |", "|---|---:|---:|"]
+                lines += [f"| {k} | {100 * v:.1f} | {_x100(control.get(k))} |" for k, v in scores.items()]
+                lines += ["", f"Control: {m['control'].get('how', 'a language-only baseline')}. A captioner that "
+                          "uses its image scores above it."]
+            else:
+                lines += ["", "| metric (x100) | value |", "|---|---:|"]
+                lines += [f"| {k} | {100 * v:.1f} |" for k, v in scores.items()]
             published = m.get("published") or {}
             if published.get("caveat"):
                 lines += ["", f"Paper numbers ({published.get('paper_title', '')}): {published['caveat']}"]
     return "\n".join(lines) + "\n"
+
+
+def _x100(value: Any) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, float) else "-"
 
 
 # What each timing of a StageResult measures. Every stage's `total_s` is the wall time of the one call
@@ -221,6 +258,7 @@ def summary_table(key: str, result: Any, description: str) -> None:
         covers = TIMINGS.get(k, "seconds: measured by the stage when it ran")
         rows.append({"name": k, "value": v, "covers": covers + (REUSED_NOTE.format(when=when) if was_reused else "")})
     rows.append({"name": "cached", "value": bool(was_reused), "covers": "the stage's outputs were reused"})
-    rows.append({"name": "path", "value": result.path, "covers": "stage directory"})
+    rows.append({"name": "path", "value": in_root(result.path, root_of(result)),
+                 "covers": "stage directory, relative to the run root"})
     table(key, rows, description + (" (reused result)" if was_reused else ""))
 

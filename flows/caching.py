@@ -11,13 +11,17 @@ outside the shared run root (flows/records.py).
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from prefect import Task
 
 from flows.records import results_dir
+from pcm.stages.pipeline import stage_config
 from storage.layout import StageDir
+
+log = logging.getLogger(__name__)
 
 Plan = Callable[..., StageDir]
 Verify = Callable[[StageDir], "str | None"]
@@ -33,6 +37,33 @@ def fingerprint_key(plan: Plan) -> Callable[[Any, dict[str, Any]], str]:
         return f"{sd.stage}-{sd.fingerprint}"
 
     return key
+
+
+def stage_run_name(stage: str, plan: Plan) -> Callable[[], str]:
+    """A flow's `flow_run_name`: `<stage>-<fingerprint[:8]>`, the start of the stage directory's name, so a
+    subflow run on the dashboard says which stage directory it works in (instead of a random name).
+
+    Prefect calls it with no arguments inside the new flow run; the parameters, as passed (a StageRef or dict
+    for `config`, results or directories for the inputs), come from the run context and the flow's defaults.
+    A name that cannot be computed is only the stage name: naming never fails a run (the flow reports the
+    error itself)."""
+    names = set(inspect.signature(plan).parameters)
+
+    def name() -> str:
+        from prefect.context import FlowRunContext
+
+        try:
+            ctx = FlowRunContext.get()
+            bound = inspect.signature(ctx.flow.fn).bind_partial(**ctx.parameters)
+            bound.apply_defaults()
+            params = {k: v for k, v in bound.arguments.items() if k in names}
+            params["config"] = stage_config(stage, params["config"])
+            return f"{stage}-{plan(**params).fingerprint[:8]}"
+        except Exception as e:  # noqa: BLE001 - a run without its readable name still runs
+            log.warning("%s: no run name from the fingerprint (%s)", stage, e)
+            return stage
+
+    return name
 
 
 def is_finished(plan: Plan, verify: Verify, **parameters: Any) -> bool:

@@ -7,8 +7,8 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.artifacts import Progress, picture, summary_table
-from flows.caching import fingerprint_key, is_finished, run_stage
+from flows.artifacts import Progress, picture, root_of, stage_key, summary_table
+from flows.caching import fingerprint_key, is_finished, run_stage, stage_run_name
 from flows.retries import retry_transient
 from pcm.stages.encode import (
     FEATURES,
@@ -63,7 +63,7 @@ def shards_encoded(config: EncodeConfig, captions: StageResult, shards: StageRes
                        extra={"complete": False, "shard_reports": reports})
 
 
-@flow(name="encode")
+@flow(name="encode", flow_run_name=stage_run_name("encode", plan))
 def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: StageResult | str,
                 shards: StageResult | str | None, root: str = "runs", force: bool = False,
                 indices: list[int] | None = None) -> StageResult:
@@ -85,7 +85,7 @@ def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: Stag
         encode_reset(config, captions, shards, root)
     if force or not is_finished(plan, verify, config=config, captions=captions, shards=shards, root=root):
         indices = pending_feature_shards(config, captions, shards, root)  # shards done (by fan-out children) need no task
-        progress = Progress(f"encode-{plan(config, captions, shards, root).fingerprint}", "encode feature shards")
+        progress = Progress(stage_key("encode", plan(config, captions, shards, root).fingerprint), "encode feature shards")
         for k, index in enumerate(indices, 1):
             encode_features_shard(config, captions, shards, root, index)
             progress(k, len(indices), f"features-shard-{index:06d}")
@@ -93,7 +93,8 @@ def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: Stag
     result = run_stage(encode_stage, plan, verify, force=force, config=config, captions=captions, shards=shards,
                        root=root)
     cached_clip.cache_clear()  # free the model (GPU memory) before the next stages
-    summary_table(f"encode-{result.fingerprint}", result, "encode: counts and timings")
+    summary_table(stage_key("encode", result.fingerprint, "summary"), result, "encode: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
-        picture(f"encode-{name}-{result.fingerprint}", path, f"encode: {name.replace('_', ' ')} histogram")
+        picture(stage_key("encode", result.fingerprint, name), path, f"encode: {name.replace('_', ' ')} histogram",
+                root_of(result))
     return result

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows import artifacts
-from flows.caching import fingerprint_key, run_stage
+from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.report import LABELS
 from pcm.stages.evaluate import EvaluateConfig, plan, run_evaluate, verify
 from pcm.stages.pipeline import StageRef, stage_config
@@ -21,7 +21,7 @@ from storage.result import StageResult
 def evaluate_task(config: EvaluateConfig, train: StageResult, encode: StageResult, captions: StageResult, root: str,
                   force: bool = False) -> StageResult:
     """Decode and score (the stage skips work already on disk)."""
-    progress = artifacts.Progress(f"evaluate-{plan(config, train, encode, captions, root).fingerprint}",
+    progress = artifacts.Progress(artifacts.stage_key("evaluate", plan(config, train, encode, captions, root).fingerprint),
                                   "Captioning real images")
     return run_evaluate(config, train, encode, captions, root, force=force, progress=progress)
 
@@ -40,7 +40,7 @@ def publish(result: StageResult) -> None:
     rows = [{"metric": label, "value (x100)": x100(metrics.get(k))}
             | ({"control (x100)": x100(control.get(k)) if k != "SPICE" else "-"} if control else {})
             for k, label in LABELS.items()]
-    key = f"evaluate-{summary['split']}-{result.fingerprint}"
+    key = artifacts.stage_key("evaluate", result.fingerprint, summary["split"])
     artifacts.table(key, rows, f"{summary['split']} split, {summary['protocol']}, step {summary['checkpoint']['step']}")
     if summary.get("published"):
         artifacts.table(f"{key}-paper", summary["published"]["rows"], summary["published"]["title"])
@@ -54,7 +54,7 @@ def publish(result: StageResult) -> None:
     artifacts.summary_table(f"{key}-summary", result, "Evaluate stage counts and timings")
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name=stage_run_name("evaluate", plan))
 def evaluate_flow(config: StageRef | EvaluateConfig | dict[str, Any], train: StageResult | str,
                   encode: StageResult | str, captions: StageResult | str, root: str = "runs",
                   force: bool = False) -> StageResult:

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows import artifacts
-from flows.caching import fingerprint_key, run_stage
+from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.stages.ingest import IngestConfig, plan, run_ingest, verify
 from pcm.stages.pipeline import StageRef, stage_config
 from storage.result import StageResult
@@ -16,17 +16,17 @@ from storage.result import StageResult
 @task(name="ingest", cache_key_fn=fingerprint_key(plan), result_serializer="json")
 def ingest_task(config: IngestConfig, root: str, force: bool = False) -> StageResult:
     """Read the caption file into captions.parquet (or return the finished stage directory)."""
-    progress = artifacts.Progress(f"ingest-{plan(config, root).fingerprint}", "Ingesting captions")
+    progress = artifacts.Progress(artifacts.stage_key("ingest", plan(config, root).fingerprint), "Ingesting captions")
     return run_ingest(config, root, force=force, progress=progress)
 
 
 @task(name="ingest-artifacts")
 def publish(result: StageResult) -> None:
     """Counts and timings for the dashboard (also when the ingest task was cached)."""
-    artifacts.summary_table(f"ingest-{result.fingerprint}-summary", result, "Ingest stage counts and timings")
+    artifacts.summary_table(artifacts.stage_key("ingest", result.fingerprint, "summary"), result, "Ingest stage counts and timings")
 
 
-@flow(name="ingest")
+@flow(name="ingest", flow_run_name=stage_run_name("ingest", plan))
 def ingest_flow(config: StageRef | IngestConfig | dict[str, Any], root: str = "runs",
                 force: bool = False) -> StageResult:
     """Ingest one caption file; the same file content and config reuse the finished stage directory.

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows import artifacts
-from flows.caching import fingerprint_key, run_stage
+from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
 from pcm.stages.stage import as_result
@@ -18,7 +18,7 @@ from storage.result import StageResult
 def refine_task(config: RefineConfig, captions: StageResult, encode: StageResult, root: str,
                 force: bool = False) -> StageResult:
     """Re-pair (SynC) or filter (CLIP score) the encode stage's pairs; writes pairs.parquet."""
-    progress = artifacts.Progress(f"refine-{plan(config, captions, encode, root).fingerprint}",
+    progress = artifacts.Progress(artifacts.stage_key("refine", plan(config, captions, encode, root).fingerprint),
                                   f"Refining pairs ({config.method})")
     return run_refine(config, captions, encode, root, force=force, progress=progress)
 
@@ -26,16 +26,17 @@ def refine_task(config: RefineConfig, captions: StageResult, encode: StageResult
 @task(name="refine-artifacts")
 def publish(result: StageResult) -> None:
     """The pairs grid and the summary for the dashboard (also when the task was cached)."""
-    key = f"refine-{result.fingerprint}"
+    key = artifacts.stage_key("refine", result.fingerprint)
     for name, path in result.extra.get("pictures", {}).items():
-        artifacts.picture(f"{key}-{name}", path, "Captions with their original and their re-assigned image")
+        artifacts.picture(f"{key}-{name}", path, "Captions with their original and their re-assigned image",
+                          artifacts.root_of(result))
     artifacts.table(f"{key}-pairs", {k: result.extra.get(k) for k in (
         "method", "keep_fraction", "score_threshold", "clip_score_mean_before", "clip_score_mean_kept")},
         "What the refine stage kept")
     artifacts.summary_table(f"{key}-summary", result, "Refine stage counts and timings")
 
 
-@flow(name="refine")
+@flow(name="refine", flow_run_name=stage_run_name("refine", plan))
 def refine_flow(config: StageRef | RefineConfig | dict[str, Any], captions: StageResult | str,
                 encode: StageResult | str, root: str = "runs", force: bool = False) -> StageResult:
     """Choose which synthetic image each training caption trains on and which pairs train (SynC or CLIP filter).

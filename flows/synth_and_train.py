@@ -96,7 +96,19 @@ def fan_out(deployment: str, indices: list[int], parts: int, key: str, parameter
             time.sleep(2)
 
 
-@flow(name="synth-and-train", log_prints=True)
+def run_name() -> str:
+    """`synth-and-train-<preset>` (a preset file's stem), the parent run's name on the dashboard."""
+    from pathlib import Path
+
+    from prefect.context import FlowRunContext
+
+    params = FlowRunContext.get().parameters.get("config") or {}
+    preset = (params.get("preset", PipelineParams.model_fields["preset"].default) if isinstance(params, dict)
+              else params.preset)
+    return artifacts.artifact_key("synth-and-train", Path(str(preset)).stem)
+
+
+@flow(name="synth-and-train", log_prints=True, flow_run_name=run_name)
 def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, StageResult]:
     """Caption text -> synthetic images -> CLIP features -> PCM-Net -> metrics on real images."""
     params = config
@@ -147,5 +159,7 @@ def finished(result: StageResult) -> StageResult:
 @task(name="pipeline-summary")
 def publish_summary(results: dict[str, StageResult]) -> None:
     """The parent run's own artifact: each stage reused or computed, its outputs, the metrics."""
-    key = "synth-and-train-" + "-".join(r.fingerprint[:8] for r in results.values())
+    # The last stage's fingerprint sees every stage before it: one key per pipeline, readable.
+    last = list(results.values())[-1]
+    key = artifacts.artifact_key("synth-and-train", last.stage, last.fingerprint[:8])
     artifacts.markdown(key, artifacts.pipeline_summary(results), "What each stage of this run did")

@@ -8,8 +8,8 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.artifacts import Progress, picture, summary_table, table
-from flows.caching import fingerprint_key, is_finished, run_stage
+from flows.artifacts import Progress, picture, root_of, stage_key, summary_table, table
+from flows.caching import fingerprint_key, is_finished, run_stage, stage_run_name
 from flows.records import results_dir
 from flows.retries import retry_transient
 from pcm.diffusion import Synthesizer
@@ -78,7 +78,7 @@ def shards_written(config: SynthesizeConfig, captions: StageResult, root: str, r
                           extra={"shard_reports": reports})
 
 
-@flow(name="synthesize")
+@flow(name="synthesize", flow_run_name=stage_run_name("synthesize", plan))
 def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captions: StageResult | str,
                     root: str = "runs", shards: list[int] | None = None, force: bool = False) -> StageResult:
     """Render the shards (all, or `shards` when fanning out over machines), then finalise the stage.
@@ -96,7 +96,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
         wording_check(captions.path)
     if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
-        progress = Progress(f"synthesize-{plan(config, captions, root).fingerprint}", "synthesize shards")
+        progress = Progress(stage_key("synthesize", plan(config, captions, root).fingerprint), "synthesize shards")
         done = []
         for k, index in enumerate(indices, 1):
             done.append(run_shard(config, captions, root, index, force))
@@ -106,12 +106,12 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
             # Other flow runs own the remaining shards; the last one finalises.
             return shards_written(config, captions, root, done, started)
     result = run_stage(synthesize_finalize, plan, verify, force=force, config=config, captions=captions, root=root)
-    summary_table(f"synthesize-{result.fingerprint}", result, "synthesize: counts and timings")
+    summary_table(stage_key("synthesize", result.fingerprint, "summary"), result, "synthesize: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
-        picture(f"synthesize-{name}-{result.fingerprint}", path, f"synthesize: {name}")
+        picture(stage_key("synthesize", result.fingerprint, name), path, f"synthesize: {name}", root_of(result))
     if toy:
         report = synthesize_faithfulness(result.path)
-        table(f"synthesize-faithfulness-{result.fingerprint}", table_rows(report),
+        table(stage_key("synthesize", result.fingerprint, "faithfulness"), table_rows(report),
               f"synthesize: faithfulness of {report['images']} images to their captions, judged by the toy CLIP "
               "(pcm world quality --synthesize; docs/toyworld.md)")
     return result

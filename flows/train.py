@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows import artifacts
-from flows.caching import fingerprint_key, run_stage
+from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.stage import as_result
 from pcm.stages.train import TrainConfig, plan, run_train, verify
@@ -19,7 +19,7 @@ def train_task(config: TrainConfig, captions: StageResult, encode: StageResult, 
                refine: StageResult | None = None, force: bool = False,
                val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train or resume PCM-Net (the stage resumes from its latest checkpoint on disk)."""
-    progress = artifacts.Progress(f"train-{plan(config, captions, encode, root, refine, val).fingerprint}",
+    progress = artifacts.Progress(artifacts.stage_key("train", plan(config, captions, encode, root, refine, val).fingerprint),
                                   "Training PCM-Net")
     return run_train(config, captions, encode, root, force=force, progress=progress, refine=refine, val=val)
 
@@ -27,16 +27,16 @@ def train_task(config: TrainConfig, captions: StageResult, encode: StageResult, 
 @task(name="train-artifacts")
 def publish(result: StageResult) -> None:
     """Loss curve and summary for the dashboard (also when the task was cached)."""
-    key = f"train-{result.fingerprint}"
+    key = artifacts.stage_key("train", result.fingerprint)
     for name, path in result.extra.get("pictures", {}).items():
-        artifacts.picture(f"{key}-{name}", path, "PCM-Net training loss and validation")
+        artifacts.picture(f"{key}-{name}", path, "PCM-Net training loss and validation", artifacts.root_of(result))
     artifacts.table(f"{key}-best", {"val_metric": result.extra["val_metric"], "best_value": result.extra["best_value"],
                                     "best_step": result.extra["best_step"], "best": result.extra["best"]},
                     "Best checkpoint by validation")
     artifacts.summary_table(f"{key}-summary", result, "Train stage counts and timings")
 
 
-@flow(name="train")
+@flow(name="train", flow_run_name=stage_run_name("train", plan))
 def train_flow(config: StageRef | TrainConfig | dict[str, Any], captions: StageResult | str,
                encode: StageResult | str, root: str = "runs", force: bool = False,
                refine: StageResult | str | None = None,

@@ -46,7 +46,10 @@ def spice_missing() -> str | None:
     missing = [name for name in SPICE_JARS if not (lib / name).is_file()]
     if not missing:
         return None
-    return (f"Stanford CoreNLP 3.6.0 jars missing from {lib} ({', '.join(missing)}); SPICE would try to "
+    # The folder by its place in the package, not this machine's path: the message lands in metrics.json and
+    # report.md, which are shown on the dashboard and may be shared.
+    return (f"Stanford CoreNLP 3.6.0 jars missing from pycocoevalcap/{lib.parent.name}/{lib.name} in the Python "
+            f"environment (`pip show pycocoevalcap` prints its Location) ({', '.join(missing)}); SPICE would try to "
             f"download them. Copy both jars from {CORENLP_URL} (folder stanford-corenlp-full-2015-12-09/) into "
             f"that directory, or run `python -m pycocoevalcap.spice.get_stanford_models` on a machine with internet")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,7 +87,7 @@ def score_histogram(path: Path, scores: np.ndarray, title: str, caps: dict[str, 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.hist(scores, bins=min(50, max(5, len(scores) // 10)), color="#3b6ea5")
     ax.set(xlabel="CLIP score (cosine of image and caption embeddings)", ylabel="synthetic images")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 64), fontsize=9)  # a long model label wraps instead of running off the figure
     if len(scores):
         ax.axvline(float(np.mean(scores)), color="#c0392b", linestyle="--", label=f"mean {np.mean(scores):.3f}")
         for (name, w), colour in zip((caps or {}).items(), ("#27ae60", "#8e44ad", "#d35400", "#7f8c8d"), strict=False):

@@ -13,6 +13,10 @@ PUBLISHED = Path(__file__).resolve().parent / "presets" / "published.toml"
 LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4", "METEOR": "METEOR",
           "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
 MAX_LISTED = 50  # ids of images that could not be evaluated, listed in the report (all are in metrics.json)
+# The samples table's references column: the first few, each cut, and how many more (a page-wide column
+# of five full references pushes the table off a narrow view such as the dashboard's).
+REFS_SHOWN = 2
+REF_CHARS = 80
 
 
 @cache
@@ -117,6 +121,23 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _refs(references: list[str]) -> str:
+    """The references cell: the first REFS_SHOWN, each cut at REF_CHARS, then "+N more"."""
+    shown = [_cell(r if len(r) <= REF_CHARS else r[:REF_CHARS - 3].rstrip() + "...") for r in references[:REFS_SHOWN]]
+    more = len(references) - REFS_SHOWN
+    return "<br>".join(shown + ([f"(+{more} more)"] if more > 0 else []))
+
+
+def _shown_path(path: str, root: str | Path | None) -> str:
+    """A path inside the run root as the report shows it: relative to the root (no machine path in the report)."""
+    if root is not None:
+        try:
+            return Path(path).relative_to(Path(root)).as_posix()
+        except ValueError:
+            pass
+    return path
+
+
 def _fmt(value: float | str | None) -> str:
     return f"{100 * value:.1f}" if isinstance(value, float) else "n/a"
 
@@ -134,8 +155,10 @@ def _methods_table(pub: dict[str, Any]) -> list[str]:
                     "as their other metrics were not checked.", ""]
 
 
-def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | None) -> str:
-    """report.md from metrics.json's content, the sampled rows and the grid's path relative to the report."""
+def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | None,
+           root: str | Path | None = None) -> str:
+    """report.md from metrics.json's content, the sampled rows and the grid's path relative to the report;
+    paths inside the run root `root` are shown relative to it."""
     corpus = summary["metrics"]
     counts = summary["counts"]
     ck, dec = summary["checkpoint"], summary["decoding"]
@@ -143,7 +166,7 @@ def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | N
         f"# Evaluation: {summary['split']} split, {summary['protocol']}",
         "",
         f"- Trained on: `{summary['datasets']['train'] or '?'}`; evaluated on: `{summary['datasets']['eval'] or '?'}`",
-        f"- Checkpoint: {ck['which']} (step {ck['step']}), `{ck['path']}`",
+        f"- Checkpoint: {ck['which']} (step {ck['step']}), `{_shown_path(ck['path'], root)}`",
         f"- Decoding: beam {dec['beam_size']}, max length {dec['max_len']}, length penalty {dec['length_penalty']}",
         f"- Images evaluated: {counts['images']} ({counts['references']} references); failed to encode: "
         f"{counts['failed_encode']}; not encoded: {counts['not_encoded']}",
@@ -191,8 +214,8 @@ def render(summary: dict[str, Any], samples: list[dict[str, Any]], grid: str | N
         # CIDEr before the long references column, so a narrow view (the dashboard) never cuts it off.
         lines += ["| # | image | CIDEr | prediction | references |", "|---:|---|---:|---|---|"]
         for i, s in enumerate(samples, 1):
-            refs = "<br>".join(_cell(r) for r in s["references"])
-            lines.append(f"| {i} | `{_cell(s['image_id'])}` | {_fmt(s['cider'])} | {_cell(s['caption'])} | {refs} |")
+            lines.append(f"| {i} | `{_cell(s['image_id'])}` | {_fmt(s['cider'])} | {_cell(s['caption'])} | "
+                         f"{_refs(s['references'])} |")
         lines.append("")
     failed, missing = summary.get("failed_images", []), summary.get("not_encoded", [])
     if failed or missing:

@@ -346,3 +346,18 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     b = tables.read(Path(clean.path) / "scores.parquet", tables.SCORES)
     assert a.equals(b)
     assert not list((Path(resumed.path) / "features").glob(".tmp-*"))
+
+
+def test_shards_made_from_another_ingest_stage_are_refused_naming_both(tmp_path):
+    from storage import atomic
+    from storage.layout import StageDir
+
+    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    record = StageDir.at(syn).config_file
+    atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "a" * 16}})
+    plan(tiny_config(), cap, syn, str(tmp_path / "runs"))          # the shards' own captions: fine
+    atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "d" * 16}})
+    with pytest.raises(ValueError, match=f"made from the ingest stage {'d' * 16}.*not from captions=.*ingest {'a' * 16}"):
+        plan(tiny_config(), cap, syn, str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match=f"ingest {'a' * 16}"):
+        run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))

@@ -627,3 +627,16 @@ def test_csv_where_every_row_has_more_cells_than_the_header_is_an_error(tmp_path
     with pytest.raises(ValueError, match=r"caps\.csv: every row has more cells than the 1 column\(s\) of the "
                                          r"header \['caption'\].*quote a cell that holds a comma"):
         ingest(path, tmp_path / "runs")
+
+
+def test_a_csv_bar_counts_the_files_lines_and_the_pre_run_check_shows_none(tmp_path, capsys):
+    from pcm.stages.ingest import read_source, splits_present
+
+    src = tmp_path / "mine.csv"
+    src.write_text('caption,split\n"a dog\non the grass",train\na cat,test\na car,val\n')   # 5 lines, 3 records
+    config = IngestConfig(source=str(src))
+    _, rows = read_source(config)
+    err = capsys.readouterr().err
+    assert len(rows.raw) == 3 and "ingest mine.csv:" in err and "0/5 [" in err and "row [" not in err
+    assert splits_present(config, str(tmp_path / "runs")) == {"train", "test", "val"}
+    assert capsys.readouterr().err == ""

@@ -193,3 +193,12 @@ def test_the_shared_meteor_is_kept_per_process_replaced_when_dead_and_never_a_pa
     metrics._stop(first)                                          # died: the next score starts another
     again = metrics.shared_meteor()
     assert again is not first and again.meteor_p.poll() is None
+
+
+def test_the_spice_message_names_the_jars_folder_without_this_machines_path(tmp_path, monkeypatch):
+    lib = tmp_path / "site-packages" / "pycocoevalcap" / "spice" / "lib"
+    lib.mkdir(parents=True)
+    monkeypatch.setattr(metrics, "spice_lib_dir", lambda: lib)
+    message = spice_missing()
+    assert message.startswith("Stanford CoreNLP 3.6.0 jars missing from pycocoevalcap/spice/lib ")
+    assert "stanford-corenlp-3.6.0.jar" in message and str(tmp_path) not in message

@@ -76,3 +76,24 @@ def test_a_coco_vitb32_report_shows_ifcap_and_the_methods_stay_for_reference_on_
                                                        evaluated="toyworld", split="test")), [], None)
     assert "Not comparable" in toy and "| IFCap |" in toy
     assert len(published()) == 8
+
+
+def test_the_samples_table_shows_two_references_cut_short_and_how_many_more():
+    long = "a " + "very " * 30 + "long reference"
+    sample = {"image_id": "img1", "cider": 0.5, "caption": "a dog", "references": [long, "a dog | a cat", "r3", "r4", "r5"]}
+    table = render(summary("coco", None), [sample], None).split("## Samples")[1]
+    (row,) = [line for line in table.splitlines() if line.startswith("| 1 |")]
+    refs = row.rsplit(" | ", 1)[1]
+    first, second, more = refs.rstrip(" |").split("<br>")
+    assert first.endswith("...") and len(first) <= 80 and long.startswith(first[:-3])
+    assert second == "a dog \\| a cat" and more == "(+3 more)" and "r3" not in row
+    two = {**sample, "references": ["r1", "r2"]}
+    assert render(summary("coco", None), [two], None).split("## Samples")[1].count("more)") == 0
+
+
+def test_the_checkpoint_path_is_shown_relative_to_the_run_root():
+    s = summary("coco", None) | {"checkpoint": {"which": "best", "step": 5, "path": "/data/runs/train/ab12/best"}}
+    report = render(s, [], None, root="/data/runs")
+    assert "`train/ab12/best`" in report and "/data/runs" not in report
+    assert "`/elsewhere/best`" in render(s | {"checkpoint": {**s["checkpoint"], "path": "/elsewhere/best"}}, [], None,
+                                         root="/data/runs")   # outside the root: as it is

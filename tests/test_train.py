@@ -390,6 +390,14 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkey
     monkeypatch.setattr(ft, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
     second = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
     assert second.path == first.path and second.counts == first.counts
+    # Both runs are named after the stage directory (`train-<fingerprint[:8]>`), the optional inputs defaulted.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        named = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[f"train-{first.fingerprint[:8]}"])))
+    assert len(named) >= 2   # (another test of the session may train the same directory)
 
 
 def test_resolve_device_gives_each_training_process_its_own_gpu():

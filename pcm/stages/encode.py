@@ -177,6 +177,15 @@ def _inputs(captions: StageInput, shards: StageInput | None) -> tuple[StageResul
     if syn is not None and syn.stage != "synthesize":
         given = syn.path if isinstance(shards, StageResult) else shards
         raise ValueError(f"shards={given!r} is a {syn.stage} stage directory; pass the synthesize stage's")
+    if syn is not None:
+        # The features pair each caption with its image by caption id: shards made from another caption file
+        # would pair them with images of other captions (or none), silently.
+        made_from = [sd.fingerprint for sd in StageDir.at(syn.dir).inputs() if sd.stage == "ingest"]
+        if made_from and cap.fingerprint not in made_from:
+            raise ValueError(f"shards={syn.path!r} were made from the ingest stage {made_from[0]} "
+                             f"(its config.json's inputs), not from captions={cap.path!r} (ingest {cap.fingerprint}); "
+                             f"pass the captions the shards were made from ({syn.path.rsplit('/', 2)[0]}/ingest/"
+                             f"{made_from[0]}), or synthesize shards from these captions")
     return cap, syn
 
 

@@ -419,5 +419,5 @@ def _write_report(sd: StageDir, config: EvaluateConfig, summary: dict[str, Any],
     grid = thumbnail_grid([resolve_image(root, evalset.image_paths[i]) for i in picks],
                           sd.samples_picture)
     link = sd.samples_picture.relative_to(sd.path).as_posix()  # pictures/samples.png, relative to report.md
-    atomic.write_text(sd.report, render(summary, samples, link if grid else None))
+    atomic.write_text(sd.report, render(summary, samples, link if grid else None, root=sd.root))
     return {"samples": str(grid)} if grid else {}

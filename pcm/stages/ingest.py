@@ -144,7 +144,7 @@ def splits_present(config: IngestConfig, root: str) -> set[str]:
     if sd.done_marker.exists() and manifests.CAPTIONS.exists(sd):
         rows = manifests.CAPTIONS.read(sd, columns=["split", "status"]).to_pylist()
         return {r["split"] for r in tables.ok_rows(rows)}
-    return set(read_source(config)[1].split)
+    return set(read_source(config, bar=False)[1].split)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -272,8 +272,9 @@ def _valid_utf8(s: str) -> bool:
         return False
 
 
-def _bar(items: Iterable[Any], total: int | None, desc: str, unit: str) -> Iterable[Any]:
-    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, mininterval=0.5)
+def _bar(items: Iterable[Any] | None, total: int, desc: str, unit: str, show: bool = True) -> tqdm:
+    """A terminal progress bar over `items` (nothing when not `show`: a check that only reads the file)."""
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, mininterval=0.5, disable=not show)
 
 
 class _Fields:
@@ -369,12 +370,12 @@ def _detect(path: Path, fmt: str) -> tuple[str, Any]:
     return fmt, (_load_json(path) if fmt in ("karpathy", "coco") else None)
 
 
-def _read_karpathy(data: Any, file: str, prefix: str, keep: tuple[str, ...]) -> _Rows:
+def _read_karpathy(data: Any, file: str, prefix: str, keep: tuple[str, ...], bar: bool = True) -> _Rows:
     """Karpathy split JSON: images[].{filepath?, filename, imgid, cocoid?, split, sentences[].{raw, sentid}}."""
     rows = _Rows(file, lambda w: f"images[{w[0]}].sentences[{w[1]}]")
     images = _Fields(file, data, "top level").array("images")
     image_seen: dict[str, int] = {}
-    for i, entry in enumerate(_bar(images, len(images), f"ingest {Path(file).name}", "image")):
+    for i, entry in enumerate(_bar(images, len(images), f"ingest {Path(file).name}", "image", bar)):
         img = _Fields(file, entry, f"images[{i}]")
         image_id = img.label("cocoid") if "cocoid" in img.obj else img.label("imgid")
         first = image_seen.setdefault(image_id, i)
@@ -398,7 +399,7 @@ def _read_karpathy(data: Any, file: str, prefix: str, keep: tuple[str, ...]) -> 
     return rows
 
 
-def _read_coco(data: Any, file: str, prefix: str, split: str, keep: tuple[str, ...]) -> _Rows:
+def _read_coco(data: Any, file: str, prefix: str, split: str, keep: tuple[str, ...], bar: bool = True) -> _Rows:
     """COCO captions annotations: images[].{id, file_name}, annotations[].{id, image_id, caption}; one split."""
     rows = _Rows(file, lambda k: f"annotations[{k}]")
     top = _Fields(file, data, "top level")
@@ -413,7 +414,7 @@ def _read_coco(data: Any, file: str, prefix: str, split: str, keep: tuple[str, .
         if image_id in files:
             raise img.fail(f"duplicate image id {image_id!r}, first used by images[{files[image_id][1]}]")
         files[image_id] = (img.relpath("file_name"), i)
-    for k, entry in enumerate(_bar(annotations, len(annotations), f"ingest {Path(file).name}", "caption")):
+    for k, entry in enumerate(_bar(annotations, len(annotations), f"ingest {Path(file).name}", "caption", bar)):
         ann = _Fields(file, entry, f"annotations[{k}]")
         image_id = ann.label("image_id")
         if image_id not in files:
@@ -431,14 +432,14 @@ def _lines(text: str) -> list[str]:
     return lines
 
 
-def _read_txt(text: str, file: str, prefix: str, split: str, keep: tuple[str, ...]) -> _Rows:
+def _read_txt(text: str, file: str, prefix: str, split: str, keep: tuple[str, ...], bar: bool = True) -> _Rows:
     """One caption a line; each line is its own image; blank lines become rejected rows."""
     rows = _Rows(file, lambda n: f"line {n}")
     lines = _lines(text)
     if split not in keep:
         rows.skipped = len(lines)
         return rows
-    for n, line in enumerate(_bar(lines, len(lines), f"ingest {Path(file).name}", "line"), start=1):
+    for n, line in enumerate(_bar(lines, len(lines), f"ingest {Path(file).name}", "line", bar), start=1):
         rows.add(f"{prefix}-{n}", f"{prefix}-{n}", split, line, None, n)
     return rows
 
@@ -455,11 +456,12 @@ def _add_record(rows: _Rows, rec: _Fields, cid: str, config: IngestConfig, keep:
     rows.add(cid, image_id, split, text, image_path, where)
 
 
-def _read_jsonl(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...]) -> _Rows:
+def _read_jsonl(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...],
+                bar: bool = True) -> _Rows:
     """One JSON object a line; blank lines become rejected rows like empty captions."""
     rows = _Rows(file, lambda n: f"line {n}")
     lines = _lines(text)
-    for n, line in enumerate(_bar(lines, len(lines), f"ingest {Path(file).name}", "line"), start=1):
+    for n, line in enumerate(_bar(lines, len(lines), f"ingest {Path(file).name}", "line", bar), start=1):
         cid = f"{prefix}-{n}"
         if not line.strip():
             if config.default_split in keep:
@@ -498,7 +500,8 @@ def _add_long_record(rows: _Rows, record: list[str], header: list[str], cid: str
         f"header {header}: a comma inside an unquoted cell? Quote a cell that holds a comma (\"a dog, sitting\")")
 
 
-def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...]) -> _Rows:
+def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tuple[str, ...],
+              bar: bool = True) -> _Rows:
     """A CSV file with a header row; ids count data rows from 1 (blank lines are not rows).
 
     Quoting is strict (a quote opens and closes a whole cell), a record may span at most
@@ -536,15 +539,20 @@ def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tup
             raise ValueError(f"{file}: no {config.text_column!r} column in the header {header}; set the text "
                              "column to one of these")
         n = long_rows = 0
-        for n, record in enumerate(_bar(it, None, f"ingest {Path(file).name}", "row"), start=1):
-            # A long row is rejected, unless its extra cells are empty (a trailing comma loses nothing).
-            if len(record) > len(header) and any(record[len(header):]):
-                long_rows += 1
-                _add_long_record(rows, record, header, f"{prefix}-{n}", config, keep, n, start)
-                continue
-            # A short row lacks its last cells (a missing caption cell is an error, like a missing key).
-            present = dict(zip(header, record, strict=False))
-            _add_record(rows, _Fields(file, present, f"row {n} (line {start})"), f"{prefix}-{n}", config, keep, n)
+        # A record may span lines, so the bar counts the file's lines read so far (its total known), not records.
+        total = text.count("\n") + (not text.endswith("\n"))
+        with _bar(None, total, f"ingest {Path(file).name}", "line", bar) as progress:
+            for n, record in enumerate(it, start=1):
+                progress.update(reader.line_num - progress.n)
+                # A long row is rejected, unless its extra cells are empty (a trailing comma loses nothing).
+                if len(record) > len(header) and any(record[len(header):]):
+                    long_rows += 1
+                    _add_long_record(rows, record, header, f"{prefix}-{n}", config, keep, n, start)
+                    continue
+                # A short row lacks its last cells (a missing caption cell is an error, like a missing key).
+                present = dict(zip(header, record, strict=False))
+                _add_record(rows, _Fields(file, present, f"row {n} (line {start})"), f"{prefix}-{n}", config, keep,
+                            n)
         if long_rows and long_rows == n:
             raise ValueError(f"{file}: every row has more cells than the {len(header)} column(s) of the header "
                              f"{header}: a column name missing from the header, or commas inside unquoted cells; "
@@ -559,21 +567,22 @@ def _read_csv(text: str, file: str, prefix: str, config: IngestConfig, keep: tup
     return rows
 
 
-def read_source(config: IngestConfig) -> tuple[str, _Rows]:
-    """The detected format and the input captions of `config.source`, in file order."""
+def read_source(config: IngestConfig, bar: bool = True) -> tuple[str, _Rows]:
+    """The detected format and the input captions of `config.source`, in file order; `bar`: a terminal
+    progress bar while reading (none for a check before the run)."""
     path = source_path(config)
     fmt, data = _detect(path, config.format)
     file, prefix, keep = str(path), dataset_name(config), config.splits
     if fmt == "karpathy":
-        return fmt, _read_karpathy(data, file, prefix, keep)
+        return fmt, _read_karpathy(data, file, prefix, keep, bar)
     if fmt == "coco":
-        return fmt, _read_coco(data, file, prefix, config.default_split, keep)
+        return fmt, _read_coco(data, file, prefix, config.default_split, keep, bar)
     text = _decode(path)
     if fmt == "txt":
-        return fmt, _read_txt(text, file, prefix, config.default_split, keep)
+        return fmt, _read_txt(text, file, prefix, config.default_split, keep, bar)
     if fmt == "jsonl":
-        return fmt, _read_jsonl(text, file, prefix, config, keep)
-    return fmt, _read_csv(text, file, prefix, config, keep)
+        return fmt, _read_jsonl(text, file, prefix, config, keep, bar)
+    return fmt, _read_csv(text, file, prefix, config, keep, bar)
 
 
 # -- checking ---------------------------------------------------------------------------
