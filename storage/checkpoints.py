@@ -28,7 +28,10 @@ FILES = (CONFIG, VOCAB, MODEL, CONCEPTS, CLIP, STATE)  # every checkpoint has th
 REFERENCE = "reference.json"                 # CLIP-score and distance percentiles, the threshold
 REFERENCE_ARRAYS = "reference.safetensors"   # mean and precision of the training images' pooled patch tokens
 OPTIONAL_FILES = (REFERENCE, REFERENCE_ARRAYS)
-ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".txt"}
+# best/'s model card (pcm.cards): the Hub's YAML header then prose, so best/ is what `hf upload` takes. Text, never
+# loaded as a checkpoint file; written when train finishes and rewritten when an evaluation of best/ finishes.
+CARD = "README.md"
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".jsonl", ".txt", ".md"}
 
 
 def step_name(step: int) -> str:
@@ -129,7 +132,9 @@ def check_safe(directory: str | os.PathLike) -> None:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory not found")
-    bad = [p.name for p in directory.iterdir() if p.suffix not in ALLOWED_SUFFIXES]
+    # A killed card writer's temporary (.tmp-README.md.<x>) is text no loader opens: not a reason to refuse.
+    bad = [p.name for p in directory.iterdir()
+           if p.suffix not in ALLOWED_SUFFIXES and not p.name.startswith(f".tmp-{CARD}.")]
     if bad:
         raise ValueError(f"{directory}: refusing to load a checkpoint holding {bad}: only safetensors and JSON "
                          "files are loaded (pickled files can execute code)")

@@ -10,6 +10,7 @@
         shards/shard-NNNNNN.done.json   marker, written after the tar is in place
         samples.parquet                 synthesize: all status rows (written at the end)
         faithfulness.json               synthesize: toy-world images vs their captions (written after the stage)
+        README.md                       synthesize: the dataset card (Hugging Face Hub YAML header), before the marker
         features/shard-NNNNNN.safetensors    encode: synthetic image features (+ .done.json)
         real/shard-NNNNNN.safetensors        encode: real val/test image features (+ .done.json)
         scores.parquet, real.parquet, concepts.parquet, clip_head.safetensors   encode
@@ -101,6 +102,12 @@ class StageDir:
         """synthesize (toy world): how faithful the images are to their captions, judged by the toy CLIP;
         written after the stage is done, on demand, and not part of it (pcm.toyworld.faithfulness)."""
         return self.path / "faithfulness.json"
+
+    @property
+    def card(self) -> Path:
+        """synthesize: the dataset card (`README.md`, the Hub's YAML header then prose; pcm.cards), so the stage
+        directory is what `hf upload --repo-type dataset` takes; train's model card is in best/ (storage.checkpoints)."""
+        return self.path / "README.md"
 
     @property
     def clip_head(self) -> Path:

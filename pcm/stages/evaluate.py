@@ -32,7 +32,7 @@ from pcm.stages.stage import (
     locked,
     stage_dir,
 )
-from storage import atomic, manifests, shards, tables
+from storage import atomic, manifests, remote, shards, tables
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -373,9 +373,28 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         extra = {"metrics": corpus, "control_metrics": control, "split": config.split,
                  "protocol": summary["protocol"], "step": meta["step"], "report": str(sd.report),
                  "pictures": pictures}
-        return finish(sd, counts, started, extra=extra,
-                      timings={"load_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
-                               "score_s": round(t3 - t2, 3), "report_s": round(t4 - t3, 3)})
+        result = finish(sd, counts, started, extra=extra,
+                        timings={"load_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
+                                 "score_s": round(t3 - t2, 3), "report_s": round(t4 - t3, 3)})
+    update_model_card(train_r)
+    return result
+
+
+def update_model_card(train: StageResult) -> None:
+    """Rewrite the train stage's best/README.md with every finished evaluation of best/ in its model-index.
+
+    The card is documentation in the finished train stage (like synthesize's faithfulness.json, written after
+    it): no fingerprint or check reads it, and the train stage stays done. A failure is logged, never fatal:
+    the evaluation itself is complete.
+    """
+    from pcm import cards
+
+    try:
+        card = cards.write_model_card(train.path)
+        if card is not None:
+            remote.publish_files(card)   # an object-store root: the card is uploaded beside the checkpoint
+    except Exception as e:  # noqa: BLE001 - a card never fails an evaluation
+        log.warning("evaluate: could not update the model card of %s: %s: %s", train.path, type(e).__name__, e)
 
 
 def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, ckpt_dir: Path, meta: dict[str, Any],

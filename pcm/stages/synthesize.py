@@ -667,13 +667,30 @@ def finalize(config: SynthesizeConfig, captions: StageInput, root: str, *,
         timings = {"generate_s": round(gen_s, 3)}
         if gen_s > 0:
             timings["images_per_s"] = round(len(planned) / gen_s, 3)
-        return finish(sd, counts={"captions": len(planned), "ok": ok, "failed": len(planned) - ok,
-                                  "shards": len(groups)},
+        counts = {"captions": len(planned), "ok": ok, "failed": len(planned) - ok, "shards": len(groups)}
+        write_card(config, captions, sd, counts)
+        return finish(sd, counts=counts,
                       started=started, timings=timings,
                       extra={"complete": True, "pictures": pictures, "source": config.source,
                              "warning": failed_warning,
                              "model": config.model if config.source == "generated" else config.source,
                              "image_format": config.image_format, "extension": EXTENSIONS[config.image_format]})
+
+
+def write_card(config: SynthesizeConfig, captions: StageResult, sd: StageDir, counts: dict[str, int]) -> None:
+    """The stage's dataset card (README.md, pcm.cards), so the directory is what `hf upload --repo-type dataset`
+    takes; written before the marker, and no part of the fingerprint."""
+    from pcm import cards
+
+    generator = config.source if config.source != "generated" else (
+        f"{Path(config.model).name} (local directory)" if local_model_dir(config.model) is not None else config.model)
+    shards = f"{sd.shard_dir('shards').name}/{sd.shard_name(0).split('-')[0]}-*.tar"
+    text = cards.dataset_card(
+        config=config.model_dump(mode="json"), counts=counts, source_dataset=captions.extra.get("name"),
+        toy=config.source == "generated" and cards.is_toy_generator(config.model), generator=generator,
+        shards=shards, manifests=[manifests.SAMPLES.path(sd).relative_to(sd.path).as_posix()],
+        versions=_versions() if config.source != "imported" else {})
+    atomic.write_text(sd.card, text)
 
 
 # A stage where more than this share of the samples failed is finished, with a warning in the log and its result.

@@ -320,6 +320,8 @@ def _finish(sd: StageDir, started: float) -> StageResult:
              "cxe": cxe_record(sd)}
     counts = {"steps": state["step"], "train_pairs": state["train_pairs"], "val_images": state["val_images"],
               "vocab": state["vocab"]}
+    from pcm import cards
+    cards.write_model_card(sd.path)   # best/README.md; evaluate fills its model-index later
     return finish(sd, counts, started, extra)
 
 
