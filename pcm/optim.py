@@ -46,6 +46,18 @@ class StepSpec:
     grad_clip: float | None
 
 
+def clipped_share(grads: list[Any], clip: float) -> float:
+    """The share of gradient elements whose magnitude exceeds `clip`: those that clipping by value changes."""
+    import torch
+
+    grads = [g for g in grads if g is not None]
+    n = sum(g.numel() for g in grads)
+    if n == 0:
+        return 0.0
+    over = torch.stack([(g.abs() > clip).sum() for g in grads]).sum()
+    return float(over) / n
+
+
 class TrainStep:
     """One optimisation step: forward (bf16 autocast on GPU), CXE loss, backward, clip by value, Adam.
 
@@ -53,6 +65,10 @@ class TrainStep:
     and replayed from then on: at the paper's batch of 32 a step is bound by kernel-launch
     overhead, not by FLOPs. Batches are copied into static buffers; the learning rate lives in a
     GPU tensor the graph reads.
+
+    `clip_share`: after a call with `measure_clip`, the share of gradient elements that clipping changed
+    on that step (pcm.optim.clipped_share; a device sync, so asked for on log steps only); None when not
+    measured, when clipping is off, or under a CUDA graph (a graph cannot sync).
     """
 
     WARMUP = 3
@@ -64,6 +80,7 @@ class TrainStep:
         self.net, self.opt, self.params, self.spec, self.pad = net, opt, params, spec, pad
         self.device, self.amp, self.cuda_graph = device, amp, cuda_graph
         self.calls, self.graph, self.static, self.static_loss = 0, None, None, None
+        self.clip_share: float | None = None
         if cuda_graph:
             for group in opt.param_groups:
                 group["lr"] = torch.tensor(float(group["lr"]), device=device)
@@ -77,7 +94,7 @@ class TrainStep:
             else:
                 group["lr"] = lr
 
-    def _forward_backward(self, b: dict) -> Any:
+    def _forward_backward(self, b: dict, measure_clip: bool = False) -> Any:
         import torch
 
         from pcm.loss import caption_loss, clip_weights
@@ -90,18 +107,22 @@ class TrainStep:
                             label_smoothing=s.label_smoothing, focal_gamma=s.focal_gamma, reduction=s.loss_reduction)
         loss.backward()
         if s.grad_clip is not None:
+            if measure_clip:  # before clipping: the elements it changes
+                self.clip_share = clipped_share([p.grad for p in self.params], s.grad_clip)
             torch.nn.utils.clip_grad_value_(self.params, s.grad_clip)
         self.opt.step()
         return loss.detach()
 
-    def __call__(self, batch: dict, lr: float) -> Any:
-        """Train on one batch (tensors on the device) at learning rate `lr`; returns the loss tensor."""
+    def __call__(self, batch: dict, lr: float, measure_clip: bool = False) -> Any:
+        """Train on one batch (tensors on the device) at learning rate `lr`; returns the loss tensor.
+        `measure_clip`: set `clip_share` for this step (eager mode only)."""
         import torch
 
         self._set_lr(lr)
+        self.clip_share = None
         if not self.cuda_graph:
             self.opt.zero_grad(set_to_none=True)
-            return self._forward_backward(batch)
+            return self._forward_backward(batch, measure_clip)
         if self.static is None:
             self.static = {k: v.clone() for k, v in batch.items()}
         else:

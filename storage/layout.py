@@ -16,6 +16,7 @@
         scores.parquet, real.parquet, concepts.parquet, clip_head.safetensors   encode
         pairs.parquet                   refine (optional): each training caption's image, score, kept/dropped
         checkpoints/step-NNNNNNNN/, best/, metrics.jsonl   train
+        events/<run name>/events.out.tfevents.*   train, evaluate: TensorBoard's view of the metrics
         predictions.json, metrics.json, per_image.parquet, report.md   evaluate
         pictures/                       figures (grids, histograms, curves) viewable without Prefect
 
@@ -96,6 +97,19 @@ class StageDir:
     def metrics_log(self) -> Path:
         """train: one JSON line per logged step and validation."""
         return self.path / "metrics.jsonl"
+
+    @property
+    def events(self) -> Path:
+        """train, evaluate: TensorBoard event files, one run directory inside (`tensorboard --logdir <root>`)."""
+        return self.path / "events"
+
+    def events_run(self, name: str) -> Path:
+        """The run directory under events/: the one already there (a resumed run keeps the name it started
+        with), else `events/<name>`."""
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"invalid events run name {name!r}")
+        found = sorted(p for p in self.events.iterdir() if p.is_dir()) if self.events.is_dir() else []
+        return found[0] if found else self.events / name
 
     @property
     def faithfulness(self) -> Path:

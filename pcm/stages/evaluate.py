@@ -11,6 +11,7 @@ vocabulary and concepts, which live in its checkpoint).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,6 +362,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         summary = _summary(config, corpus, evalset, ckpt_dir, meta, train_r, encode_r, captions_r)
         summary["control"] = None if control is None else {"metrics": control, "how": CONTROL_HOW}
         atomic.write_json(sd.metrics, summary)
+        write_events(sd, StageDir.at(train_r.path), summary)
         pictures = _write_report(sd, config, summary, rows, evalset, encode_r)
         t4 = time.monotonic()
 
@@ -395,6 +397,24 @@ def update_model_card(train: StageResult) -> None:
             remote.publish_files(card)   # an object-store root: the card is uploaded beside the checkpoint
     except Exception as e:  # noqa: BLE001 - a card never fails an evaluation
         log.warning("evaluate: could not update the model card of %s: %s: %s", train.path, type(e).__name__, e)
+
+
+def write_events(sd: StageDir, train: StageDir, summary: dict[str, Any]) -> None:
+    """metrics.json's scores (and the control's) as TensorBoard scalars at the checkpoint's training step, under
+    the train run's name, so that they line up with its validation curve; rewritten whole on every run."""
+    from pcm.tracking import EventLog
+
+    shutil.rmtree(sd.events, ignore_errors=True)
+    name = train.events_run("train").name if train.events.is_dir() else "evaluate"
+    events = EventLog(sd.events_run(name))
+    try:
+        step = summary["checkpoint"]["step"]
+        split = summary["split"]
+        events.scalars(step, {f"{split}/{k}": v for k, v in summary["metrics"].items() if isinstance(v, int | float)})
+        control = (summary.get("control") or {}).get("metrics") or {}
+        events.scalars(step, {f"{split}_control/{k}": v for k, v in control.items() if isinstance(v, int | float)})
+    finally:
+        events.close()
 
 
 def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, ckpt_dir: Path, meta: dict[str, Any],

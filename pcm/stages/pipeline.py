@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pcm import bundled
+from pcm import bundled, tracking
 from pcm.config import StageConfig, describe_validation_error, merge_tables, set_dotted, validate
 from pcm.config import parse_assignments as parse_assignments  # the `--set` grammar, re-exported
 from pcm.stages.encode import BY_CONTENT, EncodeConfig, run_encode
@@ -158,8 +158,15 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 def resolve(preset: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A validated PipelineConfig; every invalid parameter is named in one error."""
-    raw = apply_overrides(load_preset(preset), _expand(overrides or {}, placeholders()))
+    base = load_preset(preset)
+    overrides = _expand(overrides or {}, placeholders())
+    raw = apply_overrides(base, overrides)
     raw.setdefault("name", Path(preset).stem)
+    if isinstance(raw.get("train"), dict) and "run_name" not in raw["train"]:
+        # TensorBoard's name of the run: the preset and what the overrides change (one that sets the preset's
+        # own value is left out); a runtime field, outside the fingerprint.
+        changed = {k: v for k, v in overrides.items() if apply_overrides(base, {k: v}) != base}
+        raw["train"]["run_name"] = tracking.run_name(str(raw["name"]), changed)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:

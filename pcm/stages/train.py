@@ -72,7 +72,7 @@ class TrainConfig(StageConfig):
 
     RUNTIME: ClassVar[frozenset[str]] = frozenset({
         "device", "precision", "num_workers", "compile", "cuda_graphs", "devices", "dist_bind", "deterministic",
-        "checkpoint_every", "keep_last", "progress_bar"})
+        "checkpoint_every", "keep_last", "progress_bar", "run_name"})
 
     # Model.
     preset: str = Field("vitl14", description="model preset: vitl14, vitb32, tiny or a .toml path")
@@ -132,6 +132,8 @@ class TrainConfig(StageConfig):
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (bitwise resumable)")
     cuda_graphs: bool = Field(False, description="capture the whole training step as a CUDA graph (one GPU)")
     progress_bar: bool = Field(True, description="show a tqdm bar on the terminal (rank 0)")
+    run_name: str | None = Field(None, description="the TensorBoard run name under events/ (the pipeline sets it: "
+                                 "preset and overrides); None = the model preset's name")
 
     @model_validator(mode="before")
     @classmethod
@@ -257,6 +259,7 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
             for p in (checkpoint.checkpoints_dir(sd.path), checkpoint.best_dir(sd.path)):
                 shutil.rmtree(p, ignore_errors=True)
             sd.metrics_log.unlink(missing_ok=True)
+            shutil.rmtree(sd.events, ignore_errors=True)
         if config.devices > 1 and "WORLD_SIZE" not in os.environ:
             from pcm import distributed
 
@@ -279,7 +282,8 @@ CONFIG_TMP_MIN_AGE_S = 60.0
 
 def remove_stale_temporaries(sd: StageDir) -> int:
     """Delete what killed writers of this stage left: temporaries of config.json, metrics.jsonl,
-    stage.done.json, pictures/loss_curve.png, best/ and the step checkpoints (call it holding the stage lock)."""
+    stage.done.json, pictures/loss_curve.png, best/ and the step checkpoints (call it holding the stage lock).
+    Event files are appended, not replaced: a resume purges their redone steps instead (open_events)."""
     n = atomic.remove_temporaries_of(sd.config_file, min_age=CONFIG_TMP_MIN_AGE_S)
     for path in (sd.metrics_log, sd.done_marker, sd.loss_curve_picture):
         n += atomic.remove_temporaries_of(path)
@@ -392,6 +396,7 @@ class Run:
     epoch: int
     position: int         # next batch of the epoch
     best: dict[str, Any]  # {"metric", "value", "step"} of the best validation so far
+    events: Any = None    # pcm.tracking.EventLog on rank 0, else None
 
 
 def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir,
@@ -411,7 +416,11 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
     distributed.setup(info, device)
     try:
         run = setup(config, captions, encode, sd, info, device, refine, val=val)
-        train_loop(run, progress)
+        try:
+            train_loop(run, progress)
+        finally:
+            if run.events is not None:
+                run.events.close()
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         distributed.teardown(info)
@@ -524,15 +533,18 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
     else:
         torch.manual_seed(config.seed + 1 + info.rank)
         state = {"step": 0, "epoch": 0, "position": 0, "best": {"metric": config.val_metric, "value": None, "step": None}}
+    events = None
     if info.is_main:
         metrics_path = sd.metrics_log
         if latest is not None:
             jsonl.truncate(metrics_path, state["step"])
-        else:  # lines of a run killed before its first checkpoint are redone
+        else:  # lines (and events) of a run killed before its first checkpoint are redone
             metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(sd.events, ignore_errors=True)
             jsonl.append(metrics_path, {"step": 0, "total_steps": total, "train_pairs": len(data.pairs),
                                         "val_images": len(data.val), "vocab": len(data.vocab),
                                         "val_metric": config.val_metric, "warmup": warmup, "cxe": data.cxe})
+        events = open_events(config, sd, data, resumed_at=state["step"] if latest is not None else None)
 
     # Wrapped and stepped only now, over the loaded weights and Adam state: a CUDA-graph step turns Adam's
     # learning rate into a GPU tensor, which loading the optimizer state would replace.
@@ -543,7 +555,23 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     train_step = TrainStep(net, opt, params, step_spec(config, data.cxe["cxe_w"]), data.vocab.pad, device, amp, config.cuda_graphs)
     return Run(config, sd, info, device, data, model, opt, train_step, batches, total, warmup, autocast,
-               step=state["step"], epoch=state["epoch"], position=state["position"], best=state["best"])
+               step=state["step"], epoch=state["epoch"], position=state["position"], best=state["best"],
+               events=events)
+
+
+def open_events(config: TrainConfig, sd: StageDir, data: TrainData, resumed_at: int | None) -> Any:
+    """Rank 0's TensorBoard log under events/<run name>/. A fresh run records its name, config and CXE's
+    statistics at step 0; a resumed one purges the points after its checkpoint's step, which it redoes."""
+    from pcm import tracking
+
+    name = tracking.run_name(config.run_name or Path(config.preset).stem)
+    events = tracking.EventLog(sd.events_run(name), purge_step=None if resumed_at is None else resumed_at + 1)
+    if resumed_at is None:
+        events.text("run", 0, f"`{name}`: train {sd.fingerprint}\n\n    " + json.dumps(config.content(), indent=1)
+                    .replace("\n", "\n    "))
+        events.scalars(0, {f"cxe/{k}": v for k, v in data.cxe.items() if isinstance(v, int | float)
+                           and not isinstance(v, bool)})
+    return events
 
 
 def resume(config: TrainConfig, sd: StageDir, latest: Path, info: Any, model: Any, opt: Any, vocab: Any) -> dict[str, Any]:
@@ -588,7 +616,8 @@ def train_loop(run: Run, progress: ProgressFn | None) -> None:
         for batch in loader:
             b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             run.step, run.position = run.step + 1, run.position + 1
-            loss = run.train_step(b, lr_at(config, run.step, run.warmup))
+            log_step = run.step % config.log_every == 0 or run.step >= run.total
+            loss = run.train_step(b, lr_at(config, run.step, run.warmup), measure_clip=log_step and info.is_main)
             loss_sum += loss
             loss_n += 1
             bar.update(1)
@@ -596,13 +625,17 @@ def train_loop(run: Run, progress: ProgressFn | None) -> None:
             if run.position == len(run.batches):  # the epoch is done: the next position is the next epoch's start
                 run.epoch, run.position = run.epoch + 1, 0
             last = run.step >= run.total
-            if run.step % config.log_every == 0 or last:
+            if log_step:
                 mean_loss = float(distributed.mean(loss_sum / loss_n, info))
                 now = time.monotonic()
                 if info.is_main:
-                    jsonl.append(metrics_path, {"step": run.step, "epoch": run.epoch, "loss": mean_loss,
-                                                "lr": lr_at(config, run.step, run.warmup),
-                                                "samples_per_s": loss_n * config.batch_size / (now - t_log)})
+                    line = {"step": run.step, "epoch": run.epoch, "loss": mean_loss,
+                            "lr": lr_at(config, run.step, run.warmup),
+                            "samples_per_s": loss_n * config.batch_size / (now - t_log)}
+                    if run.train_step.clip_share is not None:  # this step's, not the window's (see TrainStep)
+                        line["grad_clip_share"] = run.train_step.clip_share
+                    jsonl.append(metrics_path, line)
+                    run.events.scalars(run.step, {"train/" + k: v for k, v in line.items() if k != "step"})
                     bar.set_postfix(loss=f"{mean_loss:.3f}")
                     if progress:
                         progress(run.step, run.total, f"loss {mean_loss:.3f}")
@@ -617,6 +650,7 @@ def train_loop(run: Run, progress: ProgressFn | None) -> None:
             # A new best is always checkpointed, and that step checkpoint first: a kill before best/
             # is written leaves a checkpoint that names it, and the resume writes best/ from it.
             if info.is_main and (do_save or better):
+                run.events.flush()  # the points the checkpoint covers are on disk before it
                 save(run, finished=last)
             if better:
                 save_best(run)
@@ -640,6 +674,7 @@ def validate(run: Run, last: bool) -> bool:
     best = run.best["value"]
     better = best is None or (value > best if config.val_metric == "cider" else value < best)
     jsonl.append(run.sd.metrics_log, {"step": run.step, "val": value, "val_metric": config.val_metric})
+    run.events.scalars(run.step, {f"val/{config.val_metric}": value})
     if better:
         run.best = {"metric": config.val_metric, "value": value, "step": run.step}
     return better
