@@ -167,3 +167,18 @@ def test_red_team_small_holes_booleans_repeated_json_keys_and_file_urls(tmp_path
     for make in (RunLayout, writable_dir):
         with pytest.raises(ValueError, match=r"as a path \(/tmp/x\), not a file: URL"):
             make("file:///tmp/x")                         # was: wrote into ./file:/tmp/x
+
+
+def test_an_off_stage_is_mentioned_only_when_asked_for_by_name(monkeypatch, caplog, tmp_path):
+    from pcm.stages import pipeline
+
+    monkeypatch.setattr(pipeline, "check_evaluable", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "_run_one", lambda cfg, root, stage, r, f, progress: stage)
+    cfg = resolve("tiny")
+    assert not cfg.refine.enabled
+    with caplog.at_level("WARNING", logger="pcm.stages.pipeline"):
+        ran = pipeline.run_pipeline(cfg, str(tmp_path))               # the whole pipeline: refine is simply off
+    assert "refine" not in ran and "off in this config" not in caplog.text
+    with caplog.at_level("WARNING", logger="pcm.stages.pipeline"):
+        pipeline.run_pipeline(cfg, str(tmp_path), stages=("refine",))
+    assert "refine: off in this config (set refine.enabled=true to run it); skipped" in caplog.text

@@ -198,7 +198,7 @@ def run_pipeline(cfg: PipelineConfig, root: str, *, stages: tuple[str, ...] = ST
     check_evaluable(cfg, root, STAGE_ORDER[last])   # before any stage works: a run that cannot be scored stops now
     for stage in STAGE_ORDER[: last + 1]:
         if not enabled(cfg, stage):
-            if stage in wanted:
+            if stage in wanted and wanted != set(STAGE_ORDER):  # asked for by name, not as part of "all"
                 log.warning("%s: off in this config (set %s.enabled=true to run it); skipped", stage, stage)
             continue
         f = stage in force and stage in wanted
