@@ -13,6 +13,10 @@ Layout (docs/synthesize.md, "Importing images"):
 
 The index reads names and sizes only (tar headers, no image bytes); its digest (every key, its
 source and size) goes into the synthesize fingerprint, so a changed set is a different stage.
+Only regular files inside the root are read: a FIFO, a device, or a link that leads out of the root
+is indexed as refused (its caption gets a failed row, never a hang or a read elsewhere), and an image
+over `read`'s size cap is refused before a byte of it is read. A root that is no data set (the file
+system's root, a home folder, a system folder) is refused before it is walked.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Roots whose walk would read a whole machine rather than a data set.
+NOT_A_DATA_SET = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/run", "/sbin", "/sys", "/usr",
+                  "/var")
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,7 @@ class Entry:
     member: str | None   # tar member name; None for a plain file
     offset: int          # byte offset of the data (0 for a plain file)
     size: int
+    refused: str | None = None   # why it is never read (not a regular file, a link out of the root)
 
 
 def _key(name: str) -> str:
@@ -49,6 +58,9 @@ class ImageIndex:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"imported images {root}: no such directory")
+        if str(self.root) in NOT_A_DATA_SET or self.root == Path.home().resolve():
+            raise ValueError(f"imported images {root}: {self.root} is no image set (a system or home folder); give the "
+                             "folder that holds the images")
         self.entries: dict[str, Entry] = {}
         self.by_name: dict[str, str] = {}   # path with its suffix -> key
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -56,13 +68,29 @@ class ImageIndex:
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 rel = path.relative_to(self.root).as_posix()
-                if name.lower().endswith(".tar"):
+                key = _key(rel)
+                if not key and not name.lower().endswith(".tar"):
+                    continue
+                if why := self._refusal(path):
+                    if key:
+                        self._add(key, rel, Entry(rel, None, 0, 0, refused=why))
+                elif name.lower().endswith(".tar"):
                     self._add_tar(path, rel)
-                elif key := _key(rel):
+                else:
                     self._add(key, rel, Entry(rel, None, 0, path.stat().st_size))
         if not self.entries:
             raise ValueError(f"imported images {self.root}: no image files ({', '.join(IMAGE_SUFFIXES)}) "
                              "and no tar members with those suffixes")
+
+    def _refusal(self, path: Path) -> str | None:
+        """Why a file of the walk must not be read: a link out of the root, or not a regular file."""
+        if path.is_symlink() and not path.resolve().is_relative_to(self.root):
+            return f"a link to {path.resolve()}, outside the imported set {self.root}"
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e})"
+        return None if stat.S_ISREG(mode) else "not a regular file (a FIFO, device or socket)"
 
     def _add(self, key: str, name: str, entry: Entry) -> None:
         if key in self.entries:
@@ -85,8 +113,14 @@ class ImageIndex:
         """The key of `image` (a key, or a path/member name with its suffix), or None."""
         return image if image in self.entries else self.by_name.get(image)
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The image's bytes; an OSError for a refused entry, or one over `max_bytes`, before anything is read."""
         e = self.entries[key]
+        if e.refused:
+            raise OSError(f"{self.root / e.source}: {e.refused}")
+        if max_bytes is not None and e.size > max_bytes:
+            raise OSError(f"{self.root / e.source}{':' + e.member if e.member else ''}: {e.size} bytes, over the "
+                          f"cap of {max_bytes} (synthesize.imported_max_bytes)")
         with open(self.root / e.source, "rb") as f:
             f.seek(e.offset)
             data = f.read(e.size)
@@ -104,6 +138,8 @@ class ImageIndex:
         for key in sorted(self.entries):
             e = self.entries[key]
             h.update(f"{key}\t{e.source}\t{e.member or ''}\t{e.size}\n".encode())
+            if e.refused:
+                h.update(f"refused\t{e.refused}\n".encode())
         return h.hexdigest()
 
 

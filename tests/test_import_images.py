@@ -173,3 +173,33 @@ def test_an_unreadable_imported_image_fails_with_the_same_words_in_every_run():
     except UnidentifiedImageError as e:
         text = str(e)
     assert " at 0x" in text and without_addresses(text) == "cannot identify image file <_io.BytesIO object>"
+
+
+def test_a_hostile_image_set_fails_rows_and_never_hangs_reads_outside_or_reads_big_files(layout, tmp_path):
+    import os
+
+    captions = make_captions(layout)
+    root = tmp_path / "set"
+    released_set(root)
+    (root / "c000.jpg").unlink()
+    os.mkfifo(root / "c000.jpg")                                       # was: synthesize hung on it
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(image_bytes(9))
+    (root / "part-1" / "c003.jpg").unlink()
+    (root / "part-1" / "c003.jpg").symlink_to(outside)                 # was: read through the link
+    (root / "c001.jpg").write_bytes(image_bytes(1) + b"\0" * 5000)     # was: the trailing bytes landed in the shard
+    big = image_bytes(2, size=400)
+    (root / "c002.jpg").write_bytes(big)                               # over the cap below: never read
+    add_to_tar(root / "sets" / "00000.tar", {"c004.png": image_bytes(4, "PNG"), "c005.png": image_bytes(5, "PNG")})
+    cfg = SynthesizeConfig(imported_images=str(root), imported_max_bytes=len(big) - 1, shard_size=3,
+                           progress_bar=False)
+    r = run_synthesize(cfg, captions, str(layout.root))
+    errors = {s["caption_id"]: s["error"] for s in tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()}
+    assert "not a regular file" in errors["c000"]
+    assert "5000 bytes after the end of the JPEG image" in errors["c001"]
+    assert f"{len(big)} bytes, over the cap of {len(big) - 1}" in errors["c002"]
+    assert "outside the imported set" in errors["c003"]
+    assert errors["c004"] is None and errors["c005"] is None and r.counts["ok"] == 2
+    for bad_root in ("/", str(Path.home())):                           # was: walked the whole file system
+        with pytest.raises(ValueError, match="is no image set"):
+            ImageIndex(bad_root)

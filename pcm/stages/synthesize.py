@@ -84,6 +84,9 @@ class SynthesizeConfig(StageConfig):
     wrong_image_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="A CONTROLLED DEFECT, NOT THE METHOD: give this fraction of the train "
         "captions another caption's image (a seeded derangement among them; recorded per sample as rendered_from)")
+    imported_max_bytes: int = Field(
+        64 * 2**20, ge=1, description="imported_images: an image file or tar member over this many bytes is a failed "
+        "row, refused before it is read")
     tiny_vae: str | None = Field(
         None, description="APPROXIMATE, CHANGES THE IMAGES: decode with a tiny VAE (TAESD) by hub id, local "
         "directory, or `tiny` (random, presets only) instead of the model's VAE; ~8x faster decoding")
@@ -104,6 +107,8 @@ class SynthesizeConfig(StageConfig):
                 out.pop(key, None)
         if out.get("wrong_image_fraction") == 0.0:
             out.pop("wrong_image_fraction")
+        if out.get("imported_images") is None:  # the size cap applies to imported images only
+            out.pop("imported_max_bytes", None)
         # Paths are identified by content (`plan` adds the identities), never by how they are spelled.
         for key in ("model", "tiny_vae"):
             if local_model_dir(out.get(key)) is not None:
@@ -403,7 +408,7 @@ class ImportedImages:
                 out.append(f"no image {where} for caption_id {s.caption_id!r} under {self.index.root}")
                 continue
             try:
-                out.append(self.index.read(key))
+                out.append(self.index.read(key, self.config.imported_max_bytes))
             except OSError as e:
                 out.append(f"{self.index.describe(key)}: {type(e).__name__}: {e}")
         return out
@@ -418,9 +423,25 @@ def import_image(data: bytes, image_format: str, quality: int) -> bytes:
     with Image.open(io.BytesIO(data)) as img:
         fmt = (img.format or "").lower()
         img.load()
+        if extra := trailing_bytes(data, fmt):
+            raise ValueError(f"{extra} bytes after the end of the {fmt.upper()} image: not one whole image file")
         if fmt == image_format:
             return data
         return encode_image(np.asarray(img.convert("RGB"), dtype=np.uint8), image_format, quality)
+
+
+def trailing_bytes(data: bytes, fmt: str) -> int:
+    """How many bytes follow the end of a JPEG (its last EOI marker), PNG (its IEND chunk) or WebP (its RIFF size);
+    0 for another format. Bytes after an image would be copied into the shard as if they were the image."""
+    if fmt == "jpeg":
+        end = data.rfind(b"\xff\xd9")
+        return len(data) - (end + 2) if end >= 0 else 0
+    if fmt == "png":
+        end = data.rfind(b"IEND")
+        return len(data) - (end + 8) if end >= 0 else 0   # "IEND" then its 4-byte CRC
+    if fmt == "webp" and len(data) >= 8:
+        return max(0, len(data) - 8 - int.from_bytes(data[4:8], "little"))
+    return 0
 
 
 def make_generator(config: SynthesizeConfig) -> Synthesizer | PairedImages | ImportedImages:
