@@ -69,12 +69,13 @@ def test_presets_files_and_local_dirs_keep_their_own_architecture(tmp_path):
 
 def test_encode_fingerprint_records_the_forced_activation(tmp_path):
     # Features made with GELU before the fix must not be served for a QuickGELU run: the flag enters the stage.
+    from builders import encode_inputs
+
     from pcm.stages.encode import EncodeConfig, plan
     from pcm.stages.stage import open_stage
     from storage.atomic import read_json
-    from tests.test_encode import make_inputs
 
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     # Planning writes nothing; config.json is written when the stage directory is opened (as a run does).
     openai = open_stage(plan(EncodeConfig(clip=ClipSpec(model="ViT-B-32", pretrained="openai")), cap, syn,
                              str(tmp_path / "runs")))
