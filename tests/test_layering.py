@@ -91,6 +91,14 @@ def test_checker_sees_imports():
     assert full_imports(src) == {"os", "prefect.flows", "torch.nn"}
 
 
+def test_no_test_module_imports_another():
+    # Shared stage inputs live in tests/builders.py (and the pcm-parses check in tests/cli_parse.py): importing a
+    # test module runs its module code again under another name and ties one test file's fixtures to another's.
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        tests = {m for m in full_imports(path.read_text(), str(path)) if m.split(".")[-1].startswith("test_")}
+        assert not tests, f"{path.relative_to(REPO)} imports the test module(s) {tests}; use tests/builders.py"
+
+
 # ---------------------------------------------------------------------- import cycles
 PACKAGES = ("storage", "pcm", "flows")
 
