@@ -150,13 +150,13 @@ def test_a_damaged_reference_is_one_error_naming_the_file(toy, tmp_path):
 
 def test_training_writes_the_reference_into_step_checkpoints_and_best(tmp_path):
     import pyarrow.parquet as pq
+    from builders import tiny_train_config, train_inputs
 
     from pcm import checkpoint
     from pcm.stages.train import run_train
-    from tests.test_train import make_inputs, tiny_config
 
-    cap, enc = make_inputs(tmp_path, n_train=16)
-    result = run_train(tiny_config(epochs=1), cap, enc, str(tmp_path))
+    cap, enc = train_inputs(tmp_path, n_train=16)
+    result = run_train(tiny_train_config(epochs=1), cap, enc, str(tmp_path))
     best = checkpoint.find(result.path, "best")
     step = checkpoint.find(result.path, "latest")
     for ckpt in (best, step):

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import TRAIN_TEXTS, make_images
 from typer.testing import CliRunner
-
-from tests.test_evaluate import TRAIN_TEXTS, make_images
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from builders import N_TRAIN, TINY_SYNTHESIZE, evaluate_inputs, make_captions, tiny_evaluate_config
 
 from pcm import cards
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from storage import atomic, checkpoints, tables
-from tests.test_evaluate import config as eval_config
-from tests.test_evaluate import run  # noqa: F401 - the module fixture: finished ingest, encode and train stages
-from tests.test_synthesize import N_TRAIN, TINY, make_captions
 
 
 def front_matter(path: Path) -> tuple[dict, str]:
@@ -29,10 +27,16 @@ def test_size_categories_follow_the_hub(n, want):
     assert cards.size_category(n) == want
 
 
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Finished ingest, encode and train stages (tests/builders.py: evaluate_inputs)."""
+    return evaluate_inputs(tmp_path_factory.mktemp("eval"))
+
+
 @pytest.fixture
 def synth(layout):
     captions = make_captions(layout)
-    return run_synthesize(SynthesizeConfig(**TINY, seed=3), captions, str(layout.root))
+    return run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, seed=3), captions, str(layout.root))
 
 
 def test_synthesize_writes_a_dataset_card_that_datasets_loads(synth, monkeypatch):
@@ -101,7 +105,7 @@ def test_model_card_names_the_hub_clip_as_base_model():
 
 
 @pytest.mark.heavy  # one evaluation: decoding and the Java scorers
-def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):  # noqa: F811
+def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     from pcm.stages.evaluate import run_evaluate
 
     train = Path(run["train"])
@@ -114,7 +118,7 @@ def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):  # noqa
     assert "Intended use" in body and "Toy world" in body and "Not evaluated yet" in body
     checkpoints.check_safe(train / "best")   # a card does not stop best/ from loading
 
-    result = run_evaluate(eval_config(spice="off"), run["train"], run["encode"], run["captions"],
+    result = run_evaluate(tiny_evaluate_config(spice="off"), run["train"], run["encode"], run["captions"],
                           str(run["layout"].root))
     metrics = atomic.read_json(Path(result.path) / "metrics.json")
     meta, body = front_matter(card)

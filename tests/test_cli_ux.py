@@ -197,7 +197,7 @@ def test_version_is_the_installed_distributions(monkeypatch):
 @pytest.mark.parametrize("path", [(), ("run",), ("ingest",), ("synthesize",), ("encode",), ("train",), ("evaluate",),
                                   ("caption",)])
 def test_help_has_examples_that_parse(path):
-    from test_readme_commands import check_pcm_parses, split_redirect
+    from cli_parse import check_pcm_parses, split_redirect
 
     epilog = command(*path).epilog or ""
     assert epilog.startswith("Examples:"), epilog

@@ -48,10 +48,15 @@ def test_load_clip_builds_the_activation_of_the_tag(weightless, caplog, model, t
 
 def test_every_tag_of_the_vit_families_resolves_to_its_trained_activation():
     # The tag's own config decides, for every tag open_clip lists for these architectures.
+    seen = set()
     for model in ("ViT-B-32", "ViT-B-16", "ViT-L-14"):
-        for tag in open_clip.list_pretrained_tags_by_model(model):
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        assert "openai" in tags, (model, tags)  # the loop below is not vacuous: every family lists OpenAI's weights
+        for tag in tags:
             trained = bool(open_clip.get_pretrained_cfg(model, tag).get("quick_gelu"))
             assert quick_gelu(ClipSpec(model=model, pretrained=tag)) == trained, (model, tag)
+            seen.add(trained)
+    assert seen == {True, False}  # both activations were checked, not only one
 
 
 def test_quickgelu_architecture_with_gelu_weights_is_an_error():
@@ -69,12 +74,13 @@ def test_presets_files_and_local_dirs_keep_their_own_architecture(tmp_path):
 
 def test_encode_fingerprint_records_the_forced_activation(tmp_path):
     # Features made with GELU before the fix must not be served for a QuickGELU run: the flag enters the stage.
+    from builders import encode_inputs
+
     from pcm.stages.encode import EncodeConfig, plan
     from pcm.stages.stage import open_stage
     from storage.atomic import read_json
-    from tests.test_encode import make_inputs
 
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     # Planning writes nothing; config.json is written when the stage directory is opened (as a run does).
     openai = open_stage(plan(EncodeConfig(clip=ClipSpec(model="ViT-B-32", pretrained="openai")), cap, syn,
                              str(tmp_path / "runs")))

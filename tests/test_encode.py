@@ -14,70 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import encode_inputs, tiny_encode_config
 from PIL import Image
 
 from pcm.clip import ClipSpec, clip_head, encode_images, encode_texts, load_clip
 from pcm.identity import clip_content_id
-from pcm.stages.encode import EncodeConfig, plan, run_encode, verify
-from pcm.stages.stage import finish
+from pcm.stages.encode import plan, run_encode, verify
 from storage import tables
 from storage.arrays import open_arrays
-from storage.layout import RunLayout
-from storage.shards import ShardWriter, done_path, is_done, iter_tar
+from storage.shards import done_path, is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]
-
-TRAIN = ["a man riding horses on a beach", "two dogs are playing in the grass", "a dog chasing a ball",
-         "a cat sleeping on a red couch", "a man holding a dog", "the horse eats grass near a fence",
-         "a cat and a dog on a couch", "a plate of pizza on a table"]
-
-
-def jpeg(seed: int, size: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def make_inputs(root: Path, *, n_shards: int = 3, per_shard: int = 4, corrupt: str | None = None,
-                images_dir: Path | None = None) -> tuple[str, str]:
-    """An ingest-like and a synthesize-like finished stage directory, written through the storage layer."""
-    layout = RunLayout(root)
-    cap = layout.stage("ingest", "a" * 16)
-    cap.path.mkdir(parents=True)
-    rows, samples = [], []
-    for i in range(n_shards * per_shard):
-        cid = f"c{i:04d}"
-        text = TRAIN[i % len(TRAIN)]
-        rows.append({"caption_id": cid, "image_id": f"t{i}", "split": "train", "text": text, "raw_text": text,
-                     "source": "test", "image_path": None, "references": None, "status": "ok", "error": None})
-        samples.append((cid, text))
-    for j, split in enumerate(["val", "val", "test", "test"]):
-        rows.append({"caption_id": f"v{j}", "image_id": f"img{j}", "split": split, "text": "a photo",
-                     "raw_text": "a photo", "source": "test", "image_path": f"images/img{j}.jpg",
-                     "references": ["a photo"], "status": "ok", "error": None})
-    tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
-    finish(cap, {"captions": len(rows)}, time.monotonic())
-    if images_dir is not None:
-        (images_dir / "images").mkdir(parents=True, exist_ok=True)
-        for j in range(3):  # img3 is missing on purpose
-            (images_dir / "images" / f"img{j}.jpg").write_bytes(jpeg(1000 + j))
-
-    syn = layout.stage("synthesize", "b" * 16)
-    for s in range(n_shards):
-        with ShardWriter(syn.shard_file("shards", s, "tar")) as w:
-            for cid, text in samples[s * per_shard:(s + 1) * per_shard]:
-                data = b"\xff\xd8 not a jpeg" if cid == corrupt else jpeg(int(cid[1:]))
-                w.write({"__key__": cid, "jpg": data, "txt": text, "json": json.dumps({"seed": 1})})
-    finish(syn, {"images": len(samples), "shards": n_shards}, time.monotonic())
-    return str(cap.path), str(syn.path)
-
-
-def tiny_config(**kw) -> EncodeConfig:
-    base = {"clip": {"model": "tiny", "precision": "fp32"}, "device": "cpu", "batch_size": 3, "num_workers": 0,
-            "min_count": 1, "top_n": None, "progress_bar": False}
-    return EncodeConfig.model_validate(base | kw)
-
 
 def direct_embeddings(clip, image_bytes: bytes, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's own encode_image / encode_text on one image and caption, normalised."""
@@ -146,7 +93,7 @@ def test_clip_spec_defaults_and_errors():
     with pytest.raises(ValueError, match="must divide"):
         load_clip(ClipSpec(model="tiny-l14", pool=3, precision="fp32"))
     with pytest.raises(ValueError, match="prompt must contain"):
-        tiny_config(prompt="A photo of a thing.")
+        tiny_encode_config(prompt="A photo of a thing.")
 
 
 def test_missing_weights_offline_give_one_clear_error():
@@ -157,8 +104,8 @@ def test_missing_weights_offline_give_one_clear_error():
 
 
 def test_run_encode_outputs(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", corrupt="c0005", images_dir=tmp_path / "coco")
-    cfg = tiny_config(images_root=str(tmp_path / "coco"), real_shard_size=3)
+    cap, syn = encode_inputs(tmp_path / "runs", corrupt="c0005", images_dir=tmp_path / "coco")
+    cfg = tiny_encode_config(images_root=str(tmp_path / "coco"), real_shard_size=3)
     result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
     sd = plan(cfg, cap, syn, str(tmp_path / "runs"))
     assert verify(sd) is None and not result.cached
@@ -235,23 +182,23 @@ def test_score_histogram_is_a_png_and_the_same_each_time(tmp_path):
 
 
 def test_real_images_skipped_without_images_root(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
-    result = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
+    result = run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
     assert result.counts["real"] == 0 and "images_root" in result.extra["real_note"]
 
 
 def test_a_synthetic_shard_lost_after_synthesis_is_an_error_naming_it(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=3)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
     (Path(syn) / "shards" / "shard-000001.done.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard-000001\.tar: synthetic shard missing or unfinished"):
-        run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
+        run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
 
 
 def test_vocabulary_file_replaces_extraction(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("# my concepts\nzebra\ndog\n\nteddy bear\n")
-    cfg = tiny_config(vocabulary_file=str(vocab), prompt="a picture of {c}")
+    cfg = tiny_encode_config(vocabulary_file=str(vocab), prompt="a picture of {c}")
     result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
     rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
     assert [(r["concept"], r["count"]) for r in rows] == [("zebra", 0), ("dog", 2), ("teddy bear", 0)]
@@ -262,12 +209,12 @@ def test_vocabulary_file_replaces_extraction(tmp_path):
 
 
 def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_clip(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("zebra\ndog\nteddy bear\n")
-    source = run_encode(tiny_config(vocabulary_file=str(vocab)), cap, syn, str(tmp_path / "runs"))
+    source = run_encode(tiny_encode_config(vocabulary_file=str(vocab)), cap, syn, str(tmp_path / "runs"))
     # Another run (another CLIP seed preset, another prompt) takes the first stage's words.
-    cfg = tiny_config(clip={"model": "tiny-l14", "precision": "fp32"}, concepts_from=source.path,
+    cfg = tiny_encode_config(clip={"model": "tiny-l14", "precision": "fp32"}, concepts_from=source.path,
                       prompt="a picture of {c}")
     result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
     rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
@@ -275,9 +222,9 @@ def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_cl
     np.testing.assert_allclose(rows[0]["embedding"], encode_texts(load_clip(cfg.clip), ["a picture of zebra"])[0],
                                atol=1e-6)
     with pytest.raises(ValueError, match="concepts_from=.* is a synthesize stage"):
-        plan(tiny_config(concepts_from=syn), cap, syn, str(tmp_path / "runs"))
+        plan(tiny_encode_config(concepts_from=syn), cap, syn, str(tmp_path / "runs"))
     with pytest.raises(ValueError, match="not both"):
-        tiny_config(concepts_from=source.path, vocabulary_file=str(vocab))
+        tiny_encode_config(concepts_from=source.path, vocabulary_file=str(vocab))
 
 
 def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
@@ -285,7 +232,7 @@ def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
 
     from pcm.stages.encode import embed_concepts
 
-    clip = load_clip(tiny_config().clip)
+    clip = load_clip(tiny_encode_config().clip)
     got = embed_concepts(clip, ["dog", "teddy bear", "zebra"], "A photo of {c}.", "simple-imagenet", batch_size=8)
     for i, word in enumerate(["dog", "teddy bear", "zebra"]):
         each = encode_texts(clip, [t(word) for t in SIMPLE_IMAGENET_TEMPLATES])        # [7, D], unit rows
@@ -296,9 +243,9 @@ def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
 
 
 def test_workers_give_the_same_features(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=3)
-    a = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
-    b = run_encode(tiny_config(num_workers=2, batch_size=3), cap, syn, str(tmp_path / "other"))
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
+    a = run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
+    b = run_encode(tiny_encode_config(num_workers=2, batch_size=3), cap, syn, str(tmp_path / "other"))
     assert a.fingerprint == b.fingerprint  # workers are a runtime setting
     for s in range(3):
         x, _ = open_arrays(Path(a.path) / "features" / f"shard-{s:06d}.safetensors")
@@ -316,8 +263,8 @@ run_encode(cfg, {cap!r}, {syn!r}, {root!r}, progress=lambda done, total, msg: ti
 
 @pytest.mark.heavy
 def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=4, per_shard=3)
-    cfg = tiny_config()
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=4, per_shard=3)
+    cfg = tiny_encode_config()
     root = str(tmp_path / "runs")
     sd = plan(cfg, cap, syn, root)
     code = KILLED_RUN.format(cfg=cfg.model_dump(mode="json"), cap=cap, syn=syn, root=root)
@@ -352,12 +299,12 @@ def test_shards_made_from_another_ingest_stage_are_refused_naming_both(tmp_path)
     from storage import atomic
     from storage.layout import StageDir
 
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     record = StageDir.at(syn).config_file
     atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "a" * 16}})
-    plan(tiny_config(), cap, syn, str(tmp_path / "runs"))          # the shards' own captions: fine
+    plan(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))          # the shards' own captions: fine
     atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "d" * 16}})
     with pytest.raises(ValueError, match=f"made from the ingest stage {'d' * 16}.*not from captions=.*ingest {'a' * 16}"):
-        plan(tiny_config(), cap, syn, str(tmp_path / "runs"))
+        plan(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
     with pytest.raises(ValueError, match=f"ingest {'a' * 16}"):
-        run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
+        run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))

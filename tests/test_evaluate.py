@@ -8,113 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import ENCODED, TEST_IMAGES, evaluate_inputs, mark_done, tiny_evaluate_config, write_captions
 from typer.testing import CliRunner
 
 from pcm.metrics import spice_missing
-from storage import atomic, tables
-from storage.arrays import write_arrays
+from storage import tables
 from storage.layout import RunLayout
-from storage.result import StageResult
-
-CAPTIONS_FP, ENCODE_FP, TRAIN_FP = "a1" * 8, "b2" * 8, "c3" * 8
-TRAIN_TEXTS = ["a dog runs on the grass", "a cat sleeps on a sofa", "two people ride horses on a beach",
-               "a red bus on the street", "a plate of food on a table"]
-TEST_IMAGES = {  # image id -> references; "105" is in the split but never encoded, "104" failed to encode
-    "101": ["A dog running on grass.", "A brown dog in a field."],
-    "102": ["A cat sleeping on a couch.", "A cat lying on a sofa."],
-    "103": ["A bus on a city street.", "A red double decker bus."],
-    "104": ["Food on a plate.", "A plate with rice."],
-    "105": ["Horses on a beach.", "People riding horses."],
-    "coco_106": ["A table with food.", "Dinner on a table."],
-}
-ENCODED = ["101", "102", "103", "coco_106"]
-
-
-def finish_stage(sd, counts=None, extra=None, inputs=None):
-    atomic.write_json(sd.config_file, {"stage": sd.stage, "code_version": "1", "config": {}, "inputs": inputs or {}})
-    StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=str(sd.path), counts=counts or {},
-                extra=extra or {}).save(sd.done_marker)
-
-
-def make_images(folder: Path, names: list[str]) -> list[Path]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for name in names:
-        p = folder / f"{name}.png"
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
-
-
-def write_captions(layout: RunLayout, fp: str, name: str):
-    sd = layout.stage("ingest", fp)
-    sd.path.mkdir(parents=True)
-    rows = [{"caption_id": f"tr{i}", "image_id": f"t{i}", "split": "train", "text": t, "raw_text": t,
-             "source": "test", "image_path": None, "references": [], "status": "ok", "error": None}
-            for i, t in enumerate(TRAIN_TEXTS)]
-    for image_id, refs in TEST_IMAGES.items():
-        for j, r in enumerate(refs):
-            rows.append({"caption_id": f"{image_id}-{j}", "image_id": image_id, "split": "test", "text": r,
-                         "raw_text": r, "source": "test", "image_path": f"{image_id}.png", "references": refs,
-                         "status": "ok", "error": None})
-    tables.write(sd.file("captions.parquet"), rows, tables.CAPTIONS)
-    finish_stage(sd, extra={"name": name})
-    return sd
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Finished ingest, encode (real features from the tiny CLIP) and train (a tiny checkpoint) stages."""
-    from PIL import Image
-
-    from pcm import checkpoint
-    from pcm.clip import ClipSpec, clip_head, encode_images, load_clip
-    from pcm.model import PCMNet, load_preset
-    from pcm.vocab import Vocab
-
-    base = tmp_path_factory.mktemp("eval")
-    layout = RunLayout(base / "runs")
-    captions = write_captions(layout, CAPTIONS_FP, "demo")
-
-    spec = ClipSpec(model="tiny", pretrained=None, precision="fp32")
-    clip = load_clip(spec)
-    images = make_images(base / "images", ENCODED)
-    pixels = torch.stack([clip.preprocess(Image.open(p).convert("RGB")) for p in images])
-    g, patches = encode_images(clip, pixels)
-    encode = layout.stage("encode", ENCODE_FP)
-    write_arrays(encode.shard_file("real", 0, "safetensors"),
-                 {"global": g.numpy().astype(np.float16), "patches": patches.numpy().astype(np.float16)},
-                 {"keys": json.dumps(ENCODED)})
-    atomic.write_json(encode.shard_done("real", 0), {"count": len(ENCODED)})
-    real = [{"image_id": i, "split": "test", "image_path": f"{i}.png", "shard": 0, "row": r, "status": "ok",
-             "error": None} for r, i in enumerate(ENCODED)]
-    real.append({"image_id": "104", "split": "test", "image_path": "104.png", "shard": -1, "row": -1,
-                 "status": "failed", "error": "cannot identify image file"})
-    tables.write(encode.file("real.parquet"), real, tables.REAL_IMAGES)
-    finish_stage(encode, extra={"clip": spec.model_dump(mode="json"), "images_root": str(base / "images")},
-                 inputs={"ingest": CAPTIONS_FP})
-
-    train = layout.stage("train", TRAIN_FP)
-    torch.manual_seed(0)
-    cfg = load_preset("tiny").with_data_shapes(clip.embed_dim, clip.width, clip.patches, "test")
-    vocab = Vocab.build(TRAIN_TEXTS)
-    bank = torch.nn.functional.normalize(torch.randn(6, clip.embed_dim), dim=-1)
-    model = PCMNet(cfg, len(vocab), bank, clip_head(clip)).eval()
-    for where, step in ((train.file("best"), 5), (train.path / "checkpoints" / "step-00000008", 8)):
-        checkpoint.save(where, model=model, vocab=vocab, config={}, clip=spec.model_dump(mode="json"),
-                        concept_names=[f"c{i}" for i in range(6)], state={"step": step})
-    finish_stage(train, inputs={"ingest": CAPTIONS_FP, "encode": ENCODE_FP})
-    return {"layout": layout, "captions": str(captions.path), "encode": str(encode.path), "train": str(train.path),
-            "images": images, "features": (g, patches), "base": base}
-
-
-def config(**kw):
-    from pcm.stages.evaluate import EvaluateConfig
-
-    return EvaluateConfig(**{"device": "cpu", "report_samples": 3, **kw})
+    return evaluate_inputs(tmp_path_factory.mktemp("eval"))
 
 
 @pytest.mark.heavy  # run, cached, then resumed: one decoding and the Java scorers twice
@@ -124,7 +29,7 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
     from pcm.decode import beam_search
 
     root = str(run["layout"].root)
-    cfg = config(published="coco-vitb32", batch_size=3)  # 4 images in 2 batches
+    cfg = tiny_evaluate_config(published="coco-vitb32", batch_size=3)  # 4 images in 2 batches
     result = ev.run_evaluate(cfg, run["train"], run["encode"], run["captions"], root)
     sd = run["layout"].stage_from_path(result.path)
 
@@ -194,9 +99,9 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
 
     root = str(tmp_path / "other")
     with pytest.raises(ValueError, match="--encode .*'ingest' stage directory; expected a 'encode' one"):
-        run_evaluate(config(), run["train"], run["captions"], run["captions"], root)
+        run_evaluate(tiny_evaluate_config(), run["train"], run["captions"], run["captions"], root)
     with pytest.raises(ValueError, match="no encoded val images"):
-        run_evaluate(config(split="val"), run["train"], run["encode"], run["captions"], root)
+        run_evaluate(tiny_evaluate_config(split="val"), run["train"], run["encode"], run["captions"], root)
     with pytest.raises(ValueError, match="unknown published setting 'coco-vit-h'"):
         EvaluateConfig(published="coco-vit-h")
     # Features from another CLIP than the checkpoint's are refused before decoding.
@@ -205,9 +110,9 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
     enc.path.mkdir(parents=True)
     for name in ("real.parquet",):
         (enc.path / name).write_bytes((Path(run["encode"]) / name).read_bytes())
-    finish_stage(enc, extra={"clip": {"model": "ViT-B-32", "pretrained": "openai", "precision": "fp16", "pool": None}})
+    mark_done(enc, extra={"clip": {"model": "ViT-B-32", "pretrained": "openai", "precision": "fp16", "pool": None}})
     with pytest.raises(ValueError, match="another CLIP than the model's.*model: checkpoint 'tiny' vs features 'ViT-B-32'"):
-        run_evaluate(config(), run["train"], str(enc.path), run["captions"], root)
+        run_evaluate(tiny_evaluate_config(), run["train"], str(enc.path), run["captions"], root)
 
 
 @pytest.mark.heavy  # a whole evaluate through the CLI: decoding and the Java scorers
@@ -268,7 +173,7 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(run, tmp_path, m
     from flows.evaluate import evaluate_flow
 
     root = str(tmp_path / "flow-runs")
-    cfg = config(spice="off")
+    cfg = tiny_evaluate_config(spice="off")
     first = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
     assert not first.cached and Path(first.path, "report.md").exists()
     # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.

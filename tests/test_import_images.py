@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import N_TRAIN, make_captions, train_ids
 from PIL import Image
 
 from pcm.stages.synthesize import SynthesizeConfig, plan, run_synthesize
 from storage import tables
 from storage.image_sets import ImageIndex, read_mapping
 from storage.shards import iter_tar
-from tests.test_synthesize import N_TRAIN, make_captions, train_ids
 
 
 def image_bytes(seed: int, fmt: str = "JPEG", size: int = 48) -> bytes:

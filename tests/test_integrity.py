@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import encode_inputs, tiny_encode_config
 
 from pcm.stages.encode import plan, run_encode
 from storage import shards, tables
 from storage.arrays import open_arrays, read_header, write_arrays
 from storage.fingerprint import file_digest
 from storage.layout import RunLayout, StageDir
-from tests.test_encode import make_inputs, tiny_config
 
 
 # ---------------------------------------------------------------------- shards and their sha256
@@ -62,11 +62,11 @@ def test_iter_tar_finds_bytes_changed_inside_a_finished_shard(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_encode_refuses_a_corrupt_synthetic_shard_naming_it_and_the_digests(tmp_path, workers):
     root = tmp_path / "runs"
-    cap, syn = make_inputs(root, n_shards=2, per_shard=2)
+    cap, syn = encode_inputs(root, n_shards=2, per_shard=2)
     tar = StageDir.at(syn).shard_file("shards", 1, "tar")
     whole, stored = flip_caption_byte(tar)
     found = file_digest(tar)
-    config = tiny_config(num_workers=workers)
+    config = tiny_encode_config(num_workers=workers)
     with pytest.raises(ValueError) as e:
         run_encode(config, cap, syn, str(root))
     msg = str(e.value)
@@ -244,9 +244,9 @@ def test_undecodable_images_give_the_same_error_rows_on_every_run(tmp_path):
     outputs = []
     for run in ("one", "two"):
         root = tmp_path / run
-        cap, syn = make_inputs(root, n_shards=1, per_shard=3, corrupt="c0001", images_dir=images)
+        cap, syn = encode_inputs(root, n_shards=1, per_shard=3, corrupt="c0001", images_dir=images)
         (images / "images" / "img1.jpg").write_bytes(b"not an image at all")
-        config = tiny_config(images_root=str(images), real_shard_size=4)
+        config = tiny_encode_config(images_root=str(images), real_shard_size=4)
         r = run_encode(config, cap, syn, str(root))
         sd = Path(r.path)
         outputs.append({name: (sd / name).read_bytes() for name in

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from builders import Payload
 from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
 from prefect.serializers import JSONSerializer, PickleSerializer
 
 from flows.records import results_dir
 from pcm.stages.ingest import IngestConfig
-from tests.test_security import Payload
 
 CAPTIONS = "a dog on the grass\na cat on a sofa\na red car in the street\n"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import REPO, child_env, finished_stage, tiny_train_config, train_inputs
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -22,8 +23,6 @@ from pcm.stages.train import run_train
 from storage import manifests
 from storage.arrays import open_arrays
 from storage.layout import StageDir
-from tests.builders import finished_stage
-from tests.test_train import REPO, child_env, make_inputs, tiny_config
 
 
 # ---------------------------------------------------------------------- the rules, against plain computations
@@ -106,10 +105,10 @@ MOVED = {0: 3, 1: 5, 4: 6}  # caption i described what image j shows
 
 
 def refine_inputs(root: Path) -> tuple[str, str]:
-    """make_inputs (8 encoded captions) with caption embeddings that make sense of the images: caption i lies
+    """train_inputs (8 encoded captions) with caption embeddings that make sense of the images: caption i lies
     near its own image, except the MOVED ones, near another image; one caption failed encoding, one was never
     synthesized."""
-    cap, enc = make_inputs(root, n_train=N)
+    cap, enc = train_inputs(root, n_train=N)
     enc_sd, cap_sd = StageDir.at(enc), StageDir.at(cap)
     g = np.concatenate([open_arrays(enc_sd.feature_shard("features", s))[0]["global"] for s in (0, 1)])
     g = g.astype(np.float32)
@@ -189,11 +188,11 @@ def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     np.testing.assert_allclose(pairs.clip_score, [kept[c]["clip_score"] for c in pairs.caption_ids])
     FeatureStore(StageDir.at(enc), "features").check_rows(pairs.shard, pairs.row, pairs.image_keys)
 
-    trained = run_train(tiny_config(epochs=1, val_metric="loss"), cap, enc, root, refine=ref)
+    trained = run_train(tiny_train_config(epochs=1, val_metric="loss"), cap, enc, root, refine=ref)
     assert trained.counts["train_pairs"] == len(kept)
     assert json.loads((Path(trained.path) / "config.json").read_text())["inputs"]["refine"] == ref.fingerprint
     # The same train config without the refine stage is another directory, on every caption.
-    assert train_plan(tiny_config(epochs=1, val_metric="loss"), cap, enc, root).fingerprint != trained.fingerprint
+    assert train_plan(tiny_train_config(epochs=1, val_metric="loss"), cap, enc, root).fingerprint != trained.fingerprint
 
 
 def test_a_refine_stage_of_other_inputs_is_refused(tmp_path):
@@ -210,10 +209,10 @@ def test_a_refine_stage_of_other_inputs_is_refused(tmp_path):
 # ---------------------------------------------------------------------- the train fingerprint
 def test_without_refine_the_train_fingerprint_is_the_one_before_the_stage_existed(tmp_path):
     root = str(tmp_path / "runs")
-    cap, enc = make_inputs(tmp_path / "runs")
+    cap, enc = train_inputs(tmp_path / "runs")
     # Computed with the code before the refine stage (commit e81f87e) for the same inputs and config.
-    assert train_plan(tiny_config(), cap, enc, root).fingerprint == "81b7a648633c5907"
-    assert train_plan(tiny_config(), cap, enc, root, refine=None).fingerprint == "81b7a648633c5907"
+    assert train_plan(tiny_train_config(), cap, enc, root).fingerprint == "81b7a648633c5907"
+    assert train_plan(tiny_train_config(), cap, enc, root, refine=None).fingerprint == "81b7a648633c5907"
     from pcm.stages.pipeline import resolve
 
     assert resolve("demo").refine.enabled is False

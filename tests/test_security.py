@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from builders import Payload
 
 from pcm.stages.stage import finish
 from storage import tables
@@ -29,16 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------- the malicious pickle
-class Payload:
-    """Unpickling this calls open(sentinel, "w"): code runs, and leaves a file behind."""
-
-    def __init__(self, sentinel: Path) -> None:
-        self.sentinel = str(sentinel)
-
-    def __reduce__(self) -> tuple:
-        return (open, (self.sentinel, "w"))
-
-
 @pytest.fixture
 def sentinel(tmp_path: Path):
     path = tmp_path / "PWNED"

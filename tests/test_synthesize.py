@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import N_TRAIN, TINY_SYNTHESIZE, make_captions, train_ids
 
 from pcm.diffusion import Synthesizer
-from pcm.stages.stage import finish
 from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_synthesize, sample_seed
 from storage import tables
 from storage.layout import RunLayout
@@ -29,33 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The test machines' CPUs are shared: one thread per process avoids oversubscription stalls
 # (10x slower tiny UNet calls with two threads on a loaded two-core machine).
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-N_TRAIN = 8
-TINY = dict(model="tiny", steps=2, height=32, width=32, shard_size=3, batch_size=2, progress_bar=False, device="cpu")
-
-
-def make_captions(layout: RunLayout, n_train: int = N_TRAIN) -> str:
-    """A finished ingest stage: n_train ok train captions, plus a val and a rejected row to skip."""
-    sd = layout.stage("ingest", "00000000000000aa")
-    sd.path.mkdir(parents=True)
-    rows = [dict(caption_id=f"c{i:03d}", image_id=f"img{i}", split="train", text=f"a photo of a red thing number {i}",
-                 raw_text=f"a photo of a red thing number {i}", source="test", image_path=None, references=[],
-                 status="ok", error=None) for i in range(n_train)]
-    rows.insert(2, dict(caption_id="v000", image_id="imgv", split="val", text="a val caption", raw_text="a val caption",
-                        source="test", image_path="v.jpg", references=["a val caption"], status="ok", error=None))
-    rows.insert(5, dict(caption_id="r000", image_id="imgr", split="train", text="", raw_text="", source="test",
-                        image_path=None, references=[], status="rejected", error="empty caption"))
-    tables.write(sd.file("captions.parquet"), rows, tables.CAPTIONS)
-    finish(sd, {"captions": len(rows)}, time.monotonic())
-    return str(sd.path)
-
-
 @pytest.fixture
 def captions(layout: RunLayout) -> str:
     return make_captions(layout)
-
-
-def train_ids(n: int = N_TRAIN) -> list[str]:
-    return [f"c{i:03d}" for i in range(n)]
 
 
 def shard_keys(stage_path: str | Path) -> list[str]:
@@ -63,7 +39,7 @@ def shard_keys(stage_path: str | Path) -> list[str]:
 
 
 def test_one_image_and_metadata_per_caption(captions, layout):
-    cfg = SynthesizeConfig(**TINY)
+    cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
     r = run_synthesize(cfg, captions, str(layout.root))
     assert r.extra["complete"] and not r.cached
     assert r.counts == {"captions": N_TRAIN, "ok": N_TRAIN, "failed": 0, "shards": 3}
@@ -104,7 +80,7 @@ def test_one_image_and_metadata_per_caption(captions, layout):
 
 @pytest.mark.heavy  # renders shard 1 three times: alone, forced again, then in a full run
 def test_same_shard_twice_is_byte_identical(captions, layout):
-    cfg = SynthesizeConfig(**TINY)
+    cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
     sd = plan(cfg, captions, str(layout.root))
     first = run_synthesize(cfg, captions, str(layout.root), shards=[1])
     assert first.extra["complete"] is False and first.counts["shards_pending"] == 2
@@ -120,7 +96,7 @@ def test_same_shard_twice_is_byte_identical(captions, layout):
 
 @pytest.mark.heavy
 def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
-    cfg = dict(TINY, shard_size=1, batch_size=1, steps=6)
+    cfg = dict(TINY_SYNTHESIZE, shard_size=1, batch_size=1, steps=6)
     script = ("import sys; from pcm.stages.synthesize import SynthesizeConfig, run_synthesize; "
               f"run_synthesize(SynthesizeConfig(**{cfg!r}), sys.argv[1], sys.argv[2])")
     sd = plan(SynthesizeConfig(**cfg), captions, str(layout.root))
@@ -153,7 +129,7 @@ def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
 
 @pytest.mark.heavy  # two worker processes, each starting its own pipeline
 def test_two_workers_split_the_shards_without_duplicates(captions, layout):
-    cfg = SynthesizeConfig(**dict(TINY, shard_size=2))
+    cfg = SynthesizeConfig(**dict(TINY_SYNTHESIZE, shard_size=2))
     a = run_synthesize(cfg, captions, str(layout.root), worker_index=0, num_workers=2)
     assert a.extra["complete"] is False and a.counts["shards_written"] == 2 and a.counts["shards_pending"] == 2
     b = run_synthesize(cfg, captions, str(layout.root), worker_index=1, num_workers=2)
@@ -163,7 +139,7 @@ def test_two_workers_split_the_shards_without_duplicates(captions, layout):
 
 @pytest.mark.heavy
 def test_a_shard_held_by_another_process_is_skipped_then_waited_for(captions, layout):
-    cfg = SynthesizeConfig(**TINY)
+    cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
     sd = plan(cfg, captions, str(layout.root))
     held = try_lock(sd.shard_lock("shards", 0))
     assert held is not None
@@ -189,7 +165,7 @@ def test_a_failing_sample_is_a_status_row_and_the_shard_completes(captions, layo
         return latents
 
     monkeypatch.setattr(Synthesizer, "denoise", nan_for_c004)
-    r = run_synthesize(SynthesizeConfig(**TINY), captions, str(layout.root))
+    r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), captions, str(layout.root))
     assert r.extra["complete"] and r.counts["ok"] == N_TRAIN - 1 and r.counts["failed"] == 1
     rows = tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()
     failed = [row for row in rows if row["status"] == "failed"]
@@ -211,25 +187,25 @@ def test_bad_configs_give_clear_errors(captions, layout):
         SynthesizeConfig(model="org/model", tiny_vae="tiny")
     missing = layout.root.parent / "no-such-model"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run_synthesize(SynthesizeConfig(**dict(TINY, model=str(missing))), captions, str(layout.root))
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model=str(missing))), captions, str(layout.root))
     with pytest.raises(FileNotFoundError, match=r"huggingface-cli download some-org/some-model --local-dir"):
-        run_synthesize(SynthesizeConfig(**dict(TINY, model="some-org/some-model")), captions, str(layout.root))
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model="some-org/some-model")), captions, str(layout.root))
     with pytest.raises(ValueError, match="out of range"):
-        run_synthesize(SynthesizeConfig(**TINY), captions, str(layout.root), shards=[7])
+        run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), captions, str(layout.root), shards=[7])
     with pytest.raises(FileNotFoundError, match="not a finished stage directory"):
-        run_synthesize(SynthesizeConfig(**TINY), str(layout.root / "ingest" / "ffffffffffffffff"), str(layout.root))
+        run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), str(layout.root / "ingest" / "ffffffffffffffff"), str(layout.root))
 
 
 def test_a_loaded_synthesizer_must_come_from_the_configs_generation_fields(captions, layout, tmp_path):
     from pcm.stages.synthesize import made_from
 
     synth = object.__new__(Synthesizer)  # not loaded: only its spec is looked at
-    synth.spec = generation_spec(SynthesizeConfig(**TINY))
-    assert made_from(synth, SynthesizeConfig(**dict(TINY, writer_threads=2, image_format="png")))  # not read by it
-    assert not made_from(synth, SynthesizeConfig(**dict(TINY, steps=3)))
-    assert not made_from(synth, SynthesizeConfig(**dict(TINY, paired_images=str(tmp_path))))  # no diffusion there
+    synth.spec = generation_spec(SynthesizeConfig(**TINY_SYNTHESIZE))
+    assert made_from(synth, SynthesizeConfig(**dict(TINY_SYNTHESIZE, writer_threads=2, image_format="png")))  # not read by it
+    assert not made_from(synth, SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)))
+    assert not made_from(synth, SynthesizeConfig(**dict(TINY_SYNTHESIZE, paired_images=str(tmp_path))))  # no diffusion there
     with pytest.raises(ValueError, match="made from another config"):
-        run_synthesize(SynthesizeConfig(**dict(TINY, steps=3)), captions, str(layout.root), synthesizer=synth)
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)), captions, str(layout.root), synthesizer=synth)
 
 
 def test_sample_grid_draws_the_images_with_their_captions_the_same_each_time(tmp_path):
@@ -252,7 +228,7 @@ def test_sample_grid_draws_the_images_with_their_captions_the_same_each_time(tmp
 def test_stage_images_equal_the_plain_pipeline(scheduler):
     import torch
 
-    synth = Synthesizer(generation_spec(SynthesizeConfig(**dict(TINY, scheduler=scheduler))))
+    synth = Synthesizer(generation_spec(SynthesizeConfig(**dict(TINY_SYNTHESIZE, scheduler=scheduler))))
     prompts = ["a cat on a mat", "two dogs running on the beach", "a bowl of fruit"]
     seeds = [sample_seed(0, c) for c in ("a", "b", "c")]
     ours = np.stack(synth.generate(prompts, seeds))
@@ -301,7 +277,7 @@ def test_flow_retries_only_transient_errors():
 def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(captions, layout, prefect_api):
     from flows.synthesize import synthesize_flow
 
-    cfg = SynthesizeConfig(**TINY)
+    cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
     part = synthesize_flow(cfg, captions, str(layout.root), shards=[2])  # a fan-out child's share
     assert part.extra["complete"] is False and part.counts["shards_pending"] == 2
     assert [d["index"] for d in part.extra["shard_reports"]] == [2]
@@ -320,7 +296,7 @@ def test_a_stage_where_every_sample_failed_is_an_error_and_not_done(captions, la
     from pcm.stages.synthesize import WARN_FAILED_SHARE
 
     # Paired images with no image_path on any caption: every sample is a failed row.
-    cfg = SynthesizeConfig(**TINY, paired_images=str(tmp_path))
+    cfg = SynthesizeConfig(**TINY_SYNTHESIZE, paired_images=str(tmp_path))
     with pytest.raises(RuntimeError, match=rf"every one of the {N_TRAIN} samples failed \(no image_path"):
         run_synthesize(cfg, captions, str(layout.root))
     sd = plan(cfg, captions, str(layout.root))
@@ -342,6 +318,6 @@ def test_a_large_failed_share_is_a_warning_in_the_log_and_the_result(captions, l
             Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(tmp_path / f"img{i}.png")
     tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
     with caplog.at_level("WARNING", logger="pcm.stages.synthesize"):
-        r = run_synthesize(SynthesizeConfig(**TINY, paired_images=str(tmp_path)), captions, str(layout.root))
+        r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, paired_images=str(tmp_path)), captions, str(layout.root))
     assert r.counts["ok"] == 6 and r.counts["failed"] == 2
     assert "2 of 8 samples failed (25%)" in r.extra["warning"] and "2 of 8 samples failed" in caplog.text

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from builders import tiny_train_config, train_inputs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-from test_train import make_inputs, tiny_config
 
 from pcm import checkpoint, tracking
 from pcm.stages.evaluate import write_events
@@ -55,8 +55,8 @@ def assert_same(got: dict, want: dict) -> None:
 @pytest.mark.heavy  # two tiny trainings (8 steps, then 4 redone)
 def test_train_events_hold_metrics_jsonl_and_a_resume_purges_the_redone_steps(tmp_path):
     root = tmp_path / "runs"
-    cap, enc = make_inputs(root)
-    config = tiny_config(epochs=4, checkpoint_every=2, keep_last=100, val_every=3, run_name="tiny,train.seed=3")
+    cap, enc = train_inputs(root)
+    config = tiny_train_config(epochs=4, checkpoint_every=2, keep_last=100, val_every=3, run_name="tiny,train.seed=3")
     result = run_train(config, cap, enc, str(root))
     sd = StageDir.at(result.path)
     run_dir = sd.events / "tiny,train.seed=3"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,114 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import NO_DROPOUT, TRAIN_CAPTIONS, child_env, tiny_train_config, train_inputs
 from safetensors.torch import load_file
 
 from pcm import checkpoint
 from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs, load_val
-from pcm.stages.stage import finish
 from pcm.stages.train import TrainConfig, run_train, verify
 from pcm.vocab import Vocab
-from storage import atomic, checkpoints, jsonl, tables
-from storage.arrays import write_arrays
-from storage.layout import RunLayout, StageDir
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------- fixtures: stage dirs built through storage
-D_EMBED, D_WIDTH, N_PATCHES = 16, 24, 4
-CAPTIONS = [
-    "a dog runs on the grass",
-    "two cats sleep on a red sofa",
-    "a man rides a bike down the street",
-    "a plate of pasta with tomato sauce",
-    "a train stops at the station",
-    "children play football in the park",
-    "a bird sits on a wooden fence",
-    "a woman holds an umbrella in the rain",
-]
-CONCEPTS = ["dog", "cat", "man", "plate", "train", "child", "bird", "woman", "grass", "sofa"]
-CLIP_SPEC = {"model": "tiny", "pretrained": None, "precision": "fp32", "pool": None}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def make_inputs(root: Path, n_train: int = 8, n_val: int = 3, seed: int = 0) -> tuple[str, str]:
-    """(captions stage path, encode stage path) under `root` for `n_train` captions (cycled) and val images."""
-    rng = np.random.default_rng(seed)
-    layout = RunLayout(root)
-    cap = layout.stage("ingest", "a" * 16)
-    enc = layout.stage("encode", "b" * 16)
-    started = time.monotonic()
-
-    texts = [CAPTIONS[i % len(CAPTIONS)] + ("" if i < len(CAPTIONS) else f" number {i}") for i in range(n_train)]
-    rows = [{"caption_id": f"c{i:04d}", "image_id": f"i{i:04d}", "split": "train", "text": t, "raw_text": t,
-             "source": "test", "image_path": None, "references": [], "status": "ok", "error": None}
-            for i, t in enumerate(texts)]
-    val_refs = [[CAPTIONS[j % len(CAPTIONS)], CAPTIONS[(j + 1) % len(CAPTIONS)]] for j in range(n_val)]
-    for j, refs in enumerate(val_refs):
-        for r, text in enumerate(refs):
-            rows.append({"caption_id": f"v{j:04d}-{r}", "image_id": f"val{j:04d}", "split": "val", "text": text,
-                         "raw_text": text, "source": "test", "image_path": f"val/{j}.jpg", "references": refs,
-                         "status": "ok", "error": None})
-    rows.append({"caption_id": "t0000", "image_id": "test0000", "split": "test", "text": "never used",
-                 "raw_text": "never used", "source": "test", "image_path": "test/0.jpg", "references": ["never used"],
-                 "status": "ok", "error": None})
-    cap.path.mkdir(parents=True, exist_ok=True)
-    tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
-    finish(cap, {"captions": len(rows)}, started)
-
-    # Concept bank, CLIP head and features: random but fixed by the seed.
-    enc.path.mkdir(parents=True, exist_ok=True)
-    bank = _unit(rng.standard_normal((len(CONCEPTS), D_EMBED)).astype(np.float32))
-    tables.write(enc.file("concepts.parquet"), [{"concept": c, "count": 10, "embedding": bank[i].tolist(),
-                                                 "model": "tiny"} for i, c in enumerate(CONCEPTS)], tables.CONCEPTS)
-    head = {"ln_post.weight": np.ones(D_WIDTH, np.float32), "ln_post.bias": np.zeros(D_WIDTH, np.float32),
-            "proj": (rng.standard_normal((D_WIDTH, D_EMBED)) / np.sqrt(D_WIDTH)).astype(np.float32)}
-    write_arrays(enc.file("clip_head.safetensors"), head, {"clip": json.dumps(CLIP_SPEC), "ln_eps": "1e-05"})
-
-    def features(n: int) -> dict[str, np.ndarray]:
-        return {"global": _unit(rng.standard_normal((n, D_EMBED))).astype(np.float16),
-                "patches": rng.standard_normal((n, N_PATCHES, D_WIDTH)).astype(np.float16)}
-
-    # Two training shards, so batches gather across files; one failed sample is skipped.
-    half = (n_train + 1) // 2
-    score_rows = []
-    for shard, ids in enumerate([range(0, half), range(half, n_train)]):
-        ids = list(ids)
-        write_arrays(enc.shard_file("features", shard, "safetensors"), features(len(ids)),
-                     {"keys": json.dumps([f"c{i:04d}" for i in ids])})
-        atomic.write_json(enc.shard_done("features", shard), {"count": len(ids)})
-        score_rows += [{"caption_id": f"c{i:04d}", "shard": shard, "row": r, "clip_score": float(0.15 + 0.02 * (i % 8)),
-                        "text_embedding": [0.0] * D_EMBED, "status": "ok", "error": None} for r, i in enumerate(ids)]
-    score_rows.append({"caption_id": "c9999", "shard": 0, "row": -1, "clip_score": None, "text_embedding": None,
-                       "status": "failed", "error": "decode error"})
-    tables.write(enc.file("scores.parquet"), score_rows, tables.SCORES)
-
-    write_arrays(enc.shard_file("real", 0, "safetensors"), features(n_val + 1),
-                 {"keys": json.dumps([f"val{j:04d}" for j in range(n_val)] + ["test0000"])})
-    atomic.write_json(enc.shard_done("real", 0), {"count": n_val + 1})
-    real = [{"image_id": f"val{j:04d}", "split": "val", "image_path": f"val/{j}.jpg", "shard": 0, "row": j,
-             "status": "ok", "error": None} for j in range(n_val)]
-    real.append({"image_id": "test0000", "split": "test", "image_path": "test/0.jpg", "shard": 0, "row": n_val,
-                 "status": "ok", "error": None})
-    tables.write(enc.file("real.parquet"), real, tables.REAL_IMAGES)
-    finish(enc, {"features": n_train}, started, extra={"clip": CLIP_SPEC})
-    return str(cap.path), str(enc.path)
-NO_DROPOUT = {k: 0.0 for k in ("embed_dropout", "dropout", "attn_dropout", "decoder_dropout", "output_dropout")}
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    values = dict(preset="tiny", batch_size=4, epochs=4, warmup=20, min_word_count=1, log_every=1, val_every=4,
-                  val_metric="loss", checkpoint_every=2, keep_last=2, num_workers=0, device="cpu",
-                  deterministic=True, progress_bar=False)
-    return TrainConfig(**{**values, **overrides})
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+from storage import checkpoints, jsonl
+from storage.layout import StageDir
 
 
 # ---------------------------------------------------------------------- vocabulary
@@ -140,7 +40,7 @@ def test_vocab_build_encode_decode_and_round_trip(tmp_path):
 
 
 def test_caption_tokens_are_bos_shifted_and_cut_to_max_len():
-    v = Vocab.build(CAPTIONS)
+    v = Vocab.build(TRAIN_CAPTIONS)
     inp, out = caption_tokens(["a dog runs", "a " * 30], v, max_len=5)
     a, dog, runs = v.encode("a dog runs")
     assert inp[0].tolist() == [v.bos, a, dog, runs, v.pad, v.pad]
@@ -150,7 +50,7 @@ def test_caption_tokens_are_bos_shifted_and_cut_to_max_len():
 
 # ---------------------------------------------------------------------- data
 def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
-    cap, enc = make_inputs(tmp_path / "runs", n_train=20)
+    cap, enc = train_inputs(tmp_path / "runs", n_train=20)
     full = load_pairs(cap, enc)
     assert len(full) == 20 and "c9999" not in full.caption_ids
     half = load_pairs(cap, enc, data_fraction=0.5, seed=1)
@@ -167,22 +67,22 @@ def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
     # Validation reads the val split only: the encoded test image and its references are never touched.
     val = load_val(cap, enc)
     assert val.image_ids == ["val0000", "val0001", "val0002"] and val.row.tolist() == [0, 1, 2]
-    assert val.references[0] == [CAPTIONS[0], CAPTIONS[1]]
+    assert val.references[0] == [TRAIN_CAPTIONS[0], TRAIN_CAPTIONS[1]]
     assert load_val(cap, enc, max_images=2).image_ids == ["val0000", "val0001"]
 
 
 def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
     from pcm.stages.train import plan
 
-    cap, enc = make_inputs(tmp_path / "runs")
+    cap, enc = train_inputs(tmp_path / "runs")
     root = str(tmp_path / "runs")
-    a, b = plan(tiny_config(), cap, enc, root), plan(tiny_config(data_fraction=0.5), cap, enc, root)
-    c = plan(tiny_config(device="cuda", num_workers=3), cap, enc, root)  # runtime fields do not count
+    a, b = plan(tiny_train_config(), cap, enc, root), plan(tiny_train_config(data_fraction=0.5), cap, enc, root)
+    c = plan(tiny_train_config(device="cuda", num_workers=3), cap, enc, root)  # runtime fields do not count
     assert a.fingerprint != b.fingerprint and a.fingerprint == c.fingerprint
 
 
 def test_epoch_batches_cover_each_pair_once_and_split_a_global_batch_over_ranks(tmp_path):
-    cap, enc = make_inputs(tmp_path / "runs", n_train=10)
+    cap, enc = train_inputs(tmp_path / "runs", n_train=10)
     pairs = load_pairs(cap, enc)
     store = FeatureStore(StageDir.at(enc), "features")
     inp, out = caption_tokens(pairs.texts, Vocab.build(pairs.texts), 20)
@@ -205,11 +105,11 @@ def test_epoch_batches_cover_each_pair_once_and_split_a_global_batch_over_ranks(
 def test_tiny_model_memorises_eight_captions(tmp_path):
     from pcm.decode import greedy_decode
 
-    cap, enc = make_inputs(tmp_path / "runs")
-    config = tiny_config(model=NO_DROPOUT, batch_size=8, epochs=120, warmup=50, val_every=10_000,
+    cap, enc = train_inputs(tmp_path / "runs")
+    config = tiny_train_config(model=NO_DROPOUT, batch_size=8, epochs=120, warmup=50, val_every=10_000,
                          checkpoint_every=10_000, log_every=20, deterministic=False)
     result = run_train(config, cap, enc, str(tmp_path / "runs"))
-    assert result.counts == {"steps": 120, "train_pairs": 8, "val_images": 3, "vocab": len(Vocab.build(CAPTIONS))}
+    assert result.counts == {"steps": 120, "train_pairs": 8, "val_images": 3, "vocab": len(Vocab.build(TRAIN_CAPTIONS))}
     model, vocab, meta = checkpoint.load(checkpoint.find(result.path, "best"))
     assert not model.training and meta["step"] == 120 and meta["clip"]["model"] == "tiny"
     assert meta["concepts"][0] == "dog"
@@ -229,8 +129,8 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
 
 
 def test_validation_by_cider_uses_the_decoder_and_the_coco_metrics(tmp_path):
-    cap, enc = make_inputs(tmp_path / "runs")
-    result = run_train(tiny_config(epochs=2, val_metric="cider"), cap, enc, str(tmp_path / "runs"))
+    cap, enc = train_inputs(tmp_path / "runs")
+    result = run_train(tiny_train_config(epochs=2, val_metric="cider"), cap, enc, str(tmp_path / "runs"))
     vals = [r for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "val" in r]
     assert [r["step"] for r in vals] == [4] and vals[0]["val_metric"] == "cider"
     assert result.extra["best_value"] == vals[0]["val"] and 0.0 <= vals[0]["val"] <= 10.0
@@ -242,13 +142,13 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.heavy
 def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_path):
-    config = tiny_config(epochs=40, checkpoint_every=2, val_every=7, log_every=1)   # 80 steps, dropout + noise on
-    cap, enc = make_inputs(tmp_path / "ref")
+    config = tiny_train_config(epochs=40, checkpoint_every=2, val_every=7, log_every=1)   # 80 steps, dropout + noise on
+    cap, enc = train_inputs(tmp_path / "ref")
     ref = run_train(config, cap, enc, str(tmp_path / "ref"))
     ref_ckpt = Path(ref.extra["latest"])
 
     root = tmp_path / "killed"
-    cap2, enc2 = make_inputs(root)
+    cap2, enc2 = train_inputs(root)
     kill_at = random.Random().randrange(4, 40)
     code = ("import sys, torch; torch.set_num_threads(1); from pcm.stages.train import TrainConfig, run_train; "
             "run_train(TrainConfig.model_validate_json(sys.argv[1]), *sys.argv[2:])")
@@ -282,11 +182,11 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_pa
 
 @pytest.mark.heavy
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
-    config = tiny_config(model={**NO_DROPOUT, "noise": False}, epochs=3, log_every=1, val_every=100,
+    config = tiny_train_config(model={**NO_DROPOUT, "noise": False}, epochs=3, log_every=1, val_every=100,
                          checkpoint_every=100)
-    cap, enc = make_inputs(tmp_path / "one")
+    cap, enc = train_inputs(tmp_path / "one")
     one = run_train(config, cap, enc, str(tmp_path / "one"))
-    cap2, enc2 = make_inputs(tmp_path / "two")
+    cap2, enc2 = train_inputs(tmp_path / "two")
     env = child_env()
     code = ("import sys; from pcm.stages.train import TrainConfig, run_train; "
             "run_train(TrainConfig.model_validate_json(sys.argv[1]), *sys.argv[2:])")
@@ -308,8 +208,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_checkpoint_loading_refuses_pickled_payloads(tmp_path):
-    cap, enc = make_inputs(tmp_path / "runs")
-    result = run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))
+    cap, enc = train_inputs(tmp_path / "runs")
+    result = run_train(tiny_train_config(epochs=2), cap, enc, str(tmp_path / "runs"))
     best = checkpoint.find(result.path, "best")
     model, _, _ = checkpoint.load(best)                        # fine before
     (best / "model.bin").write_bytes(b"\x80\x04K\x01.")          # a pickle
@@ -321,7 +221,7 @@ def test_checkpoint_loading_refuses_pickled_payloads(tmp_path):
         checkpoint.load_weights(latest, model)
     (Path(result.path) / "stage.done.json").unlink()
     with pytest.raises(ValueError, match="refusing"):           # resume refuses it too
-        run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))
+        run_train(tiny_train_config(epochs=2), cap, enc, str(tmp_path / "runs"))
 
 
 def test_find_explains_a_missing_checkpoint(tmp_path):
@@ -338,9 +238,9 @@ def test_config_errors_name_the_parameter(tmp_path):
         validate(TrainConfig, {"model": {"topk": 3}}, "train")
     with pytest.raises(ValueError, match="preset 'nope' not found"):
         validate(TrainConfig, {"preset": "nope"}, "train")
-    cap, enc = make_inputs(tmp_path / "runs")
+    cap, enc = train_inputs(tmp_path / "runs")
     with pytest.raises(ValueError, match="d_embed=768 but the data has 16"):
-        run_train(tiny_config(preset="vitl14"), cap, enc, str(tmp_path / "runs"))
+        run_train(tiny_train_config(preset="vitl14"), cap, enc, str(tmp_path / "runs"))
 
 
 def test_cli_train_runs_with_sets(tmp_path):
@@ -357,7 +257,7 @@ def test_cli_train_runs_with_sets(tmp_path):
     app = typer.Typer()
     app.callback()(lambda: None)
     register(app)
-    cap, enc = make_inputs(tmp_path / "runs")
+    cap, enc = train_inputs(tmp_path / "runs")
     sets = ["batch_size=4", "epochs=1", "warmup=5", "min_word_count=1", "val_metric=loss", "num_workers=0",
             "model.pcm=false", "cxe=false"]
     args = ["train", "--captions", cap, "--encode", enc, "--root", str(tmp_path / "runs"),
@@ -370,8 +270,8 @@ def test_cli_train_runs_with_sets(tmp_path):
 
 
 def test_without_val_images_best_is_the_final_model(tmp_path):
-    cap, enc = make_inputs(tmp_path / "runs", n_val=0)
-    result = run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))
+    cap, enc = train_inputs(tmp_path / "runs", n_val=0)
+    result = run_train(tiny_train_config(epochs=2), cap, enc, str(tmp_path / "runs"))
     assert result.counts["val_images"] == 0 and result.extra["best_value"] is None
     assert result.extra["val_metric"] == "none" and result.extra["best_step"] == 4
     assert not [r for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "val" in r]
@@ -382,13 +282,13 @@ def test_without_val_images_best_is_the_final_model(tmp_path):
 def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkeypatch, prefect_api):
     import flows.train as ft
 
-    cap, enc = make_inputs(tmp_path / "runs")
+    cap, enc = train_inputs(tmp_path / "runs")
     root = str(tmp_path / "runs")
-    first = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
+    first = ft.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
     assert not first.cached and Path(first.extra["pictures"]["loss_curve"]).exists()
     # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
     monkeypatch.setattr(ft, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
-    second = ft.train_flow(tiny_config(epochs=2), cap, enc, root=root)
+    second = ft.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
     assert second.path == first.path and second.counts == first.counts
     # Both runs are named after the stage directory (`train-<fingerprint[:8]>`), the optional inputs defaulted.
     from prefect.client.orchestration import get_client
@@ -414,17 +314,17 @@ def test_resolve_device_gives_each_training_process_its_own_gpu():
 def test_warmup_fraction_fits_the_run_and_a_run_inside_its_warmup_is_warned(tmp_path, caplog):
     from pcm.stages.train import lr_at, warmup_steps
 
-    assert warmup_steps(tiny_config(), 8) == 20                       # steps, as given
-    assert warmup_steps(tiny_config(warmup_fraction=0.25), 8) == 2    # a quarter of this run's 8 steps
-    assert warmup_steps(tiny_config(warmup_fraction=0.01), 8) == 1    # never 0
-    assert "warmup_fraction" not in tiny_config().content()           # old fingerprints stay
-    cap, enc = make_inputs(tmp_path / "runs", n_val=0)
+    assert warmup_steps(tiny_train_config(), 8) == 20                       # steps, as given
+    assert warmup_steps(tiny_train_config(warmup_fraction=0.25), 8) == 2    # a quarter of this run's 8 steps
+    assert warmup_steps(tiny_train_config(warmup_fraction=0.01), 8) == 1    # never 0
+    assert "warmup_fraction" not in tiny_train_config().content()           # old fingerprints stay
+    cap, enc = train_inputs(tmp_path / "runs", n_val=0)
     with caplog.at_level("WARNING", logger="pcm.stages.train"):
-        run_train(tiny_config(epochs=2), cap, enc, str(tmp_path / "runs"))   # 4 steps against 20 of warm-up
+        run_train(tiny_train_config(epochs=2), cap, enc, str(tmp_path / "runs"))   # 4 steps against 20 of warm-up
     assert "4 steps in all but 20 of warm-up" in caplog.text
     caplog.clear()
-    r = run_train(tiny_config(epochs=2, warmup_fraction=0.5), cap, enc, str(tmp_path / "runs"))
+    r = run_train(tiny_train_config(epochs=2, warmup_fraction=0.5), cap, enc, str(tmp_path / "runs"))
     assert "of warm-up" not in caplog.text
     lrs = [rec["lr"] for rec in jsonl.read(Path(r.path) / "metrics.jsonl") if "lr" in rec]
-    assert lrs == pytest.approx([lr_at(tiny_config(), s, 2) for s in (1, 2, 3, 4)])
+    assert lrs == pytest.approx([lr_at(tiny_train_config(), s, 2) for s in (1, 2, 3, 4)])
     assert lrs[1] > lrs[2]                                            # past the peak at step 2: decaying

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import child_env, make_inputs, tiny_config
+from builders import child_env, tiny_train_config, train_inputs
 
 from pcm import checkpoint
 from pcm.stages.train import run_train, verify
@@ -53,13 +53,13 @@ def best_step_held(sd: Path) -> int:
 # ---------------------------------------------------------------------- 3: best/ after a kill
 @pytest.mark.heavy
 def test_kill_right_after_the_best_step_checkpoint_then_rerun_writes_best_from_it(tmp_path):
-    config = tiny_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)   # 16 steps, val at 4, 8, 12, 16
-    cap, enc = make_inputs(tmp_path / "ref")
+    config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)   # 16 steps, val at 4, 8, 12, 16
+    cap, enc = train_inputs(tmp_path / "ref")
     ref = run_train(config, cap, enc, str(tmp_path / "ref"))
     assert ref.extra["best_step"] == 16, "the test needs the final validation to be the best"
 
     root = tmp_path / "killed"
-    cap2, enc2 = make_inputs(root)
+    cap2, enc2 = train_inputs(root)
     proc = subprocess.run([sys.executable, "-c", KILL_AT_BEST, config.model_dump_json(), cap2, enc2, str(root), "16"],
                           env=child_env(), stderr=subprocess.PIPE, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -86,8 +86,8 @@ def test_a_new_best_is_checkpointed_before_best_is_written(tmp_path, monkeypatch
         real(path, **kw)
 
     monkeypatch.setattr(checkpoint, "save", save)
-    cap, enc = make_inputs(tmp_path / "runs")
-    run_train(tiny_config(epochs=4, val_every=3, checkpoint_every=5, keep_last=8), cap, enc, str(tmp_path / "runs"))
+    cap, enc = train_inputs(tmp_path / "runs")
+    run_train(tiny_train_config(epochs=4, val_every=3, checkpoint_every=5, keep_last=8), cap, enc, str(tmp_path / "runs"))
     bests = [i for i, (name, _) in enumerate(writes) if name == "best"]
     assert bests, writes
     for i in bests:
@@ -97,8 +97,8 @@ def test_a_new_best_is_checkpointed_before_best_is_written(tmp_path, monkeypatch
 
 
 def test_verify_flags_a_best_that_holds_another_step_and_the_rerun_repairs_it(tmp_path):
-    cap, enc = make_inputs(tmp_path / "runs")
-    config = tiny_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)
+    cap, enc = train_inputs(tmp_path / "runs")
+    config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)
     result = run_train(config, cap, enc, str(tmp_path / "runs"))
     sd, best = StageDir.at(result.path), checkpoint.best_dir(result.path)
     good = (best / "model.safetensors").read_bytes()
@@ -154,8 +154,8 @@ def _outputs(sd: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("finished", [False, True], ids=["killed-before-finish", "finished"])
 def test_train_removes_its_stale_temporaries_when_it_starts(tmp_path, finished):
-    cap, enc = make_inputs(tmp_path / "runs")
-    config = tiny_config(epochs=8, val_every=4, checkpoint_every=4)
+    cap, enc = train_inputs(tmp_path / "runs")
+    config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4)
     result = run_train(config, cap, enc, str(tmp_path / "runs"))
     sd = Path(result.path)
     before = _outputs(sd)
@@ -205,8 +205,8 @@ def test_caption_out_spares_a_live_writers_temporary(tmp_path):
 @pytest.fixture(scope="module")
 def trained_best(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    cap, enc = make_inputs(root)
-    result = run_train(tiny_config(epochs=2), cap, enc, str(root))
+    cap, enc = train_inputs(root)
+    result = run_train(tiny_train_config(epochs=2), cap, enc, str(root))
     return checkpoint.find(result.path, "best")
 
 

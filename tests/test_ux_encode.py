@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import encode_inputs, tiny_encode_config
 
 from pcm.stages.encode import clip_score_stats, cxe_weight_stats, plan, run_encode
 from storage.layout import StageDir
-from tests.test_encode import make_inputs, tiny_config
 
 
 def test_missing_images_root_is_an_error_at_plan_time(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     missing = tmp_path / "does" / "not" / "exist"
-    cfg = tiny_config(images_root=str(missing))
+    cfg = tiny_encode_config(images_root=str(missing))
     with pytest.raises(FileNotFoundError, match=r"encode\.images_root=.*does not exist") as e:
         plan(cfg, cap, syn, str(tmp_path / "runs"))
     assert str(missing) in str(e.value)
@@ -24,15 +24,15 @@ def test_missing_images_root_is_an_error_at_plan_time(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(FileNotFoundError, match=r"encode\.images_root=.*is not a folder"):
-        plan(tiny_config(images_root=str(a_file)), cap, syn, str(tmp_path / "runs"))
+        plan(tiny_encode_config(images_root=str(a_file)), cap, syn, str(tmp_path / "runs"))
 
 
 def test_every_real_image_failing_is_an_error_and_not_marked_done(tmp_path):
     root = str(tmp_path / "runs")
     images = tmp_path / "empty"
     images.mkdir()  # exists, but holds none of the 4 val/test images
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1)
-    cfg = tiny_config(images_root=str(images), real_shard_size=3)
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
+    cfg = tiny_encode_config(images_root=str(images), real_shard_size=3)
     with pytest.raises(FileNotFoundError) as e:
         run_encode(cfg, cap, syn, root)
     msg = str(e.value)
@@ -42,23 +42,23 @@ def test_every_real_image_failing_is_an_error_and_not_marked_done(tmp_path):
     assert not sd.done_marker.exists()
 
     # The images put in place afterwards: the rerun encodes the real units again and succeeds.
-    make_inputs(tmp_path / "again", n_shards=1, images_dir=images)  # writes img0..img2 into `images`
+    encode_inputs(tmp_path / "again", n_shards=1, images_dir=images)  # writes img0..img2 into `images`
     result = run_encode(cfg, cap, syn, root)
     assert (result.counts["real_ok"], result.counts["real_failed"]) == (3, 1)
     assert StageDir.at(result.path).done_marker.exists()
 
 
 def test_some_failed_and_no_real_rows_still_succeed(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=1, images_dir=tmp_path / "coco")  # img3 missing
-    result = run_encode(tiny_config(images_root=str(tmp_path / "coco")), cap, syn, str(tmp_path / "runs"))
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1, images_dir=tmp_path / "coco")  # img3 missing
+    result = run_encode(tiny_encode_config(images_root=str(tmp_path / "coco")), cap, syn, str(tmp_path / "runs"))
     assert (result.counts["real_ok"], result.counts["real_failed"]) == (3, 1)
-    plain = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))  # no images_root: nothing changes
+    plain = run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))  # no images_root: nothing changes
     assert plain.counts["real"] == 0 and "images_root" in plain.extra["real_note"]
 
 
 def test_encode_reports_the_clip_score_and_cxe_weight_distribution(tmp_path):
-    cap, syn = make_inputs(tmp_path / "runs", n_shards=2)
-    result = run_encode(tiny_config(), cap, syn, str(tmp_path / "runs"))
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=2)
+    result = run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
     stats = result.extra["clip_score_stats"]
     assert stats["n"] == result.counts["images_ok"] == 8
     assert stats["min"] <= stats["q05"] <= stats["q25"] <= stats["median"] <= stats["q75"] <= stats["q95"] <= stats["max"]

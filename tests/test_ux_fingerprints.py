@@ -7,13 +7,13 @@ import os
 import shutil
 
 import pytest
+from builders import encode_inputs, tiny_encode_config
 
 from pcm.config import BY_CONTENT
 from pcm.stages.encode import EncodeConfig
 from pcm.stages.encode import plan as encode_plan
 from pcm.stages.ingest import IngestConfig, dataset_name
 from pcm.stages.ingest import plan as ingest_plan
-from tests.test_encode import make_inputs, tiny_config
 
 
 @pytest.fixture
@@ -50,32 +50,32 @@ def test_ingest_relative_and_absolute_source_share_a_fingerprint(in_tmp):
 
 
 def test_encode_relative_and_absolute_images_root_share_a_fingerprint(in_tmp):
-    cap, syn = make_inputs(in_tmp / "runs", n_shards=1, images_dir=in_tmp / "coco")
+    cap, syn = encode_inputs(in_tmp / "runs", n_shards=1, images_dir=in_tmp / "coco")
     root = str(in_tmp / "runs")
-    absolute = encode_plan(tiny_config(images_root=str(in_tmp / "coco")), cap, syn, root).fingerprint
+    absolute = encode_plan(tiny_encode_config(images_root=str(in_tmp / "coco")), cap, syn, root).fingerprint
     for spelling in ("coco", "./coco", "coco/", f"{in_tmp}/coco/", "runs/../coco"):
-        assert encode_plan(tiny_config(images_root=spelling), cap, syn, root).fingerprint == absolute, spelling
-    assert encode_plan(tiny_config(images_root=str(in_tmp / "runs")), cap, syn, root).fingerprint != absolute
+        assert encode_plan(tiny_encode_config(images_root=spelling), cap, syn, root).fingerprint == absolute, spelling
+    assert encode_plan(tiny_encode_config(images_root=str(in_tmp / "runs")), cap, syn, root).fingerprint != absolute
     # by the names and sizes of the images read, not the path: a copy elsewhere is the same stage
     shutil.copytree(in_tmp / "coco", in_tmp / "elsewhere" / "coco-copy")
-    assert encode_plan(tiny_config(images_root="elsewhere/coco-copy"), cap, syn, root).fingerprint == absolute
+    assert encode_plan(tiny_encode_config(images_root="elsewhere/coco-copy"), cap, syn, root).fingerprint == absolute
 
 
 def test_encode_vocabulary_file_counts_by_content_not_path(in_tmp):
-    cap, syn = make_inputs(in_tmp / "runs", n_shards=1)
+    cap, syn = encode_inputs(in_tmp / "runs", n_shards=1)
     root = str(in_tmp / "runs")
     (in_tmp / "vocab.txt").write_text("dog\ncat\n")
     os.mkdir(in_tmp / "copy")
     shutil.copy(in_tmp / "vocab.txt", in_tmp / "copy" / "other-name.txt")
-    fps = {encode_plan(tiny_config(vocabulary_file=v), cap, syn, root).fingerprint
+    fps = {encode_plan(tiny_encode_config(vocabulary_file=v), cap, syn, root).fingerprint
            for v in ("vocab.txt", str(in_tmp / "vocab.txt"), "copy/other-name.txt")}
     assert len(fps) == 1
     (in_tmp / "vocab.txt").write_text("dog\nhorse\n")
-    assert encode_plan(tiny_config(vocabulary_file="vocab.txt"), cap, syn, root).fingerprint not in fps
+    assert encode_plan(tiny_encode_config(vocabulary_file="vocab.txt"), cap, syn, root).fingerprint not in fps
 
 
 def test_encode_clip_checkpoint_counts_by_content_not_path(in_tmp):
-    cap, syn = make_inputs(in_tmp / "runs", n_shards=1)
+    cap, syn = encode_inputs(in_tmp / "runs", n_shards=1)
     root = str(in_tmp / "runs")
     (in_tmp / "ckpt.safetensors").write_bytes(b"x")
     os.mkdir(in_tmp / "copy")
