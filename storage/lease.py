@@ -9,10 +9,11 @@ A holder that dies (SIGKILL, a lost host) stops renewing, and its lease expires 
 (`PCM_LEASE_SECONDS`, default 30): then a waiting worker takes it over, as the fcntl lock of a local
 root is released when its process exits. Expiry is judged on the store's clock alone: a lease has
 expired when the Date of the store's reply to a GET of it is more than ttl + 1 s (the headers'
-one-second resolution) after the object's Last-Modified in that same reply. No host's clock and
-nothing the holder wrote enters it, so a host whose clock is off neither takes over a live lease
-nor keeps a dead one, and a lease object with a malformed body (not JSON, not a dict, an absurd
-`expires`) expires by its age like any other; its body only names the holder. A host whose clock
+one-second resolution) after the object's Last-Modified in that same reply (ttl: the holder's own
+when its body names one in (0, 10 x ours], else ours). No host's clock and nothing else the holder
+wrote enters it (its `expires` is for older pcm versions only), so a host whose clock is off
+neither takes over a live lease nor keeps a dead one, and a lease object with a malformed body (not
+JSON, not a dict, an absurd `expires`) expires by its age like any other; its body only names the holder. A host whose clock
 differs from the store's by more than ttl/4 + 1 s is warned about once (`check_clock`).
 A renewal that finds the ETag changed means the lease was taken over (the holder was stalled, or
 the store unreachable, past its expiry): `lost` is set and the holder is logged about it. A lease
@@ -209,7 +210,8 @@ class LeaseLock:
 
     def _body(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": self._started, "nonce": self._nonce,
-                "command": " ".join(sys.argv)[:300], "ttl": self.ttl}
+                "command": " ".join(sys.argv)[:300], "ttl": self.ttl,
+                "expires": time.time() + self.ttl}  # read only by older pcm versions, which judge expiry by it
 
     def _ours(self) -> str | None:
         """The lease's ETag if the store holds our own body (a write whose reply was lost did land), else None."""
