@@ -87,7 +87,8 @@ def check_writable(url: str, option: str = "--root") -> None:
 
     Only s3:// is accepted: every stage takes a lock, and leases need conditional writes. The probe
     writes an object twice with `If-None-Match: *` (the second must be refused: a store that ignores
-    the condition would let two workers hold one lock) and deletes it.
+    the condition would let two workers hold one lock) and deletes it. A host clock off the store's by
+    more than a quarter of the lease is warned about here (leases are judged on the store's clock).
     """
     url = url.rstrip("/")
     if not url.startswith(("s3://", "s3a://")):
@@ -97,13 +98,14 @@ def check_writable(url: str, option: str = "--root") -> None:
     probe = f"{m.base}/.pcm-write-check-{uuid.uuid4().hex[:8]}"
     try:
         bucket, key = m.fs.split_path(probe)[:2]
-        m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        reply = m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
     except ImportError as e:
         raise ValueError(f"cannot use {option} {url}: {e}; install the S3 backend: pip install s3fs") from None
     except Exception as e:  # noqa: BLE001 - every backend raises its own errors
         raise ValueError(f"cannot write to {option} {url}: {type(e).__name__}: {e}; check that the bucket exists and "
                          "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3) "
                          "allow writing") from None
+    _check_clock(bucket, reply)
     try:
         try:
             m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
@@ -336,6 +338,13 @@ def _confirm_lease(lock: Path) -> None:
     from storage import lease
 
     lease.confirm(lock)
+
+
+def _check_clock(bucket: str, reply: dict[str, Any]) -> None:
+    """Warn when this host's clock is off the store's (storage.lease.check_clock) before any lease is taken."""
+    from storage import lease
+
+    lease.check_clock(bucket, reply, lease.lease_seconds())
 
 
 def ensure_published(directory: Path, marker: Path) -> None:

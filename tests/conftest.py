@@ -1,11 +1,14 @@
 """Test setup: offline hubs, quiet Prefect, a shared cache for tiny models, a run-root fixture, one Prefect
-server for the whole run (`prefect_server`, `prefect_api`: see tests/prefect_server.py) and the order the
-test files are handed out in."""
+server for the whole run (`prefect_server`, `prefect_api`: see tests/prefect_server.py), the S3 test store
+(`s3`: a moto server on 127.0.0.1 per session, `bucket`: one per test, `store`: an s3fs view) and the order
+the test files are handed out in."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -95,6 +98,58 @@ def one_torch_thread():
 # Tests that take several seconds or more on two cores (stage runs in subprocesses, DDP, the Java scorers,
 # benchmarks, real trainings) carry @pytest.mark.heavy themselves, so that `make test-fast` leaves them out;
 # whatever uses the session's Prefect server gets it here.
+
+
+# ------------------------------------------------------------------------------ the S3 test store
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 and the environment that points boto/s3fs at it: one for the session, since
+    fsspec keeps one s3fs instance (and its endpoint) per process."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3, request):
+    import boto3
+
+    name = "b-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def store(bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return fs
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: `heavy` added here counts

@@ -4,11 +4,9 @@ SIGKILLed mid-shard, ending with the bytes of a local run."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,56 +22,6 @@ from storage.shards import ShardWriter, is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]
 PCM = str(Path(sys.executable).with_name("pcm"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 and the environment that points boto/s3fs at it."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-
-
-@pytest.fixture
-def bucket(s3, request):
-    import boto3
-
-    name = "b-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def store(bucket):
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    fs.invalidate_cache()
-    return fs
 
 
 def _mirror(monkeypatch, tmp_path: Path, name: str) -> Path:
