@@ -76,10 +76,15 @@ def test_train_events_hold_metrics_jsonl_and_a_resume_purges_the_redone_steps(tm
     assert len(files) == 2 and [p.name for p in sd.events.iterdir()] == ["tiny,train.seed=3"]
     # The second file starts by purging step 5 on (TensorBoard drops the first file's points from there) and
     # redoes only steps 5..8.
-    second = list(EventFileLoader(str(files[1])).Load())
-    starts = [e.step for e in second if e.HasField("session_log") and e.session_log.status == e.session_log.START]
-    assert starts == [5]
-    assert {e.step for e in second if e.HasField("summary")} == {5, 6, 7, 8}
+    # (Which file is the resumed run's is told by its content: two files made in one second sort by a per-process
+    # counter, and "10" sorts before "9".)
+    def starts(events: list) -> list[int]:
+        return [e.step for e in events if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+
+    loaded = [list(EventFileLoader(str(f)).Load()) for f in files]
+    resumed_files = [events for events in loaded if starts(events)]
+    assert len(resumed_files) == 1 and starts(resumed_files[0]) == [5]
+    assert {e.step for e in resumed_files[0] if e.HasField("summary")} == {5, 6, 7, 8}
     assert_same(scalars(run_dir), from_jsonl(sd.metrics_log))
 
 
