@@ -4,6 +4,7 @@ so malformed bodies and hosts with wrong clocks neither block waiters forever no
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def test_a_host_clock_300_s_off_neither_takes_over_a_live_lease_nor_keeps_a_dead
     caplog.set_level(logging.WARNING, logger="storage.lease")
     clock.offset = 300.0                      # the holder's clock runs 300 s ahead (the old rule: its lease outlived it)
     held = lock_at(_lock(bucket, "train")).acquire()
-    assert "+300 s off the clock of the store" in caplog.text
+    # The store's Date has whole seconds, so the measured skew is the shift to within 1 s.
+    assert re.search(r"\+(299|300|301) s off the clock of the store", caplog.text)
     time.sleep(TTL + 2.5)                     # past its ttl: only its renewals keep it
     for offset in (300.0, -300.0):            # a waiter ahead or behind (the old rule: +300 took it over at once)
         clock.offset = offset
@@ -91,7 +93,7 @@ def test_a_host_in_step_with_the_store_is_not_warned_and_one_off_is_warned_at_th
     lease._CLOCK_CHECKED.clear()
     clock.offset = -120.0
     remote.check_writable(f"s3://{bucket}/run")
-    assert f"-120 s off the clock of the store holding {bucket}" in caplog.text
+    assert re.search(rf"-(119|120|121) s off the clock of the store holding {bucket}", caplog.text)
 
 
 def test_a_holder_names_a_sane_longer_ttl_and_it_is_honoured_an_absurd_one_is_not():
