@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from storage.lock import FileLock, lock_at, try_lock
+from storage.lock import FileLock
+from storage.locks import lock_at, try_lock
 from storage.shards import is_done
 
 K = TypeVar("K")

@@ -81,23 +81,3 @@ class FileLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-
-def lock_at(path: str | os.PathLike, timeout: float | None = 0.0) -> FileLock | Any:
-    """The lock at `path`: a FileLock, or a lease object (storage.lease) in a working copy of an object-store root."""
-    from storage.remote import mirror_of
-
-    mirror = mirror_of(Path(path).parent)
-    if mirror is None:
-        return FileLock(path, timeout=timeout)
-    from storage.lease import LeaseLock
-
-    return LeaseLock(mirror, path, timeout=timeout)
-
-
-def try_lock(path: str | os.PathLike) -> FileLock | Any | None:
-    """Take the lock at `path` now, or return None if another process holds it."""
-    try:
-        return lock_at(path, timeout=0).acquire()
-    except LockHeld:
-        return None

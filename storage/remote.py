@@ -43,9 +43,9 @@ MIRROR_FILE = ".pcm-mirror.json"   # in a working copy's root: the URL it mirror
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # Never published: locks are lease objects in the store, temporaries and old checkpoint names are
 # a writer's own, and the mirror file is the working copy's.
-_PRIVATE = re.compile(r"^(\.tmp-|\.old-|\..*\.lock$|\.lock$|\.pcm-mirror\.json$)")
+PRIVATE = re.compile(r"^(\.tmp-|\.old-|\..*\.lock$|\.lock$|\.pcm-mirror\.json$)")
 # Subdirectories of one file set per shard, published shard by shard with their markers.
-_UNIT_DIRS = ("shards", "features", "real")
+UNIT_DIRS = ("shards", "features", "real")
 # Of those, what a stage fetch leaves to `shards.fetch` (image tars: fetched one at a time, when read).
 _LAZY_DIRS = ("shards",)
 
@@ -80,43 +80,6 @@ def refused_condition(e: BaseException) -> bool:
     text = str(e)
     return (isinstance(e, FileExistsError) or (isinstance(e, OSError) and e.errno == errno.EBUSY)
             or "pre-condition" in text or "PreconditionFailed" in text or "ConditionalRequestConflict" in text)
-
-
-def check_writable(url: str, option: str = "--root") -> None:
-    """Probe an object-store root before work starts, or raise a ValueError naming it and what to do.
-
-    Only s3:// is accepted: every stage takes a lock, and leases need conditional writes. The probe
-    writes an object twice with `If-None-Match: *` (the second must be refused: a store that ignores
-    the condition would let two workers hold one lock) and deletes it. A host clock off the store's by
-    more than a quarter of the lease is warned about here (leases are judged on the store's clock).
-    """
-    url = url.rstrip("/")
-    if not url.startswith(("s3://", "s3a://")):
-        raise ValueError(f"cannot use {option} {url}: object-store roots must be s3:// (locks need S3's conditional "
-                         "writes); use an s3:// bucket, or a local or shared-mount path")
-    m = Mirror(url, Path("."))
-    probe = f"{m.base}/.pcm-write-check-{uuid.uuid4().hex[:8]}"
-    try:
-        bucket, key = m.fs.split_path(probe)[:2]
-        reply = m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
-    except ImportError as e:
-        raise ValueError(f"cannot use {option} {url}: {e}; install the S3 backend: pip install s3fs") from None
-    except Exception as e:  # noqa: BLE001 - every backend raises its own errors
-        raise ValueError(f"cannot write to {option} {url}: {type(e).__name__}: {e}; check that the bucket exists and "
-                         "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3) "
-                         "allow writing") from None
-    _check_clock(bucket, reply)
-    try:
-        try:
-            m.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
-        except Exception as e:  # noqa: BLE001
-            if refused_condition(e):
-                return
-            raise
-        raise ValueError(f"cannot use {option} {url}: the store ignored a conditional write (If-None-Match), so "
-                         "its locks would not exclude anyone; use a store with S3 conditional writes")
-    finally:
-        m.fs.rm_file(probe)
 
 
 @dataclass(frozen=True)
@@ -214,7 +177,7 @@ class Mirror:
         out = {}
         for key, info in found.items():
             rel = key[len(base) + 1:] if key.startswith(base + "/") else None
-            if rel and not any(_PRIVATE.match(part) for part in rel.split("/")) and info.get("type") != "directory":
+            if rel and not any(PRIVATE.match(part) for part in rel.split("/")) and info.get("type") != "directory":
                 out[rel] = int(info.get("size") or 0)
         return out
 
@@ -276,18 +239,6 @@ def publish_files(*paths: str | os.PathLike) -> None:
         m.publish(paths)
 
 
-def publish_unit(marker: Path) -> None:
-    """Upload a shard's files (`shard-NNNNNN.*` beside `marker`), then `marker`; nothing for a local root."""
-    m = mirror_of(marker)
-    if m is None:
-        return
-    stem = marker.name.split(".", 1)[0]
-    files = sorted(p for p in marker.parent.glob(f"{stem}.*") if p != marker and p.is_file())
-    _confirm_lease(_layout().shard_lock_of(marker))
-    m.remove_temporaries(marker.parent, f"{stem}.")   # a killed earlier holder's, never another shard's
-    m.publish([*files, marker])
-
-
 def fetch_unit(marker: Path) -> bool:
     """Fetch a shard whose `marker` is in the store but not here (its files, then the marker); False if unpublished."""
     m = mirror_of(marker)
@@ -299,59 +250,6 @@ def fetch_unit(marker: Path) -> bool:
                    and rel != marker.name)
     m.fetch([*files, marker])
     return True
-
-
-def publish_tree(directory: Path, marker: Path | None = None, *, units: bool = False) -> None:
-    """Upload a stage directory's own files, then `marker`; nothing for a local root.
-
-    The per-shard directories (`shards/`, `features/`, `real/`) are published shard by shard by their
-    markers (`publish_unit`); `units=True` also uploads their files the store lacks or holds at
-    another size (a publication cut short). The stage's own files always go up: a rewritten file of
-    the same size (new weights of the same shapes) must replace the old one.
-    """
-    m = mirror_of(directory)
-    if m is None:
-        return
-    files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p != marker
-             and not any(_PRIVATE.match(part) for part in p.relative_to(directory).parts)]
-    own = [p for p in files if p.relative_to(directory).parts[0] not in _UNIT_DIRS]
-    todo = own
-    if units:
-        have = m.listing(directory)
-        todo += [p for p in files if p.relative_to(directory).parts[0] in _UNIT_DIRS
-                 and have.get(p.relative_to(directory).as_posix()) != p.stat().st_size]
-    _confirm_lease(directory / _layout().STAGE_LOCK)
-    if marker is not None:  # the stage is complete: no upload under it is still wanted
-        m.remove_temporaries(directory)
-    m.publish([*todo, *([marker] if marker is not None else [])])
-
-
-def _layout() -> Any:
-    """storage.layout, which imports this module (so it is imported when first needed)."""
-    from storage import layout
-
-    return layout
-
-
-def _confirm_lease(lock: Path) -> None:
-    """Renew the lease this process holds at `lock` (storage.lease.confirm), or raise LeaseLost before publishing."""
-    from storage import lease
-
-    lease.confirm(lock)
-
-
-def _check_clock(bucket: str, reply: dict[str, Any]) -> None:
-    """Warn when this host's clock is off the store's (storage.lease.check_clock) before any lease is taken."""
-    from storage import lease
-
-    lease.check_clock(bucket, reply, lease.lease_seconds())
-
-
-def ensure_published(directory: Path, marker: Path) -> None:
-    """Publish a stage finished here whose marker never reached the store (its worker was killed while publishing)."""
-    m = mirror_of(directory)
-    if m is not None and marker.exists() and not m.exists(marker):
-        publish_tree(directory, marker, units=True)
 
 
 def fetch_tree(directory: Path, marker: Path) -> bool:
@@ -373,7 +271,7 @@ def fetch_tree(directory: Path, marker: Path) -> bool:
         if rel == rel_marker or top in _LAZY_DIRS:
             continue
         here = local.is_file() and local.stat().st_size == size
-        if not here or (top not in _UNIT_DIRS and not same_run):
+        if not here or (top not in UNIT_DIRS and not same_run):
             todo.append(local)
     m.fetch([*todo, marker])
     return True

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from storage import atomic, remote
+from storage import atomic, publish, remote
 from storage.fingerprint import file_digest
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -83,7 +83,7 @@ def write_marker(shard: Path, stats: dict[str, Any]) -> None:
     """Write the shard's done marker; on an object-store root, then publish the shard, marker last."""
     atomic.write_json(done_path(shard), stats)
     try:
-        remote.publish_unit(done_path(shard))
+        publish.publish_unit(done_path(shard))
     except BaseException:
         done_path(shard).unlink(missing_ok=True)  # unpublished (a lost lease, a failed upload): not done here either
         raise

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from storage import claims
-from storage.lock import try_lock
+from storage.locks import try_lock
 from storage.shards import ShardWriter, is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]

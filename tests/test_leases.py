@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from storage import lease, remote
+from storage import lease, publish
 from storage.layout import RunLayout
-from storage.lock import LockHeld, lock_at
+from storage.lock import LockHeld
+from storage.locks import lock_at
 
 TTL = 2.0   # PCM_LEASE_SECONDS in these tests: a lease expires once unrenewed for over 3 s on the store's clock
 
@@ -88,11 +89,11 @@ def test_a_host_clock_300_s_off_neither_takes_over_a_live_lease_nor_keeps_a_dead
 def test_a_host_in_step_with_the_store_is_not_warned_and_one_off_is_warned_at_the_root_check(
         bucket, store, clock, caplog):
     caplog.set_level(logging.WARNING, logger="storage.lease")
-    remote.check_writable(f"s3://{bucket}/run")
+    publish.check_writable(f"s3://{bucket}/run")
     assert "off the clock of the store" not in caplog.text
     lease._CLOCK_CHECKED.clear()
     clock.offset = -120.0
-    remote.check_writable(f"s3://{bucket}/run")
+    publish.check_writable(f"s3://{bucket}/run")
     assert re.search(rf"-(119|120|121) s off the clock of the store holding {bucket}", caplog.text)
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from storage import remote
 from storage.layout import RunLayout, StageDir
-from storage.lock import LockHeld, lock_at
+from storage.lock import LockHeld
+from storage.locks import lock_at
 from storage.shards import ShardWriter, is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_a_killed_holders_lease_expires(bucket, store, tmp_path, monkeypatch, s3
     _mirror(monkeypatch, tmp_path, "a")
     url = f"s3://{bucket}/run"
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from storage.layout import RunLayout; from storage.lock import lock_at;"
+        [sys.executable, "-c", "import sys, time; from storage.layout import RunLayout; from storage.locks import lock_at;"
          f"lock_at(RunLayout({url!r}).stage('train', 'c' * 16).lock_file).acquire(); print('held', flush=True);"
          "time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,

@@ -22,7 +22,7 @@ from pcm.diffusion import Synthesizer
 from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_synthesize, sample_seed
 from storage import tables
 from storage.layout import RunLayout
-from storage.lock import try_lock
+from storage.locks import try_lock
 from storage.shards import is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperCommand
 
 from pcm import bundled
-from storage import remote
+from storage import publish, remote
 from storage.layout import STAGES  # storage imports no torch: the CLI stays light
 
 try:  # typer 0.2x carries its own copy of click
@@ -52,10 +52,10 @@ def writable_dir(path: str | os.PathLike, option: str = "--root") -> Path:
 
     Every failure is a ValueError naming the folder and what to do, raised before any work starts
     (a read-only root would otherwise end a stage with an OSError traceback, possibly hours in).
-    An object-store URL is probed in the store (storage.remote.check_writable); its working copy is returned.
+    An object-store URL is probed in the store (storage.publish.check_writable); its working copy is returned.
     """
     if remote.is_url(path):
-        remote.check_writable(str(path), option)
+        publish.check_writable(str(path), option)
         return remote.local_root(str(path))
     if str(path).startswith("file:"):  # Path("file:///x") would be the relative folder ./file:/x
         raise ValueError(f"{option} {path}: give a local folder as a path (/{str(path)[5:].lstrip('/')}), "

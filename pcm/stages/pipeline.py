@@ -215,7 +215,8 @@ def enabled(cfg: PipelineConfig, stage: str) -> bool:
 def _waiting_for_others(run: Callable[[], StageResult], stage: str, wait_s: float | None) -> StageResult:
     """Run a stage; while another process holds its lock, wait for it (saying whom), then run it again,
     which reuses what that process finished or resumes what it left."""
-    from storage.lock import LockHeld, lock_at
+    from storage.lock import LockHeld
+    from storage.locks import lock_at
 
     while True:
         try:

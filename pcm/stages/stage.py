@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pcm.config import StageConfig
-from storage import atomic, remote
+from storage import atomic, publish, remote
 from storage.fingerprint import fingerprint
 from storage.layout import RunLayout, StageDir
-from storage.lock import lock_at
+from storage.locks import lock_at
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def cached(sd: StageDir, verify: Callable[[StageDir], str | None] | None = None)
         log.warning("%s: outputs incomplete (%s); resuming", sd.path, problem)
         drop_marker(sd)
         return None
-    remote.ensure_published(sd.path, sd.done_marker)  # an object-store root: a publish cut short is finished
+    publish.ensure_published(sd.path, sd.done_marker)  # an object-store root: a publish cut short is finished
     r = StageResult.load(sd.done_marker)
     return StageResult(**{**r.to_dict(), "cached": True})
 
@@ -107,7 +107,7 @@ def finish(sd: StageDir, counts: dict[str, int], started: float, extra: dict | N
                          timings={"total_s": round(time.monotonic() - started, 3), **(timings or {})},
                          extra=extra or {})
     result.save(sd.done_marker)
-    remote.publish_tree(sd.path, marker=sd.done_marker)  # an object-store root: the outputs, then the marker
+    publish.publish_tree(sd.path, marker=sd.done_marker)  # an object-store root: the outputs, then the marker
     return result
 
 

@@ -42,7 +42,7 @@ from pcm.stages.stage import (
 )
 from storage import atomic, checkpoints, jsonl
 from storage.layout import RunLayout, StageDir
-from storage.lock import try_lock
+from storage.locks import try_lock
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
