@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from storage import atomic
+from storage import atomic, remote
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -116,6 +116,38 @@ def list_steps(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest(directory: str | os.PathLike) -> Path | None:
     steps = list_steps(directory)
     return steps[-1][1] if steps else None
+
+
+def fetch_published(directory: str | os.PathLike, run_log: str | os.PathLike | None = None) -> Path | None:
+    """On an object-store root, bring the newest step checkpoint the store holds (its state.json published: see
+    storage.publish.publish_checkpoint) into `directory` when none here is as new, with the step its state names
+    as best and the run's log; returns it, or None (a local root, nothing newer). Each checkpoint lands whole
+    (`atomic_directory`), so a kill mid-fetch leaves no partial one to resume from."""
+    directory = Path(directory)
+    m = remote.mirror_of(directory)
+    if m is None:
+        return None
+    listing = m.listing(directory)
+    steps = sorted({int(x.group(1)) for rel in listing if (x := re.fullmatch(r"step-(\d{8})/" + STATE, rel))})
+    here = list_steps(directory)
+    if not steps or (here and here[-1][0] >= steps[-1]):
+        return None
+    newest = _fetch_step(m, directory, steps[-1], listing)
+    best = (atomic.read_json(newest / STATE).get("best") or {}).get("step")
+    if best in steps and best not in dict(list_steps(directory)):
+        _fetch_step(m, directory, best, listing)
+    if run_log is not None and m.exists(run_log):
+        m.fetch([Path(run_log)])
+    return newest
+
+
+def _fetch_step(m: remote.Mirror, directory: Path, step: int, listing: dict[str, int]) -> Path:
+    name = step_name(step)
+    files = sorted(rel.split("/", 1)[1] for rel in listing if rel.startswith(name + "/"))
+    with atomic_directory(directory / name) as tmp:
+        for f in [*(f for f in files if f != STATE), STATE]:
+            m.fs.get_file(m.key(directory / name / f), str(tmp / f))
+    return directory / name
 
 
 def prune(directory: str | os.PathLike, keep: int) -> None:

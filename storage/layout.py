@@ -39,6 +39,7 @@ STAGES = ("ingest", "synthesize", "encode", "refine", "train", "evaluate")
 SHARD_DIGITS = 6
 _FINGERPRINT = re.compile(r"^[0-9a-f]{8,64}$")
 STAGE_LOCK = ".lock"   # in a stage directory
+DONE_MARKER = "stage.done.json"   # in a stage directory: its result, written last
 
 
 def shard_lock_of(shard_file: Path) -> Path:
@@ -63,7 +64,7 @@ class StageDir:
     # -- whole-stage files ------------------------------------------------------------
     @property
     def done_marker(self) -> Path:
-        return self.path / "stage.done.json"
+        return self.path / DONE_MARKER
 
     @property
     def config_file(self) -> Path:

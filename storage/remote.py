@@ -1,20 +1,19 @@
 """Run roots on object storage: each worker works in a local copy and publishes finished units to the store.
 
-    root = "s3://bucket/runs"   (any fsspec URL)
+    root = "s3://bucket/runs"
     the worker's working copy:  <PCM_MIRROR_DIR, default ~/.cache/pcm/mirrors>/<sha256(url)[:16]>/
 
 Stages read and write the working copy exactly as they do a local root; storage keeps it and the
 store in step at a few points, each a unit with a marker:
 - a finished shard (`shards.write_marker`): its files, then its done marker;
 - a stage directory when its config.json is written (`pcm.stages.stage.open_stage`) and when the
-  stage finishes (`finish`): every file not yet in the store, `stage.done.json` last;
+  stage finishes (`finish`): its files, `stage.done.json` last;
 - reading: a stage directory named by URL (`StageDir.at("s3://…/encode/<fp>")`) is fetched once
   its marker is in the store (image shards excepted: `shards.is_done` fetches each when asked
   about it, so an encode worker downloads only the tars it encodes).
-Each file is uploaded under a temporary key (`.tmp-<name>.<uuid>`) and moved onto its final key,
-its marker after it, so the store never holds a partial object under a final name and a marker
-never names a file that is not there. The temporary keys of an upload killed between the two are
-deleted by the next holder of that shard's lease, and those under a stage when it finishes.
+Publication (storage.publish) creates each final key with one conditional PUT (`If-None-Match: *`), its
+marker after it: the store never holds a partial object under a final name, a marker never names a file
+that is not there, and no worker replaces or deletes what another wrote (docs/contracts.md).
 Downloads land through storage.atomic, so the working copy keeps the same rule. Locks on a
 mirrored root are lease objects (storage.lease), not files.
 Credentials and endpoints come from the fsspec backend's own settings (for S3: the AWS_* variables,
@@ -30,7 +29,6 @@ import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,35 +125,47 @@ class Mirror:
     def exists(self, path: str | os.PathLike) -> bool:
         return bool(self.fs.exists(self.key(path)))
 
-    def publish(self, paths: Iterable[str | os.PathLike]) -> None:
-        """Upload files in order (put the marker last), each under a temporary key moved onto its final one."""
-        for p in paths:
-            final = self.key(p)
-            parent, name = final.rsplit("/", 1)
-            tmp = f"{parent}/.tmp-{name}.{uuid.uuid4().hex[:8]}"
-            self.fs.put_file(str(p), tmp)
-            try:
-                self.fs.mv(tmp, final)
-            except BaseException:
-                self.fs.rm_file(tmp)
-                raise
+    def _bucket_key(self, path: str | os.PathLike) -> tuple[str, str]:
+        bucket, key = self.fs.split_path(self.key(path))[:2]
+        return bucket, key
 
-    def remove_temporaries(self, directory: str | os.PathLike, name: str = "") -> list[str]:
-        """Delete the temporary upload keys (`.tmp-<name>...`) under `directory`, left by an uploader killed
-        between its upload and its move; returns their keys. Only for the holder of what they belong to."""
-        base = self.key(directory)
-        prefix = f".tmp-{name}"
+    def head(self, path: str | os.PathLike) -> dict[str, Any] | None:
+        """The store's metadata of a file of the working copy (ETag, ContentLength), or None when it has none."""
+        bucket, key = self._bucket_key(path)
         try:
-            # S3 lists by key prefix: one shard's keys, or else the whole directory's (subdirectories too)
-            found = self.fs.find(base, prefix=prefix) if self.is_s3 and name else self.fs.find(base)
+            return self.fs.call_s3("head_object", Bucket=bucket, Key=key)
         except FileNotFoundError:
-            return []
-        stale = [k for k in found if k.startswith(base + "/") and k.rsplit("/", 1)[-1].startswith(prefix)
-                 and (name == "" or k.rsplit("/", 1)[0] == base)]
-        if stale:
-            log.info("removing %d temporary key(s) of a killed upload under %s", len(stale), self.public(directory))
-            self.fs.rm(stale)
-        return stale
+            return None
+
+    def create(self, path: str | os.PathLike) -> bool:
+        """Upload a file to its final key only if no object is there (`If-None-Match: *`); False when one is.
+
+        One PUT: the store shows the whole object or none of it, so no temporary key is ever needed.
+        """
+        bucket, key = self._bucket_key(path)
+        try:
+            with open(path, "rb") as f:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=f, IfNoneMatch="*")
+        except Exception as e:  # noqa: BLE001 - the backend's own error for a refused condition
+            if refused_condition(e):
+                return False
+            raise
+        return True
+
+    def replace(self, path: str | os.PathLike, etag: str) -> None:
+        """Upload a file over the object this worker read (`If-Match: etag`); refused if another writer changed it."""
+        bucket, key = self._bucket_key(path)
+        with open(path, "rb") as f:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=f, IfMatch=etag)
+
+    def delete(self, path: str | os.PathLike, etag: str) -> None:
+        """Delete the object this worker read (`If-Match: etag`); refused if another writer changed it."""
+        bucket, key = self._bucket_key(path)
+        self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+
+    def digest(self, path: str | os.PathLike) -> str:
+        """sha256 of the store's copy of a file (downloaded: only to name what differs)."""
+        return hashlib.sha256(self.fs.cat_file(self.key(path))).hexdigest()
 
     def fetch(self, paths: Iterable[str | os.PathLike]) -> None:
         """Download files of the store into the working copy, in order, each through a temporary name."""
@@ -233,12 +243,6 @@ def public(path: str | os.PathLike) -> str:
     return m.public(path) if m is not None else str(path)
 
 
-def publish_files(*paths: str | os.PathLike) -> None:
-    """Upload these files of a working copy in order (the marker last); nothing for a local root."""
-    if paths and (m := mirror_of(paths[0])) is not None:
-        m.publish(paths)
-
-
 def fetch_unit(marker: Path) -> bool:
     """Fetch a shard whose `marker` is in the store but not here (its files, then the marker); False if unpublished."""
     m = mirror_of(marker)
@@ -299,13 +303,3 @@ def fetch_file(path: Path, marker: Path) -> bool:
         return False
     m.fetch([p for p in dict.fromkeys((path, marker)) if not p.exists()])
     return True
-
-
-def unpublish(path: Path) -> None:
-    """Delete a marker from the store (a forced rerun or an incomplete stage drops it first); nothing for a local root."""
-    m = mirror_of(path)
-    if m is not None:
-        try:
-            m.fs.rm_file(m.key(path))
-        except FileNotFoundError:
-            pass

@@ -62,9 +62,11 @@ def fetch_file(path: Path) -> None:
         remote.fetch_file(Path(path), done_path(path))
 
 
-def drop_marker(shard: Path) -> None:
-    """Forget that a shard is done: its marker goes, here and (first) in the store, so it is redone."""
-    remote.unpublish(done_path(shard))
+def drop_marker(shard: Path, *, store: bool = False) -> None:
+    """Forget that a shard is done here, so it is redone; `store=True` (a forced rerun, a shard known bad) also
+    withdraws its marker from an object-store root (storage.publish.withdraw: the copy read, by its ETag)."""
+    if store:
+        publish.withdraw(done_path(shard))
     done_path(shard).unlink(missing_ok=True)
 
 
@@ -158,7 +160,7 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temporaries(self.path.parent, self.path.name)
-        drop_marker(self.path)  # a rewrite invalidates any old marker first (in the store too)
+        drop_marker(self.path)  # a rewrite invalidates the old marker here (the store's is a commit: storage.publish)
         self._tmp = atomic.temporary_path(self.path)
         self._file = open(self._tmp, "wb")
         self._hashing = _HashingFile(self._file)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from storage import remote
+from storage import publish
 from storage.layout import RunLayout, StageDir
 from storage.lock import LockHeld
 from storage.locks import lock_at
@@ -156,18 +156,136 @@ def test_a_conflict_reply_counts_as_held_not_as_a_failure():
     assert not refused_condition(OSError(errno.EACCES, "Access Denied"))
 
 
-def test_a_rewritten_shard_leaves_the_store_before_it_is_written(bucket, store, tmp_path, monkeypatch):
-    """A forced rewrite drops the store's marker first: no worker fetches the old shard under a new marker."""
+def _objects(store, prefix: str) -> dict[str, tuple[str, str]]:
+    """Key -> (ETag, LastModified) of every object under `prefix`: what changes if anything is replaced."""
+    store.invalidate_cache()
+    return {k: (v["ETag"], str(v["LastModified"])) for k, v in store.find(prefix, detail=True).items()}
+
+
+def test_a_late_writer_of_the_same_shard_replaces_and_deletes_nothing_and_adopts_the_commit(
+        bucket, store, tmp_path, monkeypatch):
+    """A stalled host that believes it still holds the shard (its lease check passes: a skewed clock, a paused VM)
+    writes the shard after the new holder published it: not one object is deleted or replaced, its marker is the
+    store's, and its shard is the same bytes."""
+    from storage import lease
+
+    url = f"s3://{bucket}/run"
+    _mirror(monkeypatch, tmp_path, "new-holder")
+    sd = RunLayout(url).stage("synthesize", "5" * 16)
+    with ShardWriter(sd.image_shard(0)) as w:
+        w.write({"__key__": "k1", "txt": "a cat"})
+    before = _objects(store, f"{bucket}/run")
+
+    _mirror(monkeypatch, tmp_path, "stalled")
+    monkeypatch.setattr(lease, "confirm", lambda lock: None)    # correctness may not rest on this check
+    sd_late = RunLayout(url).stage("synthesize", "5" * 16)
+    time.sleep(1.1)                                              # a replaced object would get a later LastModified
+    with ShardWriter(sd_late.image_shard(0)) as w:
+        w.write({"__key__": "k1", "txt": "a cat"})
+    assert _objects(store, f"{bucket}/run") == before
+    assert sd_late.image_shard(0).with_name("shard-000000.done.json").read_bytes() == \
+        sd.image_shard(0).with_name("shard-000000.done.json").read_bytes()      # the committed marker, adopted
+    assert sd_late.image_shard(0).read_bytes() == sd.image_shard(0).read_bytes()
+
+
+def test_a_late_writer_of_other_bytes_is_refused_naming_both_digests(bucket, store, tmp_path, monkeypatch):
+    import hashlib
+
+    from storage import lease
+    from storage.publish import PublishConflict
+
+    url = f"s3://{bucket}/run"
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout(url).stage("synthesize", "5" * 16)
+    with ShardWriter(sd.image_shard(0)) as w:
+        w.write({"__key__": "old", "txt": "a cat"})
+    before = _objects(store, f"{bucket}/run")
+    theirs = hashlib.sha256(sd.image_shard(0).read_bytes()).hexdigest()
+    _mirror(monkeypatch, tmp_path, "b")
+    monkeypatch.setattr(lease, "confirm", lambda lock: None)
+    sd_b = RunLayout(url).stage("synthesize", "5" * 16)
+    with pytest.raises(PublishConflict, match=theirs) as e:
+        with ShardWriter(sd_b.image_shard(0)) as w:
+            w.write({"__key__": "new", "txt": "a dog"})
+    assert hashlib.sha256(sd_b.image_shard(0).read_bytes()).hexdigest() in str(e.value)
+    assert "--force" in str(e.value)
+    assert _objects(store, f"{bucket}/run") == before
+    assert not sd_b.image_shard(0).with_name("shard-000000.done.json").exists()   # not done here either
+
+
+def test_a_forced_rewrite_withdraws_the_marker_it_read_and_replaces_the_shard(bucket, store, tmp_path, monkeypatch):
+    from storage.shards import drop_marker
+
     _mirror(monkeypatch, tmp_path, "a")
     sd = RunLayout(f"s3://{bucket}/run").stage("synthesize", "5" * 16)
     marker = f"{bucket}/run/synthesize/{'5' * 16}/shards/shard-000000.done.json"
     with ShardWriter(sd.image_shard(0)) as w:
         w.write({"__key__": "old", "txt": "a cat"})
-    assert store.exists(marker)
+    drop_marker(sd.image_shard(0), store=True)
+    assert not store.exists(marker)          # withdrawn first: no worker fetches the old shard under a new marker
     with ShardWriter(sd.image_shard(0)) as w:
-        assert not store.exists(marker)
         w.write({"__key__": "new", "txt": "a dog"})
     assert store.exists(marker) and b"new.txt" in store.cat(marker.replace(".done.json", ".tar"))
+
+
+def test_a_withdrawal_is_refused_when_the_marker_changed_since_it_was_read(bucket, store, tmp_path, monkeypatch):
+    from storage import remote as transport
+    from storage.shards import drop_marker
+
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = RunLayout(f"s3://{bucket}/run").stage("synthesize", "5" * 16)
+    with ShardWriter(sd.image_shard(0)) as w:
+        w.write({"__key__": "old", "txt": "a cat"})
+    key = f"{bucket}/run/synthesize/{'5' * 16}/shards/shard-000000.done.json"
+    read = transport.Mirror.head
+
+    def head_then_another_host_commits(self, path):
+        found = read(self, path)
+        store.pipe(key, b'{"count": 2}')        # another host's commit lands between the read and the delete
+        return found
+
+    monkeypatch.setattr(transport.Mirror, "head", head_then_another_host_commits)
+    with pytest.raises(OSError, match="pre-condition"):
+        drop_marker(sd.image_shard(0), store=True)
+    assert store.cat(key) == b'{"count": 2}'
+
+
+def test_a_stage_committed_by_another_host_first_is_adopted(bucket, store, tmp_path, monkeypatch):
+    from pcm.stages.stage import finish, open_stage
+    from storage import lease
+
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = open_stage(_planned(f"s3://{bucket}/run"))
+    sd.file("captions.parquet").write_bytes(b"PAR1")
+    first = finish(sd, {"rows": 1}, time.monotonic())
+    before = _objects(store, f"{bucket}/run")
+    _mirror(monkeypatch, tmp_path, "b")
+    monkeypatch.setattr(lease, "confirm", lambda lock: None)
+    sd_b = open_stage(_planned(f"s3://{bucket}/run"))
+    sd_b.file("captions.parquet").write_bytes(b"PAR1")
+    late = finish(sd_b, {"rows": 1}, time.monotonic() - 100)   # other timings: another marker
+    assert late.timings == first.timings and sd_b.done_marker.read_bytes() == sd.done_marker.read_bytes()
+    assert _objects(store, f"{bucket}/run") == before
+
+
+def test_a_card_is_replaced_only_over_the_copy_read(bucket, store, tmp_path, monkeypatch):
+    from storage import publish
+
+    _mirror(monkeypatch, tmp_path, "a")
+    sd = open_stage_of(f"s3://{bucket}/run")
+    card = sd.path / "best" / "README.md"
+    card.parent.mkdir(parents=True)
+    card.write_text("first")
+    publish.publish_files(card)
+    card.write_text("with scores")
+    publish.publish_files(card)
+    assert store.cat(f"{bucket}/run/ingest/{sd.fingerprint}/best/README.md") == b"with scores"
+
+
+def open_stage_of(url: str) -> StageDir:
+    from pcm.stages.stage import open_stage
+
+    return open_stage(_planned(url))
 
 
 def test_a_forced_stage_rerun_replaces_same_sized_files_in_the_store(bucket, store, tmp_path, monkeypatch):
@@ -177,7 +295,7 @@ def test_a_forced_stage_rerun_replaces_same_sized_files_in_the_store(bucket, sto
     sd = open_stage(_planned(f"s3://{bucket}/run"))
     sd.file("captions.parquet").write_bytes(b"OLD1")
     finish(sd, {"rows": 1}, time.monotonic())
-    drop_marker(sd)
+    drop_marker(sd, store=True)      # a forced rerun
     key = f"{bucket}/run/ingest/{sd.fingerprint}"
     assert not store.exists(f"{key}/stage.done.json")
     sd.file("captions.parquet").write_bytes(b"NEW1")     # the same size: weights of the same shapes
@@ -208,24 +326,22 @@ def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, 
     assert sd_b.image_shard(0).read_bytes() == local_a
 
 
-def test_a_killed_uploads_temporary_keys_are_removed_by_the_next_holder(bucket, store, tmp_path, monkeypatch):
-    """An uploader killed between its upload and its move leaves a `.tmp-` key: the next writer of that shard
-    deletes that shard's (never another shard's), and the stage's last ones go when the stage finishes."""
+def test_publication_leaves_no_temporary_key_and_deletes_nothing_it_did_not_write(bucket, store, tmp_path, monkeypatch):
+    """One conditional PUT per final key: nothing temporary to clean, so a key another writer left (here an old
+    version's `.tmp-` upload) stays."""
     from pcm.stages.stage import finish, open_stage
 
     _mirror(monkeypatch, tmp_path, "a")
     sd = open_stage(_planned(f"s3://{bucket}/run"))
     base = f"{bucket}/run/ingest/{sd.fingerprint}"
-    mine, other = f"{base}/shards/.tmp-shard-000000.tar.0badf00d", f"{base}/shards/.tmp-shard-000001.tar.0badf00d"
-    for key in (mine, other, f"{base}/.tmp-captions.parquet.0badf00d"):
-        store.pipe(key, b"half an upload")
+    other = f"{base}/shards/.tmp-shard-000001.tar.0badf00d"
+    store.pipe(other, b"someone else's")
     with ShardWriter(sd.path / "shards" / "shard-000000.tar") as w:
         w.write({"__key__": "k1", "txt": "a cat"})
-    assert not store.exists(mine) and store.exists(other)
-    assert store.exists(f"{base}/shards/shard-000000.done.json")
     sd.file("captions.parquet").write_bytes(b"rows")
     finish(sd, {"rows": 1}, time.monotonic())
-    assert not [k for k in store.find(base) if "/.tmp-" in k], store.find(base)
+    store.invalidate_cache()
+    assert [k for k in store.find(base) if "/.tmp-" in k] == [other]
     assert store.exists(f"{base}/stage.done.json") and store.cat(f"{base}/captions.parquet") == b"rows"
 
 
@@ -235,7 +351,7 @@ def test_a_shard_without_its_published_marker_is_not_done_elsewhere(bucket, stor
     sd = RunLayout(url).stage("synthesize", "f" * 16)
     sd.image_shard(0).parent.mkdir(parents=True)
     sd.image_shard(0).write_bytes(b"half a tar")
-    remote.publish_files(sd.image_shard(0))          # the tar went up, the writer died before its marker
+    publish.publish_files(sd.image_shard(0))         # the tar went up, the writer died before its marker
     _mirror(monkeypatch, tmp_path, "b")
     sd_b = RunLayout(url).stage("synthesize", "f" * 16)
     assert not is_done(sd_b.image_shard(0)) and not sd_b.image_shard(0).exists()
@@ -453,3 +569,128 @@ def test_the_whole_pipeline_evaluate_included_finishes_on_an_s3_root_and_is_reus
     _mirror(monkeypatch, tmp_path, "host-b")            # another host, an empty working copy: all reused
     second = run_pipeline(cfg, url)
     assert all(r.cached for r in second.values()) and second["evaluate"].path == first["evaluate"].path
+
+
+# ------------------------------------------------------------------------------ train across hosts
+# Host A trains on the bucket and is SIGKILLed right after it published its step-8 checkpoint.
+KILLED_AFTER_PUBLISHING = """
+import os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from storage import publish
+from pcm.stages.train import TrainConfig, run_train
+
+real = publish.publish_checkpoint
+
+def publish_then_die(step_dir, *args, **kwargs):
+    real(step_dir, *args, **kwargs)
+    if Path(step_dir).name == "step-00000008":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+publish.publish_checkpoint = publish_then_die
+run_train(TrainConfig.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+"""
+
+
+@pytest.mark.heavy
+def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkpoint(
+        bucket, store, tmp_path, monkeypatch):
+    from builders import child_env, tiny_train_config, train_inputs
+
+    from pcm.stages.train import run_train
+
+    config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=1)   # 16 steps
+    cap, enc = train_inputs(tmp_path / "inputs")
+    ref = run_train(config, cap, enc, str(tmp_path / "ref"))          # uninterrupted, on a local root
+
+    url = f"s3://{bucket}/run"
+    env = {**child_env(), "PCM_MIRROR_DIR": str(tmp_path / "host-a"), "PCM_LEASE_SECONDS": "2"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_PUBLISHING, config.model_dump_json(), cap, enc, url],
+                          env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    base = f"{bucket}/run/train/{ref.fingerprint}"
+    store.invalidate_cache()
+    assert store.exists(f"{base}/checkpoints/step-00000008/state.json")
+    assert not store.exists(f"{base}/stage.done.json")
+
+    _mirror(monkeypatch, tmp_path, "host-b")
+    monkeypatch.setenv("PCM_LEASE_SECONDS", "2")
+    time.sleep(4)                                  # the killed host's stage lease expires
+    fetched = []
+    from storage import checkpoints as ckpts
+    real_fetch = ckpts.fetch_published
+    monkeypatch.setattr(ckpts, "fetch_published", lambda *a: fetched.append(real_fetch(*a)) or fetched[-1])
+    resumed = run_train(config, cap, enc, url)
+    assert fetched and fetched[0] is not None and fetched[0].name == "step-00000008"   # resumed there, not at 0
+    b_dir = Path(resumed.dir)
+    mine, theirs = b_dir / "checkpoints" / "step-00000016", Path(ref.path) / "checkpoints" / "step-00000016"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (mine / name).read_bytes() == (theirs / name).read_bytes(), name
+    # The process-wide Python and NumPy generators, which training never draws from, are each process's own.
+    state, ref_state = json.loads((mine / "state.json").read_text()), json.loads((theirs / "state.json").read_text())
+    assert state["rng"]["torch"] == ref_state["rng"]["torch"]
+    assert {k: v for k, v in state.items() if k != "rng"} == {k: v for k, v in ref_state.items() if k != "rng"}
+    assert (b_dir / "best" / "model.safetensors").read_bytes() == (Path(ref.path) / "best" / "model.safetensors").read_bytes()
+    store.invalidate_cache()
+    assert store.cat(f"{base}/best/model.safetensors") == (Path(ref.path) / "best" / "model.safetensors").read_bytes()
+    assert store.exists(f"{base}/stage.done.json")
+
+
+# ------------------------------------------------------------------------------ a stalled host, a skewed clock
+# A host that holds shard 0's lease, is stalled (the parent SIGSTOPs it) past the lease, and then, believing it still
+# holds the shard (its lease check disabled: correctness may not rest on it) and with its clock `skew` seconds off,
+# writes and publishes the shard.
+STALLED_HOST = """
+import sys, time
+skew = float(sys.argv[3])
+real_time = time.time
+time.time = lambda: real_time() + skew
+from storage import lease, shards
+from storage.layout import RunLayout
+from storage.locks import lock_at
+
+lease.confirm = lambda lock: None
+sd = RunLayout(sys.argv[1]).stage("synthesize", "5" * 16)
+lock = lock_at(sd.shard_lock("shards", 0)).acquire()
+print("holding", flush=True)
+sys.stdin.readline()
+with shards.ShardWriter(sd.image_shard(0)) as w:
+    w.write({"__key__": "k1", "txt": sys.argv[2]})
+print("published", flush=True)
+"""
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("skew", [300.0, -300.0])
+def test_a_stalled_host_with_a_skewed_clock_deletes_and_replaces_nothing(bucket, store, tmp_path, monkeypatch, skew):
+    url = f"s3://{bucket}/run"
+    env = {**os.environ, "PCM_MIRROR_DIR": str(tmp_path / "stalled"), "PCM_LEASE_SECONDS": "2",
+           "PYTHONPATH": str(REPO)}
+    host = subprocess.Popen([sys.executable, "-c", STALLED_HOST, url, "a cat", str(skew)], env=env, cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "holding", host.stderr.read()
+        host.send_signal(signal.SIGSTOP)
+        _mirror(monkeypatch, tmp_path, "taker")
+        monkeypatch.setenv("PCM_LEASE_SECONDS", "2")
+        sd = RunLayout(url).stage("synthesize", "5" * 16)
+        with lock_at(sd.shard_lock("shards", 0), timeout=30):     # taken over once the stalled lease expired
+            with ShardWriter(sd.image_shard(0)) as w:
+                w.write({"__key__": "k1", "txt": "a cat"})
+        before = _objects(store, f"{bucket}/run")
+        time.sleep(1.1)                                            # a replaced object would get a later LastModified
+        host.send_signal(signal.SIGCONT)
+        out, err = host.communicate("go\n", timeout=120)
+        assert host.returncode == 0 and "published" in out, err[-3000:]
+    finally:
+        host.kill()
+    after = _objects(store, f"{bucket}/run")
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == \
+        {k: v for k, v in before.items() if not k.endswith(".lock")}
+    stalled = RunLayout(url).stage("synthesize", "5" * 16)   # the taker's copy; the stalled host's below
+    theirs = next((tmp_path / "stalled").rglob("shard-000000.tar"))
+    assert theirs.read_bytes() == stalled.image_shard(0).read_bytes() == store.cat(f"{bucket}/run/synthesize/{'5' * 16}/shards/shard-000000.tar")
+    assert theirs.with_name("shard-000000.done.json").read_bytes() == stalled.image_shard(0).with_name(
+        "shard-000000.done.json").read_bytes()                 # the commit it found, adopted
+    assert f"{skew:+.0f} s off the clock of the store" in err or f"is {skew:+.0f} s off" in err, err[-2000:]

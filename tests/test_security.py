@@ -540,7 +540,8 @@ def test_a_planted_mirror_file_in_or_above_a_local_root_uploads_nothing(tmp_path
     monkeypatch.setenv("PCM_MIRROR_DIR", str(tmp_path / "mirrors"))
     remote._mirror_at.cache_clear()
     uploads = []
-    monkeypatch.setattr(remote.Mirror, "publish", lambda self, paths: uploads.append((self.url, list(paths))))
+    for upload in ("create", "replace"):
+        monkeypatch.setattr(remote.Mirror, upload, lambda self, path, *a: uploads.append((self.url, path)))
     root = tmp_path / "shared" / "runs"
     for where in (root, root.parent):                     # in the root and a folder above it
         where.mkdir(parents=True, exist_ok=True)

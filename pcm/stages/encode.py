@@ -692,7 +692,7 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
     if not rows or tables.ok_rows(rows):
         return
     for u in units:
-        shard_io.drop_marker(sd.feature_shard(u.kind, u.index))
+        shard_io.drop_marker(sd.feature_shard(u.kind, u.index), store=True)  # known bad: withdrawn from a store too
     reasons = list(dict.fromkeys(r["error"] or r["status"] for r in rows))
     shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
     raise FileNotFoundError(
@@ -731,9 +731,9 @@ def verify(sd: StageDir) -> str | None:
 
 def _reset(sd: StageDir, units: list[Unit]) -> None:
     """Drop the stage marker, the units' markers and the stage-wide files, so everything is redone."""
-    drop_marker(sd)
+    drop_marker(sd, store=True)
     for u in units:
-        shard_io.drop_marker(sd.feature_shard(u.kind, u.index))
+        shard_io.drop_marker(sd.feature_shard(u.kind, u.index), store=True)
     for path in stage_files(sd):
         path.unlink(missing_ok=True)
 

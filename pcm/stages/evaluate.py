@@ -33,7 +33,7 @@ from pcm.stages.stage import (
     locked,
     stage_dir,
 )
-from storage import atomic, manifests, remote, shards, tables
+from storage import atomic, manifests, publish, shards, tables
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -325,7 +325,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
     from pcm.metrics import score_captions
 
     with locked(sd):
-        drop_marker(sd)
+        drop_marker(sd, store=force)
         for path in outputs(sd):
             atomic.remove_stale_temporaries(sd.path, path.name)
         t0 = time.monotonic()
@@ -394,7 +394,7 @@ def update_model_card(train: StageResult) -> None:
     try:
         card = cards.write_model_card(train.path)
         if card is not None:
-            remote.publish_files(card)   # an object-store root: the card is uploaded beside the checkpoint
+            publish.publish_files(card)   # an object-store root: the card is uploaded beside the checkpoint
     except Exception as e:  # noqa: BLE001 - a card never fails an evaluation
         log.warning("evaluate: could not update the model card of %s: %s: %s", train.path, type(e).__name__, e)
 

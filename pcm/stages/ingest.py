@@ -721,7 +721,7 @@ def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
         return done
     report = progress or (lambda done, total, message: None)
     with locked(sd):
-        drop_marker(sd)
+        drop_marker(sd, store=force)
         atomic.remove_stale_temporaries(sd.path, OUTPUT)
         t0 = time.monotonic()
         fmt, rows = read_source(config)

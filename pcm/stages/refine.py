@@ -104,7 +104,7 @@ def run_refine(config: RefineConfig, captions: StageInput, encode: StageInput, r
         return done
     with locked(sd):
         started = time.monotonic()
-        drop_marker(sd)
+        drop_marker(sd, store=force)
         for path in (manifests.PAIRS.path(sd), sd.pairs_picture, sd.done_marker):
             atomic.remove_temporaries_of(path)  # what a killed run of this stage left
         t0 = time.monotonic()

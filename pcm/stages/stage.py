@@ -64,7 +64,7 @@ def open_stage(sd: StageDir) -> StageDir:
             raise ValueError(f"{sd.path}: no config.json, and this StageDir was not planned (it records no config); "
                              "open the StageDir the stage's plan() returns")
         atomic.write_json(sd.config_file, sd.record)
-        remote.publish_files(sd.config_file)  # an object-store root: other workers see what the directory is
+        publish.publish_files(sd.config_file)  # an object-store root: other workers see what the directory is
     return sd
 
 
@@ -86,9 +86,11 @@ def cached(sd: StageDir, verify: Callable[[StageDir], str | None] | None = None)
     return StageResult(**{**r.to_dict(), "cached": True})
 
 
-def drop_marker(sd: StageDir) -> None:
-    """Forget that the stage is finished (a forced rerun, an incomplete stage): its marker goes, in the store first."""
-    remote.unpublish(sd.done_marker)
+def drop_marker(sd: StageDir, *, store: bool = False) -> None:
+    """Forget that the stage is finished here (an incomplete stage, a rerun); `store=True` (a forced rerun) also
+    withdraws its marker from an object-store root (storage.publish.withdraw: the copy read, by its ETag)."""
+    if store:
+        publish.withdraw(sd.done_marker)
     sd.done_marker.unlink(missing_ok=True)
 
 
@@ -107,7 +109,9 @@ def finish(sd: StageDir, counts: dict[str, int], started: float, extra: dict | N
                          timings={"total_s": round(time.monotonic() - started, 3), **(timings or {})},
                          extra=extra or {})
     result.save(sd.done_marker)
-    publish.publish_tree(sd.path, marker=sd.done_marker)  # an object-store root: the outputs, then the marker
+    # An object-store root: the outputs, then the marker; a stage another host committed first is its result.
+    if not publish.publish_tree(sd.path, marker=sd.done_marker):
+        return StageResult.load(sd.done_marker)
     return result
 
 

@@ -571,7 +571,7 @@ def run_synthesize(config: SynthesizeConfig, captions: StageInput, root: str, *,
     else:
         scope = [i for i in range(total) if i % num_workers == worker_index]
     if force:
-        drop_marker(sd)
+        drop_marker(sd, store=True)
 
     def tar(i: int) -> Path:
         return sd.image_shard(i)
@@ -724,7 +724,7 @@ def check_some_ok(sd: StageDir, rows: list[dict[str, Any]], n_shards: int) -> st
     failed = [r for r in rows if r["status"] != tables.STATUS_OK]
     if rows and len(failed) == len(rows):
         for i in range(n_shards):
-            storage.shards.drop_marker(sd.image_shard(i))
+            storage.shards.drop_marker(sd.image_shard(i), store=True)  # known bad: withdrawn from a store too
         reasons = list(dict.fromkeys(r["error"] or r["status"] for r in failed))
         shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
         raise RuntimeError(f"{sd.path}: every one of the {len(rows)} samples failed ({shown}); the likely cause is the "

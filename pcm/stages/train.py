@@ -40,7 +40,7 @@ from pcm.stages.stage import (
     locked,
     stage_dir,
 )
-from storage import atomic, checkpoints, jsonl
+from storage import atomic, checkpoints, jsonl, publish
 from storage.layout import RunLayout, StageDir
 from storage.locks import try_lock
 from storage.result import StageResult
@@ -253,7 +253,7 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
         return done
     with locked(sd):
         started = time.monotonic()
-        drop_marker(sd)
+        drop_marker(sd, store=force)
         remove_stale_temporaries(sd)
         if force:
             for p in (checkpoint.checkpoints_dir(sd.path), checkpoint.best_dir(sd.path)):
@@ -527,6 +527,9 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
                     "decays; lower train.warmup or give train.warmup_fraction (e.g. 0.1)", total, warmup)
     opt = make_optimizer(params, optimizer_spec(config, warmup), device, capturable=config.cuda_graphs)
 
+    if info.is_main:  # an object-store root: a newer checkpoint another host published (killed there)
+        checkpoints.fetch_published(checkpoint.checkpoints_dir(sd.path), sd.metrics_log)
+    distributed.barrier(info)
     latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
     if latest is not None:
         state = resume(config, sd, latest, info, model, opt, data.vocab)
@@ -692,7 +695,8 @@ def save(run: Run, finished: bool) -> None:
     checkpoint.save(ckpt_root / checkpoints.step_name(run.step), model=run.model, vocab=data.vocab,
                     config=config.model_dump(mode="json"), clip=data.clip_spec, concept_names=data.names,
                     state=record, optimizer=run.opt, reference=data.reference)
-    checkpoints.prune(ckpt_root, config.keep_last)
+    publish.publish_checkpoint(ckpt_root / checkpoints.step_name(run.step), run.sd.metrics_log)
+    checkpoints.prune(ckpt_root, config.keep_last)   # here only: the store keeps every step a host published
 
 
 def save_best(run: Run) -> None:
