@@ -125,12 +125,13 @@ class LocalStack:
         if r.returncode != 0:
             raise RuntimeError(f"prefect deploy failed:\n{r.stdout}\n{r.stderr}")
 
-    def start_worker(self, name: str = "worker", pool: str = POOL) -> subprocess.Popen:
+    def start_worker(self, name: str = "worker", pool: str = POOL, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A process worker of `pool`; `env`: variables of its own (a host's working copy: PCM_MIRROR_DIR)."""
         # A worker beside its server looks for scheduled runs every 2 s, not Prefect's 10: a scheduled
         # run waits half the interval on average, 1 s instead of 5 (PREFECT_WORKER_QUERY_SECONDS overrides).
         query = os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2")
         return self._spawn(name, [*WITH_SIGINT, prefect_bin(), "worker", "start", "--pool", pool, "--name", name],
-                           env={"PREFECT_WORKER_QUERY_SECONDS": query})
+                           env={"PREFECT_WORKER_QUERY_SECONDS": query, **(env or {})})
 
     def run_deployment(self, name: str, params: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
         """`prefect deployment run NAME --watch`; returns the finished command."""

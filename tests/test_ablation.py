@@ -39,6 +39,16 @@ def test_every_level_runs_the_papers_four_arms_and_its_controls_with_valid_confi
         ablation.planned(["nope"], 1)
 
 
+def test_the_plan_runs_the_claims_arms_on_every_level_before_the_controls():
+    plan = ablation.planned(["wrong30", "faithful"], 2)
+    assert len(plan) == len(set(plan)) == 2 * (len(ablation.ARMS_OF["wrong30"]) + len(ablation.ARMS_OF["faithful"]))
+    controls = [i for i, (_, arm, _) in enumerate(plan) if arm not in (*ablation.PAPER, "refine")]
+    claims = [i for i, (_, arm, _) in enumerate(plan) if arm in (*ablation.PAPER, "refine")]
+    assert max(claims) < min(controls)
+    assert plan[:5] == [("wrong30", arm, 0) for arm in ("base", "+PCM", "+CXE", "PCM+CXE", "refine")]
+    assert ("faithful", "PCM+CXE", 1) in plan[:max(claims) + 1]
+
+
 def test_records_resume_the_plan_and_the_summary_pairs_arms_with_base(tmp_path):
     rng = np.random.default_rng(0)
     for seed in range(3):

@@ -33,14 +33,16 @@ MAIN_TASKS = {"ingest": "ingest", "synthesize": "synthesize-finalize", "encode":
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """A server of this module's own plus a work pool, the deployments and two workers (logs in its home)."""
+def stack(tmp_path_factory, s3):
+    """A server of this module's own plus a work pool, the deployments and two workers (logs in its home), each
+    worker a host of its own for object-store roots (its working copy; the S3 server's endpoint from `s3`)."""
     s = start_server(tmp_path_factory.mktemp("prefect"))
+    mirrors = tmp_path_factory.mktemp("mirrors")
     try:
         s.create_pool()
         s.deploy()
-        s.start_worker("worker-1")
-        s.start_worker("worker-2")
+        s.start_worker("worker-1", env={"PCM_MIRROR_DIR": str(mirrors / "host-1")})
+        s.start_worker("worker-2", env={"PCM_MIRROR_DIR": str(mirrors / "host-2")})
         yield s
     finally:
         for proc in s.procs[1:]:  # the workers (procs[0] is the server): told together, they stop together
@@ -179,3 +181,19 @@ def test_demo_pipeline_fans_out_over_two_workers_caches_and_recomputes_downstrea
     assert all(states[t] == ["Completed"] for t in ("encode", "train", "evaluate")), states
     for stage, n in {"ingest": 1, "synthesize": 1, "encode": 2, "train": 2, "evaluate": 2}.items():
         assert len(stage_dirs(root, stage)) == n, stage
+
+
+def test_a_deployment_run_on_an_s3_root_finishes_with_every_stage_in_the_bucket(stack, bucket, store):
+    """The demo deployment with `root` an s3:// URL, synthesize and encode fanned out over the two workers (two
+    hosts: each its own working copy): every stage committed in the bucket, evaluate's scores included."""
+    url = f"s3://{bucket}/run"
+    config = {"preset": "tiny", "root": url, "synthesize_fanout": 2, "encode_fanout": 2,
+              "overrides": {**FAST, "synthesize.shard_size": 16}}
+    run(stack, "synth-and-train/demo", config)
+    store.invalidate_cache()
+    keys = store.find(f"{bucket}/run")
+    committed = {k.split("/")[2] for k in keys if k.endswith("/stage.done.json")}
+    assert committed >= set(MAIN_TASKS), sorted(keys)[:50]
+    metrics = next(k for k in keys if "/evaluate/" in k and k.endswith("/metrics.json"))
+    assert isinstance(json.loads(store.cat(metrics))["metrics"]["CIDEr"], float)
+    assert not [k for k in keys if "/.tmp-" in k]

@@ -58,11 +58,14 @@ BOOTSTRAP = 2000
 
 
 def planned(levels: list[str], seeds: int) -> list[tuple[str, str, int]]:
-    """Every (level, arm, seed): level by level, seed-major within a level (every arm gets seed 0 first)."""
+    """Every (level, arm, seed): the paper's arms and SynC's refine on every level first, then the controls, so a
+    sweep cut short holds the comparisons the claims rest on; level by level and seed-major within each part."""
     unknown = sorted(set(levels) - set(LEVELS))
     if unknown:
         raise ValueError(f"unknown levels {unknown}; choose from {', '.join(LEVELS)}")
-    return [(lv, arm, s) for lv in levels for s in range(seeds) for arm in ARMS_OF[lv]]
+    first = [*PAPER, "refine"]
+    return [(lv, arm, s) for part in (True, False) for lv in levels for s in range(seeds) for arm in ARMS_OF[lv]
+            if (arm in first) == part]
 
 
 def arm_config(level: str, arm: str, seed: int) -> Any:
