@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from builders import encode_inputs, tiny_encode_config
+
 from pcm import release_features
 from pcm.stages.encode import plan, run_encode
 from storage import release_npz

@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from pcm import concepts as concept_vocab
-from pcm import release_features
+from pcm import release_concepts, release_features
 from pcm.clip import (
     LOCAL_DIR,
     ClipSpec,
@@ -210,7 +210,7 @@ def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, 
         path = Path(config.vocabulary_file)
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary_file={config.vocabulary_file!r}: not found; "
-                                    "give a text file with one concept a line")
+                                    "give a text file with one concept a line, or the release's concept .pickle")
         extra["vocabulary_sha256"] = input_digest(path)  # the content, not the name, makes the fingerprint
     if config.concepts_from:
         extra["concepts_from"] = _concept_source(config.concepts_from).fingerprint  # its content, not its path
@@ -646,6 +646,8 @@ def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: st
 def build_concepts(config: EncodeConfig, captions: StageResult, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
     """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
     texts = _caption_texts(captions)
+    if config.vocabulary_file and release_concepts.is_release_file(config.vocabulary_file):
+        return release_concepts.concept_rows(config.vocabulary_file, texts, clip, config.progress_bar)
     if config.vocabulary_file or config.concepts_from:
         words = (concept_vocab.read_vocabulary(config.vocabulary_file) if config.vocabulary_file
                  else concept_words(config.concepts_from))
