@@ -76,6 +76,18 @@ def test_imported_features_give_the_same_stage_outputs(encoded):
     assert got.counts["images_ok"] == e["own"].counts["images_ok"]
 
 
+def test_training_runs_on_the_imported_features(encoded):
+    from builders import tiny_train_config
+
+    from pcm.stages.train import run_train
+
+    e = encoded
+    root = str(e["base"] / "runs")
+    imported = run_encode(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"], root)
+    result = run_train(tiny_train_config(max_steps=3, val_every=3), e["cap"], imported, root)
+    assert result.stage == "train" and (StageDir.at(result.path).best / "model.safetensors").exists()
+
+
 def test_the_fingerprint_sees_the_files_not_the_folder_path(encoded, tmp_path):
     e = encoded
     import shutil
