@@ -286,7 +286,7 @@ STAGES = ("ingest", "synthesize", "encode", "refine", "train", "evaluate")
 KEPT = {"ingest": {"source", "demo", "sets", "root", "force"},
         "synthesize": {"captions", "sets", "import_images", "import_mapping", "root", "worker_index", "num_workers",
                        "shards", "force", "dry_run"},
-        "encode": {"captions", "shards", "images_root", "sets", "root", "force"},
+        "encode": {"captions", "shards", "images_root", "import_features", "sets", "root", "force"},
         "refine": {"captions", "encode", "sets", "root", "force"},
         "train": {"captions", "encode", "refine", "model_preset", "preset", "sets", "root", "force"},
         "evaluate": {"train", "encode", "captions", "sets", "root", "force", "clip"}}

@@ -40,7 +40,7 @@ app = typer.Typer(
 
 # Each module defines `register(app)`; heavy libraries are imported inside the commands so
 # `pcm --help` stays fast.
-COMMAND_MODULES = ("ingest", "synthesize", "encode", "refine", "train", "evaluate", "run", "world")
+COMMAND_MODULES = ("ingest", "synthesize", "encode", "refine", "train", "evaluate", "release", "run", "world")
 
 
 def version() -> str:

@@ -17,7 +17,7 @@ ENCODE_EXAMPLES = """Examples:
   pcm encode --captions runs/ingest/<fp> --shards runs/synthesize/<fp> --set clip.model=ViT-B-32 --set clip.pool=none
 """
 
-GIVEN_BY = {"images_root": "--images-root"}
+GIVEN_BY = {"images_root": "--images-root", "imported_features": "--import-features"}
 # The --help text of EncodeConfig and ClipSpec fields that have no pydantic description (yet).
 DESCRIPTIONS = {
     "images_root": "directory the val/test image_path values of captions.parquet are relative to (e.g. the COCO "
@@ -30,6 +30,8 @@ DESCRIPTIONS = {
     "prompt": "prompt template of the concept embeddings ({c} = the concept)",
     "prompt_ensemble": "average each concept's embedding over a prompt ensemble: openai-imagenet (CLIP's 80 "
                        "ImageNet templates) or simple-imagenet (open_clip's 7); none: the prompt alone",
+    "imported_features": "folder of the authors' released per-image .npz CLIP features (features + g_feature), "
+                         "used in place of CLIP's image tower; see docs/release-map.md",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "batch_size": "images per CLIP batch",
     "num_workers": "DataLoader processes decoding and preprocessing images",
@@ -63,6 +65,9 @@ def register(app: typer.Typer) -> None:
         images_root: str | None = typer.Option(
             None, "--images-root", help="directory the val/test image_path values of captions.parquet are "
             "relative to (e.g. the COCO images folder); without it no real image is encoded"),
+        import_features: str | None = typer.Option(
+            None, "--import-features", help="folder of the authors' released per-image .npz CLIP features: "
+            "encode from them instead of running CLIP's image tower (clip must be the model that made them)"),
         sets: list[str] = set_option(),
         root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="re-encode everything even if done"),
@@ -73,6 +78,8 @@ def register(app: typer.Typer) -> None:
         values = stage_values(EncodeConfig, sets, GIVEN_BY, example="clip.model=ViT-B-32")
         if images_root is not None:
             values["images_root"] = images_root
+        if import_features is not None:
+            values["imported_features"] = import_features
         config = build_config(EncodeConfig, values, "encode", sets)
         writable_dir(root)
         ingest, synthesize = load_result(captions), load_result(shards)  # the inputs, resolved once here

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from pcm import concepts as concept_vocab
+from pcm import release_concepts, release_features
 from pcm.clip import (
     LOCAL_DIR,
     ClipSpec,
@@ -94,6 +95,9 @@ class EncodeConfig(StageConfig):
     # zero-shot recipe). The release's files say "with_ensemble" without naming the templates;
     # "openai-imagenet" is CLIP's 80 ImageNet templates, "simple-imagenet" open_clip's 7. None: `prompt` alone.
     prompt_ensemble: Literal["openai-imagenet", "simple-imagenet"] | None = None
+    # The authors' released per-image .npz features (pcm.release_features) in place of CLIP's image tower;
+    # CLIP still embeds the captions and concepts, so clip must be the model that made the files.
+    imported_features: str | None = None
     device: str = "auto"
     batch_size: int = Field(256, ge=1)
     num_workers: int = Field(4, ge=0)
@@ -130,9 +134,11 @@ class EncodeConfig(StageConfig):
             out["images_root"] = BY_CONTENT
         if local_clip(self.clip):
             out["clip"]["pretrained"] = BY_CONTENT
-        for key in ("vocabulary_file", "concepts_from"):
+        for key in ("vocabulary_file", "concepts_from", "imported_features"):
             if out.get(key) is not None:
                 out[key] = BY_CONTENT
+        if out.get("imported_features") is None:
+            out.pop("imported_features", None)  # unset: the fingerprints of stages made before the option stay
         return out
 
 
@@ -204,10 +210,12 @@ def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, 
         path = Path(config.vocabulary_file)
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary_file={config.vocabulary_file!r}: not found; "
-                                    "give a text file with one concept a line")
+                                    "give a text file with one concept a line, or the release's concept .pickle")
         extra["vocabulary_sha256"] = input_digest(path)  # the content, not the name, makes the fingerprint
     if config.concepts_from:
         extra["concepts_from"] = _concept_source(config.concepts_from).fingerprint  # its content, not its path
+    if config.imported_features:  # the files' names and sizes, wherever the folder is
+        extra["imported_features"] = release_features.manifest_digest(config.imported_features)
     if config.clip.is_preset:  # an edited preset file is a different model
         extra["clip_preset_sha256"] = input_digest(clip_preset_path(config.clip.model))
     if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
@@ -302,7 +310,7 @@ def _marker_count(tar: Path) -> int | None:
 
 def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
     """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
-    if config.images_root is None:
+    if config.images_root is None and not config.imported_features:
         return []
     table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["image_id", "split", "image_path", "status"])
     images: dict[str, tuple[str, str, str | None]] = {}
@@ -453,9 +461,10 @@ def _write_unit(sd: StageDir, acc: _Acc, dims: tuple[int, int, int], spec: ClipS
 
 def _add_batch(acc: _Acc, batch: dict[str, Any], clip: LoadedClip) -> int:
     """Run CLIP on a batch's ok images and append rows; returns the number of images encoded."""
-    n_ok = int(batch["pixels"].shape[0])
+    imported = batch.get("imported")  # (global, patches) from the release's files (encode.imported_features)
+    n_ok = int((batch["pixels"] if imported is None else imported[0]).shape[0])
     if n_ok:
-        g, patches = encode_images(clip, batch["pixels"])            # [n, D], [n, P, W] float32
+        g, patches = encode_images(clip, batch["pixels"]) if imported is None else imported  # [n, D], [n, P, W]
         if acc.unit.kind == FEATURES:
             t = encode_tokens(clip, batch["tokens"])                 # [n, D]
             scores = (g * t).sum(-1).cpu().numpy()                   # cosine: both are unit vectors
@@ -496,12 +505,17 @@ def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: Enco
     """Encode `units` (whose locks the caller holds) in one DataLoader pass; returns images encoded."""
     dims = (clip.embed_dim, clip.patches, clip.width)
     root = str(Path(config.images_root).expanduser()) if config.images_root else None
-    dataset = _UnitBatches(units, clip.preprocess, clip.tokenizer, config.batch_size, root)
-    workers = min(config.num_workers, len(units))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
-        pin_memory=config.pin_memory and clip.device.startswith("cuda"),
-        prefetch_factor=4 if workers else None)
+    if config.imported_features:  # the release's files in place of decoded images (read in this process)
+        loader = release_features.imported_batches(
+            units, release_features.npz_index(config.imported_features), clip.tokenizer, config.batch_size, dims,
+            clip.grid, {k: v.numpy() for k, v in clip_head(clip).items()})
+    else:
+        dataset = _UnitBatches(units, clip.preprocess, clip.tokenizer, config.batch_size, root)
+        workers = min(config.num_workers, len(units))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
+            pin_memory=config.pin_memory and clip.device.startswith("cuda"),
+            prefetch_factor=4 if workers else None)
     known = [u.expected for u in units]
     total = sum(known) if all(k is not None for k in known) else None
     accs: dict[tuple[str, int], _Acc] = {}
@@ -632,6 +646,8 @@ def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: st
 def build_concepts(config: EncodeConfig, captions: StageResult, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
     """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
     texts = _caption_texts(captions)
+    if config.vocabulary_file and release_concepts.is_release_file(config.vocabulary_file):
+        return release_concepts.concept_rows(config.vocabulary_file, texts, clip, config.progress_bar)
     if config.vocabulary_file or config.concepts_from:
         words = (concept_vocab.read_vocabulary(config.vocabulary_file) if config.vocabulary_file
                  else concept_words(config.concepts_from))
