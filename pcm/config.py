@@ -44,12 +44,17 @@ class StageConfig(BaseModel):
         return value
 
 
+def problem(err: dict[str, Any]) -> str:
+    """What one pydantic error says, without pydantic's `Value error, ` before a validator's own message."""
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
 def validation_problems(e: ValidationError, where: str, show: Callable[[Any], str] = repr) -> list[str]:
     """One line per invalid parameter: `where.field: message (got value)`; every config error says it so."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"{where}.{loc}: {err['msg']} (got {show(err.get('input'))})" if loc else f"{where}: {err['msg']}")
+        lines.append(f"{where}.{loc}: {problem(err)} (got {show(err.get('input'))})" if loc else f"{where}: {problem(err)}")
     return lines
 
 

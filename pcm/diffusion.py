@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -63,6 +64,29 @@ def preset_digest(name: str) -> str:
 
 def load_preset(name: str) -> dict[str, Any]:
     return json.loads(preset_path(name).read_text(encoding="utf-8"))
+
+
+SD_VAE_FACTOR = 8      # Stable Diffusion 1.x/2.x and SDXL VAEs downsample by 8
+SIZE_MULTIPLE = 8      # what height and width must be a multiple of, whatever the model
+
+
+def vae_factor(model: str) -> int | None:
+    """How much a preset's VAE downsamples (2 ** (len(block_out_channels) - 1)); None for other models,
+    whose factor is only known once they load (8 for Stable Diffusion)."""
+    if not is_preset(model):
+        return None
+    return 2 ** (len(load_preset(model)["vae"]["block_out_channels"]) - 1)
+
+
+def size_multiple(model: str) -> int:
+    """What height/width must be a multiple of for `model`: SIZE_MULTIPLE and its VAE factor."""
+    return math.lcm(SIZE_MULTIPLE, vae_factor(model) or SD_VAE_FACTOR)
+
+
+def render_defaults(model: str) -> dict[str, int]:
+    """The height, width and steps a preset renders at when they are not set (its `render` block); {} for hub
+    ids and directories, which get SynthesizeConfig's own defaults."""
+    return dict(load_preset(model)["render"]) if is_preset(model) else {}
 
 
 def check_scheduler(name: str) -> str:

@@ -54,8 +54,10 @@ def dry_run(*args: str):
 
 # -- 3. pcm synthesize: a random-weight preset renders at its own size -------------------------------
 def test_synthesize_defaults_to_the_presets_own_size_and_steps_and_says_so():
+    tiny = json.loads((PRESETS / "diffusion" / "tiny.json").read_text())["render"]
     with open(PRESETS / "pipeline" / "tiny.toml", "rb") as f:
-        tiny = tomllib.load(f)["synthesize"]
+        section = tomllib.load(f)["synthesize"]
+    assert {k: section[k] for k in tiny} == tiny   # the pipeline preset renders alike
     config, said = dry_run()
     assert config["model"] == "tiny"
     assert (config["height"], config["width"], config["steps"]) == (tiny["height"], tiny["width"], tiny["steps"])
@@ -63,6 +65,23 @@ def test_synthesize_defaults_to_the_presets_own_size_and_steps_and_says_so():
     # What the user gives wins; the rest still comes from the preset.
     config, _ = dry_run("--set", "height=128", "--set", "steps=2")
     assert (config["height"], config["width"], config["steps"]) == (128, tiny["width"], 2)
+
+
+def test_every_entry_point_gets_the_same_synthesize_config_from_the_same_values():
+    """One source for the defaults: the CLI, Python and a pipeline override give the same config, fingerprint
+    content included (before: the CLI filled in 64 px and 4 steps, Python and flows 512 px and 20 steps)."""
+    from pcm.config import parse_assignments
+    from pcm.stages.pipeline import apply_overrides, load_preset
+    from pcm.stages.synthesize import SynthesizeConfig
+
+    cli, _ = dry_run("--set", "limit=3")
+    python = SynthesizeConfig(limit=3)
+    raw = apply_overrides(load_preset("tiny"), parse_assignments(["synthesize.limit=3"]))
+    del raw["synthesize"]["height"], raw["synthesize"]["width"], raw["synthesize"]["steps"]
+    flow = SynthesizeConfig.model_validate(raw["synthesize"])
+    assert cli == python.model_dump(mode="json")
+    assert (flow.height, flow.width, flow.steps) == (python.height, python.width, python.steps) == (64, 64, 4)
+    assert SynthesizeConfig(model="sd15-arch").height == 512
 
 
 def test_synthesize_real_models_keep_the_config_defaults():

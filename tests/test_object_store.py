@@ -563,12 +563,46 @@ def test_the_whole_pipeline_evaluate_included_finishes_on_an_s3_root_and_is_reus
     cfg = resolve("tiny", parse_assignments([*SMALL, "train.epochs=2", "train.val_every=4", "train.checkpoint_every=4",
                                              "evaluate.control=false"]))
     _mirror(monkeypatch, tmp_path, "host-a")
+    upstream = run_pipeline(cfg, url, stages=("ingest", "synthesize", "encode", "train"))
+    # Host A's evaluate is SIGKILLed once it has decoded (its predictions on its disk, nothing published) ...
+    env = {**os.environ, "PCM_MIRROR_DIR": str(tmp_path / "host-a"), "PCM_LEASE_SECONDS": "2",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SCORING, cfg.model_dump_json(), url], env=env,
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # ... and host B finishes it once the lease has expired.
+    _mirror(monkeypatch, tmp_path, "host-b")
+    monkeypatch.setenv("PCM_LEASE_SECONDS", "2")
+    time.sleep(4)
     first = run_pipeline(cfg, url)
+    assert all(first[s].cached for s in upstream) and not first["evaluate"].cached
     assert first["evaluate"].path.startswith(url) and "CIDEr" in json.loads(
         StageDir.at(first["evaluate"].path).metrics.read_text())["metrics"]
-    _mirror(monkeypatch, tmp_path, "host-b")            # another host, an empty working copy: all reused
+    # The same evaluation on a local root (its inputs read from the bucket) gives the same captions and scores.
+    from pcm.stages.evaluate import run_evaluate
+
+    local = run_evaluate(cfg.evaluate, first["train"], first["encode"], first["ingest"], str(tmp_path / "local"))
+    assert local.fingerprint == first["evaluate"].fingerprint
+    assert StageDir.at(local.path).predictions.read_bytes() == StageDir.at(first["evaluate"].path).predictions.read_bytes()
+    _mirror(monkeypatch, tmp_path, "host-c")            # another host, an empty working copy: all reused
     second = run_pipeline(cfg, url)
     assert all(r.cached for r in second.values()) and second["evaluate"].path == first["evaluate"].path
+
+
+# Host A runs the whole pipeline's last stage on the bucket and is SIGKILLed once its captions are decoded.
+KILLED_WHILE_SCORING = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from pcm import metrics
+from pcm.stages.pipeline import PipelineConfig, run_pipeline
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+metrics.score_captions = die
+run_pipeline(PipelineConfig.model_validate_json(sys.argv[1]), sys.argv[2])
+"""
 
 
 # ------------------------------------------------------------------------------ train across hosts

@@ -117,7 +117,7 @@ def test_cli_run_one_stage_and_show_config(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ({"train.betas": [float("nan"), 0.9]}, r"tiny\.train\.betas\.0: Input should be a finite number"),
-    ({"train.cxe_w": float("inf")}, r"tiny\.train\.cxe_w: Value error, must be a positive finite number or \"auto\""),
+    ({"train.cxe_w": float("inf")}, r"tiny\.train\.cxe_w: must be a positive finite number or \"auto\""),
     ({"train.focal_gamma": float("inf")}, r"tiny\.train\.focal_gamma: Input should be a finite number"),
     ({"train.betas": [0.9, 1.5]}, r"tiny\.train\.betas: .*each of Adam's betas must be in \[0, 1\)"),
     ({"train.seed": -1}, r"tiny\.train\.seed: Input should be greater than or equal to 0"),

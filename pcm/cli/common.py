@@ -126,9 +126,9 @@ def stage_values(cls: Any, items: Sequence[str], given_by: dict[str, str] | None
 
 
 def _described(err: dict[str, Any], loc: str, item: str | None, where: str, exact: bool) -> str:
-    from pcm.config import parse_value
+    from pcm.config import parse_value, problem
 
-    msg = err["msg"]
+    msg = problem(err)
     if item is None:
         return f"{where}.{loc}: {msg} (got {err.get('input')!r})" if loc else f"{where}: {msg}"
     text = item.partition("=")[2]

@@ -3,104 +3,39 @@
 from __future__ import annotations
 
 import json
-import math
-import tomllib
 from typing import Any
 
 import typer
 
+from pcm import diffusion  # stdlib-only at import time
 from pcm.cli.common import (
     Row,
     build_config,
     config_command,
-    pipeline_preset_files,
     set_option,
     stage_values,
     writable_dir,
 )
 
-# The sizes a model preset renders when height/width/steps are not set: those of the pipeline
-# preset that uses it (pcm/presets/pipeline/*.toml, e.g. tiny: 64 px, 4 steps), else its native size.
-PRESET_FIELDS = ("height", "width", "steps")
-SD_VAE_FACTOR = 8  # Stable Diffusion 1.x/2.x and SDXL VAEs downsample by 8
-CONFIG_MULTIPLE = 8  # SynthesizeConfig's own rule for height and width, whatever the model
-
-
-def vae_factor(model: str) -> int | None:
-    """How much a preset's VAE downsamples (2 ** (len(block_out_channels) - 1)); None for other models,
-    whose factor is only known once they load (8 for Stable Diffusion)."""
-    from pcm import diffusion  # stdlib-only at import time
-
-    if not diffusion.is_preset(model):
-        return None
-    return 2 ** (len(diffusion.load_preset(model)["vae"]["block_out_channels"]) - 1)
-
-
-def preset_defaults(model: str) -> dict[str, int]:
-    """Height, width and steps for a bundled diffusion preset (empty for hub ids and directories)."""
-    from pcm import diffusion
-
-    if not diffusion.is_preset(model):
-        return {}
-    paths = sorted(pipeline_preset_files(), key=lambda p: (p.stem != model, p.name))
-    for path in paths:
-        with open(path, "rb") as f:
-            section = tomllib.load(f).get("synthesize", {})
-        if section.get("model") == model:
-            found = {k: section[k] for k in PRESET_FIELDS if k in section}
-            if found:
-                return found
-    p = diffusion.load_preset(model)
-    native = p["unet"]["sample_size"] * vae_factor(model)
-    return {"height": native, "width": native}
-
-
-def size_multiple(model: str) -> int:
-    """What height/width must be a multiple of for `model`: 8 (the config's rule) and its VAE factor."""
-    return math.lcm(CONFIG_MULTIPLE, vae_factor(model) or SD_VAE_FACTOR)
-
-
-def _factor_help() -> str:
-    from pcm import diffusion
-
-    facts = ", ".join(f"{n} {vae_factor(n)}" for n in diffusion.preset_names())
-    return f"the VAE factor is {SD_VAE_FACTOR} for Stable Diffusion; presets: {facts}"
-
 
 def help_rows(rows: list[Row]) -> list[Row]:
-    """--help's rows, with the real size rule of each model and what a preset renders at (`tiny 64`)."""
-    from pcm import diffusion
-
+    """--help's rows, with the real size rule of each model and what a preset renders at (`tiny 64`), both read
+    from the presets (pcm.diffusion), as SynthesizeConfig applies them."""
+    names = diffusion.preset_names()
     out = []
     for key, default, text in rows:
         if key in ("height", "width"):
-            text = f"{text}; {_factor_help()}"
-        if key in PRESET_FIELDS:
-            per = ", ".join(f"{n} {preset_defaults(n).get(key, default)}" for n in diffusion.preset_names())
+            factors = ", ".join(f"{n} {diffusion.vae_factor(n)}" for n in names)
+            text = f"{text}; the VAE factor is {diffusion.SD_VAE_FACTOR} for Stable Diffusion; presets: {factors}"
+        if key in ("height", "width", "steps"):
+            per = ", ".join(f"{n} {diffusion.render_defaults(n)[key]}" for n in names)
             text = f"{text}; unless set, a preset model uses its own: {per}"
         out.append((key, default, text))
     return out
 
 
-def check_size(model: str, height: Any, width: Any) -> None:
-    """height/width against the real rule for `model`, naming the VAE factor actually involved."""
-    step = size_multiple(model)
-    factor = vae_factor(model)
-    why = (f"the config requires multiples of {CONFIG_MULTIPLE}; the VAE of preset {model!r} downsamples by "
-           f"{factor}" if factor is not None else
-           f"the config requires multiples of {CONFIG_MULTIPLE}; the model's own VAE factor (8 for Stable "
-           "Diffusion) is checked when it loads")
-    for key, value in (("height", height), ("width", width)):
-        if isinstance(value, int) and not isinstance(value, bool) and value % step:  # else the config's error
-            lower, upper = value - value % step, value - value % step + step
-            near = f"{lower} or {upper}" if lower >= 8 else f"{upper}"
-            raise ValueError(f"--set {key}={value}: must be a multiple of {step} ({why}); try {near}")
-
-
 def describe(config: Any) -> str:
     """One line saying what `pcm synthesize` is about to make."""
-    from pcm import diffusion
-
     if config.imported_images:
         return f"synthesize: importing images from {config.imported_images} (NOT GENERATED HERE)"
     weights = (" -- RANDOM WEIGHTS (a preset: the images mean nothing)" if diffusion.is_preset(config.model) else "")
@@ -144,7 +79,7 @@ GIVEN_BY = {"imported_images": "--import-images", "imported_mapping": "--import-
 
 
 def register(app: typer.Typer) -> None:
-    tiny = preset_defaults("tiny")
+    tiny = diffusion.render_defaults("tiny")
 
     @app.command(cls=config_command("synthesize", given_by=GIVEN_BY, rows=help_rows),
                  help="Render one image per ok train caption of an ingest stage into WebDataset shards.\n\n"
@@ -182,14 +117,6 @@ def register(app: typer.Typer) -> None:
             values["imported_images"] = import_images
         if import_mapping is not None:
             values["imported_mapping"] = import_mapping
-        model = values.get("model", SynthesizeConfig.model_fields["model"].default)
-        if not import_images and isinstance(model, str):
-            # Not set: the preset's own values (tiny: 64 px, 4 steps), else SynthesizeConfig's defaults.
-            for key, value in preset_defaults(model).items():
-                values.setdefault(key, value)
-            fields = SynthesizeConfig.model_fields
-            check_size(model, values.get("height", fields["height"].default),
-                       values.get("width", fields["width"].default))
         config = build_config(SynthesizeConfig, values, "synthesize", sets)
         if shards is not None and num_workers != 1:
             raise ValueError("give either --shards or --worker-index/--num-workers, not both")

@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 import storage.shards
 from pcm import diffusion
@@ -62,10 +62,12 @@ class SynthesizeConfig(StageConfig):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of `model`")
     dtype: Literal["fp16", "bf16", "fp32"] = Field("fp32", description="weights and activations; fp16 on GPUs")
     scheduler: str = Field("dpm++", description=f"sampler: {', '.join(diffusion.SCHEDULERS)}")
-    steps: int = Field(20, ge=1, le=1000, description="denoising steps")
+    steps: int = Field(20, ge=1, le=1000, description="denoising steps (unset: a preset model's own, tiny 4)")
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0, description="classifier-free guidance; <= 1 disables it")
-    height: int = Field(512, ge=8, le=4096, description="image height in pixels (a multiple of 8 and of the model's VAE factor)")
-    width: int = Field(512, ge=8, le=4096, description="image width in pixels (a multiple of 8 and of the model's VAE factor)")
+    height: int = Field(512, ge=8, le=4096, description="image height in pixels, a multiple of 8 and of the model's VAE "
+                        "factor (unset: a preset model's own, tiny 64)")
+    width: int = Field(512, ge=8, le=4096, description="image width in pixels, a multiple of 8 and of the model's VAE "
+                       "factor (unset: a preset model's own, tiny 64)")
     negative_prompt: str = Field("", description="negative prompt used with guidance")
     seed: int = Field(0, ge=0, description="run seed; each image's seed derives from it and its caption_id")
     limit: int | None = Field(None, ge=1, description="only the first N ok train captions (demos, benchmarks)")
@@ -128,11 +130,30 @@ class SynthesizeConfig(StageConfig):
     def _scheduler(cls, v: str) -> str:
         return diffusion.check_scheduler(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_renders_at_its_own_size(cls, data: Any) -> Any:
+        # The one place a preset's size and steps apply, whatever builds the config (CLI, Python, a flow).
+        if isinstance(data, dict) and not data.get("imported_images"):
+            model = data.get("model", cls.model_fields["model"].default)
+            if isinstance(model, str):
+                data = {**diffusion.render_defaults(model), **data}
+        return data
+
     @field_validator("height", "width")
     @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be a multiple of 8 (and of the model's VAE factor: 8 for Stable Diffusion, 2 for the tiny preset), got {v}")
+    def _size_multiple(cls, v: int, info: ValidationInfo) -> int:
+        model = info.data.get("model")
+        step = diffusion.size_multiple(model) if isinstance(model, str) else diffusion.SIZE_MULTIPLE
+        if v % step:
+            factor = diffusion.vae_factor(model) if isinstance(model, str) else None
+            why = (f"the VAE of preset {model!r} downsamples by {factor}" if factor is not None else
+                   f"the model's own VAE factor ({diffusion.SD_VAE_FACTOR} for Stable Diffusion) is checked when it "
+                   "loads")
+            lower, upper = v - v % step, v - v % step + step
+            near = f"{lower} or {upper}" if lower >= 8 else f"{upper}"
+            raise ValueError(f"must be a multiple of {step} (the config requires multiples of {diffusion.SIZE_MULTIPLE}; "
+                             f"{why}); try {near}")
         return v
 
     @field_validator("model")
