@@ -183,9 +183,19 @@ def test_the_stage_report_judges_a_synthesize_stage_writes_its_file_and_reuses_i
         faithfulness.stage_report(ing.path)
 
 
-def test_the_shipped_toy_text_to_image_model_is_recognised_by_content(tmp_path):
+def test_the_shipped_toy_text_to_image_model_is_recognised_by_content(tmp_path, monkeypatch):
+    import storage.fingerprint
     from pcm.stages.synthesize import SynthesizeConfig
     from pcm.toyworld.manifest import is_shipped
+
+    assert is_shipped(SHIPPED_MODELS / "t2i", "t2i")
+    import pcm.toyworld.manifest
+
+    hashed = []
+    for module, name in ((storage.fingerprint, "input_digest"), (pcm.toyworld.manifest, "_sha256")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda p, *a, real=real: hashed.append(p) or real(p, *a))
+    assert is_shipped(SHIPPED_MODELS / "t2i", "t2i") and hashed == []   # asked again (every flow run): no file reread
 
     copy = tmp_path / "elsewhere" / "t2i"
     shutil.copytree(SHIPPED_MODELS / "t2i", copy)

@@ -63,14 +63,12 @@ def dir_digest(directory: str | Path) -> str:
 
 
 def is_shipped(directory: str | Path, part: str) -> bool:
-    """Whether `directory` holds the shipped toy model `part` (`t2i` or `clip`): every file the shipped manifest
-    lists for it, with the same size and sha256, wherever the directory lies (a copy counts, a retrained model
-    does not). Hashes ~15 MB for the t2i model."""
+    """Whether `directory` holds the shipped toy model `part` (`t2i` or `clip`): the same files with the same
+    contents, wherever the directory lies (a copy counts, a retrained model does not). By content identity
+    (pcm.identity.model_dir_id): the manifest's digests where the files are not newer than it, and each
+    directory hashed once per process, not at every call."""
+    from pcm.identity import model_dir_id
     from pcm.toyworld.dataset import SHIPPED_MODELS
 
     root = Path(directory)
-    listed = atomic.read_json(SHIPPED_MODELS / MANIFEST_FILE)["files"]
-    wanted = {rel[len(part) + 1:]: f for rel, f in listed.items() if rel.startswith(part + "/")}
-    return root.is_dir() and bool(wanted) and all(
-        (root / rel).is_file() and (root / rel).stat().st_size == f["bytes"] and _sha256(root / rel) == f["sha256"]
-        for rel, f in wanted.items())
+    return root.is_dir() and model_dir_id(root) == model_dir_id(SHIPPED_MODELS / part)
