@@ -55,6 +55,7 @@ def _stop_renewing(held) -> None:
     held._renewer.join()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("body", [b'{"expires": 1e308, "ttl": 1e308, "pid": "x"}', b'{"expires": "soon"}',
                                   b'[1, 2, 3]', b'not json \xff', b''],
                          ids=["expires-1e308", "expires-soon", "json-list", "not-json", "empty"])
