@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -320,3 +321,31 @@ def test_a_train_directory_without_a_checkpoint_names_it(tmp_path, case):
         train.mkdir()
     with pytest.raises(FileNotFoundError, match=rf"{train}: no best checkpoint; run `pcm train`"):
         find(train)
+
+
+# ---------------------------------------------------------------------- a local stage lock's holder record
+# The lock file lies in the (maybe shared) run root; what it says about its holder only names the holder.
+LOCK_BODIES = [
+    ("empty", b""),
+    ("not-json", b"held by me"),
+    ("not-utf8", b'{"pid": "\xff"}'),
+    ("a-list", b"[1, 2]"),
+    ("json-null", b"null"),
+    ("nested-too-deeply", b"[" * 100_000 + b"]" * 100_000),
+    ("started-a-string", b'{"pid": 1, "host": "h", "started": "yesterday", "command": "x"}'),
+    ("started-1e308", b'{"pid": 1, "host": "h", "started": 1e308}'),
+    ("fields-of-wrong-kinds", b'{"pid": [1], "host": {"a": 1}, "command": 7, "started": -1}'),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case, body", LOCK_BODIES, ids=[c[0] for c in LOCK_BODIES])
+def test_a_held_lock_with_a_malformed_holder_record_is_still_one_lock_held_error(tmp_path, case, body):
+    from storage.lock import FileLock, LockHeld
+
+    path = tmp_path / "stage" / ".lock"
+    with FileLock(path):
+        path.write_bytes(body)          # the holder's record overwritten while the flock is held
+        with pytest.raises(LockHeld, match=rf"{re.escape(str(tmp_path / 'stage'))} is locked by "
+                           r"(an unknown process|pid .{0,20} on .{0,100} since \S+)"):
+            FileLock(path, timeout=0).acquire()
