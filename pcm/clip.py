@@ -11,9 +11,10 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pcm import bundled
+from pcm.config import strict_scalars
 from pcm.device import resolve_device, torch_dtype
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class ClipSpec(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _scalars = field_validator("*", mode="before")(strict_scalars)  # pool=true is no grid side
 
     model: str = Field("ViT-L-14", description="open_clip architecture (ViT-L-14, ViT-B-32, ...) or preset: "
                        "tiny, tiny-l14")
@@ -86,8 +88,8 @@ class ClipSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
+        if not isinstance(data, dict) or not all(isinstance(data.get(k, ""), str | None) for k in ("model", "pretrained")):
+            return data  # the field checks name what is wrong (model=3 reached open_clip: an AttributeError)
         model = data.get("model", cls.model_fields["model"].default)
         if model in preset_names() and "pretrained" not in data:
             data = {**data, "pretrained": None}  # presets are random-weight by default

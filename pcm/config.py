@@ -19,6 +19,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 BY_CONTENT = "(identified by content)"
 
 
+def strict_scalars(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A field validator (mode="before") for every config model: a boolean is no number and only a boolean is one.
+
+    pydantic takes true as 1 for an int field (`--set train.epochs=true` trained one epoch) and 1, 0, "yes"
+    or "off" as a bool (`--set train.cxe=0`): both are refused, naming the field.
+    """
+    args = set(_union_args(cls.model_fields[info.field_name].annotation))
+    if isinstance(value, bool) and bool not in args and {int, float} & args:
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    if bool in args and value is not None and not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: unknown fields are errors, values are immutable.
 
@@ -34,14 +48,7 @@ class StageConfig(BaseModel):
         """The fields that determine the stage's outputs (what the fingerprint hashes)."""
         return self.model_dump(mode="json", exclude=set(self.RUNTIME))
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic takes true as 1 for an int field (`--set train.epochs=true` trained one epoch): refuse it.
-        args = _union_args(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and bool not in args and {int, float} & set(args):
-            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
-        return value
+    _scalars = field_validator("*", mode="before")(strict_scalars)
 
 
 def problem(err: dict[str, Any]) -> str:

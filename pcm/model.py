@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from pcm import bundled
+from pcm.config import strict_scalars
 
 PRESETS = bundled.PRESETS / "model"
 
@@ -29,6 +30,7 @@ class PCMNetConfig(BaseModel):
     """Architecture and PCM hyper-parameters; presets live in pcm/presets/model/*.toml."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _scalars = field_validator("*", mode="before")(strict_scalars)  # top_k=true is no count, pcm=1 no switch
 
     # CLIP feature shapes; None = taken from the encode outputs (a set value must match them).
     d_embed: int | None = Field(None, gt=0, description="CLIP joint width D (global feature, concepts)")

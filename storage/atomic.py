@@ -112,6 +112,8 @@ def read_json(path: str | os.PathLike) -> Any:
     except RecursionError:  # thousands of nested arrays/objects exhaust the parser's recursion
         raise ValueError(f"{path}: invalid JSON: nested too deeply (arrays/objects inside each other beyond "
                          f"Python's recursion limit of about {sys.getrecursionlimit()} levels)") from None
+    except ValueError as e:  # json's own limits (an integer of over 4300 digits) name no file
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, name: str = "") -> int:

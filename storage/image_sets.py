@@ -154,10 +154,13 @@ def read_mapping(path: str | os.PathLike) -> dict[str, str]:
     start = 1
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(f, strict=True)  # strict: text after a closing quote ("a"b.jpg) is an error
             header = [h.strip() for h in next(reader, [])]
             if not {"caption_id", "image"} <= set(header):
                 raise ValueError(f"{path}: the header must name the columns caption_id and image (got {header})")
+            if repeated := sorted({h for h in header if h and header.count(h) > 1}):
+                raise ValueError(f"{path}: line 1: duplicate column names in the header: {repeated}; which one is "
+                                 "meant is unclear")
             c, i = header.index("caption_id"), header.index("image")
             while True:
                 start = reader.line_num + 1
@@ -179,4 +182,7 @@ def read_mapping(path: str | os.PathLike) -> dict[str, str]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the mapping as UTF-8") from None
     except csv.Error as e:  # e.g. a cell over csv's field size limit (128 KiB): a stray quote swallowing the file
+        if str(e) == "unexpected end of data":  # strict mode's word for a quote still open at the end
+            raise ValueError(f"{path}:{start}: a quoted cell starting on this line runs to line {reader.line_num}: "
+                             "a stray or unclosed quote") from None
         raise ValueError(f"{path}:{start}: invalid CSV ({e}); a caption_id,image mapping has short cells") from None

@@ -124,7 +124,7 @@ def _read_holder(data: bytes) -> dict[str, Any]:
     """The holder a lease body names, or {} when it is unreadable (only names come from it, never expiry)."""
     try:
         body = json.loads(data or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: a body of 10^5 nested arrays
         return {}
     return body if isinstance(body, dict) else {}
 

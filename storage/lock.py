@@ -33,17 +33,22 @@ class FileLock:
         self._fd: int | None = None
 
     def holder(self) -> dict[str, Any]:
+        """What the lock file says about its holder; {} when it says nothing readable (it lies in a shared root:
+        not UTF-8, a list, 10^5 nested arrays were tracebacks where the holder was named)."""
         try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
+            h = json.loads(self.path.read_bytes() or b"{}")
+        except (OSError, ValueError, RecursionError):
             return {}
+        return h if isinstance(h, dict) else {}
 
     def describe_holder(self) -> str:
         h = self.holder()
         if not h:
             return "an unknown process"
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
-        return f"pid {h.get('pid')} on {h.get('host')} since {started} ({h.get('command', '?')})"
+        started = h.get("started")
+        since = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+                 if isinstance(started, int | float) and 0 < started < 1e11 else "?")
+        return f"pid {str(h.get('pid'))[:20]} on {str(h.get('host'))[:100]} since {since} ({str(h.get('command', '?'))[:300]})"
 
     def acquire(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,10 @@ class StageResult:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown StageResult fields: {sorted(unknown)}")
-        return cls(**d)
+        result = cls(**d)
+        if why := _wrong_types(result):  # a marker of the wrong shape failed later, far from its file
+            raise ValueError(why)
+        return result
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the marker `path` (`<root>/<stage>/<fingerprint>/stage.done.json`), root-relative."""
@@ -65,6 +68,22 @@ class StageResult:
     def dir(self) -> Path:
         """The stage directory here (this worker's working copy when `path` is an object-store URL)."""
         return remote.local_path(self.path)
+
+
+def _wrong_types(r: StageResult) -> str | None:
+    """Why the fields of `r` are not of their declared kinds (texts, tables of numbers), else None."""
+    for name in ("stage", "fingerprint", "path"):
+        if not isinstance(getattr(r, name), str):
+            return f"{name!r} must be a string, got {getattr(r, name)!r}"
+    for name in ("counts", "timings", "extra"):
+        value = getattr(r, name)
+        if not isinstance(value, dict):
+            return f"{name!r} must be an object, got {value!r}"
+        if name != "extra" and (bad := [k for k, v in value.items() if not isinstance(v, int | float) or v is None]):
+            return f"{name}[{bad[0]!r}] must be a number, got {value[bad[0]]!r}"
+    if not isinstance(r.cached, bool):
+        return f"'cached' must be true or false, got {r.cached!r}"
+    return None
 
 
 ROOT_PREFIX = "@root/"

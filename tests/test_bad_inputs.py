@@ -37,6 +37,8 @@ from storage.layout import RunLayout
 from storage.result import StageResult
 from storage.shards import ShardWriter, done_path, iter_tar
 
+pytestmark = pytest.mark.bad_input  # every test here is a case of the bad-input corpus (docs/reliability.md)
+
 TRAIN = ["a dog runs on the grass", "two cats sleep on a red sofa", "a man rides a bike",
          "a dog and a cat on a sofa", "a man walks a dog", "a cat on the grass"]
 SYNTH = dict(model="tiny", steps=2, height=32, width=32, shard_size=3, batch_size=3, device="cpu",

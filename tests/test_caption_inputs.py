@@ -83,6 +83,7 @@ def _finishing(fn, fifos: list[Path], timeout: float = 180.0):
     return out["value"]
 
 
+@pytest.mark.bad_input
 @needs_fifo
 def test_bombs_fifos_and_odd_entries_are_failed_rows_and_the_rest_is_captioned(ckpt, tmp_path, monkeypatch):
     from PIL import Image
@@ -124,6 +125,7 @@ def test_bombs_fifos_and_odd_entries_are_failed_rows_and_the_rest_is_captioned(c
     assert [by_name[n]["caption"] for n in ("g1.png", "g2.png", "a_good.png", "e_good.png")] == want
 
 
+@pytest.mark.bad_input
 @needs_fifo
 def test_caption_command_writes_every_row_despite_a_bomb_and_a_fifo(ckpt, tmp_path, monkeypatch):
     from PIL import Image
@@ -149,6 +151,7 @@ def test_caption_command_writes_every_row_despite_a_bomb_and_a_fifo(ckpt, tmp_pa
     assert "4 images could not be read" in res.output
 
 
+@pytest.mark.bad_input
 @needs_fifo
 def test_a_fifo_is_a_failed_row_at_once_not_a_hang(ckpt, tmp_path):
     fifo = tmp_path / "pipe.png"
@@ -158,6 +161,7 @@ def test_a_fifo_is_a_failed_row_at_once_not_a_hang(ckpt, tmp_path):
     assert "caption" in rows[1] and "error" not in rows[1]   # (and its confidence fields)
 
 
+@pytest.mark.bad_input
 def test_an_unidentified_image_names_its_path(ckpt, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")

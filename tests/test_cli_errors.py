@@ -46,6 +46,7 @@ def captions_txt(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.bad_input
 def test_run_with_a_root_below_a_file_is_one_line_naming_it(monkeypatch, capsys, under_a_file):
     code, err = run_pcm(monkeypatch, capsys, "run", "ingest", "--root", str(under_a_file))
     assert code == 2
@@ -56,6 +57,7 @@ def test_run_with_a_root_below_a_file_is_one_line_naming_it(monkeypatch, capsys,
     assert str(under_a_file) in str(res.exception)
 
 
+@pytest.mark.bad_input
 def test_run_with_a_read_only_root_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
     ro = tmp_path / "readonly"
     ro.mkdir()
@@ -70,6 +72,7 @@ def test_run_with_a_read_only_root_is_one_line_naming_it(monkeypatch, capsys, tm
         ro.chmod(stat.S_IRWXU)
 
 
+@pytest.mark.bad_input
 def test_a_root_access_denies_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
     import pcm.stages.pipeline
 
@@ -82,6 +85,7 @@ def test_a_root_access_denies_is_refused_before_any_work(monkeypatch, capsys, tm
     assert_one_clean_line(err, f"cannot write to --root {root}: permission denied", "choose a writable --root")
 
 
+@pytest.mark.bad_input
 def test_a_root_where_no_file_can_be_made_is_refused(monkeypatch, capsys, tmp_path):
     """os.access can say yes where writes fail (a read-only mount, ACLs): a probe file must be made."""
     import tempfile
@@ -95,6 +99,7 @@ def test_a_root_where_no_file_can_be_made_is_refused(monkeypatch, capsys, tmp_pa
     assert_one_clean_line(err, f"cannot write to --root {tmp_path / 'runs'}: Read-only file system")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("command", ["ingest", "synthesize", "encode", "train", "evaluate"])
 def test_every_stage_command_checks_its_root_first(monkeypatch, capsys, under_a_file, captions_txt, command):
     elsewhere = str(under_a_file.parent.parent / "x")  # stage inputs: never read, the root is refused first
@@ -108,6 +113,7 @@ def test_every_stage_command_checks_its_root_first(monkeypatch, capsys, under_a_
     assert_one_clean_line(err, f"--root {under_a_file}", "is a file, not a folder", "choose a writable --root")
 
 
+@pytest.mark.bad_input
 def test_caption_checks_its_out_folder_before_captioning(monkeypatch, capsys, under_a_file, tmp_path):
     import pcm.caption
 
@@ -145,6 +151,7 @@ def test_an_os_error_during_a_stage_is_one_line_naming_the_path(monkeypatch, cap
     assert_one_clean_line(err, f"cannot use {blocked}: No space left on device")
 
 
+@pytest.mark.bad_input
 def test_ingest_of_a_too_deeply_nested_json_is_one_line_naming_the_file(monkeypatch, capsys, tmp_path):
     deep = tmp_path / "dataset_deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
@@ -177,6 +184,7 @@ BAD_SETS = [
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("args, parts", BAD_SETS, ids=[" ".join(a[:1] + a[-1:]) for a, _ in BAD_SETS])
 def test_a_bad_set_key_or_value_is_one_line_naming_it(monkeypatch, capsys, tmp_path, args, parts):
     monkeypatch.chdir(tmp_path)
@@ -199,6 +207,7 @@ REMOVED = [
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("args, hint", REMOVED, ids=[" ".join(a) for a, _ in REMOVED])
 def test_a_removed_option_says_which_set_to_use(monkeypatch, capsys, args, hint):
     code, err = run_pcm(monkeypatch, capsys, *args)

@@ -84,6 +84,7 @@ def test_preset_is_deterministic_and_loads_from_a_checkpoint_file(tmp_path):
     assert not torch.equal(c.model.visual.proj, b.model.visual.proj)
 
 
+@pytest.mark.bad_input
 def test_clip_spec_defaults_and_errors():
     assert ClipSpec(model="tiny-l14").pool == 2 and ClipSpec(model="tiny").pool is None
     assert ClipSpec(model="tiny").pretrained is None
@@ -96,6 +97,7 @@ def test_clip_spec_defaults_and_errors():
         tiny_encode_config(prompt="A photo of a thing.")
 
 
+@pytest.mark.bad_input
 def test_missing_weights_offline_give_one_clear_error():
     with pytest.raises(RuntimeError) as e:
         load_clip(ClipSpec(model="ViT-B-32", pretrained="openai", precision="fp32"))
@@ -187,6 +189,7 @@ def test_real_images_skipped_without_images_root(tmp_path):
     assert result.counts["real"] == 0 and "images_root" in result.extra["real_note"]
 
 
+@pytest.mark.bad_input
 def test_a_synthetic_shard_lost_after_synthesis_is_an_error_naming_it(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
     (Path(syn) / "shards" / "shard-000001.done.json").unlink()
@@ -295,6 +298,7 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     assert not list((Path(resumed.path) / "features").glob(".tmp-*"))
 
 
+@pytest.mark.bad_input
 def test_shards_made_from_another_ingest_stage_are_refused_naming_both(tmp_path):
     from storage import atomic
     from storage.layout import StageDir

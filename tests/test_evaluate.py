@@ -94,6 +94,7 @@ def test_protocol_follows_the_datasets_passed(run):
     assert protocol(train, load_result(other.path)) == ("cross-domain", "demo", "flickr30k")
 
 
+@pytest.mark.bad_input
 def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
     from pcm.stages.evaluate import EvaluateConfig, run_evaluate
 

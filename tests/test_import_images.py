@@ -69,6 +69,7 @@ def test_an_imported_set_becomes_the_stage_with_status_rows_and_provenance(layou
     assert json.loads(samples["c003"]["json"])["imported_from"] == "part-1/c003.jpg"
 
 
+@pytest.mark.bad_input
 def test_a_mapping_names_the_images_and_a_corrupt_one_is_a_failed_row(layout, tmp_path):
     captions = make_captions(layout)
     root = tmp_path / "set"
@@ -92,6 +93,7 @@ def test_a_mapping_names_the_images_and_a_corrupt_one_is_a_failed_row(layout, tm
     assert plan(cfg, captions, str(layout.root)).fingerprint != r.fingerprint
 
 
+@pytest.mark.bad_input
 def test_bad_sets_and_mappings_give_errors_naming_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         ImageIndex(tmp_path / "nope")
@@ -138,6 +140,7 @@ def test_encode_train_and_evaluate_run_unchanged_on_an_imported_stage(tmp_path):
     assert "CIDEr" in metrics["metrics"]
 
 
+@pytest.mark.bad_input
 def test_the_mapping_reader_names_the_file_and_line_of_every_problem(tmp_path):
     import os
 
@@ -163,6 +166,7 @@ def test_the_mapping_reader_names_the_file_and_line_of_every_problem(tmp_path):
         read_mapping(tmp_path / "fifo.csv")
 
 
+@pytest.mark.bad_input
 def test_an_unreadable_imported_image_fails_with_the_same_words_in_every_run():
     from PIL import Image, UnidentifiedImageError
 
@@ -175,6 +179,7 @@ def test_an_unreadable_imported_image_fails_with_the_same_words_in_every_run():
     assert " at 0x" in text and without_addresses(text) == "cannot identify image file <_io.BytesIO object>"
 
 
+@pytest.mark.bad_input
 def test_a_hostile_image_set_fails_rows_and_never_hangs_reads_outside_or_reads_big_files(layout, tmp_path):
     import os
 

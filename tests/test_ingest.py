@@ -123,6 +123,7 @@ def test_coco_annotations(tmp_path):
     assert result.extra["format"] == "coco" and result.counts["val_images"] == 2
 
 
+@pytest.mark.bad_input
 def test_txt_blank_and_invalid_utf8_lines_are_rejected_rows(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_bytes(b"a man on a horse\r\n\n   \na bad \xff\xfe line\na  woman  reading\n")
@@ -171,6 +172,7 @@ def test_csv_without_the_text_column_names_the_header(tmp_path):
     assert by_id(ingest(path, tmp_path / "runs", text_column="text"))["caps-1"]["text"] == "hello"
 
 
+@pytest.mark.bad_input
 def test_forced_format_and_unknown_formats(tmp_path, karpathy):
     odd = tmp_path / "captions.dat"
     odd.write_text("a car\na bus\n", encoding="utf-8")
@@ -187,6 +189,7 @@ def test_forced_format_and_unknown_formats(tmp_path, karpathy):
 # -- bad input --------------------------------------------------------------------------
 
 
+@pytest.mark.bad_input
 def test_malformed_json_names_file_line_and_column(tmp_path):
     path = tmp_path / "dataset_coco.json"
     path.write_text('{"images": [\n  {"imgid": 1,}\n]}', encoding="utf-8")
@@ -198,6 +201,7 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
         ingest(jl, tmp_path / "runs")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["images"][2]["sentences"][1].pop("raw"), r"images\[2\]\.sentences\[1\]: missing 'raw'"),
     (lambda d: d["images"][1].pop("split"), r"images\[1\]: missing 'split'"),
@@ -214,6 +218,7 @@ def test_missing_or_wrong_field_names_the_entry(tmp_path, edit, message):
         ingest(path, tmp_path / "runs", format="karpathy")
 
 
+@pytest.mark.bad_input
 def test_empty_whitespace_too_long_and_invalid_utf8_captions_are_counted(tmp_path):
     doc = {"images": [{"filename": "a.jpg", "imgid": 0, "split": "train", "sentences": [
         {"raw": "", "sentid": 1}, {"raw": " \t ", "sentid": 2}, {"raw": "x" * 30, "sentid": 3},
@@ -230,6 +235,7 @@ def test_empty_whitespace_too_long_and_invalid_utf8_captions_are_counted(tmp_pat
     assert (c["rows"], c["ok"], c["rejected"]) == (5, 1, 4)
 
 
+@pytest.mark.bad_input
 def test_a_lone_surrogate_escape_is_one_rejected_row(tmp_path):
     path = tmp_path / "dataset_t.json"
     path.write_text('{"images": [{"filename": "a.jpg", "imgid": 0, "split": "train", "sentences": ['
@@ -247,6 +253,7 @@ def test_image_paths_must_stay_inside_the_image_root(tmp_path):
             ingest(write_json(tmp_path / "dataset_t.json", doc), tmp_path / "runs")
 
 
+@pytest.mark.bad_input
 def test_duplicate_ids_name_both_occurrences(tmp_path):
     doc = karpathy_doc()
     doc["images"][3]["sentences"][1]["sentid"] = 2
@@ -277,6 +284,7 @@ def _stray_quote_csv(n: int, close_after: int | None = None) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+@pytest.mark.bad_input
 def test_csv_stray_quote_is_an_error_naming_the_line_where_it_opened(tmp_path):
     # Before: exit 0 with 11 ok rows and one 20,602-character too_long row; 989 captions gone.
     path = tmp_path / "caps.csv"
@@ -302,6 +310,7 @@ def test_csv_quoted_cells_may_hold_a_few_line_breaks(tmp_path):
     assert r["caps-2"]["text"] == 'a "quoted" word' and r["caps-2"]["image_id"] == "2"   # the blank line is no row
 
 
+@pytest.mark.bad_input
 def test_csv_duplicate_header_names_the_columns(tmp_path):
     path = tmp_path / "caps.csv"
     path.write_text("caption,image_id,caption,image_id,image_id\na,1,b,2,3\n", encoding="utf-8")
@@ -312,6 +321,7 @@ def test_csv_duplicate_header_names_the_columns(tmp_path):
     assert by_id(ingest(path, tmp_path / "runs"))["caps-1"]["image_id"] == "1"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("where, doc, message", [
     ("top level", '{"images": [], "images": []}', r"duplicate key 'images' in a JSON object \(keys \['images', 'images'\]\)"),
     ("a sentence", '{"images": [{"imgid": 1, "filename": "a.jpg", "split": "train", "sentences": '
@@ -327,6 +337,7 @@ def test_duplicate_json_keys_name_the_key_and_file(tmp_path, where, doc, message
         ingest(path, tmp_path / "runs")
 
 
+@pytest.mark.bad_input
 def test_duplicate_jsonl_key_names_the_line(tmp_path):
     path = tmp_path / "caps.jsonl"
     path.write_text('{"caption": "a dog"}\n{"caption": "a cat", "caption": "a cow"}\n', encoding="utf-8")
@@ -353,6 +364,7 @@ def test_a_byte_order_mark_gives_the_encoding(tmp_path, encoding, suffix):
     assert [r["text"] for r in rows_of(result)] == captions and result.counts["ok"] == 2
 
 
+@pytest.mark.bad_input
 def test_invalid_utf16_after_its_byte_order_mark_names_file_and_line(tmp_path):
     path = tmp_path / "caps.txt"
     path.write_bytes(codecs.BOM_UTF16_LE + "a dog\na cat\n".encode("utf-16-le") + b"\x3d\xd8a\x00")  # lone surrogate
@@ -364,6 +376,7 @@ def test_invalid_utf16_after_its_byte_order_mark_names_file_and_line(tmp_path):
         ingest(path, tmp_path / "runs")
 
 
+@pytest.mark.bad_input
 def test_control_characters_are_rejected_rows_naming_the_character(tmp_path):
     # Before: NUL and ANSI escapes were ok captions (the vocabulary then held "31mred").
     path = tmp_path / "caps.txt"
@@ -495,6 +508,7 @@ def test_rerun_returns_the_cached_result_and_redoes_missing_output(karpathy, tmp
     assert not redone.cached and out.exists() and verify(sd) is None
 
 
+@pytest.mark.bad_input
 def test_caption_ids_are_safe_keys_and_missing_source_is_named(tmp_path):
     path = tmp_path / "my captions (v2).txt"
     path.write_text("a b\nc d\n", encoding="utf-8")
@@ -572,6 +586,7 @@ def test_flow_second_run_is_cached(karpathy, tmp_path, prefect_api):
 DEEP = 100_000  # levels of nesting: far past Python's recursion limit (json.loads raised RecursionError)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("fmt", ["karpathy", "coco", "auto"])
 def test_json_nested_too_deeply_is_an_error_naming_the_file(tmp_path, fmt):
     path = tmp_path / "dataset_deep.json"
@@ -583,6 +598,7 @@ def test_json_nested_too_deeply_is_an_error_naming_the_file(tmp_path, fmt):
         ingest(path, tmp_path / "runs", format=fmt)
 
 
+@pytest.mark.bad_input
 def test_jsonl_line_nested_too_deeply_is_an_error_naming_file_and_line(tmp_path):
     path = tmp_path / "caps.jsonl"
     path.write_text('{"caption": "a dog"}\n{"caption": ' + "[" * DEEP + "]" * DEEP + "}\n", encoding="utf-8")
@@ -590,6 +606,7 @@ def test_jsonl_line_nested_too_deeply_is_an_error_naming_file_and_line(tmp_path)
         ingest(path, tmp_path / "runs")
 
 
+@pytest.mark.bad_input
 def test_read_json_nested_too_deeply_names_the_file(tmp_path):
     from storage.atomic import read_json
 
@@ -604,6 +621,7 @@ def test_read_json_nested_too_deeply_names_the_file(tmp_path):
     assert value == [] and depth == 49
 
 
+@pytest.mark.bad_input
 def test_csv_row_with_more_cells_than_the_header_is_a_rejected_row(tmp_path):
     path = tmp_path / "caps.csv"
     path.write_text('caption,split\na dog, sitting on grass,train\na cat,val\n"a bus, red",test\na car,\n',
@@ -621,6 +639,7 @@ def test_csv_row_with_more_cells_than_the_header_is_a_rejected_row(tmp_path):
     assert (c["rows"], c["ok"], c["rejected"], c["rejected_extra_cells"]) == (4, 3, 1, 1)
 
 
+@pytest.mark.bad_input
 def test_csv_where_every_row_has_more_cells_than_the_header_is_an_error(tmp_path):
     path = tmp_path / "caps.csv"
     path.write_text("caption\na dog, sitting on grass\na cat, on a mat\n", encoding="utf-8")

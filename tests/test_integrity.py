@@ -39,6 +39,7 @@ def flip_caption_byte(tar: Path, sample: int = 0) -> tuple[bytes, str]:
     return whole, shards.read_marker(tar)["sha256"]
 
 
+@pytest.mark.bad_input
 def test_iter_tar_finds_bytes_changed_inside_a_finished_shard(tmp_path):
     path = tmp_path / "shard-000000.tar"
     with shards.ShardWriter(path) as w:
@@ -59,6 +60,7 @@ def test_iter_tar_finds_bytes_changed_inside_a_finished_shard(tmp_path):
     assert [s["__key__"] for s in shards.iter_tar(path)] == [f"k{i}" for i in range(5)]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("workers", [0, 1])
 def test_encode_refuses_a_corrupt_synthetic_shard_naming_it_and_the_digests(tmp_path, workers):
     root = tmp_path / "runs"
@@ -130,6 +132,7 @@ LIES = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(LIES))
 def test_feature_file_whose_header_lies_is_a_clear_error_naming_it(tmp_path, case):
     from pcm.dataset import FeatureStore
@@ -149,6 +152,7 @@ def test_feature_file_whose_header_lies_is_a_clear_error_naming_it(tmp_path, cas
         assert "rerun the stage that wrote it" in msg
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("length", [0, 7, 10**12, 2**64 - 1])
 def test_implausible_header_length_is_a_clear_error(tmp_path, length):
     path = tmp_path / "x.safetensors"
@@ -187,6 +191,7 @@ def _store(tmp_path: Path):
     return sd, FeatureStore(sd, "features")
 
 
+@pytest.mark.bad_input
 def test_feature_shard_whose_arrays_disagree_on_rows_is_a_clear_error(tmp_path):
     sd, store = _store(tmp_path)
     path = sd.shard_file("features", 0, "safetensors")
@@ -199,6 +204,7 @@ def test_feature_shard_whose_arrays_disagree_on_rows_is_a_clear_error(tmp_path):
         store.gather(np.array([0]), np.array([2]))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("arrays, meta, reason", [
     ({"global": np.zeros((2, 8), np.float16)}, {"keys": '["a", "b"]'}, "no 'patches' array"),
     ({"global": np.zeros((2, 8, 1), np.float16), "patches": np.zeros((2, 4, 12), np.float16)}, {"keys": '["a", "b"]'},
@@ -220,6 +226,7 @@ def test_feature_shard_of_the_wrong_form_is_a_clear_error(tmp_path, arrays, meta
         store.gather(np.array([0, 0]), np.array([0, 1]))
 
 
+@pytest.mark.bad_input
 def test_feature_shards_with_different_shapes_are_a_clear_error(tmp_path):
     sd, store = _store(tmp_path)
     feature_shard(sd.shard_file("features", 0, "safetensors"), d=8)
@@ -231,6 +238,7 @@ def test_feature_shards_with_different_shapes_are_a_clear_error(tmp_path):
         store.gather(np.array([0, 1]), np.array([0, 0]))
 
 
+@pytest.mark.bad_input
 def test_feature_row_beyond_the_shard_is_a_clear_error(tmp_path):
     sd, store = _store(tmp_path)
     feature_shard(sd.shard_file("features", 0, "safetensors"))
@@ -239,6 +247,7 @@ def test_feature_row_beyond_the_shard_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------- deterministic sample errors
+@pytest.mark.bad_input
 def test_undecodable_images_give_the_same_error_rows_on_every_run(tmp_path):
     images = tmp_path / "coco"
     outputs = []
@@ -262,6 +271,7 @@ def test_undecodable_images_give_the_same_error_rows_on_every_run(tmp_path):
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.bad_input
 def test_bytes_after_the_last_array_are_a_clear_error(tmp_path):
     path = tmp_path / "x.safetensors"
     feature_shard(path)

@@ -55,9 +55,15 @@ def _stop_renewing(held) -> None:
     held._renewer.join()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("body", [b'{"expires": 1e308, "ttl": 1e308, "pid": "x"}', b'{"expires": "soon"}',
-                                  b'[1, 2, 3]', b'not json \xff', b''],
-                         ids=["expires-1e308", "expires-soon", "json-list", "not-json", "empty"])
+                                  b'[1, 2, 3]', b'not json \xff', b'',
+                                  b'null', b'{"expires": NaN, "ttl": -Infinity, "nonce": [1]}',
+                                  b'{"pid": 1e400, "host": {"a": 1}, "command": 7, "started": -1e308}',
+                                  b'[' * 100_000 + b']' * 100_000, b'{"nonce": "' + b'x' * 1_000_000 + b'"}'],
+                         ids=["expires-1e308", "expires-soon", "json-list", "not-json", "empty", "json-null",
+                              "nan-expiry-list-nonce", "holder-fields-of-wrong-kinds", "nested-too-deeply",
+                              "a-1-mb-nonce"])
 def test_a_malformed_lease_is_held_while_young_and_taken_over_by_its_age(bucket, store, clock, body):
     store.pipe(_key(bucket, "ingest"), body)
     with pytest.raises(LockHeld, match=r"locked by an unknown holder \(lease expires in"):

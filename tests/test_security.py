@@ -106,6 +106,7 @@ def _load_weights(path: Path) -> None:
     checkpoint.load_weights(path, model, opt)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name, kind", [("model.bin", "torch"), ("optimizer.pt", "torch"), ("pytorch_model.bin", "pickle"),
                                         ("rng.pkl", "pickle")])
 @pytest.mark.parametrize("loader", [_load, _load_weights], ids=["load", "load_weights"])
@@ -115,6 +116,7 @@ def test_checkpoint_with_an_extra_pickle_is_refused(ckpt, sentinel, name, kind, 
         loader(ckpt)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "concepts.safetensors"])
 @pytest.mark.parametrize("kind", ["pickle", "torch"])
 def test_checkpoint_file_replaced_by_a_pickle_fails_without_unpickling(ckpt, sentinel, name, kind):
@@ -123,6 +125,7 @@ def test_checkpoint_file_replaced_by_a_pickle_fails_without_unpickling(ckpt, sen
         _load_weights(ckpt)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["state.json", "config.json", "vocab.json", "clip.json"])
 def test_checkpoint_json_replaced_by_a_pickle_fails_without_unpickling(ckpt, sentinel, name):
     plant(ckpt / name, sentinel, "pickle")
@@ -146,6 +149,7 @@ def encode_dir(tmp_path: Path) -> StageDir:
     return sd
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("kind", ["pickle", "torch"])
 @pytest.mark.parametrize("target", ["features", "real", "clip_head"])
 def test_feature_file_replaced_by_a_pickle_fails_without_unpickling(encode_dir, sentinel, kind, target):
@@ -165,6 +169,7 @@ def test_feature_file_replaced_by_a_pickle_fails_without_unpickling(encode_dir, 
 
 
 # ---------------------------------------------------------------------- model weights from outside
+@pytest.mark.bad_input
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's weights-only unpickler, refusing it
 @pytest.mark.parametrize("name, kind", [("weights.pt", "torch"), ("weights.bin", "pickle"),
                                         ("weights.safetensors", "torch")])
@@ -183,6 +188,7 @@ def tiny_pipeline_dir() -> Path:
     return diffusion.ensure_preset("tiny")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("component, weights", [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")])
 def test_diffusion_directory_with_pickled_weights_is_not_unpickled(tiny_pipeline_dir, tmp_path, sentinel, component,
                                                                     weights):
@@ -197,6 +203,7 @@ def test_diffusion_directory_with_pickled_weights_is_not_unpickled(tiny_pipeline
         diffusion.load_pipeline(str(model))
 
 
+@pytest.mark.bad_input
 def test_diffusion_model_index_cannot_name_a_module_to_import(tiny_pipeline_dir, tmp_path, sentinel, monkeypatch):
     from pcm import diffusion
 
@@ -217,6 +224,7 @@ UNSAFE_KEYS = ["../x", "..", "/etc/passwd", "a/b", "a\\b", "a.b", "a.jpg", "", "
                "a\x00b"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("key", UNSAFE_KEYS, ids=repr)
 def test_check_key_refuses_escapes_and_dots(key):
     with pytest.raises(ValueError, match="invalid sample key"):
@@ -228,6 +236,7 @@ def test_check_key_accepts_safe_keys(key):
     assert check_key(key) == key
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("key", ["../escape", "a.b"])
 def test_shard_writer_refuses_an_unsafe_key_and_leaves_no_shard(tmp_path, key):
     tar = tmp_path / "shards" / "shard-000000.tar"
@@ -239,6 +248,7 @@ def test_shard_writer_refuses_an_unsafe_key_and_leaves_no_shard(tmp_path, key):
     assert not (tmp_path / "escape").exists() and not done_path(tar).exists()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["../config.json", "/etc/passwd", "a/b", "a\\b", ".lock", ".", "..", ""])
 def test_stage_dir_file_names_cannot_escape(tmp_path, name):
     sd = RunLayout(tmp_path).stage("ingest", "a" * 16)
@@ -246,6 +256,7 @@ def test_stage_dir_file_names_cannot_escape(tmp_path, name):
         sd.file(name)
 
 
+@pytest.mark.bad_input
 def test_stage_and_shard_names_cannot_escape(tmp_path):
     layout = RunLayout(tmp_path)
     with pytest.raises(ValueError, match="unknown stage"):
@@ -264,6 +275,7 @@ def _karpathy(sentid: Any = 1, imgid: Any = 1) -> str:
                                    "sentences": [{"sentid": sentid, "raw": "a dog"}]}]})
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("sentid", ["../x", "/etc/passwd", "a/b", "a.b", "a b", "a\\b", ""], ids=repr)
 def test_ingest_refuses_caption_ids_that_are_not_safe_keys(tmp_path, sentid):
     from pcm.stages.ingest import IngestConfig, run_ingest
@@ -279,6 +291,7 @@ def test_ingest_refuses_caption_ids_that_are_not_safe_keys(tmp_path, sentid):
         run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["../x", "a/b", "a.b", "", "x" * 65])
 def test_ingest_refuses_an_unsafe_dataset_name(name):
     from pcm.stages.ingest import IngestConfig
@@ -303,6 +316,7 @@ def test_every_caption_id_ingest_writes_is_a_safe_key(tmp_path, file_name, conte
     assert ids and all(check_key(i) == i for i in ids)
 
 
+@pytest.mark.bad_input
 def test_synthesize_refuses_an_unsafe_caption_id_naming_the_row(tmp_path):
     from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 
@@ -319,6 +333,7 @@ def test_synthesize_refuses_an_unsafe_caption_id_naming_the_row(tmp_path):
     assert not list(tmp_path.rglob("escape*"))
 
 
+@pytest.mark.bad_input
 def test_real_image_paths_cannot_escape_images_root(tmp_path):
     from PIL import Image
 
@@ -432,6 +447,7 @@ def test_started_prefect_server_listens_on_loopback_only(prefect_server):
 
 
 # ---------------------------------------------------------------------- configs never name code
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["os.system", "DDIMScheduler", "diffusers.DDIMScheduler", "__import__('os')",
                                   "../ddim", "DDIM"])
 def test_scheduler_names_resolve_through_a_fixed_table(name):
@@ -453,6 +469,7 @@ def test_every_scheduler_in_the_table_is_a_diffusers_scheduler():
         assert issubclass(getattr(diffusers, cls), diffusers.SchedulerMixin), name
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("build", [
     lambda: __import__("pcm.stages.synthesize").stages.synthesize.SynthesizeConfig(dtype="torch.float16"),
     lambda: __import__("pcm.stages.synthesize").stages.synthesize.SynthesizeConfig(pipeline_class="os.system"),
@@ -482,6 +499,7 @@ def _relative_name(target: Path, preset_dir: Path) -> str:
     return os.path.relpath(target.with_suffix(""), preset_dir)
 
 
+@pytest.mark.bad_input
 def test_pipeline_preset_names_cannot_escape_the_preset_directory(tmp_path):
     from pcm.stages.pipeline import PRESETS, resolve
 
@@ -491,6 +509,7 @@ def test_pipeline_preset_names_cannot_escape_the_preset_directory(tmp_path):
         resolve(_relative_name(evil, PRESETS))
 
 
+@pytest.mark.bad_input
 def test_model_preset_names_cannot_escape_the_preset_directory(tmp_path):
     from pcm.model import PRESETS, load_preset
 
@@ -500,6 +519,7 @@ def test_model_preset_names_cannot_escape_the_preset_directory(tmp_path):
         load_preset(_relative_name(evil, PRESETS))
 
 
+@pytest.mark.bad_input
 def test_diffusion_preset_names_cannot_escape_the_preset_directory(tmp_path):
     from pcm import diffusion
 
@@ -509,6 +529,7 @@ def test_diffusion_preset_names_cannot_escape_the_preset_directory(tmp_path):
     assert not diffusion.is_preset("../clip/tiny")
 
 
+@pytest.mark.bad_input
 def test_clip_preset_names_cannot_escape_the_preset_directory(tmp_path):
     from pcm.clip import PRESET_DIR, ClipSpec
 
@@ -532,6 +553,7 @@ def test_distributed_training_listens_on_loopback_only(tmp_path, monkeypatch):
     assert all(addr.startswith(loopback) for addr in got["listening"]), got["listening"]
 
 
+@pytest.mark.bad_input
 def test_a_planted_mirror_file_in_or_above_a_local_root_uploads_nothing(tmp_path, monkeypatch, caplog):
     from pcm.demo_data import DEMO_DIR
     from pcm.stages.ingest import IngestConfig, run_ingest

@@ -89,6 +89,7 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     assert atomic.read_json(target) == {"a": 1}
 
 
+@pytest.mark.bad_input
 def test_read_json_names_position(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('{\n  "a": 1,\n  "b": \n}')
@@ -110,6 +111,7 @@ def test_table_round_trip_readable_by_arrow(tmp_path):
     assert tables.read(p, tables.CAPTIONS).column("caption_id").to_pylist() == ["c0", "c1", "c2"]
 
 
+@pytest.mark.bad_input
 def test_schema_violations_rejected(tmp_path):
     p = tmp_path / "t.parquet"
     row = _caption_row(0)
@@ -183,6 +185,7 @@ def test_shards_are_byte_identical_to_webdataset_tarwriter(tmp_path):
         assert path.read_bytes() == (tmp_path / "wds.tar").read_bytes()
 
 
+@pytest.mark.bad_input
 def test_a_bad_sample_value_writes_nothing_of_that_sample(tmp_path):
     path = tmp_path / "shard-000000.tar"
     with shards.ShardWriter(path) as w:
@@ -211,6 +214,7 @@ def test_exception_inside_writer_leaves_no_shard(tmp_path):
     assert shards.pending([path]) == [path]
 
 
+@pytest.mark.bad_input
 def test_bad_keys_rejected(tmp_path):
     for key in ("a.b", "../x", "a/b", "", "x y", "/abs"):
         with pytest.raises(ValueError, match="invalid sample key"):
@@ -221,6 +225,7 @@ def test_bad_keys_rejected(tmp_path):
             w.write({"__key__": "k", "txt": "b"})
 
 
+@pytest.mark.bad_input
 def test_truncated_tar_is_a_clear_error(tmp_path):
     path = tmp_path / "shard-000000.tar"
     with shards.ShardWriter(path) as w:

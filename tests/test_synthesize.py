@@ -174,6 +174,7 @@ def test_a_failing_sample_is_a_status_row_and_the_shard_completes(captions, layo
     assert shard_keys(r.path) == [c for c in train_ids() if c != "c004"]
 
 
+@pytest.mark.bad_input
 def test_bad_configs_give_clear_errors(captions, layout):
     from pcm.config import validate
 
@@ -292,6 +293,7 @@ def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(caption
 
 
 
+@pytest.mark.bad_input
 def test_a_stage_where_every_sample_failed_is_an_error_and_not_done(captions, layout, tmp_path):
     from pcm.stages.synthesize import WARN_FAILED_SHARE
 

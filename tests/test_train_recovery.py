@@ -240,6 +240,7 @@ CONFIG_CASES = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
 def test_a_bad_checkpoint_config_is_one_error_naming_the_file_and_key(trained_best, tmp_path, case):
     edit, pattern = CONFIG_CASES[case]
@@ -255,6 +256,7 @@ def test_a_bad_checkpoint_config_is_one_error_naming_the_file_and_key(trained_be
     assert re.search(pattern, message), message
 
 
+@pytest.mark.bad_input
 def test_a_bad_checkpoint_state_names_the_file(trained_best, tmp_path):
     ckpt = tmp_path / "best"
     shutil.copytree(trained_best, ckpt)

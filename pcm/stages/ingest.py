@@ -262,6 +262,8 @@ def _load_json(path: Path) -> Any:
         raise ValueError(f"{path}: {e}") from None
     except RecursionError:
         raise ValueError(f"{path}: {_too_deep()}") from None
+    except ValueError as e:  # json's own limits (an integer of over 4300 digits) name no file
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
 
 
 def _valid_utf8(s: str) -> bool:
@@ -477,6 +479,8 @@ def _read_jsonl(text: str, file: str, prefix: str, config: IngestConfig, keep: t
             raise ValueError(f"{file}: line {n}: {e}") from None
         except RecursionError:
             raise ValueError(f"{file}: line {n}: {_too_deep()}") from None
+        except ValueError as e:  # json's own limits (an integer of over 4300 digits) name no file
+            raise ValueError(f"{file}: line {n}: invalid JSON: {e}") from None
         _add_record(rows, _Fields(file, obj, f"line {n}"), cid, config, keep, n)
     return rows
 
@@ -725,6 +729,8 @@ def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
         atomic.remove_stale_temporaries(sd.path, OUTPUT)
         t0 = time.monotonic()
         fmt, rows = read_source(config)
+        if not rows.raw and not rows.skipped:  # an empty file, a header alone, images: []: no data set
+            raise ValueError(f"{source_path(config)}: no captions in the file ({fmt}); nothing to ingest")
         report(1, 3, f"read {len(rows.raw)} captions ({fmt})")
         t1 = time.monotonic()
         columns, counts = build_columns(rows, config, f"{fmt}:{source_path(config).name}")

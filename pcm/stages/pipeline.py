@@ -103,7 +103,7 @@ def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     with open(path, "rb") as f:
         try:
             raw = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # a file not in UTF-8 named no file
             raise ValueError(f"{path}: invalid TOML: {e}") from None
     base = raw.pop("base", None)
     if base is not None:  # a variant of another preset: only what differs is written down
