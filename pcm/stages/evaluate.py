@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -244,17 +245,27 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
                  progress: ProgressFn | None = None) -> dict[str, str]:
     """Caption every image of `evalset` from its stored features, `batch_size` images at a time, by beam
     search (`beam_size`, `max_len` words, `length_penalty`); image id -> caption."""
+    from pcm.decode import decode_features
+
+    batches = _feature_batches(encode, evalset, device, batch_size, progress)
+    captions = decode_features(model, vocab, batches, beam_size=beam_size, max_len=max_len,
+                               length_penalty=length_penalty)
+    return {i: captions[i] for i in evalset.image_ids}
+
+
+def _feature_batches(encode: StageResult, evalset: EvalSet, device: str, batch_size: int,
+                     progress: ProgressFn | None) -> Iterator[tuple[list[str], Any, Any]]:
+    """(image ids, global features, patches) of `evalset`, shard by shard, `batch_size` images at a time;
+    each batch is counted as captioned (bar and `progress`) when the next one is asked for."""
     import torch
 
     from pcm.dataset import open_features
-    from pcm.decode import beam_search
 
     enc = StageDir.at(encode.path)
     by_shard: dict[int, list[int]] = {}
     for i, s in enumerate(evalset.shards):
         by_shard.setdefault(s, []).append(i)
     total, done = len(evalset.image_ids), 0
-    captions: dict[str, str] = {}
     bar = tqdm(total=total, desc="evaluate: decoding", unit="img")
     for shard, members in sorted(by_shard.items()):
         path = enc.feature_shard("real", shard)
@@ -271,16 +282,12 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
             rows = [evalset.rows[i] for i in batch]
             g = torch.from_numpy(np.asarray(arrays["global"][rows], dtype=np.float32)).to(device)     # [b, D]
             p = torch.from_numpy(np.asarray(arrays["patches"][rows], dtype=np.float32)).to(device)    # [b, P, W]
-            ids = beam_search(model, g, p, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
-                              beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
-            for i, tokens in zip(batch, ids, strict=True):
-                captions[evalset.image_ids[i]] = vocab.decode(tokens)
+            yield [evalset.image_ids[i] for i in batch], g, p
             done += len(batch)
             bar.update(len(batch))
             if progress:
                 progress(done, total, "images captioned")
     bar.close()
-    return {i: captions[i] for i in evalset.image_ids}
 
 
 CONTROL_HOW = ("each caption scored against the references of another image of the split (image ids sorted, "
