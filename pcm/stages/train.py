@@ -29,6 +29,7 @@ from pcm.device import resolve_device
 from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.pictures import loss_curve
+from pcm.split_images import load_split_images
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -364,7 +365,7 @@ class TrainData:
     store: Any            # their FeatureStore
     inputs: Any           # decoder input / target token ids, one row per pair
     targets: Any
-    val: Any              # dataset.ValImages: the real val images and their references (possibly none)
+    val: Any              # split_images.SplitImages: the real val images and their references (possibly none)
     val_store: Any
     vocab: Any
     model_config: PCMNetConfig  # the preset fitted to the feature shapes
@@ -454,7 +455,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     vocab = Vocab.build(pairs.texts, config.min_word_count)
     inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
     val_cap, val_enc = val_source or (captions, encode)
-    val = dataset.load_val(val_cap.path, val_enc.path, config.val_max_images)
+    val = load_split_images(val_cap.path, val_enc.path, "val", config.val_max_images)
     val_store = dataset.FeatureStore(StageDir.at(val_enc.path), "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
