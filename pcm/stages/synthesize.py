@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from pcm import diffusion
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
 from pcm.identity import local_model_dir, model_dir_id
+from pcm.image_sources import ImportedImages, PairedImages, encode_image, image_index, import_image
 from pcm.pictures import sample_grid
 from pcm.stages.stage import (
     ProgressFn,
@@ -38,7 +38,6 @@ from pcm.stages.stage import (
 )
 from storage import atomic, claims, manifests, remote, tables
 from storage.fingerprint import files_manifest_digest, input_digest
-from storage.image_sets import ImageIndex, read_mapping
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock
 from storage.result import StageResult
@@ -265,40 +264,13 @@ def num_shards(config: SynthesizeConfig, captions: StageResult) -> int:
     return math.ceil(len(planned_samples(config, captions)) / config.shard_size)
 
 
-@functools.lru_cache(maxsize=4)
-def _image_index(root: str) -> ImageIndex:
-    return ImageIndex(root)
-
-
-def image_index(config: SynthesizeConfig) -> ImageIndex:
-    """The index of the imported image set (names and sizes only), built once per process."""
-    return _image_index(str(Path(config.imported_images).resolve()))
-
-
-@functools.lru_cache(maxsize=4)
-def _mapping(path: str, stamp: tuple[int, int]) -> dict[str, str]:
-    # Keyed on (mtime, size) rather than a digest: it is looked up once per caption, and hashing the
-    # file each time would read it once per caption (the fingerprint hashes it once, in plan()).
-    return read_mapping(path)
-
-
-def imported_key(config: SynthesizeConfig, caption_id: str) -> str | None:
-    """The key of a caption's image in the imported set, or None when it has none."""
-    index = image_index(config)
-    if config.imported_mapping is None:
-        return index.resolve(caption_id)
-    st = Path(config.imported_mapping).stat()
-    image = _mapping(config.imported_mapping, (st.st_mtime_ns, st.st_size)).get(caption_id)
-    return None if image is None else index.resolve(image)
-
-
 def plan(config: SynthesizeConfig, captions: StageInput, root: str) -> StageDir:
     """The stage directory for these captions (the ingest stage's result or directory) and this config; no work,
     nothing written (Prefect's cache key)."""
     captions = as_result(captions)
     extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else {}
     if config.imported_images:  # what the set and the mapping hold, not their names, make the fingerprint
-        extra = {"imported_index": image_index(config).digest()}
+        extra = {"imported_index": image_index(config.imported_images).digest()}
         if config.imported_mapping:
             extra["imported_mapping_sha256"] = input_digest(config.imported_mapping)
     for key in ("model", "tiny_vae"):   # a local directory: the digest of its files
@@ -349,128 +321,22 @@ def generation_spec(config: SynthesizeConfig) -> GenerationSpec:
         batch_size=config.batch_size, compile=config.compile, channels_last=config.channels_last)
 
 
-class PairedImages:
-    """The oracle arm's stand-in for a diffusion model: each caption's own image, read from `paired_images`.
-
-    Same interface as `Synthesizer`; a missing, unreadable or escaping image is that sample's failure.
-    """
-
-    def __init__(self, config: SynthesizeConfig) -> None:
-        if config.paired_images is None:
-            raise ValueError("PairedImages needs synthesize.paired_images (the root of the train images)")
-        self.config = config
-        self.root = Path(config.paired_images).resolve()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"synthesize.paired_images={config.paired_images!r}: no such directory")
-
-    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
-        import numpy as np
-        from PIL import Image
-
-        out: list[Any] = []
-        for s in samples:
-            if not s.image_path:
-                out.append("no image_path for this train caption in captions.parquet (paired_images needs one)")
-                continue
-            path = (self.root / s.image_path).resolve()
-            if not path.is_relative_to(self.root):
-                out.append(f"image_path {s.image_path!r} escapes paired_images {self.root}")
-                continue
-            try:
-                with Image.open(path) as img:
-                    rgb = img.convert("RGB").resize((self.config.width, self.config.height), Image.BICUBIC)
-                out.append(np.asarray(rgb, dtype=np.uint8))
-            except Exception as e:  # noqa: BLE001 - one bad image is a failed row, not a failed shard
-                out.append(f"{path}: {type(e).__name__}: {e}")
-        return out
-
-
-class ImportedImages:
-    """Existing images (e.g. the authors' SynthImgCap) in place of a diffusion model: each caption's file bytes.
-
-    Same interface as `Synthesizer`, returning the source bytes (checked and, if need be, converted
-    to `image_format` by `import_image` in the encoding threads); a caption without an image, or an
-    unreadable one, is that sample's failure row.
-    """
-
-    def __init__(self, config: SynthesizeConfig) -> None:
-        if config.imported_images is None:
-            raise ValueError("ImportedImages needs synthesize.imported_images (the directory of the images)")
-        self.config = config
-        self.index = image_index(config)
-
-    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
-        out: list[Any] = []
-        for s in samples:
-            key = imported_key(self.config, s.caption_id)
-            if key is None:
-                where = f"mapped by {self.config.imported_mapping}" if self.config.imported_mapping else "named"
-                out.append(f"no image {where} for caption_id {s.caption_id!r} under {self.index.root}")
-                continue
-            try:
-                out.append(self.index.read(key, self.config.imported_max_bytes))
-            except OSError as e:
-                out.append(f"{self.index.describe(key)}: {type(e).__name__}: {e}")
-        return out
-
-
-def import_image(data: bytes, image_format: str, quality: int) -> bytes:
-    """An imported image's bytes, kept as they are when already in `image_format`, else re-encoded; decoded once
-    either way, so an unreadable file fails here (its row) and not in the encode stage."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        fmt = (img.format or "").lower()
-        img.load()
-        if extra := trailing_bytes(data, fmt):
-            raise ValueError(f"{extra} bytes after the end of the {fmt.upper()} image: not one whole image file")
-        if fmt == image_format:
-            return data
-        return encode_image(np.asarray(img.convert("RGB"), dtype=np.uint8), image_format, quality)
-
-
-def trailing_bytes(data: bytes, fmt: str) -> int:
-    """How many bytes follow the end of a JPEG (its last EOI marker), PNG (its IEND chunk) or WebP (its RIFF size);
-    0 for another format. Bytes after an image would be copied into the shard as if they were the image."""
-    if fmt == "jpeg":
-        end = data.rfind(b"\xff\xd9")
-        return len(data) - (end + 2) if end >= 0 else 0
-    if fmt == "png":
-        end = data.rfind(b"IEND")
-        return len(data) - (end + 8) if end >= 0 else 0   # "IEND" then its 4-byte CRC
-    if fmt == "webp" and len(data) >= 8:
-        return max(0, len(data) - 8 - int.from_bytes(data[4:8], "little"))
-    return 0
-
-
 def make_generator(config: SynthesizeConfig) -> Synthesizer | PairedImages | ImportedImages:
     """What turns the plan's samples into images: the diffusion model, the paired images (oracle) or an import."""
     if config.paired_images:
-        return PairedImages(config)
-    return ImportedImages(config) if config.imported_images else Synthesizer(generation_spec(config))
+        return PairedImages(config.paired_images, width=config.width, height=config.height)
+    return imported_images(config) if config.imported_images else Synthesizer(generation_spec(config))
+
+
+def imported_images(config: SynthesizeConfig) -> ImportedImages:
+    return ImportedImages(config.imported_images, mapping=config.imported_mapping, max_bytes=config.imported_max_bytes)
 
 
 def made_from(generator: Synthesizer | PairedImages | ImportedImages, config: SynthesizeConfig) -> bool:
     """Whether a loaded generator is what `make_generator(config)` makes (the diffusion model: from its spec)."""
     if isinstance(generator, Synthesizer):
         return config.source == "generated" and generator.spec == generation_spec(config)
-    return generator.config == config
-
-
-def encode_image(pixels: Any, image_format: str, quality: int) -> bytes:
-    """uint8 [H, W, 3] -> image file bytes; deterministic (no timestamps or metadata)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    img = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)
-    if image_format == "jpeg":
-        img.save(buf, format="JPEG", quality=quality)
-    elif image_format == "png":
-        img.save(buf, format="PNG", compress_level=6)
-    else:
-        img.save(buf, format="WEBP", quality=quality, method=4)
-    return buf.getvalue()
+    return config.source != "generated" and generator == make_generator(config)
 
 
 @lru_cache(maxsize=1)
@@ -484,8 +350,8 @@ def _versions() -> dict[str, str]:
 def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
     """What made this image (the `.json` of each sample)."""
     if config.imported_images:  # no generator settings: the image was made elsewhere, by means not recorded here
-        index = image_index(config)
-        key = imported_key(config, sample.caption_id)
+        source = imported_images(config)
+        key, index = source.key(sample.caption_id), source.index
         return {"caption_id": sample.caption_id, "text": sample.text, "source": "imported",
                 "imported_images": str(index.root), "imported_mapping": config.imported_mapping,
                 "imported_from": index.describe(key) if key else None, "versions": _versions()}
