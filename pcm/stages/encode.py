@@ -422,7 +422,6 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
     Returns (images encoded here, seconds spent encoding them, excluding model loading, and the
     loaded CLIP or None when nothing needed it).
     """
-    window = 2 * max(1, config.num_workers)
     todo = [u for u in units if not _unit_done(sd, u)]
     done_count = len(units) - len(todo)
     encoded, seconds = 0, 0.0
@@ -436,35 +435,26 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
         if progress:
             progress(done_count, len(units), f"{unit.kind} {sd.shard_name(unit.index)}")
 
-    while todo:
-        mine: list[Unit] = []
-        for u in todo:
-            if len(mine) >= window:
-                break
-            got = claims.try_claim(sd.shard_lock(u.kind, u.index), sd.feature_shard(u.kind, u.index))
-            if got is claims.HELD:
-                continue
-            if got is claims.DONE:      # finished by another process before we got the lock
-                done_count += 1
-                continue
-            atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
-            mine.append(u)
-            locks[(u.kind, u.index)] = got
-        if mine:
+    def done_elsewhere(unit: Unit) -> None:
+        nonlocal done_count
+        done_count += 1
+
+    for claimed in claims.claim_windows(todo, lambda u: sd.shard_lock(u.kind, u.index),
+                                        lambda u: sd.feature_shard(u.kind, u.index),
+                                        window=2 * max(1, config.num_workers), on_done=done_elsewhere):
+        locks.update({(u.kind, u.index): lock for u, lock in claimed})
+        try:
+            for u, _ in claimed:
+                atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
             if clip is None:
                 clip = cached_clip(config.clip, resolve_device(config.device))
             t0 = time.monotonic()
-            try:
-                encoded += _encode_pass(sd, mine, clip, config, report)
-                seconds += time.monotonic() - t0
-            finally:
-                for lock in locks.values():
-                    lock.release()
-                locks.clear()
-        else:
-            # Every unit left is held by another process: wait for one, then redo it if its holder died.
-            claims.wait_released(sd.shard_lock(todo[0].kind, todo[0].index))
-        todo = [u for u in todo if not _unit_done(sd, u)]
+            encoded += _encode_pass(sd, [u for u, _ in claimed], clip, config, report)
+            seconds += time.monotonic() - t0
+        finally:
+            for lock in locks.values():
+                lock.release()
+            locks.clear()
     return encoded, seconds, clip
 
 
