@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm
 
 from pcm import concepts as concept_vocab
 from pcm.clip import (
@@ -32,9 +26,7 @@ from pcm.clip import (
     ClipSpec,
     LoadedClip,
     clip_head,
-    encode_images,
-    encode_texts,
-    encode_tokens,
+    embed_concepts,
     load_clip,
     quick_gelu,
 )
@@ -43,9 +35,11 @@ from pcm.clip import (
 )
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.device import resolve_device
+from pcm.feature_shards import encode_pass
 from pcm.identity import clip_content_id
-from pcm.image_batches import FEATURES, REAL, Unit, UnitBatches, worker_init
+from pcm.image_batches import FEATURES, REAL, Unit
 from pcm.pictures import score_histogram
+from pcm.score_summary import CXE_REFERENCE_W, clip_score_stats, cxe_weight_stats
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -301,66 +295,6 @@ def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
             for i, s in enumerate(range(0, len(rows), size))]
 
 
-# -- accumulation and writing ---------------------------------------------------------------
-
-@dataclass
-class _Acc:
-    """What one unit has produced so far (feature arrays as float16 on the host)."""
-
-    unit: Unit
-    started: float = field(default_factory=time.monotonic)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    globals_: list[np.ndarray] = field(default_factory=list)
-    patches: list[np.ndarray] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-
-
-def _write_unit(sd: StageDir, acc: _Acc, dims: tuple[int, int, int], spec: ClipSpec) -> dict[str, int]:
-    """Status table, then the safetensors file, then the marker (written last)."""
-    unit, (D, P, W) = acc.unit, dims
-    kind = unit.kind
-    status_file = (manifests.SHARD_SCORES if kind == FEATURES else manifests.SHARD_REAL).path(sd, unit.index)
-    tables.write(status_file, acc.rows, tables.SCORES if kind == FEATURES else tables.REAL_IMAGES)
-    g = np.concatenate(acc.globals_) if acc.globals_ else np.zeros((0, D), np.float16)
-    p = np.concatenate(acc.patches) if acc.patches else np.zeros((0, P, W), np.float16)
-    features = sd.feature_shard(kind, unit.index)
-    write_arrays(features, {"global": g, "patches": p},
-                 {"keys": json.dumps(acc.keys), "clip": spec.model_dump_json()})
-    failed = sum(r["status"] != tables.STATUS_OK for r in acc.rows)
-    shard_io.write_marker(features, {"count": len(acc.keys), "failed": failed,
-                                   "seconds": round(time.monotonic() - acc.started, 3)})
-    return {"ok": len(acc.keys), "failed": failed}
-
-
-def _add_batch(acc: _Acc, batch: dict[str, Any], clip: LoadedClip) -> int:
-    """Run CLIP on a batch's ok images and append rows; returns the number of images encoded."""
-    n_ok = int(batch["pixels"].shape[0])
-    if n_ok:
-        g, patches = encode_images(clip, batch["pixels"])            # [n, D], [n, P, W] float32
-        if acc.unit.kind == FEATURES:
-            t = encode_tokens(clip, batch["tokens"])                 # [n, D]
-            scores = (g * t).sum(-1).cpu().numpy()                   # cosine: both are unit vectors
-            t = t.cpu().numpy()
-        acc.globals_.append(g.half().cpu().numpy())
-        acc.patches.append(patches.half().cpu().numpy())
-    j = 0
-    for item in batch["items"]:
-        ok = item["error"] is None
-        row = len(acc.keys) if ok else -1
-        if ok:
-            acc.keys.append(item["key"])
-        status = {"status": tables.STATUS_OK if ok else tables.STATUS_FAILED, "error": item["error"],
-                  "shard": acc.unit.index, "row": row}
-        if acc.unit.kind == FEATURES:
-            acc.rows.append({"caption_id": item["key"], "clip_score": float(scores[j]) if ok else None,
-                             "text_embedding": t[j].tolist() if ok else None, **status})
-        else:
-            acc.rows.append({"image_id": item["key"], "split": item["split"], "image_path": item["image_path"],
-                             **status})
-        j += ok
-    return n_ok
-
-
 def _unit_done(sd: StageDir, unit: Unit) -> bool:
     return shard_io.is_done(sd.feature_shard(unit.kind, unit.index))
 
@@ -370,47 +304,6 @@ def pending_feature_shards(config: EncodeConfig, captions: StageInput, shards: S
     cap, syn = _inputs(captions, shards)
     sd = plan(config, cap, syn, root)
     return [u.index for u in feature_units(syn) if not _unit_done(sd, u)]
-
-
-def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: EncodeConfig,
-                 report: Callable[[Unit, dict[str, int]], None]) -> int:
-    """Encode `units` (whose locks the caller holds) in one DataLoader pass; returns images encoded."""
-    dims = (clip.embed_dim, clip.patches, clip.width)
-    root = str(Path(config.images_root).expanduser()) if config.images_root else None
-    dataset = UnitBatches(units, clip.preprocess, clip.tokenizer, config.batch_size, root)
-    workers = min(config.num_workers, len(units))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=workers, worker_init_fn=worker_init if workers else None,
-        pin_memory=config.pin_memory and clip.device.startswith("cuda"),
-        prefetch_factor=4 if workers else None)
-    known = [u.expected for u in units]
-    total = sum(known) if all(k is not None for k in known) else None
-    accs: dict[tuple[str, int], _Acc] = {}
-    by_id = {(u.kind, u.index): u for u in units}
-    encoded = 0
-    pending: list[tuple[Unit, Future]] = []
-
-    def collect(wait: bool) -> None:
-        for unit, fut in list(pending):
-            if wait or fut.done():
-                report(unit, fut.result())  # re-raises a write error here
-                pending.remove((unit, fut))
-
-    # Writing a shard (hundreds of MB for ViT-L/14) happens on a thread so the device keeps working.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-writer") as writer, \
-            tqdm(total=total, unit="img", desc="encode", disable=not config.progress_bar) as bar:
-        for batch in loader:
-            if "fatal" in batch:
-                raise shard_io.ShardError(batch["fatal"])
-            key = (batch["kind"], batch["index"])
-            acc = accs.setdefault(key, _Acc(by_id[key]))
-            encoded += _add_batch(acc, batch, clip)
-            bar.update(len(batch["items"]))
-            if batch["last"]:
-                pending.append((acc.unit, writer.submit(_write_unit, sd, accs.pop(key), dims, clip.spec)))
-            collect(wait=False)
-        collect(wait=True)
-    return encoded
 
 
 def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip: LoadedClip | None = None,
@@ -425,6 +318,7 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
     todo = [u for u in units if not _unit_done(sd, u)]
     done_count = len(units) - len(todo)
     encoded, seconds = 0, 0.0
+    images_root = str(Path(config.images_root).expanduser()) if config.images_root else None
     locks: dict[tuple[str, int], FileLock] = {}   # the shard locks this process holds
 
     def report(unit: Unit, stats: dict[str, int]) -> None:
@@ -449,7 +343,9 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
             if clip is None:
                 clip = cached_clip(config.clip, resolve_device(config.device))
             t0 = time.monotonic()
-            encoded += _encode_pass(sd, [u for u, _ in claimed], clip, config, report)
+            encoded += encode_pass(sd, [u for u, _ in claimed], clip, batch_size=config.batch_size,
+                                   num_workers=config.num_workers, pin_memory=config.pin_memory,
+                                   images_root=images_root, progress_bar=config.progress_bar, report=report)
             seconds += time.monotonic() - t0
         finally:
             for lock in locks.values():
@@ -482,24 +378,6 @@ def concept_words(path: str) -> list[str]:
     return manifests.CONCEPTS.read(sd, columns=["concept"]).column("concept").to_pylist()
 
 
-def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: str | None,
-                   batch_size: int = 256) -> np.ndarray:
-    """L2-normalised concept embeddings [C, D]: the prompt alone, or the mean over an open_clip template set."""
-    if ensemble is None:
-        return np.concatenate([encode_texts(clip, [prompt.format(c=c) for c in words[s:s + batch_size]]).cpu().numpy()
-                               for s in range(0, len(words), batch_size)])
-    import open_clip
-    from open_clip import zero_shot_metadata
-
-    templates = {"openai-imagenet": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
-                 "simple-imagenet": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES}[ensemble]
-    per_batch = max(1, batch_size // len(templates))
-    with torch.inference_mode():
-        bank = open_clip.build_zero_shot_classifier(clip.model, clip.tokenizer, words, templates,
-                                                    num_classes_per_batch=per_batch, device=clip.device)
-    return bank.T.float().cpu().numpy()                                      # [D, C] -> [C, D], unit rows
-
-
 def build_concepts(config: EncodeConfig, captions: StageResult, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
     """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
     texts = _caption_texts(captions)
@@ -522,35 +400,6 @@ def write_clip_head(sd: StageDir, clip: LoadedClip) -> None:
     head = {k: v.numpy() for k, v in clip_head(clip).items()}
     write_arrays(sd.clip_head, head,
                  {"clip": clip.spec.model_dump_json(), "ln_eps": repr(clip.ln_eps)})
-
-
-# CXE weights min(1, w * cos), cos <= 0 -> 0 (pcm.loss.clip_weights), summarised at the presets' w: the toy
-# world's 1.8, the release's ViT-B/32 2.5, the paper's 4 (ViT-L/14, the train stage's default).
-CXE_REFERENCE_W = (1.8, 2.5, 4.0)
-SCORE_QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
-
-
-def clip_score_stats(scores: np.ndarray) -> dict[str, Any]:
-    """Distribution of the ok samples' CLIP scores: count, min, quantiles, max, mean, share <= 0 (CXE weight 0)."""
-    n = int(len(scores))
-    if not n:
-        return {"n": 0}
-    s = scores.astype(np.float64)
-    out: dict[str, Any] = {"n": n, "min": round(float(s.min()), 4)}
-    out |= {k: round(float(np.quantile(s, q)), 4) for k, q in SCORE_QUANTILES.items()}
-    out |= {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),
-            "fraction_le_0": round(float((s <= 0).mean()), 4)}
-    return out
-
-
-def cxe_weight_stats(scores: np.ndarray, w: float) -> dict[str, Any]:
-    """The CXE weights `min(1, w * cos)` (cos <= 0 -> 0) these scores give at `w`: mean, share at 0, share at the cap 1."""
-    if not len(scores):
-        return {"w": w, "n": 0}
-    weights = np.clip(w * scores.astype(np.float64), 0.0, 1.0)
-    return {"w": w, "n": int(len(weights)), "mean": round(float(weights.mean()), 4),
-            "fraction_zero": round(float((weights <= 0).mean()), 4),
-            "fraction_cap": round(float((weights >= 1).mean()), 4)}
 
 
 def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], real: Any) -> None:
