@@ -41,6 +41,7 @@ from pcm.stages.stage import (
     locked,
     stage_dir,
 )
+from pcm.validation import evaluate_val
 from storage import atomic, checkpoints, jsonl
 from storage.layout import RunLayout, StageDir
 from storage.locks import try_lock
@@ -726,46 +727,6 @@ def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
     log.warning("%s: best/ holds step %s, not the best step %d (a kill before it was written); writing it from %s",
                 sd.path, held, best_step, source.name)
     checkpoint.export(source, best, {"step": best_step, "epoch": src_state["epoch"], "best": state["best"]})
-
-
-def evaluate_val(model, vocab, val, store, device, autocast, *, metric: str, beam: int, batch_size: int) -> float:
-    """Validation score on the real val images: `metric` "cider" (captions decoded greedily, or with a
-    beam of `beam`) or "loss" (the caption loss per reference), `batch_size` images at a time."""
-    import torch
-
-    if metric == "cider":
-        from pcm.decode import decode_features
-        from pcm.metrics import score_cider
-
-        with torch.no_grad(), autocast:
-            batches = ((val.image_ids[sl], g, v) for sl, g, v in _val_batches(val, store, device, batch_size))
-            predictions = decode_features(model, vocab, batches, beam_size=beam, max_len=model.cfg.max_len,
-                                          length_penalty=0.0)
-        return score_cider(predictions, dict(zip(val.image_ids, val.references, strict=True)))
-    import numpy as np
-
-    from pcm.dataset import caption_tokens
-    from pcm.loss import caption_loss
-
-    losses: list[float] = []
-    with torch.no_grad(), autocast:
-        for sl, g, v in _val_batches(val, store, device, batch_size):
-            refs = val.references[sl]
-            which = np.repeat(np.arange(len(refs)), [len(r) for r in refs])
-            inp, out = caption_tokens([t for r in refs for t in r], vocab, model.cfg.max_len)
-            memory, pad = model.encode(g, v)
-            logits = model.decode(torch.from_numpy(inp).to(device), memory[which], pad[which])
-            n = len(which)
-            losses.append(float(caption_loss(logits, torch.from_numpy(out).to(device), pad=vocab.pad)) * n)
-    return sum(losses) / sum(len(r) for r in val.references)
-
-
-def _val_batches(val, store, device, batch_size: int):
-    """(slice of the val images, their global features, their patches), `batch_size` images at a time, on `device`."""
-    for start in range(0, len(val), batch_size):
-        sl = slice(start, start + batch_size)
-        g, v = store.gather(val.shard[sl], val.row[sl])
-        yield sl, g.to(device), v.to(device)
 
 
 # ---------------------------------------------------------------------- torchrun entry point
