@@ -19,7 +19,8 @@ import pytest
 from builders import N_TRAIN, TINY_SYNTHESIZE, make_captions, train_ids
 
 from pcm.diffusion import Synthesizer
-from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_synthesize, sample_seed
+from pcm.samples import sample_seed
+from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_synthesize
 from storage import tables
 from storage.layout import RunLayout
 from storage.locks import try_lock

@@ -185,7 +185,7 @@ def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
 
 def test_paired_images_must_stay_inside_their_root(tmp_path):
     from pcm.image_sources import PairedImages
-    from pcm.stages.synthesize import Sample
+    from pcm.samples import Sample
 
     (tmp_path / "root").mkdir()
     (tmp_path / "secret.png").write_bytes(b"x")
