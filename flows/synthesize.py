@@ -13,10 +13,10 @@ from flows.caching import fingerprint_key, is_finished, run_stage, stage_run_nam
 from flows.records import results_dir
 from flows.retries import retry_transient
 from pcm.diffusion import Synthesizer
+from pcm.image_sources import ImportedImages, PairedImages
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.stage import as_result
 from pcm.stages.synthesize import (
-    PairedImages,
     SynthesizeConfig,
     finalize,
     make_generator,
@@ -48,7 +48,7 @@ def synthesize_shard(config: SynthesizeConfig, captions: StageResult, root: str,
 
 
 @functools.lru_cache(maxsize=1)
-def loaded_synthesizer(config_json: str) -> Synthesizer | PairedImages:
+def loaded_synthesizer(config_json: str) -> Synthesizer | PairedImages | ImportedImages:
     """One loaded (and compiled) pipeline per flow-run process, shared by its shard tasks."""
     return make_generator(SynthesizeConfig.model_validate_json(config_json))
 

@@ -18,6 +18,7 @@ from pcm.config import strict_scalars
 from pcm.device import resolve_device, torch_dtype
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 log = logging.getLogger(__name__)
@@ -344,6 +345,28 @@ def encode_tokens(clip: LoadedClip, tokens: torch.Tensor) -> torch.Tensor:
 def encode_texts(clip: LoadedClip, texts: list[str]) -> torch.Tensor:
     """L2-normalised text embeddings [B, D_embed] (float32)."""
     return encode_tokens(clip, clip.tokenizer(texts))
+
+
+def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: str | None,
+                   batch_size: int = 256) -> np.ndarray:
+    """L2-normalised concept embeddings [C, D]: each word in `prompt` ("A photo of {c}."), or the renormalised
+    mean over an open_clip template set (`ensemble`: openai-imagenet or simple-imagenet)."""
+    import numpy as np
+    import torch
+
+    if ensemble is None:
+        return np.concatenate([encode_texts(clip, [prompt.format(c=c) for c in words[s:s + batch_size]]).cpu().numpy()
+                               for s in range(0, len(words), batch_size)])
+    import open_clip
+    from open_clip import zero_shot_metadata
+
+    templates = {"openai-imagenet": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
+                 "simple-imagenet": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES}[ensemble]
+    per_batch = max(1, batch_size // len(templates))
+    with torch.inference_mode():
+        bank = open_clip.build_zero_shot_classifier(clip.model, clip.tokenizer, words, templates,
+                                                    num_classes_per_batch=per_batch, device=clip.device)
+    return bank.T.float().cpu().numpy()                                      # [D, C] -> [C, D], unit rows
 
 
 def clip_head(clip: LoadedClip) -> dict[str, torch.Tensor]:

@@ -209,36 +209,6 @@ def refined_pairs(cap: StageDir, enc: StageDir, ref: StageDir) -> Pairs:
                  image_keys=[r["image_caption_id"] for r in kept])
 
 
-@dataclass
-class ValImages:
-    """Real validation images with features and their reference captions."""
-
-    image_ids: list[str]
-    shard: np.ndarray
-    row: np.ndarray
-    references: list[list[str]]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-
-def load_val(captions: str | Path, encode: str | Path, max_images: int | None = None) -> ValImages:
-    """The encoded real images of the val split (never test) and their references."""
-    enc, cap = StageDir.at(encode), StageDir.at(captions)
-    refs: dict[str, list[str]] = {}
-    for r in tables.ok_rows(manifests.CAPTIONS.read(cap).to_pylist(), "val"):
-        if r["references"]:
-            refs[r["image_id"]] = list(r["references"])
-        elif r["image_id"] not in refs or r["text"] not in refs[r["image_id"]]:
-            refs.setdefault(r["image_id"], []).append(r["text"])
-    rows = manifests.REAL.read(enc).to_pylist() if manifests.REAL.exists(enc) else []
-    rows = sorted((r for r in tables.ok_rows(rows, "val") if r["image_id"] in refs), key=lambda r: r["image_id"])[:max_images]
-    return ValImages(image_ids=[r["image_id"] for r in rows],
-                     shard=np.array([r["shard"] for r in rows], dtype=np.int64),
-                     row=np.array([r["row"] for r in rows], dtype=np.int64),
-                     references=[refs[r["image_id"]] for r in rows])
-
-
 def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
     """Concept names and the L2-normalised concept bank [C, D] from concepts.parquet."""
     enc = StageDir.at(encode)

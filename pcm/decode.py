@@ -9,7 +9,7 @@ generated: an `<unk>` in a caption only costs BLEU and CIDEr.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -124,3 +124,23 @@ def beam_search(model: Any, global_feat: torch.Tensor, patches: torch.Tensor, *,
     best = ranked(scores, lengths).argmax(dim=1)                          # [B]
     chosen = tokens[(batch_base[:, 0] + best)]                            # [B, L]
     return _strip(chosen[:, 1:], eos)
+
+
+def decode_features(model: Any, vocab: Any, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]], *,
+                    beam_size: int, max_len: int, length_penalty: float) -> dict[str, str]:
+    """Captions of stored image features, image id -> caption text, in the order the batches give them.
+
+    `batches` yields (image ids, global features [b, D], patches [b, P, W]) already on the model's
+    device. `beam_size` 1 is greedy search (the argmax path, which a beam of one equals), else beam
+    search ranking finished captions by score / length**`length_penalty`; at most `max_len` words.
+    """
+    captions: dict[str, str] = {}
+    for image_ids, global_feat, patches in batches:
+        if beam_size == 1:
+            ids = greedy_decode(model, global_feat, patches, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
+                                max_len=max_len)
+        else:
+            ids = beam_search(model, global_feat, patches, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
+                              beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        captions.update(zip(image_ids, (vocab.decode(s) for s in ids), strict=True))
+    return captions

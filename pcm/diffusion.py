@@ -358,7 +358,7 @@ class GenerationSpec:
 
 
 class Prompted(Protocol):
-    """A planned sample: its prompt and its own seed (the synthesize stage's Sample)."""
+    """A planned sample: its prompt and its own seed (pcm.samples.Sample)."""
 
     prompt: str
     seed: int

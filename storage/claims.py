@@ -5,12 +5,16 @@ workers need no coordinator: a worker takes a shard by try-locking it, never wai
 work remains; a shard with its marker is finished, whoever wrote it; once its free shards are
 through, a worker waits for the ones others hold and redoes each whose holder died without
 finishing (the lock goes with the process, the marker never came).
+
+`claim_each` hands out one shard at a time (synthesize writes each as it comes); `claim_windows`
+a few at a time (encode reads a window of shards in one DataLoader pass), so several processes
+on one stage share the shards instead of the first one claiming them all.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,3 +90,32 @@ def claim_each(keys: Iterable[K], lock: Callable[[K], Path], shard: Callable[[K]
         taken = wait_claim(lock(key), shard(key))
         if taken is not None:
             yield key, taken
+
+
+
+def claim_windows(keys: Sequence[K], lock: Callable[[K], Path], shard: Callable[[K], Path], *, window: int,
+                  on_done: Callable[[K], None] | None = None) -> Iterator[list[tuple[K, FileLock]]]:
+    """Yield windows of at most `window` (key, its taken lock) pairs until every shard of `keys` is done; the caller
+    writes each window's shards and releases their locks before asking for the next.
+
+    Each window is the first free shards in order, those another process holds skipped and those
+    found done meanwhile left out (`on_done(key)` is told). When every shard left is held, the
+    first is waited for, then all are tried again: a dead holder's shard is claimed then, a
+    finished one dropped (without `on_done`).
+    """
+    todo = [k for k in keys if not is_done(shard(k))]
+    while todo:
+        mine: list[tuple[K, FileLock]] = []
+        for key in todo:
+            if len(mine) >= window:
+                break
+            got = try_claim(lock(key), shard(key))
+            if got is DONE and on_done is not None:  # finished by another process since the list was made
+                on_done(key)
+            if not isinstance(got, Skip):
+                mine.append((key, got))
+        if mine:
+            yield mine
+        else:
+            wait_released(lock(todo[0]))
+        todo = [k for k in todo if not is_done(shard(k))]

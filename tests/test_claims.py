@@ -164,6 +164,38 @@ def test_no_wait_and_no_hook_when_nothing_is_held(tmp_path):
     assert taken_in_turn(tmp_path, 3, before_waiting=lambda: called.append(1)) == [0, 1, 2] and called == []
 
 
+def test_claim_windows_hands_out_free_shards_a_window_at_a_time_then_waits_for_the_held(tmp_path):
+    write(tmp_path, 0)                       # done before: never handed out, not reported
+    held = try_lock(lock(tmp_path, 2))       # another process holds shard 2 and will die without finishing it
+    done_elsewhere: list[int] = []
+
+    def lock_of(i: int) -> Path:
+        if i == 4 and not is_done(shard(tmp_path, 4)):
+            write(tmp_path, 4, key="other")  # another process finishes shard 4 just before this one tries it
+        return lock(tmp_path, i)
+
+    windows = []
+    for claimed in claims.claim_windows(range(6), lock_of, lambda i: shard(tmp_path, i), window=2,
+                                        on_done=done_elsewhere.append):
+        windows.append([i for i, _ in claimed])
+        for i, taken in claimed:
+            write(tmp_path, i)
+            taken.release()
+        if windows == [[1, 3], [5]]:
+            threading.Timer(0.3, held.release).start()  # only shard 2 is left, held: it is waited for
+    assert windows == [[1, 3], [5], [2]] and done_elsewhere == [4]
+    assert [s["__key__"] for s in iter_tar(shard(tmp_path, 4))] == ["other"]
+    assert all(is_done(shard(tmp_path, i)) for i in range(6))
+
+
+def test_claim_windows_drops_a_held_shard_its_holder_finished(tmp_path):
+    held = try_lock(lock(tmp_path, 0))
+    threading.Timer(0.3, lambda: (write(tmp_path, 0, key="holder"), held.release())).start()
+    windows = [[i for i, _ in c] for c in claims.claim_windows([0], lambda i: lock(tmp_path, i),
+                                                              lambda i: shard(tmp_path, i), window=4)]
+    assert windows == [] and [s["__key__"] for s in iter_tar(shard(tmp_path, 0))] == ["holder"]
+
+
 # Each process claims the shards in turn and writes the ones it gets, slowly, noting each.
 WORKER = """
 import sys, time

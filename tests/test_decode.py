@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pcm.decode import beam_search, greedy_decode
+from pcm.decode import beam_search, decode_features, greedy_decode
 
 BOS, EOS = 0, 1
 
@@ -182,3 +182,22 @@ def test_banned_tokens_are_never_generated():
     for k in (1, 3):
         ids = beam_search(model, g, p, bos=BOS, eos=EOS, beam_size=k, banned=(BOS, 2))
         assert all(2 not in row for row in ids), ids
+
+
+class WordVocab:
+    """The vocabulary interface decode_features uses: special ids, banned ids, ids -> text."""
+
+    bos, eos, banned = BOS, EOS, ()
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join("ab"[i - 2] for i in ids)
+
+
+def test_decode_features_names_each_caption_by_its_image_across_batches():
+    # The trap table: greedy says "a", a beam of 3 finds "b"; the image ids come from the batches.
+    model, (g, p) = TableModel(trap, 4), feats(3)
+    batches = [(["x", "y"], g[:2], p[:2]), (["z"], g[2:], p[2:])]
+    beam = decode_features(model, WordVocab(), batches, beam_size=3, max_len=5, length_penalty=0.0)
+    assert beam == {"x": "b", "y": "b", "z": "b"} and list(beam) == ["x", "y", "z"]
+    greedy = decode_features(model, WordVocab(), batches, beam_size=1, max_len=5, length_penalty=0.0)
+    assert greedy == {"x": "a", "y": "a", "z": "a"}

@@ -13,9 +13,10 @@ from builders import caption_row, ingest_stage
 
 from pcm.dataset import Pairs
 from pcm.loss import auto_cxe_w, clip_weights
+from pcm.samples import sample_seed
 from pcm.stages.pipeline import load_preset, resolve
 from pcm.stages.stage import as_result
-from pcm.stages.synthesize import SynthesizeConfig, plan, planned_samples, run_synthesize, sample_seed
+from pcm.stages.synthesize import SynthesizeConfig, plan, planned_samples, run_synthesize
 from pcm.stages.train import TrainConfig, cxe_weighting
 from storage import tables
 from storage.shards import iter_tar

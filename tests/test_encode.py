@@ -233,7 +233,7 @@ def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_cl
 def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
     from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
-    from pcm.stages.encode import embed_concepts
+    from pcm.clip import embed_concepts
 
     clip = load_clip(tiny_encode_config().clip)
     got = embed_concepts(clip, ["dog", "teddy bear", "zebra"], "A photo of {c}.", "simple-imagenet", batch_size=8)

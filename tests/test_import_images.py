@@ -87,7 +87,7 @@ def test_a_mapping_names_the_images_and_a_corrupt_one_is_a_failed_row(layout, tm
     # The set's content is the fingerprint: another file is another stage, and the same set is cached.
     assert run_synthesize(cfg, captions, str(layout.root)).cached
     (root / "img_999.jpg").write_bytes(image_bytes(99))
-    from pcm.stages.synthesize import _image_index
+    from pcm.image_sources import _image_index
 
     _image_index.cache_clear()
     assert plan(cfg, captions, str(layout.root)).fingerprint != r.fingerprint

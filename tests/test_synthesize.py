@@ -19,7 +19,8 @@ import pytest
 from builders import N_TRAIN, TINY_SYNTHESIZE, make_captions, train_ids
 
 from pcm.diffusion import Synthesizer
-from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_synthesize, sample_seed
+from pcm.samples import sample_seed
+from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_synthesize
 from storage import tables
 from storage.layout import RunLayout
 from storage.locks import try_lock
@@ -205,6 +206,14 @@ def test_a_loaded_synthesizer_must_come_from_the_configs_generation_fields(capti
     assert made_from(synth, SynthesizeConfig(**dict(TINY_SYNTHESIZE, writer_threads=2, image_format="png")))  # not read by it
     assert not made_from(synth, SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)))
     assert not made_from(synth, SynthesizeConfig(**dict(TINY_SYNTHESIZE, paired_images=str(tmp_path))))  # no diffusion there
+    # An image source is reused for the config that reads the same images the same way.
+    from pcm.stages.synthesize import make_generator
+
+    paired = SynthesizeConfig(**dict(TINY_SYNTHESIZE, paired_images=str(tmp_path)))
+    assert made_from(make_generator(paired), paired.model_copy(update={"writer_threads": 2}))
+    assert not made_from(make_generator(paired), SynthesizeConfig(**dict(TINY_SYNTHESIZE, paired_images=str(tmp_path),
+                                                                       width=paired.width + 8)))
+    assert not made_from(make_generator(paired), SynthesizeConfig(**TINY_SYNTHESIZE))
     with pytest.raises(ValueError, match="made from another config"):
         run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)), captions, str(layout.root), synthesizer=synth)
 
@@ -212,8 +221,8 @@ def test_a_loaded_synthesizer_must_come_from_the_configs_generation_fields(capti
 def test_sample_grid_draws_the_images_with_their_captions_the_same_each_time(tmp_path):
     from PIL import Image
 
+    from pcm.image_sources import encode_image
     from pcm.pictures import sample_grid
-    from pcm.stages.synthesize import encode_image
 
     rng = np.random.default_rng(0)
     samples = [(encode_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "png", 95), f"caption {i}")

@@ -184,15 +184,16 @@ def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
 
 
 def test_paired_images_must_stay_inside_their_root(tmp_path):
-    from pcm.stages.synthesize import PairedImages, Sample, SynthesizeConfig
+    from pcm.image_sources import PairedImages
+    from pcm.samples import Sample
 
     (tmp_path / "root").mkdir()
     (tmp_path / "secret.png").write_bytes(b"x")
-    gen = PairedImages(SynthesizeConfig(model="tiny", paired_images=str(tmp_path / "root"), height=32, width=32))
+    gen = PairedImages(str(tmp_path / "root"), width=32, height=32)
     out = gen.generate_samples([Sample("a", "t", 0, "../secret.png"), Sample("b", "t", 0, None)])
     assert "escapes paired_images" in out[0] and "no image_path" in out[1]
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        PairedImages(SynthesizeConfig(model="tiny", paired_images=str(tmp_path / "nope")))
+        PairedImages(str(tmp_path / "nope"), width=32, height=32)
 
 
 # -- controls ----------------------------------------------------------------------------------

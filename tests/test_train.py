@@ -17,7 +17,8 @@ from builders import NO_DROPOUT, TRAIN_CAPTIONS, child_env, tiny_train_config, t
 from safetensors.torch import load_file
 
 from pcm import checkpoint
-from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs, load_val
+from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs
+from pcm.split_images import load_split_images
 from pcm.stages.train import TrainConfig, run_train, verify
 from pcm.vocab import Vocab
 from storage import checkpoints, jsonl
@@ -65,10 +66,10 @@ def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
     with pytest.raises(ValueError, match="row 1 should hold 'c0000'"):
         store.check_rows(full.shard[:1], full.row[1:2], full.caption_ids[:1])
     # Validation reads the val split only: the encoded test image and its references are never touched.
-    val = load_val(cap, enc)
+    val = load_split_images(cap, enc, "val")
     assert val.image_ids == ["val0000", "val0001", "val0002"] and val.row.tolist() == [0, 1, 2]
     assert val.references[0] == [TRAIN_CAPTIONS[0], TRAIN_CAPTIONS[1]]
-    assert load_val(cap, enc, max_images=2).image_ids == ["val0000", "val0001"]
+    assert load_split_images(cap, enc, "val", max_images=2).image_ids == ["val0000", "val0001"]
 
 
 def test_data_fraction_changes_the_stage_fingerprint(tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from builders import encode_inputs, tiny_encode_config
 
-from pcm.stages.encode import clip_score_stats, cxe_weight_stats, plan, run_encode
+from pcm.score_summary import clip_score_stats, cxe_weight_stats
+from pcm.stages.encode import plan, run_encode
 from storage.layout import StageDir
 
 

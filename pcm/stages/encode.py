@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm
 
 from pcm import concepts as concept_vocab
 from pcm import release_concepts, release_features
@@ -35,9 +28,7 @@ from pcm.clip import (
     ClipSpec,
     LoadedClip,
     clip_head,
-    encode_images,
-    encode_texts,
-    encode_tokens,
+    embed_concepts,
     load_clip,
     quick_gelu,
 )
@@ -46,8 +37,11 @@ from pcm.clip import (
 )
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.device import resolve_device
+from pcm.feature_shards import encode_pass
 from pcm.identity import clip_content_id
+from pcm.image_batches import FEATURES, REAL, Unit
 from pcm.pictures import score_histogram
+from pcm.score_summary import CXE_REFERENCE_W, clip_score_stats, cxe_weight_stats
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -72,9 +66,6 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "2"  # 2: images_root and a local CLIP (local-dir: or a weights file) enter the fingerprint by
 # content (the manifest of the real images read; the digest of the weights), not by absolute path; real-only stages
-FEATURES, REAL = "features", "real"
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
 
 
 class EncodeConfig(StageConfig):
@@ -261,16 +252,6 @@ def _finished_without_images(layout: RunLayout, planned: StageDir) -> StageDir |
     return None
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One output shard: a synthetic tar to encode, or a slice of real images."""
-
-    kind: str
-    index: int
-    tar: str | None = None
-    images: tuple[tuple[str, str, str | None], ...] = ()   # real: (image_id, split, image_path)
-    expected: int | None = None                           # samples, when known in advance
-
 
 def feature_units(shards: StageResult | None) -> list[Unit]:
     """One unit per synthetic shard of the finished synthesize stage, in index order (none for a real-only stage).
@@ -323,172 +304,6 @@ def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
             for i, s in enumerate(range(0, len(rows), size))]
 
 
-# -- data loading (runs in DataLoader workers) ----------------------------------------------
-
-_BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
-
-
-def _reason(e: BaseException, source: str) -> str:
-    """`Type: message` of a sample's error, the same on every run.
-
-    PIL names the in-memory file it could not identify by its repr (`<_io.BytesIO object at
-    0x7f...>`), an address that differs from run to run; it becomes `source` (the sample's member
-    name or the image path), and any other `... at 0x...>` repr loses its address.
-    """
-    message = _ADDRESS.sub(">", _BYTESIO_REPR.sub(source, str(e)))
-    return f"{type(e).__name__}: {message}"
-
-
-def _decode(data: bytes, preprocess: Callable) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return preprocess(im.convert("RGB"))
-
-
-class _UnitBatches(torch.utils.data.IterableDataset):
-    """Yields per-unit batches (never mixing units), so a unit's batches are the same on every run.
-
-    Each worker takes every n-th unit; a batch is a dict with the decoded pixels and tokens of
-    its ok items, the failure reasons of the others, and `last` on a unit's final batch.
-    """
-
-    def __init__(self, units: list[Unit], preprocess: Callable, tokenizer: Callable, batch_size: int,
-                 images_root: str | None) -> None:
-        self.units, self.preprocess, self.tokenizer = units, preprocess, tokenizer
-        self.batch_size, self.images_root = batch_size, images_root
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        mine = self.units[info.id::info.num_workers] if info else self.units
-        for unit in mine:
-            items = self._synthetic(unit) if unit.kind == FEATURES else self._real(unit)
-            try:
-                yield from self._batches(unit, items)
-            except shard_io.ShardError as e:
-                # A truncated or corrupt shard stops the stage. Sent as a batch, so the main process raises
-                # it with its own message (a DataLoader worker's exception arrives wrapped in a traceback).
-                yield {"kind": unit.kind, "index": unit.index, "fatal": str(e)}
-                return
-
-    def _batches(self, unit: Unit, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        buf: list[dict[str, Any]] = []
-        for item in items:
-            buf.append(item)
-            if len(buf) == self.batch_size:
-                yield self._collate(unit, buf, last=False)
-                buf = []
-        yield self._collate(unit, buf, last=True)
-
-    def _collate(self, unit: Unit, items: list[dict[str, Any]], last: bool) -> dict[str, Any]:
-        ok = [it for it in items if it["error"] is None]
-        batch = {"kind": unit.kind, "index": unit.index, "last": last,
-                 "items": [{k: v for k, v in it.items() if k not in ("pixels", "text")} for it in items],
-                 "pixels": torch.stack([it["pixels"] for it in ok]) if ok else torch.empty(0)}
-        if unit.kind == FEATURES:
-            batch["tokens"] = self.tokenizer([it["text"] for it in ok]) if ok else torch.empty(0, dtype=torch.long)
-        return batch
-
-    def _synthetic(self, unit: Unit) -> Iterator[dict[str, Any]]:
-        name = Path(unit.tar).name
-        for sample in shard_io.iter_tar(unit.tar):
-            key = sample["__key__"]
-            item = {"key": key, "error": None}
-            ext = next((e for e in IMAGE_KEYS if e in sample), None)
-            try:
-                text = sample.get("txt", b"").decode("utf-8").strip()
-                if ext is None:
-                    raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
-                if not text:
-                    raise ValueError("no caption text (.txt) in the sample")
-                item["pixels"], item["text"] = _decode(sample[ext], self.preprocess), text
-            except Exception as e:  # noqa: BLE001 - one bad sample is a failed row, never fatal
-                item["error"] = f"{name}: sample {key}: {_reason(e, f'{key}.{ext}')}"
-            yield item
-
-    def _real(self, unit: Unit) -> Iterator[dict[str, Any]]:
-        for image_id, split, rel in unit.images:
-            item = {"key": image_id, "split": split, "image_path": rel, "error": None}
-            path = Path(self.images_root) / rel if rel else None
-            try:
-                if path is None:
-                    raise ValueError("no image_path in captions.parquet for this val/test image")
-                if not path.resolve().is_relative_to(Path(self.images_root).resolve()):
-                    raise ValueError(f"image_path {rel!r} escapes images_root {self.images_root}")
-                if not path.is_file():
-                    raise FileNotFoundError(f"image not found: {path}")
-                item["pixels"] = _decode(path.read_bytes(), self.preprocess)
-            except Exception as e:  # noqa: BLE001 - a missing or corrupt image is a failed row
-                item["error"] = str(e) if isinstance(e, FileNotFoundError) else f"{path}: {_reason(e, str(path))}"
-            yield item
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # each worker decodes one image at a time; no thread oversubscription
-
-
-# -- accumulation and writing ---------------------------------------------------------------
-
-@dataclass
-class _Acc:
-    """What one unit has produced so far (feature arrays as float16 on the host)."""
-
-    unit: Unit
-    started: float = field(default_factory=time.monotonic)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    globals_: list[np.ndarray] = field(default_factory=list)
-    patches: list[np.ndarray] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-
-
-def _write_unit(sd: StageDir, acc: _Acc, dims: tuple[int, int, int], spec: ClipSpec) -> dict[str, int]:
-    """Status table, then the safetensors file, then the marker (written last)."""
-    unit, (D, P, W) = acc.unit, dims
-    kind = unit.kind
-    status_file = (manifests.SHARD_SCORES if kind == FEATURES else manifests.SHARD_REAL).path(sd, unit.index)
-    tables.write(status_file, acc.rows, tables.SCORES if kind == FEATURES else tables.REAL_IMAGES)
-    g = np.concatenate(acc.globals_) if acc.globals_ else np.zeros((0, D), np.float16)
-    p = np.concatenate(acc.patches) if acc.patches else np.zeros((0, P, W), np.float16)
-    features = sd.feature_shard(kind, unit.index)
-    write_arrays(features, {"global": g, "patches": p},
-                 {"keys": json.dumps(acc.keys), "clip": spec.model_dump_json()})
-    failed = sum(r["status"] != tables.STATUS_OK for r in acc.rows)
-    shard_io.write_marker(features, {"count": len(acc.keys), "failed": failed,
-                                   "seconds": round(time.monotonic() - acc.started, 3)})
-    return {"ok": len(acc.keys), "failed": failed}
-
-
-def _add_batch(acc: _Acc, batch: dict[str, Any], clip: LoadedClip) -> int:
-    """Run CLIP on a batch's ok images and append rows; returns the number of images encoded."""
-    imported = batch.get("imported")  # (global, patches) from the release's files (encode.imported_features)
-    n_ok = int((batch["pixels"] if imported is None else imported[0]).shape[0])
-    if n_ok:
-        g, patches = encode_images(clip, batch["pixels"]) if imported is None else imported  # [n, D], [n, P, W]
-        if acc.unit.kind == FEATURES:
-            t = encode_tokens(clip, batch["tokens"])                 # [n, D]
-            scores = (g * t).sum(-1).cpu().numpy()                   # cosine: both are unit vectors
-            t = t.cpu().numpy()
-        acc.globals_.append(g.half().cpu().numpy())
-        acc.patches.append(patches.half().cpu().numpy())
-    j = 0
-    for item in batch["items"]:
-        ok = item["error"] is None
-        row = len(acc.keys) if ok else -1
-        if ok:
-            acc.keys.append(item["key"])
-        status = {"status": tables.STATUS_OK if ok else tables.STATUS_FAILED, "error": item["error"],
-                  "shard": acc.unit.index, "row": row}
-        if acc.unit.kind == FEATURES:
-            acc.rows.append({"caption_id": item["key"], "clip_score": float(scores[j]) if ok else None,
-                             "text_embedding": t[j].tolist() if ok else None, **status})
-        else:
-            acc.rows.append({"image_id": item["key"], "split": item["split"], "image_path": item["image_path"],
-                             **status})
-        j += ok
-    return n_ok
-
-
 def _unit_done(sd: StageDir, unit: Unit) -> bool:
     return shard_io.is_done(sd.feature_shard(unit.kind, unit.index))
 
@@ -500,50 +315,14 @@ def pending_feature_shards(config: EncodeConfig, captions: StageInput, shards: S
     return [u.index for u in feature_units(syn) if not _unit_done(sd, u)]
 
 
-def _encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, config: EncodeConfig,
-                 report: Callable[[Unit, dict[str, int]], None]) -> int:
-    """Encode `units` (whose locks the caller holds) in one DataLoader pass; returns images encoded."""
+def _imported_batches(config: EncodeConfig, units: list[Unit], clip: LoadedClip) -> Iterable[dict] | None:
+    """The release's files in place of decoded images (encode.imported_features), read in this process; else None."""
+    if not config.imported_features:
+        return None
     dims = (clip.embed_dim, clip.patches, clip.width)
-    root = str(Path(config.images_root).expanduser()) if config.images_root else None
-    if config.imported_features:  # the release's files in place of decoded images (read in this process)
-        loader = release_features.imported_batches(
-            units, release_features.npz_index(config.imported_features), clip.tokenizer, config.batch_size, dims,
-            clip.grid, {k: v.numpy() for k, v in clip_head(clip).items()})
-    else:
-        dataset = _UnitBatches(units, clip.preprocess, clip.tokenizer, config.batch_size, root)
-        workers = min(config.num_workers, len(units))
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=workers, worker_init_fn=_worker_init if workers else None,
-            pin_memory=config.pin_memory and clip.device.startswith("cuda"),
-            prefetch_factor=4 if workers else None)
-    known = [u.expected for u in units]
-    total = sum(known) if all(k is not None for k in known) else None
-    accs: dict[tuple[str, int], _Acc] = {}
-    by_id = {(u.kind, u.index): u for u in units}
-    encoded = 0
-    pending: list[tuple[Unit, Future]] = []
-
-    def collect(wait: bool) -> None:
-        for unit, fut in list(pending):
-            if wait or fut.done():
-                report(unit, fut.result())  # re-raises a write error here
-                pending.remove((unit, fut))
-
-    # Writing a shard (hundreds of MB for ViT-L/14) happens on a thread so the device keeps working.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-writer") as writer, \
-            tqdm(total=total, unit="img", desc="encode", disable=not config.progress_bar) as bar:
-        for batch in loader:
-            if "fatal" in batch:
-                raise shard_io.ShardError(batch["fatal"])
-            key = (batch["kind"], batch["index"])
-            acc = accs.setdefault(key, _Acc(by_id[key]))
-            encoded += _add_batch(acc, batch, clip)
-            bar.update(len(batch["items"]))
-            if batch["last"]:
-                pending.append((acc.unit, writer.submit(_write_unit, sd, accs.pop(key), dims, clip.spec)))
-            collect(wait=False)
-        collect(wait=True)
-    return encoded
+    return release_features.imported_batches(
+        units, release_features.npz_index(config.imported_features), clip.tokenizer, config.batch_size, dims,
+        clip.grid, {k: v.numpy() for k, v in clip_head(clip).items()})
 
 
 def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip: LoadedClip | None = None,
@@ -555,10 +334,10 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
     Returns (images encoded here, seconds spent encoding them, excluding model loading, and the
     loaded CLIP or None when nothing needed it).
     """
-    window = 2 * max(1, config.num_workers)
     todo = [u for u in units if not _unit_done(sd, u)]
     done_count = len(units) - len(todo)
     encoded, seconds = 0, 0.0
+    images_root = str(Path(config.images_root).expanduser()) if config.images_root else None
     locks: dict[tuple[str, int], FileLock] = {}   # the shard locks this process holds
 
     def report(unit: Unit, stats: dict[str, int]) -> None:
@@ -569,35 +348,30 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
         if progress:
             progress(done_count, len(units), f"{unit.kind} {sd.shard_name(unit.index)}")
 
-    while todo:
-        mine: list[Unit] = []
-        for u in todo:
-            if len(mine) >= window:
-                break
-            got = claims.try_claim(sd.shard_lock(u.kind, u.index), sd.feature_shard(u.kind, u.index))
-            if got is claims.HELD:
-                continue
-            if got is claims.DONE:      # finished by another process before we got the lock
-                done_count += 1
-                continue
-            atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
-            mine.append(u)
-            locks[(u.kind, u.index)] = got
-        if mine:
+    def done_elsewhere(unit: Unit) -> None:
+        nonlocal done_count
+        done_count += 1
+
+    for claimed in claims.claim_windows(todo, lambda u: sd.shard_lock(u.kind, u.index),
+                                        lambda u: sd.feature_shard(u.kind, u.index),
+                                        window=2 * max(1, config.num_workers), on_done=done_elsewhere):
+        locks.update({(u.kind, u.index): lock for u, lock in claimed})
+        try:
+            for u, _ in claimed:
+                atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
             if clip is None:
                 clip = cached_clip(config.clip, resolve_device(config.device))
             t0 = time.monotonic()
-            try:
-                encoded += _encode_pass(sd, mine, clip, config, report)
-                seconds += time.monotonic() - t0
-            finally:
-                for lock in locks.values():
-                    lock.release()
-                locks.clear()
-        else:
-            # Every unit left is held by another process: wait for one, then redo it if its holder died.
-            claims.wait_released(sd.shard_lock(todo[0].kind, todo[0].index))
-        todo = [u for u in todo if not _unit_done(sd, u)]
+            todo = [u for u, _ in claimed]
+            encoded += encode_pass(sd, todo, clip, batch_size=config.batch_size,
+                                   num_workers=config.num_workers, pin_memory=config.pin_memory,
+                                   images_root=images_root, progress_bar=config.progress_bar, report=report,
+                                   batches=_imported_batches(config, todo, clip))
+            seconds += time.monotonic() - t0
+        finally:
+            for lock in locks.values():
+                lock.release()
+            locks.clear()
     return encoded, seconds, clip
 
 
@@ -625,24 +399,6 @@ def concept_words(path: str) -> list[str]:
     return manifests.CONCEPTS.read(sd, columns=["concept"]).column("concept").to_pylist()
 
 
-def embed_concepts(clip: LoadedClip, words: list[str], prompt: str, ensemble: str | None,
-                   batch_size: int = 256) -> np.ndarray:
-    """L2-normalised concept embeddings [C, D]: the prompt alone, or the mean over an open_clip template set."""
-    if ensemble is None:
-        return np.concatenate([encode_texts(clip, [prompt.format(c=c) for c in words[s:s + batch_size]]).cpu().numpy()
-                               for s in range(0, len(words), batch_size)])
-    import open_clip
-    from open_clip import zero_shot_metadata
-
-    templates = {"openai-imagenet": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
-                 "simple-imagenet": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES}[ensemble]
-    per_batch = max(1, batch_size // len(templates))
-    with torch.inference_mode():
-        bank = open_clip.build_zero_shot_classifier(clip.model, clip.tokenizer, words, templates,
-                                                    num_classes_per_batch=per_batch, device=clip.device)
-    return bank.T.float().cpu().numpy()                                      # [D, C] -> [C, D], unit rows
-
-
 def build_concepts(config: EncodeConfig, captions: StageResult, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
     """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
     texts = _caption_texts(captions)
@@ -667,35 +423,6 @@ def write_clip_head(sd: StageDir, clip: LoadedClip) -> None:
     head = {k: v.numpy() for k, v in clip_head(clip).items()}
     write_arrays(sd.clip_head, head,
                  {"clip": clip.spec.model_dump_json(), "ln_eps": repr(clip.ln_eps)})
-
-
-# CXE weights min(1, w * cos), cos <= 0 -> 0 (pcm.loss.clip_weights), summarised at the presets' w: the toy
-# world's 1.8, the release's ViT-B/32 2.5, the paper's 4 (ViT-L/14, the train stage's default).
-CXE_REFERENCE_W = (1.8, 2.5, 4.0)
-SCORE_QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
-
-
-def clip_score_stats(scores: np.ndarray) -> dict[str, Any]:
-    """Distribution of the ok samples' CLIP scores: count, min, quantiles, max, mean, share <= 0 (CXE weight 0)."""
-    n = int(len(scores))
-    if not n:
-        return {"n": 0}
-    s = scores.astype(np.float64)
-    out: dict[str, Any] = {"n": n, "min": round(float(s.min()), 4)}
-    out |= {k: round(float(np.quantile(s, q)), 4) for k, q in SCORE_QUANTILES.items()}
-    out |= {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),
-            "fraction_le_0": round(float((s <= 0).mean()), 4)}
-    return out
-
-
-def cxe_weight_stats(scores: np.ndarray, w: float) -> dict[str, Any]:
-    """The CXE weights `min(1, w * cos)` (cos <= 0 -> 0) these scores give at `w`: mean, share at 0, share at the cap 1."""
-    if not len(scores):
-        return {"w": w, "n": 0}
-    weights = np.clip(w * scores.astype(np.float64), 0.0, 1.0)
-    return {"w": w, "n": int(len(weights)), "mean": round(float(weights.mean()), 4),
-            "fraction_zero": round(float((weights <= 0).mean()), 4),
-            "fraction_cap": round(float((weights >= 1).mean()), 4)}
 
 
 def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], real: Any) -> None:

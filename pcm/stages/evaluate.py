@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from pcm.config import BY_CONTENT, StageConfig
+from pcm.split_images import SplitImages, load_split_images
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -33,7 +34,7 @@ from pcm.stages.stage import (
     locked,
     stage_dir,
 )
-from storage import atomic, manifests, publish, shards, tables
+from storage import atomic, manifests, publish, shards
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -81,19 +82,6 @@ class EvaluateConfig(StageConfig):
         return v
 
 
-@dataclass
-class EvalSet:
-    """The images of one split that can be evaluated, where their features are, and what cannot be."""
-
-    image_ids: list[str] = field(default_factory=list)
-    shards: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
-    image_paths: list[str | None] = field(default_factory=list)
-    references: dict[str, list[str]] = field(default_factory=dict)
-    failed: list[dict[str, str]] = field(default_factory=list)   # encode status != ok: {image_id, error}
-    not_encoded: list[str] = field(default_factory=list)         # in the captions' split, absent from real.parquet
-
-
 # -- planning ---------------------------------------------------------------------------
 
 
@@ -128,39 +116,20 @@ def verify(sd: StageDir) -> str | None:
 # -- inputs -----------------------------------------------------------------------------
 
 
-def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> EvalSet:
-    """The split's encoded images (features position, path) with their references, and those left out."""
+def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> SplitImages:
+    """The split's encoded images with their references (and those left out); an error when there are none,
+    or when encoded images have no references (the captions of another data set)."""
     enc, cap = StageDir.at(encode.path), StageDir.at(captions.path)
-    real = manifests.REAL.read(enc).to_pylist()
-    caption_rows = manifests.CAPTIONS.read(cap, columns=["image_id", "split", "references", "status"]).to_pylist()
-    refs: dict[str, list[str]] = {}
-    for r in tables.ok_rows(caption_rows, split):
-        if r["references"] and r["image_id"] not in refs:
-            refs[r["image_id"]] = list(r["references"])
-    out, seen = EvalSet(), set()
-    for r in real:
-        if r["split"] != split or r["image_id"] in seen:
-            continue
-        seen.add(r["image_id"])
-        if r["status"] != tables.STATUS_OK:
-            out.failed.append({"image_id": r["image_id"], "error": r["error"] or r["status"]})
-            continue
-        out.image_ids.append(r["image_id"])
-        out.shards.append(int(r["shard"]))
-        out.rows.append(int(r["row"]))
-        out.image_paths.append(r["image_path"])
-    no_refs = [i for i in out.image_ids if i not in refs]
-    if no_refs:
-        raise ValueError(f"{cap.file('captions.parquet')}: {len(no_refs)} {split} images of {enc.path} have no "
-                         f"reference captions, e.g. {no_refs[:5]}; pass the captions (ingest) stage of the dataset "
-                         "whose images were encoded")
+    out = load_split_images(cap.path, enc.path, split)
+    if out.unreferenced:
+        raise ValueError(f"{cap.file('captions.parquet')}: {len(out.unreferenced)} {split} images of {enc.path} have "
+                         f"no reference captions, e.g. {out.unreferenced[:5]}; pass the captions (ingest) stage of the "
+                         "dataset whose images were encoded")
     if not out.image_ids:
         raise ValueError(f"{enc.file('real.parquet')}: no encoded {split} images to evaluate "
                          f"({len(out.failed)} failed); encode the {split} split's images first (encode.images_root), "
                          "or evaluate on another data set with references (pcm run: eval_source.source and "
                          "eval_source.images_root)")
-    out.references = {i: refs[i] for i in out.image_ids}
-    out.not_encoded = sorted(set(refs) - seen)
     return out
 
 
@@ -239,22 +208,32 @@ def resolve_image(root: Path | None, image_path: str | None) -> Path | None:
 # -- the work ---------------------------------------------------------------------------
 
 
-def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, device: str, *, batch_size: int,
+def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: SplitImages, device: str, *, batch_size: int,
                  beam_size: int, max_len: int, length_penalty: float,
                  progress: ProgressFn | None = None) -> dict[str, str]:
     """Caption every image of `evalset` from its stored features, `batch_size` images at a time, by beam
     search (`beam_size`, `max_len` words, `length_penalty`); image id -> caption."""
+    from pcm.decode import decode_features
+
+    batches = _feature_batches(encode, evalset, device, batch_size, progress)
+    captions = decode_features(model, vocab, batches, beam_size=beam_size, max_len=max_len,
+                               length_penalty=length_penalty)
+    return {i: captions[i] for i in evalset.image_ids}
+
+
+def _feature_batches(encode: StageResult, evalset: SplitImages, device: str, batch_size: int,
+                     progress: ProgressFn | None) -> Iterator[tuple[list[str], Any, Any]]:
+    """(image ids, global features, patches) of `evalset`, shard by shard, `batch_size` images at a time;
+    each batch is counted as captioned (bar and `progress`) when the next one is asked for."""
     import torch
 
     from pcm.dataset import open_features
-    from pcm.decode import beam_search
 
     enc = StageDir.at(encode.path)
     by_shard: dict[int, list[int]] = {}
-    for i, s in enumerate(evalset.shards):
+    for i, s in enumerate(evalset.shard.tolist()):
         by_shard.setdefault(s, []).append(i)
     total, done = len(evalset.image_ids), 0
-    captions: dict[str, str] = {}
     bar = tqdm(total=total, desc="evaluate: decoding", unit="img")
     for shard, members in sorted(by_shard.items()):
         path = enc.feature_shard("real", shard)
@@ -262,25 +241,21 @@ def decode_split(model: Any, vocab: Any, encode: StageResult, evalset: EvalSet, 
             raise FileNotFoundError(f"{path}: real-image feature shard missing or unfinished; rerun the encode stage")
         arrays, keys = open_features(path)  # header and row counts checked against the file
         for i in members:
-            row, image_id = evalset.rows[i], evalset.image_ids[i]
+            row, image_id = int(evalset.row[i]), evalset.image_ids[i]
             if row >= len(keys) or keys[row] != image_id:
                 raise ValueError(f"{path}: row {row} holds {keys[row] if row < len(keys) else 'nothing'!r}, but "
                                  f"real.parquet puts {image_id!r} there; rerun the encode stage")
         for start in range(0, len(members), batch_size):
             batch = members[start: start + batch_size]
-            rows = [evalset.rows[i] for i in batch]
+            rows = [int(evalset.row[i]) for i in batch]
             g = torch.from_numpy(np.asarray(arrays["global"][rows], dtype=np.float32)).to(device)     # [b, D]
             p = torch.from_numpy(np.asarray(arrays["patches"][rows], dtype=np.float32)).to(device)    # [b, P, W]
-            ids = beam_search(model, g, p, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
-                              beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
-            for i, tokens in zip(batch, ids, strict=True):
-                captions[evalset.image_ids[i]] = vocab.decode(tokens)
+            yield [evalset.image_ids[i] for i in batch], g, p
             done += len(batch)
             bar.update(len(batch))
             if progress:
                 progress(done, total, "images captioned")
     bar.close()
-    return {i: captions[i] for i in evalset.image_ids}
 
 
 CONTROL_HOW = ("each caption scored against the references of another image of the split (image ids sorted, "
@@ -350,12 +325,13 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
             log.info("evaluate: reusing the %d predictions of %s", len(predictions), sd.predictions)
         t2 = time.monotonic()
         # The scores and the control share the process's METEOR (metrics.shared_meteor: one start, ~10 s).
-        corpus, per_image = score_captions(predictions, evalset.references, spice=config.spice)
-        control = score_captions(predictions, shuffled_references(evalset.references),
+        references = evalset.references_by_id()
+        corpus, per_image = score_captions(predictions, references, spice=config.spice)
+        control = score_captions(predictions, shuffled_references(references),
                                  spice="off")[0] if config.control and len(predictions) > 1 else None
         t3 = time.monotonic()
 
-        rows = [{"image_id": i, "caption": predictions[i], "references": evalset.references[i],
+        rows = [{"image_id": i, "caption": predictions[i], "references": references[i],
                  "bleu4": per_image[i]["bleu4"], "meteor": per_image[i]["meteor"], "rouge_l": per_image[i]["rouge_l"],
                  "cider": per_image[i]["cider"], "spice": per_image[i].get("spice")} for i in evalset.image_ids]
         manifests.PER_IMAGE.write(sd, rows)
@@ -417,7 +393,7 @@ def write_events(sd: StageDir, train: StageDir, summary: dict[str, Any]) -> None
         events.close()
 
 
-def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, ckpt_dir: Path, meta: dict[str, Any],
+def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: SplitImages, ckpt_dir: Path, meta: dict[str, Any],
              train: StageResult, encode: StageResult, captions: StageResult) -> dict[str, Any]:
     """The content of metrics.json."""
     from pcm.report import published_block
@@ -436,7 +412,7 @@ def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, c
         "decoding": {"beam_size": config.beam_size, "max_len": config.max_len,
                      "length_penalty": config.length_penalty},
         "counts": {"images": len(evalset.image_ids),
-                   "references": sum(len(r) for r in evalset.references.values()),
+                   "references": sum(len(r) for r in evalset.references),
                    "failed_encode": len(evalset.failed), "not_encoded": len(evalset.not_encoded)},
         "failed_images": evalset.failed,
         "not_encoded": evalset.not_encoded,
@@ -447,7 +423,7 @@ def _summary(config: EvaluateConfig, corpus: dict[str, Any], evalset: EvalSet, c
 
 
 def _write_report(sd: StageDir, config: EvaluateConfig, summary: dict[str, Any], rows: list[dict[str, Any]],
-                  evalset: EvalSet, encode: StageResult) -> dict[str, str]:
+                  evalset: SplitImages, encode: StageResult) -> dict[str, str]:
     """report.md and its thumbnail grid; returns the pictures written ({name: path})."""
     from pcm.pictures import thumbnail_grid
     from pcm.report import render, spread

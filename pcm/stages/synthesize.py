@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import io
 import json
 import logging
 import math
@@ -12,7 +9,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,7 +20,10 @@ from pcm import diffusion
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
 from pcm.identity import local_model_dir, model_dir_id
+from pcm.image_sources import ImportedImages, PairedImages, encode_image, image_index, import_image
 from pcm.pictures import sample_grid
+from pcm.samples import Sample, swapped_samples, train_samples
+from pcm.samples import sample_seed as sample_seed  # re-exported: the dataset cards name it here (cards.SEED_RULE)
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -38,11 +37,10 @@ from pcm.stages.stage import (
 )
 from storage import atomic, claims, manifests, remote, tables
 from storage.fingerprint import files_manifest_digest, input_digest
-from storage.image_sets import ImageIndex, read_mapping
 from storage.layout import RunLayout, StageDir
 from storage.lock import FileLock
 from storage.result import StageResult
-from storage.shards import ShardWriter, check_key, is_done, iter_tar, read_marker
+from storage.shards import ShardWriter, is_done, iter_tar, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -183,34 +181,6 @@ class SynthesizeConfig(StageConfig):
 
 
 # -- the plan -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sample:
-    """One planned image: its caption and its own seed.
-
-    With `wrong_image_fraction`, a swapped sample keeps its caption (`text`, what it is trained on) but
-    is rendered from another caption's prompt, seed and image_path (`rendered_from` names that caption),
-    so it gets exactly the image that caption would have had.
-    """
-
-    caption_id: str
-    text: str
-    seed: int
-    image_path: str | None = None   # the caption's own image (read only for paired-image runs)
-    rendered_from: str | None = None
-    rendered_text: str | None = None
-
-    @property
-    def prompt(self) -> str:
-        """What the generator renders: the caption, or for a swapped sample the other caption."""
-        return self.text if self.rendered_text is None else self.rendered_text
-
-
-def sample_seed(run_seed: int, caption_id: str) -> int:
-    """A 63-bit seed from the run seed and the caption id: independent of order, batch and shard."""
-    digest = hashlib.sha256(f"{run_seed}:{caption_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
 def _captions_file(captions: StageResult) -> Path:
     return manifests.CAPTIONS.path(StageDir.at(captions.path))
 
@@ -219,62 +189,7 @@ def planned_samples(config: SynthesizeConfig, captions: StageResult) -> list[Sam
     """The ok train-split captions in file order (first `limit`), each with its seed (some swapped, with
     `wrong_image_fraction`)."""
     key = (config.seed, config.limit, str(_captions_file(captions)), config.paired_images is not None)
-    return list(_swapped(*key, config.wrong_image_fraction) if config.wrong_image_fraction else _planned(*key))
-
-
-@functools.lru_cache(maxsize=4)
-def _planned(seed: int, limit: int | None, captions_file: str, paired: bool = False) -> tuple[Sample, ...]:
-    # Cached per process: a finished ingest stage's captions.parquet never changes (its directory is
-    # content-addressed), and one-task-per-shard flows would otherwise re-plan 600k captions per shard.
-    path = Path(captions_file)
-    columns = ["caption_id", "split", "text", "status"] + (["image_path"] if paired else [])
-    table = tables.read(path, tables.CAPTIONS, columns=columns)
-    out: list[Sample] = []
-    seen: set[str] = set()
-    values = [table[c].to_pylist() for c in columns]
-    if not paired:
-        values.append([None] * table.num_rows)
-    for row, (cid, split, text, status, image_path) in enumerate(zip(*values, strict=True)):
-        if split != "train" or status != tables.STATUS_OK:
-            continue
-        try:
-            check_key(cid)
-        except ValueError as e:
-            raise ValueError(f"{path}: row {row}: {e}") from None
-        if cid in seen:
-            raise ValueError(f"{path}: row {row}: duplicate caption_id {cid!r}; caption ids must be unique")
-        seen.add(cid)
-        out.append(Sample(cid, text, sample_seed(seed, cid), image_path))
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise ValueError(f"{path}: no ok train captions to synthesize; check the ingest stage's splits and statuses")
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=4)
-def _swapped(seed: int, limit: int | None, captions_file: str, paired: bool, fraction: float) -> tuple[Sample, ...]:
-    """The plan with round(fraction * n) samples, chosen by the seed, each given another chosen one's image.
-
-    A cyclic shift over a seeded random order of the chosen samples is a derangement: no chosen sample keeps
-    its own image, and the set of images is unchanged (only the pairing is wrong).
-    """
-    import numpy as np
-
-    samples = _planned(seed, limit, captions_file, paired)
-    n = len(samples)
-    m = round(fraction * n)
-    if m < 2:
-        raise ValueError(f"synthesize.wrong_image_fraction={fraction} of {n} captions swaps {m}; a swap needs at "
-                         "least 2 captions: raise the fraction or use more captions")
-    # Its own random stream (the "wrong" tag), so the choice does not move with anything else seeded by `seed`.
-    chosen = np.random.default_rng([seed, 0x77726F6E67]).permutation(n)[:m]
-    out = list(samples)
-    for k, i in enumerate(chosen):
-        src = samples[chosen[k - 1]]   # k = 0 takes the last chosen one's image
-        out[i] = replace(samples[i], seed=src.seed, image_path=src.image_path,
-                                     rendered_from=src.caption_id, rendered_text=src.text)
-    return tuple(out)
+    return list(swapped_samples(*key, config.wrong_image_fraction) if config.wrong_image_fraction else train_samples(*key))
 
 
 def shard_samples(config: SynthesizeConfig, samples: Sequence[Sample]) -> list[list[Sample]]:
@@ -286,40 +201,13 @@ def num_shards(config: SynthesizeConfig, captions: StageResult) -> int:
     return math.ceil(len(planned_samples(config, captions)) / config.shard_size)
 
 
-@functools.lru_cache(maxsize=4)
-def _image_index(root: str) -> ImageIndex:
-    return ImageIndex(root)
-
-
-def image_index(config: SynthesizeConfig) -> ImageIndex:
-    """The index of the imported image set (names and sizes only), built once per process."""
-    return _image_index(str(Path(config.imported_images).resolve()))
-
-
-@functools.lru_cache(maxsize=4)
-def _mapping(path: str, stamp: tuple[int, int]) -> dict[str, str]:
-    # Keyed on (mtime, size) rather than a digest: it is looked up once per caption, and hashing the
-    # file each time would read it once per caption (the fingerprint hashes it once, in plan()).
-    return read_mapping(path)
-
-
-def imported_key(config: SynthesizeConfig, caption_id: str) -> str | None:
-    """The key of a caption's image in the imported set, or None when it has none."""
-    index = image_index(config)
-    if config.imported_mapping is None:
-        return index.resolve(caption_id)
-    st = Path(config.imported_mapping).stat()
-    image = _mapping(config.imported_mapping, (st.st_mtime_ns, st.st_size)).get(caption_id)
-    return None if image is None else index.resolve(image)
-
-
 def plan(config: SynthesizeConfig, captions: StageInput, root: str) -> StageDir:
     """The stage directory for these captions (the ingest stage's result or directory) and this config; no work,
     nothing written (Prefect's cache key)."""
     captions = as_result(captions)
     extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else {}
     if config.imported_images:  # what the set and the mapping hold, not their names, make the fingerprint
-        extra = {"imported_index": image_index(config).digest()}
+        extra = {"imported_index": image_index(config.imported_images).digest()}
         if config.imported_mapping:
             extra["imported_mapping_sha256"] = input_digest(config.imported_mapping)
     for key in ("model", "tiny_vae"):   # a local directory: the digest of its files
@@ -370,128 +258,22 @@ def generation_spec(config: SynthesizeConfig) -> GenerationSpec:
         batch_size=config.batch_size, compile=config.compile, channels_last=config.channels_last)
 
 
-class PairedImages:
-    """The oracle arm's stand-in for a diffusion model: each caption's own image, read from `paired_images`.
-
-    Same interface as `Synthesizer`; a missing, unreadable or escaping image is that sample's failure.
-    """
-
-    def __init__(self, config: SynthesizeConfig) -> None:
-        if config.paired_images is None:
-            raise ValueError("PairedImages needs synthesize.paired_images (the root of the train images)")
-        self.config = config
-        self.root = Path(config.paired_images).resolve()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"synthesize.paired_images={config.paired_images!r}: no such directory")
-
-    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
-        import numpy as np
-        from PIL import Image
-
-        out: list[Any] = []
-        for s in samples:
-            if not s.image_path:
-                out.append("no image_path for this train caption in captions.parquet (paired_images needs one)")
-                continue
-            path = (self.root / s.image_path).resolve()
-            if not path.is_relative_to(self.root):
-                out.append(f"image_path {s.image_path!r} escapes paired_images {self.root}")
-                continue
-            try:
-                with Image.open(path) as img:
-                    rgb = img.convert("RGB").resize((self.config.width, self.config.height), Image.BICUBIC)
-                out.append(np.asarray(rgb, dtype=np.uint8))
-            except Exception as e:  # noqa: BLE001 - one bad image is a failed row, not a failed shard
-                out.append(f"{path}: {type(e).__name__}: {e}")
-        return out
-
-
-class ImportedImages:
-    """Existing images (e.g. the authors' SynthImgCap) in place of a diffusion model: each caption's file bytes.
-
-    Same interface as `Synthesizer`, returning the source bytes (checked and, if need be, converted
-    to `image_format` by `import_image` in the encoding threads); a caption without an image, or an
-    unreadable one, is that sample's failure row.
-    """
-
-    def __init__(self, config: SynthesizeConfig) -> None:
-        if config.imported_images is None:
-            raise ValueError("ImportedImages needs synthesize.imported_images (the directory of the images)")
-        self.config = config
-        self.index = image_index(config)
-
-    def generate_samples(self, samples: Sequence[Sample]) -> list[Any]:
-        out: list[Any] = []
-        for s in samples:
-            key = imported_key(self.config, s.caption_id)
-            if key is None:
-                where = f"mapped by {self.config.imported_mapping}" if self.config.imported_mapping else "named"
-                out.append(f"no image {where} for caption_id {s.caption_id!r} under {self.index.root}")
-                continue
-            try:
-                out.append(self.index.read(key, self.config.imported_max_bytes))
-            except OSError as e:
-                out.append(f"{self.index.describe(key)}: {type(e).__name__}: {e}")
-        return out
-
-
-def import_image(data: bytes, image_format: str, quality: int) -> bytes:
-    """An imported image's bytes, kept as they are when already in `image_format`, else re-encoded; decoded once
-    either way, so an unreadable file fails here (its row) and not in the encode stage."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        fmt = (img.format or "").lower()
-        img.load()
-        if extra := trailing_bytes(data, fmt):
-            raise ValueError(f"{extra} bytes after the end of the {fmt.upper()} image: not one whole image file")
-        if fmt == image_format:
-            return data
-        return encode_image(np.asarray(img.convert("RGB"), dtype=np.uint8), image_format, quality)
-
-
-def trailing_bytes(data: bytes, fmt: str) -> int:
-    """How many bytes follow the end of a JPEG (its last EOI marker), PNG (its IEND chunk) or WebP (its RIFF size);
-    0 for another format. Bytes after an image would be copied into the shard as if they were the image."""
-    if fmt == "jpeg":
-        end = data.rfind(b"\xff\xd9")
-        return len(data) - (end + 2) if end >= 0 else 0
-    if fmt == "png":
-        end = data.rfind(b"IEND")
-        return len(data) - (end + 8) if end >= 0 else 0   # "IEND" then its 4-byte CRC
-    if fmt == "webp" and len(data) >= 8:
-        return max(0, len(data) - 8 - int.from_bytes(data[4:8], "little"))
-    return 0
-
-
 def make_generator(config: SynthesizeConfig) -> Synthesizer | PairedImages | ImportedImages:
     """What turns the plan's samples into images: the diffusion model, the paired images (oracle) or an import."""
     if config.paired_images:
-        return PairedImages(config)
-    return ImportedImages(config) if config.imported_images else Synthesizer(generation_spec(config))
+        return PairedImages(config.paired_images, width=config.width, height=config.height)
+    return imported_images(config) if config.imported_images else Synthesizer(generation_spec(config))
+
+
+def imported_images(config: SynthesizeConfig) -> ImportedImages:
+    return ImportedImages(config.imported_images, mapping=config.imported_mapping, max_bytes=config.imported_max_bytes)
 
 
 def made_from(generator: Synthesizer | PairedImages | ImportedImages, config: SynthesizeConfig) -> bool:
     """Whether a loaded generator is what `make_generator(config)` makes (the diffusion model: from its spec)."""
     if isinstance(generator, Synthesizer):
         return config.source == "generated" and generator.spec == generation_spec(config)
-    return generator.config == config
-
-
-def encode_image(pixels: Any, image_format: str, quality: int) -> bytes:
-    """uint8 [H, W, 3] -> image file bytes; deterministic (no timestamps or metadata)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    img = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)
-    if image_format == "jpeg":
-        img.save(buf, format="JPEG", quality=quality)
-    elif image_format == "png":
-        img.save(buf, format="PNG", compress_level=6)
-    else:
-        img.save(buf, format="WEBP", quality=quality, method=4)
-    return buf.getvalue()
+    return config.source != "generated" and generator == make_generator(config)
 
 
 @lru_cache(maxsize=1)
@@ -505,8 +287,8 @@ def _versions() -> dict[str, str]:
 def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
     """What made this image (the `.json` of each sample)."""
     if config.imported_images:  # no generator settings: the image was made elsewhere, by means not recorded here
-        index = image_index(config)
-        key = imported_key(config, sample.caption_id)
+        source = imported_images(config)
+        key, index = source.key(sample.caption_id), source.index
         return {"caption_id": sample.caption_id, "text": sample.text, "source": "imported",
                 "imported_images": str(index.root), "imported_mapping": config.imported_mapping,
                 "imported_from": index.describe(key) if key else None, "versions": _versions()}

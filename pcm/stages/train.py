@@ -29,6 +29,7 @@ from pcm.device import resolve_device
 from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.pictures import loss_curve
+from pcm.split_images import load_split_images
 from pcm.stages.stage import (
     ProgressFn,
     StageInput,
@@ -40,6 +41,7 @@ from pcm.stages.stage import (
     locked,
     stage_dir,
 )
+from pcm.validation import evaluate_val
 from storage import atomic, checkpoints, jsonl, publish
 from storage.layout import RunLayout, StageDir
 from storage.locks import try_lock
@@ -364,7 +366,7 @@ class TrainData:
     store: Any            # their FeatureStore
     inputs: Any           # decoder input / target token ids, one row per pair
     targets: Any
-    val: Any              # dataset.ValImages: the real val images and their references (possibly none)
+    val: Any              # split_images.SplitImages: the real val images and their references (possibly none)
     val_store: Any
     vocab: Any
     model_config: PCMNetConfig  # the preset fitted to the feature shapes
@@ -454,7 +456,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     vocab = Vocab.build(pairs.texts, config.min_word_count)
     inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
     val_cap, val_enc = val_source or (captions, encode)
-    val = dataset.load_val(val_cap.path, val_enc.path, config.val_max_images)
+    val = load_split_images(val_cap.path, val_enc.path, "val", config.val_max_images)
     val_store = dataset.FeatureStore(StageDir.at(val_enc.path), "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
@@ -729,48 +731,6 @@ def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
     log.warning("%s: best/ holds step %s, not the best step %d (a kill before it was written); writing it from %s",
                 sd.path, held, best_step, source.name)
     checkpoint.export(source, best, {"step": best_step, "epoch": src_state["epoch"], "best": state["best"]})
-
-
-def evaluate_val(model, vocab, val, store, device, autocast, *, metric: str, beam: int, batch_size: int) -> float:
-    """Validation score on the real val images: `metric` "cider" (captions decoded greedily, or with a
-    beam of `beam`) or "loss" (the caption loss per reference), `batch_size` images at a time."""
-    import numpy as np
-    import torch
-
-    from pcm.loss import caption_loss
-
-    predictions: dict[str, str] = {}
-    losses: list[float] = []
-    with torch.no_grad(), autocast:
-        for start in range(0, len(val), batch_size):
-            sl = slice(start, start + batch_size)
-            g, v = store.gather(val.shard[sl], val.row[sl])
-            g, v = g.to(device), v.to(device)
-            if metric == "cider":
-                from pcm.decode import beam_search, greedy_decode
-
-                if beam == 1:
-                    ids = greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
-                                        max_len=model.cfg.max_len)
-                else:
-                    ids = beam_search(model, g, v, bos=vocab.bos, eos=vocab.eos, banned=vocab.banned,
-                                      beam_size=beam, max_len=model.cfg.max_len)
-                predictions.update({k: vocab.decode(s) for k, s in zip(val.image_ids[sl], ids, strict=True)})
-            else:
-                from pcm.dataset import caption_tokens
-
-                refs = val.references[sl]
-                which = np.repeat(np.arange(len(refs)), [len(r) for r in refs])
-                inp, out = caption_tokens([t for r in refs for t in r], vocab, model.cfg.max_len)
-                memory, pad = model.encode(g, v)
-                logits = model.decode(torch.from_numpy(inp).to(device), memory[which], pad[which])
-                n = len(which)
-                losses.append(float(caption_loss(logits, torch.from_numpy(out).to(device), pad=vocab.pad)) * n)
-    if metric == "loss":
-        return sum(losses) / sum(len(r) for r in val.references)
-    from pcm.metrics import score_cider
-
-    return score_cider(predictions, dict(zip(val.image_ids, val.references, strict=True)))
 
 
 # ---------------------------------------------------------------------- torchrun entry point

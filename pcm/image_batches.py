@@ -1,0 +1,137 @@
+"""The images of the encode stage's units, decoded and batched in DataLoader worker processes.
+
+A unit is one output shard: a synthetic WebDataset tar (its images and caption texts) or a slice
+of real val/test images read from an image root. `UnitBatches` yields each unit's batches in the
+same order on every run, never mixing units; a sample that does not decode is a failed row with a
+reason that reads the same on every run, and a broken tar is a `fatal` batch that stops the stage.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from storage import shards as shard_io
+
+FEATURES, REAL = "features", "real"   # the two kinds of unit, and the shard folders they write
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One output shard: a synthetic tar to encode, or a slice of real images."""
+
+    kind: str
+    index: int
+    tar: str | None = None
+    images: tuple[tuple[str, str, str | None], ...] = ()   # real: (image_id, split, image_path)
+    expected: int | None = None                           # samples, when known in advance
+
+
+_BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
+def _reason(e: BaseException, source: str) -> str:
+    """`Type: message` of a sample's error, the same on every run.
+
+    PIL names the in-memory file it could not identify by its repr (`<_io.BytesIO object at
+    0x7f...>`), an address that differs from run to run; it becomes `source` (the sample's member
+    name or the image path), and any other `... at 0x...>` repr loses its address.
+    """
+    message = _ADDRESS.sub(">", _BYTESIO_REPR.sub(source, str(e)))
+    return f"{type(e).__name__}: {message}"
+
+
+def _decode(data: bytes, preprocess: Callable) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return preprocess(im.convert("RGB"))
+
+
+class UnitBatches(torch.utils.data.IterableDataset):
+    """Yields per-unit batches (never mixing units), so a unit's batches are the same on every run.
+
+    Each worker takes every n-th unit; a batch is a dict with the decoded pixels and tokens of
+    its ok items, the failure reasons of the others, and `last` on a unit's final batch.
+    """
+
+    def __init__(self, units: list[Unit], preprocess: Callable, tokenizer: Callable, batch_size: int,
+                 images_root: str | None) -> None:
+        self.units, self.preprocess, self.tokenizer = units, preprocess, tokenizer
+        self.batch_size, self.images_root = batch_size, images_root
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.units[info.id::info.num_workers] if info else self.units
+        for unit in mine:
+            items = self._synthetic(unit) if unit.kind == FEATURES else self._real(unit)
+            try:
+                yield from self._batches(unit, items)
+            except shard_io.ShardError as e:
+                # A truncated or corrupt shard stops the stage. Sent as a batch, so the main process raises
+                # it with its own message (a DataLoader worker's exception arrives wrapped in a traceback).
+                yield {"kind": unit.kind, "index": unit.index, "fatal": str(e)}
+                return
+
+    def _batches(self, unit: Unit, items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        buf: list[dict[str, Any]] = []
+        for item in items:
+            buf.append(item)
+            if len(buf) == self.batch_size:
+                yield self._collate(unit, buf, last=False)
+                buf = []
+        yield self._collate(unit, buf, last=True)
+
+    def _collate(self, unit: Unit, items: list[dict[str, Any]], last: bool) -> dict[str, Any]:
+        ok = [it for it in items if it["error"] is None]
+        batch = {"kind": unit.kind, "index": unit.index, "last": last,
+                 "items": [{k: v for k, v in it.items() if k not in ("pixels", "text")} for it in items],
+                 "pixels": torch.stack([it["pixels"] for it in ok]) if ok else torch.empty(0)}
+        if unit.kind == FEATURES:
+            batch["tokens"] = self.tokenizer([it["text"] for it in ok]) if ok else torch.empty(0, dtype=torch.long)
+        return batch
+
+    def _synthetic(self, unit: Unit) -> Iterator[dict[str, Any]]:
+        name = Path(unit.tar).name
+        for sample in shard_io.iter_tar(unit.tar):
+            key = sample["__key__"]
+            item = {"key": key, "error": None}
+            ext = next((e for e in IMAGE_KEYS if e in sample), None)
+            try:
+                text = sample.get("txt", b"").decode("utf-8").strip()
+                if ext is None:
+                    raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
+                if not text:
+                    raise ValueError("no caption text (.txt) in the sample")
+                item["pixels"], item["text"] = _decode(sample[ext], self.preprocess), text
+            except Exception as e:  # noqa: BLE001 - one bad sample is a failed row, never fatal
+                item["error"] = f"{name}: sample {key}: {_reason(e, f'{key}.{ext}')}"
+            yield item
+
+    def _real(self, unit: Unit) -> Iterator[dict[str, Any]]:
+        for image_id, split, rel in unit.images:
+            item = {"key": image_id, "split": split, "image_path": rel, "error": None}
+            path = Path(self.images_root) / rel if rel else None
+            try:
+                if path is None:
+                    raise ValueError("no image_path in captions.parquet for this val/test image")
+                if not path.resolve().is_relative_to(Path(self.images_root).resolve()):
+                    raise ValueError(f"image_path {rel!r} escapes images_root {self.images_root}")
+                if not path.is_file():
+                    raise FileNotFoundError(f"image not found: {path}")
+                item["pixels"] = _decode(path.read_bytes(), self.preprocess)
+            except Exception as e:  # noqa: BLE001 - a missing or corrupt image is a failed row
+                item["error"] = str(e) if isinstance(e, FileNotFoundError) else f"{path}: {_reason(e, str(path))}"
+            yield item
+
+
+def worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # each worker decodes one image at a time; no thread oversubscription
