@@ -1,7 +1,8 @@
-"""Bundled presets: data files shipped under pcm/presets/<kind>/, looked up by bare name only.
+"""What the package ships: presets under pcm/presets/<kind>/, looked up by bare name only, and the data folders.
 
-A name is matched against the files that exist, never joined into a path first, so a name from
-user input (`../../etc/x`, an absolute path) cannot reach a file outside the preset folder.
+A preset name is matched against the files that exist, never joined into a path first, so a name from
+user input (`../../etc/x`, an absolute path) cannot reach a file outside the preset folder. The data
+folders are named here once, so the pipeline finds them without importing what builds them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 PRESETS = Path(__file__).resolve().parent / "presets"
+DATA = Path(__file__).resolve().parent / "data"
+DEMO = DATA / "demo"              # the demo captions (pcm.demo_data builds them)
+TOYWORLD = DATA / "toyworld"      # the toy world's data set (pcm.toyworld.dataset builds it)
+TOYMODELS = DATA / "toymodels"    # the toy world's trained models: clip/ (open_clip local-dir), t2i/ (diffusers)
 
 
 def names(kind: str, suffix: str) -> list[str]:

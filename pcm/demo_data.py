@@ -16,11 +16,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pcm import bundled
 from storage import atomic
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = bundled.DATA
 SAMPLE_CAPTIONS = DATA_DIR / "sample_captions.txt"
-DEMO_DIR = DATA_DIR / "demo"
+DEMO_DIR = bundled.DEMO
 DATASET_FILE = "dataset_demo.json"
 IMAGE_DIR = "images"
 SIZE = 128

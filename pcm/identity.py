@@ -86,9 +86,9 @@ def clip_content_id(spec: Any) -> str:
 
 def shipped_clip_dirs() -> list[Path]:
     """The shipped CLIP directories a checkpoint may name by content (the toy world's)."""
-    from pcm.toyworld.dataset import SHIPPED_MODELS
+    from pcm import bundled
 
-    return [p for p in (SHIPPED_MODELS / "clip",) if p.is_dir()]
+    return [p for p in (bundled.TOYMODELS / "clip",) if p.is_dir()]
 
 
 def find_shipped_clip(content_id: str) -> Path | None:

@@ -276,3 +276,13 @@ def test_the_import_probe_sees_torch(tmp_path):
     (tmp_path / "probe" / "__init__.py").write_text("")
     (tmp_path / "probe" / "shards.py").write_text("def writer():\n    pass\nimport webdataset\n")
     assert _heavy_modules_after_importing("probe", tmp_path) == ["torch", "webdataset"]
+
+
+def test_the_pipeline_finds_the_bundled_data_without_importing_the_toy_world():
+    """The data folders are named in pcm/bundled.py: resolving the demo preset ({toymodels}, {toyworld}) and
+    reading the shipped models' identity import no part of the toy world's builders."""
+    probe = ("import sys\nfrom pcm.stages.pipeline import resolve\nfrom pcm.identity import shipped_clip_dirs\n"
+             "resolve('demo'); shipped_clip_dirs()\n"
+             "print(sorted(m for m in sys.modules if m.startswith('pcm.toyworld')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -116,10 +116,9 @@ def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def placeholders() -> dict[str, str]:
     """What "{demo}", "{toyworld}" and "{toymodels}" stand for, in presets and in `--set` values."""
-    from pcm.demo_data import DEMO_DIR
-    from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
+    from pcm import bundled
 
-    return {"{demo}": str(DEMO_DIR), "{toyworld}": str(SHIPPED_DIR), "{toymodels}": str(SHIPPED_MODELS)}
+    return {"{demo}": str(bundled.DEMO), "{toyworld}": str(bundled.TOYWORLD), "{toymodels}": str(bundled.TOYMODELS)}
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -15,14 +15,15 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
+from pcm import bundled
 from pcm.demo_data import caption_tokens, png_bytes
 from pcm.toyworld import world
 from pcm.toyworld.scenes import three_sets
 from storage import atomic
 
 DATASET_FILE = "dataset_toyworld.json"
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "toyworld"
-SHIPPED_MODELS = SHIPPED_DIR.parent / "toymodels"   # clip/ (open_clip local-dir) and t2i/ (diffusers)
+SHIPPED_DIR = bundled.TOYWORLD
+SHIPPED_MODELS = bundled.TOYMODELS
 DEFAULTS = {"n_captions": 3000, "n_val": 100, "n_test": 300}
 MODEL_SCENES = 20000           # size of set (a): the sets after it skip its records
 EVAL_SIZE = 128                # val/test drawings are larger than what the models see

@@ -67,8 +67,8 @@ def is_shipped(directory: str | Path, part: str) -> bool:
     contents, wherever the directory lies (a copy counts, a retrained model does not). By content identity
     (pcm.identity.model_dir_id): the manifest's digests where the files are not newer than it, and each
     directory hashed once per process, not at every call."""
+    from pcm import bundled
     from pcm.identity import model_dir_id
-    from pcm.toyworld.dataset import SHIPPED_MODELS
 
     root = Path(directory)
-    return root.is_dir() and model_dir_id(root) == model_dir_id(SHIPPED_MODELS / part)
+    return root.is_dir() and model_dir_id(root) == model_dir_id(bundled.TOYMODELS / part)
