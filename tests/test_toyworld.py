@@ -259,6 +259,28 @@ def test_toy_clip_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_toy_training_state_restores_the_rngs_and_cuts_the_log_back_to_its_step(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from pcm.toyworld.resume import load_state, save_state
+    from storage import jsonl
+
+    model = torch.nn.Linear(2, 2)
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    save_state(tmp_path / "state.pt", 4, {"model": model})
+    drawn = (torch.rand(3), random.random(), np.random.rand())
+    for step in (2, 4, 6):                      # step 6 was logged after the checkpoint, before the kill
+        jsonl.append(tmp_path / "log.jsonl", {"step": step})
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    assert load_state(tmp_path / "state.pt", {"model": torch.nn.Linear(2, 2)}, tmp_path / "log.jsonl") == 4
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
+    assert [r["step"] for r in jsonl.read(tmp_path / "log.jsonl")] == [2, 4]
+
+
 @pytest.mark.heavy  # trains both toy models (tens of seconds)
 def test_train_models_command_trains_both_measures_them_and_writes_a_manifest(tmp_path):
     from typer.testing import CliRunner

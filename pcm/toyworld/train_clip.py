@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcm.toyworld import world
-from pcm.toyworld.resume import load_state, log_line, save_state, seed_everything
+from pcm.toyworld.resume import load_state, save_state, seed_everything
 from pcm.toyworld.scenes import scene_set
-from storage import atomic
+from storage import atomic, jsonl
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def train_clip(out: Path, cfg: ClipTrainConfig, work: Path, progress: bool = Tru
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     state_file = work / "clip-state.pt"
-    step = load_state(state_file, {"model": model, "opt": opt, "sched": sched}) if state_file.exists() else 0
+    step = (load_state(state_file, {"model": model, "opt": opt, "sched": sched}, work / "clip-log.jsonl")
+            if state_file.exists() else 0)
     if step:
         log.info("resuming toy CLIP training at step %d", step)
 
@@ -163,7 +164,7 @@ def train_clip(out: Path, cfg: ClipTrainConfig, work: Path, progress: bool = Tru
         step += 1
         bar.update(1)
         if step % 20 == 0:
-            log_line(work / "clip-log.jsonl", {"step": step, "loss": round(loss.item(), 4),
+            jsonl.append(work / "clip-log.jsonl", {"step": step, "loss": round(loss.item(), 4),
                                               "cpu_s": round(time.process_time() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

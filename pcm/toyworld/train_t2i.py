@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcm.toyworld import world
-from pcm.toyworld.resume import load_state, log_line, save_state, seed_everything
+from pcm.toyworld.resume import load_state, save_state, seed_everything
 from pcm.toyworld.scenes import scene_set
-from storage import atomic
+from storage import atomic, jsonl
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def train_vae(images: torch.Tensor, cfg: T2ITrainConfig, work: Path, progress: b
     vae = AutoencoderKL(**VAE_CFG)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     state = work / "vae-state.pt"
-    step = load_state(state, {"vae": vae, "opt": opt}) if state.exists() else 0
+    step = load_state(state, {"vae": vae, "opt": opt}, work / "vae-log.jsonl") if state.exists() else 0
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="toy VAE", disable=not progress, mininterval=10)
     while step < cfg.vae_steps:
         x = images[torch.randint(0, len(images), (cfg.vae_batch,))].float()
@@ -99,7 +99,7 @@ def train_vae(images: torch.Tensor, cfg: T2ITrainConfig, work: Path, progress: b
         step += 1
         bar.update(1)
         if step % 20 == 0:
-            log_line(work / "vae-log.jsonl", {"step": step, "loss": round(loss.item(), 5)})
+            jsonl.append(work / "vae-log.jsonl", {"step": step, "loss": round(loss.item(), 5)})
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
             save_state(state, step, {"vae": vae, "opt": opt})
     bar.close()
@@ -146,7 +146,7 @@ def train_unet(latents: torch.Tensor, tokens: torch.Tensor, empty: torch.Tensor,
     ema_text = EMAModel([p for p in text.parameters() if p.requires_grad], decay=cfg.ema)
     state = work / "unet-state.pt"
     mods = {"unet": unet, "text": text, "opt": opt, "sched": sched, "ema": ema, "ema_text": ema_text}
-    step = load_state(state, mods) if state.exists() else 0
+    step = load_state(state, mods, work / "unet-log.jsonl") if state.exists() else 0
     bar = tqdm(total=cfg.unet_steps, initial=step, desc="toy UNet", disable=not progress, mininterval=10)
     t0 = time.process_time()
     n, k = tokens.shape[:2]
@@ -170,7 +170,7 @@ def train_unet(latents: torch.Tensor, tokens: torch.Tensor, empty: torch.Tensor,
         step += 1
         bar.update(1)
         if step % 20 == 0:
-            log_line(work / "unet-log.jsonl", {"step": step, "loss": round(loss.item(), 5),
+            jsonl.append(work / "unet-log.jsonl", {"step": step, "loss": round(loss.item(), 5),
                                               "cpu_s": round(time.process_time() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
