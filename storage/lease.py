@@ -55,7 +55,7 @@ def lease_seconds() -> float:
 
 
 class LeaseLost(RuntimeError):
-    """This worker's lease was taken over (it stalled past its expiry): what it wrote is not published."""
+    """This worker's lease was taken over (it stalled, or the store was out, past its expiry)."""
 
 
 _HELD: dict[str, LeaseLock] = {}   # lock path -> the lease this process holds there
@@ -143,7 +143,7 @@ def _describe(h: dict[str, Any]) -> str:
 def confirm(path: str | os.PathLike) -> None:
     """Renew the lease this process holds at `path` now, or raise LeaseLost; nothing if it holds none there.
 
-    Called before a unit is published, so a worker that lost its shard to another never publishes over it.
+    Called before a unit is published (storage.publish), which says so when the lease was lost.
     """
     held = _HELD.get(str(Path(path)))
     if held is not None:
@@ -283,7 +283,7 @@ class LeaseLock:
             try:
                 self._etag = self._put(self._body(), IfMatch=self._etag)
             except Exception as e:  # noqa: BLE001
-                if not refused_condition(e):
+                if not (refused_condition(e) or isinstance(e, FileNotFoundError)):   # taken over, or released by its taker
                     raise
                 etag = self._ours()  # a renewal whose reply was lost did land: still ours
                 if etag is None:

@@ -13,7 +13,9 @@
     the copy this worker read, so a concurrent writer's change is refused, never overwritten.
 - The marker is created last, so it is the commit point: a unit without it is not done anywhere.
 - Nothing is deleted except by `withdraw` (a forced rerun): an ETag-conditional delete of the marker it read.
-- The lease is confirmed before uploading only to spare a stalled host's work (storage.lease).
+- The lease is renewed before uploading; one lost to another host (a store outage or a stall longer than
+  the lease) is said, not fatal: the conditional creates decide which copy is the commit, so finishing
+  costs a duplicate upload where aborting would throw the finished work away.
 
 Above storage.remote (the transport) and storage.lease, so that the transport never reaches up into the
 leases built on it.
@@ -125,6 +127,14 @@ def _publish_file(m: remote.Mirror, path: Path, *, replace: bool = False) -> boo
         "replace the store's copy")
 
 
+def _confirm(lock: Path) -> None:
+    """Renew this worker's lease at `lock` before it uploads; a lease lost meanwhile is warned about (above)."""
+    try:
+        lease.confirm(lock)
+    except lease.LeaseLost as e:
+        log.warning("%s; publishing this finished work anyway: the store's conditional creates keep one copy", e)
+
+
 def _adopt(m: remote.Mirror, marker: Path) -> None:
     log.info("%s: committed by another host first; its marker is kept and this worker's discarded", m.public(marker))
     m.fetch([marker])
@@ -162,7 +172,7 @@ def publish_unit(marker: Path) -> None:
     stem = marker.name.split(".", 1)[0]
     files = sorted(p for p in marker.parent.glob(f"{stem}.*") if p != marker and p.is_file()
                    and not remote.PRIVATE.match(p.name))
-    lease.confirm(layout.shard_lock_of(marker))
+    _confirm(layout.shard_lock_of(marker))
     for p in files:
         _publish_file(m, p)
     if not _publish_file(m, marker):
@@ -181,7 +191,7 @@ def publish_checkpoint(step_dir: Path, run_log: Path | None = None) -> None:
     if m is None:
         return
     stage = step_dir.parent.parent
-    lease.confirm(stage / layout.STAGE_LOCK)
+    _confirm(stage / layout.STAGE_LOCK)
     state = step_dir / checkpoints.STATE
     uncommitted = not m.exists(state)
     for p in sorted(f for f in step_dir.iterdir() if f.is_file() and f != state):
@@ -205,7 +215,7 @@ def publish_tree(directory: Path, marker: Path | None = None, *, units: bool = F
              and not any(remote.PRIVATE.match(part) for part in p.relative_to(directory).parts)]
     if not units:
         files = [p for p in files if p.relative_to(directory).parts[0] not in remote.UNIT_DIRS]
-    lease.confirm(directory / layout.STAGE_LOCK)
+    _confirm(directory / layout.STAGE_LOCK)
     if marker is not None and not _replaceable(marker) and m.exists(marker):
         _adopt(m, marker)
         return False
