@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from pcm.loss import cxe_weights_np
+
 # CXE weights min(1, w * cos), cos <= 0 -> 0 (pcm.loss.clip_weights), summarised at the presets' w: the toy
 # world's 1.8, the release's ViT-B/32 2.5, the paper's 4 (ViT-L/14, the train stage's default).
 CXE_REFERENCE_W = (1.8, 2.5, 4.0)
@@ -33,7 +35,7 @@ def cxe_weight_stats(scores: np.ndarray, w: float) -> dict[str, Any]:
     """The CXE weights `min(1, w * cos)` (cos <= 0 -> 0) these scores give at `w`: mean, share at 0, share at the cap 1."""
     if not len(scores):
         return {"w": w, "n": 0}
-    weights = np.clip(w * scores.astype(np.float64), 0.0, 1.0)
+    weights = cxe_weights_np(scores, w)
     return {"w": w, "n": int(len(weights)), "mean": round(float(weights.mean()), 4),
             "fraction_zero": round(float((weights <= 0).mean()), 4),
             "fraction_cap": round(float((weights >= 1).mean()), 4)}

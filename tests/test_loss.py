@@ -43,6 +43,22 @@ def test_clip_weight_is_w_times_cosine_clamped_to_one():
     assert torch.equal(clip_weights(cos, 4.0, enabled=False), torch.ones(4))
 
 
+def test_the_numpy_weights_the_reports_and_train_use_are_the_losss_own():
+    """encode's weight summary and train's recorded weights (cxe_weights_np) give what the loss trains with."""
+    import numpy as np
+
+    from pcm.loss import cxe_weights_np
+    from pcm.score_summary import cxe_weight_stats
+
+    cos = np.array([-0.3, 0.0, 0.1, 0.24, 0.25, 0.9], dtype=np.float32)
+    for w in (1.8, 4.0):
+        torch_w = clip_weights(torch.from_numpy(cos), w).double().numpy()
+        assert np.allclose(cxe_weights_np(cos, w), torch_w, atol=1e-6)
+        stats = cxe_weight_stats(cos, w)
+        assert stats["mean"] == round(float(torch_w.mean()), 4)
+        assert stats["fraction_zero"] == round(float((torch_w <= 0).mean()), 4)
+
+
 def test_unit_weights_equal_cross_entropy_summed_over_tokens_mean_over_batch():
     logits, targets = batch()
     want = F.cross_entropy(logits.reshape(-1, 6), targets.reshape(-1), ignore_index=PAD, reduction="sum") / 3
