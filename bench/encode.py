@@ -50,7 +50,7 @@ def jpeg_pool(side: int, n: int = 32) -> list[bytes]:
 def write_inputs(root: Path, n_images: int, side: int, shard_size: int) -> tuple[str, str]:
     """A finished ingest-like and synthesize-like stage directory, written through the storage layer."""
     from pcm.stages.stage import finish
-    from storage import tables
+    from storage import manifests
     from storage.layout import RunLayout
     from storage.shards import ShardWriter
 
@@ -61,7 +61,7 @@ def write_inputs(root: Path, n_images: int, side: int, shard_size: int) -> tuple
     texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(n_images)]
     rows = [{"caption_id": c, "image_id": c, "split": "train", "text": t, "raw_text": t, "source": "bench",
              "image_path": None, "references": None, "status": "ok", "error": None} for c, t in zip(ids, texts, strict=True)]
-    tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
+    manifests.CAPTIONS.write(cap, rows)
     finish(cap, {"captions": n_images}, time.monotonic())
     syn = layout.stage("synthesize", "1" * 16)
     pool = jpeg_pool(side)

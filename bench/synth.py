@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def make_captions(root: Path, n: int) -> str:
     """A finished ingest stage with n train captions (varied lengths, like COCO)."""
     from pcm.stages.stage import finish
-    from storage import tables
+    from storage import manifests
     from storage.layout import RunLayout
 
     sd = RunLayout(root).stage("ingest", "00000000000be4c0")
@@ -26,7 +26,7 @@ def make_captions(root: Path, n: int) -> str:
     rows = [dict(caption_id=f"b{i:06d}", image_id=f"b{i}", split="train", text=" ".join(words[: 6 + i % 10]),
                  raw_text="", source="bench", image_path=None, references=[], status="ok", error=None)
             for i in range(n)]
-    tables.write(sd.file("captions.parquet"), rows, tables.CAPTIONS)
+    manifests.CAPTIONS.write(sd, rows)
     finish(sd, {"captions": n}, time.monotonic())
     return str(sd.path)
 

@@ -56,7 +56,7 @@ def run_arm(args: tuple[str, dict, str, str]) -> dict:
     cfg = resolve("demo", overrides)
     t0 = time.monotonic()
     r = run_pipeline(cfg, root)
-    metrics = read_json(StageDir.at(r["evaluate"].path).file("metrics.json"))
+    metrics = read_json(StageDir.at(r["evaluate"].path).metrics)
     return {"arm": name, "overrides": overrides, "cider": metrics["metrics"]["CIDEr"] * 100,
             "bleu4": metrics["metrics"]["Bleu_4"] * 100,
             "control_cider": (metrics.get("control") or {}).get("metrics", {}).get("CIDEr", float("nan")) * 100,
