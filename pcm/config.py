@@ -56,13 +56,15 @@ def problem(err: dict[str, Any]) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
+def problem_line(err: dict[str, Any], where: str, show: Callable[[Any], str] = repr) -> str:
+    """`where.field: message (got value)`: how every config error names one invalid parameter."""
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{where}.{loc}: {problem(err)} (got {show(err.get('input'))})" if loc else f"{where}: {problem(err)}"
+
+
 def validation_problems(e: ValidationError, where: str, show: Callable[[Any], str] = repr) -> list[str]:
-    """One line per invalid parameter: `where.field: message (got value)`; every config error says it so."""
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"{where}.{loc}: {problem(err)} (got {show(err.get('input'))})" if loc else f"{where}: {problem(err)}")
-    return lines
+    """One line per invalid parameter (`problem_line`)."""
+    return [problem_line(err, where, show) for err in e.errors()]
 
 
 def describe_validation_error(e: ValidationError, where: str) -> str:

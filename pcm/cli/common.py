@@ -126,11 +126,11 @@ def stage_values(cls: Any, items: Sequence[str], given_by: dict[str, str] | None
 
 
 def _described(err: dict[str, Any], loc: str, item: str | None, where: str, exact: bool) -> str:
-    from pcm.config import parse_value, problem
+    from pcm.config import parse_value, problem, problem_line
 
-    msg = problem(err)
     if item is None:
-        return f"{where}.{loc}: {msg} (got {err.get('input')!r})" if loc else f"{where}: {msg}"
+        return problem_line(err, where)
+    msg = problem(err)
     text = item.partition("=")[2]
     at = "" if exact else f" (at {where}.{loc})" if loc else f" ({where})"
     if text.strip()[:1] in "[{" and parse_value(text) == text:
