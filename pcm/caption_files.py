@@ -128,18 +128,24 @@ def _too_deep() -> str:
     return _TOO_DEEP.format(limit=sys.getrecursionlimit())
 
 
+def _parse_json(text: str, file: str | Path, line: int | None = None) -> Any:
+    """`text` as JSON, or one ValueError naming the file and place (`line`: a .jsonl line's number)."""
+    at = f"{file}: line {line}" if line is not None else f"{file}"
+    try:
+        return _json(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON at line {line or e.lineno}, column {e.colno}: {e.msg}") from None
+    except _DuplicateKey as e:
+        raise ValueError(f"{at}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{at}: {_too_deep()}") from None
+    except ValueError as e:  # json's own limits (an integer of over 4300 digits) name no file
+        raise ValueError(f"{at}: invalid JSON: {e}") from None
+
+
 def _load_json(path: Path) -> Any:
     """Like storage.atomic.read_json (errors name line and column), tolerating invalid UTF-8 in strings."""
-    try:
-        return _json(decode_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except _DuplicateKey as e:
-        raise ValueError(f"{path}: {e}") from None
-    except RecursionError:
-        raise ValueError(f"{path}: {_too_deep()}") from None
-    except ValueError as e:  # json's own limits (an integer of over 4300 digits) name no file
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    return _parse_json(decode_text(path), path)
 
 
 def valid_utf8(s: str) -> bool:
@@ -348,16 +354,7 @@ def _read_jsonl(text: str, file: str, prefix: str, columns: Columns, default_spl
             else:
                 rows.skipped += 1
             continue
-        try:
-            obj = _json(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: invalid JSON at line {n}, column {e.colno}: {e.msg}") from None
-        except _DuplicateKey as e:
-            raise ValueError(f"{file}: line {n}: {e}") from None
-        except RecursionError:
-            raise ValueError(f"{file}: line {n}: {_too_deep()}") from None
-        except ValueError as e:  # json's own limits (an integer of over 4300 digits) name no file
-            raise ValueError(f"{file}: line {n}: invalid JSON: {e}") from None
+        obj = _parse_json(line, file, n)
         _add_record(rows, _Fields(file, obj, f"line {n}"), cid, columns, default_split, keep, n)
     return rows
 
