@@ -49,7 +49,7 @@ def jpeg_pool(side: int, n: int = 32) -> list[bytes]:
 
 def write_inputs(root: Path, n_images: int, side: int, shard_size: int) -> tuple[str, str]:
     """A finished ingest-like and synthesize-like stage directory, written through the storage layer."""
-    from pcm.stages.stage import finish
+    from pcm.stages.contract import finish
     from storage import tables
     from storage.layout import RunLayout
     from storage.shards import ShardWriter

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def make_captions(root: Path, n: int) -> str:
     """A finished ingest stage with n train captions (varied lengths, like COCO)."""
-    from pcm.stages.stage import finish
+    from pcm.stages.contract import finish
     from storage import tables
     from storage.layout import RunLayout
 
@@ -111,7 +111,7 @@ def main() -> None:
         captions = make_captions(work / "runs", max(args.n_images, args.batch_size))
         import torch
 
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
         from pcm.stages.synthesize import SynthesizeConfig, planned_samples
 
         prompts = [s.text for s in planned_samples(SynthesizeConfig(limit=args.n_images), load_result(captions))]

@@ -23,7 +23,7 @@ from pcm.stages.encode import (
     verify,
 )
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
+from pcm.stages.contract import as_result
 from storage import remote
 from storage.result import StageResult
 

@@ -11,7 +11,7 @@ from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.report import LABELS
 from pcm.stages.evaluate import EvaluateConfig, plan, run_evaluate, verify
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
+from pcm.stages.contract import as_result
 from storage import atomic
 from storage.layout import StageDir
 from storage.result import StageResult

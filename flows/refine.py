@@ -10,7 +10,7 @@ from flows import artifacts
 from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
-from pcm.stages.stage import as_result
+from pcm.stages.contract import as_result
 from storage.result import StageResult
 
 

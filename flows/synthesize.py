@@ -15,7 +15,7 @@ from flows.retries import retry_transient
 from pcm.diffusion import Synthesizer
 from pcm.image_sources import ImportedImages, PairedImages
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
+from pcm.stages.contract import as_result
 from pcm.stages.synthesize import (
     SynthesizeConfig,
     finalize,

@@ -9,7 +9,7 @@ from prefect import flow, task
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
+from pcm.stages.contract import as_result
 from pcm.stages.train import TrainConfig, plan, run_train, verify
 from storage.result import StageResult
 

@@ -52,7 +52,7 @@ class StageDir:
     """One stage output directory `<root>/<stage>/<fingerprint>` and the names inside it.
 
     `record` is what its config.json is to hold (stage, code version, config, inputs) when planning
-    computed this StageDir (pcm.stages.stage.stage_dir; written by open_stage, never by planning);
+    computed this StageDir (pcm.stages.contract.stage_dir; written by open_stage, never by planning);
     None for one found on disk (`at`, `stage_dirs`, `inputs`). It is not part of the identity.
     """
 

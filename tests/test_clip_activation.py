@@ -77,7 +77,7 @@ def test_encode_fingerprint_records_the_forced_activation(tmp_path):
     from builders import encode_inputs
 
     from pcm.stages.encode import EncodeConfig, plan
-    from pcm.stages.stage import open_stage
+    from pcm.stages.contract import open_stage
     from storage.atomic import read_json
 
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)

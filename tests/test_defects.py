@@ -15,7 +15,7 @@ from pcm.dataset import Pairs
 from pcm.loss import auto_cxe_w, clip_weights
 from pcm.samples import sample_seed
 from pcm.stages.pipeline import load_preset, resolve
-from pcm.stages.stage import as_result
+from pcm.stages.contract import as_result
 from pcm.stages.synthesize import SynthesizeConfig, plan, planned_samples, run_synthesize
 from pcm.stages.train import TrainConfig, cxe_weighting
 from storage import tables

@@ -86,7 +86,7 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
 
 def test_protocol_follows_the_datasets_passed(run):
     from pcm.stages.evaluate import protocol
-    from pcm.stages.stage import load_result
+    from pcm.stages.contract import load_result
 
     train = load_result(run["train"])
     assert protocol(train, load_result(run["captions"])) == ("in-domain", "demo", "demo")

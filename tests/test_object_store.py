@@ -251,7 +251,7 @@ def test_a_withdrawal_is_refused_when_the_marker_changed_since_it_was_read(bucke
 
 
 def test_a_stage_committed_by_another_host_first_is_adopted(bucket, store, tmp_path, monkeypatch):
-    from pcm.stages.stage import finish, open_stage
+    from pcm.stages.contract import finish, open_stage
     from storage import lease
 
     _mirror(monkeypatch, tmp_path, "a")
@@ -283,13 +283,13 @@ def test_a_card_is_replaced_only_over_the_copy_read(bucket, store, tmp_path, mon
 
 
 def open_stage_of(url: str) -> StageDir:
-    from pcm.stages.stage import open_stage
+    from pcm.stages.contract import open_stage
 
     return open_stage(_planned(url))
 
 
 def test_a_forced_stage_rerun_replaces_same_sized_files_in_the_store(bucket, store, tmp_path, monkeypatch):
-    from pcm.stages.stage import drop_marker, finish, open_stage
+    from pcm.stages.contract import drop_marker, finish, open_stage
 
     _mirror(monkeypatch, tmp_path, "a")
     sd = open_stage(_planned(f"s3://{bucket}/run"))
@@ -329,7 +329,7 @@ def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, 
 def test_publication_leaves_no_temporary_key_and_deletes_nothing_it_did_not_write(bucket, store, tmp_path, monkeypatch):
     """One conditional PUT per final key: nothing temporary to clean, so a key another writer left (here an old
     version's `.tmp-` upload) stays."""
-    from pcm.stages.stage import finish, open_stage
+    from pcm.stages.contract import finish, open_stage
 
     _mirror(monkeypatch, tmp_path, "a")
     sd = open_stage(_planned(f"s3://{bucket}/run"))
@@ -379,7 +379,7 @@ def test_a_shard_published_after_a_listing_is_seen(bucket, store, tmp_path, monk
 
 
 def test_a_stage_whose_publishing_was_cut_short_is_published_when_found_cached(bucket, store, tmp_path, monkeypatch):
-    from pcm.stages.stage import cached, finish, open_stage
+    from pcm.stages.contract import cached, finish, open_stage
 
     _mirror(monkeypatch, tmp_path, "a")
     sd = open_stage(_planned(f"s3://{bucket}/run"))
@@ -392,7 +392,7 @@ def test_a_stage_whose_publishing_was_cut_short_is_published_when_found_cached(b
 
 
 def test_a_stage_named_by_url_is_fetched_with_its_marker_and_results_name_the_url(bucket, tmp_path, monkeypatch):
-    from pcm.stages.stage import finish, load_result, open_stage
+    from pcm.stages.contract import finish, load_result, open_stage
 
     url = f"s3://{bucket}/run"
     _mirror(monkeypatch, tmp_path, "a")

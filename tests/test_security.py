@@ -20,7 +20,7 @@ import pytest
 import torch
 from builders import Payload
 
-from pcm.stages.stage import finish
+from pcm.stages.contract import finish
 from storage import tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir

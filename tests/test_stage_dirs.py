@@ -15,7 +15,7 @@ import pytest
 
 from pcm.stages import encode, evaluate, ingest, synthesize, train
 from pcm.stages.pipeline import STAGE_ORDER, resolve, run_pipeline
-from pcm.stages.stage import as_result, load_result, open_stage
+from pcm.stages.contract import as_result, load_result, open_stage
 from storage.layout import StageDir
 
 pytestmark = pytest.mark.heavy  # the module's fixture runs the whole (small) tiny pipeline

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="re-encode everything even if done"),
     ) -> None:
         from pcm.stages.encode import EncodeConfig, run_encode
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
 
         values = stage_values(EncodeConfig, sets, GIVEN_BY, example="clip.model=ViT-B-32")
         if images_root is not None:

@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         """
         from pcm.report import LABELS
         from pcm.stages.evaluate import EvaluateConfig, run_evaluate
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
 
         config = build_config(EvaluateConfig, stage_values(EvaluateConfig, sets, example="beam_size=5"), "evaluate",
                               sets)

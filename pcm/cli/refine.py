@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="recompute even if done"),
     ) -> None:
         from pcm.stages.refine import RefineConfig, run_refine
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
 
         config = build_config(RefineConfig, stage_values(RefineConfig, sets, example="keep_fraction=0.8"), "refine",
                               sets)

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="regenerate the shards in scope even if done"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config (JSON) and exit"),
     ) -> None:
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
         from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 
         values = stage_values(SynthesizeConfig, sets, GIVEN_BY, example="steps=4")

@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="discard checkpoints and train from scratch"),
     ) -> None:
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
         from pcm.stages.train import TrainConfig, run_train
 
         if preset is not None:

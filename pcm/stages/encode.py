@@ -42,7 +42,7 @@ from pcm.identity import clip_content_id
 from pcm.image_batches import FEATURES, REAL, Unit
 from pcm.pictures import score_histogram
 from pcm.score_summary import CXE_REFERENCE_W, clip_score_stats, cxe_weight_stats
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
     StageInput,
     as_result,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.split_images import SplitImages, load_split_images
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
     StageInput,
     as_result,

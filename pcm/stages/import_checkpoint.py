@@ -21,7 +21,7 @@ from pcm.clip import ClipSpec
 from pcm.config import StageConfig
 from pcm.identity import clip_content_id
 from pcm.model import load_preset
-from pcm.stages.stage import cached, finish, locked, stage_dir
+from pcm.stages.contract import cached, finish, locked, stage_dir
 from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult

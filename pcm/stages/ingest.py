@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pcm.caption_files import MAX_NAME_CHARS, SAFE_NAME, SPLITS, Columns, Rows, read_captions, valid_utf8
 from pcm.config import StageConfig
-from pcm.stages.stage import ProgressFn, cached, drop_marker, finish, locked, stage_dir
+from pcm.stages.contract import ProgressFn, cached, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
 from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir

@@ -22,7 +22,7 @@ from pcm import refine as rules
 from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.pictures import pair_grid
-from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, drop_marker, finish, locked, stage_dir
+from pcm.stages.contract import ProgressFn, StageInput, as_result, cached, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
 from storage import shards as shard_io
 from storage.layout import RunLayout, StageDir

@@ -24,7 +24,7 @@ from pcm.image_sources import ImportedImages, PairedImages, encode_image, image_
 from pcm.pictures import sample_grid
 from pcm.samples import Sample, swapped_samples, train_samples
 from pcm.samples import sample_seed as sample_seed  # re-exported: the dataset cards name it here (cards.SEED_RULE)
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
     StageInput,
     as_result,

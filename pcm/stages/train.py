@@ -30,7 +30,7 @@ from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.pictures import loss_curve
 from pcm.split_images import load_split_images
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
     StageInput,
     as_result,
@@ -277,7 +277,7 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
         return _finish(sd, started)
 
 
-# Another process opening this directory (pcm.stages.stage.open_stage, before it takes the lock) writes
+# Another process opening this directory (pcm.stages.contract.open_stage, before it takes the lock) writes
 # config.json without the stage lock (in milliseconds): its temporaries go only once this old.
 CONFIG_TMP_MIN_AGE_S = 60.0
 

@@ -1,0 +1,48 @@
+"""Every stage module keeps the stage contract of DESIGN.md (pcm.stages.contract.Stage): its config class, `plan`,
+`verify` and `run_<stage>`, with the inputs as StageResults between the config and the layout."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+from pcm.config import StageConfig
+from pcm.stages.contract import Stage
+
+# module -> the name its config class and run function carry
+STAGE_MODULES = {"ingest": "Ingest", "synthesize": "Synthesize", "encode": "Encode", "refine": "Refine",
+                 "train": "Train", "evaluate": "Evaluate", "import_checkpoint": "ImportCheckpoint"}
+
+
+def _module(name: str):
+    return importlib.import_module(f"pcm.stages.{name}")
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_MODULES))
+def test_stage_module_has_the_four_names(name):
+    mod = _module(name)
+    assert isinstance(mod, Stage), f"pcm.stages.{name} lacks plan, verify or CODE_VERSION"
+    config = getattr(mod, f"{STAGE_MODULES[name]}Config")
+    assert issubclass(config, StageConfig)
+    assert callable(getattr(mod, f"run_{name}"))
+
+
+def test_a_module_without_verify_breaks_the_contract():
+    """The check above can fail: a module missing one of the names is no Stage."""
+    import types
+
+    mod = types.ModuleType("half_a_stage")
+    mod.CODE_VERSION, mod.plan = "1", lambda config, layout: None
+    assert not isinstance(mod, Stage)
+
+
+def test_stage_modules_are_the_layouts_stages():
+    """No stage module is left out of the list above (import_checkpoint makes a train directory)."""
+    from storage.layout import STAGES
+
+    assert set(STAGES) <= set(STAGE_MODULES)
+    files = {p.stem for p in Path(inspect.getfile(Stage)).parent.glob("*.py")}
+    assert files - {"__init__", "contract", "pipeline"} == set(STAGE_MODULES)
