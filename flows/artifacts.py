@@ -160,12 +160,12 @@ def pipeline_summary(results: Mapping[str, Any]) -> str:
         state = "reused" if reused(r) else "computed"
         counts = ", ".join(f"{k} {v}" for k, v in list(r.counts.items())[:6])
         where = in_root(r.path, root_of(r))
-        outputs = f"`{where}/`" + (f", `{where}/{StageDir.at(r.dir).report.name}`" if r.stage == "evaluate" else "")
+        outputs = f"`{where}/`" + (f", `{where}/{r.stage_dir.report.name}`" if r.stage == "evaluate" else "")
         lines.append(f"| {stage} | {state} | {outputs} | {counts} |")
     lines += ["", "Each stage's own artifacts (progress, tables, pictures, the evaluation report) are on its "
               "subflow run, named `<stage>-<fingerprint[:8]>` like their keys."]
     if "evaluate" in results:
-        metrics_file = StageDir.at(results["evaluate"].dir).metrics
+        metrics_file = results["evaluate"].stage_dir.metrics
         if metrics_file.is_file():
             import json
 
@@ -223,7 +223,7 @@ def _flow_run_started() -> float | None:
 
 def _finished_at(result: Any) -> float | None:
     try:
-        return StageDir.at(result.path).done_marker.stat().st_mtime
+        return result.stage_dir.done_marker.stat().st_mtime
     except OSError:
         return None
 

@@ -29,7 +29,7 @@ def evaluate_task(config: EvaluateConfig, train: StageResult, encode: StageResul
 @task(name="evaluate-artifacts")
 def publish(result: StageResult) -> None:
     """Metrics table, paper comparison, report and thumbnails for the dashboard (also when cached)."""
-    summary = atomic.read_json(StageDir.at(result.dir).metrics)
+    summary = atomic.read_json(result.stage_dir.metrics)
     metrics = summary["metrics"]
     control = (summary.get("control") or {}).get("metrics") or {}
 
@@ -50,7 +50,7 @@ def publish(result: StageResult) -> None:
                             + summary["published"].get("paper_title", summary["published"]["title"]))
     # The report links its thumbnail grid by relative path, which the dashboard cannot follow: the
     # artifact shows it inline instead (a JPEG thumbnail), numbered as the samples table.
-    artifacts.report(f"{key}-report", StageDir.at(result.dir).report, result.extra.get("pictures", {}), "Evaluation report")
+    artifacts.report(f"{key}-report", result.stage_dir.report, result.extra.get("pictures", {}), "Evaluation report")
     artifacts.summary_table(f"{key}-summary", result, "Evaluate stage counts and timings")
 
 

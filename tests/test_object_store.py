@@ -406,8 +406,8 @@ def test_a_stage_named_by_url_is_fetched_with_its_marker_and_results_name_the_ur
     _mirror(monkeypatch, tmp_path, "b")
     got = load_result(result.path)
     assert got.path == result.path and got.counts == {"rows": 1}
-    assert StageDir.at(result.path).file("captions.parquet").read_bytes() == b"PAR1"
-    assert got.dir == StageDir.at(result.path).path and got.dir.is_relative_to(tmp_path / "b")
+    assert result.stage_dir.file("captions.parquet").read_bytes() == b"PAR1"
+    assert got.dir == result.stage_dir.path and got.dir.is_relative_to(tmp_path / "b")
 
 
 def _planned(url: str) -> StageDir:
@@ -578,13 +578,13 @@ def test_the_whole_pipeline_evaluate_included_finishes_on_an_s3_root_and_is_reus
     first = run_pipeline(cfg, url)
     assert all(first[s].cached for s in upstream) and not first["evaluate"].cached
     assert first["evaluate"].path.startswith(url) and "CIDEr" in json.loads(
-        StageDir.at(first["evaluate"].path).metrics.read_text())["metrics"]
+        first["evaluate"].stage_dir.metrics.read_text())["metrics"]
     # The same evaluation on a local root (its inputs read from the bucket) gives the same captions and scores.
     from pcm.stages.evaluate import run_evaluate
 
     local = run_evaluate(cfg.evaluate, first["train"], first["encode"], first["ingest"], str(tmp_path / "local"))
     assert local.fingerprint == first["evaluate"].fingerprint
-    assert StageDir.at(local.path).predictions.read_bytes() == StageDir.at(first["evaluate"].path).predictions.read_bytes()
+    assert local.stage_dir.predictions.read_bytes() == first["evaluate"].stage_dir.predictions.read_bytes()
     _mirror(monkeypatch, tmp_path, "host-c")            # another host, an empty working copy: all reused
     second = run_pipeline(cfg, url)
     assert all(r.cached for r in second.values()) and second["evaluate"].path == first["evaluate"].path

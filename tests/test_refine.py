@@ -133,7 +133,7 @@ def test_sync_stage_writes_every_caption_with_its_image_score_and_reason(tmp_pat
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
     result = run_refine(small(), cap, enc, root)
-    rows = {r["caption_id"]: r for r in manifests.PAIRS.read(StageDir.at(result.path)).to_pylist()}
+    rows = {r["caption_id"]: r for r in manifests.PAIRS.read(result.stage_dir).to_pylist()}
     assert set(rows) == {f"c{i:04d}" for i in range(N)} | {"c9999", "c0100"}   # every training caption
     assert rows["c9999"]["status"] == "dropped" and rows["c9999"]["reason"] == "not encoded: decode error"
     assert rows["c0100"]["status"] == "dropped" and "no synthetic image" in rows["c0100"]["reason"]
@@ -160,14 +160,14 @@ def test_sync_stage_writes_every_caption_with_its_image_score_and_reason(tmp_pat
         assert r["clip_score"] == pytest.approx(want, abs=1e-5)
     # A second call is the cached stage.
     again = run_refine(small(), cap, enc, root)
-    assert again.cached and again.path == result.path and verify(StageDir.at(result.path)) is None
+    assert again.cached and again.path == result.path and verify(result.stage_dir) is None
 
 
 def test_clip_filter_keeps_the_original_pairs_with_the_best_clip_scores(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
     result = run_refine(small(method="clip-filter", keep_fraction=0.5), cap, enc, root)
-    rows = [r for r in manifests.PAIRS.read(StageDir.at(result.path)).to_pylist() if r["rank"] is not None]
+    rows = [r for r in manifests.PAIRS.read(result.stage_dir).to_pylist() if r["rank"] is not None]
     assert all(r["image_caption_id"] == r["caption_id"] and r["score"] == r["clip_score"] for r in rows)
     by_score = sorted(rows, key=lambda r: -r["score"])
     assert [r["status"] for r in by_score] == ["kept"] * 4 + ["dropped"] * 4
@@ -179,7 +179,7 @@ def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
     ref = run_refine(small(), cap, enc, root)
-    kept = {r["caption_id"]: r for r in manifests.PAIRS.read(StageDir.at(ref.path)).to_pylist() if r["status"] == "kept"}
+    kept = {r["caption_id"]: r for r in manifests.PAIRS.read(ref.stage_dir).to_pylist() if r["status"] == "kept"}
     pairs = load_pairs(cap, enc, refine=ref.path)
     assert pairs.caption_ids == sorted(kept)
     assert pairs.image_keys == [kept[c]["image_caption_id"] for c in pairs.caption_ids]
@@ -305,7 +305,7 @@ def test_the_pipeline_runs_refine_only_when_enabled_and_trains_on_it(tmp_path):
                       stages=("train",))
     assert on["encode"].path == off["encode"].path and on["train"].path != off["train"].path
     assert on["train"].counts["train_pairs"] == on["refine"].counts["kept"] == 3   # floor(0.9 * 4)
-    rows = manifests.PAIRS.read(StageDir.at(on["refine"].path)).to_pylist()
+    rows = manifests.PAIRS.read(on["refine"].stage_dir).to_pylist()
     scored = [r for r in rows if r["rank"] is not None]   # synthesize.limit: 4 of the training captions have images
     assert len(scored) == 4 and sorted(r["status"] for r in scored) == ["dropped"] + ["kept"] * 3
     assert all("no synthetic image" in r["reason"] for r in rows if r["rank"] is None)

@@ -134,7 +134,7 @@ def test_encode_takes_the_release_concepts_with_their_embeddings(tmp_path, tiny_
     path = tmp_path / "coco400_embeddings_tiny_with_ensemble.pickle"
     path.write_bytes(pickle.dumps((words, bank)))
     result = run_encode(tiny_encode_config(vocabulary_file=str(path)), cap, syn, str(tmp_path / "runs"))
-    rows = manifests.CONCEPTS.read(StageDir.at(result.path)).to_pylist()
+    rows = manifests.CONCEPTS.read(result.stage_dir).to_pylist()
     assert [r["concept"] for r in rows] == words
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), F.normalize(bank, dim=-1).numpy(), atol=1e-6)
     assert dict((r["concept"], r["count"]) for r in rows)["dog"] >= 1      # counted in the captions, as a text list is

@@ -46,14 +46,14 @@ def encoded(tmp_path_factory):
     cap, syn = encode_inputs(base / "runs", n_shards=2, per_shard=3, images_dir=base / "coco")
     own = run_encode(tiny_encode_config(images_root=str(base / "coco")), cap, syn, str(base / "runs"))
     folder = base / "release_features"
-    write_release_files(StageDir.at(own.path), folder, n_shards=2)
+    write_release_files(own.stage_dir, folder, n_shards=2)
     return {"base": base, "cap": cap, "syn": syn, "own": own, "folder": folder}
 
 
 def test_imported_features_give_the_same_stage_outputs(encoded):
     e = encoded
     got = run_encode(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"], str(e["base"] / "runs"))
-    own, imp = StageDir.at(e["own"].path), StageDir.at(got.path)
+    own, imp = e["own"].stage_dir, got.stage_dir
     assert got.path != e["own"].path                                   # another fingerprint: other inputs
     for kind, n in (("features", 2), ("real", 1)):
         for i in range(n):
@@ -85,7 +85,7 @@ def test_training_runs_on_the_imported_features(encoded):
     root = str(e["base"] / "runs")
     imported = run_encode(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"], root)
     result = run_train(tiny_train_config(max_steps=3, val_every=3), e["cap"], imported, root)
-    assert result.stage == "train" and (StageDir.at(result.path).best / "model.safetensors").exists()
+    assert result.stage == "train" and (result.stage_dir.best / "model.safetensors").exists()
 
 
 def test_the_fingerprint_sees_the_files_not_the_folder_path(encoded, tmp_path):
@@ -124,8 +124,8 @@ def test_a_file_of_another_width_stops_the_stage_naming_it(encoded, tmp_path):
 # -- the checks one by one, against the tiny CLIP's real patch tokens --------------------------------------
 @pytest.fixture(scope="module")
 def tiny_tokens(encoded):
-    arrays, _ = _shard(StageDir.at(encoded["own"].path), "features", 0)
-    head, _ = open_arrays(StageDir.at(encoded["own"].path).clip_head)
+    arrays, _ = _shard(encoded["own"].stage_dir, "features", 0)
+    head, _ = open_arrays(encoded["own"].stage_dir.clip_head)
     head = {k: np.array(v, dtype=np.float32) for k, v in head.items()}
     patches = arrays["patches"][0].astype(np.float32)
     g = arrays["global"][0].astype(np.float32)

@@ -46,3 +46,12 @@ def test_stage_modules_are_the_layouts_stages():
     assert set(STAGES) <= set(STAGE_MODULES)
     files = {p.stem for p in Path(inspect.getfile(Stage)).parent.glob("*.py")}
     assert files - {"__init__", "contract", "pipeline"} == set(STAGE_MODULES)
+
+
+def test_a_results_stage_dir_is_the_directory_it_names(tmp_path):
+    from storage.layout import RunLayout
+    from storage.result import StageResult
+
+    sd = RunLayout(tmp_path).stage("encode", "ab" * 8)
+    r = StageResult(stage="encode", fingerprint=sd.fingerprint, path=str(sd.path))
+    assert r.stage_dir == sd and r.stage_dir.clip_head == sd.path / "clip_head.safetensors"

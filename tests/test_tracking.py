@@ -58,7 +58,7 @@ def test_train_events_hold_metrics_jsonl_and_a_resume_purges_the_redone_steps(tm
     cap, enc = train_inputs(root)
     config = tiny_train_config(epochs=4, checkpoint_every=2, keep_last=100, val_every=3, run_name="tiny,train.seed=3")
     result = run_train(config, cap, enc, str(root))
-    sd = StageDir.at(result.path)
+    sd = result.stage_dir
     run_dir = sd.events / "tiny,train.seed=3"
     got, want = scalars(run_dir), from_jsonl(sd.metrics_log)
     assert want["train/grad_clip_share"] and all(0 < v < 1 for _, v in want["train/grad_clip_share"])

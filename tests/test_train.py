@@ -123,7 +123,7 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
     assert Path(result.extra["pictures"]["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
     # A second run is served from disk; verify notices a missing output.
     assert run_train(config, cap, enc, str(tmp_path / "runs")).cached
-    sd = StageDir.at(result.path)
+    sd = result.stage_dir
     assert verify(sd) is None
     (sd.path / "metrics.jsonl").unlink()
     assert verify(sd) == "no metrics.jsonl"

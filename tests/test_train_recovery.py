@@ -100,7 +100,7 @@ def test_verify_flags_a_best_that_holds_another_step_and_the_rerun_repairs_it(tm
     cap, enc = train_inputs(tmp_path / "runs")
     config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)
     result = run_train(config, cap, enc, str(tmp_path / "runs"))
-    sd, best = StageDir.at(result.path), checkpoint.best_dir(result.path)
+    sd, best = result.stage_dir, checkpoint.best_dir(result.path)
     good = (best / "model.safetensors").read_bytes()
     step = result.extra["best_step"]
     other = 4 if step != 4 else 8

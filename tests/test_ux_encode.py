@@ -46,7 +46,7 @@ def test_every_real_image_failing_is_an_error_and_not_marked_done(tmp_path):
     encode_inputs(tmp_path / "again", n_shards=1, images_dir=images)  # writes img0..img2 into `images`
     result = run_encode(cfg, cap, syn, root)
     assert (result.counts["real_ok"], result.counts["real_failed"]) == (3, 1)
-    assert StageDir.at(result.path).done_marker.exists()
+    assert result.stage_dir.done_marker.exists()
 
 
 def test_some_failed_and_no_real_rows_still_succeed(tmp_path):

@@ -177,7 +177,7 @@ def _inputs(captions: StageInput, shards: StageInput | None) -> tuple[StageResul
     if syn is not None:
         # The features pair each caption with its image by caption id: shards made from another caption file
         # would pair them with images of other captions (or none), silently.
-        made_from = [sd.fingerprint for sd in StageDir.at(syn.dir).inputs() if sd.stage == "ingest"]
+        made_from = [sd.fingerprint for sd in syn.stage_dir.inputs() if sd.stage == "ingest"]
         if made_from and cap.fingerprint not in made_from:
             raise ValueError(f"shards={syn.path!r} were made from the ingest stage {made_from[0]} "
                              f"(its config.json's inputs), not from captions={cap.path!r} (ingest {cap.fingerprint}); "
@@ -261,7 +261,7 @@ def feature_units(shards: StageResult | None) -> list[Unit]:
     """
     if shards is None:
         return []
-    sd = StageDir.at(shards.path)
+    sd = shards.stage_dir
     n = shards.counts.get("shards")
     if n is None:  # an older result without the count: the shards on disk
         n = len(list(sd.shard_dir("shards").glob("shard-*.tar")))
@@ -293,7 +293,7 @@ def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
     """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
     if config.images_root is None and not config.imported_features:
         return []
-    table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["image_id", "split", "image_path", "status"])
+    table = manifests.CAPTIONS.read(captions.stage_dir, columns=["image_id", "split", "image_path", "status"])
     images: dict[str, tuple[str, str, str | None]] = {}
     for r in tables.ok_rows(table.to_pylist()):
         if r["split"] in ("val", "test") and r["image_id"] not in images:
@@ -378,7 +378,7 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
 # -- stage-wide outputs ---------------------------------------------------------------------
 
 def _caption_texts(captions: StageResult) -> list[str]:
-    table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["split", "text", "status"])
+    table = manifests.CAPTIONS.read(captions.stage_dir, columns=["split", "text", "status"])
     return [r["text"] for r in tables.ok_rows(table.to_pylist(), "train") if r["text"]]
 
 

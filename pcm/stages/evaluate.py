@@ -119,7 +119,7 @@ def verify(sd: StageDir) -> str | None:
 def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> SplitImages:
     """The split's encoded images with their references (and those left out); an error when there are none,
     or when encoded images have no references (the captions of another data set)."""
-    enc, cap = StageDir.at(encode.path), StageDir.at(captions.path)
+    enc, cap = encode.stage_dir, captions.stage_dir
     out = load_split_images(cap.path, enc.path, split)
     if out.unreferenced:
         raise ValueError(f"{cap.file('captions.parquet')}: {len(out.unreferenced)} {split} images of {enc.path} have "
@@ -174,7 +174,7 @@ def content_id(clip: dict[str, Any]) -> str | None:
 
 def _ingest_lineage(train: StageResult) -> list[StageResult]:
     """The finished ingest stages upstream of a train stage (through each stage's config.json inputs), nearest first."""
-    return [load_result(sd.path) for sd in StageDir.at(train.path).lineage("ingest") if sd.is_complete()]
+    return [load_result(sd.path) for sd in train.stage_dir.lineage("ingest") if sd.is_complete()]
 
 
 def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None, str | None]:
@@ -191,7 +191,7 @@ def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None
 def images_root(encode: StageResult) -> Path | None:
     """Where real.parquet's relative image paths start (recorded by the encode stage)."""
     root = encode.extra.get("images_root")
-    config = StageDir.at(encode.path).config_file
+    config = encode.stage_dir.config_file
     if root is None and config.exists():
         root = atomic.read_json(config).get("config", {}).get("images_root")
         root = None if root == BY_CONTENT else root  # encode code version 2+ records the path in its result
@@ -229,7 +229,7 @@ def _feature_batches(encode: StageResult, evalset: SplitImages, device: str, bat
 
     from pcm.dataset import open_features
 
-    enc = StageDir.at(encode.path)
+    enc = encode.stage_dir
     by_shard: dict[int, list[int]] = {}
     for i, s in enumerate(evalset.shard.tolist()):
         by_shard.setdefault(s, []).append(i)
@@ -338,7 +338,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         summary = _summary(config, corpus, evalset, ckpt_dir, meta, train_r, encode_r, captions_r)
         summary["control"] = None if control is None else {"metrics": control, "how": CONTROL_HOW}
         atomic.write_json(sd.metrics, summary)
-        write_events(sd, StageDir.at(train_r.path), summary)
+        write_events(sd, train_r.stage_dir, summary)
         pictures = _write_report(sd, config, summary, rows, evalset, encode_r)
         t4 = time.monotonic()
 

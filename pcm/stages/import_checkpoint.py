@@ -88,7 +88,7 @@ def run_import_checkpoint(config: ImportCheckpointConfig, file: str, vocab_file:
         clip_json: dict[str, Any] = clip.model_dump(mode="json") | {"content_id": clip_content_id(clip)}
         source = {"checkpoint": str(Path(file).resolve()), "vocabulary": str(Path(vocab_file).resolve()),
                   "concepts": str(Path(concepts_file).resolve()), **sd.record["config"]["imported"]}
-        checkpoint.save(StageDir.at(sd.path).best, model=model, vocab=vocab,
+        checkpoint.save(sd.best, model=model, vocab=vocab,
                         config={"imported_from": source, "parity": "release"}, clip=clip_json,
                         concept_names=concept_words, state={"step": 0, "imported": True})
         counts = {"parameters": sum(p.numel() for p in model.parameters()), "vocabulary": len(vocab),

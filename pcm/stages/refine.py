@@ -147,7 +147,7 @@ def load_embeddings(captions: StageResult, encode: StageResult) -> Embeddings:
     """
     from pcm.dataset import FeatureStore
 
-    cap, enc = StageDir.at(captions.path), StageDir.at(encode.path)
+    cap, enc = captions.stage_dir, encode.stage_dir
     texts = {r["caption_id"]: r["text"] for r in tables.ok_rows(
         manifests.CAPTIONS.read(cap, columns=["caption_id", "split", "text", "status"]).to_pylist(), "train")}
     meta = manifests.SCORES.read(enc, columns=["caption_id", "shard", "row", "clip_score", "status", "error"])
@@ -245,7 +245,7 @@ def pairs_picture(sd: StageDir, encode: StageResult, data: Embeddings, rows: lis
                    key=lambda r: r["rank"])[:GRID_ROWS]
     if not moved:
         return None
-    synth = StageDir.at(encode.path).lineage("synthesize")
+    synth = encode.stage_dir.lineage("synthesize")
     where = {cid: int(s) for cid, s in zip(data.caption_ids, data.shard, strict=True)}
     wanted = {k for r in moved for k in (r["caption_id"], r["image_caption_id"])}
     found: dict[str, bytes] = {}

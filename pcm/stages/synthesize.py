@@ -182,7 +182,7 @@ class SynthesizeConfig(StageConfig):
 
 # -- the plan -----------------------------------------------------------------------------
 def _captions_file(captions: StageResult) -> Path:
-    return manifests.CAPTIONS.path(StageDir.at(captions.path))
+    return manifests.CAPTIONS.path(captions.stage_dir)
 
 
 def planned_samples(config: SynthesizeConfig, captions: StageResult) -> list[Sample]:

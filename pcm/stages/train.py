@@ -438,7 +438,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
 
     pairs = dataset.load_pairs(captions.path, encode.path, config.data_fraction, config.seed,
                                refine=refine.path if refine else None)
-    enc = StageDir.at(encode.path)
+    enc = encode.stage_dir
     store = dataset.FeatureStore(enc, "features")
     store.check_rows(pairs.shard, pairs.row, pairs.image_keys)
     reference = training_reference(pairs, store, config.seed)  # the pairs as made (before any control rewrites them)
@@ -457,7 +457,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
     val_cap, val_enc = val_source or (captions, encode)
     val = load_split_images(val_cap.path, val_enc.path, "val", config.val_max_images)
-    val_store = dataset.FeatureStore(StageDir.at(val_enc.path), "real")
+    val_store = dataset.FeatureStore(val_enc.stage_dir, "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
         if config.val_metric == "cider":
