@@ -17,8 +17,6 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from storage.layout import StageDir
-
 log = logging.getLogger(__name__)
 
 

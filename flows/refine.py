@@ -8,9 +8,10 @@ from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage, stage_run_name
+from pcm.stages.contract import as_result
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
-from pcm.stages.contract import as_result
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
@@ -18,9 +19,10 @@ from storage.result import StageResult
 def refine_task(config: RefineConfig, captions: StageResult, encode: StageResult, root: str,
                 force: bool = False) -> StageResult:
     """Re-pair (SynC) or filter (CLIP score) the encode stage's pairs; writes pairs.parquet."""
-    progress = artifacts.Progress(artifacts.stage_key("refine", plan(config, captions, encode, root).fingerprint),
+    layout = RunLayout(root)
+    progress = artifacts.Progress(artifacts.stage_key("refine", plan(config, captions, encode, layout).fingerprint),
                                   f"Refining pairs ({config.method})")
-    return run_refine(config, captions, encode, root, force=force, progress=progress)
+    return run_refine(config, captions, encode, layout, force=force, progress=progress)
 
 
 @task(name="refine-artifacts")

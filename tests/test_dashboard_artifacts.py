@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from flows import artifacts
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
@@ -123,4 +124,4 @@ def test_a_stage_subflow_run_is_named_after_its_stage_directory(tmp_path, prefec
     state = ingest_flow({"source": str(src)}, root=str(tmp_path / "runs"), return_state=True)
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
-    assert run.name == f"ingest-{plan(config, str(tmp_path / 'runs')).fingerprint[:8]}"
+    assert run.name == f"ingest-{plan(config, RunLayout(tmp_path / 'runs')).fingerprint[:8]}"

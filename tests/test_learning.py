@@ -14,7 +14,6 @@ from pcm.stages.pipeline import resolve, run_pipeline
 from pcm.toyworld.dataset import shipped_paths
 from pcm.toyworld.score import attribute_accuracy
 from storage.atomic import read_json
-from storage.layout import StageDir
 
 pytestmark = pytest.mark.heavy  # two real pipeline runs on the toy world (minutes)
 

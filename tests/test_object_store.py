@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pcm.stages.contract import as_result
 from storage import publish
 from storage.layout import RunLayout, StageDir
 from storage.lock import LockHeld
@@ -582,7 +583,7 @@ def test_the_whole_pipeline_evaluate_included_finishes_on_an_s3_root_and_is_reus
     # The same evaluation on a local root (its inputs read from the bucket) gives the same captions and scores.
     from pcm.stages.evaluate import run_evaluate
 
-    local = run_evaluate(cfg.evaluate, first["train"], first["encode"], first["ingest"], str(tmp_path / "local"))
+    local = run_evaluate(cfg.evaluate, first["train"], first["encode"], first["ingest"], RunLayout(tmp_path / "local"))
     assert local.fingerprint == first["evaluate"].fingerprint
     assert local.stage_dir.predictions.read_bytes() == first["evaluate"].stage_dir.predictions.read_bytes()
     _mirror(monkeypatch, tmp_path, "host-c")            # another host, an empty working copy: all reused
@@ -615,6 +616,8 @@ import torch
 torch.set_num_threads(1)
 from storage import publish
 from pcm.stages.train import TrainConfig, run_train
+from pcm.stages.contract import load_result
+from storage.layout import RunLayout
 
 real = publish.publish_checkpoint
 
@@ -624,7 +627,8 @@ def publish_then_die(step_dir, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
 publish.publish_checkpoint = publish_then_die
-run_train(TrainConfig.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+run_train(TrainConfig.model_validate_json(sys.argv[1]), load_result(sys.argv[2]), load_result(sys.argv[3]),
+          RunLayout(sys.argv[4]))
 """
 
 
@@ -637,7 +641,7 @@ def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkp
 
     config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=1)   # 16 steps
     cap, enc = train_inputs(tmp_path / "inputs")
-    ref = run_train(config, cap, enc, str(tmp_path / "ref"))          # uninterrupted, on a local root
+    ref = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "ref"))          # uninterrupted, on a local root
 
     url = f"s3://{bucket}/run"
     env = {**child_env(), "PCM_MIRROR_DIR": str(tmp_path / "host-a"), "PCM_LEASE_SECONDS": "2"}
@@ -656,7 +660,7 @@ def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkp
     from storage import checkpoints as ckpts
     real_fetch = ckpts.fetch_published
     monkeypatch.setattr(ckpts, "fetch_published", lambda *a: fetched.append(real_fetch(*a)) or fetched[-1])
-    resumed = run_train(config, cap, enc, url)
+    resumed = run_train(config, as_result(cap), as_result(enc), RunLayout(url))
     assert fetched and fetched[0] is not None and fetched[0].name == "step-00000008"   # resumed there, not at 0
     b_dir = Path(resumed.dir)
     mine, theirs = b_dir / "checkpoints" / "step-00000016", Path(ref.path) / "checkpoints" / "step-00000016"

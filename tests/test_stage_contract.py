@@ -11,6 +11,7 @@ import pytest
 
 from pcm.config import StageConfig
 from pcm.stages.contract import Stage
+from storage.layout import RunLayout
 
 # module -> the name its config class and run function carry
 STAGE_MODULES = {"ingest": "Ingest", "synthesize": "Synthesize", "encode": "Encode", "refine": "Refine",
@@ -55,3 +56,20 @@ def test_a_results_stage_dir_is_the_directory_it_names(tmp_path):
     sd = RunLayout(tmp_path).stage("encode", "ab" * 8)
     r = StageResult(stage="encode", fingerprint=sd.fingerprint, path=str(sd.path))
     assert r.stage_dir == sd and r.stage_dir.clip_head == sd.path / "clip_head.safetensors"
+
+
+@pytest.mark.parametrize("name", sorted(STAGE_MODULES))
+def test_one_signature_for_every_stage(name):
+    """plan(config, *inputs, layout) and run_<stage>(config, *inputs, layout, *, force, progress): the same inputs
+    in the same order, the layout last, the options keyword-only."""
+    mod = _module(name)
+    plan = inspect.signature(mod.plan).parameters
+    run = inspect.signature(getattr(mod, f"run_{name}")).parameters
+    positional = [n for n, p in plan.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional[0] == "config" and positional[-1] == "layout", positional
+    assert [n for n, p in run.items() if p.kind == p.POSITIONAL_OR_KEYWORD] == positional
+    assert plan["layout"].annotation in ("RunLayout", RunLayout)
+    keyword_only = {n for n, p in run.items() if p.kind == p.KEYWORD_ONLY}
+    assert {"force", "progress"} <= keyword_only
+    # options of plan (train's refine, val) are options of run too, never positional
+    assert {n for n, p in plan.items() if p.kind == p.KEYWORD_ONLY} <= keyword_only

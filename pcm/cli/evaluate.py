@@ -56,8 +56,9 @@ def register(app: typer.Typer) -> None:
         --set KEY=VALUE (listed below).
         """
         from pcm.report import LABELS
-        from pcm.stages.evaluate import EvaluateConfig, run_evaluate
         from pcm.stages.contract import load_result
+        from pcm.stages.evaluate import EvaluateConfig, run_evaluate
+        from storage.layout import RunLayout
 
         config = build_config(EvaluateConfig, stage_values(EvaluateConfig, sets, example="beam_size=5"), "evaluate",
                               sets)
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
             writable_dir(root or _root_of(train), "--root" if root is not None else
                          "--root (default: the train stage's run root)")
         inputs = load_result(train), load_result(encode), load_result(captions)  # resolved once here
-        result = run_evaluate(config, *inputs, root or _root_of(train), force=force, clip=clip)
+        result = run_evaluate(config, *inputs, RunLayout(root or _root_of(train)), force=force, clip=clip)
         metrics = result.extra["metrics"]
         state = "cached" if result.cached else "done"
         typer.echo(f"evaluate {state}: {result.extra['split']} split, {result.extra['protocol']}, "

@@ -44,8 +44,6 @@ from pcm.pictures import score_histogram
 from pcm.score_summary import CXE_REFERENCE_W, clip_score_stats, cxe_weight_stats
 from pcm.stages.contract import (
     ProgressFn,
-    StageInput,
-    as_result,
     cached,
     drop_marker,
     finish,
@@ -162,18 +160,15 @@ def check_images_root(config: EncodeConfig) -> None:
 
 # -- inputs and units ----------------------------------------------------------------------
 
-def _inputs(captions: StageInput, shards: StageInput | None) -> tuple[StageResult, StageResult | None]:
-    """The ingest and synthesize stages' results (a directory given is resolved here), checked to be theirs.
+def _inputs(cap: StageResult, syn: StageResult | None) -> tuple[StageResult, StageResult | None]:
+    """The ingest and synthesize stages' results, checked to be theirs and made from each other.
 
-    `shards` None: a real-only stage (the val/test images of an evaluation source, no synthetic images).
+    `syn` None: a real-only stage (the val/test images of an evaluation source, no synthetic images).
     """
-    cap, syn = as_result(captions), None if shards is None else as_result(shards)
     if cap.stage != "ingest":
-        given = cap.path if isinstance(captions, StageResult) else captions
-        raise ValueError(f"captions={given!r} is a {cap.stage} stage directory; pass the ingest stage's")
+        raise ValueError(f"captions={cap.path!r} is a {cap.stage} stage directory; pass the ingest stage's")
     if syn is not None and syn.stage != "synthesize":
-        given = syn.path if isinstance(shards, StageResult) else shards
-        raise ValueError(f"shards={given!r} is a {syn.stage} stage directory; pass the synthesize stage's")
+        raise ValueError(f"shards={syn.path!r} is a {syn.stage} stage directory; pass the synthesize stage's")
     if syn is not None:
         # The features pair each caption with its image by caption id: shards made from another caption file
         # would pair them with images of other captions (or none), silently.
@@ -186,8 +181,9 @@ def _inputs(captions: StageInput, shards: StageInput | None) -> tuple[StageResul
     return cap, syn
 
 
-def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str) -> StageDir:
-    """The stage directory for these inputs (results or directories); no work, nothing written (Prefect's cache key).
+def plan(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout) -> StageDir:
+    """The stage directory for these inputs (the ingest and synthesize results); no work, nothing written (Prefect's
+    cache key).
 
     `shards` None plans a real-only stage: the val/test images of the captions, no synthetic features
     and no concepts (an evaluation source's, see pcm.stages.pipeline.EvalSource).
@@ -211,7 +207,6 @@ def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, 
         extra["clip_preset_sha256"] = input_digest(clip_preset_path(config.clip.model))
     if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
         extra["clip_quick_gelu"] = True
-    layout = RunLayout(root)
     try:
         check_images_root(config)
     except FileNotFoundError:
@@ -308,11 +303,11 @@ def _unit_done(sd: StageDir, unit: Unit) -> bool:
     return shard_io.is_done(sd.feature_shard(unit.kind, unit.index))
 
 
-def pending_feature_shards(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str) -> list[int]:
+def pending_feature_shards(config: EncodeConfig, captions: StageResult, shards: StageResult,
+                           layout: RunLayout) -> list[int]:
     """Indices of the synthetic shards whose feature shard is not done yet (what a flow run still has to encode)."""
-    cap, syn = _inputs(captions, shards)
-    sd = plan(config, cap, syn, root)
-    return [u.index for u in feature_units(syn) if not _unit_done(sd, u)]
+    sd = plan(config, captions, shards, layout)
+    return [u.index for u in feature_units(shards) if not _unit_done(sd, u)]
 
 
 def _imported_batches(config: EncodeConfig, units: list[Unit], clip: LoadedClip) -> Iterable[dict] | None:
@@ -481,41 +476,38 @@ def _reset(sd: StageDir, units: list[Unit]) -> None:
         path.unlink(missing_ok=True)
 
 
-def reset_stage(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str) -> None:
+def reset_stage(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout) -> None:
     """Forget every finished output of this stage directory (a forced rerun's first step)."""
-    cap, syn = _inputs(captions, shards)
-    sd = plan(config, cap, syn, root)
+    sd = plan(config, captions, shards, layout)
     with locked(sd):
-        _reset(sd, feature_units(syn) + real_units(config, cap))
+        _reset(sd, feature_units(shards) + real_units(config, captions))
 
 
-def encode_shards(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str, *, kind: str,
-                  indices: list[int] | None = None, progress: ProgressFn | None = None) -> dict[str, int]:
+def encode_shards(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout, *,
+                  kind: str, indices: list[int] | None = None, progress: ProgressFn | None = None) -> dict[str, int]:
     """Encode the pending units of one kind (all, or `indices`): a Prefect task per shard.
 
     `run_encode` afterwards finds them done and writes the stage-wide files.
     """
     if kind not in (FEATURES, REAL):
         raise ValueError(f"kind={kind!r}: expected {FEATURES!r} or {REAL!r}")
-    cap, syn = _inputs(captions, shards)
-    sd = open_stage(plan(config, cap, syn, root))  # these units are written without the stage lock
-    units = feature_units(syn) if kind == FEATURES else real_units(config, cap)
+    sd = open_stage(plan(config, captions, shards, layout))  # these units are written without the stage lock
+    units = feature_units(shards) if kind == FEATURES else real_units(config, captions)
     if indices is not None:
         units = [u for u in units if u.index in set(indices)]
     encoded, seconds, _ = encode_units(config, sd, units, progress=progress)
     return {"encoded": encoded, "units": len(units), "seconds": round(seconds, 3)}
 
 
-def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str, *,
+def run_encode(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout, *,
                force: bool = False, progress: ProgressFn | None = None) -> StageResult:
     """Encode every pending unit, then write scores, real, concepts, the CLIP head and the histogram.
 
-    `captions`, `shards`: the ingest and synthesize stages' StageResults, or their directories.
+    `captions`, `shards`: the ingest and synthesize stages' StageResults.
     `shards` None: a real-only stage (an evaluation source's val/test images): real.parquet and its shards only.
     """
     started = time.monotonic()
-    captions, shards = _inputs(captions, shards)
-    sd = plan(config, captions, shards, root)
+    sd = plan(config, captions, shards, layout)
     if not force and (done := cached(sd, verify)) is not None:
         return done
     check_images_root(config)  # before any work (a finished stage was returned above)

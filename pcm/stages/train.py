@@ -32,8 +32,6 @@ from pcm.pictures import loss_curve
 from pcm.split_images import load_split_images
 from pcm.stages.contract import (
     ProgressFn,
-    StageInput,
-    as_result,
     cached,
     drop_marker,
     finish,
@@ -42,7 +40,7 @@ from pcm.stages.contract import (
     stage_dir,
 )
 from pcm.validation import evaluate_val
-from storage import atomic, checkpoints, jsonl, publish
+from storage import atomic, checkpoints, jsonl, publish, remote
 from storage.layout import RunLayout, StageDir
 from storage.locks import try_lock
 from storage.result import StageResult
@@ -192,22 +190,34 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-# Validation on another data set: (its ingest, its real-only encode) stage results or directories.
-ValSource = tuple[StageInput, StageInput]
+@dataclass(frozen=True)
+class TrainInputs:
+    """What a train stage reads: the finished ingest and encode stages, a refine stage's pairs (optional), and
+    validation on another data set (its ingest and real-only encode results; optional)."""
+
+    captions: StageResult
+    encode: StageResult
+    refine: StageResult | None = None
+    val: tuple[StageResult, StageResult] | None = None
+
+    @property
+    def val_source(self) -> tuple[StageResult, StageResult]:
+        """The (ingest, encode) results whose val split picks best/."""
+        return self.val or (self.captions, self.encode)
 
 
-def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str,
-         refine: StageInput | None = None, val: ValSource | None = None) -> StageDir:
-    """The train stage directory of these inputs (results or directories); no work, nothing written.
+def plan(config: TrainConfig, captions: StageResult, encode: StageResult, layout: RunLayout, *,
+         refine: StageResult | None = None, val: tuple[StageResult, StageResult] | None = None) -> StageDir:
+    """The train stage directory of these inputs (the ingest and encode results); no work, nothing written.
 
     `refine` (optional): a refine stage whose pairs.parquet says which image each caption trains on; without
     it the inputs, and so the fingerprint, are exactly those of a run before the refine stage existed.
     `val`: validate on another data set's (ingest, encode) instead of `captions`/`encode`'s val split; both
     enter the fingerprint (best/ depends on them) as `val_inputs`, apart from the inputs the lineage follows.
     """
-    inputs = [as_result(captions), as_result(encode)] + ([as_result(refine)] if refine is not None else [])
-    extra = {"val_inputs": {r.stage: r.fingerprint for r in map(as_result, val)}} if val else None
-    return stage_dir(RunLayout(root), "train", config, inputs, CODE_VERSION, extra)
+    inputs = [captions, encode] + ([refine] if refine is not None else [])
+    extra = {"val_inputs": {r.stage: r.fingerprint for r in val}} if val else None
+    return stage_dir(layout, "train", config, inputs, CODE_VERSION, extra)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -234,18 +244,15 @@ def verify(sd: StageDir) -> str | None:
     return None
 
 
-def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, root: str, *, force: bool = False,
-              progress: ProgressFn | None = None, refine: StageInput | None = None,
-              val: ValSource | None = None) -> StageResult:
+def run_train(config: TrainConfig, captions: StageResult, encode: StageResult, layout: RunLayout, *,
+              force: bool = False, progress: ProgressFn | None = None, refine: StageResult | None = None,
+              val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train (or resume) under the stage lock; write stage.done.json last and return the result.
 
-    `captions`, `encode`: the ingest and encode stages' StageResults, or their directories; `refine`
-    (optional): a refine stage's, whose kept pairs are trained on; `val`: see `plan`.
+    `captions`, `encode`: the ingest and encode stages' StageResults; `refine` (optional): a refine stage's,
+    whose kept pairs are trained on; `val`: see `plan`.
     """
-    captions, encode = as_result(captions), as_result(encode)
-    refine = as_result(refine) if refine is not None else None
-    val = (as_result(val[0]), as_result(val[1])) if val else None
-    sd = plan(config, captions, encode, root, refine, val)
+    sd = plan(config, captions, encode, layout, refine=refine, val=val)
     if not force and (done := cached(sd, verify)) is not None:
         if (lock := try_lock(sd.lock_file)) is not None:  # a finished stage is tidied too (if nobody works in it)
             try:
@@ -269,11 +276,11 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
             val_args = ["--val-captions", val[0].path, "--val-encode", val[1].path] if val else []
             distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", captions.path,
-                                "--encode", encode.path, "--root", str(root),
+                                "--encode", encode.path, "--root", remote.public(layout.root),
                                 *(["--refine", refine.path] if refine else []), *val_args], config.devices, poll,
                                bind=config.dist_bind)
         else:
-            train_worker(config, captions, encode, sd, progress=progress, refine=refine, val=val)
+            train_worker(config, TrainInputs(captions, encode, refine, val), sd, progress=progress)
         return _finish(sd, started)
 
 
@@ -401,9 +408,7 @@ class Run:
     events: Any = None    # pcm.tracking.EventLog on rank 0, else None
 
 
-def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir,
-                 progress: ProgressFn | None = None, refine: StageResult | None = None,
-                 val: tuple[StageResult, StageResult] | None = None) -> None:
+def train_worker(config: TrainConfig, inputs: TrainInputs, sd: StageDir, progress: ProgressFn | None = None) -> None:
     """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
 
@@ -417,7 +422,7 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
         torch.use_deterministic_algorithms(True)
     distributed.setup(info, device)
     try:
-        run = setup(config, captions, encode, sd, info, device, refine, val=val)
+        run = setup(config, inputs, sd, info, device)
         try:
             train_loop(run, progress)
         finally:
@@ -428,14 +433,13 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
         distributed.teardown(info)
 
 
-def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
-              refine: StageResult | None = None,
-              val_source: tuple[StageResult, StageResult] | None = None) -> TrainData:
+def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
     """Pairs (a refine stage's when given), vocabulary, concepts, CLIP head and the val split (another data
-    set's with `val_source`), checked against the feature shards."""
+    set's with `inputs.val`), checked against the feature shards."""
     from pcm import dataset
     from pcm.vocab import Vocab
 
+    captions, encode, refine = inputs.captions, inputs.encode, inputs.refine
     pairs = dataset.load_pairs(captions.path, encode.path, config.data_fraction, config.seed,
                                refine=refine.path if refine else None)
     enc = encode.stage_dir
@@ -454,8 +458,8 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
         cfg = cfg.model_copy(update={"clip_ln_eps": float(head_meta["ln_eps"])})
     clip_spec = encode.extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
     vocab = Vocab.build(pairs.texts, config.min_word_count)
-    inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
-    val_cap, val_enc = val_source or (captions, encode)
+    tokens, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
+    val_cap, val_enc = inputs.val_source
     val = load_split_images(val_cap.path, val_enc.path, "val", config.val_max_images)
     val_store = dataset.FeatureStore(val_enc.stage_dir, "real")
     if len(val):
@@ -467,7 +471,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     if len(val) == 0:
         log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
                     "validation is skipped and best/ holds the final model", val_enc.path)
-    return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe,
+    return TrainData(pairs, store, tokens, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe,
                      reference)
 
 
@@ -505,15 +509,14 @@ def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]
     return pairs, stats
 
 
-def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any,
-          refine: StageResult | None = None, val: tuple[StageResult, StageResult] | None = None) -> Run:
+def setup(config: TrainConfig, inputs: TrainInputs, sd: StageDir, info: Any, device: Any) -> Run:
     """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
     import torch
 
     from pcm import dataset, distributed
     from pcm.model import PCMNet
 
-    data = load_data(config, captions, encode, refine, val)
+    data = load_data(config, inputs)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = PCMNet(data.model_config, len(data.vocab), data.bank, data.head).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -753,7 +756,8 @@ def main(argv: list[str] | None = None) -> None:
     captions, encode = load_result(a.captions), load_result(a.encode)
     refine = load_result(a.refine) if a.refine else None
     val = (load_result(a.val_captions), load_result(a.val_encode)) if a.val_captions and a.val_encode else None
-    train_worker(config, captions, encode, plan(config, captions, encode, a.root, refine, val), refine=refine, val=val)
+    sd = plan(config, captions, encode, RunLayout(a.root), refine=refine, val=val)
+    train_worker(config, TrainInputs(captions, encode, refine, val), sd)
 
 
 if __name__ == "__main__":
