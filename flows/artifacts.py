@@ -34,11 +34,6 @@ def in_root(path: str | Path, root: str | Path | None) -> str:
     return Path(text).name
 
 
-def root_of(result: Any) -> str:
-    """The run root of a StageResult (`<root>/<stage>/<fingerprint>`), as its `path` spells it."""
-    return str(result.path).rstrip("/").rsplit("/", 2)[0]
-
-
 def stage_key(stage: str, fingerprint: str, *parts: str) -> str:
     """A stage's artifact key: `<stage>-<fingerprint[:8]>[-<part>...]`, readable, and with the stage
     subflow's run name (flows.caching.stage_run_name) as its start. Eight hex digits name one stage directory
@@ -157,7 +152,7 @@ def pipeline_summary(results: Mapping[str, Any]) -> str:
     for stage, r in results.items():
         state = "reused" if reused(r) else "computed"
         counts = ", ".join(f"{k} {v}" for k, v in list(r.counts.items())[:6])
-        where = in_root(r.path, root_of(r))
+        where = in_root(r.path, r.root)
         outputs = f"`{where}/`" + (f", `{where}/{r.stage_dir.report.name}`" if r.stage == "evaluate" else "")
         lines.append(f"| {stage} | {state} | {outputs} | {counts} |")
     lines += ["", "Each stage's own artifacts (progress, tables, pictures, the evaluation report) are on its "
@@ -256,7 +251,7 @@ def summary_table(key: str, result: Any, description: str) -> None:
         covers = TIMINGS.get(k, "seconds: measured by the stage when it ran")
         rows.append({"name": k, "value": v, "covers": covers + (REUSED_NOTE.format(when=when) if was_reused else "")})
     rows.append({"name": "cached", "value": bool(was_reused), "covers": "the stage's outputs were reused"})
-    rows.append({"name": "path", "value": in_root(result.path, root_of(result)),
+    rows.append({"name": "path", "value": in_root(result.path, result.root),
                  "covers": "stage directory, relative to the run root"})
     table(key, rows, description + (" (reused result)" if was_reused else ""))
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.artifacts import Progress, picture, root_of, stage_key, summary_table
+from flows.artifacts import Progress, picture, stage_key, summary_table
 from flows.caching import fingerprint_key, is_finished, run_stage, stage_run_name
 from flows.retries import retry_transient
 from pcm.stages.contract import as_result
@@ -99,5 +99,5 @@ def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: Stag
     summary_table(stage_key("encode", result.fingerprint, "summary"), result, "encode: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
         picture(stage_key("encode", result.fingerprint, name), path, f"encode: {name.replace('_', ' ')} histogram",
-                root_of(result))
+                result.root)
     return result

@@ -31,7 +31,7 @@ def publish(result: StageResult) -> None:
     key = artifacts.stage_key("refine", result.fingerprint)
     for name, path in result.extra.get("pictures", {}).items():
         artifacts.picture(f"{key}-{name}", path, "Captions with their original and their re-assigned image",
-                          artifacts.root_of(result))
+                          result.root)
     artifacts.table(f"{key}-pairs", {k: result.extra.get(k) for k in (
         "method", "keep_fraction", "score_threshold", "clip_score_mean_before", "clip_score_mean_kept")},
         "What the refine stage kept")

@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.artifacts import Progress, picture, root_of, stage_key, summary_table, table
+from flows.artifacts import Progress, picture, stage_key, summary_table, table
 from flows.caching import fingerprint_key, is_finished, run_stage, stage_run_name
 from flows.records import results_dir
 from flows.retries import retry_transient
@@ -110,7 +110,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     result = run_stage(synthesize_finalize, plan, verify, force=force, config=config, captions=captions, root=root)
     summary_table(stage_key("synthesize", result.fingerprint, "summary"), result, "synthesize: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
-        picture(stage_key("synthesize", result.fingerprint, name), path, f"synthesize: {name}", root_of(result))
+        picture(stage_key("synthesize", result.fingerprint, name), path, f"synthesize: {name}", result.root)
     if toy:
         report = synthesize_faithfulness(result.path)
         table(stage_key("synthesize", result.fingerprint, "faithfulness"), table_rows(report),

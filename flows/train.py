@@ -32,7 +32,7 @@ def publish(result: StageResult) -> None:
     """Loss curve and summary for the dashboard (also when the task was cached)."""
     key = artifacts.stage_key("train", result.fingerprint)
     for name, path in result.extra.get("pictures", {}).items():
-        artifacts.picture(f"{key}-{name}", path, "PCM-Net training loss and validation", artifacts.root_of(result))
+        artifacts.picture(f"{key}-{name}", path, "PCM-Net training loss and validation", result.root)
     artifacts.table(f"{key}-best", {"val_metric": result.extra["val_metric"], "best_value": result.extra["best_value"],
                                     "best_step": result.extra["best_step"], "best": result.extra["best"]},
                     "Best checkpoint by validation")

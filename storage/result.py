@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import atomic, remote
-from storage.layout import StageDir
+from storage.layout import StageDir, run_root_of
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,11 @@ class StageResult:
     def dir(self) -> Path:
         """The stage directory here (this worker's working copy when `path` is an object-store URL)."""
         return remote.local_path(self.path)
+
+    @property
+    def root(self) -> str:
+        """The run root the stage lies in, as `path` spells it (an object-store root's URL, or a local path)."""
+        return run_root_of(self.path)
 
     @property
     def stage_dir(self) -> StageDir:

@@ -97,7 +97,7 @@ def test_stage_artifacts_show_paths_relative_to_the_run_root(tmp_path, monkeypat
     result = StageResult("encode", "cd34", str(sd), counts={"images": 2},
                          extra={"pictures": {"clip_scores": str(png(sd / "pictures" / "clip_scores.png"))}})
     artifacts.picture("encode-cd34-clip-scores", result.extra["pictures"]["clip_scores"], "histogram",
-                      artifacts.root_of(result))
+                      result.root)
     artifacts.summary_table("encode-cd34-summary", result, "counts")
     picture, table = made
     assert "`encode/cd34/pictures/clip_scores.png`" in picture["markdown"]

@@ -73,3 +73,14 @@ def test_one_signature_for_every_stage(name):
     assert {"force", "progress"} <= keyword_only
     # options of plan (train's refine, val) are options of run too, never positional
     assert {n for n, p in plan.items() if p.kind == p.KEYWORD_ONLY} <= keyword_only
+
+
+def test_the_run_root_is_spelt_as_the_stage_directory_is(tmp_path):
+    """StageDir.root is the local directory; run_root_of (and StageResult.root) keep a URL a URL."""
+    from storage.layout import RunLayout, run_root_of
+    from storage.result import StageResult
+
+    sd = RunLayout(tmp_path).stage("train", "ab" * 8)
+    assert run_root_of(sd.path) == str(sd.root) == str(tmp_path.resolve())
+    assert run_root_of("s3://bucket/runs/a/train/" + "ab" * 8 + "/") == "s3://bucket/runs/a"
+    assert StageResult(stage="train", fingerprint="ab" * 8, path=f"s3://b/r/train/{'ab' * 8}").root == "s3://b/r"

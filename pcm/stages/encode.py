@@ -176,7 +176,7 @@ def _inputs(cap: StageResult, syn: StageResult | None) -> tuple[StageResult, Sta
         if made_from and cap.fingerprint not in made_from:
             raise ValueError(f"shards={syn.path!r} were made from the ingest stage {made_from[0]} "
                              f"(its config.json's inputs), not from captions={cap.path!r} (ingest {cap.fingerprint}); "
-                             f"pass the captions the shards were made from ({syn.path.rsplit('/', 2)[0]}/ingest/"
+                             f"pass the captions the shards were made from ({syn.root}/ingest/"
                              f"{made_from[0]}), or synthesize shards from these captions")
     return cap, syn
 
@@ -259,7 +259,7 @@ def feature_units(shards: StageResult | None) -> list[Unit]:
     sd = shards.stage_dir
     n = shards.counts.get("shards")
     if n is None:  # an older result without the count: the shards on disk
-        n = len(list(sd.shard_dir("shards").glob("shard-*.tar")))
+        n = sd.shard_count("shards", "tar")
     units = []
     for i in range(n):
         tar = sd.image_shard(i)

@@ -22,6 +22,7 @@ from pcm.config import StageConfig
 from pcm.identity import clip_content_id
 from pcm.model import load_preset
 from pcm.stages.contract import ProgressFn, cached, finish, locked, stage_dir
+from storage import checkpoints
 from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
@@ -68,7 +69,7 @@ def plan(config: ImportCheckpointConfig, file: str, vocab_file: str, concepts_fi
 def verify(sd: StageDir) -> str | None:
     if not sd.done_marker.exists():
         return "stage.done.json missing"
-    return None if (checkpoint.best_dir(sd.path) / "model.safetensors").exists() else "best/ missing"
+    return None if (checkpoints.recover(sd.best) / checkpoints.MODEL).exists() else "best/ missing"
 
 
 def run_import_checkpoint(config: ImportCheckpointConfig, file: str, vocab_file: str, concepts_file: str,

@@ -222,13 +222,13 @@ def plan(config: TrainConfig, captions: StageResult, encode: StageResult, layout
 
 def verify(sd: StageDir) -> str | None:
     """None when the final checkpoint, best/ (holding the best step) and metrics.jsonl exist, else what is wrong."""
-    latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
+    latest = checkpoints.latest(sd.checkpoints)
     if latest is None:
         return "no checkpoint"
     state = atomic.read_json(latest / checkpoints.STATE)
     if not state.get("finished"):
         return f"training unfinished ({latest.name})"
-    best = checkpoint.best_dir(sd.path)
+    best = checkpoints.recover(sd.best)
     if not (best / checkpoints.MODEL).exists() or not (best / checkpoints.STATE).exists():
         return "no best/ checkpoint"
     want = (state.get("best") or {}).get("step")
@@ -265,7 +265,7 @@ def run_train(config: TrainConfig, captions: StageResult, encode: StageResult, l
         drop_marker(sd, store=force)
         remove_stale_temporaries(sd)
         if force:
-            for p in (checkpoint.checkpoints_dir(sd.path), checkpoint.best_dir(sd.path)):
+            for p in (sd.checkpoints, checkpoints.recover(sd.best)):
                 shutil.rmtree(p, ignore_errors=True)
             sd.metrics_log.unlink(missing_ok=True)
             shutil.rmtree(sd.events, ignore_errors=True)
@@ -297,7 +297,7 @@ def remove_stale_temporaries(sd: StageDir) -> int:
     for path in (sd.metrics_log, sd.done_marker, sd.loss_curve_picture):
         n += atomic.remove_temporaries_of(path)
     n += checkpoints.remove_leftovers(sd.best)
-    n += checkpoints.remove_step_leftovers(checkpoint.checkpoints_dir(sd.path))
+    n += checkpoints.remove_step_leftovers(sd.checkpoints)
     if n:
         log.info("%s: removed %d temporaries left by killed writers", sd.path, n)
     return n
@@ -324,10 +324,10 @@ def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None
 
 
 def _finish(sd: StageDir, started: float) -> StageResult:
-    latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
+    latest = checkpoints.latest(sd.checkpoints)
     state = atomic.read_json(latest / checkpoints.STATE)
     pictures = {"loss_curve": str(loss_curve(jsonl.read(sd.metrics_log), sd.loss_curve_picture))}
-    extra = {"best": str(checkpoint.best_dir(sd.path)), "latest": str(latest),
+    extra = {"best": str(checkpoints.recover(sd.best)), "latest": str(latest),
              "clip": atomic.read_json(latest / checkpoints.CLIP), "val_metric": state["best"]["metric"],
              "best_value": state["best"]["value"], "best_step": state["best"]["step"], "pictures": pictures,
              "cxe": cxe_record(sd)}
@@ -533,9 +533,9 @@ def setup(config: TrainConfig, inputs: TrainInputs, sd: StageDir, info: Any, dev
     opt = make_optimizer(params, optimizer_spec(config, warmup), device, capturable=config.cuda_graphs)
 
     if info.is_main:  # an object-store root: a newer checkpoint another host published (killed there)
-        checkpoints.fetch_published(checkpoint.checkpoints_dir(sd.path), sd.metrics_log)
+        checkpoints.fetch_published(sd.checkpoints, sd.metrics_log)
     distributed.barrier(info)
-    latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
+    latest = checkpoints.latest(sd.checkpoints)
     if latest is not None:
         state = resume(config, sd, latest, info, model, opt, data.vocab)
     else:
@@ -691,7 +691,7 @@ def validate(run: Run, last: bool) -> bool:
 def save(run: Run, finished: bool) -> None:
     """The step checkpoint: weights, Adam, position, best and RNG states (the oldest beyond keep_last go)."""
     config, data = run.config, run.data
-    ckpt_root = checkpoint.checkpoints_dir(run.sd.path)
+    ckpt_root = run.sd.checkpoints
     record = {"train_pairs": len(data.pairs), "val_images": len(data.val), "vocab": len(data.vocab),
               "scheduler": {"kind": "noam", "d_model": config.noam_d_model, "warmup": run.warmup,
                             "factor": config.lr_factor},
@@ -707,7 +707,7 @@ def save(run: Run, finished: bool) -> None:
 def save_best(run: Run) -> None:
     """best/: this step's weights without Adam."""
     data = run.data
-    checkpoint.save(checkpoint.best_dir(run.sd.path), model=run.model, vocab=data.vocab,
+    checkpoint.save(checkpoints.recover(run.sd.best), model=run.model, vocab=data.vocab,
                     config=run.config.model_dump(mode="json"), clip=data.clip_spec, concept_names=data.names,
                     state={"step": run.step, "epoch": run.epoch, "best": run.best}, reference=data.reference)
 
@@ -722,11 +722,11 @@ def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
     best_step = state["best"]["step"]
     if best_step is None:
         return
-    best = checkpoint.best_dir(sd.path)
+    best = checkpoints.recover(sd.best)
     held = atomic.read_json(best / checkpoints.STATE).get("step") if (best / checkpoints.STATE).exists() else None
     if held == best_step:
         return
-    source = dict(checkpoints.list_steps(checkpoint.checkpoints_dir(sd.path))).get(best_step)
+    source = dict(checkpoints.list_steps(sd.checkpoints)).get(best_step)
     if source is None:
         raise ValueError(f"{sd.path}: best/ holds step {held} but {latest.name} says the best is step {best_step}, "
                          "whose checkpoint is gone; rerun with --force")
