@@ -260,9 +260,12 @@ def test_workers_give_the_same_features(tmp_path):
 
 KILLED_RUN = """
 import sys, time
+from pcm.stages.contract import load_result
 from pcm.stages.encode import EncodeConfig, run_encode
+from storage.layout import RunLayout
 cfg = EncodeConfig.model_validate({cfg!r})
-run_encode(cfg, {cap!r}, {syn!r}, {root!r}, progress=lambda done, total, msg: time.sleep(2))
+run_encode(cfg, load_result({cap!r}), load_result({syn!r}), RunLayout({root!r}),
+           progress=lambda done, total, msg: time.sleep(2))
 """
 
 
