@@ -10,6 +10,7 @@ from builders import encode_inputs, tiny_encode_config
 from pcm.score_summary import clip_score_stats, cxe_weight_stats
 from pcm.stages.contract import as_result
 from pcm.stages.encode import plan, run_encode
+from storage import atomic
 from storage.layout import RunLayout
 
 
@@ -56,6 +57,24 @@ def test_some_failed_and_no_real_rows_still_succeed(tmp_path):
     assert (result.counts["real_ok"], result.counts["real_failed"]) == (3, 1)
     plain = run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))  # no images_root: nothing changes
     assert plain.counts["real"] == 0 and "images_root" in plain.extra["real_note"]
+
+
+def test_a_finished_stage_is_reused_when_its_real_images_are_gone(tmp_path):
+    """Its fingerprint hashed the images' manifest, which cannot be listed any more: plan finds the stage by its
+    config.json instead; another config that never ran is still an error."""
+    import shutil
+
+    images = tmp_path / "coco"
+    cap, syn = encode_inputs(tmp_path / "runs", n_shards=1, images_dir=images)
+    cfg = tiny_encode_config(images_root=str(images), real_shard_size=3)
+    done = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    shutil.rmtree(images)
+    again = plan(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    assert again.fingerprint == done.fingerprint and again.record == atomic.read_json(again.config_file)
+    assert run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs")).cached
+    with pytest.raises(FileNotFoundError, match=r"encode\.images_root=.*does not exist"):
+        plan(tiny_encode_config(images_root=str(images), real_shard_size=4), as_result(cap), as_result(syn),
+             RunLayout(tmp_path / "runs"))
 
 
 def test_encode_reports_the_clip_score_and_cxe_weight_distribution(tmp_path):

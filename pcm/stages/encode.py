@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "2"  # 2: images_root and a local CLIP (local-dir: or a weights file) enter the fingerprint by
 # content (the manifest of the real images read; the digest of the weights), not by absolute path; real-only stages
+STAGE = "encode"
 
 
 class EncodeConfig(StageConfig):
@@ -211,7 +212,7 @@ def plan(config: EncodeConfig, captions: StageResult, shards: StageResult | None
         check_images_root(config)
     except FileNotFoundError:
         # A finished stage no longer needs its real images (its features are stored): reuse it.
-        sd = _finished_without_images(layout, stage_dir(layout, "encode", config, inputs, CODE_VERSION, extra))
+        sd = _finished_without_images(layout, stage_dir(layout, STAGE, config, inputs, CODE_VERSION, extra))
         if sd is None:
             raise
         log.warning("encode.images_root=%r does not exist; reusing the finished stage encoded from it: %s",
@@ -219,7 +220,7 @@ def plan(config: EncodeConfig, captions: StageResult, shards: StageResult | None
         return sd
     if config.images_root is not None:
         extra["images_manifest"] = real_manifest(config, cap)
-    return stage_dir(layout, "encode", config, inputs, CODE_VERSION, extra)
+    return stage_dir(layout, STAGE, config, inputs, CODE_VERSION, extra)
 
 
 def real_manifest(config: EncodeConfig, captions: StageResult) -> str:
@@ -233,17 +234,23 @@ def real_manifest(config: EncodeConfig, captions: StageResult) -> str:
     return files_manifest_digest(config.images_root, paths, cache_key=captions.fingerprint)
 
 
+def _without_images(record: dict[str, Any]) -> dict[str, Any]:
+    """A config.json's content less the real images' manifest: what names a stage once its images are gone."""
+    return record | {"config": {k: v for k, v in record.get("config", {}).items() if k != "images_manifest"}}
+
+
 def _finished_without_images(layout: RunLayout, planned: StageDir) -> StageDir | None:
-    """A finished local stage of this config and these inputs, whatever real images it read (they are gone now)."""
-    want = {k: v for k, v in (planned.record or {}).items() if k != "config"}
-    want_config = {k: v for k, v in planned.record["config"].items() if k != "images_manifest"}
-    for sd in layout.stage_dirs("encode"):
-        if not sd.done_marker.exists() or not sd.config_file.exists():
-            continue
-        rec = atomic.read_json(sd.config_file)
-        got_config = {k: v for k, v in rec.get("config", {}).items() if k != "images_manifest"}
-        if got_config == want_config and {k: v for k, v in rec.items() if k != "config"} == want:
-            return dataclasses.replace(sd, record=rec)
+    """A finished local stage of this config and these inputs, whatever real images it read (they are gone now).
+
+    Its fingerprint hashed a manifest of images that cannot be listed any more, so the stage is found by its
+    config.json (which `stage_dir` wrote from the same record), not by recomputing the fingerprint.
+    """
+    want = _without_images(planned.record or {})
+    for sd in layout.stage_dirs(STAGE):
+        if sd.done_marker.exists() and sd.config_file.exists():
+            rec = atomic.read_json(sd.config_file)
+            if _without_images(rec) == want:
+                return dataclasses.replace(sd, record=rec)
     return None
 
 
