@@ -13,6 +13,7 @@ from pcm import cards
 from pcm.stages.contract import as_result
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from storage import atomic, checkpoints, tables
+from storage.layout import StageDir
 
 
 def front_matter(path: Path) -> tuple[dict, str]:
@@ -110,7 +111,7 @@ def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     from pcm.stages.evaluate import run_evaluate
 
     train = Path(run["train"])
-    card = cards.write_model_card(train)    # what train's _finish does
+    card = cards.write_model_card(StageDir.at(train))    # what train's _finish does
     assert card == train / "best" / checkpoints.CARD
     meta, body = front_matter(card)
     assert meta["license"] == "apache-2.0" and "toy-world" in meta["tags"]   # the tiny preset CLIP
@@ -133,5 +134,5 @@ def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     assert f"{metrics['metrics']['CIDEr']:.3f}" in body
     # Rewriting converges: the same evaluations give the same card.
     before = card.read_bytes()
-    cards.write_model_card(train)
+    cards.write_model_card(StageDir.at(train))
     assert card.read_bytes() == before

@@ -181,7 +181,7 @@ def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     cap, enc = refine_inputs(tmp_path / "runs")
     ref = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
     kept = {r["caption_id"]: r for r in manifests.PAIRS.read(ref.stage_dir).to_pylist() if r["status"] == "kept"}
-    pairs = load_pairs(cap, enc, refine=ref.path)
+    pairs = load_pairs(StageDir.at(cap), StageDir.at(enc), refine=ref.stage_dir)
     assert pairs.caption_ids == sorted(kept)
     assert pairs.image_keys == [kept[c]["image_caption_id"] for c in pairs.caption_ids]
     np.testing.assert_array_equal(pairs.shard, [kept[c]["shard"] for c in pairs.caption_ids])
@@ -204,7 +204,7 @@ def test_a_refine_stage_of_other_inputs_is_refused(tmp_path):
     other = tmp_path / "other" / "encode" / ("d" * 16)   # the same files under another encode's fingerprint
     shutil.copytree(enc, other)
     with pytest.raises(ValueError, match=f"made from encode {'b' * 16}, not {other}"):
-        load_pairs(cap, other, refine=ref.path)
+        load_pairs(StageDir.at(cap), StageDir.at(other), refine=ref.stage_dir)
 
 
 # ---------------------------------------------------------------------- the train fingerprint

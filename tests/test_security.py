@@ -159,7 +159,7 @@ def test_feature_file_replaced_by_a_pickle_fails_without_unpickling(encode_dir, 
     if target == "clip_head":
         path = plant(encode_dir.file("clip_head.safetensors"), sentinel, kind)
         with pytest.raises(Exception, match=r"(?i)header|deserializ"):
-            load_clip_head(encode_dir.path)
+            load_clip_head(encode_dir)
     else:
         path = plant(encode_dir.shard_file(target, 0, "safetensors"), sentinel, kind)
         with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file"):

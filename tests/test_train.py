@@ -53,12 +53,12 @@ def test_caption_tokens_are_bos_shifted_and_cut_to_max_len():
 # ---------------------------------------------------------------------- data
 def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs", n_train=20)
-    full = load_pairs(cap, enc)
+    full = load_pairs(StageDir.at(cap), StageDir.at(enc))
     assert len(full) == 20 and "c9999" not in full.caption_ids
-    half = load_pairs(cap, enc, data_fraction=0.5, seed=1)
+    half = load_pairs(StageDir.at(cap), StageDir.at(enc), data_fraction=0.5, seed=1)
     assert len(half) == 10 and set(half.caption_ids) < set(full.caption_ids)
-    assert load_pairs(cap, enc, data_fraction=0.5, seed=1).caption_ids == half.caption_ids
-    assert load_pairs(cap, enc, data_fraction=0.5, seed=2).caption_ids != half.caption_ids
+    assert load_pairs(StageDir.at(cap), StageDir.at(enc), data_fraction=0.5, seed=1).caption_ids == half.caption_ids
+    assert load_pairs(StageDir.at(cap), StageDir.at(enc), data_fraction=0.5, seed=2).caption_ids != half.caption_ids
     # Features come from the row the scores name, across shards.
     store = FeatureStore(StageDir.at(enc), "features")
     store.check_rows(full.shard, full.row, full.caption_ids)
@@ -67,10 +67,10 @@ def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
     with pytest.raises(ValueError, match="row 1 should hold 'c0000'"):
         store.check_rows(full.shard[:1], full.row[1:2], full.caption_ids[:1])
     # Validation reads the val split only: the encoded test image and its references are never touched.
-    val = load_split_images(cap, enc, "val")
+    val = load_split_images(StageDir.at(cap), StageDir.at(enc), "val")
     assert val.image_ids == ["val0000", "val0001", "val0002"] and val.row.tolist() == [0, 1, 2]
     assert val.references[0] == [TRAIN_CAPTIONS[0], TRAIN_CAPTIONS[1]]
-    assert load_split_images(cap, enc, "val", max_images=2).image_ids == ["val0000", "val0001"]
+    assert load_split_images(StageDir.at(cap), StageDir.at(enc), "val", max_images=2).image_ids == ["val0000", "val0001"]
 
 
 def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
@@ -85,7 +85,7 @@ def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
 
 def test_epoch_batches_cover_each_pair_once_and_split_a_global_batch_over_ranks(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs", n_train=10)
-    pairs = load_pairs(cap, enc)
+    pairs = load_pairs(StageDir.at(cap), StageDir.at(enc))
     store = FeatureStore(StageDir.at(enc), "features")
     inp, out = caption_tokens(pairs.texts, Vocab.build(pairs.texts), 20)
     one = EpochBatches(pairs, store, inp, out, batch_size=4, seed=3)
@@ -115,7 +115,7 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
     model, vocab, meta = checkpoint.load(checkpoint.find(result.path, "best"))
     assert not model.training and meta["step"] == 120 and meta["clip"]["model"] == "tiny"
     assert meta["concepts"][0] == "dog"
-    pairs = load_pairs(cap, enc)
+    pairs = load_pairs(StageDir.at(cap), StageDir.at(enc))
     g, v = FeatureStore(StageDir.at(enc), "features").gather(pairs.shard, pairs.row)
     decoded = [vocab.decode(ids) for ids in greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos)]
     assert decoded == pairs.texts

@@ -119,7 +119,7 @@ def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> Spl
     """The split's encoded images with their references (and those left out); an error when there are none,
     or when encoded images have no references (the captions of another data set)."""
     enc, cap = encode.stage_dir, captions.stage_dir
-    out = load_split_images(cap.path, enc.path, split)
+    out = load_split_images(cap, enc, split)
     if out.unreferenced:
         raise ValueError(f"{cap.file('captions.parquet')}: {len(out.unreferenced)} {split} images of {enc.path} have "
                          f"no reference captions, e.g. {out.unreferenced[:5]}; pass the captions (ingest) stage of the "
@@ -367,7 +367,7 @@ def update_model_card(train: StageResult) -> None:
     from pcm import cards
 
     try:
-        card = cards.write_model_card(train.path)
+        card = cards.write_model_card(train.stage_dir)
         if card is not None:
             publish.publish_files(card)   # an object-store root: the card is uploaded beside the checkpoint
     except Exception as e:  # noqa: BLE001 - a card never fails an evaluation

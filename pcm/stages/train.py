@@ -334,7 +334,7 @@ def _finish(sd: StageDir, started: float) -> StageResult:
     counts = {"steps": state["step"], "train_pairs": state["train_pairs"], "val_images": state["val_images"],
               "vocab": state["vocab"]}
     from pcm import cards
-    cards.write_model_card(sd.path)   # best/README.md; evaluate fills its model-index later
+    cards.write_model_card(sd)   # best/README.md; evaluate fills its model-index later
     return finish(sd, counts, started, extra)
 
 
@@ -440,9 +440,9 @@ def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
     from pcm.vocab import Vocab
 
     captions, encode, refine = inputs.captions, inputs.encode, inputs.refine
-    pairs = dataset.load_pairs(captions.path, encode.path, config.data_fraction, config.seed,
-                               refine=refine.path if refine else None)
     enc = encode.stage_dir
+    pairs = dataset.load_pairs(captions.stage_dir, enc, config.data_fraction, config.seed,
+                               refine=refine.stage_dir if refine else None)
     store = dataset.FeatureStore(enc, "features")
     store.check_rows(pairs.shard, pairs.row, pairs.image_keys)
     reference = training_reference(pairs, store, config.seed)  # the pairs as made (before any control rewrites them)
@@ -451,8 +451,8 @@ def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
         pairs = pairs.with_images_shuffled(config.seed)
     pairs, cxe = cxe_weighting(config, pairs)
     d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))
-    names, bank = dataset.load_concepts(encode.path)
-    head, head_meta = dataset.load_clip_head(encode.path)
+    names, bank = dataset.load_concepts(enc)
+    head, head_meta = dataset.load_clip_head(enc)
     cfg = config.model_preset().with_data_shapes(d_embed, d_width, n_patches, str(enc.path))
     if "ln_eps" in head_meta:
         cfg = cfg.model_copy(update={"clip_ln_eps": float(head_meta["ln_eps"])})
@@ -460,7 +460,7 @@ def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
     vocab = Vocab.build(pairs.texts, config.min_word_count)
     tokens, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
     val_cap, val_enc = inputs.val_source
-    val = load_split_images(val_cap.path, val_enc.path, "val", config.val_max_images)
+    val = load_split_images(val_cap.stage_dir, val_enc.stage_dir, "val", config.val_max_images)
     val_store = dataset.FeatureStore(val_enc.stage_dir, "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
