@@ -54,6 +54,8 @@ def stage_run_name(stage: str, plan: Plan) -> Callable[[], str]:
     for `config`, results or directories for the inputs), come from the run context and the flow's defaults.
     A name that cannot be computed is only the stage name: naming never fails a run (the flow reports the
     error itself)."""
+    takes = set(inspect.signature(plan).parameters) | {"root"}
+
     def name() -> str:
         from prefect.context import FlowRunContext
 
@@ -61,7 +63,7 @@ def stage_run_name(stage: str, plan: Plan) -> Callable[[], str]:
             ctx = FlowRunContext.get()
             bound = inspect.signature(ctx.flow.fn).bind_partial(**ctx.parameters)
             bound.apply_defaults()
-            params = {k: _resolved(k, v) for k, v in bound.arguments.items()}
+            params = {k: _resolved(k, v) for k, v in bound.arguments.items() if k in takes}
             params["config"] = stage_config(stage, params["config"])
             return f"{stage}-{planned(plan, params).fingerprint[:8]}"
         except Exception as e:  # noqa: BLE001 - a run without its readable name still runs

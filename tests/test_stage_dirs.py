@@ -93,8 +93,14 @@ def test_a_stage_directory_given_as_a_path_plans_the_same(pipeline):
     by_path = {k: load_result(v.path) for k, v in r.items()}
     assert plans(cfg, root, by_path) == plans(cfg, root, r)
     assert synthesize.plan(cfg.synthesize, as_result(r["ingest"].path), RunLayout(root)) == plans(cfg, root, r)["synthesize"]
-    assert evaluate.plan(cfg.evaluate, as_result(r["train"].path), as_result(r["encode"].path), as_result(r["ingest"].path), RunLayout(root)).fingerprint \
-        == r["evaluate"].fingerprint
+    assert evaluate.plan(cfg.evaluate, as_result(r["train"].path), as_result(r["encode"].path),
+                         as_result(r["ingest"].path), RunLayout(root)).fingerprint == r["evaluate"].fingerprint
+    # A flow's run name plans from its parameters as a deployment gives them: directories, resolved first.
+    from flows.caching import _resolved, planned
+
+    params = {"config": cfg.evaluate, "train": r["train"].path, "encode": r["encode"].path,
+              "captions": r["ingest"].path, "root": root}
+    assert planned(evaluate.plan, {k: _resolved(k, v) for k, v in params.items()}) == plans(cfg, root, r)["evaluate"]
 
 
 def test_running_a_stage_writes_the_config_json_planning_computed(pipeline, tmp_path):
