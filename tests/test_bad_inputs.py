@@ -325,7 +325,8 @@ def test_synthesize_with_a_missing_or_wrong_model_directory(tiny, tmp_path, case
     else:
         message = rf"diffusion model directory '{model}' does not exist"
     with pytest.raises(FileNotFoundError, match=message):
-        run_synthesize(SynthesizeConfig(**dict(SYNTH, model=str(model))), as_result(tiny.captions), RunLayout(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**dict(SYNTH, model=str(model))), as_result(tiny.captions),
+                       RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*.tar"))
 
@@ -389,7 +390,8 @@ def test_encode_records_corrupt_jpegs_as_failed_score_rows(tiny, tmp_path):
     with ShardWriter(tar) as w:  # rewritten with its marker: a finished shard holding two corrupt images
         for s in samples:
             w.write({**s, "jpg": corrupt.get(s["__key__"], s["jpg"])})
-    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)), RunLayout(tmp_path / "runs"))
+    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                   RunLayout(tmp_path / "runs"))
     rows = {row["caption_id"]: row for row in tables.read(Path(r.path) / "scores.parquet", tables.SCORES).to_pylist()}
     for key, error in ((cut, "OSError: image file is truncated"), (garbage, "OSError: Truncated File Read")):
         assert rows[key]["status"] == "failed" and rows[key]["row"] == -1 and rows[key]["clip_score"] is None
@@ -422,12 +424,14 @@ def test_encode_truncated_tar_mid_image_is_an_error_naming_the_shard_and_keeps_t
     tar.write_bytes(whole[:cut])
     # The size check against the shard's marker catches the cut before tarfile does.
     with pytest.raises(ValueError, match=rf"{re.escape(str(tar))}: truncated or altered shard .*; delete it"):
-        run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)), RunLayout(tmp_path / "runs"))
+        run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                   RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "encode")
     assert (sd / "features" / "shard-000000.done.json").exists()     # the shard before it is kept
     assert not (sd / "features" / "shard-000001.safetensors").exists()
     tar.write_bytes(whole)  # the shard restored: the rerun finishes and equals a clean run
-    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)), RunLayout(tmp_path / "runs"))
+    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                   RunLayout(tmp_path / "runs"))
     assert r.counts["encoded_now"] < 7 and encode_outputs(r.path) == encode_outputs(tiny.encode)
 
 
@@ -439,7 +443,8 @@ def test_encode_truncated_tar_on_a_header_boundary_loses_no_sample_silently(tiny
     tar.write_bytes(tar.read_bytes()[:cut])
     planned = [s["caption_id"] for s in tables.read(Path(tiny.shards) / "samples.parquet", tables.SAMPLES).to_pylist()]
     try:
-        r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)), RunLayout(tmp_path / "runs"))
+        r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                       RunLayout(tmp_path / "runs"))
     except ValueError as e:  # an error naming the shard is an acceptable outcome
         assert "shard-000001.tar" in str(e)
         assert_failed_cleanly(tmp_path / "runs", "encode")

@@ -59,8 +59,10 @@ def test_wrong_images_are_a_seeded_derangement_of_the_chosen_captions(captions):
 def test_wrong_image_fraction_fingerprint_and_errors(captions, tmp_path):
     root = str(tmp_path / "runs")
     base = plan(SynthesizeConfig(**TINY), as_result(captions), RunLayout(root)).fingerprint
-    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.0), as_result(captions), RunLayout(root)).fingerprint == base
-    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.3), as_result(captions), RunLayout(root)).fingerprint != base
+    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.0), as_result(captions),
+                RunLayout(root)).fingerprint == base
+    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.3), as_result(captions),
+                RunLayout(root)).fingerprint != base
     with pytest.raises(ValueError, match="a swap needs at least 2 captions"):
         planned_samples(SynthesizeConfig(**TINY, wrong_image_fraction=0.05), as_result(captions))
     with pytest.raises(ValueError, match="less than 1"):
@@ -79,8 +81,10 @@ def _images(stage: str) -> dict[str, tuple[np.ndarray, dict]]:
 @pytest.mark.heavy
 def test_a_swapped_caption_gets_exactly_the_image_its_source_caption_gets_unswapped(captions, tmp_path):
     root = str(tmp_path / "runs")
-    clean = _images(run_synthesize(SynthesizeConfig(**TINY, image_format="png"), as_result(captions), RunLayout(root)).path)
-    r = run_synthesize(SynthesizeConfig(**TINY, image_format="png", wrong_image_fraction=0.4), as_result(captions), RunLayout(root))
+    clean = _images(run_synthesize(SynthesizeConfig(**TINY, image_format="png"), as_result(captions),
+                                   RunLayout(root)).path)
+    r = run_synthesize(SynthesizeConfig(**TINY, image_format="png", wrong_image_fraction=0.4), as_result(captions),
+                       RunLayout(root))
     wrong = _images(r.path)
     status = {row["caption_id"]: row for row in tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()}
     swapped = {cid for cid, row in status.items() if row["rendered_from"]}

@@ -217,7 +217,8 @@ def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_cl
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("zebra\ndog\nteddy bear\n")
-    source = run_encode(tiny_encode_config(vocabulary_file=str(vocab)), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    source = run_encode(tiny_encode_config(vocabulary_file=str(vocab)), as_result(cap), as_result(syn),
+                        RunLayout(tmp_path / "runs"))
     # Another run (another CLIP seed preset, another prompt) takes the first stage's words.
     cfg = tiny_encode_config(clip={"model": "tiny-l14", "precision": "fp32"}, concepts_from=source.path,
                       prompt="a picture of {c}")
@@ -250,7 +251,8 @@ def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
 def test_workers_give_the_same_features(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
     a = run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
-    b = run_encode(tiny_encode_config(num_workers=2, batch_size=3), as_result(cap), as_result(syn), RunLayout(tmp_path / "other"))
+    b = run_encode(tiny_encode_config(num_workers=2, batch_size=3), as_result(cap), as_result(syn),
+                   RunLayout(tmp_path / "other"))
     assert a.fingerprint == b.fingerprint  # workers are a runtime setting
     for s in range(3):
         x, _ = open_arrays(Path(a.path) / "features" / f"shard-{s:06d}.safetensors")

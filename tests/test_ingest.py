@@ -482,7 +482,8 @@ def test_fingerprint_follows_file_content_and_every_config_field(karpathy, tmp_p
                     "text_column": "t", "image_id_column": "i", "split_column": "s", "image_path_column": "p",
                     "dedup": False, "subset": 5, "fraction": 0.5, "seed": 1, "max_chars": 10}
     assert set(alternatives) == set(IngestConfig.model_fields) - IngestConfig.RUNTIME
-    fps = {plan(IngestConfig(**(base.model_dump() | {k: v})), RunLayout(root)).fingerprint for k, v in alternatives.items()}
+    fps = {plan(IngestConfig(**(base.model_dump() | {k: v})), RunLayout(root)).fingerprint for k,
+           v in alternatives.items()}
     assert len(fps) == len(alternatives) and fp not in fps
     assert plan(IngestConfig(source=str(karpathy), splits=["test", "train", "val"]), RunLayout(root)).fingerprint == fp
     copy = tmp_path / "elsewhere" / karpathy.name                             # same name and bytes: same stage

@@ -173,7 +173,8 @@ def test_clip_filter_keeps_the_original_pairs_with_the_best_clip_scores(tmp_path
     by_score = sorted(rows, key=lambda r: -r["score"])
     assert [r["status"] for r in by_score] == ["kept"] * 4 + ["dropped"] * 4
     # k and i2t_k mean nothing to clip-filter: not in its fingerprint.
-    assert plan(small(method="clip-filter", keep_fraction=0.5, k=9), as_result(cap), as_result(enc), RunLayout(root)).fingerprint == result.fingerprint
+    assert plan(small(method="clip-filter", keep_fraction=0.5, k=9), as_result(cap), as_result(enc),
+                RunLayout(root)).fingerprint == result.fingerprint
 
 
 def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
@@ -189,11 +190,13 @@ def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     np.testing.assert_allclose(pairs.clip_score, [kept[c]["clip_score"] for c in pairs.caption_ids])
     FeatureStore(StageDir.at(enc), "features").check_rows(pairs.shard, pairs.row, pairs.image_keys)
 
-    trained = run_train(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc), RunLayout(root), refine=ref)
+    trained = run_train(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+                        RunLayout(root), refine=ref)
     assert trained.counts["train_pairs"] == len(kept)
     assert json.loads((Path(trained.path) / "config.json").read_text())["inputs"]["refine"] == ref.fingerprint
     # The same train config without the refine stage is another directory, on every caption.
-    assert train_plan(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc), RunLayout(root)).fingerprint != trained.fingerprint
+    assert train_plan(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+                      RunLayout(root)).fingerprint != trained.fingerprint
 
 
 def test_a_refine_stage_of_other_inputs_is_refused(tmp_path):
@@ -210,16 +213,17 @@ def test_a_refine_stage_of_other_inputs_is_refused(tmp_path):
 # ---------------------------------------------------------------------- the train fingerprint
 def test_without_refine_the_train_fingerprint_is_the_one_before_the_stage_existed(tmp_path):
     root = str(tmp_path / "runs")
-    cap, enc = train_inputs(tmp_path / "runs")
+    cap, enc = map(as_result, train_inputs(tmp_path / "runs"))
     # Computed with the code before the refine stage (commit e81f87e) for the same inputs and config.
-    assert train_plan(tiny_train_config(), as_result(cap), as_result(enc), RunLayout(root)).fingerprint == "81b7a648633c5907"
-    assert train_plan(tiny_train_config(), as_result(cap), as_result(enc), RunLayout(root), refine=None).fingerprint == "81b7a648633c5907"
+    assert train_plan(tiny_train_config(), cap, enc, RunLayout(root)).fingerprint == "81b7a648633c5907"
+    assert train_plan(tiny_train_config(), cap, enc, RunLayout(root),
+                      refine=None).fingerprint == "81b7a648633c5907"
     from pcm.stages.pipeline import resolve
 
     assert resolve("demo").refine.enabled is False
-    assert train_plan(resolve("demo").train, as_result(cap), as_result(enc), RunLayout(root)).fingerprint == "a7811b227f0865d9"
+    assert train_plan(resolve("demo").train, cap, enc, RunLayout(root)).fingerprint == "a7811b227f0865d9"
     # `enabled` is not content: the stage's directory is the same either way.
-    assert plan(RefineConfig(enabled=True), as_result(cap), as_result(enc), RunLayout(root)) == plan(RefineConfig(), as_result(cap), as_result(enc), RunLayout(root))
+    assert plan(RefineConfig(enabled=True), cap, enc, RunLayout(root)) == plan(RefineConfig(), cap, enc, RunLayout(root))
 
 
 # ---------------------------------------------------------------------- bad inputs

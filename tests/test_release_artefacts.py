@@ -55,7 +55,8 @@ def test_import_checkpoint_writes_a_train_stage_that_reproduces_the_release_logi
     files = release_files(tmp_path / "release", tiny_clip)
     config = ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=rel.HEADS)
     root = str(tmp_path / "runs")
-    result = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), RunLayout(root))
+    result = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]),
+                                   RunLayout(root))
     assert result.stage == "train" and result.counts["vocabulary"] == len(rel.WORDS) + 4
     model, vocab, meta = checkpoint.load(checkpoint.find(result.path))
     assert meta["clip"]["model"] == "tiny" and meta["concepts"] == files["words"]
@@ -64,7 +65,8 @@ def test_import_checkpoint_writes_a_train_stage_that_reproduces_the_release_logi
         got = model(g, feats, rel.ours_ids(ids))[..., rel.OUT_PERM]
     torch.testing.assert_close(got, files["logits"], atol=1e-3, rtol=1e-3)   # release eps 1e-12 vs 1e-5 here
     # Cached the second time; the same files elsewhere are the same stage (content, not paths).
-    again = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), RunLayout(root))
+    again = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]),
+                                  RunLayout(root))
     assert again.cached and again.path == result.path
     moved = shutil.copytree(tmp_path / "release", tmp_path / "moved")
     third = run_import_checkpoint(config, str(moved / "model_final.pth"), str(moved / "vocabulary.txt"),
@@ -134,7 +136,8 @@ def test_encode_takes_the_release_concepts_with_their_embeddings(tmp_path, tiny_
     bank = torch.randn(len(words), tiny_clip.embed_dim)
     path = tmp_path / "coco400_embeddings_tiny_with_ensemble.pickle"
     path.write_bytes(pickle.dumps((words, bank)))
-    result = run_encode(tiny_encode_config(vocabulary_file=str(path)), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    result = run_encode(tiny_encode_config(vocabulary_file=str(path)), as_result(cap), as_result(syn),
+                        RunLayout(tmp_path / "runs"))
     rows = manifests.CONCEPTS.read(result.stage_dir).to_pylist()
     assert [r["concept"] for r in rows] == words
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), F.normalize(bank, dim=-1).numpy(), atol=1e-6)
@@ -142,4 +145,5 @@ def test_encode_takes_the_release_concepts_with_their_embeddings(tmp_path, tiny_
     wrong = tmp_path / "wrong_width.pickle"
     wrong.write_bytes(pickle.dumps((words, torch.randn(len(words), tiny_clip.embed_dim + 1))))
     with pytest.raises(ValueError, match="wrong_width.pickle: embeddings are"):
-        run_encode(tiny_encode_config(vocabulary_file=str(wrong)), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs2"))
+        run_encode(tiny_encode_config(vocabulary_file=str(wrong)), as_result(cap), as_result(syn),
+                   RunLayout(tmp_path / "runs2"))

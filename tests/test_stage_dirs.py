@@ -92,7 +92,8 @@ def test_a_stage_directory_given_as_a_path_plans_the_same(pipeline):
     cfg, root, r = pipeline
     by_path = {k: load_result(v.path) for k, v in r.items()}
     assert plans(cfg, root, by_path) == plans(cfg, root, r)
-    assert synthesize.plan(cfg.synthesize, as_result(r["ingest"].path), RunLayout(root)) == plans(cfg, root, r)["synthesize"]
+    assert synthesize.plan(cfg.synthesize, as_result(r["ingest"].path), RunLayout(root)) == plans(cfg, root,
+                                                                                                  r)["synthesize"]
     assert evaluate.plan(cfg.evaluate, as_result(r["train"].path), as_result(r["encode"].path),
                          as_result(r["ingest"].path), RunLayout(root)).fingerprint == r["evaluate"].fingerprint
     # A flow's run name plans from its parameters as a deployment gives them: directories, resolved first.
@@ -143,7 +144,8 @@ def test_the_stage_and_its_shard_workers_open_the_directory(pipeline, tmp_path):
         as_result(part)
     # An encode shard worker (no stage lock), on the finished synthesize stage of the first root.
     enc = encode.plan(cfg.encode, r["ingest"], r["synthesize"], RunLayout(fresh))
-    got = encode.encode_shards(cfg.encode, r["ingest"], r["synthesize"], RunLayout(fresh), kind=encode.FEATURES, indices=[0])
+    got = encode.encode_shards(cfg.encode, r["ingest"], r["synthesize"], RunLayout(fresh), kind=encode.FEATURES,
+                               indices=[0])
     assert got["units"] == 1
     assert enc.config_file.read_bytes() == ran["encode"].config_file.read_bytes()
     assert not enc.done_marker.exists()

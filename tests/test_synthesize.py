@@ -193,11 +193,13 @@ def test_bad_configs_give_clear_errors(captions, layout):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model=str(missing))), as_result(captions), layout)
     with pytest.raises(FileNotFoundError, match=r"huggingface-cli download some-org/some-model --local-dir"):
-        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model="some-org/some-model")), as_result(captions), layout)
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model="some-org/some-model")), as_result(captions),
+                       layout)
     with pytest.raises(ValueError, match="out of range"):
         run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), as_result(captions), layout, shards=[7])
     with pytest.raises(FileNotFoundError, match="not a finished stage directory"):
-        run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), as_result(str(layout.root / "ingest" / "ffffffffffffffff")), layout)
+        run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE),
+                       as_result(str(layout.root / "ingest" / "ffffffffffffffff")), layout)
 
 
 def test_a_loaded_synthesizer_must_come_from_the_configs_generation_fields(captions, layout, tmp_path):
@@ -217,7 +219,8 @@ def test_a_loaded_synthesizer_must_come_from_the_configs_generation_fields(capti
                                                                        width=paired.width + 8)))
     assert not made_from(make_generator(paired), SynthesizeConfig(**TINY_SYNTHESIZE))
     with pytest.raises(ValueError, match="made from another config"):
-        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)), as_result(captions), layout, synthesizer=synth)
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)), as_result(captions), layout,
+                       synthesizer=synth)
 
 
 def test_sample_grid_draws_the_images_with_their_captions_the_same_each_time(tmp_path):
@@ -331,6 +334,7 @@ def test_a_large_failed_share_is_a_warning_in_the_log_and_the_result(captions, l
             Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(tmp_path / f"img{i}.png")
     tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
     with caplog.at_level("WARNING", logger="pcm.stages.synthesize"):
-        r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, paired_images=str(tmp_path)), as_result(captions), layout)
+        r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, paired_images=str(tmp_path)), as_result(captions),
+                           layout)
     assert r.counts["ok"] == 6 and r.counts["failed"] == 2
     assert "2 of 8 samples failed (25%)" in r.extra["warning"] and "2 of 8 samples failed" in caplog.text

@@ -70,16 +70,17 @@ def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
     val = load_split_images(StageDir.at(cap), StageDir.at(enc), "val")
     assert val.image_ids == ["val0000", "val0001", "val0002"] and val.row.tolist() == [0, 1, 2]
     assert val.references[0] == [TRAIN_CAPTIONS[0], TRAIN_CAPTIONS[1]]
-    assert load_split_images(StageDir.at(cap), StageDir.at(enc), "val", max_images=2).image_ids == ["val0000", "val0001"]
+    assert load_split_images(StageDir.at(cap), StageDir.at(enc), "val", max_images=2).image_ids == ["val0000",
+                                                                                                    "val0001"]
 
 
 def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
     from pcm.stages.train import plan
 
-    cap, enc = train_inputs(tmp_path / "runs")
-    root = str(tmp_path / "runs")
-    a, b = plan(tiny_train_config(), as_result(cap), as_result(enc), RunLayout(root)), plan(tiny_train_config(data_fraction=0.5), as_result(cap), as_result(enc), RunLayout(root))
-    c = plan(tiny_train_config(device="cuda", num_workers=3), as_result(cap), as_result(enc), RunLayout(root))  # runtime fields do not count
+    cap, enc = map(as_result, train_inputs(tmp_path / "runs"))
+    layout = RunLayout(tmp_path / "runs")
+    a, b = plan(tiny_train_config(), cap, enc, layout), plan(tiny_train_config(data_fraction=0.5), cap, enc, layout)
+    c = plan(tiny_train_config(device="cuda", num_workers=3), cap, enc, layout)  # runtime fields do not count
     assert a.fingerprint != b.fingerprint and a.fingerprint == c.fingerprint
 
 
@@ -132,7 +133,8 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
 
 def test_validation_by_cider_uses_the_decoder_and_the_coco_metrics(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs")
-    result = run_train(tiny_train_config(epochs=2, val_metric="cider"), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    result = run_train(tiny_train_config(epochs=2, val_metric="cider"), as_result(cap), as_result(enc),
+                       RunLayout(tmp_path / "runs"))
     vals = [r for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "val" in r]
     assert [r["step"] for r in vals] == [4] and vals[0]["val_metric"] == "cider"
     assert result.extra["best_value"] == vals[0]["val"] and 0.0 <= vals[0]["val"] <= 10.0
@@ -329,7 +331,8 @@ def test_warmup_fraction_fits_the_run_and_a_run_inside_its_warmup_is_warned(tmp_
         run_train(tiny_train_config(epochs=2), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))   # 4 steps against 20 of warm-up
     assert "4 steps in all but 20 of warm-up" in caplog.text
     caplog.clear()
-    r = run_train(tiny_train_config(epochs=2, warmup_fraction=0.5), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    r = run_train(tiny_train_config(epochs=2, warmup_fraction=0.5), as_result(cap), as_result(enc),
+                  RunLayout(tmp_path / "runs"))
     assert "of warm-up" not in caplog.text
     lrs = [rec["lr"] for rec in jsonl.read(Path(r.path) / "metrics.jsonl") if "lr" in rec]
     assert lrs == pytest.approx([lr_at(tiny_train_config(), s, 2) for s in (1, 2, 3, 4)])

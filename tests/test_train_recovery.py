@@ -91,7 +91,8 @@ def test_a_new_best_is_checkpointed_before_best_is_written(tmp_path, monkeypatch
 
     monkeypatch.setattr(checkpoint, "save", save)
     cap, enc = train_inputs(tmp_path / "runs")
-    run_train(tiny_train_config(epochs=4, val_every=3, checkpoint_every=5, keep_last=8), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    run_train(tiny_train_config(epochs=4, val_every=3, checkpoint_every=5, keep_last=8), as_result(cap),
+              as_result(enc), RunLayout(tmp_path / "runs"))
     bests = [i for i, (name, _) in enumerate(writes) if name == "best"]
     assert bests, writes
     for i in bests:

@@ -53,7 +53,8 @@ def test_every_real_image_failing_is_an_error_and_not_marked_done(tmp_path):
 
 def test_some_failed_and_no_real_rows_still_succeed(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1, images_dir=tmp_path / "coco")  # img3 missing
-    result = run_encode(tiny_encode_config(images_root=str(tmp_path / "coco")), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    result = run_encode(tiny_encode_config(images_root=str(tmp_path / "coco")), as_result(cap), as_result(syn),
+                        RunLayout(tmp_path / "runs"))
     assert (result.counts["real_ok"], result.counts["real_failed"]) == (3, 1)
     plain = run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))  # no images_root: nothing changes
     assert plain.counts["real"] == 0 and "images_root" in plain.extra["real_note"]

@@ -54,13 +54,17 @@ def test_ingest_relative_and_absolute_source_share_a_fingerprint(in_tmp):
 def test_encode_relative_and_absolute_images_root_share_a_fingerprint(in_tmp):
     cap, syn = encode_inputs(in_tmp / "runs", n_shards=1, images_dir=in_tmp / "coco")
     root = str(in_tmp / "runs")
-    absolute = encode_plan(tiny_encode_config(images_root=str(in_tmp / "coco")), as_result(cap), as_result(syn), RunLayout(root)).fingerprint
+    absolute = encode_plan(tiny_encode_config(images_root=str(in_tmp / "coco")), as_result(cap), as_result(syn),
+                           RunLayout(root)).fingerprint
     for spelling in ("coco", "./coco", "coco/", f"{in_tmp}/coco/", "runs/../coco"):
-        assert encode_plan(tiny_encode_config(images_root=spelling), as_result(cap), as_result(syn), RunLayout(root)).fingerprint == absolute, spelling
-    assert encode_plan(tiny_encode_config(images_root=str(in_tmp / "runs")), as_result(cap), as_result(syn), RunLayout(root)).fingerprint != absolute
+        assert encode_plan(tiny_encode_config(images_root=spelling), as_result(cap), as_result(syn),
+                           RunLayout(root)).fingerprint == absolute, spelling
+    assert encode_plan(tiny_encode_config(images_root=str(in_tmp / "runs")), as_result(cap), as_result(syn),
+                       RunLayout(root)).fingerprint != absolute
     # by the names and sizes of the images read, not the path: a copy elsewhere is the same stage
     shutil.copytree(in_tmp / "coco", in_tmp / "elsewhere" / "coco-copy")
-    assert encode_plan(tiny_encode_config(images_root="elsewhere/coco-copy"), as_result(cap), as_result(syn), RunLayout(root)).fingerprint == absolute
+    assert encode_plan(tiny_encode_config(images_root="elsewhere/coco-copy"), as_result(cap), as_result(syn),
+                       RunLayout(root)).fingerprint == absolute
 
 
 def test_encode_vocabulary_file_counts_by_content_not_path(in_tmp):
@@ -73,7 +77,8 @@ def test_encode_vocabulary_file_counts_by_content_not_path(in_tmp):
            for v in ("vocab.txt", str(in_tmp / "vocab.txt"), "copy/other-name.txt")}
     assert len(fps) == 1
     (in_tmp / "vocab.txt").write_text("dog\nhorse\n")
-    assert encode_plan(tiny_encode_config(vocabulary_file="vocab.txt"), as_result(cap), as_result(syn), RunLayout(root)).fingerprint not in fps
+    assert encode_plan(tiny_encode_config(vocabulary_file="vocab.txt"), as_result(cap), as_result(syn),
+                       RunLayout(root)).fingerprint not in fps
 
 
 def test_encode_clip_checkpoint_counts_by_content_not_path(in_tmp):
