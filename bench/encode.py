@@ -49,7 +49,7 @@ def jpeg_pool(side: int, n: int = 32) -> list[bytes]:
 
 def write_inputs(root: Path, n_images: int, side: int, shard_size: int) -> tuple[str, str]:
     """A finished ingest-like and synthesize-like stage directory, written through the storage layer."""
-    from pcm.stages.stage import finish
+    from pcm.stages.contract import finish
     from storage import manifests
     from storage.layout import RunLayout
     from storage.shards import ShardWriter
@@ -114,7 +114,9 @@ def main() -> None:
 
     from pcm.clip import ClipSpec
     from pcm.device import resolve_device
+    from pcm.stages.contract import as_result
     from pcm.stages.encode import EncodeConfig, run_encode
+    from storage.layout import RunLayout
 
     device = resolve_device(args.device)
     fields, side = PRESETS[args.preset]
@@ -131,7 +133,7 @@ def main() -> None:
         cap, syn = write_inputs(Path(tmp), args.n_images, args.image_size or side, args.shard_size)
         config = EncodeConfig(clip=spec, device=device, batch_size=args.batch_size, num_workers=args.workers,
                               min_count=1, top_n=50, progress_bar=False)
-        result = run_encode(config, cap, syn, str(Path(tmp) / "runs"))
+        result = run_encode(config, as_result(cap), as_result(syn), RunLayout(Path(tmp) / "runs"))
         e2e = result.timings["images_per_s"]
     print(f"end-to-end: {e2e:,.1f} images/s (run_encode from JPEG shards: decode + preprocess in workers, "
           f"CLIP image + caption, feature and score files)")

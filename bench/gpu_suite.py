@@ -500,6 +500,7 @@ def compare_losses(eager: list[tuple[int, float]], other: list[tuple[int, float]
 def check_train(work: Path, gpu: bool, rtol: float) -> tuple[dict[str, Any], Checks]:
     from pcm.stages.pipeline import resolve, run_pipeline
     from pcm.stages.train import run_train
+    from storage.layout import RunLayout
 
     c = Checks()
     chain = chain_overrides(gpu)
@@ -512,7 +513,7 @@ def check_train(work: Path, gpu: bool, rtol: float) -> tuple[dict[str, Any], Che
             continue
         cfg = resolve("tiny", ov | extra)
         t0 = time.perf_counter()
-        res = run_train(cfg.train, r["ingest"], r["encode"], str(work / f"train-{name}"))
+        res = run_train(cfg.train, r["ingest"], r["encode"], RunLayout(work / f"train-{name}"))
         seconds = time.perf_counter() - t0
         losses = _losses(res.path)
         runs[name] = {"seconds": round(seconds, 2), "steps": res.counts.get("steps"), "losses": losses}

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def make_captions(root: Path, n: int) -> str:
     """A finished ingest stage with n train captions (varied lengths, like COCO)."""
-    from pcm.stages.stage import finish
+    from pcm.stages.contract import finish
     from storage import manifests
     from storage.layout import RunLayout
 
@@ -63,7 +63,9 @@ def stage(args: argparse.Namespace, work: Path, captions: str, name: str, **opts
     The model is loaded and warmed up (and compiled, if asked) before the clock starts, as for (a).
     """
     from pcm.diffusion import Synthesizer
+    from pcm.stages.contract import as_result
     from pcm.stages.synthesize import SynthesizeConfig, generation_spec, run_synthesize
+    from storage.layout import RunLayout
 
     config = SynthesizeConfig(model=args.preset, dtype=args.dtype, device=args.device, scheduler="dpm++",
                               steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
@@ -73,7 +75,7 @@ def stage(args: argparse.Namespace, work: Path, captions: str, name: str, **opts
     synth.generate(["warm-up"] * args.batch_size, list(range(args.batch_size)))
     sync(args.device)
     t0 = time.perf_counter()
-    r = run_synthesize(config, captions, str(work / name), synthesizer=synth)
+    r = run_synthesize(config, as_result(captions), RunLayout(work / name), synthesizer=synth)
     sync(args.device)
     elapsed = time.perf_counter() - t0
     assert r.counts["ok"] == args.n_images, r.counts
@@ -111,7 +113,7 @@ def main() -> None:
         captions = make_captions(work / "runs", max(args.n_images, args.batch_size))
         import torch
 
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
         from pcm.stages.synthesize import SynthesizeConfig, planned_samples
 
         prompts = [s.text for s in planned_samples(SynthesizeConfig(limit=args.n_images), load_result(captions))]

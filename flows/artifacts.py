@@ -17,8 +17,6 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from storage.layout import StageDir
-
 log = logging.getLogger(__name__)
 
 
@@ -34,11 +32,6 @@ def in_root(path: str | Path, root: str | Path | None) -> str:
     if base and text.startswith(base + "/"):
         return text[len(base) + 1:]
     return Path(text).name
-
-
-def root_of(result: Any) -> str:
-    """The run root of a StageResult (`<root>/<stage>/<fingerprint>`), as its `path` spells it."""
-    return str(result.path).rstrip("/").rsplit("/", 2)[0]
 
 
 def stage_key(stage: str, fingerprint: str, *parts: str) -> str:
@@ -159,13 +152,13 @@ def pipeline_summary(results: Mapping[str, Any]) -> str:
     for stage, r in results.items():
         state = "reused" if reused(r) else "computed"
         counts = ", ".join(f"{k} {v}" for k, v in list(r.counts.items())[:6])
-        where = in_root(r.path, root_of(r))
-        outputs = f"`{where}/`" + (f", `{where}/{StageDir.at(r.dir).report.name}`" if r.stage == "evaluate" else "")
+        where = in_root(r.path, r.root)
+        outputs = f"`{where}/`" + (f", `{where}/{r.stage_dir.report.name}`" if r.stage == "evaluate" else "")
         lines.append(f"| {stage} | {state} | {outputs} | {counts} |")
     lines += ["", "Each stage's own artifacts (progress, tables, pictures, the evaluation report) are on its "
               "subflow run, named `<stage>-<fingerprint[:8]>` like their keys."]
     if "evaluate" in results:
-        metrics_file = StageDir.at(results["evaluate"].dir).metrics
+        metrics_file = results["evaluate"].stage_dir.metrics
         if metrics_file.is_file():
             import json
 
@@ -223,7 +216,7 @@ def _flow_run_started() -> float | None:
 
 def _finished_at(result: Any) -> float | None:
     try:
-        return StageDir.at(result.path).done_marker.stat().st_mtime
+        return result.stage_dir.done_marker.stat().st_mtime
     except OSError:
         return None
 
@@ -258,7 +251,7 @@ def summary_table(key: str, result: Any, description: str) -> None:
         covers = TIMINGS.get(k, "seconds: measured by the stage when it ran")
         rows.append({"name": k, "value": v, "covers": covers + (REUSED_NOTE.format(when=when) if was_reused else "")})
     rows.append({"name": "cached", "value": bool(was_reused), "covers": "the stage's outputs were reused"})
-    rows.append({"name": "path", "value": in_root(result.path, root_of(result)),
+    rows.append({"name": "path", "value": in_root(result.path, result.root),
                  "covers": "stage directory, relative to the run root"})
     table(key, rows, description + (" (reused result)" if was_reused else ""))
 

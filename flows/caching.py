@@ -18,8 +18,10 @@ from typing import Any
 from prefect import Task
 
 from flows.records import results_dir
+from pcm.stages.contract import as_result
 from pcm.stages.pipeline import stage_config
-from storage.layout import StageDir
+from storage.layout import RunLayout, StageDir
+from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +29,18 @@ Plan = Callable[..., StageDir]
 Verify = Callable[[StageDir], "str | None"]
 
 
+def planned(plan: Plan, parameters: dict[str, Any]) -> StageDir:
+    """`plan` of a task's or flow's parameters: those it takes (`force` etc. are not content), the run root
+    (`root`, a JSON parameter) as its layout."""
+    names = set(inspect.signature(plan).parameters) - {"layout"}
+    return plan(**{k: v for k, v in parameters.items() if k in names}, layout=RunLayout(parameters["root"]))
+
+
 def fingerprint_key(plan: Plan) -> Callable[[Any, dict[str, Any]], str]:
     """A cache_key_fn: the stage name and fingerprint computed from the task's parameters."""
 
-    names = set(inspect.signature(plan).parameters)
-
     def key(_context: Any, parameters: dict[str, Any]) -> str:
-        sd = plan(**{k: v for k, v in parameters.items() if k in names})  # `force` etc. are not content
+        sd = planned(plan, parameters)
         return f"{sd.stage}-{sd.fingerprint}"
 
     return key
@@ -47,7 +54,7 @@ def stage_run_name(stage: str, plan: Plan) -> Callable[[], str]:
     for `config`, results or directories for the inputs), come from the run context and the flow's defaults.
     A name that cannot be computed is only the stage name: naming never fails a run (the flow reports the
     error itself)."""
-    names = set(inspect.signature(plan).parameters)
+    takes = set(inspect.signature(plan).parameters) | {"root"}
 
     def name() -> str:
         from prefect.context import FlowRunContext
@@ -56,9 +63,9 @@ def stage_run_name(stage: str, plan: Plan) -> Callable[[], str]:
             ctx = FlowRunContext.get()
             bound = inspect.signature(ctx.flow.fn).bind_partial(**ctx.parameters)
             bound.apply_defaults()
-            params = {k: v for k, v in bound.arguments.items() if k in names}
+            params = {k: _resolved(k, v) for k, v in bound.arguments.items() if k in takes}
             params["config"] = stage_config(stage, params["config"])
-            return f"{stage}-{plan(**params).fingerprint[:8]}"
+            return f"{stage}-{planned(plan, params).fingerprint[:8]}"
         except Exception as e:  # noqa: BLE001 - a run without its readable name still runs
             log.warning("%s: no run name from the fingerprint (%s)", stage, e)
             return stage
@@ -66,9 +73,17 @@ def stage_run_name(stage: str, plan: Plan) -> Callable[[], str]:
     return name
 
 
+def _resolved(name: str, value: Any) -> Any:
+    """A flow's input parameter as the stage takes it: a StageResult (or a pair of them, train's `val`), resolved
+    from a directory's path; the config, the root and the other parameters as given."""
+    if name in ("config", "root") or value is None or not isinstance(value, str | StageResult | tuple):
+        return value
+    return tuple(map(as_result, value)) if isinstance(value, tuple) else as_result(value)
+
+
 def is_finished(plan: Plan, verify: Verify, **parameters: Any) -> bool:
     """The stage directory of these parameters is complete and its outputs verify."""
-    sd = plan(**parameters)
+    sd = planned(plan, parameters)
     return sd.is_complete() and verify(sd) is None
 
 

@@ -7,9 +7,10 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.artifacts import Progress, picture, root_of, stage_key, summary_table
+from flows.artifacts import Progress, picture, stage_key, summary_table
 from flows.caching import fingerprint_key, is_finished, run_stage, stage_run_name
 from flows.retries import retry_transient
+from pcm.stages.contract import as_result
 from pcm.stages.encode import (
     FEATURES,
     REAL,
@@ -23,14 +24,14 @@ from pcm.stages.encode import (
     verify,
 )
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
 from storage import remote
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
 @task(name="encode-reset")
 def encode_reset(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str) -> None:
-    reset_stage(config, captions, shards, root)
+    reset_stage(config, captions, shards, RunLayout(root))
 
 
 @task(name="encode-features-shard", task_run_name="features-shard-{index:06d}", tags=["gpu"], retries=2,
@@ -38,25 +39,25 @@ def encode_reset(config: EncodeConfig, captions: StageResult, shards: StageResul
 def encode_features_shard(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str,
                           index: int) -> dict:
     # Done shards are skipped on disk (their marker), so this task needs no Prefect cache.
-    return {"index": index, **encode_shards(config, captions, shards, root, kind=FEATURES, indices=[index])}
+    return {"index": index, **encode_shards(config, captions, shards, RunLayout(root), kind=FEATURES, indices=[index])}
 
 
 @task(name="encode-real", task_run_name="real-images", tags=["gpu"], retries=2, retry_delay_seconds=30,
       retry_condition_fn=retry_transient)
 def encode_real(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str) -> dict:
-    return encode_shards(config, captions, shards, root, kind=REAL)
+    return encode_shards(config, captions, shards, RunLayout(root), kind=REAL)
 
 
 @task(name="encode", tags=["gpu"], cache_key_fn=fingerprint_key(plan))
 def encode_stage(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str) -> StageResult:
-    return run_encode(config, captions, shards, root)
+    return run_encode(config, captions, shards, RunLayout(root))
 
 
 def shards_encoded(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str,
                    reports: list[dict], started: float) -> StageResult:
     """A fan-out child's result: no finished stage (`extra["complete"]` False), its shard tasks' reports in
     `extra["shard_reports"]`, their counts summed."""
-    sd = plan(config, captions, shards, root)
+    sd = plan(config, captions, shards, RunLayout(root))
     return StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=remote.public(sd.path),
                        counts={k: sum(r.get(k, 0) for r in reports) for k in ("encoded", "units")},
                        timings={"total_s": round(time.monotonic() - started, 3)},
@@ -84,8 +85,10 @@ def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: Stag
     if force:
         encode_reset(config, captions, shards, root)
     if force or not is_finished(plan, verify, config=config, captions=captions, shards=shards, root=root):
-        indices = pending_feature_shards(config, captions, shards, root)  # shards done (by fan-out children) need no task
-        progress = Progress(stage_key("encode", plan(config, captions, shards, root).fingerprint), "encode feature shards")
+        layout = RunLayout(root)
+        indices = pending_feature_shards(config, captions, shards, layout)  # shards done by fan-out children: no task
+        sd = plan(config, captions, shards, layout)
+        progress = Progress(stage_key("encode", sd.fingerprint), "encode feature shards")
         for k, index in enumerate(indices, 1):
             encode_features_shard(config, captions, shards, root, index)
             progress(k, len(indices), f"features-shard-{index:06d}")
@@ -96,5 +99,5 @@ def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: Stag
     summary_table(stage_key("encode", result.fingerprint, "summary"), result, "encode: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
         picture(stage_key("encode", result.fingerprint, name), path, f"encode: {name.replace('_', ' ')} histogram",
-                root_of(result))
+                result.root)
     return result

@@ -9,11 +9,11 @@ from prefect import flow, task
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.report import LABELS
+from pcm.stages.contract import as_result
 from pcm.stages.evaluate import EvaluateConfig, plan, run_evaluate, verify
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
 from storage import atomic
-from storage.layout import StageDir
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
@@ -21,15 +21,17 @@ from storage.result import StageResult
 def evaluate_task(config: EvaluateConfig, train: StageResult, encode: StageResult, captions: StageResult, root: str,
                   force: bool = False) -> StageResult:
     """Decode and score (the stage skips work already on disk)."""
-    progress = artifacts.Progress(artifacts.stage_key("evaluate", plan(config, train, encode, captions, root).fingerprint),
+    layout = RunLayout(root)
+    sd = plan(config, train, encode, captions, layout)
+    progress = artifacts.Progress(artifacts.stage_key("evaluate", sd.fingerprint),
                                   "Captioning real images")
-    return run_evaluate(config, train, encode, captions, root, force=force, progress=progress)
+    return run_evaluate(config, train, encode, captions, layout, force=force, progress=progress)
 
 
 @task(name="evaluate-artifacts")
 def publish(result: StageResult) -> None:
     """Metrics table, paper comparison, report and thumbnails for the dashboard (also when cached)."""
-    summary = atomic.read_json(StageDir.at(result.dir).metrics)
+    summary = atomic.read_json(result.stage_dir.metrics)
     metrics = summary["metrics"]
     control = (summary.get("control") or {}).get("metrics") or {}
 
@@ -50,7 +52,7 @@ def publish(result: StageResult) -> None:
                             + summary["published"].get("paper_title", summary["published"]["title"]))
     # The report links its thumbnail grid by relative path, which the dashboard cannot follow: the
     # artifact shows it inline instead (a JPEG thumbnail), numbered as the samples table.
-    artifacts.report(f"{key}-report", StageDir.at(result.dir).report, result.extra.get("pictures", {}), "Evaluation report")
+    artifacts.report(f"{key}-report", result.stage_dir.report, result.extra.get("pictures", {}), "Evaluation report")
     artifacts.summary_table(f"{key}-summary", result, "Evaluate stage counts and timings")
 
 

@@ -10,14 +10,16 @@ from flows import artifacts
 from flows.caching import fingerprint_key, run_stage, stage_run_name
 from pcm.stages.ingest import IngestConfig, plan, run_ingest, verify
 from pcm.stages.pipeline import StageRef, stage_config
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
 @task(name="ingest", cache_key_fn=fingerprint_key(plan), result_serializer="json")
 def ingest_task(config: IngestConfig, root: str, force: bool = False) -> StageResult:
     """Read the caption file into captions.parquet (or return the finished stage directory)."""
-    progress = artifacts.Progress(artifacts.stage_key("ingest", plan(config, root).fingerprint), "Ingesting captions")
-    return run_ingest(config, root, force=force, progress=progress)
+    layout = RunLayout(root)
+    progress = artifacts.Progress(artifacts.stage_key("ingest", plan(config, layout).fingerprint), "Ingesting captions")
+    return run_ingest(config, layout, force=force, progress=progress)
 
 
 @task(name="ingest-artifacts")

@@ -8,9 +8,10 @@ from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage, stage_run_name
+from pcm.stages.contract import as_result
 from pcm.stages.pipeline import StageRef, stage_config
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
-from pcm.stages.stage import as_result
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
@@ -18,9 +19,10 @@ from storage.result import StageResult
 def refine_task(config: RefineConfig, captions: StageResult, encode: StageResult, root: str,
                 force: bool = False) -> StageResult:
     """Re-pair (SynC) or filter (CLIP score) the encode stage's pairs; writes pairs.parquet."""
-    progress = artifacts.Progress(artifacts.stage_key("refine", plan(config, captions, encode, root).fingerprint),
+    layout = RunLayout(root)
+    progress = artifacts.Progress(artifacts.stage_key("refine", plan(config, captions, encode, layout).fingerprint),
                                   f"Refining pairs ({config.method})")
-    return run_refine(config, captions, encode, root, force=force, progress=progress)
+    return run_refine(config, captions, encode, layout, force=force, progress=progress)
 
 
 @task(name="refine-artifacts")
@@ -29,7 +31,7 @@ def publish(result: StageResult) -> None:
     key = artifacts.stage_key("refine", result.fingerprint)
     for name, path in result.extra.get("pictures", {}).items():
         artifacts.picture(f"{key}-{name}", path, "Captions with their original and their re-assigned image",
-                          artifacts.root_of(result))
+                          result.root)
     artifacts.table(f"{key}-pairs", {k: result.extra.get(k) for k in (
         "method", "keep_fraction", "score_threshold", "clip_score_mean_before", "clip_score_mean_kept")},
         "What the refine stage kept")

@@ -28,6 +28,7 @@ from flows.synthesize import synthesize_flow
 from flows.train import train_flow
 from pcm.stages import encode, synthesize
 from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, check_evaluable, enabled, resolve
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 Stage = Literal["ingest", "synthesize", "encode", "refine", "train", "evaluate"]
@@ -64,14 +65,15 @@ def fan_out_synthesis(cfg: PipelineConfig, captions: StageResult, root: str, par
 
     The children get their inputs as JSON parameters (the stage directories) and resolve them themselves.
     A finished stage has none pending, so it starts no child; a resumed one splits what is left."""
-    fan_out("synthesize/default", synthesize.pending_shards(cfg.synthesize, captions, root), parts, "shards",
+    fan_out("synthesize/default", synthesize.pending_shards(cfg.synthesize, captions, RunLayout(root)), parts, "shards",
             {"config": cfg.synthesize.model_dump(mode="json"), "captions": captions.path, "root": root})
 
 
 def fan_out_encoding(cfg: PipelineConfig, captions: StageResult, shards: StageResult, root: str, parts: int) -> None:
     """Split the pending feature shards into `parts` child flow runs of encode/default and wait; the parent
     finalises. As for synthesis, a finished stage starts no child."""
-    fan_out("encode/default", encode.pending_feature_shards(cfg.encode, captions, shards, root), parts, "indices",
+    pending = encode.pending_feature_shards(cfg.encode, captions, shards, RunLayout(root))
+    fan_out("encode/default", pending, parts, "indices",
             {"config": cfg.encode.model_dump(mode="json"), "captions": captions.path, "shards": shards.path,
              "root": root})
 
@@ -119,7 +121,7 @@ def synth_and_train(config: PipelineParams = PipelineParams()) -> dict[str, Stag
         return STAGE_ORDER.index(stage) <= last and enabled(cfg, stage)
 
     out: dict[str, StageResult] = {}
-    check_evaluable(cfg, root, params.stop_after)  # a run that evaluate could not score stops before any stage
+    check_evaluable(cfg, RunLayout(root), params.stop_after)  # a run evaluate could not score stops before any stage
     # Each stage gets the StageResults of the stages before it.
     out["ingest"] = ingest_flow(cfg.ingest, root, force="ingest" in force)
     if runs("synthesize"):

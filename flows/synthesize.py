@@ -8,14 +8,14 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.artifacts import Progress, picture, root_of, stage_key, summary_table, table
+from flows.artifacts import Progress, picture, stage_key, summary_table, table
 from flows.caching import fingerprint_key, is_finished, run_stage, stage_run_name
 from flows.records import results_dir
 from flows.retries import retry_transient
 from pcm.diffusion import Synthesizer
 from pcm.image_sources import ImportedImages, PairedImages
+from pcm.stages.contract import as_result
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
 from pcm.stages.synthesize import (
     SynthesizeConfig,
     finalize,
@@ -30,19 +30,20 @@ from pcm.stages.synthesize import (
 from pcm.toyworld.faithfulness import stage_report, table_rows
 from pcm.toyworld.manifest import is_shipped
 from pcm.toyworld.wording import train_texts, unfamiliar, warning
+from storage.layout import RunLayout
 from storage.result import StageResult
 from storage.shards import is_done
 
 
 def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
-    sd = plan(parameters["config"], parameters["captions"], parameters["root"])
+    sd = plan(parameters["config"], parameters["captions"], RunLayout(parameters["root"]))
     return f"{sd.stage}-{sd.fingerprint}-shard-{parameters['index']:06d}"
 
 
 @task(name="synthesize-shard", task_run_name="shard-{index:06d}", tags=["gpu"], retries=2,
       retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_key_fn=_shard_key)
 def synthesize_shard(config: SynthesizeConfig, captions: StageResult, root: str, index: int, force: bool = False) -> dict:
-    r = run_synthesize(config, captions, root, shards=[index], force=force, finalize_when_complete=False,
+    r = run_synthesize(config, captions, RunLayout(root), shards=[index], force=force, finalize_when_complete=False,
                        synthesizer=loaded_synthesizer(config.model_dump_json()))
     return {"index": index, **r.counts}
 
@@ -55,12 +56,12 @@ def loaded_synthesizer(config_json: str) -> Synthesizer | PairedImages | Importe
 
 @task(name="synthesize-finalize", cache_key_fn=fingerprint_key(plan))
 def synthesize_finalize(config: SynthesizeConfig, captions: StageResult, root: str) -> StageResult:
-    return finalize(config, captions, root)
+    return finalize(config, captions, RunLayout(root))
 
 
 def run_shard(config: SynthesizeConfig, captions: StageResult, root: str, index: int, force: bool) -> dict:
     """The shard task, its cache trusted only while the shard is done on disk."""
-    stale = force or not is_done(plan(config, captions, root).image_shard(index))
+    stale = force or not is_done(plan(config, captions, RunLayout(root)).image_shard(index))
     return synthesize_shard.with_options(refresh_cache=stale, result_storage=results_dir(root), persist_result=True,
                                          result_serializer="json")(config, captions, root, index, force)
 
@@ -74,7 +75,7 @@ def shards_written(config: SynthesizeConfig, captions: StageResult, root: str, r
     """The partial result of a run that rendered its shards while others are pending: `extra["complete"]` False,
     its shard tasks' reports in `extra["shard_reports"]`, their counts summed."""
     counts = {k: sum(r.get(k, 0) for r in reports) for k in ("ok", "failed", "shards_written")}
-    return partial_result(plan(config, captions, root), num_shards(config, captions), counts, started,
+    return partial_result(plan(config, captions, RunLayout(root)), num_shards(config, captions), counts, started,
                           extra={"shard_reports": reports})
 
 
@@ -96,19 +97,20 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
         wording_check(captions.path)
     if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
-        progress = Progress(stage_key("synthesize", plan(config, captions, root).fingerprint), "synthesize shards")
+        sd = plan(config, captions, RunLayout(root))
+        progress = Progress(stage_key("synthesize", sd.fingerprint), "synthesize shards")
         done = []
         for k, index in enumerate(indices, 1):
             done.append(run_shard(config, captions, root, index, force))
             progress(k, len(indices), f"shard-{index:06d}")
         loaded_synthesizer.cache_clear()  # free the pipeline (GPU memory) before the next stages
-        if pending_shards(config, captions, root):
+        if pending_shards(config, captions, RunLayout(root)):
             # Other flow runs own the remaining shards; the last one finalises.
             return shards_written(config, captions, root, done, started)
     result = run_stage(synthesize_finalize, plan, verify, force=force, config=config, captions=captions, root=root)
     summary_table(stage_key("synthesize", result.fingerprint, "summary"), result, "synthesize: counts and timings")
     for name, path in result.extra.get("pictures", {}).items():
-        picture(stage_key("synthesize", result.fingerprint, name), path, f"synthesize: {name}", root_of(result))
+        picture(stage_key("synthesize", result.fingerprint, name), path, f"synthesize: {name}", result.root)
     if toy:
         report = synthesize_faithfulness(result.path)
         table(stage_key("synthesize", result.fingerprint, "faithfulness"), table_rows(report),

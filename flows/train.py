@@ -8,9 +8,10 @@ from prefect import flow, task
 
 from flows import artifacts
 from flows.caching import fingerprint_key, run_stage, stage_run_name
+from pcm.stages.contract import as_result
 from pcm.stages.pipeline import StageRef, stage_config
-from pcm.stages.stage import as_result
 from pcm.stages.train import TrainConfig, plan, run_train, verify
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
@@ -19,9 +20,11 @@ def train_task(config: TrainConfig, captions: StageResult, encode: StageResult, 
                refine: StageResult | None = None, force: bool = False,
                val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train or resume PCM-Net (the stage resumes from its latest checkpoint on disk)."""
-    progress = artifacts.Progress(artifacts.stage_key("train", plan(config, captions, encode, root, refine, val).fingerprint),
+    layout = RunLayout(root)
+    sd = plan(config, captions, encode, layout, refine=refine, val=val)
+    progress = artifacts.Progress(artifacts.stage_key("train", sd.fingerprint),
                                   "Training PCM-Net")
-    return run_train(config, captions, encode, root, force=force, progress=progress, refine=refine, val=val)
+    return run_train(config, captions, encode, layout, force=force, progress=progress, refine=refine, val=val)
 
 
 @task(name="train-artifacts")
@@ -29,7 +32,7 @@ def publish(result: StageResult) -> None:
     """Loss curve and summary for the dashboard (also when the task was cached)."""
     key = artifacts.stage_key("train", result.fingerprint)
     for name, path in result.extra.get("pictures", {}).items():
-        artifacts.picture(f"{key}-{name}", path, "PCM-Net training loss and validation", artifacts.root_of(result))
+        artifacts.picture(f"{key}-{name}", path, "PCM-Net training loss and validation", result.root)
     artifacts.table(f"{key}-best", {"val_metric": result.extra["val_metric"], "best_value": result.extra["best_value"],
                                     "best_step": result.extra["best_step"], "best": result.extra["best"]},
                     "Best checkpoint by validation")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from storage.layout import StageDir
 
 # The repository's license (pyproject.toml): the toy world's captions, images and models are this project's own.
 PROJECT_LICENSE = "apache-2.0"
@@ -210,15 +213,15 @@ def is_toy_generator(model: str) -> bool:
     return diffusion.is_preset(model) or "toymodels" in Path(model).parts
 
 
-def write_model_card(train_dir: str | Path) -> Path | None:
+def write_model_card(sd: StageDir) -> Path | None:
     """(Re)write best/README.md of a finished train stage from its records and its finished evaluations of best/.
 
     Called when train finishes (no evaluations yet) and when an evaluate stage of it finishes; each call rewrites
     the whole card from what is on disk, atomically, so concurrent evaluations converge. None without best/.
     """
     from storage import atomic, checkpoints
-    from storage.layout import RunLayout, StageDir
-    sd = StageDir.at(train_dir)
+    from storage.layout import RunLayout
+
     best = sd.best
     if not (best / checkpoints.STATE).exists():
         return None

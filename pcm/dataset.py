@@ -150,15 +150,14 @@ class Pairs:
                      [self.image_keys[t] for t in target])
 
 
-def load_pairs(captions: str | Path, encode: str | Path, data_fraction: float = 1.0, seed: int = 0,
-               refine: str | Path | None = None) -> Pairs:
+def load_pairs(cap: StageDir, enc: StageDir, data_fraction: float = 1.0, seed: int = 0,
+               refine: StageDir | None = None) -> Pairs:
     """Ok rows of scores.parquet joined with their caption text; a seeded `data_fraction` subset.
 
     With a refine stage: its kept pairs instead (each caption's re-assigned image and that pair's CLIP score).
     """
-    enc, cap = StageDir.at(encode), StageDir.at(captions)
     if refine is not None:
-        return _subset(refined_pairs(cap, enc, StageDir.at(refine)), data_fraction, seed)
+        return _subset(refined_pairs(cap, enc, refine), data_fraction, seed)
     scores = manifests.SCORES.read(enc, columns=["caption_id", "shard", "row", "clip_score", "status"]).to_pylist()
     texts = {r["caption_id"]: r["text"] for r in tables.ok_rows(manifests.CAPTIONS.read(cap).to_pylist(), "train")}
     ok = sorted(tables.ok_rows(scores), key=lambda r: r["caption_id"])
@@ -209,9 +208,8 @@ def refined_pairs(cap: StageDir, enc: StageDir, ref: StageDir) -> Pairs:
                  image_keys=[r["image_caption_id"] for r in kept])
 
 
-def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
-    """Concept names and the L2-normalised concept bank [C, D] from concepts.parquet."""
-    enc = StageDir.at(encode)
+def load_concepts(enc: StageDir) -> tuple[list[str], torch.Tensor]:
+    """Concept names and the L2-normalised concept bank [C, D] from an encode stage's concepts.parquet."""
     path, rows = manifests.CONCEPTS.path(enc), manifests.CONCEPTS.read(enc).to_pylist()
     if not rows:
         raise ValueError(f"{path}: the concept vocabulary is empty; encode needs training captions with nouns")
@@ -219,9 +217,9 @@ def load_concepts(encode: str | Path) -> tuple[list[str], torch.Tensor]:
     return [r["concept"] for r in rows], torch.nn.functional.normalize(bank, dim=-1)
 
 
-def load_clip_head(encode: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """CLIP's frozen ln_post + proj and the file's metadata (clip spec JSON, ln_eps)."""
-    path = StageDir.at(encode).clip_head
+def load_clip_head(enc: StageDir) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CLIP's frozen ln_post + proj and the file's metadata (clip spec JSON, ln_eps), of an encode stage."""
+    path = enc.clip_head
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; rerun `pcm encode` (it writes the CLIP head)")
     head = load_file(str(path))

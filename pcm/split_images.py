@@ -6,7 +6,6 @@ each image's features are). No model library is imported: `pcm evaluate` checks 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,12 +48,10 @@ def _references(captions: StageDir, split: str) -> dict[str, list[str]]:
     return {i: given.get(i) or texts[i] for i in given | texts}
 
 
-def load_split_images(captions: str | os.PathLike, encode: str | os.PathLike, split: str,
-                      max_images: int | None = None) -> SplitImages:
+def load_split_images(cap: StageDir, enc: StageDir, split: str, max_images: int | None = None) -> SplitImages:
     """The images of `split` that encode read and the captions give references for (the first `max_images` by
     image id: the order encode writes real.parquet in); images encode failed on, encoded images without
     references and images with references that were not encoded are listed apart."""
-    cap, enc = StageDir.at(captions), StageDir.at(encode)
     refs = _references(cap, split)
     real = manifests.REAL.read(enc).to_pylist() if manifests.REAL.exists(enc) else []
     out, seen, usable = SplitImages(), set(), []

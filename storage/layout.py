@@ -52,7 +52,7 @@ class StageDir:
     """One stage output directory `<root>/<stage>/<fingerprint>` and the names inside it.
 
     `record` is what its config.json is to hold (stage, code version, config, inputs) when planning
-    computed this StageDir (pcm.stages.stage.stage_dir; written by open_stage, never by planning);
+    computed this StageDir (pcm.stages.contract.stage_dir; written by open_stage, never by planning);
     None for one found on disk (`at`, `stage_dirs`, `inputs`). It is not part of the identity.
     """
 
@@ -80,7 +80,8 @@ class StageDir:
 
     @property
     def root(self) -> Path:
-        """The run root this stage directory lies in (`<root>/<stage>/<fingerprint>`)."""
+        """The run root this stage directory lies in (`<root>/<stage>/<fingerprint>`); `run_root_of` spells it as
+        a path or URL names the directory."""
         return self.path.parent.parent
 
     # -- named outputs that are not Parquet manifests (those are in storage/manifests.py) ------
@@ -198,6 +199,10 @@ class StageDir:
     def shard_lock(self, kind: str, index: int) -> Path:
         return shard_lock_of(self.shard_file(kind, index, "done.json"))
 
+    def shard_count(self, kind: str, suffix: str) -> int:
+        """How many `<kind>/shard-*.<suffix>` files are on disk (finished or not: the markers say which are done)."""
+        return len(list(self.shard_dir(kind).glob(f"shard-*.{suffix}")))
+
     def image_shard(self, index: int) -> Path:
         """synthesize: `shards/shard-NNNNNN.tar`."""
         return self.shard_file("shards", index, "tar")
@@ -243,6 +248,14 @@ class StageDir:
         if remote.is_url(path):
             remote.fetch_stage_once(sd.path, sd.done_marker)
         return sd
+
+
+def run_root_of(path: str | os.PathLike) -> str:
+    """The run root of a stage directory `<root>/<stage>/<fingerprint>`, spelt as `path` is: a URL's is a URL (where
+    `StageDir.root` is this worker's working copy), a local one the resolved path."""
+    if remote.is_url(path):
+        return str(path).rstrip("/").rsplit("/", 2)[0]
+    return str(Path(path).resolve().parent.parent)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 Stages read and write the working copy exactly as they do a local root; storage keeps it and the
 store in step at a few points, each a unit with a marker:
 - a finished shard (`shards.write_marker`): its files, then its done marker;
-- a stage directory when its config.json is written (`pcm.stages.stage.open_stage`) and when the
+- a stage directory when its config.json is written (`pcm.stages.contract.open_stage`) and when the
   stage finishes (`finish`): its files, `stage.done.json` last;
 - reading: a stage directory named by URL (`StageDir.at("s3://…/encode/<fp>")`) is fetched once
   its marker is in the store (image shards excepted: `shards.is_done` fetches each when asked

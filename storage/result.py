@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import atomic, remote
+from storage.layout import StageDir, run_root_of
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,17 @@ class StageResult:
     def dir(self) -> Path:
         """The stage directory here (this worker's working copy when `path` is an object-store URL)."""
         return remote.local_path(self.path)
+
+    @property
+    def root(self) -> str:
+        """The run root the stage lies in, as `path` spells it (an object-store root's URL, or a local path)."""
+        return run_root_of(self.path)
+
+    @property
+    def stage_dir(self) -> StageDir:
+        """The StageDir of `path` and the names inside it; a URL's is this worker's copy, fetched from the store
+        the first time this process names it (StageDir.at)."""
+        return StageDir.at(self.path)
 
 
 def _wrong_types(r: StageResult) -> str | None:

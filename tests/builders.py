@@ -5,7 +5,7 @@ another): finished ingest/encode/synthesize/train directories, the tiny configs 
 with, and the malicious pickle of the security tests.
 
 Everything is written through the storage layer (RunLayout, tables, write_arrays, ShardWriter) and the
-stage marker comes last, as `pcm.stages.stage.finish` writes it, so the stages downstream read these
+stage marker comes last, as `pcm.stages.contract.finish` writes it, so the stages downstream read these
 directories like real ones. The fingerprints are fixed strings ("c" * 16 ...): one directory of a
 stage per run root. torch and the stage configs that import it are imported inside the functions that
 need them, so a test that builds plain directories does not pay for torch.
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pcm.stages.stage import finish
+from pcm.stages.contract import finish
 from storage import atomic, tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir
@@ -288,7 +288,7 @@ ENCODED = ["101", "102", "103", "coco_106"]
 
 
 def mark_done(sd: StageDir, counts=None, extra=None, inputs=None) -> None:
-    """Mark `sd` finished by hand: its config.json and stage.done.json, no timing (pcm.stages.stage.finish times)."""
+    """Mark `sd` finished by hand: its config.json and stage.done.json, no timing (pcm.stages.contract.finish times)."""
     atomic.write_json(sd.config_file, {"stage": sd.stage, "code_version": "1", "config": {}, "inputs": inputs or {}})
     StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=str(sd.path), counts=counts or {},
                 extra=extra or {}).save(sd.done_marker)

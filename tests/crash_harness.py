@@ -83,7 +83,10 @@ for line in sys.stdin:
             os.close(0)
             out.close()
             print(f"--- child {os.getpid()}", file=sys.stderr, flush=True)
-            run(config_class.model_validate(request["config"]), *request["inputs"], request["root"])
+            from pcm.stages.contract import load_result
+            from storage.layout import RunLayout
+            inputs = [load_result(p) for p in request["inputs"]]  # stage directories' paths, resolved at this edge
+            run(config_class.model_validate(request["config"]), *inputs, RunLayout(request["root"]))
             code = 0
         except BaseException:
             traceback.print_exc()

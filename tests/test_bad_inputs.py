@@ -28,6 +28,7 @@ import pytest
 from builders import caption_row, ingest_stage
 from PIL import Image
 
+from pcm.stages.contract import as_result
 from pcm.stages.encode import EncodeConfig, run_encode
 from pcm.stages.ingest import IngestConfig, run_ingest
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
@@ -149,9 +150,9 @@ def tiny(tmp_path_factory) -> TinyRun:
     (base / "images" / "test").mkdir(parents=True)
     (base / "images" / "test" / "img0.jpg").write_bytes(jpeg(0))  # img1.jpg is missing on purpose
     root = str(base / "runs")
-    cap = run_ingest(IngestConfig(source=str(source)), root)
-    syn = run_synthesize(SynthesizeConfig(**SYNTH), cap.path, root)
-    enc = run_encode(encode_config(base / "images"), cap.path, syn.path, root)
+    cap = run_ingest(IngestConfig(source=str(source)), RunLayout(root))
+    syn = run_synthesize(SynthesizeConfig(**SYNTH), cap, RunLayout(root))
+    enc = run_encode(encode_config(base / "images"), cap, syn, RunLayout(root))
     assert syn.counts["shards"] == 2 and syn.counts["ok"] == 6
     return TinyRun(base, base / "images", cap.path, syn.path, enc.path)
 
@@ -235,7 +236,7 @@ def test_ingest_fatal_input_names_file_and_place_and_writes_nothing(tmp_path, ca
     source = tmp_path / name
     source.write_bytes(content)
     with pytest.raises(ValueError, match=message) as err:
-        run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
+        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
     assert str(source) in str(err.value)
     sd = assert_failed_cleanly(tmp_path / "runs", "ingest")
     assert not (sd / "captions.parquet").exists()
@@ -277,7 +278,7 @@ INGEST_ROWS = [
 def test_ingest_bad_caption_is_a_rejected_row_and_the_rest_is_kept(tmp_path, case, name, content, expect, reasons):
     source = tmp_path / name
     source.write_bytes(content)
-    r = run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
+    r = run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
     rows = {row["caption_id"]: row for row in tables.read(Path(r.path) / "captions.parquet", tables.CAPTIONS).to_pylist()}
     assert set(rows) == set(expect)
     for cid, error in expect.items():
@@ -296,7 +297,7 @@ def test_synthesize_refuses_captions_with_a_wrong_schema(tmp_path):
     table = pa.table({"caption_id": ["c1", "c2"], "split": ["train", "train"], "text": [1, 2]})
     captions = ingest_stage(tmp_path / "runs", table)
     with pytest.raises(tables.SchemaError) as err:
-        run_synthesize(SynthesizeConfig(**SYNTH), captions, str(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(tmp_path / "runs"))
     message = str(err.value)
     assert f"{captions}/captions.parquet" in message
     assert "missing columns" in message and "'status'" in message and "text: int64 (expected string)" in message
@@ -308,7 +309,7 @@ def test_synthesize_refuses_duplicate_caption_ids_naming_the_row(tmp_path):
     rows = [caption_row(cid, f"a dog {n}", raw_text="a dog") for n, cid in enumerate(["c-1", "c-2", "c-1"])]
     captions = ingest_stage(tmp_path / "runs", tables.to_table(rows, tables.CAPTIONS))
     with pytest.raises(ValueError, match=r"captions\.parquet: row 2: duplicate caption_id 'c-1'; caption ids must be unique"):
-        run_synthesize(SynthesizeConfig(**SYNTH), captions, str(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*"))
 
@@ -324,7 +325,8 @@ def test_synthesize_with_a_missing_or_wrong_model_directory(tiny, tmp_path, case
     else:
         message = rf"diffusion model directory '{model}' does not exist"
     with pytest.raises(FileNotFoundError, match=message):
-        run_synthesize(SynthesizeConfig(**dict(SYNTH, model=str(model))), tiny.captions, str(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**dict(SYNTH, model=str(model))), as_result(tiny.captions),
+                       RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*.tar"))
 
@@ -354,14 +356,14 @@ def test_disk_full_while_writing_a_shard_then_rerun_equals_a_clean_run(tiny, tmp
     written = [0]
     monkeypatch.setattr(shards._HashingFile, "write", fail_after(2000, "shard-000001", written))
     with pytest.raises(OSError) as err:
-        run_synthesize(SynthesizeConfig(**SYNTH), captions, root)
+        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(root))
     assert err.value.errno == errno.ENOSPC and written[0] > 2000  # failed in the middle of shard 1
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert (sd / "shards" / "shard-000000.done.json").exists()           # the shard before it is kept
     assert not (sd / "shards" / "shard-000001.tar").exists() and not (sd / "shards" / "shard-000001.done.json").exists()
 
     monkeypatch.undo()
-    r = run_synthesize(SynthesizeConfig(**SYNTH), captions, root)
+    r = run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(root))
     assert r.counts["ok"] == 6 and Path(r.path) == sd
     assert synth_outputs(r.path) == synth_outputs(tiny.shards)
 
@@ -388,7 +390,8 @@ def test_encode_records_corrupt_jpegs_as_failed_score_rows(tiny, tmp_path):
     with ShardWriter(tar) as w:  # rewritten with its marker: a finished shard holding two corrupt images
         for s in samples:
             w.write({**s, "jpg": corrupt.get(s["__key__"], s["jpg"])})
-    r = run_encode(encode_config(tiny.images), tiny.captions, str(shards), str(tmp_path / "runs"))
+    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                   RunLayout(tmp_path / "runs"))
     rows = {row["caption_id"]: row for row in tables.read(Path(r.path) / "scores.parquet", tables.SCORES).to_pylist()}
     for key, error in ((cut, "OSError: image file is truncated"), (garbage, "OSError: Truncated File Read")):
         assert rows[key]["status"] == "failed" and rows[key]["row"] == -1 and rows[key]["clip_score"] is None
@@ -421,12 +424,14 @@ def test_encode_truncated_tar_mid_image_is_an_error_naming_the_shard_and_keeps_t
     tar.write_bytes(whole[:cut])
     # The size check against the shard's marker catches the cut before tarfile does.
     with pytest.raises(ValueError, match=rf"{re.escape(str(tar))}: truncated or altered shard .*; delete it"):
-        run_encode(encode_config(tiny.images), tiny.captions, str(shards), str(tmp_path / "runs"))
+        run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                   RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "encode")
     assert (sd / "features" / "shard-000000.done.json").exists()     # the shard before it is kept
     assert not (sd / "features" / "shard-000001.safetensors").exists()
     tar.write_bytes(whole)  # the shard restored: the rerun finishes and equals a clean run
-    r = run_encode(encode_config(tiny.images), tiny.captions, str(shards), str(tmp_path / "runs"))
+    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                   RunLayout(tmp_path / "runs"))
     assert r.counts["encoded_now"] < 7 and encode_outputs(r.path) == encode_outputs(tiny.encode)
 
 
@@ -438,7 +443,8 @@ def test_encode_truncated_tar_on_a_header_boundary_loses_no_sample_silently(tiny
     tar.write_bytes(tar.read_bytes()[:cut])
     planned = [s["caption_id"] for s in tables.read(Path(tiny.shards) / "samples.parquet", tables.SAMPLES).to_pylist()]
     try:
-        r = run_encode(encode_config(tiny.images), tiny.captions, str(shards), str(tmp_path / "runs"))
+        r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+                       RunLayout(tmp_path / "runs"))
     except ValueError as e:  # an error naming the shard is an acceptable outcome
         assert "shard-000001.tar" in str(e)
         assert_failed_cleanly(tmp_path / "runs", "encode")
@@ -452,7 +458,7 @@ def test_encode_with_a_missing_clip_checkpoint_names_the_parameter(tiny, tmp_pat
     missing = tmp_path / "no-such-weights.safetensors"
     config = encode_config(tiny.images, clip={"model": "tiny", "precision": "fp32", "pretrained": str(missing)})
     with pytest.raises(FileNotFoundError, match=rf"clip\.pretrained='{re.escape(str(missing))}': checkpoint file not found"):
-        run_encode(config, tiny.captions, tiny.shards, str(tmp_path / "runs"))
+        run_encode(config, as_result(tiny.captions), as_result(tiny.shards), RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "encode")
     assert not list(sd.glob("features/shard-*")) and not (sd / "scores.parquet").exists()
 
@@ -489,7 +495,7 @@ def test_disk_full_while_writing_features_then_rerun_equals_a_clean_run(tiny, tm
     monkeypatch.setattr(storage.atomic, "atomic_open", atomic_open)
     root = str(tmp_path / "runs")
     with pytest.raises(OSError) as err:
-        run_encode(encode_config(tiny.images), tiny.captions, tiny.shards, root)
+        run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(tiny.shards), RunLayout(root))
     assert err.value.errno == errno.ENOSPC and len(hits) == 1
     sd = assert_failed_cleanly(tmp_path / "runs", "encode")
     assert (sd / "features" / "shard-000000.done.json").exists()
@@ -498,7 +504,7 @@ def test_disk_full_while_writing_features_then_rerun_equals_a_clean_run(tiny, tm
     assert not any((sd / name).exists() for name in ("scores.parquet", "concepts.parquet", "clip_head.safetensors"))
 
     monkeypatch.undo()
-    r = run_encode(encode_config(tiny.images), tiny.captions, tiny.shards, root)
+    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(tiny.shards), RunLayout(root))
     assert Path(r.path) == sd and r.counts["images_ok"] == 6
     assert encode_outputs(r.path) == encode_outputs(tiny.encode)
 
@@ -521,7 +527,7 @@ def test_train_with_k_larger_than_the_concept_vocabulary(tiny, tmp_path):
     config = TrainConfig(preset="tiny", model={"top_k": n_concepts + 1}, batch_size=2, epochs=1, min_word_count=1,
                          val_metric="loss", device="cpu", num_workers=0, progress_bar=False)
     with pytest.raises(ValueError, match=rf"top_k={n_concepts + 1} exceeds the {n_concepts} concepts of the bank"):
-        run_train(config, tiny.captions, tiny.encode, str(tmp_path / "runs"))
+        run_train(config, as_result(tiny.captions), as_result(tiny.encode), RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "train")
     assert not (sd / "checkpoints").exists() and not (sd / "best").exists()
 

@@ -16,6 +16,7 @@ import pytest
 
 from pcm.stages.ingest import IngestConfig, run_ingest
 from storage import tables
+from storage.layout import RunLayout
 
 
 def karpathy(*images: dict) -> bytes:
@@ -251,7 +252,7 @@ def test_a_bad_caption_file_is_an_error_naming_it_and_the_entry(tmp_path, case, 
     source = tmp_path / name
     source.write_bytes(content)
     with pytest.raises(ValueError, match=message) as err:
-        run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
+        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
     assert str(source) in str(err.value)
     for sd in (tmp_path / "runs" / "ingest").glob("*"):
         assert not (sd / "stage.done.json").exists() and not (sd / "captions.parquet").exists()
@@ -330,7 +331,7 @@ def test_a_bad_caption_is_a_rejected_row_with_its_reason_and_the_others_stay_ok(
                                                                                    expect):
     source = tmp_path / name
     source.write_bytes(content)
-    r = run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
+    r = run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
     rows = {row["caption_id"]: row for row in tables.read(Path(r.path) / "captions.parquet", tables.CAPTIONS).to_pylist()}
     assert set(rows) == set(expect)
     for cid, error in expect.items():
@@ -369,6 +370,6 @@ def test_a_config_that_does_not_fit_the_file_names_it(tmp_path, case, name, cont
     elif content is not None:
         source.write_bytes(content)
     with pytest.raises((ValueError, OSError), match=message):
-        run_ingest(IngestConfig(source=str(source), **config), str(tmp_path / "runs"))
+        run_ingest(IngestConfig(source=str(source), **config), RunLayout(tmp_path / "runs"))
     for sd in (tmp_path / "runs" / "ingest").glob("*"):
         assert not (sd / "stage.done.json").exists()

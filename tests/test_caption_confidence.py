@@ -21,9 +21,11 @@ from typer.testing import CliRunner
 
 from pcm import confidence
 from pcm.cli import app
+from pcm.stages.contract import as_result
 from pcm.toyworld import ood, world
 from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
 from storage.checkpoints import REFERENCE, REFERENCE_ARRAYS
+from storage.layout import RunLayout
 
 N_REFERENCE = 300  # freshly drawn scenes stand in for the training images
 
@@ -156,7 +158,7 @@ def test_training_writes_the_reference_into_step_checkpoints_and_best(tmp_path):
     from pcm.stages.train import run_train
 
     cap, enc = train_inputs(tmp_path, n_train=16)
-    result = run_train(tiny_train_config(epochs=1), cap, enc, str(tmp_path))
+    result = run_train(tiny_train_config(epochs=1), as_result(cap), as_result(enc), RunLayout(tmp_path))
     best = checkpoint.find(result.path, "best")
     step = checkpoint.find(result.path, "latest")
     for ckpt in (best, step):

@@ -10,8 +10,10 @@ import yaml
 from builders import N_TRAIN, TINY_SYNTHESIZE, evaluate_inputs, make_captions, tiny_evaluate_config
 
 from pcm import cards
+from pcm.stages.contract import as_result
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from storage import atomic, checkpoints, tables
+from storage.layout import StageDir
 
 
 def front_matter(path: Path) -> tuple[dict, str]:
@@ -36,7 +38,7 @@ def run(tmp_path_factory):
 @pytest.fixture
 def synth(layout):
     captions = make_captions(layout)
-    return run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, seed=3), captions, str(layout.root))
+    return run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, seed=3), as_result(captions), layout)
 
 
 def test_synthesize_writes_a_dataset_card_that_datasets_loads(synth, monkeypatch):
@@ -109,7 +111,7 @@ def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     from pcm.stages.evaluate import run_evaluate
 
     train = Path(run["train"])
-    card = cards.write_model_card(train)    # what train's _finish does
+    card = cards.write_model_card(StageDir.at(train))    # what train's _finish does
     assert card == train / "best" / checkpoints.CARD
     meta, body = front_matter(card)
     assert meta["license"] == "apache-2.0" and "toy-world" in meta["tags"]   # the tiny preset CLIP
@@ -118,8 +120,8 @@ def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     assert "Intended use" in body and "Toy world" in body and "Not evaluated yet" in body
     checkpoints.check_safe(train / "best")   # a card does not stop best/ from loading
 
-    result = run_evaluate(tiny_evaluate_config(spice="off"), run["train"], run["encode"], run["captions"],
-                          str(run["layout"].root))
+    result = run_evaluate(tiny_evaluate_config(spice="off"), as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+                          run["layout"])
     metrics = atomic.read_json(Path(result.path) / "metrics.json")
     meta, body = front_matter(card)
     [entry] = meta["model-index"]
@@ -132,5 +134,5 @@ def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     assert f"{metrics['metrics']['CIDEr']:.3f}" in body
     # Rewriting converges: the same evaluations give the same card.
     before = card.read_bytes()
-    cards.write_model_card(train)
+    cards.write_model_card(StageDir.at(train))
     assert card.read_bytes() == before

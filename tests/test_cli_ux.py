@@ -34,10 +34,10 @@ def param(cmd, name: str):
 def fake_inputs(monkeypatch) -> None:
     """The stage commands resolve their input directories (load_result) before the stage runs: any path
     stands for a finished stage here, for tests that stop the stage and only look at its config."""
-    import pcm.stages.stage
+    import pcm.stages.contract
     from storage.result import StageResult
 
-    monkeypatch.setattr(pcm.stages.stage, "load_result",
+    monkeypatch.setattr(pcm.stages.contract, "load_result",
                         lambda path: StageResult(stage="unknown", fingerprint="0" * 16, path=str(path)))
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from crash_harness import REPO, RUNNER, _env, run_stage
 
+from pcm.stages.contract import as_result
 from storage import shards
+from storage.layout import RunLayout
 from storage.lock import LockHeld
 from storage.result import StageResult
 
@@ -72,6 +74,6 @@ def test_second_run_waits_for_the_holder_then_reuses_its_stage(tmp_path, caplog)
     assert second.cached
     ing = next((tmp_path / "ingest").iterdir())
     enc = next((tmp_path / "encode").iterdir())
-    sd = plan(cfg.train, str(ing), str(enc), str(tmp_path))
+    sd = plan(cfg.train, as_result(str(ing)), as_result(str(enc)), RunLayout(tmp_path))
     assert sd.is_complete() and verify(sd) is None
     assert second.path == str(sd.path) and second.counts == StageResult.load(sd.done_marker).counts

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from flows import artifacts
+from storage.layout import RunLayout
 from storage.result import StageResult
 
 
@@ -96,7 +97,7 @@ def test_stage_artifacts_show_paths_relative_to_the_run_root(tmp_path, monkeypat
     result = StageResult("encode", "cd34", str(sd), counts={"images": 2},
                          extra={"pictures": {"clip_scores": str(png(sd / "pictures" / "clip_scores.png"))}})
     artifacts.picture("encode-cd34-clip-scores", result.extra["pictures"]["clip_scores"], "histogram",
-                      artifacts.root_of(result))
+                      result.root)
     artifacts.summary_table("encode-cd34-summary", result, "counts")
     picture, table = made
     assert "`encode/cd34/pictures/clip_scores.png`" in picture["markdown"]
@@ -123,4 +124,4 @@ def test_a_stage_subflow_run_is_named_after_its_stage_directory(tmp_path, prefec
     state = ingest_flow({"source": str(src)}, root=str(tmp_path / "runs"), return_state=True)
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
-    assert run.name == f"ingest-{plan(config, str(tmp_path / 'runs')).fingerprint[:8]}"
+    assert run.name == f"ingest-{plan(config, RunLayout(tmp_path / 'runs')).fingerprint[:8]}"

@@ -14,11 +14,12 @@ from builders import caption_row, ingest_stage
 from pcm.dataset import Pairs
 from pcm.loss import auto_cxe_w, clip_weights
 from pcm.samples import sample_seed
+from pcm.stages.contract import as_result
 from pcm.stages.pipeline import load_preset, resolve
-from pcm.stages.stage import as_result
 from pcm.stages.synthesize import SynthesizeConfig, plan, planned_samples, run_synthesize
 from pcm.stages.train import TrainConfig, cxe_weighting
 from storage import tables
+from storage.layout import RunLayout
 from storage.shards import iter_tar
 
 TINY = dict(model="tiny", steps=2, height=32, width=32, shard_size=4, batch_size=4, progress_bar=False, device="cpu")
@@ -57,9 +58,11 @@ def test_wrong_images_are_a_seeded_derangement_of_the_chosen_captions(captions):
 
 def test_wrong_image_fraction_fingerprint_and_errors(captions, tmp_path):
     root = str(tmp_path / "runs")
-    base = plan(SynthesizeConfig(**TINY), captions, root).fingerprint
-    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.0), captions, root).fingerprint == base
-    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.3), captions, root).fingerprint != base
+    base = plan(SynthesizeConfig(**TINY), as_result(captions), RunLayout(root)).fingerprint
+    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.0), as_result(captions),
+                RunLayout(root)).fingerprint == base
+    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.3), as_result(captions),
+                RunLayout(root)).fingerprint != base
     with pytest.raises(ValueError, match="a swap needs at least 2 captions"):
         planned_samples(SynthesizeConfig(**TINY, wrong_image_fraction=0.05), as_result(captions))
     with pytest.raises(ValueError, match="less than 1"):
@@ -78,8 +81,10 @@ def _images(stage: str) -> dict[str, tuple[np.ndarray, dict]]:
 @pytest.mark.heavy
 def test_a_swapped_caption_gets_exactly_the_image_its_source_caption_gets_unswapped(captions, tmp_path):
     root = str(tmp_path / "runs")
-    clean = _images(run_synthesize(SynthesizeConfig(**TINY, image_format="png"), captions, root).path)
-    r = run_synthesize(SynthesizeConfig(**TINY, image_format="png", wrong_image_fraction=0.4), captions, root)
+    clean = _images(run_synthesize(SynthesizeConfig(**TINY, image_format="png"), as_result(captions),
+                                   RunLayout(root)).path)
+    r = run_synthesize(SynthesizeConfig(**TINY, image_format="png", wrong_image_fraction=0.4), as_result(captions),
+                       RunLayout(root))
     wrong = _images(r.path)
     status = {row["caption_id"]: row for row in tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()}
     swapped = {cid for cid, row in status.items() if row["rendered_from"]}

@@ -19,9 +19,11 @@ from PIL import Image
 
 from pcm.clip import ClipSpec, clip_head, encode_images, encode_texts, load_clip
 from pcm.identity import clip_content_id
+from pcm.stages.contract import as_result
 from pcm.stages.encode import plan, run_encode, verify
 from storage import tables
 from storage.arrays import open_arrays
+from storage.layout import RunLayout
 from storage.shards import done_path, is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +110,8 @@ def test_missing_weights_offline_give_one_clear_error():
 def test_run_encode_outputs(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", corrupt="c0005", images_dir=tmp_path / "coco")
     cfg = tiny_encode_config(images_root=str(tmp_path / "coco"), real_shard_size=3)
-    result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
-    sd = plan(cfg, cap, syn, str(tmp_path / "runs"))
+    result = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    sd = plan(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
     assert verify(sd) is None and not result.cached
     assert result.counts["images"] == 12 and result.counts["concepts"] >= 6
     assert (result.counts["images_ok"], result.counts["images_failed"]) == (11, 1)
@@ -167,7 +169,7 @@ def test_run_encode_outputs(tmp_path):
     np.testing.assert_allclose(by_name["dog"]["embedding"], expect, atol=1e-6)
     assert by_name["dog"]["model"] == "tiny/seed-0"
 
-    again = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
+    again = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
     assert again.cached and again.fingerprint == result.fingerprint
 
 
@@ -185,7 +187,7 @@ def test_score_histogram_is_a_png_and_the_same_each_time(tmp_path):
 
 def test_real_images_skipped_without_images_root(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
-    result = run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
+    result = run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
     assert result.counts["real"] == 0 and "images_root" in result.extra["real_note"]
 
 
@@ -194,7 +196,7 @@ def test_a_synthetic_shard_lost_after_synthesis_is_an_error_naming_it(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
     (Path(syn) / "shards" / "shard-000001.done.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard-000001\.tar: synthetic shard missing or unfinished"):
-        run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
+        run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
 
 
 def test_vocabulary_file_replaces_extraction(tmp_path):
@@ -202,30 +204,31 @@ def test_vocabulary_file_replaces_extraction(tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("# my concepts\nzebra\ndog\n\nteddy bear\n")
     cfg = tiny_encode_config(vocabulary_file=str(vocab), prompt="a picture of {c}")
-    result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
+    result = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
     rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
     assert [(r["concept"], r["count"]) for r in rows] == [("zebra", 0), ("dog", 2), ("teddy bear", 0)]
     clip = load_clip(cfg.clip)
     np.testing.assert_allclose(rows[2]["embedding"], encode_texts(clip, ["a picture of teddy bear"])[0], atol=1e-6)
     vocab.write_text("zebra\n")  # a different file content is a different stage directory
-    assert plan(cfg, cap, syn, str(tmp_path / "runs")).fingerprint != result.fingerprint
+    assert plan(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs")).fingerprint != result.fingerprint
 
 
 def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_clip(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("zebra\ndog\nteddy bear\n")
-    source = run_encode(tiny_encode_config(vocabulary_file=str(vocab)), cap, syn, str(tmp_path / "runs"))
+    source = run_encode(tiny_encode_config(vocabulary_file=str(vocab)), as_result(cap), as_result(syn),
+                        RunLayout(tmp_path / "runs"))
     # Another run (another CLIP seed preset, another prompt) takes the first stage's words.
     cfg = tiny_encode_config(clip={"model": "tiny-l14", "precision": "fp32"}, concepts_from=source.path,
                       prompt="a picture of {c}")
-    result = run_encode(cfg, cap, syn, str(tmp_path / "runs"))
+    result = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
     rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
     assert [(r["concept"], r["count"]) for r in rows] == [("zebra", 0), ("dog", 2), ("teddy bear", 0)]
     np.testing.assert_allclose(rows[0]["embedding"], encode_texts(load_clip(cfg.clip), ["a picture of zebra"])[0],
                                atol=1e-6)
     with pytest.raises(ValueError, match="concepts_from=.* is a synthesize stage"):
-        plan(tiny_encode_config(concepts_from=syn), cap, syn, str(tmp_path / "runs"))
+        plan(tiny_encode_config(concepts_from=syn), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
     with pytest.raises(ValueError, match="not both"):
         tiny_encode_config(concepts_from=source.path, vocabulary_file=str(vocab))
 
@@ -247,8 +250,9 @@ def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
 
 def test_workers_give_the_same_features(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
-    a = run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
-    b = run_encode(tiny_encode_config(num_workers=2, batch_size=3), cap, syn, str(tmp_path / "other"))
+    a = run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    b = run_encode(tiny_encode_config(num_workers=2, batch_size=3), as_result(cap), as_result(syn),
+                   RunLayout(tmp_path / "other"))
     assert a.fingerprint == b.fingerprint  # workers are a runtime setting
     for s in range(3):
         x, _ = open_arrays(Path(a.path) / "features" / f"shard-{s:06d}.safetensors")
@@ -258,9 +262,12 @@ def test_workers_give_the_same_features(tmp_path):
 
 KILLED_RUN = """
 import sys, time
+from pcm.stages.contract import load_result
 from pcm.stages.encode import EncodeConfig, run_encode
+from storage.layout import RunLayout
 cfg = EncodeConfig.model_validate({cfg!r})
-run_encode(cfg, {cap!r}, {syn!r}, {root!r}, progress=lambda done, total, msg: time.sleep(2))
+run_encode(cfg, load_result({cap!r}), load_result({syn!r}), RunLayout({root!r}),
+           progress=lambda done, total, msg: time.sleep(2))
 """
 
 
@@ -269,7 +276,7 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=4, per_shard=3)
     cfg = tiny_encode_config()
     root = str(tmp_path / "runs")
-    sd = plan(cfg, cap, syn, root)
+    sd = plan(cfg, as_result(cap), as_result(syn), RunLayout(root))
     code = KILLED_RUN.format(cfg=cfg.model_dump(mode="json"), cap=cap, syn=syn, root=root)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 60
@@ -283,9 +290,9 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     done_before = [s for s in range(4) if is_done(sd.shard_file("features", s, "safetensors"))]
     assert 1 <= len(done_before) < 4 and not sd.done_marker.exists()
 
-    resumed = run_encode(cfg, cap, syn, root)
+    resumed = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(root))
     assert resumed.counts["encoded_now"] == 3 * (4 - len(done_before))   # pending shards only
-    clean = run_encode(cfg, cap, syn, str(tmp_path / "clean"))
+    clean = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "clean"))
     for s in range(4):
         x, mx = open_arrays(Path(resumed.path) / "features" / f"shard-{s:06d}.safetensors")
         y, my = open_arrays(Path(clean.path) / "features" / f"shard-{s:06d}.safetensors")
@@ -306,9 +313,9 @@ def test_shards_made_from_another_ingest_stage_are_refused_naming_both(tmp_path)
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     record = StageDir.at(syn).config_file
     atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "a" * 16}})
-    plan(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))          # the shards' own captions: fine
+    plan(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))          # the shards' own captions: fine
     atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "d" * 16}})
     with pytest.raises(ValueError, match=f"made from the ingest stage {'d' * 16}.*not from captions=.*ingest {'a' * 16}"):
-        plan(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
+        plan(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
     with pytest.raises(ValueError, match=f"ingest {'a' * 16}"):
-        run_encode(tiny_encode_config(), cap, syn, str(tmp_path / "runs"))
+        run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))

@@ -12,6 +12,7 @@ from builders import ENCODED, TEST_IMAGES, evaluate_inputs, mark_done, tiny_eval
 from typer.testing import CliRunner
 
 from pcm.metrics import spice_missing
+from pcm.stages.contract import as_result
 from storage import tables
 from storage.layout import RunLayout
 
@@ -30,7 +31,8 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
 
     root = str(run["layout"].root)
     cfg = tiny_evaluate_config(published="coco-vitb32", batch_size=3)  # 4 images in 2 batches
-    result = ev.run_evaluate(cfg, run["train"], run["encode"], run["captions"], root)
+    result = ev.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+                             RunLayout(root))
     sd = run["layout"].stage_from_path(result.path)
 
     # predictions.json: COCO results format, integer ids where they are integers, in real.parquet order.
@@ -72,21 +74,23 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
     # Same inputs and config: the finished stage is reused without any work.
     monkeypatch.setattr(ev, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
     monkeypatch.setattr("pcm.metrics.score_captions", lambda *a, **k: pytest.fail("scored again"))
-    again = ev.run_evaluate(cfg, run["train"], run["encode"], run["captions"], root)
+    again = ev.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+                            RunLayout(root))
     assert again.cached and again.path == result.path
     monkeypatch.undo()
 
     # Killed after decoding: the rerun reuses predictions.json and redoes only the scoring.
     sd.file("metrics.json").unlink()
     monkeypatch.setattr(ev, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
-    resumed = ev.run_evaluate(cfg, run["train"], run["encode"], run["captions"], root)
+    resumed = ev.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+                              RunLayout(root))
     assert not resumed.cached
     assert json.loads(sd.file("metrics.json").read_text())["metrics"] == summary["metrics"]
 
 
 def test_protocol_follows_the_datasets_passed(run):
+    from pcm.stages.contract import load_result
     from pcm.stages.evaluate import protocol
-    from pcm.stages.stage import load_result
 
     train = load_result(run["train"])
     assert protocol(train, load_result(run["captions"])) == ("in-domain", "demo", "demo")
@@ -100,9 +104,11 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
 
     root = str(tmp_path / "other")
     with pytest.raises(ValueError, match="--encode .*'ingest' stage directory; expected a 'encode' one"):
-        run_evaluate(tiny_evaluate_config(), run["train"], run["captions"], run["captions"], root)
+        run_evaluate(tiny_evaluate_config(), as_result(run["train"]), as_result(run["captions"]),
+                     as_result(run["captions"]), RunLayout(root))
     with pytest.raises(ValueError, match="no encoded val images"):
-        run_evaluate(tiny_evaluate_config(split="val"), run["train"], run["encode"], run["captions"], root)
+        run_evaluate(tiny_evaluate_config(split="val"), as_result(run["train"]), as_result(run["encode"]),
+                     as_result(run["captions"]), RunLayout(root))
     with pytest.raises(ValueError, match="unknown published setting 'coco-vit-h'"):
         EvaluateConfig(published="coco-vit-h")
     # Features from another CLIP than the checkpoint's are refused before decoding.
@@ -113,7 +119,8 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
         (enc.path / name).write_bytes((Path(run["encode"]) / name).read_bytes())
     mark_done(enc, extra={"clip": {"model": "ViT-B-32", "pretrained": "openai", "precision": "fp16", "pool": None}})
     with pytest.raises(ValueError, match="another CLIP than the model's.*model: checkpoint 'tiny' vs features 'ViT-B-32'"):
-        run_evaluate(tiny_evaluate_config(), run["train"], str(enc.path), run["captions"], root)
+        run_evaluate(tiny_evaluate_config(), as_result(run["train"]), as_result(str(enc.path)),
+                     as_result(run["captions"]), RunLayout(root))
 
 
 @pytest.mark.heavy  # a whole evaluate through the CLI: decoding and the Java scorers

@@ -13,6 +13,7 @@ from pcm.toyworld import world
 from pcm.toyworld.counterfactual import CHANGES, Group, parse, variants
 from pcm.toyworld.dataset import SHIPPED_MODELS
 from pcm.toyworld.scenes import scene_set
+from storage.layout import RunLayout
 
 
 def _captions(n_scenes: int, seed: int = 0) -> list[tuple[world.Scene, str]]:
@@ -154,10 +155,10 @@ def test_the_stage_report_judges_a_synthesize_stage_writes_its_file_and_reuses_i
 
     data = tmp_path / "world"
     build(data, n_captions=60, n_val=1, n_test=1, train_images=True)
-    ing = run_ingest(IngestConfig(source=str(data / "dataset_toyworld.json"), name="tw"), str(tmp_path / "runs"))
+    ing = run_ingest(IngestConfig(source=str(data / "dataset_toyworld.json"), name="tw"), RunLayout(tmp_path / "runs"))
     cfg = SynthesizeConfig(model="tiny", paired_images=str(data), height=32, width=32, shard_size=25,
                            image_format="png", progress_bar=False, device="cpu")
-    stage = run_synthesize(cfg, ing.path, str(tmp_path / "runs")).path
+    stage = run_synthesize(cfg, ing, RunLayout(tmp_path / "runs")).path
     monkeypatch.setattr("pcm.toyworld.quality.load_toy_clip", lambda _dir: toy_clip)
 
     r = faithfulness.stage_report(stage, n=40, seed=3)

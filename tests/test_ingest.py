@@ -13,6 +13,7 @@ from PIL import Image
 
 from pcm.stages.ingest import IngestConfig, checked_summary, plan, run_ingest, verify
 from storage import tables
+from storage.layout import RunLayout
 from storage.shards import check_key
 
 
@@ -52,7 +53,7 @@ def karpathy(tmp_path: Path) -> Path:
 
 
 def ingest(source: Path, root: Path, **options):
-    return run_ingest(IngestConfig(source=str(source), **options), str(root))
+    return run_ingest(IngestConfig(source=str(source), **options), RunLayout(root))
 
 
 # -- formats ----------------------------------------------------------------------------
@@ -90,9 +91,9 @@ def test_a_run_hashes_its_caption_file_once(karpathy, tmp_path, monkeypatch):
     monkeypatch.setattr(fingerprint, "file_digest", lambda p: calls.append(p) or real(p))
     monkeypatch.setattr(fingerprint, "_INPUT_DIGESTS", {})  # as in a fresh process
     config = IngestConfig(source=str(karpathy))
-    first = plan(config, str(tmp_path / "runs"))
-    assert plan(config, str(tmp_path / "runs")) == first
-    assert run_ingest(config, str(tmp_path / "runs")).fingerprint == first.fingerprint
+    first = plan(config, RunLayout(tmp_path / "runs"))
+    assert plan(config, RunLayout(tmp_path / "runs")) == first
+    assert run_ingest(config, RunLayout(tmp_path / "runs")).fingerprint == first.fingerprint
     assert len(calls) == 1
 
 
@@ -476,22 +477,23 @@ def test_subset_drops_are_logged_as_not_selected_not_rejected(tmp_path, caplog):
 def test_fingerprint_follows_file_content_and_every_config_field(karpathy, tmp_path):
     root = str(tmp_path / "runs")
     base = IngestConfig(source=str(karpathy))
-    fp = plan(base, root).fingerprint
+    fp = plan(base, RunLayout(root)).fingerprint
     alternatives = {"format": "karpathy", "name": "other", "splits": ["train"], "default_split": "val",
                     "text_column": "t", "image_id_column": "i", "split_column": "s", "image_path_column": "p",
                     "dedup": False, "subset": 5, "fraction": 0.5, "seed": 1, "max_chars": 10}
     assert set(alternatives) == set(IngestConfig.model_fields) - IngestConfig.RUNTIME
-    fps = {plan(IngestConfig(**(base.model_dump() | {k: v})), root).fingerprint for k, v in alternatives.items()}
+    fps = {plan(IngestConfig(**(base.model_dump() | {k: v})), RunLayout(root)).fingerprint for k,
+           v in alternatives.items()}
     assert len(fps) == len(alternatives) and fp not in fps
-    assert plan(IngestConfig(source=str(karpathy), splits=["test", "train", "val"]), root).fingerprint == fp
+    assert plan(IngestConfig(source=str(karpathy), splits=["test", "train", "val"]), RunLayout(root)).fingerprint == fp
     copy = tmp_path / "elsewhere" / karpathy.name                             # same name and bytes: same stage
     copy.parent.mkdir()
     shutil.copy(karpathy, copy)
-    assert plan(IngestConfig(source=str(copy)), root).fingerprint == fp
+    assert plan(IngestConfig(source=str(copy)), RunLayout(root)).fingerprint == fp
     doc = karpathy_doc()
     doc["images"][0]["sentences"][0]["raw"] = "a dog on a sofa."
     write_json(karpathy, doc)
-    assert plan(base, root).fingerprint != fp
+    assert plan(base, RunLayout(root)).fingerprint != fp
 
 
 def test_rerun_returns_the_cached_result_and_redoes_missing_output(karpathy, tmp_path):
@@ -500,8 +502,8 @@ def test_rerun_returns_the_cached_result_and_redoes_missing_output(karpathy, tmp
     mtime = out.stat().st_mtime_ns
     again = ingest(karpathy, tmp_path / "runs")
     assert again.cached and not first.cached and again.counts == first.counts and out.stat().st_mtime_ns == mtime
-    assert run_ingest(IngestConfig(source=str(karpathy)), str(tmp_path / "runs"), force=True).cached is False
-    sd = plan(IngestConfig(source=str(karpathy)), str(tmp_path / "runs"))
+    assert run_ingest(IngestConfig(source=str(karpathy)), RunLayout(tmp_path / "runs"), force=True).cached is False
+    sd = plan(IngestConfig(source=str(karpathy)), RunLayout(tmp_path / "runs"))
     out.unlink()
     assert verify(sd) == "captions.parquet missing"
     redone = ingest(karpathy, tmp_path / "runs")
@@ -657,5 +659,5 @@ def test_a_csv_bar_counts_the_files_lines_and_the_pre_run_check_shows_none(tmp_p
     _, rows = read_source(config)
     err = capsys.readouterr().err
     assert len(rows.raw) == 3 and "ingest mine.csv:" in err and "0/5 [" in err and "row [" not in err
-    assert splits_present(config, str(tmp_path / "runs")) == {"train", "test", "val"}
+    assert splits_present(config, RunLayout(tmp_path / "runs")) == {"train", "test", "val"}
     assert capsys.readouterr().err == ""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from builders import encode_inputs, tiny_encode_config
 
+from pcm.stages.contract import as_result
 from pcm.stages.encode import plan, run_encode
 from storage import shards, tables
 from storage.arrays import open_arrays, read_header, write_arrays
@@ -70,17 +71,17 @@ def test_encode_refuses_a_corrupt_synthetic_shard_naming_it_and_the_digests(tmp_
     found = file_digest(tar)
     config = tiny_encode_config(num_workers=workers)
     with pytest.raises(ValueError) as e:
-        run_encode(config, cap, syn, str(root))
+        run_encode(config, as_result(cap), as_result(syn), RunLayout(root))
     msg = str(e.value)
     # The shard's own message, not a DataLoader worker's wrapped traceback.
     assert msg.startswith(f"{tar}: corrupt shard") and "Traceback" not in msg
     assert f"sha256 {found}" in msg and f"says {stored}" in msg
     assert "delete it and its .done.json and rerun the stage that wrote it" in msg
-    sd = plan(config, cap, syn, str(root))
+    sd = plan(config, as_result(cap), as_result(syn), RunLayout(root))
     assert not sd.done_marker.exists() and not sd.file("scores.parquet").exists()
     assert not shards.is_done(sd.shard_file("features", 1, "safetensors"))
     tar.write_bytes(whole)  # the shard restored: the rerun finishes with every row ok
-    r = run_encode(config, cap, syn, str(root))
+    r = run_encode(config, as_result(cap), as_result(syn), RunLayout(root))
     assert r.counts["images_ok"] == 4 and r.counts["images_failed"] == 0
 
 
@@ -256,7 +257,7 @@ def test_undecodable_images_give_the_same_error_rows_on_every_run(tmp_path):
         cap, syn = encode_inputs(root, n_shards=1, per_shard=3, corrupt="c0001", images_dir=images)
         (images / "images" / "img1.jpg").write_bytes(b"not an image at all")
         config = tiny_encode_config(images_root=str(images), real_shard_size=4)
-        r = run_encode(config, cap, syn, str(root))
+        r = run_encode(config, as_result(cap), as_result(syn), RunLayout(root))
         sd = Path(r.path)
         outputs.append({name: (sd / name).read_bytes() for name in
                         ("features/shard-000000.scores.parquet", "real/shard-000000.status.parquet",

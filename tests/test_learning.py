@@ -14,7 +14,6 @@ from pcm.stages.pipeline import resolve, run_pipeline
 from pcm.toyworld.dataset import shipped_paths
 from pcm.toyworld.score import attribute_accuracy
 from storage.atomic import read_json
-from storage.layout import StageDir
 
 pytestmark = pytest.mark.heavy  # two real pipeline runs on the toy world (minutes)
 
@@ -27,7 +26,7 @@ SMALL = {"ingest.subset": 600, "synthesize.steps": 5, "train.epochs": 10, "train
 
 def run(root, **extra) -> dict:
     r = run_pipeline(resolve("demo", SMALL | extra), str(root))
-    summary = read_json(StageDir.at(r["evaluate"].path).file("metrics.json"))
+    summary = read_json(r["evaluate"].stage_dir.file("metrics.json"))
     return {"cider": summary["metrics"]["CIDEr"], "control": summary["control"]["metrics"]["CIDEr"],
             "attributes": attribute_accuracy(r["evaluate"].path, r["ingest"].path, shipped_paths()[0])}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pcm.stages.contract import as_result
 from storage import publish
 from storage.layout import RunLayout, StageDir
 from storage.lock import LockHeld
@@ -262,7 +263,7 @@ def test_a_withdrawal_is_refused_when_the_marker_changed_since_it_was_read(bucke
 
 
 def test_a_stage_committed_by_another_host_first_is_adopted(bucket, store, tmp_path, monkeypatch):
-    from pcm.stages.stage import finish, open_stage
+    from pcm.stages.contract import finish, open_stage
     from storage import lease
 
     _mirror(monkeypatch, tmp_path, "a")
@@ -294,13 +295,13 @@ def test_a_card_is_replaced_only_over_the_copy_read(bucket, store, tmp_path, mon
 
 
 def open_stage_of(url: str) -> StageDir:
-    from pcm.stages.stage import open_stage
+    from pcm.stages.contract import open_stage
 
     return open_stage(_planned(url))
 
 
 def test_a_forced_stage_rerun_replaces_same_sized_files_in_the_store(bucket, store, tmp_path, monkeypatch):
-    from pcm.stages.stage import drop_marker, finish, open_stage
+    from pcm.stages.contract import drop_marker, finish, open_stage
 
     _mirror(monkeypatch, tmp_path, "a")
     sd = open_stage(_planned(f"s3://{bucket}/run"))
@@ -340,7 +341,7 @@ def test_a_shard_is_published_marker_last_and_fetched_by_another_worker(bucket, 
 def test_publication_leaves_no_temporary_key_and_deletes_nothing_it_did_not_write(bucket, store, tmp_path, monkeypatch):
     """One conditional PUT per final key: nothing temporary to clean, so a key another writer left (here an old
     version's `.tmp-` upload) stays."""
-    from pcm.stages.stage import finish, open_stage
+    from pcm.stages.contract import finish, open_stage
 
     _mirror(monkeypatch, tmp_path, "a")
     sd = open_stage(_planned(f"s3://{bucket}/run"))
@@ -390,7 +391,7 @@ def test_a_shard_published_after_a_listing_is_seen(bucket, store, tmp_path, monk
 
 
 def test_a_stage_whose_publishing_was_cut_short_is_published_when_found_cached(bucket, store, tmp_path, monkeypatch):
-    from pcm.stages.stage import cached, finish, open_stage
+    from pcm.stages.contract import cached, finish, open_stage
 
     _mirror(monkeypatch, tmp_path, "a")
     sd = open_stage(_planned(f"s3://{bucket}/run"))
@@ -403,7 +404,7 @@ def test_a_stage_whose_publishing_was_cut_short_is_published_when_found_cached(b
 
 
 def test_a_stage_named_by_url_is_fetched_with_its_marker_and_results_name_the_url(bucket, tmp_path, monkeypatch):
-    from pcm.stages.stage import finish, load_result, open_stage
+    from pcm.stages.contract import finish, load_result, open_stage
 
     url = f"s3://{bucket}/run"
     _mirror(monkeypatch, tmp_path, "a")
@@ -417,8 +418,8 @@ def test_a_stage_named_by_url_is_fetched_with_its_marker_and_results_name_the_ur
     _mirror(monkeypatch, tmp_path, "b")
     got = load_result(result.path)
     assert got.path == result.path and got.counts == {"rows": 1}
-    assert StageDir.at(result.path).file("captions.parquet").read_bytes() == b"PAR1"
-    assert got.dir == StageDir.at(result.path).path and got.dir.is_relative_to(tmp_path / "b")
+    assert result.stage_dir.file("captions.parquet").read_bytes() == b"PAR1"
+    assert got.dir == result.stage_dir.path and got.dir.is_relative_to(tmp_path / "b")
 
 
 def _planned(url: str) -> StageDir:
@@ -589,13 +590,13 @@ def test_the_whole_pipeline_evaluate_included_finishes_on_an_s3_root_and_is_reus
     first = run_pipeline(cfg, url)
     assert all(first[s].cached for s in upstream) and not first["evaluate"].cached
     assert first["evaluate"].path.startswith(url) and "CIDEr" in json.loads(
-        StageDir.at(first["evaluate"].path).metrics.read_text())["metrics"]
+        first["evaluate"].stage_dir.metrics.read_text())["metrics"]
     # The same evaluation on a local root (its inputs read from the bucket) gives the same captions and scores.
     from pcm.stages.evaluate import run_evaluate
 
-    local = run_evaluate(cfg.evaluate, first["train"], first["encode"], first["ingest"], str(tmp_path / "local"))
+    local = run_evaluate(cfg.evaluate, first["train"], first["encode"], first["ingest"], RunLayout(tmp_path / "local"))
     assert local.fingerprint == first["evaluate"].fingerprint
-    assert StageDir.at(local.path).predictions.read_bytes() == StageDir.at(first["evaluate"].path).predictions.read_bytes()
+    assert local.stage_dir.predictions.read_bytes() == first["evaluate"].stage_dir.predictions.read_bytes()
     _mirror(monkeypatch, tmp_path, "host-c")            # another host, an empty working copy: all reused
     second = run_pipeline(cfg, url)
     assert all(r.cached for r in second.values()) and second["evaluate"].path == first["evaluate"].path
@@ -626,6 +627,8 @@ import torch
 torch.set_num_threads(1)
 from storage import publish
 from pcm.stages.train import TrainConfig, run_train
+from pcm.stages.contract import load_result
+from storage.layout import RunLayout
 
 real = publish.publish_checkpoint
 
@@ -635,7 +638,8 @@ def publish_then_die(step_dir, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
 publish.publish_checkpoint = publish_then_die
-run_train(TrainConfig.model_validate_json(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])
+run_train(TrainConfig.model_validate_json(sys.argv[1]), load_result(sys.argv[2]), load_result(sys.argv[3]),
+          RunLayout(sys.argv[4]))
 """
 
 
@@ -648,7 +652,7 @@ def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkp
 
     config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=1)   # 16 steps
     cap, enc = train_inputs(tmp_path / "inputs")
-    ref = run_train(config, cap, enc, str(tmp_path / "ref"))          # uninterrupted, on a local root
+    ref = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "ref"))          # uninterrupted, on a local root
 
     url = f"s3://{bucket}/run"
     env = {**child_env(), "PCM_MIRROR_DIR": str(tmp_path / "host-a"), "PCM_LEASE_SECONDS": "2"}
@@ -667,7 +671,7 @@ def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkp
     from storage import checkpoints as ckpts
     real_fetch = ckpts.fetch_published
     monkeypatch.setattr(ckpts, "fetch_published", lambda *a: fetched.append(real_fetch(*a)) or fetched[-1])
-    resumed = run_train(config, cap, enc, url)
+    resumed = run_train(config, as_result(cap), as_result(enc), RunLayout(url))
     assert fetched and fetched[0] is not None and fetched[0].name == "step-00000008"   # resumed there, not at 0
     b_dir = Path(resumed.dir)
     mine, theirs = b_dir / "checkpoints" / "step-00000016", Path(ref.path) / "checkpoints" / "step-00000016"

@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 
 from pcm import refine as rules
 from pcm.dataset import FeatureStore, load_pairs
+from pcm.stages.contract import as_result
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
 from pcm.stages.train import plan as train_plan
 from pcm.stages.train import run_train
 from storage import manifests
 from storage.arrays import open_arrays
-from storage.layout import StageDir
+from storage.layout import RunLayout, StageDir
 
 
 # ---------------------------------------------------------------------- the rules, against plain computations
@@ -132,8 +133,8 @@ def small(**kw) -> RefineConfig:
 def test_sync_stage_writes_every_caption_with_its_image_score_and_reason(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    result = run_refine(small(), cap, enc, root)
-    rows = {r["caption_id"]: r for r in manifests.PAIRS.read(StageDir.at(result.path)).to_pylist()}
+    result = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
+    rows = {r["caption_id"]: r for r in manifests.PAIRS.read(result.stage_dir).to_pylist()}
     assert set(rows) == {f"c{i:04d}" for i in range(N)} | {"c9999", "c0100"}   # every training caption
     assert rows["c9999"]["status"] == "dropped" and rows["c9999"]["reason"] == "not encoded: decode error"
     assert rows["c0100"]["status"] == "dropped" and "no synthetic image" in rows["c0100"]["reason"]
@@ -159,28 +160,29 @@ def test_sync_stage_writes_every_caption_with_its_image_score_and_reason(tmp_pat
         want = scores[cid]["clip_score"] if r["image_caption_id"] == cid else t @ g / np.linalg.norm(g)
         assert r["clip_score"] == pytest.approx(want, abs=1e-5)
     # A second call is the cached stage.
-    again = run_refine(small(), cap, enc, root)
-    assert again.cached and again.path == result.path and verify(StageDir.at(result.path)) is None
+    again = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
+    assert again.cached and again.path == result.path and verify(result.stage_dir) is None
 
 
 def test_clip_filter_keeps_the_original_pairs_with_the_best_clip_scores(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    result = run_refine(small(method="clip-filter", keep_fraction=0.5), cap, enc, root)
-    rows = [r for r in manifests.PAIRS.read(StageDir.at(result.path)).to_pylist() if r["rank"] is not None]
+    result = run_refine(small(method="clip-filter", keep_fraction=0.5), as_result(cap), as_result(enc), RunLayout(root))
+    rows = [r for r in manifests.PAIRS.read(result.stage_dir).to_pylist() if r["rank"] is not None]
     assert all(r["image_caption_id"] == r["caption_id"] and r["score"] == r["clip_score"] for r in rows)
     by_score = sorted(rows, key=lambda r: -r["score"])
     assert [r["status"] for r in by_score] == ["kept"] * 4 + ["dropped"] * 4
     # k and i2t_k mean nothing to clip-filter: not in its fingerprint.
-    assert plan(small(method="clip-filter", keep_fraction=0.5, k=9), cap, enc, root).fingerprint == result.fingerprint
+    assert plan(small(method="clip-filter", keep_fraction=0.5, k=9), as_result(cap), as_result(enc),
+                RunLayout(root)).fingerprint == result.fingerprint
 
 
 def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    ref = run_refine(small(), cap, enc, root)
-    kept = {r["caption_id"]: r for r in manifests.PAIRS.read(StageDir.at(ref.path)).to_pylist() if r["status"] == "kept"}
-    pairs = load_pairs(cap, enc, refine=ref.path)
+    ref = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
+    kept = {r["caption_id"]: r for r in manifests.PAIRS.read(ref.stage_dir).to_pylist() if r["status"] == "kept"}
+    pairs = load_pairs(StageDir.at(cap), StageDir.at(enc), refine=ref.stage_dir)
     assert pairs.caption_ids == sorted(kept)
     assert pairs.image_keys == [kept[c]["image_caption_id"] for c in pairs.caption_ids]
     np.testing.assert_array_equal(pairs.shard, [kept[c]["shard"] for c in pairs.caption_ids])
@@ -188,37 +190,40 @@ def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     np.testing.assert_allclose(pairs.clip_score, [kept[c]["clip_score"] for c in pairs.caption_ids])
     FeatureStore(StageDir.at(enc), "features").check_rows(pairs.shard, pairs.row, pairs.image_keys)
 
-    trained = run_train(tiny_train_config(epochs=1, val_metric="loss"), cap, enc, root, refine=ref)
+    trained = run_train(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+                        RunLayout(root), refine=ref)
     assert trained.counts["train_pairs"] == len(kept)
     assert json.loads((Path(trained.path) / "config.json").read_text())["inputs"]["refine"] == ref.fingerprint
     # The same train config without the refine stage is another directory, on every caption.
-    assert train_plan(tiny_train_config(epochs=1, val_metric="loss"), cap, enc, root).fingerprint != trained.fingerprint
+    assert train_plan(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+                      RunLayout(root)).fingerprint != trained.fingerprint
 
 
 def test_a_refine_stage_of_other_inputs_is_refused(tmp_path):
     import shutil
 
     cap, enc = refine_inputs(tmp_path / "runs")
-    ref = run_refine(small(), cap, enc, str(tmp_path / "runs"))
+    ref = run_refine(small(), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
     other = tmp_path / "other" / "encode" / ("d" * 16)   # the same files under another encode's fingerprint
     shutil.copytree(enc, other)
     with pytest.raises(ValueError, match=f"made from encode {'b' * 16}, not {other}"):
-        load_pairs(cap, other, refine=ref.path)
+        load_pairs(StageDir.at(cap), StageDir.at(other), refine=ref.stage_dir)
 
 
 # ---------------------------------------------------------------------- the train fingerprint
 def test_without_refine_the_train_fingerprint_is_the_one_before_the_stage_existed(tmp_path):
     root = str(tmp_path / "runs")
-    cap, enc = train_inputs(tmp_path / "runs")
+    cap, enc = map(as_result, train_inputs(tmp_path / "runs"))
     # Computed with the code before the refine stage (commit e81f87e) for the same inputs and config.
-    assert train_plan(tiny_train_config(), cap, enc, root).fingerprint == "81b7a648633c5907"
-    assert train_plan(tiny_train_config(), cap, enc, root, refine=None).fingerprint == "81b7a648633c5907"
+    assert train_plan(tiny_train_config(), cap, enc, RunLayout(root)).fingerprint == "81b7a648633c5907"
+    assert train_plan(tiny_train_config(), cap, enc, RunLayout(root),
+                      refine=None).fingerprint == "81b7a648633c5907"
     from pcm.stages.pipeline import resolve
 
     assert resolve("demo").refine.enabled is False
-    assert train_plan(resolve("demo").train, cap, enc, root).fingerprint == "a7811b227f0865d9"
+    assert train_plan(resolve("demo").train, cap, enc, RunLayout(root)).fingerprint == "a7811b227f0865d9"
     # `enabled` is not content: the stage's directory is the same either way.
-    assert plan(RefineConfig(enabled=True), cap, enc, root) == plan(RefineConfig(), cap, enc, root)
+    assert plan(RefineConfig(enabled=True), cap, enc, RunLayout(root)) == plan(RefineConfig(), cap, enc, RunLayout(root))
 
 
 # ---------------------------------------------------------------------- bad inputs
@@ -227,14 +232,14 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     cap, enc = refine_inputs(tmp_path / "runs")
     empty = finished_stage(tmp_path / "other", "encode", "f" * 16)
     with pytest.raises(FileNotFoundError, match="scores.parquet"):
-        run_refine(small(), cap, empty, root)
+        run_refine(small(), as_result(cap), as_result(empty), RunLayout(root))
     with pytest.raises(ValueError, match="encode=.* is a ingest stage directory"):
-        run_refine(small(), cap, cap, root)
+        run_refine(small(), as_result(cap), as_result(cap), RunLayout(root))
     for bad in ({"keep_fraction": 0}, {"keep_fraction": 1.5}, {"k": 0}, {"i2t_k": 0}, {"method": "magic"}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             RefineConfig(**bad)
     with pytest.raises(ValueError, match="keeps none of the 8 pairs"):
-        run_refine(small(keep_fraction=0.1), cap, enc, root)
+        run_refine(small(keep_fraction=0.1), as_result(cap), as_result(enc), RunLayout(root))
 
 
 # ---------------------------------------------------------------------- a kill mid-stage
@@ -242,13 +247,16 @@ KILLED_WRITE = """
 import sys, time
 import pyarrow.parquet as pq
 from pcm.stages.refine import RefineConfig, run_refine
+from pcm.stages.contract import load_result
+from storage.layout import RunLayout
 write = pq.write_table
 def slow(table, where, **kw):
     write(table, where, **kw)        # the temporary is complete, not yet renamed to pairs.parquet
     print("written", flush=True)
     time.sleep(120)
 pq.write_table = slow
-run_refine(RefineConfig(k=4, block=3, device="cpu"), sys.argv[1], sys.argv[2], sys.argv[3])
+run_refine(RefineConfig(k=4, block=3, device="cpu"), load_result(sys.argv[1]), load_result(sys.argv[2]),
+           RunLayout(sys.argv[3]))
 """
 
 
@@ -262,10 +270,10 @@ def test_a_kill_while_writing_leaves_no_manifest_and_the_rerun_completes(tmp_pat
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    sd = plan(small(), cap, enc, root)
+    sd = plan(small(), as_result(cap), as_result(enc), RunLayout(root))
     assert not manifests.PAIRS.path(sd).exists() and not sd.done_marker.exists()
     assert [p.name for p in sd.path.iterdir() if "pairs" in p.name]  # the killed writer's temporary
-    result = run_refine(small(), cap, enc, root)
+    result = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
     assert not result.cached and verify(sd) is None
     assert [p.name for p in sd.path.iterdir() if "pairs" in p.name] == ["pairs.parquet"]
 
@@ -305,7 +313,7 @@ def test_the_pipeline_runs_refine_only_when_enabled_and_trains_on_it(tmp_path):
                       stages=("train",))
     assert on["encode"].path == off["encode"].path and on["train"].path != off["train"].path
     assert on["train"].counts["train_pairs"] == on["refine"].counts["kept"] == 3   # floor(0.9 * 4)
-    rows = manifests.PAIRS.read(StageDir.at(on["refine"].path)).to_pylist()
+    rows = manifests.PAIRS.read(on["refine"].stage_dir).to_pylist()
     scored = [r for r in rows if r["rank"] is not None]   # synthesize.limit: 4 of the training captions have images
     assert len(scored) == 4 and sorted(r["status"] for r in scored) == ["dropped"] + ["kept"] * 3
     assert all("no synthetic image" in r["reason"] for r in rows if r["rank"] is None)

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from pcm import release_concepts
 from pcm.clip import ClipSpec, load_clip
+from pcm.stages.contract import as_result
+from storage.layout import RunLayout
 
 TINY = ClipSpec(model="tiny", precision="fp32")
 
@@ -53,7 +55,8 @@ def test_import_checkpoint_writes_a_train_stage_that_reproduces_the_release_logi
     files = release_files(tmp_path / "release", tiny_clip)
     config = ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=rel.HEADS)
     root = str(tmp_path / "runs")
-    result = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), root)
+    result = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]),
+                                   RunLayout(root))
     assert result.stage == "train" and result.counts["vocabulary"] == len(rel.WORDS) + 4
     model, vocab, meta = checkpoint.load(checkpoint.find(result.path))
     assert meta["clip"]["model"] == "tiny" and meta["concepts"] == files["words"]
@@ -62,11 +65,12 @@ def test_import_checkpoint_writes_a_train_stage_that_reproduces_the_release_logi
         got = model(g, feats, rel.ours_ids(ids))[..., rel.OUT_PERM]
     torch.testing.assert_close(got, files["logits"], atol=1e-3, rtol=1e-3)   # release eps 1e-12 vs 1e-5 here
     # Cached the second time; the same files elsewhere are the same stage (content, not paths).
-    again = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), root)
+    again = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]),
+                                  RunLayout(root))
     assert again.cached and again.path == result.path
     moved = shutil.copytree(tmp_path / "release", tmp_path / "moved")
     third = run_import_checkpoint(config, str(moved / "model_final.pth"), str(moved / "vocabulary.txt"),
-                                  str(moved / "concepts_with_ensemble.pickle"), root)
+                                  str(moved / "concepts_with_ensemble.pickle"), RunLayout(root))
     assert third.path == result.path
 
 
@@ -94,9 +98,9 @@ def test_their_model_our_evaluator(tmp_path, tiny_clip):
     files = release_files(tmp_path / "release", tiny_clip)
     root = str(run["layout"].root)
     imported = run_import_checkpoint(ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=rel.HEADS),
-                                     str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), root)
-    result = run_evaluate(tiny_evaluate_config(spice="off", control=False), imported.path, run["encode"],
-                          run["captions"], root)
+                                     str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), RunLayout(root))
+    result = run_evaluate(tiny_evaluate_config(spice="off", control=False), as_result(imported.path), as_result(run["encode"]),
+                          as_result(run["captions"]), RunLayout(root))
     summary = json.loads((run["layout"].stage_from_path(result.path)).metrics.read_text())
     assert summary["counts"]["images"] == 4 and summary["protocol"] == "unknown"
     assert isinstance(summary["metrics"]["CIDEr"], float)
@@ -126,19 +130,20 @@ def test_release_concept_file_reads_torch_numpy_and_python2_bytes(tmp_path):
 def test_encode_takes_the_release_concepts_with_their_embeddings(tmp_path, tiny_clip):
     from pcm.stages.encode import run_encode
     from storage import manifests
-    from storage.layout import StageDir
 
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     words = ["dog", "man", "horse", "ball", "grass"]
     bank = torch.randn(len(words), tiny_clip.embed_dim)
     path = tmp_path / "coco400_embeddings_tiny_with_ensemble.pickle"
     path.write_bytes(pickle.dumps((words, bank)))
-    result = run_encode(tiny_encode_config(vocabulary_file=str(path)), cap, syn, str(tmp_path / "runs"))
-    rows = manifests.CONCEPTS.read(StageDir.at(result.path)).to_pylist()
+    result = run_encode(tiny_encode_config(vocabulary_file=str(path)), as_result(cap), as_result(syn),
+                        RunLayout(tmp_path / "runs"))
+    rows = manifests.CONCEPTS.read(result.stage_dir).to_pylist()
     assert [r["concept"] for r in rows] == words
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), F.normalize(bank, dim=-1).numpy(), atol=1e-6)
     assert dict((r["concept"], r["count"]) for r in rows)["dog"] >= 1      # counted in the captions, as a text list is
     wrong = tmp_path / "wrong_width.pickle"
     wrong.write_bytes(pickle.dumps((words, torch.randn(len(words), tiny_clip.embed_dim + 1))))
     with pytest.raises(ValueError, match="wrong_width.pickle: embeddings are"):
-        run_encode(tiny_encode_config(vocabulary_file=str(wrong)), cap, syn, str(tmp_path / "runs2"))
+        run_encode(tiny_encode_config(vocabulary_file=str(wrong)), as_result(cap), as_result(syn),
+                   RunLayout(tmp_path / "runs2"))

@@ -16,10 +16,11 @@ import pytest
 from builders import encode_inputs, tiny_encode_config
 
 from pcm import release_features
+from pcm.stages.contract import as_result
 from pcm.stages.encode import plan, run_encode
 from storage import release_npz
 from storage.arrays import open_arrays
-from storage.layout import StageDir
+from storage.layout import RunLayout, StageDir
 
 
 def _shard(sd: StageDir, kind: str, i: int) -> tuple[dict, list[str]]:
@@ -44,16 +45,18 @@ def write_release_files(encoded: StageDir, folder: Path, n_shards: int, scale: f
 def encoded(tmp_path_factory):
     base = tmp_path_factory.mktemp("release")
     cap, syn = encode_inputs(base / "runs", n_shards=2, per_shard=3, images_dir=base / "coco")
-    own = run_encode(tiny_encode_config(images_root=str(base / "coco")), cap, syn, str(base / "runs"))
+    own = run_encode(tiny_encode_config(images_root=str(base / "coco")), as_result(cap), as_result(syn),
+                     RunLayout(base / "runs"))
     folder = base / "release_features"
-    write_release_files(StageDir.at(own.path), folder, n_shards=2)
+    write_release_files(own.stage_dir, folder, n_shards=2)
     return {"base": base, "cap": cap, "syn": syn, "own": own, "folder": folder}
 
 
 def test_imported_features_give_the_same_stage_outputs(encoded):
     e = encoded
-    got = run_encode(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"], str(e["base"] / "runs"))
-    own, imp = StageDir.at(e["own"].path), StageDir.at(got.path)
+    got = run_encode(tiny_encode_config(imported_features=str(e["folder"])), as_result(e["cap"]), as_result(e["syn"]),
+                     RunLayout(e["base"] / "runs"))
+    own, imp = e["own"].stage_dir, got.stage_dir
     assert got.path != e["own"].path                                   # another fingerprint: other inputs
     for kind, n in (("features", 2), ("real", 1)):
         for i in range(n):
@@ -83,9 +86,10 @@ def test_training_runs_on_the_imported_features(encoded):
 
     e = encoded
     root = str(e["base"] / "runs")
-    imported = run_encode(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"], root)
-    result = run_train(tiny_train_config(max_steps=3, val_every=3), e["cap"], imported, root)
-    assert result.stage == "train" and (StageDir.at(result.path).best / "model.safetensors").exists()
+    imported = run_encode(tiny_encode_config(imported_features=str(e["folder"])), as_result(e["cap"]),
+                          as_result(e["syn"]), RunLayout(root))
+    result = run_train(tiny_train_config(max_steps=3, val_every=3), as_result(e["cap"]), imported, RunLayout(root))
+    assert result.stage == "train" and (result.stage_dir.best / "model.safetensors").exists()
 
 
 def test_the_fingerprint_sees_the_files_not_the_folder_path(encoded, tmp_path):
@@ -95,13 +99,16 @@ def test_the_fingerprint_sees_the_files_not_the_folder_path(encoded, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(e["folder"], moved)
     root = str(e["base"] / "runs")
-    a = plan(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"], root)
-    b = plan(tiny_encode_config(imported_features=str(moved)), e["cap"], e["syn"], root)
+    a = plan(tiny_encode_config(imported_features=str(e["folder"])), as_result(e["cap"]), as_result(e["syn"]),
+             RunLayout(root))
+    b = plan(tiny_encode_config(imported_features=str(moved)), as_result(e["cap"]), as_result(e["syn"]),
+             RunLayout(root))
     assert a.fingerprint == b.fingerprint
     victim = next((moved / "img_sp0").glob("*.npz"))
     np.savez_compressed(victim, features=np.zeros((1, 1), np.float32), g_feature=np.ones((1, 1), np.float32))
     release_features._cached_index.cache_clear()
-    c = plan(tiny_encode_config(imported_features=str(moved)), e["cap"], e["syn"], root)
+    c = plan(tiny_encode_config(imported_features=str(moved)), as_result(e["cap"]), as_result(e["syn"]),
+             RunLayout(root))
     assert c.fingerprint != a.fingerprint
     # Unset, the option leaves the fingerprinted content as it was before it existed.
     assert "imported_features" not in tiny_encode_config().content()
@@ -118,14 +125,15 @@ def test_a_file_of_another_width_stops_the_stage_naming_it(encoded, tmp_path):
         patches, g = z["features"], z["g_feature"]
     np.savez_compressed(victim, features=np.concatenate([patches, patches], axis=1), g_feature=g)
     with pytest.raises(release_features.FeatureMismatch, match=str(victim)):
-        run_encode(tiny_encode_config(imported_features=str(bad)), e["cap"], e["syn"], str(tmp_path / "runs"))
+        run_encode(tiny_encode_config(imported_features=str(bad)), as_result(e["cap"]), as_result(e["syn"]),
+                   RunLayout(tmp_path / "runs"))
 
 
 # -- the checks one by one, against the tiny CLIP's real patch tokens --------------------------------------
 @pytest.fixture(scope="module")
 def tiny_tokens(encoded):
-    arrays, _ = _shard(StageDir.at(encoded["own"].path), "features", 0)
-    head, _ = open_arrays(StageDir.at(encoded["own"].path).clip_head)
+    arrays, _ = _shard(encoded["own"].stage_dir, "features", 0)
+    head, _ = open_arrays(encoded["own"].stage_dir.clip_head)
     head = {k: np.array(v, dtype=np.float32) for k, v in head.items()}
     patches = arrays["patches"][0].astype(np.float32)
     g = arrays["global"][0].astype(np.float32)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from builders import Payload
 
-from pcm.stages.stage import finish
+from pcm.stages.contract import as_result, finish
 from storage import tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir
@@ -159,7 +159,7 @@ def test_feature_file_replaced_by_a_pickle_fails_without_unpickling(encode_dir, 
     if target == "clip_head":
         path = plant(encode_dir.file("clip_head.safetensors"), sentinel, kind)
         with pytest.raises(Exception, match=r"(?i)header|deserializ"):
-            load_clip_head(encode_dir.path)
+            load_clip_head(encode_dir)
     else:
         path = plant(encode_dir.shard_file(target, 0, "safetensors"), sentinel, kind)
         with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file"):
@@ -283,12 +283,12 @@ def test_ingest_refuses_caption_ids_that_are_not_safe_keys(tmp_path, sentid):
     source = tmp_path / "dataset_x.json"
     source.write_text(_karpathy(sentid=sentid))
     with pytest.raises(ValueError, match=r"images\[0\]\.sentences\[0\]: 'sentid' must be an integer or a string of"):
-        run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
+        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
     source = tmp_path / "captions.json"
     source.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}],
                                   "annotations": [{"id": sentid, "image_id": 1, "caption": "a dog"}]}))
     with pytest.raises(ValueError, match=r"annotations\[0\]: 'id' must be an integer or a string of"):
-        run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
+        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
 
 
 @pytest.mark.bad_input
@@ -311,7 +311,7 @@ def test_every_caption_id_ingest_writes_is_a_safe_key(tmp_path, file_name, conte
 
     source = tmp_path / file_name.replace("/", "_")
     source.write_text(content, encoding="utf-8")
-    r = run_ingest(IngestConfig(source=str(source)), str(tmp_path / "runs"))
+    r = run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
     ids = tables.read(Path(r.path) / "captions.parquet", tables.CAPTIONS)["caption_id"].to_pylist()
     assert ids and all(check_key(i) == i for i in ids)
 
@@ -328,7 +328,7 @@ def test_synthesize_refuses_an_unsafe_caption_id_naming_the_row(tmp_path):
     finish(sd, {"rows": 2}, 0.0)
     with pytest.raises(ValueError, match=r"captions\.parquet: row 1: invalid sample key '\.\./\.\./escape'"):
         run_synthesize(SynthesizeConfig(model="tiny", steps=1, height=32, width=32, device="cpu",
-                                        progress_bar=False), str(sd.path), str(tmp_path / "runs"))
+                                        progress_bar=False), as_result(str(sd.path)), RunLayout(tmp_path / "runs"))
     assert not list((tmp_path / "runs" / "synthesize").rglob("*.tar"))
     assert not list(tmp_path.rglob("escape*"))
 
@@ -351,7 +351,7 @@ def test_real_image_paths_cannot_escape_images_root(tmp_path):
          "sentences": [{"sentid": 2, "raw": "a red square"}]}]}))
     root = str(tmp_path / "runs")
     try:
-        captions = run_ingest(IngestConfig(source=str(source)), root).path
+        captions = run_ingest(IngestConfig(source=str(source)), RunLayout(root)).path
     except ValueError as e:  # refusing the caption file is a fine outcome
         assert "filepath" in str(e)
         return
@@ -361,7 +361,7 @@ def test_real_image_paths_cannot_escape_images_root(tmp_path):
     config = EncodeConfig.model_validate({"clip": {"model": "tiny", "precision": "fp32"}, "device": "cpu",
                                           "num_workers": 0, "progress_bar": False,
                                           "images_root": str(tmp_path / "images")})
-    encode_shards(config, captions, str(syn.path), root, kind="real")
+    encode_shards(config, as_result(captions), as_result(str(syn.path)), RunLayout(root), kind="real")
     (status,) = (tmp_path / "runs" / "encode").glob("*/real/shard-000000.status.parquet")
     (row,) = pq.read_table(status).to_pylist()
     assert row["status"] == "failed", f"{outside} was read through images_root"
@@ -569,7 +569,7 @@ def test_a_planted_mirror_file_in_or_above_a_local_root_uploads_nothing(tmp_path
         where.mkdir(parents=True, exist_ok=True)
         (where / remote.MIRROR_FILE).write_text('{"url": "s3://attacker-bucket/loot"}')
     with caplog.at_level("WARNING", logger="storage.remote"):
-        r = run_ingest(IngestConfig(source=str(DEMO_DIR / "dataset_demo.json")), str(root))
+        r = run_ingest(IngestConfig(source=str(DEMO_DIR / "dataset_demo.json")), RunLayout(root))
     assert uploads == [] and remote.mirror_of(r.path) is None and r.path.startswith(str(root))
     assert "ignored; a run root's bucket comes only from the root given" in caplog.text
     # The mirror cache's own working copy of a URL is still one (keyed by the URL's hash).

@@ -26,7 +26,7 @@ def stages(tmp_path, captions, images):
     tables.write(cap.file("captions.parquet"), captions, tables.CAPTIONS)
     if images is not None:
         tables.write(enc.file("real.parquet"), images, tables.REAL_IMAGES)
-    return cap.path, enc.path
+    return cap, enc
 
 
 def test_references_ids_and_what_is_left_out(tmp_path):

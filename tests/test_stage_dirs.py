@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from pcm.stages import encode, evaluate, ingest, synthesize, train
+from pcm.stages.contract import as_result, load_result, open_stage
 from pcm.stages.pipeline import STAGE_ORDER, resolve, run_pipeline
-from pcm.stages.stage import as_result, load_result, open_stage
-from storage.layout import StageDir
+from storage.layout import RunLayout, StageDir
 
 pytestmark = pytest.mark.heavy  # the module's fixture runs the whole (small) tiny pipeline
 
@@ -38,11 +38,11 @@ def pipeline(tmp_path_factory):
 
 def plans(cfg, root: str, r: dict) -> dict[str, StageDir]:
     """Every stage's plan() in `root`, its inputs the StageResults `r`."""
-    return {"ingest": ingest.plan(cfg.ingest, root),
-            "synthesize": synthesize.plan(cfg.synthesize, r["ingest"], root),
-            "encode": encode.plan(cfg.encode, r["ingest"], r["synthesize"], root),
-            "train": train.plan(cfg.train, r["ingest"], r["encode"], root),
-            "evaluate": evaluate.plan(cfg.evaluate, r["train"], r["encode"], r["ingest"], root)}
+    return {"ingest": ingest.plan(cfg.ingest, RunLayout(root)),
+            "synthesize": synthesize.plan(cfg.synthesize, r["ingest"], RunLayout(root)),
+            "encode": encode.plan(cfg.encode, r["ingest"], r["synthesize"], RunLayout(root)),
+            "train": train.plan(cfg.train, r["ingest"], r["encode"], RunLayout(root)),
+            "evaluate": evaluate.plan(cfg.evaluate, r["train"], r["encode"], r["ingest"], RunLayout(root))}
 
 
 def flow_parameters(cfg, root: str, r: dict) -> dict[str, tuple]:
@@ -92,9 +92,16 @@ def test_a_stage_directory_given_as_a_path_plans_the_same(pipeline):
     cfg, root, r = pipeline
     by_path = {k: load_result(v.path) for k, v in r.items()}
     assert plans(cfg, root, by_path) == plans(cfg, root, r)
-    assert synthesize.plan(cfg.synthesize, r["ingest"].path, root) == plans(cfg, root, r)["synthesize"]
-    assert evaluate.plan(cfg.evaluate, r["train"].path, r["encode"].path, r["ingest"].path, root).fingerprint \
-        == r["evaluate"].fingerprint
+    assert synthesize.plan(cfg.synthesize, as_result(r["ingest"].path), RunLayout(root)) == plans(cfg, root,
+                                                                                                  r)["synthesize"]
+    assert evaluate.plan(cfg.evaluate, as_result(r["train"].path), as_result(r["encode"].path),
+                         as_result(r["ingest"].path), RunLayout(root)).fingerprint == r["evaluate"].fingerprint
+    # A flow's run name plans from its parameters as a deployment gives them: directories, resolved first.
+    from flows.caching import _resolved, planned
+
+    params = {"config": cfg.evaluate, "train": r["train"].path, "encode": r["encode"].path,
+              "captions": r["ingest"].path, "root": root}
+    assert planned(evaluate.plan, {k: _resolved(k, v) for k, v in params.items()}) == plans(cfg, root, r)["evaluate"]
 
 
 def test_running_a_stage_writes_the_config_json_planning_computed(pipeline, tmp_path):
@@ -123,21 +130,22 @@ def test_the_stage_and_its_shard_workers_open_the_directory(pipeline, tmp_path):
     ran = plans(cfg, root, r)
     fresh = str(tmp_path / "fresh")
     # The stage itself (under its lock).
-    done = ingest.run_ingest(cfg.ingest, fresh)
+    done = ingest.run_ingest(cfg.ingest, RunLayout(fresh))
     assert done.fingerprint == r["ingest"].fingerprint
-    assert ingest.plan(cfg.ingest, fresh).config_file.read_bytes() == ran["ingest"].config_file.read_bytes()
+    assert ingest.plan(cfg.ingest, RunLayout(fresh)).config_file.read_bytes() == ran["ingest"].config_file.read_bytes()
     # A synthesize shard worker (no stage lock): one shard, no marker, config.json in place.
-    part = synthesize.run_synthesize(cfg.synthesize, done, fresh, shards=[0])
+    part = synthesize.run_synthesize(cfg.synthesize, done, RunLayout(fresh), shards=[0])
     assert part.extra["complete"] is False and part.counts["shards_pending"] == 1
-    syn = synthesize.plan(cfg.synthesize, done, fresh)
+    syn = synthesize.plan(cfg.synthesize, done, RunLayout(fresh))
     assert syn.config_file.read_bytes() == ran["synthesize"].config_file.read_bytes()
     assert not syn.done_marker.exists()
     # A partial result is no input: it names the stage as unfinished.
     with pytest.raises(FileNotFoundError, match="not a finished stage directory"):
         as_result(part)
     # An encode shard worker (no stage lock), on the finished synthesize stage of the first root.
-    enc = encode.plan(cfg.encode, r["ingest"], r["synthesize"], fresh)
-    got = encode.encode_shards(cfg.encode, r["ingest"], r["synthesize"], fresh, kind=encode.FEATURES, indices=[0])
+    enc = encode.plan(cfg.encode, r["ingest"], r["synthesize"], RunLayout(fresh))
+    got = encode.encode_shards(cfg.encode, r["ingest"], r["synthesize"], RunLayout(fresh), kind=encode.FEATURES,
+                               indices=[0])
     assert got["units"] == 1
     assert enc.config_file.read_bytes() == ran["encode"].config_file.read_bytes()
     assert not enc.done_marker.exists()

@@ -72,8 +72,9 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="re-encode everything even if done"),
     ) -> None:
+        from pcm.stages.contract import load_result
         from pcm.stages.encode import EncodeConfig, run_encode
-        from pcm.stages.stage import load_result
+        from storage.layout import RunLayout
 
         values = stage_values(EncodeConfig, sets, GIVEN_BY, example="clip.model=ViT-B-32")
         if images_root is not None:
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
         config = build_config(EncodeConfig, values, "encode", sets)
         writable_dir(root)
         ingest, synthesize = load_result(captions), load_result(shards)  # the inputs, resolved once here
-        result = run_encode(config, ingest, synthesize, root, force=force)
+        result = run_encode(config, ingest, synthesize, RunLayout(root), force=force)
         c, state = result.counts, "cached" if result.cached else "done"
         speed = f", {result.timings['images_per_s']:,.0f} images/s" if "images_per_s" in result.timings else ""
         typer.echo(f"encode {state}: {c['images_ok']} ok, {c['images_failed']} failed synthetic images; "

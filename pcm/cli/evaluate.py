@@ -8,15 +8,7 @@ from pathlib import Path
 import typer
 
 from pcm.cli.common import build_config, config_command, set_option, stage_values, writable_dir
-from storage import remote
-
-
-def _root_of(train: str) -> str:
-    """A stage directory is <root>/<stage>/<fingerprint>: the run root is two levels up (of a URL too)."""
-    if remote.is_url(train):
-        return train.rstrip("/").rsplit("/", 2)[0]
-    return str(Path(train).resolve().parent.parent)
-
+from storage.layout import run_root_of
 
 EVALUATE_EXAMPLES = """Examples:
 
@@ -56,16 +48,17 @@ def register(app: typer.Typer) -> None:
         --set KEY=VALUE (listed below).
         """
         from pcm.report import LABELS
+        from pcm.stages.contract import load_result
         from pcm.stages.evaluate import EvaluateConfig, run_evaluate
-        from pcm.stages.stage import load_result
+        from storage.layout import RunLayout
 
         config = build_config(EvaluateConfig, stage_values(EvaluateConfig, sets, example="beam_size=5"), "evaluate",
                               sets)
         if root is not None or Path(train).is_dir():  # a missing train directory is run_evaluate's error
-            writable_dir(root or _root_of(train), "--root" if root is not None else
+            writable_dir(root or run_root_of(train), "--root" if root is not None else
                          "--root (default: the train stage's run root)")
         inputs = load_result(train), load_result(encode), load_result(captions)  # resolved once here
-        result = run_evaluate(config, *inputs, root or _root_of(train), force=force, clip=clip)
+        result = run_evaluate(config, *inputs, RunLayout(root or run_root_of(train)), force=force, clip=clip)
         metrics = result.extra["metrics"]
         state = "cached" if result.cached else "done"
         typer.echo(f"evaluate {state}: {result.extra['split']} split, {result.extra['protocol']}, "

@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from pcm.demo_data import demo_paths
         from pcm.stages.ingest import IngestConfig, run_ingest
+        from storage.layout import RunLayout
 
         if demo == (source is not None):
             raise ValueError("give a caption file SOURCE or --demo (exactly one)")
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
                                   "source": str(demo_paths()[0]) if demo else source}
         config = build_config(IngestConfig, values, "ingest", sets)
         writable_dir(root)
-        result = run_ingest(config, root, force=force)
+        result = run_ingest(config, RunLayout(root), force=force)
         print_result(result)
 
 

@@ -32,14 +32,15 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="recompute even if done"),
     ) -> None:
+        from pcm.stages.contract import load_result
         from pcm.stages.refine import RefineConfig, run_refine
-        from pcm.stages.stage import load_result
+        from storage.layout import RunLayout
 
         config = build_config(RefineConfig, stage_values(RefineConfig, sets, example="keep_fraction=0.8"), "refine",
                               sets)
         writable_dir(root)
         ingest, encoded = load_result(captions), load_result(encode)  # the inputs, resolved once here
-        result = run_refine(config, ingest, encoded, root, force=force)
+        result = run_refine(config, ingest, encoded, RunLayout(root), force=force)
         c, state = result.counts, "cached" if result.cached else "done"
         typer.echo(f"refine {state} ({config.method}): {c['kept']} of {c['captions']} captions kept, {c['reassigned']} "
                    f"of them on another caption's image; {c['dropped']} dropped -> {result.path}")

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from pcm.clip import ClipSpec
         from pcm.stages.import_checkpoint import ImportCheckpointConfig, run_import_checkpoint
+        from storage.layout import RunLayout
 
         clip = None
         if clip_model is not None:
@@ -46,7 +47,7 @@ def register(app: typer.Typer) -> None:
             clip = ClipSpec.model_validate(spec)
         config = ImportCheckpointConfig(clip=clip, model_preset=model_preset, n_heads=heads)
         writable_dir(root)
-        result = run_import_checkpoint(config, file, vocab, concepts, root, force=force)
+        result = run_import_checkpoint(config, file, vocab, concepts, RunLayout(root), force=force)
         state = "cached" if result.cached else "done"
         c = result.counts
         typer.echo(f"import-checkpoint {state}: {c['parameters']:,} parameters, {c['vocabulary']} words, "

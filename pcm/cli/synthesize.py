@@ -109,8 +109,9 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="regenerate the shards in scope even if done"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config (JSON) and exit"),
     ) -> None:
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
         from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
+        from storage.layout import RunLayout
 
         values = stage_values(SynthesizeConfig, sets, GIVEN_BY, example="steps=4")
         if import_images is not None:
@@ -127,7 +128,7 @@ def register(app: typer.Typer) -> None:
         writable_dir(root)
         typer.echo(describe(config), err=True)
         ingest = load_result(captions)  # the input, resolved once here
-        result = run_synthesize(config, ingest, root, shards=parse_shards(shards) if shards else None,
+        result = run_synthesize(config, ingest, RunLayout(root), shards=parse_shards(shards) if shards else None,
                                 worker_index=worker_index, num_workers=num_workers, force=force)
         c = result.counts
         if result.extra.get("complete"):

@@ -55,8 +55,9 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Option("runs", "--root", help="run root: a directory, or s3://bucket/prefix"),
         force: bool = typer.Option(False, "--force", help="discard checkpoints and train from scratch"),
     ) -> None:
-        from pcm.stages.stage import load_result
+        from pcm.stages.contract import load_result
         from pcm.stages.train import TrainConfig, run_train
+        from storage.layout import RunLayout
 
         if preset is not None:
             if model_preset is not None and model_preset != preset:
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
         writable_dir(root)
         ingest, encoded = load_result(captions), load_result(encode)  # the inputs, resolved once here
         refined = load_result(refine) if refine is not None else None
-        result = run_train(config, ingest, encoded, root, force=force, refine=refined)
+        result = run_train(config, ingest, encoded, RunLayout(root), force=force, refine=refined)
         e, c = result.extra, result.counts
         state = "cached" if result.cached else "done"
         best = (f"best val {e['val_metric']} {e['best_value']:.4f} at step {e['best_step']}"

@@ -5,8 +5,8 @@
                     concepts, metrics, report - functions of explicit arguments, no stage configs
     pcm/stages/     ingest -> synthesize -> encode -> train -> evaluate: each module holds its typed
                     config, `plan` (its directory from the fingerprint; writes nothing), `verify`, and `run_<stage>`;
-                    stage.py is what they share (lock, cache check, marker last), pipeline.py the
-                    presets and the order
+                    contract.py the contract they keep (a Protocol) and what they share (lock, cache
+                    check, marker last), pipeline.py the presets and the order
     pcm/cli/        the `pcm` command: one module per command, heavy imports inside the commands
     flows/          Prefect wiring only: one flow per stage plus synth-and-train (the only prefect user)
 

@@ -42,10 +42,8 @@ from pcm.identity import clip_content_id
 from pcm.image_batches import FEATURES, REAL, Unit
 from pcm.pictures import score_histogram
 from pcm.score_summary import CXE_REFERENCE_W, clip_score_stats, cxe_weight_stats
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
-    StageInput,
-    as_result,
     cached,
     drop_marker,
     finish,
@@ -66,6 +64,7 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "2"  # 2: images_root and a local CLIP (local-dir: or a weights file) enter the fingerprint by
 # content (the manifest of the real images read; the digest of the weights), not by absolute path; real-only stages
+STAGE = "encode"
 
 
 class EncodeConfig(StageConfig):
@@ -162,32 +161,30 @@ def check_images_root(config: EncodeConfig) -> None:
 
 # -- inputs and units ----------------------------------------------------------------------
 
-def _inputs(captions: StageInput, shards: StageInput | None) -> tuple[StageResult, StageResult | None]:
-    """The ingest and synthesize stages' results (a directory given is resolved here), checked to be theirs.
+def _inputs(cap: StageResult, syn: StageResult | None) -> tuple[StageResult, StageResult | None]:
+    """The ingest and synthesize stages' results, checked to be theirs and made from each other.
 
-    `shards` None: a real-only stage (the val/test images of an evaluation source, no synthetic images).
+    `syn` None: a real-only stage (the val/test images of an evaluation source, no synthetic images).
     """
-    cap, syn = as_result(captions), None if shards is None else as_result(shards)
     if cap.stage != "ingest":
-        given = cap.path if isinstance(captions, StageResult) else captions
-        raise ValueError(f"captions={given!r} is a {cap.stage} stage directory; pass the ingest stage's")
+        raise ValueError(f"captions={cap.path!r} is a {cap.stage} stage directory; pass the ingest stage's")
     if syn is not None and syn.stage != "synthesize":
-        given = syn.path if isinstance(shards, StageResult) else shards
-        raise ValueError(f"shards={given!r} is a {syn.stage} stage directory; pass the synthesize stage's")
+        raise ValueError(f"shards={syn.path!r} is a {syn.stage} stage directory; pass the synthesize stage's")
     if syn is not None:
         # The features pair each caption with its image by caption id: shards made from another caption file
         # would pair them with images of other captions (or none), silently.
-        made_from = [sd.fingerprint for sd in StageDir.at(syn.dir).inputs() if sd.stage == "ingest"]
+        made_from = [sd.fingerprint for sd in syn.stage_dir.inputs() if sd.stage == "ingest"]
         if made_from and cap.fingerprint not in made_from:
             raise ValueError(f"shards={syn.path!r} were made from the ingest stage {made_from[0]} "
                              f"(its config.json's inputs), not from captions={cap.path!r} (ingest {cap.fingerprint}); "
-                             f"pass the captions the shards were made from ({syn.path.rsplit('/', 2)[0]}/ingest/"
+                             f"pass the captions the shards were made from ({syn.root}/ingest/"
                              f"{made_from[0]}), or synthesize shards from these captions")
     return cap, syn
 
 
-def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str) -> StageDir:
-    """The stage directory for these inputs (results or directories); no work, nothing written (Prefect's cache key).
+def plan(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout) -> StageDir:
+    """The stage directory for these inputs (the ingest and synthesize results); no work, nothing written (Prefect's
+    cache key).
 
     `shards` None plans a real-only stage: the val/test images of the captions, no synthetic features
     and no concepts (an evaluation source's, see pcm.stages.pipeline.EvalSource).
@@ -211,12 +208,11 @@ def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, 
         extra["clip_preset_sha256"] = input_digest(clip_preset_path(config.clip.model))
     if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
         extra["clip_quick_gelu"] = True
-    layout = RunLayout(root)
     try:
         check_images_root(config)
     except FileNotFoundError:
         # A finished stage no longer needs its real images (its features are stored): reuse it.
-        sd = _finished_without_images(layout, stage_dir(layout, "encode", config, inputs, CODE_VERSION, extra))
+        sd = _finished_without_images(layout, stage_dir(layout, STAGE, config, inputs, CODE_VERSION, extra))
         if sd is None:
             raise
         log.warning("encode.images_root=%r does not exist; reusing the finished stage encoded from it: %s",
@@ -224,7 +220,7 @@ def plan(config: EncodeConfig, captions: StageInput, shards: StageInput | None, 
         return sd
     if config.images_root is not None:
         extra["images_manifest"] = real_manifest(config, cap)
-    return stage_dir(layout, "encode", config, inputs, CODE_VERSION, extra)
+    return stage_dir(layout, STAGE, config, inputs, CODE_VERSION, extra)
 
 
 def real_manifest(config: EncodeConfig, captions: StageResult) -> str:
@@ -238,17 +234,23 @@ def real_manifest(config: EncodeConfig, captions: StageResult) -> str:
     return files_manifest_digest(config.images_root, paths, cache_key=captions.fingerprint)
 
 
+def _without_images(record: dict[str, Any]) -> dict[str, Any]:
+    """A config.json's content less the real images' manifest: what names a stage once its images are gone."""
+    return record | {"config": {k: v for k, v in record.get("config", {}).items() if k != "images_manifest"}}
+
+
 def _finished_without_images(layout: RunLayout, planned: StageDir) -> StageDir | None:
-    """A finished local stage of this config and these inputs, whatever real images it read (they are gone now)."""
-    want = {k: v for k, v in (planned.record or {}).items() if k != "config"}
-    want_config = {k: v for k, v in planned.record["config"].items() if k != "images_manifest"}
-    for sd in layout.stage_dirs("encode"):
-        if not sd.done_marker.exists() or not sd.config_file.exists():
-            continue
-        rec = atomic.read_json(sd.config_file)
-        got_config = {k: v for k, v in rec.get("config", {}).items() if k != "images_manifest"}
-        if got_config == want_config and {k: v for k, v in rec.items() if k != "config"} == want:
-            return dataclasses.replace(sd, record=rec)
+    """A finished local stage of this config and these inputs, whatever real images it read (they are gone now).
+
+    Its fingerprint hashed a manifest of images that cannot be listed any more, so the stage is found by its
+    config.json (which `stage_dir` wrote from the same record), not by recomputing the fingerprint.
+    """
+    want = _without_images(planned.record or {})
+    for sd in layout.stage_dirs(STAGE):
+        if sd.done_marker.exists() and sd.config_file.exists():
+            rec = atomic.read_json(sd.config_file)
+            if _without_images(rec) == want:
+                return dataclasses.replace(sd, record=rec)
     return None
 
 
@@ -261,10 +263,10 @@ def feature_units(shards: StageResult | None) -> list[Unit]:
     """
     if shards is None:
         return []
-    sd = StageDir.at(shards.path)
+    sd = shards.stage_dir
     n = shards.counts.get("shards")
     if n is None:  # an older result without the count: the shards on disk
-        n = len(list(sd.shard_dir("shards").glob("shard-*.tar")))
+        n = sd.shard_count("shards", "tar")
     units = []
     for i in range(n):
         tar = sd.image_shard(i)
@@ -293,7 +295,7 @@ def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
     """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
     if config.images_root is None and not config.imported_features:
         return []
-    table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["image_id", "split", "image_path", "status"])
+    table = manifests.CAPTIONS.read(captions.stage_dir, columns=["image_id", "split", "image_path", "status"])
     images: dict[str, tuple[str, str, str | None]] = {}
     for r in tables.ok_rows(table.to_pylist()):
         if r["split"] in ("val", "test") and r["image_id"] not in images:
@@ -308,11 +310,11 @@ def _unit_done(sd: StageDir, unit: Unit) -> bool:
     return shard_io.is_done(sd.feature_shard(unit.kind, unit.index))
 
 
-def pending_feature_shards(config: EncodeConfig, captions: StageInput, shards: StageInput, root: str) -> list[int]:
+def pending_feature_shards(config: EncodeConfig, captions: StageResult, shards: StageResult,
+                           layout: RunLayout) -> list[int]:
     """Indices of the synthetic shards whose feature shard is not done yet (what a flow run still has to encode)."""
-    cap, syn = _inputs(captions, shards)
-    sd = plan(config, cap, syn, root)
-    return [u.index for u in feature_units(syn) if not _unit_done(sd, u)]
+    sd = plan(config, captions, shards, layout)
+    return [u.index for u in feature_units(shards) if not _unit_done(sd, u)]
 
 
 def _imported_batches(config: EncodeConfig, units: list[Unit], clip: LoadedClip) -> Iterable[dict] | None:
@@ -378,7 +380,7 @@ def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip:
 # -- stage-wide outputs ---------------------------------------------------------------------
 
 def _caption_texts(captions: StageResult) -> list[str]:
-    table = manifests.CAPTIONS.read(StageDir.at(captions.path), columns=["split", "text", "status"])
+    table = manifests.CAPTIONS.read(captions.stage_dir, columns=["split", "text", "status"])
     return [r["text"] for r in tables.ok_rows(table.to_pylist(), "train") if r["text"]]
 
 
@@ -481,41 +483,38 @@ def _reset(sd: StageDir, units: list[Unit]) -> None:
         path.unlink(missing_ok=True)
 
 
-def reset_stage(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str) -> None:
+def reset_stage(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout) -> None:
     """Forget every finished output of this stage directory (a forced rerun's first step)."""
-    cap, syn = _inputs(captions, shards)
-    sd = plan(config, cap, syn, root)
+    sd = plan(config, captions, shards, layout)
     with locked(sd):
-        _reset(sd, feature_units(syn) + real_units(config, cap))
+        _reset(sd, feature_units(shards) + real_units(config, captions))
 
 
-def encode_shards(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str, *, kind: str,
-                  indices: list[int] | None = None, progress: ProgressFn | None = None) -> dict[str, int]:
+def encode_shards(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout, *,
+                  kind: str, indices: list[int] | None = None, progress: ProgressFn | None = None) -> dict[str, int]:
     """Encode the pending units of one kind (all, or `indices`): a Prefect task per shard.
 
     `run_encode` afterwards finds them done and writes the stage-wide files.
     """
     if kind not in (FEATURES, REAL):
         raise ValueError(f"kind={kind!r}: expected {FEATURES!r} or {REAL!r}")
-    cap, syn = _inputs(captions, shards)
-    sd = open_stage(plan(config, cap, syn, root))  # these units are written without the stage lock
-    units = feature_units(syn) if kind == FEATURES else real_units(config, cap)
+    sd = open_stage(plan(config, captions, shards, layout))  # these units are written without the stage lock
+    units = feature_units(shards) if kind == FEATURES else real_units(config, captions)
     if indices is not None:
         units = [u for u in units if u.index in set(indices)]
     encoded, seconds, _ = encode_units(config, sd, units, progress=progress)
     return {"encoded": encoded, "units": len(units), "seconds": round(seconds, 3)}
 
 
-def run_encode(config: EncodeConfig, captions: StageInput, shards: StageInput | None, root: str, *,
+def run_encode(config: EncodeConfig, captions: StageResult, shards: StageResult | None, layout: RunLayout, *,
                force: bool = False, progress: ProgressFn | None = None) -> StageResult:
     """Encode every pending unit, then write scores, real, concepts, the CLIP head and the histogram.
 
-    `captions`, `shards`: the ingest and synthesize stages' StageResults, or their directories.
+    `captions`, `shards`: the ingest and synthesize stages' StageResults.
     `shards` None: a real-only stage (an evaluation source's val/test images): real.parquet and its shards only.
     """
     started = time.monotonic()
-    captions, shards = _inputs(captions, shards)
-    sd = plan(config, captions, shards, root)
+    sd = plan(config, captions, shards, layout)
     if not force and (done := cached(sd, verify)) is not None:
         return done
     check_images_root(config)  # before any work (a finished stage was returned above)

@@ -23,10 +23,8 @@ from tqdm import tqdm
 
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.split_images import SplitImages, load_split_images
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
-    StageInput,
-    as_result,
     cached,
     drop_marker,
     finish,
@@ -85,18 +83,19 @@ class EvaluateConfig(StageConfig):
 # -- planning ---------------------------------------------------------------------------
 
 
-def _inputs(train: StageInput, encode: StageInput, captions: StageInput) -> tuple[StageResult, StageResult, StageResult]:
-    """The train, encode and ingest stages' results (a directory given is resolved here), checked to be theirs."""
-    results = as_result(train), as_result(encode), as_result(captions)
+def _inputs(train: StageResult, encode: StageResult, captions: StageResult) -> tuple[StageResult, ...]:
+    """The train, encode and ingest stages' results, checked to be theirs."""
+    results = train, encode, captions
     for r, want, flag in zip(results, ("train", "encode", "ingest"), ("--train", "--encode", "--captions"), strict=True):
         if r.stage != want:
             raise ValueError(f"{flag} {r.path}: this is a '{r.stage}' stage directory; expected a '{want}' one")
     return results
 
 
-def plan(config: EvaluateConfig, train: StageInput, encode: StageInput, captions: StageInput, root: str) -> StageDir:
-    """The stage directory for this config and these three inputs (results or directories); no work, nothing written."""
-    return stage_dir(RunLayout(root), STAGE, config, _inputs(train, encode, captions), CODE_VERSION)
+def plan(config: EvaluateConfig, train: StageResult, encode: StageResult, captions: StageResult,
+         layout: RunLayout) -> StageDir:
+    """The stage directory for this config and these three inputs (StageResults); no work, nothing written."""
+    return stage_dir(layout, STAGE, config, _inputs(train, encode, captions), CODE_VERSION)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -119,8 +118,8 @@ def verify(sd: StageDir) -> str | None:
 def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> SplitImages:
     """The split's encoded images with their references (and those left out); an error when there are none,
     or when encoded images have no references (the captions of another data set)."""
-    enc, cap = StageDir.at(encode.path), StageDir.at(captions.path)
-    out = load_split_images(cap.path, enc.path, split)
+    enc, cap = encode.stage_dir, captions.stage_dir
+    out = load_split_images(cap, enc, split)
     if out.unreferenced:
         raise ValueError(f"{cap.file('captions.parquet')}: {len(out.unreferenced)} {split} images of {enc.path} have "
                          f"no reference captions, e.g. {out.unreferenced[:5]}; pass the captions (ingest) stage of the "
@@ -174,7 +173,7 @@ def content_id(clip: dict[str, Any]) -> str | None:
 
 def _ingest_lineage(train: StageResult) -> list[StageResult]:
     """The finished ingest stages upstream of a train stage (through each stage's config.json inputs), nearest first."""
-    return [load_result(sd.path) for sd in StageDir.at(train.path).lineage("ingest") if sd.is_complete()]
+    return [load_result(sd.path) for sd in train.stage_dir.lineage("ingest") if sd.is_complete()]
 
 
 def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None, str | None]:
@@ -191,7 +190,7 @@ def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None
 def images_root(encode: StageResult) -> Path | None:
     """Where real.parquet's relative image paths start (recorded by the encode stage)."""
     root = encode.extra.get("images_root")
-    config = StageDir.at(encode.path).config_file
+    config = encode.stage_dir.config_file
     if root is None and config.exists():
         root = atomic.read_json(config).get("config", {}).get("images_root")
         root = None if root == BY_CONTENT else root  # encode code version 2+ records the path in its result
@@ -229,7 +228,7 @@ def _feature_batches(encode: StageResult, evalset: SplitImages, device: str, bat
 
     from pcm.dataset import open_features
 
-    enc = StageDir.at(encode.path)
+    enc = encode.stage_dir
     by_shard: dict[int, list[int]] = {}
     for i, s in enumerate(evalset.shard.tolist()):
         by_shard.setdefault(s, []).append(i)
@@ -282,16 +281,16 @@ def _read_predictions(path: Path, image_ids: list[str]) -> dict[str, str] | None
     return {i: found[i] for i in image_ids} if set(found) == set(image_ids) else None
 
 
-def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, captions: StageInput, root: str, *,
+def run_evaluate(config: EvaluateConfig, train: StageResult, encode: StageResult, captions: StageResult,
+                 layout: RunLayout, *,
                  force: bool = False, progress: ProgressFn | None = None, clip: str | None = None) -> StageResult:
     """Caption the split's real images with the checkpoint, score them, write predictions, metrics and report.
 
-    `train`, `encode`, `captions`: those stages' StageResults, or their directories; `clip`: the checkpoint's
+    `train`, `encode`, `captions`: those stages' StageResults; `clip`: the checkpoint's
     CLIP when its recorded path is not here (only checked against the features' CLIP, never loaded).
     """
     started = time.monotonic()
-    train_r, encode_r, captions_r = _inputs(train, encode, captions)
-    sd = plan(config, train_r, encode_r, captions_r, root)
+    sd = plan(config, train, encode, captions, layout)
     if not force and (done := cached(sd, verify)):
         log.info("evaluate: reusing %s", sd.path)
         return done
@@ -304,11 +303,11 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         for path in outputs(sd):
             atomic.remove_stale_temporaries(sd.path, path.name)
         t0 = time.monotonic()
-        evalset = load_eval_set(encode_r, captions_r, config.split)
-        ckpt_dir = checkpoint.find(train_r.path, config.checkpoint)
+        evalset = load_eval_set(encode, captions, config.split)
+        ckpt_dir = checkpoint.find(train.path, config.checkpoint)
         device = resolve_device(config.device)
         model, vocab, meta = checkpoint.load(ckpt_dir, device)
-        check_clip(meta["clip"], encode_r, clip)
+        check_clip(meta["clip"], encode, clip)
         if evalset.failed or evalset.not_encoded:
             log.warning("evaluate: %d %s images failed to encode and %d were not encoded; they are not scored "
                         "(listed in metrics.json)", len(evalset.failed), config.split, len(evalset.not_encoded))
@@ -316,7 +315,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         t1 = time.monotonic()
         predictions = None if force else _read_predictions(sd.predictions, evalset.image_ids)
         if predictions is None:
-            predictions = decode_split(model, vocab, encode_r, evalset, device, batch_size=config.batch_size,
+            predictions = decode_split(model, vocab, encode, evalset, device, batch_size=config.batch_size,
                                        beam_size=config.beam_size, max_len=config.max_len,
                                        length_penalty=config.length_penalty, progress=progress)
             atomic.write_json(sd.predictions,
@@ -335,11 +334,11 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
                  "bleu4": per_image[i]["bleu4"], "meteor": per_image[i]["meteor"], "rouge_l": per_image[i]["rouge_l"],
                  "cider": per_image[i]["cider"], "spice": per_image[i].get("spice")} for i in evalset.image_ids]
         manifests.PER_IMAGE.write(sd, rows)
-        summary = _summary(config, corpus, evalset, ckpt_dir, meta, train_r, encode_r, captions_r)
+        summary = _summary(config, corpus, evalset, ckpt_dir, meta, train, encode, captions)
         summary["control"] = None if control is None else {"metrics": control, "how": CONTROL_HOW}
         atomic.write_json(sd.metrics, summary)
-        write_events(sd, StageDir.at(train_r.path), summary)
-        pictures = _write_report(sd, config, summary, rows, evalset, encode_r)
+        write_events(sd, train.stage_dir, summary)
+        pictures = _write_report(sd, config, summary, rows, evalset, encode)
         t4 = time.monotonic()
 
         counts = {k: int(v) for k, v in summary["counts"].items()}
@@ -354,7 +353,7 @@ def run_evaluate(config: EvaluateConfig, train: StageInput, encode: StageInput, 
         result = finish(sd, counts, started, extra=extra,
                         timings={"load_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
                                  "score_s": round(t3 - t2, 3), "report_s": round(t4 - t3, 3)})
-    update_model_card(train_r)
+    update_model_card(train)
     return result
 
 
@@ -368,7 +367,7 @@ def update_model_card(train: StageResult) -> None:
     from pcm import cards
 
     try:
-        card = cards.write_model_card(train.path)
+        card = cards.write_model_card(train.stage_dir)
         if card is not None:
             publish.publish_files(card)   # an object-store root: the card is uploaded beside the checkpoint
     except Exception as e:  # noqa: BLE001 - a card never fails an evaluation

@@ -21,7 +21,8 @@ from pcm.clip import ClipSpec
 from pcm.config import StageConfig
 from pcm.identity import clip_content_id
 from pcm.model import load_preset
-from pcm.stages.stage import cached, finish, locked, stage_dir
+from pcm.stages.contract import ProgressFn, cached, finish, locked, stage_dir
+from storage import checkpoints
 from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
@@ -54,27 +55,28 @@ def _backbone(shapes: dict[str, int], config: ImportCheckpointConfig) -> tuple[C
     return clip, config.model_preset or known[1]
 
 
-def plan(config: ImportCheckpointConfig, file: str, vocab_file: str, concepts_file: str, root: str) -> StageDir:
-    """The train stage directory these three files and this config make (nothing written)."""
+def plan(config: ImportCheckpointConfig, file: str, vocab_file: str, concepts_file: str, layout: RunLayout) -> StageDir:
+    """The train stage directory these three files (its inputs: files of the release, no stages) and this config
+    make (nothing written)."""
     for what, path in (("checkpoint", file), ("vocabulary", vocab_file), ("concepts", concepts_file)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what} file {path!r} not found")
     extra = {"imported": {"checkpoint_sha256": input_digest(file), "vocabulary_sha256": input_digest(vocab_file),
                           "concepts_sha256": input_digest(concepts_file)}}
-    return stage_dir(RunLayout(root), "train", config, [], CODE_VERSION, extra)
+    return stage_dir(layout, "train", config, [], CODE_VERSION, extra)
 
 
 def verify(sd: StageDir) -> str | None:
     if not sd.done_marker.exists():
         return "stage.done.json missing"
-    return None if (checkpoint.best_dir(sd.path) / "model.safetensors").exists() else "best/ missing"
+    return None if (checkpoints.recover(sd.best) / checkpoints.MODEL).exists() else "best/ missing"
 
 
 def run_import_checkpoint(config: ImportCheckpointConfig, file: str, vocab_file: str, concepts_file: str,
-                          root: str, *, force: bool = False) -> StageResult:
+                          layout: RunLayout, *, force: bool = False, progress: ProgressFn | None = None) -> StageResult:
     """Convert `file` (with the release's vocabulary.txt and concept pickle) into a finished train stage."""
     started = time.monotonic()
-    sd = plan(config, file, vocab_file, concepts_file, root)
+    sd = plan(config, file, vocab_file, concepts_file, layout)
     if not force and (done := cached(sd, verify)) is not None:
         return done
     with locked(sd):
@@ -88,10 +90,12 @@ def run_import_checkpoint(config: ImportCheckpointConfig, file: str, vocab_file:
         clip_json: dict[str, Any] = clip.model_dump(mode="json") | {"content_id": clip_content_id(clip)}
         source = {"checkpoint": str(Path(file).resolve()), "vocabulary": str(Path(vocab_file).resolve()),
                   "concepts": str(Path(concepts_file).resolve()), **sd.record["config"]["imported"]}
-        checkpoint.save(StageDir.at(sd.path).best, model=model, vocab=vocab,
+        checkpoint.save(sd.best, model=model, vocab=vocab,
                         config={"imported_from": source, "parity": "release"}, clip=clip_json,
                         concept_names=concept_words, state={"step": 0, "imported": True})
         counts = {"parameters": sum(p.numel() for p in model.parameters()), "vocabulary": len(vocab),
                   "concepts": len(concept_words)}
+        if progress:
+            progress(1, 1, "checkpoint imported")
         return finish(sd, counts, started, extra={"imported_from": source, "clip": clip_json, "model_preset": preset,
                                                   "release_shapes": release_checkpoint.describe(state)})

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pcm.caption_files import MAX_NAME_CHARS, SAFE_NAME, SPLITS, Columns, Rows, read_captions, valid_utf8
 from pcm.config import StageConfig
-from pcm.stages.stage import ProgressFn, cached, drop_marker, finish, locked, stage_dir
+from pcm.stages.contract import ProgressFn, cached, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
 from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
@@ -114,17 +114,17 @@ def dataset_name(config: IngestConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")[:MAX_NAME_CHARS] or "captions"
 
 
-def plan(config: IngestConfig, root: str) -> StageDir:
+def plan(config: IngestConfig, layout: RunLayout) -> StageDir:
     """The stage directory for this config and this file's content; no work, nothing written (it reads the file)."""
     path = source_path(config)
     extra = {"source_name": path.name, "source_sha256": input_digest(path)}
-    return stage_dir(RunLayout(root), STAGE, config, [], CODE_VERSION, extra=extra)
+    return stage_dir(layout, STAGE, config, [], CODE_VERSION, extra=extra)
 
 
-def splits_present(config: IngestConfig, root: str) -> set[str]:
+def splits_present(config: IngestConfig, layout: RunLayout) -> set[str]:
     """The splits this source gives rows to: from the finished stage's captions.parquet, else by reading the file
     (nothing is written: `pcm run` checks before any stage works that evaluate will find images)."""
-    sd = plan(config, root)
+    sd = plan(config, layout)
     if sd.done_marker.exists() and manifests.CAPTIONS.exists(sd):
         rows = manifests.CAPTIONS.read(sd, columns=["split", "status"]).to_pylist()
         return {r["split"] for r in tables.ok_rows(rows)}
@@ -285,11 +285,11 @@ def checked_summary(counts: dict[str, int]) -> str:
     return text + (f", {counts['not_selected']} not selected by the subset" if counts.get("not_selected") else "")
 
 
-def run_ingest(config: IngestConfig, root: str, *, force: bool = False,
+def run_ingest(config: IngestConfig, layout: RunLayout, *, force: bool = False,
                progress: ProgressFn | None = None) -> StageResult:
     """Read `config.source`, check every caption and write captions.parquet; reuse a finished run."""
     started = time.monotonic()
-    sd = plan(config, root)
+    sd = plan(config, layout)
     if not force and (done := cached(sd, verify)):
         log.info("ingest: reusing %s", sd.path)
         return done

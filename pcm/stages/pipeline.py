@@ -31,7 +31,7 @@ from pcm.stages.refine import RefineConfig, run_refine
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from pcm.stages.train import TrainConfig, run_train
 from storage import atomic
-from storage.layout import STAGES, StageDir
+from storage.layout import STAGES, RunLayout, StageDir
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
@@ -194,14 +194,15 @@ def run_pipeline(cfg: PipelineConfig, root: str, *, stages: tuple[str, ...] = ST
     wanted = set(stages)
     # A later stage needs the earlier ones: they are run (or reused) even when not asked for.
     last = max(STAGE_ORDER.index(s) for s in stages)
-    check_evaluable(cfg, root, STAGE_ORDER[last])   # before any stage works: a run that cannot be scored stops now
+    layout = RunLayout(root)   # the edge: stages take the layout, never the root's spelling
+    check_evaluable(cfg, layout, STAGE_ORDER[last])   # before any stage works: a run that cannot be scored stops now
     for stage in STAGE_ORDER[: last + 1]:
         if not enabled(cfg, stage):
             if stage in wanted and wanted != set(STAGE_ORDER):  # asked for by name, not as part of "all"
                 log.warning("%s: off in this config (set %s.enabled=true to run it); skipped", stage, stage)
             continue
         f = stage in force and stage in wanted
-        r[stage] = _waiting_for_others(lambda stage=stage, f=f: _run_one(cfg, root, stage, r, f, prog(stage)),
+        r[stage] = _waiting_for_others(lambda stage=stage, f=f: _run_one(cfg, layout, stage, r, f, prog(stage)),
                                        stage, wait_s=lock_wait_s)
     return r
 
@@ -233,7 +234,7 @@ EVAL_SOURCE_HINT = ("give an evaluation source with references, e.g. the toy wor
                     "(the [eval_source] section of a preset), or stop before evaluate (pcm run ... train)")
 
 
-def check_evaluable(cfg: PipelineConfig, root: str, last: str) -> None:
+def check_evaluable(cfg: PipelineConfig, layout: RunLayout, last: str) -> None:
     """Fail before any stage works when evaluate would find no images (no images_root, or no captions of its split);
     warn when training would validate on nothing. Reads the caption file (or the finished ingest), writes nothing."""
     if cfg.eval_source is not None:
@@ -248,7 +249,7 @@ def check_evaluable(cfg: PipelineConfig, root: str, last: str) -> None:
     from pcm.stages.ingest import splits_present
 
     split = cfg.evaluate.split
-    present = splits_present(cfg.ingest, root)
+    present = splits_present(cfg.ingest, layout)
     why = None
     if split not in present:
         why = (f"ingest.source={cfg.ingest.source!r} holds no {split} captions (splits: "
@@ -263,35 +264,36 @@ def check_evaluable(cfg: PipelineConfig, root: str, last: str) -> None:
                 "give eval_source.source and eval_source.images_root", why)
 
 
-def _eval_inputs(cfg: PipelineConfig, root: str, r: dict[str, StageResult], f: bool) -> tuple[StageResult, StageResult]:
+def _eval_inputs(cfg: PipelineConfig, layout: RunLayout, r: dict[str, StageResult],
+                 f: bool) -> tuple[StageResult, StageResult]:
     """(captions, encode) that validation and evaluate read: the run's own, or the evaluation source's, whose
     ingest and real-only encode run once as stages of their own (results under "eval_ingest", "eval_encode")."""
     es = cfg.eval_source
     if es is None:
         return r["ingest"], r["encode"]
     if "eval_encode" not in r:
-        r["eval_ingest"] = run_ingest(es.ingest(), root, force=f)
-        r["eval_encode"] = run_encode(es.encode(cfg.encode), r["eval_ingest"], None, root, force=f)
+        r["eval_ingest"] = run_ingest(es.ingest(), layout, force=f)
+        r["eval_encode"] = run_encode(es.encode(cfg.encode), r["eval_ingest"], None, layout, force=f)
     return r["eval_ingest"], r["eval_encode"]
 
 
-def _run_one(cfg: PipelineConfig, root: str, stage: str, r: dict[str, StageResult], f: bool,
+def _run_one(cfg: PipelineConfig, layout: RunLayout, stage: str, r: dict[str, StageResult], f: bool,
              progress: Callable[[int, int, str], None] | None) -> StageResult:
     if stage == "ingest":
-        return run_ingest(cfg.ingest, root, force=f, progress=progress)
+        return run_ingest(cfg.ingest, layout, force=f, progress=progress)
     # Each stage takes its inputs as the StageResults the earlier stages returned.
     if stage == "synthesize":
-        return run_synthesize(cfg.synthesize, r["ingest"], root, force=f, progress=progress)
+        return run_synthesize(cfg.synthesize, r["ingest"], layout, force=f, progress=progress)
     if stage == "encode":
-        return run_encode(cfg.encode, r["ingest"], r["synthesize"], root, force=f, progress=progress)
+        return run_encode(cfg.encode, r["ingest"], r["synthesize"], layout, force=f, progress=progress)
     if stage == "refine":
-        return run_refine(cfg.refine, r["ingest"], r["encode"], root, force=f, progress=progress)
+        return run_refine(cfg.refine, r["ingest"], r["encode"], layout, force=f, progress=progress)
     if stage == "train":  # on the refine stage's pairs when it ran, else on encode's own pairs
-        val = _eval_inputs(cfg, root, r, False) if cfg.eval_source else None
-        return run_train(cfg.train, r["ingest"], r["encode"], root, force=f, progress=progress, refine=r.get("refine"),
-                         val=val)
-    captions, encode = _eval_inputs(cfg, root, r, False)
-    return run_evaluate(cfg.evaluate, r["train"], encode, captions, root, force=f, progress=progress)
+        val = _eval_inputs(cfg, layout, r, False) if cfg.eval_source else None
+        return run_train(cfg.train, r["ingest"], r["encode"], layout, force=f, progress=progress,
+                         refine=r.get("refine"), val=val)
+    captions, encode = _eval_inputs(cfg, layout, r, False)
+    return run_evaluate(cfg.evaluate, r["train"], encode, captions, layout, force=f, progress=progress)
 
 
 # ------------------------------------------------------------ one stage's config, by reference

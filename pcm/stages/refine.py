@@ -22,7 +22,7 @@ from pcm import refine as rules
 from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.pictures import pair_grid
-from pcm.stages.stage import ProgressFn, StageInput, as_result, cached, drop_marker, finish, locked, stage_dir
+from pcm.stages.contract import ProgressFn, cached, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
 from storage import shards as shard_io
 from storage.layout import RunLayout, StageDir
@@ -64,21 +64,18 @@ class RefineConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-def _inputs(captions: StageInput, encode: StageInput) -> tuple[StageResult, StageResult]:
-    """The ingest and encode stages' results (a directory given is resolved here), checked to be theirs."""
-    cap, enc = as_result(captions), as_result(encode)
-    for r, want, given in ((cap, "ingest", captions), (enc, "encode", encode)):
+def _check_inputs(cap: StageResult, enc: StageResult) -> None:
+    """The ingest and encode stages' results must be theirs."""
+    for r, want in ((cap, "ingest"), (enc, "encode")):
         if r.stage != want:
             name = "captions" if want == "ingest" else "encode"
-            raise ValueError(f"{name}={given if not isinstance(given, StageResult) else r.path!r} is a {r.stage} "
-                             f"stage directory; pass the {want} stage's")
-    return cap, enc
+            raise ValueError(f"{name}={r.path!r} is a {r.stage} stage directory; pass the {want} stage's")
 
 
-def plan(config: RefineConfig, captions: StageInput, encode: StageInput, root: str) -> StageDir:
-    """The refine stage directory of these inputs (results or directories); no work, nothing written."""
-    cap, enc = _inputs(captions, encode)
-    return stage_dir(RunLayout(root), "refine", config, [cap, enc], CODE_VERSION)
+def plan(config: RefineConfig, captions: StageResult, encode: StageResult, layout: RunLayout) -> StageDir:
+    """The refine stage directory of these inputs (the ingest and encode results); no work, nothing written."""
+    _check_inputs(captions, encode)
+    return stage_dir(layout, "refine", config, [captions, encode], CODE_VERSION)
 
 
 def verify(sd: StageDir) -> str | None:
@@ -92,14 +89,13 @@ def verify(sd: StageDir) -> str | None:
     return None
 
 
-def run_refine(config: RefineConfig, captions: StageInput, encode: StageInput, root: str, *, force: bool = False,
-               progress: ProgressFn | None = None) -> StageResult:
+def run_refine(config: RefineConfig, captions: StageResult, encode: StageResult, layout: RunLayout, *,
+               force: bool = False, progress: ProgressFn | None = None) -> StageResult:
     """Score and filter the pairs under the stage lock; write pairs.parquet, the picture, then stage.done.json.
 
     One computation: a kill loses it (nothing partial is left under a final name) and a rerun redoes it.
     """
-    cap, enc = _inputs(captions, encode)
-    sd = plan(config, cap, enc, root)
+    sd = plan(config, captions, encode, layout)
     if not force and (done := cached(sd, verify)) is not None:
         return done
     with locked(sd):
@@ -108,15 +104,15 @@ def run_refine(config: RefineConfig, captions: StageInput, encode: StageInput, r
         for path in (manifests.PAIRS.path(sd), sd.pairs_picture, sd.done_marker):
             atomic.remove_temporaries_of(path)  # what a killed run of this stage left
         t0 = time.monotonic()
-        data = load_embeddings(cap, enc)
+        data = load_embeddings(captions, encode)
         load_s = time.monotonic() - t0
         t0 = time.monotonic()
         image, score, clip = pair_images(config, data, progress)
         score_s = time.monotonic() - t0
         rows, counts, extra = pairs_rows(config, data, image, score, clip)
         manifests.PAIRS.write(sd, rows)
-        picture = pairs_picture(sd, enc, data, rows)
-        extra |= {"method": config.method, "keep_fraction": config.keep_fraction, "encode": enc.fingerprint,
+        picture = pairs_picture(sd, encode, data, rows)
+        extra |= {"method": config.method, "keep_fraction": config.keep_fraction, "encode": encode.fingerprint,
                   "pictures": {"pairs": str(picture)} if picture else {}}
         if progress:
             progress(1, 1, "pairs written")
@@ -147,7 +143,7 @@ def load_embeddings(captions: StageResult, encode: StageResult) -> Embeddings:
     """
     from pcm.dataset import FeatureStore
 
-    cap, enc = StageDir.at(captions.path), StageDir.at(encode.path)
+    cap, enc = captions.stage_dir, encode.stage_dir
     texts = {r["caption_id"]: r["text"] for r in tables.ok_rows(
         manifests.CAPTIONS.read(cap, columns=["caption_id", "split", "text", "status"]).to_pylist(), "train")}
     meta = manifests.SCORES.read(enc, columns=["caption_id", "shard", "row", "clip_score", "status", "error"])
@@ -245,7 +241,7 @@ def pairs_picture(sd: StageDir, encode: StageResult, data: Embeddings, rows: lis
                    key=lambda r: r["rank"])[:GRID_ROWS]
     if not moved:
         return None
-    synth = StageDir.at(encode.path).lineage("synthesize")
+    synth = encode.stage_dir.lineage("synthesize")
     where = {cid: int(s) for cid, s in zip(data.caption_ids, data.shard, strict=True)}
     wanted = {k for r in moved for k in (r["caption_id"], r["image_caption_id"])}
     found: dict[str, bytes] = {}

@@ -24,10 +24,8 @@ from pcm.image_sources import ImportedImages, PairedImages, encode_image, image_
 from pcm.pictures import sample_grid
 from pcm.samples import Sample, swapped_samples, train_samples
 from pcm.samples import sample_seed as sample_seed  # re-exported: the dataset cards name it here (cards.SEED_RULE)
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
-    StageInput,
-    as_result,
     cached,
     drop_marker,
     finish,
@@ -182,7 +180,7 @@ class SynthesizeConfig(StageConfig):
 
 # -- the plan -----------------------------------------------------------------------------
 def _captions_file(captions: StageResult) -> Path:
-    return manifests.CAPTIONS.path(StageDir.at(captions.path))
+    return manifests.CAPTIONS.path(captions.stage_dir)
 
 
 def planned_samples(config: SynthesizeConfig, captions: StageResult) -> list[Sample]:
@@ -201,10 +199,9 @@ def num_shards(config: SynthesizeConfig, captions: StageResult) -> int:
     return math.ceil(len(planned_samples(config, captions)) / config.shard_size)
 
 
-def plan(config: SynthesizeConfig, captions: StageInput, root: str) -> StageDir:
-    """The stage directory for these captions (the ingest stage's result or directory) and this config; no work,
-    nothing written (Prefect's cache key)."""
-    captions = as_result(captions)
+def plan(config: SynthesizeConfig, captions: StageResult, layout: RunLayout) -> StageDir:
+    """The stage directory for these captions (the ingest stage's result) and this config; no work, nothing
+    written (Prefect's cache key)."""
     extra = {"model_preset_digest": diffusion.preset_digest(config.model)} if diffusion.is_preset(config.model) else {}
     if config.imported_images:  # what the set and the mapping hold, not their names, make the fingerprint
         extra = {"imported_index": image_index(config.imported_images).digest()}
@@ -215,7 +212,7 @@ def plan(config: SynthesizeConfig, captions: StageInput, root: str) -> StageDir:
             extra[f"{key}_content"] = model_dir_id(d)
     if config.paired_images:
         extra["paired_images_manifest"] = paired_manifest(config, captions)
-    return stage_dir(RunLayout(root), STAGE, config, [captions], CODE_VERSION, extra or None)
+    return stage_dir(layout, STAGE, config, [captions], CODE_VERSION, extra or None)
 
 
 def paired_manifest(config: SynthesizeConfig, captions: StageResult) -> str:
@@ -228,10 +225,9 @@ def paired_manifest(config: SynthesizeConfig, captions: StageResult) -> str:
     return files_manifest_digest(config.paired_images, paths, cache_key=f"{captions.fingerprint}:{config.limit}")
 
 
-def pending_shards(config: SynthesizeConfig, captions: StageInput, root: str) -> list[int]:
+def pending_shards(config: SynthesizeConfig, captions: StageResult, layout: RunLayout) -> list[int]:
     """Indices of the shards not done yet (what flow runs still have to render)."""
-    captions = as_result(captions)
-    sd = plan(config, captions, root)
+    sd = plan(config, captions, layout)
     return [i for i in range(num_shards(config, captions)) if not is_done(sd.image_shard(i))]
 
 
@@ -339,8 +335,8 @@ def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[
     return {"ok": len(rows) - failed, "failed": failed}
 
 
-def run_synthesize(config: SynthesizeConfig, captions: StageInput, root: str, *, shards: list[int] | None = None,
-                   worker_index: int = 0, num_workers: int = 1, force: bool = False,
+def run_synthesize(config: SynthesizeConfig, captions: StageResult, layout: RunLayout, *,
+                   shards: list[int] | None = None, worker_index: int = 0, num_workers: int = 1, force: bool = False,
                    progress: ProgressFn | None = None, finalize_when_complete: bool = True,
                    synthesizer: Synthesizer | PairedImages | ImportedImages | None = None) -> StageResult:
     """Generate the pending shards in scope; finalise the stage when every shard is done.
@@ -351,15 +347,14 @@ def run_synthesize(config: SynthesizeConfig, captions: StageInput, root: str, *,
     are still pending (or `finalize_when_complete` is False, as in the per-shard Prefect tasks, which
     leave finalising to their own task), a partial result with `extra["complete"] = False`.
     `synthesizer`: an already loaded model to reuse (benchmarks, notebooks); made from `config`.
-    `captions`: the ingest stage's StageResult, or its directory.
+    `captions`: the ingest stage's StageResult.
     """
     if synthesizer is not None and not made_from(synthesizer, config):
         raise ValueError("the synthesizer passed to run_synthesize was made from another config")
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index must be in [0, num_workers); got {worker_index} of {num_workers}")
     started = time.monotonic()
-    captions = as_result(captions)
-    sd = plan(config, captions, root)
+    sd = plan(config, captions, layout)
     if not force and (hit := cached(sd, verify)) is not None:
         return hit
     open_stage(sd)  # the shards of this call are written without the stage lock
@@ -390,7 +385,7 @@ def run_synthesize(config: SynthesizeConfig, captions: StageInput, root: str, *,
         counts = _generate(synthesizer or make_generator(config), config, sd, groups, todo, force, counts, report)
     if not finalize_when_complete or not all(is_done(tar(i)) for i in range(total)):
         return partial_result(sd, total, counts, started)
-    return finalize(config, captions, root, started=started)
+    return finalize(config, captions, layout, started=started)
 
 
 def partial_result(sd: StageDir, total: int, counts: dict[str, int], started: float,
@@ -464,12 +459,11 @@ def _generate(synth: Synthesizer | PairedImages | ImportedImages, config: Synthe
 
 
 # -- finalisation -----------------------------------------------------------------------------
-def finalize(config: SynthesizeConfig, captions: StageInput, root: str, *,
+def finalize(config: SynthesizeConfig, captions: StageResult, layout: RunLayout, *,
              started: float | None = None) -> StageResult:
     """Merge the shards' status rows into samples.parquet, draw a sample grid, write the stage marker."""
     started = time.monotonic() if started is None else started
-    captions = as_result(captions)
-    sd = plan(config, captions, root)
+    sd = plan(config, captions, layout)
     with locked(sd, wait=None):
         if (hit := cached(sd, verify)) is not None:
             return hit

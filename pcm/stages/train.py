@@ -30,10 +30,8 @@ from pcm.model import PCMNetConfig, load_preset
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.pictures import loss_curve
 from pcm.split_images import load_split_images
-from pcm.stages.stage import (
+from pcm.stages.contract import (
     ProgressFn,
-    StageInput,
-    as_result,
     cached,
     drop_marker,
     finish,
@@ -42,7 +40,7 @@ from pcm.stages.stage import (
     stage_dir,
 )
 from pcm.validation import evaluate_val
-from storage import atomic, checkpoints, jsonl, publish
+from storage import atomic, checkpoints, jsonl, publish, remote
 from storage.layout import RunLayout, StageDir
 from storage.locks import try_lock
 from storage.result import StageResult
@@ -192,33 +190,45 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-# Validation on another data set: (its ingest, its real-only encode) stage results or directories.
-ValSource = tuple[StageInput, StageInput]
+@dataclass(frozen=True)
+class TrainInputs:
+    """What a train stage reads: the finished ingest and encode stages, a refine stage's pairs (optional), and
+    validation on another data set (its ingest and real-only encode results; optional)."""
+
+    captions: StageResult
+    encode: StageResult
+    refine: StageResult | None = None
+    val: tuple[StageResult, StageResult] | None = None
+
+    @property
+    def val_source(self) -> tuple[StageResult, StageResult]:
+        """The (ingest, encode) results whose val split picks best/."""
+        return self.val or (self.captions, self.encode)
 
 
-def plan(config: TrainConfig, captions: StageInput, encode: StageInput, root: str,
-         refine: StageInput | None = None, val: ValSource | None = None) -> StageDir:
-    """The train stage directory of these inputs (results or directories); no work, nothing written.
+def plan(config: TrainConfig, captions: StageResult, encode: StageResult, layout: RunLayout, *,
+         refine: StageResult | None = None, val: tuple[StageResult, StageResult] | None = None) -> StageDir:
+    """The train stage directory of these inputs (the ingest and encode results); no work, nothing written.
 
     `refine` (optional): a refine stage whose pairs.parquet says which image each caption trains on; without
     it the inputs, and so the fingerprint, are exactly those of a run before the refine stage existed.
     `val`: validate on another data set's (ingest, encode) instead of `captions`/`encode`'s val split; both
     enter the fingerprint (best/ depends on them) as `val_inputs`, apart from the inputs the lineage follows.
     """
-    inputs = [as_result(captions), as_result(encode)] + ([as_result(refine)] if refine is not None else [])
-    extra = {"val_inputs": {r.stage: r.fingerprint for r in map(as_result, val)}} if val else None
-    return stage_dir(RunLayout(root), "train", config, inputs, CODE_VERSION, extra)
+    inputs = [captions, encode] + ([refine] if refine is not None else [])
+    extra = {"val_inputs": {r.stage: r.fingerprint for r in val}} if val else None
+    return stage_dir(layout, "train", config, inputs, CODE_VERSION, extra)
 
 
 def verify(sd: StageDir) -> str | None:
     """None when the final checkpoint, best/ (holding the best step) and metrics.jsonl exist, else what is wrong."""
-    latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
+    latest = checkpoints.latest(sd.checkpoints)
     if latest is None:
         return "no checkpoint"
     state = atomic.read_json(latest / checkpoints.STATE)
     if not state.get("finished"):
         return f"training unfinished ({latest.name})"
-    best = checkpoint.best_dir(sd.path)
+    best = checkpoints.recover(sd.best)
     if not (best / checkpoints.MODEL).exists() or not (best / checkpoints.STATE).exists():
         return "no best/ checkpoint"
     want = (state.get("best") or {}).get("step")
@@ -234,18 +244,15 @@ def verify(sd: StageDir) -> str | None:
     return None
 
 
-def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, root: str, *, force: bool = False,
-              progress: ProgressFn | None = None, refine: StageInput | None = None,
-              val: ValSource | None = None) -> StageResult:
+def run_train(config: TrainConfig, captions: StageResult, encode: StageResult, layout: RunLayout, *,
+              force: bool = False, progress: ProgressFn | None = None, refine: StageResult | None = None,
+              val: tuple[StageResult, StageResult] | None = None) -> StageResult:
     """Train (or resume) under the stage lock; write stage.done.json last and return the result.
 
-    `captions`, `encode`: the ingest and encode stages' StageResults, or their directories; `refine`
-    (optional): a refine stage's, whose kept pairs are trained on; `val`: see `plan`.
+    `captions`, `encode`: the ingest and encode stages' StageResults; `refine` (optional): a refine stage's,
+    whose kept pairs are trained on; `val`: see `plan`.
     """
-    captions, encode = as_result(captions), as_result(encode)
-    refine = as_result(refine) if refine is not None else None
-    val = (as_result(val[0]), as_result(val[1])) if val else None
-    sd = plan(config, captions, encode, root, refine, val)
+    sd = plan(config, captions, encode, layout, refine=refine, val=val)
     if not force and (done := cached(sd, verify)) is not None:
         if (lock := try_lock(sd.lock_file)) is not None:  # a finished stage is tidied too (if nobody works in it)
             try:
@@ -258,7 +265,7 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
         drop_marker(sd, store=force)
         remove_stale_temporaries(sd)
         if force:
-            for p in (checkpoint.checkpoints_dir(sd.path), checkpoint.best_dir(sd.path)):
+            for p in (sd.checkpoints, checkpoints.recover(sd.best)):
                 shutil.rmtree(p, ignore_errors=True)
             sd.metrics_log.unlink(missing_ok=True)
             shutil.rmtree(sd.events, ignore_errors=True)
@@ -269,15 +276,15 @@ def run_train(config: TrainConfig, captions: StageInput, encode: StageInput, roo
             poll = (lambda: _report_from_metrics(sd, total, progress)) if progress else None
             val_args = ["--val-captions", val[0].path, "--val-encode", val[1].path] if val else []
             distributed.launch(["pcm.stages.train", "--config", config.model_dump_json(), "--captions", captions.path,
-                                "--encode", encode.path, "--root", str(root),
+                                "--encode", encode.path, "--root", remote.public(layout.root),
                                 *(["--refine", refine.path] if refine else []), *val_args], config.devices, poll,
                                bind=config.dist_bind)
         else:
-            train_worker(config, captions, encode, sd, progress=progress, refine=refine, val=val)
+            train_worker(config, TrainInputs(captions, encode, refine, val), sd, progress=progress)
         return _finish(sd, started)
 
 
-# Another process opening this directory (pcm.stages.stage.open_stage, before it takes the lock) writes
+# Another process opening this directory (pcm.stages.contract.open_stage, before it takes the lock) writes
 # config.json without the stage lock (in milliseconds): its temporaries go only once this old.
 CONFIG_TMP_MIN_AGE_S = 60.0
 
@@ -290,7 +297,7 @@ def remove_stale_temporaries(sd: StageDir) -> int:
     for path in (sd.metrics_log, sd.done_marker, sd.loss_curve_picture):
         n += atomic.remove_temporaries_of(path)
     n += checkpoints.remove_leftovers(sd.best)
-    n += checkpoints.remove_step_leftovers(checkpoint.checkpoints_dir(sd.path))
+    n += checkpoints.remove_step_leftovers(sd.checkpoints)
     if n:
         log.info("%s: removed %d temporaries left by killed writers", sd.path, n)
     return n
@@ -317,17 +324,17 @@ def _report_from_metrics(sd: StageDir, total: int, progress: ProgressFn) -> None
 
 
 def _finish(sd: StageDir, started: float) -> StageResult:
-    latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
+    latest = checkpoints.latest(sd.checkpoints)
     state = atomic.read_json(latest / checkpoints.STATE)
     pictures = {"loss_curve": str(loss_curve(jsonl.read(sd.metrics_log), sd.loss_curve_picture))}
-    extra = {"best": str(checkpoint.best_dir(sd.path)), "latest": str(latest),
+    extra = {"best": str(checkpoints.recover(sd.best)), "latest": str(latest),
              "clip": atomic.read_json(latest / checkpoints.CLIP), "val_metric": state["best"]["metric"],
              "best_value": state["best"]["value"], "best_step": state["best"]["step"], "pictures": pictures,
              "cxe": cxe_record(sd)}
     counts = {"steps": state["step"], "train_pairs": state["train_pairs"], "val_images": state["val_images"],
               "vocab": state["vocab"]}
     from pcm import cards
-    cards.write_model_card(sd.path)   # best/README.md; evaluate fills its model-index later
+    cards.write_model_card(sd)   # best/README.md; evaluate fills its model-index later
     return finish(sd, counts, started, extra)
 
 
@@ -401,9 +408,7 @@ class Run:
     events: Any = None    # pcm.tracking.EventLog on rank 0, else None
 
 
-def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir,
-                 progress: ProgressFn | None = None, refine: StageResult | None = None,
-                 val: tuple[StageResult, StageResult] | None = None) -> None:
+def train_worker(config: TrainConfig, inputs: TrainInputs, sd: StageDir, progress: ProgressFn | None = None) -> None:
     """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
 
@@ -417,7 +422,7 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
         torch.use_deterministic_algorithms(True)
     distributed.setup(info, device)
     try:
-        run = setup(config, captions, encode, sd, info, device, refine, val=val)
+        run = setup(config, inputs, sd, info, device)
         try:
             train_loop(run, progress)
         finally:
@@ -428,17 +433,16 @@ def train_worker(config: TrainConfig, captions: StageResult, encode: StageResult
         distributed.teardown(info)
 
 
-def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
-              refine: StageResult | None = None,
-              val_source: tuple[StageResult, StageResult] | None = None) -> TrainData:
+def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
     """Pairs (a refine stage's when given), vocabulary, concepts, CLIP head and the val split (another data
-    set's with `val_source`), checked against the feature shards."""
+    set's with `inputs.val`), checked against the feature shards."""
     from pcm import dataset
     from pcm.vocab import Vocab
 
-    pairs = dataset.load_pairs(captions.path, encode.path, config.data_fraction, config.seed,
-                               refine=refine.path if refine else None)
-    enc = StageDir.at(encode.path)
+    captions, encode, refine = inputs.captions, inputs.encode, inputs.refine
+    enc = encode.stage_dir
+    pairs = dataset.load_pairs(captions.stage_dir, enc, config.data_fraction, config.seed,
+                               refine=refine.stage_dir if refine else None)
     store = dataset.FeatureStore(enc, "features")
     store.check_rows(pairs.shard, pairs.row, pairs.image_keys)
     reference = training_reference(pairs, store, config.seed)  # the pairs as made (before any control rewrites them)
@@ -447,17 +451,17 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
         pairs = pairs.with_images_shuffled(config.seed)
     pairs, cxe = cxe_weighting(config, pairs)
     d_embed, d_width, n_patches = store.shapes(int(pairs.shard[0]))
-    names, bank = dataset.load_concepts(encode.path)
-    head, head_meta = dataset.load_clip_head(encode.path)
+    names, bank = dataset.load_concepts(enc)
+    head, head_meta = dataset.load_clip_head(enc)
     cfg = config.model_preset().with_data_shapes(d_embed, d_width, n_patches, str(enc.path))
     if "ln_eps" in head_meta:
         cfg = cfg.model_copy(update={"clip_ln_eps": float(head_meta["ln_eps"])})
     clip_spec = encode.extra.get("clip") or json.loads(head_meta.get("clip", "{}"))
     vocab = Vocab.build(pairs.texts, config.min_word_count)
-    inputs, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
-    val_cap, val_enc = val_source or (captions, encode)
-    val = load_split_images(val_cap.path, val_enc.path, "val", config.val_max_images)
-    val_store = dataset.FeatureStore(StageDir.at(val_enc.path), "real")
+    tokens, targets = dataset.caption_tokens(pairs.texts, vocab, cfg.max_len)
+    val_cap, val_enc = inputs.val_source
+    val = load_split_images(val_cap.stage_dir, val_enc.stage_dir, "val", config.val_max_images)
+    val_store = dataset.FeatureStore(val_enc.stage_dir, "real")
     if len(val):
         val_store.check_rows(val.shard, val.row, val.image_ids)
         if config.val_metric == "cider":
@@ -467,7 +471,7 @@ def load_data(config: TrainConfig, captions: StageResult, encode: StageResult,
     if len(val) == 0:
         log.warning("%s: no encoded val images (encode ran without real images or ingest has no val split); "
                     "validation is skipped and best/ holds the final model", val_enc.path)
-    return TrainData(pairs, store, inputs, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe,
+    return TrainData(pairs, store, tokens, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe,
                      reference)
 
 
@@ -505,15 +509,14 @@ def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]
     return pairs, stats
 
 
-def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: StageDir, info: Any, device: Any,
-          refine: StageResult | None = None, val: tuple[StageResult, StageResult] | None = None) -> Run:
+def setup(config: TrainConfig, inputs: TrainInputs, sd: StageDir, info: Any, device: Any) -> Run:
     """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
     import torch
 
     from pcm import dataset, distributed
     from pcm.model import PCMNet
 
-    data = load_data(config, captions, encode, refine, val)
+    data = load_data(config, inputs)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = PCMNet(data.model_config, len(data.vocab), data.bank, data.head).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -530,9 +533,9 @@ def setup(config: TrainConfig, captions: StageResult, encode: StageResult, sd: S
     opt = make_optimizer(params, optimizer_spec(config, warmup), device, capturable=config.cuda_graphs)
 
     if info.is_main:  # an object-store root: a newer checkpoint another host published (killed there)
-        checkpoints.fetch_published(checkpoint.checkpoints_dir(sd.path), sd.metrics_log)
+        checkpoints.fetch_published(sd.checkpoints, sd.metrics_log)
     distributed.barrier(info)
-    latest = checkpoints.latest(checkpoint.checkpoints_dir(sd.path))
+    latest = checkpoints.latest(sd.checkpoints)
     if latest is not None:
         state = resume(config, sd, latest, info, model, opt, data.vocab)
     else:
@@ -688,7 +691,7 @@ def validate(run: Run, last: bool) -> bool:
 def save(run: Run, finished: bool) -> None:
     """The step checkpoint: weights, Adam, position, best and RNG states (the oldest beyond keep_last go)."""
     config, data = run.config, run.data
-    ckpt_root = checkpoint.checkpoints_dir(run.sd.path)
+    ckpt_root = run.sd.checkpoints
     record = {"train_pairs": len(data.pairs), "val_images": len(data.val), "vocab": len(data.vocab),
               "scheduler": {"kind": "noam", "d_model": config.noam_d_model, "warmup": run.warmup,
                             "factor": config.lr_factor},
@@ -704,7 +707,7 @@ def save(run: Run, finished: bool) -> None:
 def save_best(run: Run) -> None:
     """best/: this step's weights without Adam."""
     data = run.data
-    checkpoint.save(checkpoint.best_dir(run.sd.path), model=run.model, vocab=data.vocab,
+    checkpoint.save(checkpoints.recover(run.sd.best), model=run.model, vocab=data.vocab,
                     config=run.config.model_dump(mode="json"), clip=data.clip_spec, concept_names=data.names,
                     state={"step": run.step, "epoch": run.epoch, "best": run.best}, reference=data.reference)
 
@@ -719,11 +722,11 @@ def repair_best(sd: StageDir, latest: Path, state: dict[str, Any]) -> None:
     best_step = state["best"]["step"]
     if best_step is None:
         return
-    best = checkpoint.best_dir(sd.path)
+    best = checkpoints.recover(sd.best)
     held = atomic.read_json(best / checkpoints.STATE).get("step") if (best / checkpoints.STATE).exists() else None
     if held == best_step:
         return
-    source = dict(checkpoints.list_steps(checkpoint.checkpoints_dir(sd.path))).get(best_step)
+    source = dict(checkpoints.list_steps(sd.checkpoints)).get(best_step)
     if source is None:
         raise ValueError(f"{sd.path}: best/ holds step {held} but {latest.name} says the best is step {best_step}, "
                          "whose checkpoint is gone; rerun with --force")
@@ -753,7 +756,8 @@ def main(argv: list[str] | None = None) -> None:
     captions, encode = load_result(a.captions), load_result(a.encode)
     refine = load_result(a.refine) if a.refine else None
     val = (load_result(a.val_captions), load_result(a.val_encode)) if a.val_captions and a.val_encode else None
-    train_worker(config, captions, encode, plan(config, captions, encode, a.root, refine, val), refine=refine, val=val)
+    sd = plan(config, captions, encode, RunLayout(a.root), refine=refine, val=val)
+    train_worker(config, TrainInputs(captions, encode, refine, val), sd)
 
 
 if __name__ == "__main__":

@@ -154,13 +154,15 @@ def level_faithfulness(level: str, root: str | os.PathLike) -> dict[str, Any] | 
     """The faithfulness report (pcm.toyworld.faithfulness) of a level's synthesize stage under `root`, or None
     when that stage has not finished there (nothing is run)."""
     from pcm.stages import ingest, synthesize
+    from pcm.stages.contract import load_result
     from pcm.toyworld.faithfulness import stage_report
+    from storage.layout import RunLayout
 
     cfg = arm_config(level, ARMS_OF[level][0], 0)
-    captions = ingest.plan(cfg.ingest, str(root))
+    captions = ingest.plan(cfg.ingest, RunLayout(root))
     if not captions.done_marker.exists():
         return None
-    images = synthesize.plan(cfg.synthesize, str(captions.path), str(root))
+    images = synthesize.plan(cfg.synthesize, load_result(captions.path), RunLayout(root))
     return stage_report(images.path) if images.done_marker.exists() else None
 
 

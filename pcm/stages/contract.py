@@ -1,4 +1,5 @@
-"""What every stage shares: its directory from the fingerprint, the lock, the cache check, the final marker.
+"""The stage contract (`Stage`, the four names every stage module defines) and what every stage shares:
+its directory from the fingerprint, the lock, the cache check, the final marker.
 
 Planning is pure: `stage_dir` (each stage's `plan`) computes the fingerprint and what config.json is
 to hold, and writes nothing, so Prefect's cache keys and "is it finished?" checks leave no trace.
@@ -7,8 +8,7 @@ to hold, and writes nothing, so Prefect's cache keys and "is it finished?" check
 it themselves.
 
 A stage's inputs are StageResults (the finished upstream stages), resolved once where a run starts
-(the CLI, a flow, `run_pipeline`); the public `plan`/`run_<stage>` also take a stage directory's
-path and resolve it with `as_result`.
+(the CLI, a flow, `run_pipeline`) with `as_result` from a stage directory's path.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from pcm.config import StageConfig
 from storage import atomic, publish, remote
@@ -29,6 +30,28 @@ from storage.locks import lock_at
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
+
+@runtime_checkable
+class Stage(Protocol):
+    """The contract of a stage module (pcm/stages/<stage>.py; DESIGN.md, "A stage is a function from manifests to
+    a manifest"): four names, of which the Protocol can spell the two whose names are fixed.
+
+    - `<Name>Config`: its pydantic StageConfig (RUNTIME fields left out of the fingerprint);
+    - `plan(config, *inputs, layout) -> StageDir`: the stage directory of this config and these inputs (the
+      upstream stages' StageResults), computed only, nothing written;
+    - `verify(sd) -> str | None`: None when the outputs in `sd` are complete, else what is missing;
+    - `run_<stage>(config, *inputs, layout, *, force, progress) -> StageResult`: the work, resumable, its marker
+      written last; a finished directory is returned at once unless `force`.
+
+    `layout` is the RunLayout of the run root. tests/test_stage_contract.py checks every stage module against it.
+    """
+
+    CODE_VERSION: str
+    # Callables, not methods: the inputs differ by stage (ingest has none, evaluate three), so only the ends of
+    # `plan`'s signature are common; the test checks them (config first, `layout` last).
+    plan: Callable[..., StageDir]
+    verify: Callable[[StageDir], str | None]
+
 
 # A stage reports progress as `progress(done, total, message)` after each shard or step.
 ProgressFn = Callable[[int, int, str], None]
