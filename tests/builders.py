@@ -383,3 +383,21 @@ class Payload:
 
     def __reduce__(self) -> tuple:
         return (open, (self.sentinel, "w"))
+
+
+def ingest_fails(tmp_path: Path, name: str, content: bytes, message: str) -> Path:
+    """Ingest a caption file `name` holding `content`: the error must match `message` and name the file, and no
+    ingest directory may hold a marker or captions.parquet. Returns the run root."""
+    import pytest
+
+    from pcm.stages.ingest import IngestConfig, run_ingest
+
+    source = tmp_path / name
+    source.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
+    assert str(source) in str(err.value)
+    for sd in (tmp_path / "runs" / "ingest").glob("*"):
+        assert not (sd / "stage.done.json").exists() and not (sd / "captions.parquet").exists()
+        assert not list(sd.glob(".tmp-*"))
+    return tmp_path / "runs"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from builders import caption_row, ingest_stage
+from builders import caption_row, ingest_fails, ingest_stage
 from PIL import Image
 
 from pcm.stages.contract import as_result
@@ -233,13 +233,7 @@ INGEST_ERRORS = [
 
 @pytest.mark.parametrize("case, name, content, message", INGEST_ERRORS, ids=[c[0] for c in INGEST_ERRORS])
 def test_ingest_fatal_input_names_file_and_place_and_writes_nothing(tmp_path, case, name, content, message):
-    source = tmp_path / name
-    source.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
-    assert str(source) in str(err.value)
-    sd = assert_failed_cleanly(tmp_path / "runs", "ingest")
-    assert not (sd / "captions.parquet").exists()
+    assert_failed_cleanly(ingest_fails(tmp_path, name, content, message), "ingest")
 
 
 TOO_LONG = "a dog " * 100  # 599 characters after normalisation

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import ingest_fails
 
 from pcm.stages.ingest import IngestConfig, run_ingest
 from storage import tables
@@ -249,14 +250,7 @@ ERRORS = [
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case, name, content, message", ERRORS, ids=[c[0] for c in ERRORS])
 def test_a_bad_caption_file_is_an_error_naming_it_and_the_entry(tmp_path, case, name, content, message):
-    source = tmp_path / name
-    source.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
-    assert str(source) in str(err.value)
-    for sd in (tmp_path / "runs" / "ingest").glob("*"):
-        assert not (sd / "stage.done.json").exists() and not (sd / "captions.parquet").exists()
-        assert not list(sd.glob(".tmp-*"))
+    ingest_fails(tmp_path, name, content, message)
 
 
 def test_ids_of_the_error_table_are_unique():
