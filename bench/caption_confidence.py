@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from pcm import confidence, dataset
     from pcm.caption import Captioner
-    from pcm.stages.train import training_reference
+    from pcm.stages.train_worker import training_reference
     from storage import manifests, tables
     from storage.layout import StageDir
 

@@ -17,7 +17,8 @@ from pcm.samples import sample_seed
 from pcm.stages.contract import as_result
 from pcm.stages.pipeline import load_preset, resolve
 from pcm.stages.synthesize import SynthesizeConfig, plan, planned_samples, run_synthesize
-from pcm.stages.train import TrainConfig, cxe_weighting
+from pcm.stages.train import TrainConfig
+from pcm.stages.train_worker import cxe_weighting
 from storage import tables
 from storage.layout import RunLayout
 from storage.shards import iter_tar

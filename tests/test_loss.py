@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pcm.loss import caption_loss, clip_weights
-from pcm.stages.train import noam_lr
+from pcm.optim import noam_lr
 
 PAD = 0
 

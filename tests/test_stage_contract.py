@@ -41,12 +41,13 @@ def test_a_module_without_verify_breaks_the_contract():
 
 
 def test_stage_modules_are_the_layouts_stages():
-    """No stage module is left out of the list above (import_checkpoint makes a train directory)."""
+    """No stage module is left out of the list above (import_checkpoint makes a train directory); the others are
+    the shared contract, the pipeline and train's worker (one process of the train stage)."""
     from storage.layout import STAGES
 
     assert set(STAGES) <= set(STAGE_MODULES)
     files = {p.stem for p in Path(inspect.getfile(Stage)).parent.glob("*.py")}
-    assert files - {"__init__", "contract", "pipeline"} == set(STAGE_MODULES)
+    assert files - {"__init__", "contract", "pipeline", "train_worker"} == set(STAGE_MODULES)
 
 
 def test_a_results_stage_dir_is_the_directory_it_names(tmp_path):

@@ -327,7 +327,7 @@ def test_warmup_fraction_fits_the_run_and_a_run_inside_its_warmup_is_warned(tmp_
     assert warmup_steps(tiny_train_config(warmup_fraction=0.01), 8) == 1    # never 0
     assert "warmup_fraction" not in tiny_train_config().content()           # old fingerprints stay
     cap, enc = train_inputs(tmp_path / "runs", n_val=0)
-    with caplog.at_level("WARNING", logger="pcm.stages.train"):
+    with caplog.at_level("WARNING", logger="pcm.stages.train_worker"):
         run_train(tiny_train_config(epochs=2), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))   # 4 steps against 20 of warm-up
     assert "4 steps in all but 20 of warm-up" in caplog.text
     caplog.clear()
