@@ -171,7 +171,7 @@ def test_the_mapping_reader_names_the_file_and_line_of_every_problem(tmp_path):
 def test_an_unreadable_imported_image_fails_with_the_same_words_in_every_run():
     from PIL import Image, UnidentifiedImageError
 
-    from pcm.stages.synthesize import without_addresses
+    from pcm.rendering import without_addresses
 
     try:
         Image.open(io.BytesIO(b"not an image"))

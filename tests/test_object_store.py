@@ -439,8 +439,7 @@ SMALL = ["ingest.subset=40", "synthesize.shard_size=8", "synthesize.height=32", 
 # before the test caught it holding a lease made the test flaky.
 SLOW_PCM = """
 import sys, time
-from pcm import feature_shards
-from pcm.stages import synthesize
+from pcm import feature_shards, rendering
 from pcm.cli import run
 
 def held_back(write):
@@ -450,7 +449,7 @@ def held_back(write):
     return slow
 
 feature_shards.write_unit = held_back(feature_shards.write_unit)
-synthesize._write_shard = held_back(synthesize._write_shard)
+rendering.write_shard = held_back(rendering.write_shard)
 sys.argv[0] = "pcm"
 sys.exit(run())
 """

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -20,8 +17,9 @@ from pcm import diffusion
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
 from pcm.identity import local_model_dir, model_dir_id
-from pcm.image_sources import ImportedImages, PairedImages, encode_image, image_index, import_image
+from pcm.image_sources import ImportedImages, PairedImages, image_index
 from pcm.pictures import sample_grid
+from pcm.rendering import ShardFormat, render_shards
 from pcm.samples import Sample, swapped_samples, train_samples
 from pcm.samples import sample_seed as sample_seed  # re-exported: the dataset cards name it here (cards.SEED_RULE)
 from pcm.stages.contract import (
@@ -33,12 +31,11 @@ from pcm.stages.contract import (
     open_stage,
     stage_dir,
 )
-from storage import atomic, claims, manifests, remote, tables
+from storage import atomic, manifests, remote, tables
 from storage.fingerprint import files_manifest_digest, input_digest
 from storage.layout import RunLayout, StageDir
-from storage.lock import FileLock
 from storage.result import StageResult
-from storage.shards import ShardWriter, is_done, iter_tar, read_marker
+from storage.shards import is_done, iter_tar, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -299,40 +296,11 @@ def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
           "wrong_image_fraction": config.wrong_image_fraction} if sample.rendered_from else {})
 
 
-def without_addresses(text: str) -> str:
-    """`text` without the memory addresses of object reprs (PIL names its `<_io.BytesIO object at 0x7f...>`), so
-    that identical runs write identical status rows."""
-    return re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1 object>", text)
-
-
-def _write_shard(sd: StageDir, index: int, samples: list[Sample], results: list[Future | str],
-                 config: SynthesizeConfig, generate_s: float) -> dict[str, int]:
-    """Write one shard: images in caption order, failed samples as status rows only."""
-    ext = EXTENSIONS[config.image_format]
-    rows: list[dict[str, Any]] = []
-    with ShardWriter(sd.image_shard(index)) as w:
-        for s, r in zip(samples, results, strict=True):
-            error = r if isinstance(r, str) else None
-            data = b""
-            if error is None:
-                try:
-                    data = r.result()  # type: ignore[union-attr]
-                except Exception as e:  # noqa: BLE001 - one bad image is a failed row, not a failed shard
-                    error = (f"image {'import' if config.imported_images else 'encoding'} failed: "
-                             f"{type(e).__name__}: {without_addresses(str(e))}")
-            if error is not None:
-                rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
-                             "rendered_from": s.rendered_from, "status": tables.STATUS_FAILED, "error": error})
-                continue
-            meta = json.dumps(sample_metadata(config, s), sort_keys=True, ensure_ascii=False)
-            w.write({"__key__": s.caption_id, ext: data, "txt": s.text.encode("utf-8"), "json": meta.encode("utf-8")})
-            rows.append({"caption_id": s.caption_id, "shard": index, "seed": s.seed,
-                         "rendered_from": s.rendered_from, "status": tables.STATUS_OK, "error": None})
-        failed = sum(r["status"] == tables.STATUS_FAILED for r in rows)
-        w.stats.update(ok=len(rows) - failed, failed=failed, generate_s=round(generate_s, 3))
-        # The status rows go in before the tar is committed, so a done shard always has them.
-        manifests.SHARD_SAMPLES.write(sd, index, rows)
-    return {"ok": len(rows) - failed, "failed": failed}
+def shard_format(config: SynthesizeConfig) -> ShardFormat:
+    """How this config's shards store their samples (pcm.rendering)."""
+    return ShardFormat(image_format=config.image_format, jpeg_quality=config.jpeg_quality,
+                       extension=EXTENSIONS[config.image_format], importing=bool(config.imported_images),
+                       metadata=lambda sample: sample_metadata(config, sample))
 
 
 def run_synthesize(config: SynthesizeConfig, captions: StageResult, layout: RunLayout, *,
@@ -382,7 +350,9 @@ def run_synthesize(config: SynthesizeConfig, captions: StageResult, layout: RunL
             progress(sum(is_done(tar(i)) for i in range(total)), total, message)
 
     if todo:
-        counts = _generate(synthesizer or make_generator(config), config, sd, groups, todo, force, counts, report)
+        counts = render_shards(synthesizer or make_generator(config), sd, groups, todo, shard_format(config),
+                               redo=force, batch_size=config.batch_size, writer_threads=config.writer_threads,
+                               progress_bar=config.progress_bar, counts=counts, report=report)
     if not finalize_when_complete or not all(is_done(tar(i)) for i in range(total)):
         return partial_result(sd, total, counts, started)
     return finalize(config, captions, layout, started=started)
@@ -396,66 +366,6 @@ def partial_result(sd: StageDir, total: int, counts: dict[str, int], started: fl
                        counts={**counts, "shards": total, "shards_pending": len(pending)},
                        timings={"total_s": round(time.monotonic() - started, 3)},
                        extra={"complete": False, "pending": pending[:100], **(extra or {})})
-
-
-def _generate(synth: Synthesizer | PairedImages | ImportedImages, config: SynthesizeConfig, sd: StageDir,
-              groups: list[list[Sample]], todo: list[int], force: bool, counts: dict[str, int],
-              report: Callable[[str], None]) -> dict[str, int]:
-    """Generate the shards `todo` (`synth` made from `config`); the GPU never waits for image encoding or tar writing."""
-    from tqdm.auto import tqdm
-
-    sd.shard_dir("shards").mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=sum(len(groups[i]) for i in todo), desc="synthesize", unit="img",
-               disable=not config.progress_bar)
-    # Encoding threads turn pixels into JPEG bytes; one writer thread writes whole shards in order.
-    with ThreadPoolExecutor(config.writer_threads, thread_name_prefix="pcm-encode") as encoders, \
-            ThreadPoolExecutor(1, thread_name_prefix="pcm-shard-writer") as writer:
-        in_flight: tuple[int, Future] | None = None
-
-        def collect() -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                index, fut = in_flight
-                in_flight = None
-                got = fut.result()  # re-raises a writer error (e.g. disk full) here
-                counts["ok"] += got["ok"]
-                counts["failed"] += got["failed"]
-                counts["shards_written"] += 1
-                report(f"{sd.shard_name(index)}: {got['ok']} ok, {got['failed']} failed")
-
-        def one(index: int, lock: FileLock) -> None:
-            nonlocal in_flight
-            try:
-                atomic.remove_stale_temporaries(sd.shard_dir("shards"), sd.shard_name(index))
-                t0 = time.monotonic()
-                results: list[Future | str] = []
-                group = groups[index]
-                for b in range(0, len(group), config.batch_size):
-                    batch = group[b:b + config.batch_size]
-                    for out in synth.generate_samples(batch):
-                        encode = import_image if isinstance(out, bytes) else encode_image
-                        results.append(out if isinstance(out, str) else encoders.submit(
-                            encode, out, config.image_format, config.jpeg_quality))
-                    bar.update(len(batch))
-                collect()  # at most one shard waits for its writer: bounded memory
-                fut = writer.submit(_write_shard, sd, index, group, results, config, time.monotonic() - t0)
-                fut.add_done_callback(lambda _f: lock.release())
-                in_flight = (index, fut)
-            except BaseException:
-                lock.release()
-                raise
-
-        def held(index: int) -> None:
-            log.info("%s is being written by another process; skipping it for now", sd.shard_name(index))
-
-        # Free shards first, then the ones other processes held: redone only if their holder died.
-        for index, lock in claims.claim_each(todo, lambda i: sd.shard_lock("shards", i),
-                                             sd.image_shard, redo=force,
-                                             on_held=held, before_waiting=collect):
-            one(index, lock)
-        collect()
-    bar.close()
-    return counts
 
 
 # -- finalisation -----------------------------------------------------------------------------
