@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcm.model import PCMNet, load_preset  # noqa: E402
 from pcm.optim import TrainStep, make_optimizer  # noqa: E402
-from pcm.stages.train import TrainConfig, optimizer_spec, step_spec  # noqa: E402
+from pcm.stages.train import TrainConfig  # noqa: E402
+from pcm.stages.train_worker import optimizer_spec, step_spec  # noqa: E402
 
 SHAPES = {"vitl14": (768, 1024, 64), "vitb32": (512, 768, 49), "tiny": (64, 64, 4)}
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().

@@ -320,7 +320,7 @@ def test_resolve_device_gives_each_training_process_its_own_gpu():
 
 
 def test_warmup_fraction_fits_the_run_and_a_run_inside_its_warmup_is_warned(tmp_path, caplog):
-    from pcm.stages.train import lr_at, warmup_steps
+    from pcm.stages.train_worker import lr_at, warmup_steps
 
     assert warmup_steps(tiny_train_config(), 8) == 20                       # steps, as given
     assert warmup_steps(tiny_train_config(warmup_fraction=0.25), 8) == 2    # a quarter of this run's 8 steps

@@ -15,14 +15,12 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PlainValidator, ValidationError, field_validator, model_validator
 
 from pcm.config import StageConfig, validation_problems
 from pcm.model import PCMNetConfig, load_preset
-from pcm.optim import OptimizerSpec, StepSpec, noam_lr
 from pcm.pictures import loss_curve
 from pcm.stages.contract import (
     ProgressFn,
@@ -33,6 +31,7 @@ from pcm.stages.contract import (
     locked,
     stage_dir,
 )
+from pcm.stages.train_worker import TrainInputs, train_worker
 from storage import atomic, checkpoints, jsonl, remote
 from storage.layout import RunLayout, StageDir
 from storage.locks import try_lock
@@ -183,22 +182,6 @@ class TrainConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-@dataclass(frozen=True)
-class TrainInputs:
-    """What a train stage reads: the finished ingest and encode stages, a refine stage's pairs (optional), and
-    validation on another data set (its ingest and real-only encode results; optional)."""
-
-    captions: StageResult
-    encode: StageResult
-    refine: StageResult | None = None
-    val: tuple[StageResult, StageResult] | None = None
-
-    @property
-    def val_source(self) -> tuple[StageResult, StageResult]:
-        """The (ingest, encode) results whose val split picks best/."""
-        return self.val or (self.captions, self.encode)
-
-
 def plan(config: TrainConfig, captions: StageResult, encode: StageResult, layout: RunLayout, *,
          refine: StageResult | None = None, val: tuple[StageResult, StageResult] | None = None) -> StageDir:
     """The train stage directory of these inputs (the ingest and encode results); no work, nothing written.
@@ -273,8 +256,6 @@ def run_train(config: TrainConfig, captions: StageResult, encode: StageResult, l
                                 *(["--refine", refine.path] if refine else []), *val_args], config.devices, poll,
                                bind=config.dist_bind)
         else:
-            from pcm.stages.train_worker import train_worker
-
             train_worker(config, TrainInputs(captions, encode, refine, val), sd, progress=progress)
         return _finish(sd, started)
 
@@ -333,33 +314,6 @@ def _finish(sd: StageDir, started: float) -> StageResult:
     return finish(sd, counts, started, extra)
 
 
-# ---------------------------------------------------------------------- the training loop
-def warmup_steps(config: TrainConfig, total: int) -> int:
-    """The run's warm-up: `warmup_fraction` of its `total` steps (at least 1) when set, else `warmup`."""
-    return max(1, round(config.warmup_fraction * total)) if config.warmup_fraction else config.warmup
-
-
-def lr_at(config: TrainConfig, step: int, warmup: int | None = None) -> float:
-    """The Noam learning rate of `step` under this config (`warmup`: the run's, see warmup_steps)."""
-    return noam_lr(step, config.noam_d_model, warmup or config.warmup, config.lr_factor)
-
-
-def optimizer_spec(config: TrainConfig, warmup: int | None = None) -> OptimizerSpec:
-    """Adam's settings of this config, starting at the schedule's step-1 rate."""
-    return OptimizerSpec(lr=lr_at(config, 1, warmup), betas=config.betas, eps=config.eps,
-                         weight_decay=config.weight_decay)
-
-
-def step_spec(config: TrainConfig, cxe_w: float | None = None) -> StepSpec:
-    """The loss and clipping settings of this config (`cxe_w`: the resolved w when the config says auto)."""
-    if cxe_w is None:
-        if config.cxe_w == "auto":
-            raise ValueError("cxe_w = 'auto' is resolved from the training pairs: pass the resolved w")
-        cxe_w = config.cxe_w
-    return StepSpec(cxe=config.cxe, cxe_w=cxe_w, label_smoothing=config.label_smoothing,
-                    focal_gamma=config.focal_gamma, loss_reduction=config.loss_reduction, grad_clip=config.grad_clip)
-
-
 # ---------------------------------------------------------------------- torchrun entry point
 def main(argv: list[str] | None = None) -> None:
     """`python -m pcm.stages.train --config JSON --captions DIR --encode DIR --root DIR [--refine DIR]` (one torchrun
@@ -381,8 +335,6 @@ def main(argv: list[str] | None = None) -> None:
     refine = load_result(a.refine) if a.refine else None
     val = (load_result(a.val_captions), load_result(a.val_encode)) if a.val_captions and a.val_encode else None
     sd = plan(config, captions, encode, RunLayout(a.root), refine=refine, val=val)
-    from pcm.stages.train_worker import train_worker
-
     train_worker(config, TrainInputs(captions, encode, refine, val), sd)
 
 

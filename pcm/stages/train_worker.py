@@ -21,17 +21,64 @@ from typing import Any
 from pcm import checkpoint
 from pcm.device import resolve_device
 from pcm.model import PCMNetConfig
-from pcm.optim import TrainStep, make_optimizer
+from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.split_images import load_split_images
 from pcm.stages.contract import (
     ProgressFn,
 )
-from pcm.stages.train import TrainConfig, TrainInputs, lr_at, optimizer_spec, step_spec, warmup_steps
 from pcm.validation import evaluate_val
 from storage import atomic, checkpoints, jsonl, publish
 from storage.layout import StageDir
+from storage.result import StageResult
 
 log = logging.getLogger(__name__)
+# The train stage's config (pcm.stages.train.TrainConfig), named only in annotations: the stage imports this module,
+# never the other way round.
+TrainConfig = Any
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What a train stage reads: the finished ingest and encode stages, a refine stage's pairs (optional), and
+    validation on another data set (its ingest and real-only encode results; optional)."""
+
+    captions: StageResult
+    encode: StageResult
+    refine: StageResult | None = None
+    val: tuple[StageResult, StageResult] | None = None
+
+    @property
+    def val_source(self) -> tuple[StageResult, StageResult]:
+        """The (ingest, encode) results whose val split picks best/."""
+        return self.val or (self.captions, self.encode)
+
+
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    """The run's warm-up: `warmup_fraction` of its `total` steps (at least 1) when set, else `warmup`."""
+    return max(1, round(config.warmup_fraction * total)) if config.warmup_fraction else config.warmup
+
+
+def lr_at(config: TrainConfig, step: int, warmup: int | None = None) -> float:
+    """The Noam learning rate of `step` under this config (`warmup`: the run's, see warmup_steps)."""
+    return noam_lr(step, config.noam_d_model, warmup or config.warmup, config.lr_factor)
+
+
+def optimizer_spec(config: TrainConfig, warmup: int | None = None) -> OptimizerSpec:
+    """Adam's settings of this config, starting at the schedule's step-1 rate."""
+    return OptimizerSpec(lr=lr_at(config, 1, warmup), betas=config.betas, eps=config.eps,
+                         weight_decay=config.weight_decay)
+
+
+def step_spec(config: TrainConfig, cxe_w: float | None = None) -> StepSpec:
+    """The loss and clipping settings of this config (`cxe_w`: the resolved w when the config says auto)."""
+    if cxe_w is None:
+        if config.cxe_w == "auto":
+            raise ValueError("cxe_w = 'auto' is resolved from the training pairs: pass the resolved w")
+        cxe_w = config.cxe_w
+    return StepSpec(cxe=config.cxe, cxe_w=cxe_w, label_smoothing=config.label_smoothing,
+                    focal_gamma=config.focal_gamma, loss_reduction=config.loss_reduction, grad_clip=config.grad_clip)
+
+
 
 
 @dataclass
