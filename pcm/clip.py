@@ -116,6 +116,12 @@ class ClipSpec(BaseModel):
     def is_preset(self) -> bool:
         return self.model in preset_names()
 
+    @property
+    def is_local(self) -> bool:
+        """Whether the weights are a local file or directory (identified by content), not a tag or a preset's seed."""
+        p = self.pretrained
+        return bool(p) and (p.startswith(LOCAL_DIR) or os.path.exists(os.path.expanduser(p)))
+
     def label(self) -> str:
         """A short name for tables and titles: `ViT-L-14/openai`, `tiny/seed-0`, `toyworld-clip/local-dir:clip`
         (a local directory or checkpoint file by its last name, never its whole path)."""

@@ -9,6 +9,7 @@ last its done marker are written, so a killed run leaves no half shard that coun
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,10 +22,13 @@ from tqdm import tqdm
 
 from pcm.clip import ClipSpec, LoadedClip, encode_images, encode_tokens
 from pcm.image_batches import FEATURES, Unit, UnitBatches, worker_init
-from storage import manifests, tables
+from storage import atomic, claims, manifests, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
 from storage.layout import StageDir
+from storage.lock import FileLock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,3 +139,51 @@ def encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, *, batch_size
             collect(wait=False)
         collect(wait=True)
     return encoded
+
+
+def encode_claimed(sd: StageDir, units: list[Unit], *, clip: LoadedClip | None, load_clip: Callable[[], LoadedClip],
+                   window: int, batch_size: int, num_workers: int, pin_memory: bool, images_root: str | None,
+                   progress_bar: bool, batches_for: Callable[[list[Unit], LoadedClip], Iterable[dict] | None],
+                   progress: Callable[[int, int, str], None] | None = None) -> tuple[int, float, LoadedClip | None]:
+    """Encode the pending `units` under their shard locks, `window` at a time (storage.claims.claim_windows), so
+    several processes on one stage share them; units another process holds are waited for. CLIP is loaded
+    (`load_clip`) only when a unit needs it; `batches_for(units, clip)`: batches made elsewhere, or None to
+    decode images. Returns (images encoded here, seconds spent encoding them, the loaded CLIP or None).
+    """
+    todo = [u for u in units if not shard_io.is_done(sd.feature_shard(u.kind, u.index))]
+    done_count = len(units) - len(todo)
+    encoded, seconds = 0, 0.0
+    locks: dict[tuple[str, int], FileLock] = {}   # the shard locks this process holds
+
+    def report(unit: Unit, stats: dict[str, int]) -> None:
+        nonlocal done_count
+        locks.pop((unit.kind, unit.index)).release()
+        done_count += 1
+        log.info("%s/%s: %d ok, %d failed", unit.kind, sd.shard_name(unit.index), stats["ok"], stats["failed"])
+        if progress:
+            progress(done_count, len(units), f"{unit.kind} {sd.shard_name(unit.index)}")
+
+    def done_elsewhere(unit: Unit) -> None:
+        nonlocal done_count
+        done_count += 1
+
+    for claimed in claims.claim_windows(todo, lambda u: sd.shard_lock(u.kind, u.index),
+                                        lambda u: sd.feature_shard(u.kind, u.index),
+                                        window=window, on_done=done_elsewhere):
+        locks.update({(u.kind, u.index): lock for u, lock in claimed})
+        try:
+            for u, _ in claimed:
+                atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
+            if clip is None:
+                clip = load_clip()
+            t0 = time.monotonic()
+            todo = [u for u, _ in claimed]
+            encoded += encode_pass(sd, todo, clip, batch_size=batch_size, num_workers=num_workers,
+                                   pin_memory=pin_memory, images_root=images_root, progress_bar=progress_bar,
+                                   report=report, batches=batches_for(todo, clip))
+            seconds += time.monotonic() - t0
+        finally:
+            for lock in locks.values():
+                lock.release()
+            locks.clear()
+    return encoded, seconds, clip

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from storage import manifests, tables
 from storage import shards as shard_io
+from storage.layout import StageDir
 
 FEATURES, REAL = "features", "real"   # the two kinds of unit, and the shard folders they write
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -135,3 +137,41 @@ class UnitBatches(torch.utils.data.IterableDataset):
 
 def worker_init(_: int) -> None:
     torch.set_num_threads(1)  # each worker decodes one image at a time; no thread oversubscription
+
+
+# -- planning: which units a stage encodes ------------------------------------------------------
+def synthetic_units(shards: StageDir, count: int | None) -> list[Unit]:
+    """One unit per synthetic shard of a finished synthesize stage directory, in index order (`count`: the shards
+    its result reports; None for an older result: the shards on disk).
+
+    Every shard must still be done on disk: a missing one is an error naming it, never a silently smaller encode.
+    """
+    n = shards.shard_count("shards", "tar") if count is None else count
+    units = []
+    for i in range(n):
+        tar = shards.image_shard(i)
+        if not shard_io.is_done(tar):
+            raise FileNotFoundError(f"{tar}: synthetic shard missing or unfinished (no .done.json); rerun the "
+                                    "synthesize stage to restore it")
+        units.append(Unit(FEATURES, i, tar=str(tar), expected=_marker_count(tar)))
+    return units
+
+
+def _marker_count(tar: Path) -> int | None:
+    try:
+        count = shard_io.read_marker(tar).get("count")
+    except ValueError:
+        return None
+    return count if isinstance(count, int) else None
+
+
+def real_image_units(captions: StageDir, size: int) -> list[Unit]:
+    """Unique val/test images of an ingest stage's ok caption rows, sorted by image_id, in slices of `size`."""
+    table = manifests.CAPTIONS.read(captions, columns=["image_id", "split", "image_path", "status"])
+    images: dict[str, tuple[str, str, str | None]] = {}
+    for r in tables.ok_rows(table.to_pylist()):
+        if r["split"] in ("val", "test") and r["image_id"] not in images:
+            images[r["image_id"]] = (r["image_id"], r["split"], r["image_path"])
+    rows = [images[k] for k in sorted(images)]
+    return [Unit(REAL, i, images=tuple(rows[s:s + size]), expected=len(rows[s:s + size]))
+            for i, s in enumerate(range(0, len(rows), size))]

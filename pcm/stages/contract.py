@@ -138,6 +138,25 @@ def finish(sd: StageDir, counts: dict[str, int], started: float, extra: dict | N
     return result
 
 
+def check_stages(**inputs: tuple[StageResult | None, str]) -> None:
+    """Each input, given by its parameter name as (its result or None, the stage it must come from), is that
+    stage's result; else one error naming the parameter and what was passed."""
+    for name, (r, want) in inputs.items():
+        if r is not None and r.stage != want:
+            raise ValueError(f"{name}={r.path!r} is a {r.stage} stage directory; pass the {want} stage's")
+
+
+def check_made_from(result: StageResult, source: StageResult, name: str, source_name: str) -> None:
+    """`result` was made from `source` (its config.json names `source`'s stage among its inputs, when it names one of
+    that stage at all); else one error naming both and what to pass instead."""
+    made_from = [sd.fingerprint for sd in result.stage_dir.inputs() if sd.stage == source.stage]
+    if made_from and source.fingerprint not in made_from:
+        raise ValueError(f"{name}={result.path!r} were made from the {source.stage} stage {made_from[0]} "
+                         f"(its config.json's inputs), not from {source_name}={source.path!r} ({source.stage} "
+                         f"{source.fingerprint}); pass the {source_name} the {name} were made from ({result.root}/"
+                         f"{source.stage}/{made_from[0]}), or {result.stage} {name} from these {source_name}")
+
+
 def load_result(path: str | Path) -> StageResult:
     """The result of a finished stage directory (given as a path), or a clear error."""
     marker = StageDir.at(path).done_marker   # a URL is fetched from the store (storage.remote)

@@ -21,14 +21,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from pcm import concept_bank, release_concepts, release_features
 from pcm import concepts as concept_vocab
-from pcm import release_concepts, release_features
 from pcm.clip import (
-    LOCAL_DIR,
     ClipSpec,
     LoadedClip,
     clip_head,
-    embed_concepts,
     load_clip,
     quick_gelu,
 )
@@ -37,14 +35,15 @@ from pcm.clip import (
 )
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.device import resolve_device
-from pcm.feature_shards import encode_pass
+from pcm.feature_shards import encode_claimed
 from pcm.identity import clip_content_id
-from pcm.image_batches import FEATURES, REAL, Unit
-from pcm.pictures import score_histogram
-from pcm.score_summary import CXE_REFERENCE_W, clip_score_stats, cxe_weight_stats
+from pcm.image_batches import FEATURES, REAL, Unit, real_image_units, synthetic_units
+from pcm.score_summary import summarise_scores
 from pcm.stages.contract import (
     ProgressFn,
     cached,
+    check_made_from,
+    check_stages,
     drop_marker,
     finish,
     load_result,
@@ -52,18 +51,17 @@ from pcm.stages.contract import (
     open_stage,
     stage_dir,
 )
-from storage import atomic, claims, manifests, tables
+from storage import atomic, manifests, tables
 from storage import shards as shard_io
 from storage.arrays import write_arrays
 from storage.fingerprint import files_manifest_digest, input_digest
 from storage.layout import RunLayout, StageDir
-from storage.lock import FileLock
 from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "2"  # 2: images_root and a local CLIP (local-dir: or a weights file) enter the fingerprint by
-# content (the manifest of the real images read; the digest of the weights), not by absolute path; real-only stages
+# content (the manifest of the real images read; the digest of the weights), not by absolute path.
 STAGE = "encode"
 
 
@@ -122,7 +120,7 @@ class EncodeConfig(StageConfig):
         out = super().content()
         if out.get("images_root") is not None:
             out["images_root"] = BY_CONTENT
-        if local_clip(self.clip):
+        if self.clip.is_local:
             out["clip"]["pretrained"] = BY_CONTENT
         for key in ("vocabulary_file", "concepts_from", "imported_features"):
             if out.get(key) is not None:
@@ -130,12 +128,6 @@ class EncodeConfig(StageConfig):
         if out.get("imported_features") is None:
             out.pop("imported_features", None)  # unset: the fingerprints of stages made before the option stay
         return out
-
-
-def local_clip(spec: ClipSpec) -> bool:
-    """Whether the CLIP's weights are a local file or directory (identified by content), not a tag or a preset's seed."""
-    p = spec.pretrained
-    return bool(p) and (p.startswith(LOCAL_DIR) or os.path.exists(os.path.expanduser(p)))
 
 
 def absolute_path(path: str) -> str:
@@ -162,23 +154,12 @@ def check_images_root(config: EncodeConfig) -> None:
 # -- inputs and units ----------------------------------------------------------------------
 
 def _inputs(cap: StageResult, syn: StageResult | None) -> tuple[StageResult, StageResult | None]:
-    """The ingest and synthesize stages' results, checked to be theirs and made from each other.
-
-    `syn` None: a real-only stage (the val/test images of an evaluation source, no synthetic images).
-    """
-    if cap.stage != "ingest":
-        raise ValueError(f"captions={cap.path!r} is a {cap.stage} stage directory; pass the ingest stage's")
-    if syn is not None and syn.stage != "synthesize":
-        raise ValueError(f"shards={syn.path!r} is a {syn.stage} stage directory; pass the synthesize stage's")
+    """The ingest and synthesize stages' results (`syn` None: a real-only stage, the val/test images of an
+    evaluation source), checked to be theirs and made from each other: the features pair each caption with
+    its image by caption id, so shards made from another caption file would pair them with other captions."""
+    check_stages(captions=(cap, "ingest"), shards=(syn, "synthesize"))
     if syn is not None:
-        # The features pair each caption with its image by caption id: shards made from another caption file
-        # would pair them with images of other captions (or none), silently.
-        made_from = [sd.fingerprint for sd in syn.stage_dir.inputs() if sd.stage == "ingest"]
-        if made_from and cap.fingerprint not in made_from:
-            raise ValueError(f"shards={syn.path!r} were made from the ingest stage {made_from[0]} "
-                             f"(its config.json's inputs), not from captions={cap.path!r} (ingest {cap.fingerprint}); "
-                             f"pass the captions the shards were made from ({syn.root}/ingest/"
-                             f"{made_from[0]}), or synthesize shards from these captions")
+        check_made_from(syn, cap, "shards", "captions")
     return cap, syn
 
 
@@ -192,7 +173,7 @@ def plan(config: EncodeConfig, captions: StageResult, shards: StageResult | None
     cap, syn = _inputs(captions, shards)
     inputs = [cap] if syn is None else [cap, syn]
     extra: dict[str, Any] = {"real_only": True} if syn is None else {}
-    if local_clip(config.clip):  # the weights' digest, wherever the file or directory is
+    if config.clip.is_local:  # the weights' digest, wherever the file or directory is
         extra["clip_content"] = clip_content_id(config.clip)
     if config.vocabulary_file:
         path = Path(config.vocabulary_file)
@@ -254,56 +235,22 @@ def _finished_without_images(layout: RunLayout, planned: StageDir) -> StageDir |
     return None
 
 
-
 def feature_units(shards: StageResult | None) -> list[Unit]:
-    """One unit per synthetic shard of the finished synthesize stage, in index order (none for a real-only stage).
+    """One unit per synthetic shard of the finished synthesize stage (none for a real-only stage)."""
+    return [] if shards is None else synthetic_units(shards.stage_dir, shards.counts.get("shards"))
 
-    Every shard the stage reported must still be done on disk: a missing one is an error naming it,
-    never a silently smaller encode.
-    """
-    if shards is None:
+
+def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
+    """The val/test images to encode, in slices of real_shard_size (none without images or imported features)."""
+    if config.images_root is None and not config.imported_features:
         return []
-    sd = shards.stage_dir
-    n = shards.counts.get("shards")
-    if n is None:  # an older result without the count: the shards on disk
-        n = sd.shard_count("shards", "tar")
-    units = []
-    for i in range(n):
-        tar = sd.image_shard(i)
-        if not shard_io.is_done(tar):
-            raise FileNotFoundError(f"{tar}: synthetic shard missing or unfinished (no .done.json); rerun the "
-                                    "synthesize stage to restore it")
-        units.append(Unit(FEATURES, i, tar=str(tar), expected=_marker_count(tar)))
-    return units
+    return real_image_units(captions.stage_dir, config.real_shard_size)
 
 
 @functools.lru_cache(maxsize=1)
 def cached_clip(spec: ClipSpec, device: str) -> LoadedClip:
     """One loaded CLIP per process, shared by the per-shard tasks of a flow run (`cache_clear()` frees it)."""
     return load_clip(spec, device)
-
-
-def _marker_count(tar: Path) -> int | None:
-    try:
-        count = shard_io.read_marker(tar).get("count")
-    except ValueError:
-        return None
-    return count if isinstance(count, int) else None
-
-
-def real_units(config: EncodeConfig, captions: StageResult) -> list[Unit]:
-    """Unique val/test images of the ok caption rows, sorted by image_id, in slices of real_shard_size."""
-    if config.images_root is None and not config.imported_features:
-        return []
-    table = manifests.CAPTIONS.read(captions.stage_dir, columns=["image_id", "split", "image_path", "status"])
-    images: dict[str, tuple[str, str, str | None]] = {}
-    for r in tables.ok_rows(table.to_pylist()):
-        if r["split"] in ("val", "test") and r["image_id"] not in images:
-            images[r["image_id"]] = (r["image_id"], r["split"], r["image_path"])
-    rows = [images[k] for k in sorted(images)]
-    size = config.real_shard_size
-    return [Unit(REAL, i, images=tuple(rows[s:s + size]), expected=len(rows[s:s + size]))
-            for i, s in enumerate(range(0, len(rows), size))]
 
 
 def _unit_done(sd: StageDir, unit: Unit) -> bool:
@@ -329,60 +276,17 @@ def _imported_batches(config: EncodeConfig, units: list[Unit], clip: LoadedClip)
 
 def encode_units(config: EncodeConfig, sd: StageDir, units: list[Unit], *, clip: LoadedClip | None = None,
                  progress: ProgressFn | None = None) -> tuple[int, float, LoadedClip | None]:
-    """Encode the pending units under their shard locks; units another process holds are waited for.
-
-    Locks are taken a window at a time (a few units per loader worker), so several processes on
-    one stage share the units instead of the first one claiming them all.
-    Returns (images encoded here, seconds spent encoding them, excluding model loading, and the
-    loaded CLIP or None when nothing needed it).
-    """
-    todo = [u for u in units if not _unit_done(sd, u)]
-    done_count = len(units) - len(todo)
-    encoded, seconds = 0, 0.0
-    images_root = str(Path(config.images_root).expanduser()) if config.images_root else None
-    locks: dict[tuple[str, int], FileLock] = {}   # the shard locks this process holds
-
-    def report(unit: Unit, stats: dict[str, int]) -> None:
-        nonlocal done_count
-        locks.pop((unit.kind, unit.index)).release()
-        done_count += 1
-        log.info("%s/%s: %d ok, %d failed", unit.kind, sd.shard_name(unit.index), stats["ok"], stats["failed"])
-        if progress:
-            progress(done_count, len(units), f"{unit.kind} {sd.shard_name(unit.index)}")
-
-    def done_elsewhere(unit: Unit) -> None:
-        nonlocal done_count
-        done_count += 1
-
-    for claimed in claims.claim_windows(todo, lambda u: sd.shard_lock(u.kind, u.index),
-                                        lambda u: sd.feature_shard(u.kind, u.index),
-                                        window=2 * max(1, config.num_workers), on_done=done_elsewhere):
-        locks.update({(u.kind, u.index): lock for u, lock in claimed})
-        try:
-            for u, _ in claimed:
-                atomic.remove_stale_temporaries(sd.shard_dir(u.kind), sd.shard_name(u.index))  # a killed writer's
-            if clip is None:
-                clip = cached_clip(config.clip, resolve_device(config.device))
-            t0 = time.monotonic()
-            todo = [u for u, _ in claimed]
-            encoded += encode_pass(sd, todo, clip, batch_size=config.batch_size,
-                                   num_workers=config.num_workers, pin_memory=config.pin_memory,
-                                   images_root=images_root, progress_bar=config.progress_bar, report=report,
-                                   batches=_imported_batches(config, todo, clip))
-            seconds += time.monotonic() - t0
-        finally:
-            for lock in locks.values():
-                lock.release()
-            locks.clear()
-    return encoded, seconds, clip
+    """Encode the pending units under their shard locks (pcm.feature_shards.encode_claimed): a few per loader
+    worker at a time. Returns (images encoded here, seconds spent encoding them, the loaded CLIP or None)."""
+    return encode_claimed(
+        sd, units, clip=clip, load_clip=lambda: cached_clip(config.clip, resolve_device(config.device)),
+        window=2 * max(1, config.num_workers), batch_size=config.batch_size, num_workers=config.num_workers,
+        pin_memory=config.pin_memory, images_root=str(Path(config.images_root).expanduser()) if config.images_root else None,
+        progress_bar=config.progress_bar, batches_for=lambda todo, c: _imported_batches(config, todo, c),
+        progress=progress)
 
 
 # -- stage-wide outputs ---------------------------------------------------------------------
-
-def _caption_texts(captions: StageResult) -> list[str]:
-    table = manifests.CAPTIONS.read(captions.stage_dir, columns=["split", "text", "status"])
-    return [r["text"] for r in tables.ok_rows(table.to_pylist(), "train") if r["text"]]
-
 
 def _concept_source(path: str) -> StageResult:
     """A finished encode stage whose concept words another encode reuses (`concepts_from`)."""
@@ -395,30 +299,17 @@ def _concept_source(path: str) -> StageResult:
     return result
 
 
-def concept_words(path: str) -> list[str]:
-    """The concept words of another encode stage, in its order."""
-    sd = StageDir.at(_concept_source(path).path)
-    return manifests.CONCEPTS.read(sd, columns=["concept"]).column("concept").to_pylist()
-
-
 def build_concepts(config: EncodeConfig, captions: StageResult, clip: LoadedClip, batch_size: int = 256) -> list[dict]:
-    """Concept rows: the extracted (or user-given) nouns with counts and CLIP prompt embeddings."""
-    texts = _caption_texts(captions)
+    """Concept rows (pcm.concept_bank): the release's file as it is, else the given or extracted nouns embedded."""
+    texts = concept_bank.caption_texts(captions.stage_dir)
     if config.vocabulary_file and release_concepts.is_release_file(config.vocabulary_file):
         return release_concepts.concept_rows(config.vocabulary_file, texts, clip, config.progress_bar)
-    if config.vocabulary_file or config.concepts_from:
-        words = (concept_vocab.read_vocabulary(config.vocabulary_file) if config.vocabulary_file
-                 else concept_words(config.concepts_from))
-        vocab = concept_vocab.vocabulary_counts(words, texts, progress=config.progress_bar)
-    else:
-        vocab = concept_vocab.extract_concepts(texts, min_count=config.min_count, top_n=config.top_n,
-                                               progress=config.progress_bar)
-    if not vocab:
-        raise ValueError(f"no concept has min_count={config.min_count} occurrences among the {len(texts)} training "
-                         "captions; lower min_count or pass vocabulary_file")
-    emb = embed_concepts(clip, [c for c, _ in vocab], config.prompt, config.prompt_ensemble, batch_size)
-    return [{"concept": c, "count": n, "embedding": e.tolist(), "model": clip.spec.label()}
-            for (c, n), e in zip(vocab, emb, strict=True)]
+    words = (concept_vocab.read_vocabulary(config.vocabulary_file) if config.vocabulary_file else
+             concept_bank.concept_words(_concept_source(config.concepts_from).stage_dir) if config.concepts_from
+             else None)
+    return concept_bank.concept_rows(texts, clip, words=words, min_count=config.min_count, top_n=config.top_n,
+                                     prompt=config.prompt, prompt_ensemble=config.prompt_ensemble,
+                                     progress_bar=config.progress_bar, batch_size=batch_size)
 
 
 def write_clip_head(sd: StageDir, clip: LoadedClip) -> None:
@@ -544,35 +435,18 @@ def run_encode(config: EncodeConfig, captions: StageResult, shards: StageResult 
 
         scored = scores.select(["clip_score", "status"]).to_pylist()
         ok_scores = np.array([r["clip_score"] for r in tables.ok_rows(scored)], dtype=np.float32)
-        picture = sd.clip_scores_picture
-        caps = {"paper ViT-L/14": 4.0, "release ViT-B/32": 2.5}
-        if len(ok_scores) and float(np.median(ok_scores)) > 0:
-            caps["auto (1 / median)"] = 1 / float(np.median(ok_scores))
-        score_histogram(picture, ok_scores, f"CLIP scores, {config.clip.label()} ({len(ok_scores)} images)", caps)
+        summary = summarise_scores(ok_scores, sd.clip_scores_picture, config.clip.label())
 
-        statuses = scores.column("status").to_pylist()
-        real_statuses = real.column("status").to_pylist()
         n_concepts = manifests.CONCEPTS.read(sd, columns=["concept"]).num_rows
-        counts = {"images": len(statuses), "images_ok": statuses.count(tables.STATUS_OK),
-                  "images_failed": statuses.count(tables.STATUS_FAILED),
-                  "real": len(real_statuses), "real_ok": real_statuses.count(tables.STATUS_OK),
-                  "real_failed": real_statuses.count(tables.STATUS_FAILED),
-                  "concepts": n_concepts, "feature_shards": len(f_units), "real_shards": len(r_units),
-                  "encoded_now": encoded}
+        counts = {**_status_counts("images", scores), **_status_counts("real", real), "concepts": n_concepts,
+                  "feature_shards": len(f_units), "real_shards": len(r_units), "encoded_now": encoded}
         timings = {"encode_s": round(encode_s, 3), "concepts_s": round(concepts_s, 3)}
         if encoded:
             timings["images_per_s"] = round(encoded / encode_s, 1)
         extra: dict[str, Any] = {
-            "clip": clip_record(config), "pictures": {"clip_scores": str(picture)},
+            "clip": clip_record(config), "pictures": {"clip_scores": str(sd.clip_scores_picture)},
             "images_root": absolute_path(config.images_root) if config.images_root else None,
-            "units": {FEATURES: [u.index for u in f_units], REAL: [u.index for u in r_units]},
-            "clip_score_mean": round(float(ok_scores.mean()), 4) if len(ok_scores) else None,
-            "clip_score_stats": clip_score_stats(ok_scores),
-            "cxe_weights": [cxe_weight_stats(ok_scores, w) for w in CXE_REFERENCE_W]}
-        if len(ok_scores) and (share := extra["clip_score_stats"]["fraction_le_0"]) >= 0.5:
-            log.warning("encode: %.0f%% of the synthetic (image, caption) pairs have a CLIP score <= 0, so CXE gives "
-                        "their captions weight 0 and training learns mostly from the rest (clip_score_stats)",
-                        100 * share)
+            "units": {FEATURES: [u.index for u in f_units], REAL: [u.index for u in r_units]}, **summary}
         if config.images_root is None:
             extra["real_note"] = "no images_root given: real val/test images were not encoded"
         elif not r_units:
@@ -590,11 +464,16 @@ def _finish_real_only(config: EncodeConfig, sd: StageDir, started: float, real: 
                       encoded: int, encode_s: float) -> StageResult:
     """Write real.parquet and the marker of a real-only stage (an evaluation source: no synthetic images)."""
     manifests.REAL.write(sd, real)
-    statuses = real.column("status").to_pylist()
-    counts = {"real": len(statuses), "real_ok": statuses.count(tables.STATUS_OK),
-              "real_failed": statuses.count(tables.STATUS_FAILED), "real_shards": len(r_units), "encoded_now": encoded}
+    counts = {**_status_counts("real", real), "real_shards": len(r_units), "encoded_now": encoded}
     extra = {"clip": clip_record(config), "real_only": True, "units": {REAL: [u.index for u in r_units]},
              "images_root": absolute_path(config.images_root) if config.images_root else None}
     if not r_units:
         extra["real_note"] = "no real val/test images to encode (images_root unset, or no ok val/test rows)"
     return finish(sd, counts, started, extra=extra, timings={"encode_s": round(encode_s, 3)})
+
+
+def _status_counts(name: str, table: Any) -> dict[str, int]:
+    """`name`, `name_ok`, `name_failed`: the rows of a status table (scores, real) and how they ended."""
+    statuses = table.column("status").to_pylist()
+    return {name: len(statuses), f"{name}_ok": statuses.count(tables.STATUS_OK),
+            f"{name}_failed": statuses.count(tables.STATUS_FAILED)}

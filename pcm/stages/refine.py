@@ -22,7 +22,7 @@ from pcm import refine as rules
 from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.pictures import pair_grid
-from pcm.stages.contract import ProgressFn, cached, drop_marker, finish, locked, stage_dir
+from pcm.stages.contract import ProgressFn, cached, check_stages, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
 from storage import shards as shard_io
 from storage.layout import RunLayout, StageDir
@@ -64,17 +64,9 @@ class RefineConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------- stage API
-def _check_inputs(cap: StageResult, enc: StageResult) -> None:
-    """The ingest and encode stages' results must be theirs."""
-    for r, want in ((cap, "ingest"), (enc, "encode")):
-        if r.stage != want:
-            name = "captions" if want == "ingest" else "encode"
-            raise ValueError(f"{name}={r.path!r} is a {r.stage} stage directory; pass the {want} stage's")
-
-
 def plan(config: RefineConfig, captions: StageResult, encode: StageResult, layout: RunLayout) -> StageDir:
     """The refine stage directory of these inputs (the ingest and encode results); no work, nothing written."""
-    _check_inputs(captions, encode)
+    check_stages(captions=(captions, "ingest"), encode=(encode, "encode"))
     return stage_dir(layout, "refine", config, [captions, encode], CODE_VERSION)
 
 
