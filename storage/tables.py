@@ -178,3 +178,9 @@ def concat(paths: Iterable[str | os.PathLike], schema: pa.Schema) -> pa.Table:
     """Read and concatenate several files of one schema (empty table when none)."""
     tables = [read(p, schema) for p in paths]
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def failure_reasons(rows: list[dict], shown: int = 3) -> str:
+    """The distinct reasons of failed status rows (their error, else their status), the first `shown` of them."""
+    reasons = list(dict.fromkeys(r["error"] or r["status"] for r in rows))
+    return "; ".join(reasons[:shown]) + (f"; ... ({len(reasons) - shown} more)" if len(reasons) > shown else "")

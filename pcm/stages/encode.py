@@ -329,8 +329,7 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
         return
     for u in units:
         shard_io.drop_marker(sd.feature_shard(u.kind, u.index), store=True)  # known bad: withdrawn from a store too
-    reasons = list(dict.fromkeys(r["error"] or r["status"] for r in rows))
-    shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    shown = tables.failure_reasons(rows)
     raise FileNotFoundError(
         f"encode: none of the {len(rows)} real val/test images could be read from "
         f"encode.images_root={config.images_root!r} ({absolute_path(config.images_root or '.')}): {shown}. Check that "

@@ -432,8 +432,7 @@ def check_some_ok(sd: StageDir, rows: list[dict[str, Any]], n_shards: int) -> st
     if rows and len(failed) == len(rows):
         for i in range(n_shards):
             storage.shards.drop_marker(sd.image_shard(i), store=True)  # known bad: withdrawn from a store too
-        reasons = list(dict.fromkeys(r["error"] or r["status"] for r in failed))
-        shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
+        shown = tables.failure_reasons(failed)
         raise RuntimeError(f"{sd.path}: every one of the {len(rows)} samples failed ({shown}); the likely cause is the "
                            "model, the device or the image source, not the captions. The stage is not marked done; "
                            "fix the cause and rerun (its shards will be made again)")
