@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pcm.stages.contract import finish
-from storage import atomic, tables
+from storage import atomic, manifests, tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
@@ -401,3 +401,13 @@ def ingest_fails(tmp_path: Path, name: str, content: bytes, message: str) -> Pat
         assert not (sd / "stage.done.json").exists() and not (sd / "captions.parquet").exists()
         assert not list(sd.glob(".tmp-*"))
     return tmp_path / "runs"
+
+
+def ingest_rows(tmp_path: Path, name: str, content: bytes) -> tuple[StageResult, dict[str, dict[str, Any]]]:
+    """Ingest a caption file `name` holding `content` (it must finish): its result and captions.parquet's rows by id."""
+    from pcm.stages.ingest import IngestConfig, run_ingest
+
+    source = tmp_path / name
+    source.write_bytes(content)
+    r = run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
+    return r, {row["caption_id"]: row for row in manifests.CAPTIONS.read(r.stage_dir).to_pylist()}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from builders import caption_row, ingest_fails, ingest_stage
+from builders import caption_row, ingest_fails, ingest_rows, ingest_stage
 from PIL import Image
 
 from pcm.stages.contract import as_result
@@ -270,10 +270,7 @@ INGEST_ROWS = [
 
 @pytest.mark.parametrize("case, name, content, expect, reasons", INGEST_ROWS, ids=[c[0] for c in INGEST_ROWS])
 def test_ingest_bad_caption_is_a_rejected_row_and_the_rest_is_kept(tmp_path, case, name, content, expect, reasons):
-    source = tmp_path / name
-    source.write_bytes(content)
-    r = run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
-    rows = {row["caption_id"]: row for row in tables.read(Path(r.path) / "captions.parquet", tables.CAPTIONS).to_pylist()}
+    r, rows = ingest_rows(tmp_path, name, content)
     assert set(rows) == set(expect)
     for cid, error in expect.items():
         if error is None:

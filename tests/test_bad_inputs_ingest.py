@@ -9,14 +9,12 @@ ingest run on a file of a few bytes.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import ingest_fails
+from builders import ingest_fails, ingest_rows
 
 from pcm.stages.ingest import IngestConfig, run_ingest
-from storage import tables
 from storage.layout import RunLayout
 
 
@@ -323,10 +321,7 @@ ROWS = [
 @pytest.mark.parametrize("case, name, content, expect", ROWS, ids=[c[0] for c in ROWS])
 def test_a_bad_caption_is_a_rejected_row_with_its_reason_and_the_others_stay_ok(tmp_path, case, name, content,
                                                                                    expect):
-    source = tmp_path / name
-    source.write_bytes(content)
-    r = run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
-    rows = {row["caption_id"]: row for row in tables.read(Path(r.path) / "captions.parquet", tables.CAPTIONS).to_pylist()}
+    r, rows = ingest_rows(tmp_path, name, content)
     assert set(rows) == set(expect)
     for cid, error in expect.items():
         row = rows[cid]
