@@ -71,6 +71,8 @@ SYNTH_PATTERNS = {
     "plain_images_per_s": re.compile(rf"^plain pipeline:\s+{NUM} images/s", re.M),
     "stage_images_per_s": re.compile(rf"^this stage:\s+{NUM} images/s\s+ratio {NUM}", re.M),
     "opt_in_images_per_s": re.compile(rf"^opt-in \(([^)]+)\):\s+{NUM} images/s\s+ratio {NUM}", re.M),
+    # --breakdown: the generator alone and both arms with channels-last flipped, one line each
+    "breakdown": re.compile(rf"^breakdown: (.+?):\s+{NUM} images/s\s+ratio {NUM}", re.M),
 }
 # bench/encode.py prints:
 #   model-only: 6,685.8 images/s (open_clip encode_image on random tensors)
@@ -106,7 +108,9 @@ def parse_synth(out: str) -> dict[str, Any]:
     dev = SYNTH_PATTERNS["device"].search(out)
     return {"setup": dev.group(1) if dev else None, "plain_images_per_s": plain,
             "stage_images_per_s": _num(st.group(1)), "stage_ratio": _num(st.group(2)),
-            "opt_in": opt.group(1), "opt_in_images_per_s": _num(opt.group(2)), "opt_in_ratio": _num(opt.group(3))}
+            "opt_in": opt.group(1), "opt_in_images_per_s": _num(opt.group(2)), "opt_in_ratio": _num(opt.group(3)),
+            "breakdown": {m.group(1): {"images_per_s": _num(m.group(2)), "ratio": _num(m.group(3))}
+                          for m in SYNTH_PATTERNS["breakdown"].finditer(out)}}
 
 
 def parse_encode(out: str) -> dict[str, Any]:
@@ -155,13 +159,15 @@ def plan(gpu: bool, work: Path) -> list[Step]:
     dev = "cuda" if gpu else "cpu"
     if gpu:
         workers = min(16, os.cpu_count() or 1)
-        synth = ["--preset", "sd15-arch", "--n-images", "128"]  # batch 32, 20 steps, fp16, 512 px, compile+tiny-vae
+        # batch 32, 20 steps, fp16, 512 px; opt-in compile+tiny-vae; the breakdown: where the stage's time goes
+        synth = ["--preset", "sd15-arch", "--n-images", "128", "--breakdown"]
         encode = ["--preset", "vit-l-14", "--batch-size", "256", "--n-images", "8192", "--workers", str(workers)]
         train = ["--preset", "vitl14", "--batch-size", "32", "--steps", "200", "--warmup", "20"]
-        expect = {"synth": 150, "encode": 50, "train-eager": 25, "train-compile": 70, "train-cuda-graphs": 30,
+        expect = {"synth": 230, "encode": 50, "train-eager": 25, "train-compile": 70, "train-cuda-graphs": 30,
                   "check-synthesize": 35, "check-encode": 40, "check-train": 60}
     else:
-        synth = ["--preset", "tiny", "--steps", "2", "--n-images", "4", "--batch-size", "2"]  # opt-in: tiny-vae
+        synth = ["--preset", "tiny", "--steps", "2", "--n-images", "4", "--batch-size", "2",  # opt-in: tiny-vae
+                 "--breakdown"]
         encode = ["--preset", "tiny", "--batch-size", "16", "--n-images", "64", "--shard-size", "32", "--workers", "1"]
         train = ["--preset", "tiny", "--batch-size", "8", "--steps", "5", "--warmup", "2"]
         expect = {"synth": 25, "encode": 20, "train-eager": 15, "train-compile": 15, "train-cuda-graphs": 15,
@@ -271,6 +277,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[tuple[str, str, str, str, 
             ratio = f"{f['stage_ratio']:.3f} stage/plain"
             sub.append(("  synth opt-in", f"{f['opt_in']}: {_fmt(f['opt_in_images_per_s'])} img/s",
                         f"{f['opt_in_ratio']:.3f} opt-in/plain"))
+            sub += [(f"  synth: {k}", f"{_fmt(v['images_per_s'])} img/s", f"{v['ratio']:.3f} vs plain")
+                    for k, v in f.get("breakdown", {}).items()]
         elif name == "encode" and f:
             main = (f"e2e {_fmt(f['end_to_end_images_per_s'])} img/s "
                     f"(model-only {_fmt(f['model_only_images_per_s'])})")

@@ -57,6 +57,28 @@ def plain_pipeline(args: argparse.Namespace, prompts: list[str]) -> float:
     return len(prompts) / (time.perf_counter() - t0)
 
 
+def generator_only(args: argparse.Namespace, prompts: list[str], **opts) -> float:
+    """(c) this project's generator alone (Synthesizer.generate: per-sample seeds, latents decoded and converted
+    to uint8 on the device), no JPEG encoding or shards: tells the model path from the stage's writing."""
+    from pcm.diffusion import Synthesizer
+    from pcm.stages.synthesize import SynthesizeConfig, generation_spec
+
+    config = SynthesizeConfig(model=args.preset, dtype=args.dtype, device=args.device, scheduler="dpm++",
+                              steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+                              batch_size=args.batch_size, **opts)
+    synth = Synthesizer(generation_spec(config))
+    synth.generate(prompts[: args.batch_size], list(range(args.batch_size)))  # warm-up
+    sync(args.device)
+    t0 = time.perf_counter()
+    for b in range(0, len(prompts), args.batch_size):
+        batch = prompts[b:b + args.batch_size]
+        synth.generate(batch, list(range(b, b + len(batch))))
+    sync(args.device)
+    elapsed = time.perf_counter() - t0
+    del synth
+    return len(prompts) / elapsed
+
+
 def stage(args: argparse.Namespace, work: Path, captions: str, name: str, **opts) -> float:
     """(b) run_synthesize end to end (generation, JPEG encoding, shard writing, finalising).
 
@@ -92,9 +114,12 @@ def main() -> None:
     ap.add_argument("--n-images", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="default: fp16 on GPU, fp32 on CPU")
     ap.add_argument("--size", type=int, default=None, help="pixels; default 512 (sd15-arch) or 64 (tiny)")
-    ap.add_argument("--opt-in", choices=["auto", "compile", "tiny-vae", "compile+tiny-vae"], default="auto",
-                    help="the opt-in setting measured on the second line; auto: tiny-vae on CPU, "
-                    "compile+tiny-vae on GPU")
+    ap.add_argument("--opt-in", choices=["auto", "compile", "tiny-vae", "compile+tiny-vae", "none"],
+                    default="auto", help="the opt-in setting measured on the third line; auto: tiny-vae on CPU, "
+                    "compile+tiny-vae on GPU; none: skip it")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the generator alone and both arms with and without channels-last, to tell "
+                    "where the stage's time goes")
     ap.add_argument("--work-dir", default=None, help="where the benchmark's shards go (default: a temp dir)")
     args = ap.parse_args()
 
@@ -119,17 +144,29 @@ def main() -> None:
         prompts = [s.text for s in planned_samples(SynthesizeConfig(limit=args.n_images), load_result(captions))]
         plain = plain_pipeline(args, prompts)
         ours = stage(args, work, captions, "stage", channels_last=gpu)
-        extra = {"channels_last": gpu, "compile": "compile" in opt_in,
-                 "tiny_vae": "tiny" if "tiny-vae" in opt_in else None}
-        best = stage(args, work, captions, "opt-in", **extra)
+        breakdown: dict[str, float] = {}
+        if args.breakdown:
+            breakdown["generator alone"] = generator_only(args, prompts, channels_last=gpu)
+            breakdown[f"generator alone, channels_last={not gpu}"] = generator_only(args, prompts,
+                                                                                 channels_last=not gpu)
+            breakdown[f"this stage, channels_last={not gpu}"] = stage(args, work, captions, "stage-cl",
+                                                                      channels_last=not gpu)
+        best = None
+        if opt_in != "none":
+            extra = {"channels_last": gpu, "compile": "compile" in opt_in,
+                     "tiny_vae": "tiny" if "tiny-vae" in opt_in else None}
+            best = stage(args, work, captions, "opt-in", **extra)
     device = torch.cuda.get_device_name(args.device) if gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; preset {args.preset}, {args.n_images} images, batch {args.batch_size}, "
           f"{args.steps} DPM-Solver++ steps, guidance 7.5, {args.size} px, {args.dtype}")
     print(f"plain pipeline:            {plain:10.3f} images/s")
     print(f"this stage:                {ours:10.3f} images/s   ratio {ours / plain:.3f} (stage / plain; "
           "includes JPEG encoding and shard writing)")
-    print(f"opt-in ({opt_in}):{' ' * max(1, 17 - len(opt_in))}{best:10.3f} images/s   ratio {best / plain:.3f} "
-          "(tiny VAE changes the images)")
+    for name, rate in breakdown.items():  # channels_last is on for the lines above on a GPU, off on the CPU
+        print(f"breakdown: {name + ':':<40} {rate:10.3f} images/s   ratio {rate / plain:.3f}")
+    if best is not None:
+        print(f"opt-in ({opt_in}):{' ' * max(1, 17 - len(opt_in))}{best:10.3f} images/s   ratio {best / plain:.3f} "
+              "(tiny VAE changes the images)")
 
 
 if __name__ == "__main__":

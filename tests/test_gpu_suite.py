@@ -45,6 +45,12 @@ def test_gpu_suite_cpu_tiny(tmp_path: Path) -> None:
     assert synth["opt_in_images_per_s"] > 0
     for figure, ratio in (("stage_images_per_s", "stage_ratio"), ("opt_in_images_per_s", "opt_in_ratio")):
         assert abs(synth[ratio] - synth[figure] / synth["plain_images_per_s"]) < 0.01 + 0.01 * synth[ratio], synth
+    # --breakdown: the generator alone (channels-last off on the CPU, then on) and the stage with it on
+    assert list(synth["breakdown"]) == ["generator alone", "generator alone, channels_last=True",
+                                        "this stage, channels_last=True"], synth
+    for line in synth["breakdown"].values():
+        assert line["images_per_s"] > 0
+        assert abs(line["ratio"] - line["images_per_s"] / synth["plain_images_per_s"]) < 0.01 + 0.01 * line["ratio"]
     encode = steps["encode"]["figures"]
     assert encode["end_to_end_images_per_s"] > 0 and encode["model_only_images_per_s"] > 0
     assert abs(encode["ratio"] - encode["end_to_end_images_per_s"] / encode["model_only_images_per_s"]) < 0.01, encode
