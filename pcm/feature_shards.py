@@ -150,7 +150,7 @@ def encode_claimed(sd: StageDir, units: list[Unit], *, clip: LoadedClip | None, 
     (`load_clip`) only when a unit needs it; `batches_for(units, clip)`: batches made elsewhere, or None to
     decode images. Returns (images encoded here, seconds spent encoding them, the loaded CLIP or None).
     """
-    todo = [u for u in units if not shard_io.is_done(sd.feature_shard(u.kind, u.index))]
+    todo = [u for u in units if not unit_done(sd, u.kind, u.index)]
     done_count = len(units) - len(todo)
     encoded, seconds = 0, 0.0
     locks: dict[tuple[str, int], FileLock] = {}   # the shard locks this process holds
@@ -187,3 +187,14 @@ def encode_claimed(sd: StageDir, units: list[Unit], *, clip: LoadedClip | None, 
                 lock.release()
             locks.clear()
     return encoded, seconds, clip
+
+
+def unit_done(sd: StageDir, kind: str, index: int) -> bool:
+    """Whether feature shard `index` of `kind` (features, real) is done: its marker is there."""
+    return shard_io.is_done(sd.feature_shard(kind, index))
+
+
+def withdraw_units(sd: StageDir, units: list[Unit]) -> None:
+    """Drop the units' done markers (from an object store too), so that they are encoded again."""
+    for u in units:
+        shard_io.drop_marker(sd.feature_shard(u.kind, u.index), store=True)

@@ -19,6 +19,7 @@ import torch
 
 from storage import manifests, tables
 from storage import shards as shard_io
+from storage.fingerprint import files_manifest_digest
 from storage.layout import StageDir
 
 FEATURES, REAL = "features", "real"   # the two kinds of unit, and the shard folders they write
@@ -175,3 +176,14 @@ def real_image_units(captions: StageDir, size: int) -> list[Unit]:
     rows = [images[k] for k in sorted(images)]
     return [Unit(REAL, i, images=tuple(rows[s:s + size]), expected=len(rows[s:s + size]))
             for i, s in enumerate(range(0, len(rows), size))]
+
+
+def real_images_digest(images_root: str, captions: StageDir, cache_key: str) -> str:
+    """The real images' identity: names and sizes of the val/test images an encode reads (one stat each).
+
+    Hashing a COCO image root (123k JPEGs, ~20 GB) at every plan is out of the question; the names
+    and sizes of the images read catch another or re-encoded image set, wherever the root is mounted,
+    and cost one stat per image, once per process (`cache_key`: the captions' fingerprint).
+    """
+    paths = [p for u in real_image_units(captions, 1 << 30) for _, _, p in u.images if p]
+    return files_manifest_digest(images_root, paths, cache_key=cache_key)

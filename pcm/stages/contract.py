@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pcm.config import StageConfig
 from storage import atomic, publish, remote
@@ -177,3 +177,22 @@ def as_result(x: StageInput) -> StageResult:
         raise FileNotFoundError(f"{x.path}: not a finished stage directory (this {x.stage} result is partial, "
                                 "with work pending); finish that stage first")
     return x
+
+
+def finished_like(layout: RunLayout, planned: StageDir, ignoring: str) -> StageDir | None:
+    """A finished local stage whose config.json equals `planned`'s but for the config key `ignoring`.
+
+    For inputs that may vanish once used (encode's real images: its fingerprint hashed a manifest of images that
+    cannot be listed any more), the stage is found by the config.json `stage_dir` wrote from the same record, not
+    by recomputing the fingerprint.
+    """
+    def without(record: dict[str, Any]) -> dict[str, Any]:
+        return record | {"config": {k: v for k, v in record.get("config", {}).items() if k != ignoring}}
+
+    want = without(planned.record or {})
+    for sd in layout.stage_dirs(planned.stage):
+        if sd.done_marker.exists() and sd.config_file.exists():
+            rec = atomic.read_json(sd.config_file)
+            if without(rec) == want:
+                return dataclasses.replace(sd, record=rec)
+    return None

@@ -9,7 +9,6 @@ process only moves pinned batches to the device, runs CLIP and hands results to 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -22,22 +21,13 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from pcm import concept_bank, release_concepts, release_features
-from pcm import concepts as concept_vocab
-from pcm.clip import (
-    ClipSpec,
-    LoadedClip,
-    clip_head,
-    load_clip,
-    quick_gelu,
-)
-from pcm.clip import (
-    preset_path as clip_preset_path,
-)
+from pcm.clip import ClipSpec, LoadedClip, clip_head, load_clip, preset_path, quick_gelu
+from pcm.concepts import read_vocabulary
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.device import resolve_device
-from pcm.feature_shards import encode_claimed
+from pcm.feature_shards import encode_claimed, unit_done, withdraw_units
 from pcm.identity import clip_content_id
-from pcm.image_batches import FEATURES, REAL, Unit, real_image_units, synthetic_units
+from pcm.image_batches import FEATURES, REAL, Unit, real_image_units, real_images_digest, synthetic_units
 from pcm.score_summary import summarise_scores
 from pcm.stages.contract import (
     ProgressFn,
@@ -46,15 +36,15 @@ from pcm.stages.contract import (
     check_stages,
     drop_marker,
     finish,
+    finished_like,
     load_result,
     locked,
     open_stage,
     stage_dir,
 )
-from storage import atomic, manifests, tables
-from storage import shards as shard_io
+from storage import manifests, tables
 from storage.arrays import write_arrays
-from storage.fingerprint import files_manifest_digest, input_digest
+from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -186,53 +176,22 @@ def plan(config: EncodeConfig, captions: StageResult, shards: StageResult | None
     if config.imported_features:  # the files' names and sizes, wherever the folder is
         extra["imported_features"] = release_features.manifest_digest(config.imported_features)
     if config.clip.is_preset:  # an edited preset file is a different model
-        extra["clip_preset_sha256"] = input_digest(clip_preset_path(config.clip.model))
+        extra["clip_preset_sha256"] = input_digest(preset_path(config.clip.model))
     if quick_gelu(config.clip):  # features made before the QuickGELU fix were computed with GELU
         extra["clip_quick_gelu"] = True
     try:
         check_images_root(config)
     except FileNotFoundError:
         # A finished stage no longer needs its real images (its features are stored): reuse it.
-        sd = _finished_without_images(layout, stage_dir(layout, STAGE, config, inputs, CODE_VERSION, extra))
+        sd = finished_like(layout, stage_dir(layout, STAGE, config, inputs, CODE_VERSION, extra), "images_manifest")
         if sd is None:
             raise
         log.warning("encode.images_root=%r does not exist; reusing the finished stage encoded from it: %s",
                     config.images_root, sd.path)
         return sd
     if config.images_root is not None:
-        extra["images_manifest"] = real_manifest(config, cap)
+        extra["images_manifest"] = real_images_digest(config.images_root, cap.stage_dir, cap.fingerprint)
     return stage_dir(layout, STAGE, config, inputs, CODE_VERSION, extra)
-
-
-def real_manifest(config: EncodeConfig, captions: StageResult) -> str:
-    """The real images' identity: names and sizes of the val/test images the stage reads (one stat each).
-
-    Hashing a COCO image root (123k JPEGs, ~20 GB) at every plan is out of the question; the names
-    and sizes of the images read catch another or re-encoded image set, wherever the root is mounted,
-    and cost one stat per image, once per process.
-    """
-    paths = [p for u in real_units(config, captions) for _, _, p in u.images if p]
-    return files_manifest_digest(config.images_root, paths, cache_key=captions.fingerprint)
-
-
-def _without_images(record: dict[str, Any]) -> dict[str, Any]:
-    """A config.json's content less the real images' manifest: what names a stage once its images are gone."""
-    return record | {"config": {k: v for k, v in record.get("config", {}).items() if k != "images_manifest"}}
-
-
-def _finished_without_images(layout: RunLayout, planned: StageDir) -> StageDir | None:
-    """A finished local stage of this config and these inputs, whatever real images it read (they are gone now).
-
-    Its fingerprint hashed a manifest of images that cannot be listed any more, so the stage is found by its
-    config.json (which `stage_dir` wrote from the same record), not by recomputing the fingerprint.
-    """
-    want = _without_images(planned.record or {})
-    for sd in layout.stage_dirs(STAGE):
-        if sd.done_marker.exists() and sd.config_file.exists():
-            rec = atomic.read_json(sd.config_file)
-            if _without_images(rec) == want:
-                return dataclasses.replace(sd, record=rec)
-    return None
 
 
 def feature_units(shards: StageResult | None) -> list[Unit]:
@@ -253,15 +212,11 @@ def cached_clip(spec: ClipSpec, device: str) -> LoadedClip:
     return load_clip(spec, device)
 
 
-def _unit_done(sd: StageDir, unit: Unit) -> bool:
-    return shard_io.is_done(sd.feature_shard(unit.kind, unit.index))
-
-
 def pending_feature_shards(config: EncodeConfig, captions: StageResult, shards: StageResult,
                            layout: RunLayout) -> list[int]:
     """Indices of the synthetic shards whose feature shard is not done yet (what a flow run still has to encode)."""
     sd = plan(config, captions, shards, layout)
-    return [u.index for u in feature_units(shards) if not _unit_done(sd, u)]
+    return [u.index for u in feature_units(shards) if not unit_done(sd, u.kind, u.index)]
 
 
 def _imported_batches(config: EncodeConfig, units: list[Unit], clip: LoadedClip) -> Iterable[dict] | None:
@@ -304,7 +259,7 @@ def build_concepts(config: EncodeConfig, captions: StageResult, clip: LoadedClip
     texts = concept_bank.caption_texts(captions.stage_dir)
     if config.vocabulary_file and release_concepts.is_release_file(config.vocabulary_file):
         return release_concepts.concept_rows(config.vocabulary_file, texts, clip, config.progress_bar)
-    words = (concept_vocab.read_vocabulary(config.vocabulary_file) if config.vocabulary_file else
+    words = (read_vocabulary(config.vocabulary_file) if config.vocabulary_file else
              concept_bank.concept_words(_concept_source(config.concepts_from).stage_dir) if config.concepts_from
              else None)
     return concept_bank.concept_rows(texts, clip, words=words, min_count=config.min_count, top_n=config.top_n,
@@ -327,8 +282,7 @@ def _check_some_real_ok(config: EncodeConfig, sd: StageDir, units: list[Unit], r
     rows = real.select(["image_id", "status", "error"]).to_pylist()
     if not rows or tables.ok_rows(rows):
         return
-    for u in units:
-        shard_io.drop_marker(sd.feature_shard(u.kind, u.index), store=True)  # known bad: withdrawn from a store too
+    withdraw_units(sd, units)  # known bad: withdrawn from a store too
     shown = tables.failure_reasons(rows)
     raise FileNotFoundError(
         f"encode: none of the {len(rows)} real val/test images could be read from "
@@ -359,7 +313,7 @@ def verify(sd: StageDir) -> str | None:
     units = extra.get("units", {})
     for kind, indices in units.items():
         for i in indices:
-            if not shard_io.is_done(sd.feature_shard(kind, i)):
+            if not unit_done(sd, kind, i):
                 return f"{kind}/{sd.shard_name(i)} missing or unfinished"
     return None
 
@@ -367,8 +321,7 @@ def verify(sd: StageDir) -> str | None:
 def _reset(sd: StageDir, units: list[Unit]) -> None:
     """Drop the stage marker, the units' markers and the stage-wide files, so everything is redone."""
     drop_marker(sd, store=True)
-    for u in units:
-        shard_io.drop_marker(sd.feature_shard(u.kind, u.index), store=True)
+    withdraw_units(sd, units)
     for path in stage_files(sd):
         path.unlink(missing_ok=True)
 
