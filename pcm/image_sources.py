@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.fingerprint import files_manifest_digest
 from storage.image_sets import ImageIndex, read_mapping
 
 
@@ -154,3 +155,12 @@ def encode_image(pixels: Any, image_format: str, quality: int) -> bytes:
     else:
         img.save(buf, format="WEBP", quality=quality, method=4)
     return buf.getvalue()
+
+
+def paired_images_digest(root: str, samples: Sequence[Any], cache_key: str) -> str:
+    """The paired images' identity: names and sizes of the train images a synthesize reads (one stat each).
+
+    Hashing a COCO train root (~20 GB) at every plan is out of the question; names + sizes of the
+    files read catch a swapped or re-encoded image set, wherever the root is mounted.
+    """
+    return files_manifest_digest(root, [s.image_path for s in samples if s.image_path], cache_key=cache_key)

@@ -22,7 +22,7 @@ from pcm.samples import Sample
 from storage import atomic, claims, manifests, tables
 from storage.layout import StageDir
 from storage.lock import FileLock
-from storage.shards import ShardWriter
+from storage.shards import IMAGE_EXTENSIONS, ShardWriter, iter_tar
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,15 @@ def render_shards(synth: Synthesizer | PairedImages | ImportedImages, sd: StageD
         collect()
     bar.close()
     return counts
+
+
+def first_images(sd: StageDir, n_shards: int, n: int = 16) -> list[tuple[bytes, str]]:
+    """The first `n` images of a stage's shards (file bytes) with their captions: what the sample grid shows."""
+    items: list[tuple[bytes, str]] = []
+    for i in range(n_shards):
+        for sample in iter_tar(sd.image_shard(i)):
+            ext = next(e for e in IMAGE_EXTENSIONS.values() if e in sample)
+            items.append((sample[ext], sample["txt"].decode("utf-8")))
+            if len(items) >= n:
+                return items
+    return items

@@ -22,6 +22,8 @@ from storage import atomic, publish, remote
 from storage.fingerprint import file_digest
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
+# A sample's image member suffix by image format (the synthesize stage's image_format).
+IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 def check_key(key: str) -> str:

@@ -17,9 +17,9 @@ from pcm import diffusion
 from pcm.config import BY_CONTENT, StageConfig
 from pcm.diffusion import GenerationSpec, Synthesizer
 from pcm.identity import local_model_dir, model_dir_id
-from pcm.image_sources import ImportedImages, PairedImages, image_index
+from pcm.image_sources import ImportedImages, PairedImages, image_index, paired_images_digest
 from pcm.pictures import sample_grid
-from pcm.rendering import ShardFormat, render_shards
+from pcm.rendering import ShardFormat, first_images, render_shards
 from pcm.samples import Sample, swapped_samples, train_samples
 from pcm.samples import sample_seed as sample_seed  # re-exported: the dataset cards name it here (cards.SEED_RULE)
 from pcm.stages.contract import (
@@ -32,17 +32,16 @@ from pcm.stages.contract import (
     stage_dir,
 )
 from storage import atomic, manifests, remote, tables
-from storage.fingerprint import files_manifest_digest, input_digest
+from storage.fingerprint import input_digest
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
-from storage.shards import is_done, iter_tar, read_marker
+from storage.shards import IMAGE_EXTENSIONS, is_done, read_marker
 
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "3"  # 2: status rows record rendered_from (the wrong_image_fraction switch); 3: local model and
 # TAESD directories, paired and imported image roots enter the fingerprint by content, not by path
 STAGE = "synthesize"
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 class SynthesizeConfig(StageConfig):
@@ -208,18 +207,10 @@ def plan(config: SynthesizeConfig, captions: StageResult, layout: RunLayout) -> 
         if config.source == "generated" and (d := local_model_dir(getattr(config, key))) is not None:
             extra[f"{key}_content"] = model_dir_id(d)
     if config.paired_images:
-        extra["paired_images_manifest"] = paired_manifest(config, captions)
+        samples = planned_samples(config, captions)
+        extra["paired_images_manifest"] = paired_images_digest(config.paired_images, samples,
+                                                               f"{captions.fingerprint}:{config.limit}")
     return stage_dir(layout, STAGE, config, [captions], CODE_VERSION, extra or None)
-
-
-def paired_manifest(config: SynthesizeConfig, captions: StageResult) -> str:
-    """The paired images' identity: names and sizes of the train images the stage reads (one stat each).
-
-    Hashing a COCO train root (~20 GB) at every plan is out of the question; names + sizes of the
-    files read catch a swapped or re-encoded image set, wherever the root is mounted.
-    """
-    paths = [s.image_path for s in planned_samples(config, captions) if s.image_path]
-    return files_manifest_digest(config.paired_images, paths, cache_key=f"{captions.fingerprint}:{config.limit}")
 
 
 def pending_shards(config: SynthesizeConfig, captions: StageResult, layout: RunLayout) -> list[int]:
@@ -299,7 +290,7 @@ def sample_metadata(config: SynthesizeConfig, sample: Sample) -> dict[str, Any]:
 def shard_format(config: SynthesizeConfig) -> ShardFormat:
     """How this config's shards store their samples (pcm.rendering)."""
     return ShardFormat(image_format=config.image_format, jpeg_quality=config.jpeg_quality,
-                       extension=EXTENSIONS[config.image_format], importing=bool(config.imported_images),
+                       extension=IMAGE_EXTENSIONS[config.image_format], importing=bool(config.imported_images),
                        metadata=lambda sample: sample_metadata(config, sample))
 
 
@@ -390,7 +381,7 @@ def finalize(config: SynthesizeConfig, captions: StageResult, layout: RunLayout,
         ok = sum(s == tables.STATUS_OK for s in status["status"].to_pylist())
         failed_warning = check_some_ok(sd, status.select(["status", "error"]).to_pylist(), len(groups))
         manifests.SAMPLES.write(sd, status)
-        pictures = {"samples": str(sample_grid(first_samples(sd, len(groups)), sd.samples_picture))}
+        pictures = {"samples": str(sample_grid(first_images(sd, len(groups)), sd.samples_picture))}
         gen_s = sum(read_marker(sd.image_shard(i)).get("generate_s", 0.0) for i in range(len(groups)))
         timings = {"generate_s": round(gen_s, 3)}
         if gen_s > 0:
@@ -402,7 +393,7 @@ def finalize(config: SynthesizeConfig, captions: StageResult, layout: RunLayout,
                       extra={"complete": True, "pictures": pictures, "source": config.source,
                              "warning": failed_warning,
                              "model": config.model if config.source == "generated" else config.source,
-                             "image_format": config.image_format, "extension": EXTENSIONS[config.image_format]})
+                             "image_format": config.image_format, "extension": IMAGE_EXTENSIONS[config.image_format]})
 
 
 def write_card(config: SynthesizeConfig, captions: StageResult, sd: StageDir, counts: dict[str, int]) -> None:
@@ -442,17 +433,3 @@ def check_some_ok(sd: StageDir, rows: list[dict[str, Any]], n_shards: int) -> st
         log.warning("%s: %s", sd.path, message)
         return message
     return None
-
-
-def first_samples(sd: StageDir, n_shards: int, n: int = 16) -> list[tuple[bytes, str]]:
-    """The first `n` images of the shards (file bytes) with their captions: what the sample grid shows."""
-    items: list[tuple[bytes, str]] = []
-    for i in range(n_shards):
-        for sample in iter_tar(sd.image_shard(i)):
-            ext = next(e for e in EXTENSIONS.values() if e in sample)
-            items.append((sample[ext], sample["txt"].decode("utf-8")))
-            if len(items) >= n:
-                break
-        if len(items) >= n:
-            break
-    return items
