@@ -4,7 +4,7 @@
     python bench/caption_confidence.py --train runs/train/<fp> --encode runs/encode/<fp>
 
 The reference is built from the encode stage's training pairs exactly as train builds it
-(pcm.stages.train.training_reference), so a checkpoint trained before confidence existed can be measured.
+(pcm.confidence.training_reference), so a checkpoint trained before confidence existed can be measured.
 In-domain: the bundled toy world's 300 test + 100 val drawings and 100 newly drawn scenes (pcm.toyworld.world);
 out-of-domain: pcm.toyworld.ood's uniform noise, text on white, photo stand-ins (gradients with blobs),
 checkerboards. Also prints each signal's spread per set (the caption's CLIP score and the distance), and
@@ -59,7 +59,6 @@ def main() -> None:
     torch.set_num_threads(1)
     from pcm import confidence, dataset
     from pcm.caption import Captioner
-    from pcm.stages.train_worker import training_reference
     from storage import manifests, tables
     from storage.layout import StageDir
 
@@ -67,9 +66,10 @@ def main() -> None:
     ok = tables.ok_rows(manifests.SCORES.read(enc, columns=["shard", "row", "clip_score", "status"]).to_pylist())
     pairs = dataset.Pairs([""] * len(ok), [""] * len(ok), np.array([r["shard"] for r in ok]),
                           np.array([r["row"] for r in ok]), np.array([r["clip_score"] for r in ok], np.float32))
-    if args.margin is not None:
-        confidence.MARGIN = args.margin
-    reference = training_reference(pairs, dataset.FeatureStore(enc, "features"), seed=0)
+    # The margin is an argument: a default bound when build_reference was defined ignores a later MARGIN.
+    margin = confidence.MARGIN if args.margin is None else args.margin
+    reference = confidence.training_reference(pairs.clip_score, pairs.shard, pairs.row,
+                                              dataset.FeatureStore(enc, "features"), seed=0, margin=margin)
     cap = Captioner.from_pretrained(args.train, clip=args.clip, device="cpu")
     cap.reference = reference
     in_domain = ("toy test", "toy val", "toy drawn")

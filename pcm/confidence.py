@@ -17,10 +17,13 @@ it is calibrated per checkpoint from its own training images; MARGIN itself was 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 QUANTILES = np.linspace(0.0, 100.0, 101)  # percentiles stored for the score and distance distributions
 MAX_IMAGES = 4096    # training images the Gaussian is fitted on (a seeded sample beyond that)
@@ -125,6 +128,18 @@ def pooled_features(store: Any, shard: np.ndarray, row: np.ndarray, chunk: int =
     out = [store.gather(shard[i:i + chunk], row[i:i + chunk])[1].float().mean(1).numpy()
            for i in range(0, len(shard), chunk)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def training_reference(clip_scores: np.ndarray, shard: np.ndarray, row: np.ndarray, store: Any, seed: int,
+                       margin: float = MARGIN) -> Reference | None:
+    """The reference of training pairs: their CLIP scores and their (sampled) images' pooled patch tokens from the
+    FeatureStore `store`; None (and a warning) with too few distinct images."""
+    shard, row = sample_images(shard, row, seed)
+    reference = build_reference(clip_scores, pooled_features(store, shard, row), seed, margin)
+    if reference is None:
+        log.warning("only %d distinct training images: checkpoints carry no confidence reference (needs %d)",
+                    len(shard), MIN_IMAGES)
+    return reference
 
 
 def percentile(quantiles: np.ndarray, value: float) -> float:

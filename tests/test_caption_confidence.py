@@ -227,3 +227,27 @@ def test_out_writes_a_new_file_and_replaces_a_regular_one_leaving_no_lock(toy, t
         (row,) = [json.loads(line) for line in out.read_text().splitlines()]
         assert row["in_domain"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.jsonl"]
+
+
+def test_training_reference_samples_distinct_images_and_applies_the_given_margin(caplog):
+    """training_reference pools each distinct (shard, row) image once and scales the threshold by `margin` (a
+    default bound at definition would ignore an override: bench/caption_confidence.py --margin passes it)."""
+    patches = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 40, 5, 8)).astype(np.float32))
+
+    class Store:
+        def gather(self, shard, row):
+            return None, patches[torch.as_tensor(shard), torch.as_tensor(row)]
+
+    shard, row = np.repeat([0, 1], 40), np.tile(np.arange(40), 2)
+    shard, row = np.concatenate([shard, shard[:7]]), np.concatenate([row, row[:7]])  # 7 images paired twice
+    scores = np.linspace(0.1, 0.3, len(shard)).astype(np.float32)
+    one = confidence.training_reference(scores, shard, row, Store(), seed=3, margin=1.0)
+    two = confidence.training_reference(scores, shard, row, Store(), seed=3, margin=2.0)
+    assert one.info["images"] == 80 and one.info["pairs"] == 87  # distinct images, every pair's score
+    assert one.info["margin"] == 1.0 and two.info["margin"] == 2.0
+    assert two.threshold == pytest.approx(2 * one.threshold)
+    pooled = patches.reshape(80, 5, 8).mean(1).numpy().astype(np.float64)
+    mean, _ = confidence.fit_gaussian(pooled)
+    assert np.allclose(one.mean, mean)
+    assert confidence.training_reference(scores[:5], shard[:5], row[:5], Store(), seed=3) is None
+    assert "distinct training images" in caplog.text

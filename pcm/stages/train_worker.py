@@ -23,9 +23,7 @@ from pcm.device import resolve_device
 from pcm.model import PCMNetConfig
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
 from pcm.split_images import load_split_images
-from pcm.stages.contract import (
-    ProgressFn,
-)
+from pcm.stages.contract import ProgressFn
 from pcm.validation import evaluate_val
 from storage import atomic, checkpoints, jsonl, publish
 from storage.layout import StageDir
@@ -77,8 +75,6 @@ def step_spec(config: TrainConfig, cxe_w: float | None = None) -> StepSpec:
         cxe_w = config.cxe_w
     return StepSpec(cxe=config.cxe, cxe_w=cxe_w, label_smoothing=config.label_smoothing,
                     focal_gamma=config.focal_gamma, loss_reduction=config.loss_reduction, grad_clip=config.grad_clip)
-
-
 
 
 @dataclass
@@ -152,7 +148,7 @@ def train_worker(config: TrainConfig, inputs: TrainInputs, sd: StageDir, progres
 def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
     """Pairs (a refine stage's when given), vocabulary, concepts, CLIP head and the val split (another data
     set's with `inputs.val`), checked against the feature shards."""
-    from pcm import dataset
+    from pcm import confidence, dataset
     from pcm.vocab import Vocab
 
     captions, encode, refine = inputs.captions, inputs.encode, inputs.refine
@@ -161,7 +157,8 @@ def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
                                refine=refine.stage_dir if refine else None)
     store = dataset.FeatureStore(enc, "features")
     store.check_rows(pairs.shard, pairs.row, pairs.image_keys)
-    reference = training_reference(pairs, store, config.seed)  # the pairs as made (before any control rewrites them)
+    # The confidence reference of the pairs as made (before any control rewrites them).
+    reference = confidence.training_reference(pairs.clip_score, pairs.shard, pairs.row, store, config.seed)
     if config.shuffle_images:
         log.warning("train.shuffle_images: a control run; every caption is paired with another caption's image")
         pairs = pairs.with_images_shuffled(config.seed)
@@ -189,18 +186,6 @@ def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
                     "validation is skipped and best/ holds the final model", val_enc.path)
     return TrainData(pairs, store, tokens, targets, val, val_store, vocab, cfg, names, bank, head, clip_spec, cxe,
                      reference)
-
-
-def training_reference(pairs: Any, store: Any, seed: int) -> Any:
-    """The pairs' CLIP scores and their images' pooled patch tokens, summarised for `pcm caption`'s confidence."""
-    from pcm import confidence
-
-    shard, row = confidence.sample_images(pairs.shard, pairs.row, seed)
-    reference = confidence.build_reference(pairs.clip_score, confidence.pooled_features(store, shard, row), seed)
-    if reference is None:
-        log.warning("only %d distinct training images: checkpoints carry no confidence reference (needs %d)",
-                    len(shard), confidence.MIN_IMAGES)
-    return reference
 
 
 def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]:
