@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -105,9 +106,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--n-images", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--shard-size", type=int, default=None,
+                    help="images per synthetic shard; default: at most 1000, and small enough that every worker gets "
+                    "two shards (a worker decodes one shard at a time: with fewer shards than workers, some idle)")
     ap.add_argument("--image-size", type=int, default=None, help="side of the synthetic JPEGs (default per preset)")
     args = ap.parse_args()
+    args.shard_size = args.shard_size or max(1, min(1000, math.ceil(args.n_images / (2 * max(1, args.workers)))))
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -124,7 +128,8 @@ def main() -> None:
     spec = ClipSpec(**fields, precision=precision)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; clip {spec.model} {precision} pool={spec.pool}; batch {args.batch_size}; "
-          f"workers {args.workers}; {args.n_images} images of {args.image_size or side} px", flush=True)
+          f"workers {args.workers}; {args.n_images} images of {args.image_size or side} px in "
+          f"{math.ceil(args.n_images / args.shard_size)} shards", flush=True)
 
     ceiling = model_only(spec, device, args.batch_size, args.n_images)
     print(f"model-only: {ceiling:,.1f} images/s (open_clip encode_image on random tensors)", flush=True)
