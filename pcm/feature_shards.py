@@ -23,10 +23,10 @@ from tqdm import tqdm
 from pcm.clip import ClipSpec, LoadedClip, encode_images, encode_tokens
 from pcm.image_batches import FEATURES, Unit, UnitBatches, worker_init
 from storage import atomic, claims, manifests, tables
-from storage import shards as shard_io
 from storage.arrays import write_arrays
 from storage.layout import StageDir
 from storage.lock import FileLock
+from storage.shards import ShardError, drop_marker, is_done, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def write_unit(sd: StageDir, acc: UnitFeatures, dims: tuple[int, int, int], spec
     write_arrays(features, {"global": g, "patches": p},
                  {"keys": json.dumps(acc.keys), "clip": spec.model_dump_json()})
     failed = sum(r["status"] != tables.STATUS_OK for r in acc.rows)
-    shard_io.write_marker(features, {"count": len(acc.keys), "failed": failed,
+    write_marker(features, {"count": len(acc.keys), "failed": failed,
                                    "seconds": round(time.monotonic() - acc.started, 3)})
     return {"ok": len(acc.keys), "failed": failed}
 
@@ -129,7 +129,7 @@ def encode_pass(sd: StageDir, units: list[Unit], clip: LoadedClip, *, batch_size
             tqdm(total=total, unit="img", desc="encode", disable=not progress_bar) as bar:
         for batch in loader:
             if "fatal" in batch:
-                raise shard_io.ShardError(batch["fatal"])
+                raise ShardError(batch["fatal"])
             key = (batch["kind"], batch["index"])
             acc = accs.setdefault(key, UnitFeatures(by_id[key]))
             encoded += add_batch(acc, batch, clip)
@@ -191,10 +191,10 @@ def encode_claimed(sd: StageDir, units: list[Unit], *, clip: LoadedClip | None, 
 
 def unit_done(sd: StageDir, kind: str, index: int) -> bool:
     """Whether feature shard `index` of `kind` (features, real) is done: its marker is there."""
-    return shard_io.is_done(sd.feature_shard(kind, index))
+    return is_done(sd.feature_shard(kind, index))
 
 
 def withdraw_units(sd: StageDir, units: list[Unit]) -> None:
     """Drop the units' done markers (from an object store too), so that they are encoded again."""
     for u in units:
-        shard_io.drop_marker(sd.feature_shard(u.kind, u.index), store=True)
+        drop_marker(sd.feature_shard(u.kind, u.index), store=True)

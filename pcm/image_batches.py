@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from storage import manifests, tables
-from storage import shards as shard_io
 from storage.fingerprint import files_manifest_digest
 from storage.layout import StageDir
+from storage.shards import ShardError, is_done, iter_tar, read_marker
 
 FEATURES, REAL = "features", "real"   # the two kinds of unit, and the shard folders they write
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -78,7 +78,7 @@ class UnitBatches(torch.utils.data.IterableDataset):
             items = self._synthetic(unit) if unit.kind == FEATURES else self._real(unit)
             try:
                 yield from self._batches(unit, items)
-            except shard_io.ShardError as e:
+            except ShardError as e:
                 # A truncated or corrupt shard stops the stage. Sent as a batch, so the main process raises
                 # it with its own message (a DataLoader worker's exception arrives wrapped in a traceback).
                 yield {"kind": unit.kind, "index": unit.index, "fatal": str(e)}
@@ -104,7 +104,7 @@ class UnitBatches(torch.utils.data.IterableDataset):
 
     def _synthetic(self, unit: Unit) -> Iterator[dict[str, Any]]:
         name = Path(unit.tar).name
-        for sample in shard_io.iter_tar(unit.tar):
+        for sample in iter_tar(unit.tar):
             key = sample["__key__"]
             item = {"key": key, "error": None}
             ext = next((e for e in IMAGE_KEYS if e in sample), None)
@@ -151,7 +151,7 @@ def synthetic_units(shards: StageDir, count: int | None) -> list[Unit]:
     units = []
     for i in range(n):
         tar = shards.image_shard(i)
-        if not shard_io.is_done(tar):
+        if not is_done(tar):
             raise FileNotFoundError(f"{tar}: synthetic shard missing or unfinished (no .done.json); rerun the "
                                     "synthesize stage to restore it")
         units.append(Unit(FEATURES, i, tar=str(tar), expected=_marker_count(tar)))
@@ -160,7 +160,7 @@ def synthetic_units(shards: StageDir, count: int | None) -> list[Unit]:
 
 def _marker_count(tar: Path) -> int | None:
     try:
-        count = shard_io.read_marker(tar).get("count")
+        count = read_marker(tar).get("count")
     except ValueError:
         return None
     return count if isinstance(count, int) else None

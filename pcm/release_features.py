@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from storage import release_npz
-from storage import shards as shard_io
 from storage.fingerprint import files_manifest_digest
+from storage.shards import iter_tar
 
 FEATURES, REAL = "features", "real"   # the encode stage's unit kinds
 # Per-token mean and std after undoing ln_post's affine: ln_post output is (0, 1) to float precision;
@@ -148,7 +148,7 @@ def _load(item: dict[str, Any], path: Path | None, where: str) -> dict[str, Any]
 
 def _synthetic(unit: Any, idx: release_npz.NpzIndex) -> Iterator[dict[str, Any]]:
     name = Path(unit.tar).name
-    for sample in shard_io.iter_tar(unit.tar):
+    for sample in iter_tar(unit.tar):
         item: dict[str, Any] = {"key": sample["__key__"], "error": None}
         text = sample.get("txt", b"").decode("utf-8").strip()
         if not text:

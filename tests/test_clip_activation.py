@@ -9,8 +9,7 @@ import pytest
 import torch
 from open_clip.transformer import QuickGELU
 
-from pcm import clip as clip_mod
-from pcm.clip import ClipSpec, quick_gelu
+from pcm.clip import ClipSpec, load_clip, quick_gelu
 from pcm.stages.contract import as_result
 from storage.layout import RunLayout
 
@@ -42,7 +41,7 @@ def weightless(monkeypatch):
 def test_load_clip_builds_the_activation_of_the_tag(weightless, caplog, model, tag, want):
     spec = ClipSpec(model=model, pretrained=tag, precision="fp32")
     with caplog.at_level(logging.WARNING):
-        loaded = clip_mod.load_clip(spec)
+        loaded = load_clip(spec)
     assert activations(loaded.model) == {want}
     assert weightless[-1]["force_quick_gelu"] == (want is QuickGELU and not model.endswith("-quickgelu"))
     assert "QuickGELU mismatch" not in caplog.text

@@ -25,14 +25,14 @@ def run(tmp_path_factory):
 
 @pytest.mark.heavy  # run, cached, then resumed: one decoding and the Java scorers twice
 def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
-    import pcm.stages.evaluate as ev
     from pcm import checkpoint
     from pcm.decode import beam_search
+    from pcm.stages import evaluate
 
     root = str(run["layout"].root)
     cfg = tiny_evaluate_config(published="coco-vitb32", batch_size=3)  # 4 images in 2 batches
-    result = ev.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
-                             RunLayout(root))
+    result = evaluate.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+                                   RunLayout(root))
     sd = run["layout"].stage_from_path(result.path)
 
     # predictions.json: COCO results format, integer ids where they are integers, in real.parquet order.
@@ -72,18 +72,18 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
     assert result.extra["pictures"] == {"samples": str(sd.pictures / "samples.png")}
 
     # Same inputs and config: the finished stage is reused without any work.
-    monkeypatch.setattr(ev, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(evaluate, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
     monkeypatch.setattr("pcm.metrics.score_captions", lambda *a, **k: pytest.fail("scored again"))
-    again = ev.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
-                            RunLayout(root))
+    again = evaluate.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+                                  RunLayout(root))
     assert again.cached and again.path == result.path
     monkeypatch.undo()
 
     # Killed after decoding: the rerun reuses predictions.json and redoes only the scoring.
     sd.file("metrics.json").unlink()
-    monkeypatch.setattr(ev, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
-    resumed = ev.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
-                              RunLayout(root))
+    monkeypatch.setattr(evaluate, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
+    resumed = evaluate.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+                                    RunLayout(root))
     assert not resumed.cached
     assert json.loads(sd.file("metrics.json").read_text())["metrics"] == summary["metrics"]
 
@@ -177,7 +177,7 @@ def test_caption_command_on_files_and_folders(run, tmp_path):
 
 
 def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(run, tmp_path, monkeypatch, prefect_api):
-    import flows.evaluate as fe
+    import flows.evaluate
     from flows.evaluate import evaluate_flow
 
     root = str(tmp_path / "flow-runs")
@@ -185,7 +185,7 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(run, tmp_path, m
     first = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
     assert not first.cached and Path(first.path, "report.md").exists()
     # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
-    monkeypatch.setattr(fe, "run_evaluate", lambda *a, **k: pytest.fail("stage ran again"))
+    monkeypatch.setattr(flows.evaluate, "run_evaluate", lambda *a, **k: pytest.fail("stage ran again"))
     second = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
     assert second.path == first.path
     assert json.loads(Path(first.path, "metrics.json").read_text())["metrics"]["SPICE"] == "skipped: spice=off"

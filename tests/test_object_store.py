@@ -241,7 +241,7 @@ def test_a_forced_rewrite_withdraws_the_marker_it_read_and_replaces_the_shard(bu
 
 
 def test_a_withdrawal_is_refused_when_the_marker_changed_since_it_was_read(bucket, store, tmp_path, monkeypatch):
-    from storage import remote as transport
+    from storage.remote import Mirror
     from storage.shards import drop_marker
 
     _mirror(monkeypatch, tmp_path, "a")
@@ -249,14 +249,14 @@ def test_a_withdrawal_is_refused_when_the_marker_changed_since_it_was_read(bucke
     with ShardWriter(sd.image_shard(0)) as w:
         w.write({"__key__": "old", "txt": "a cat"})
     key = f"{bucket}/run/synthesize/{'5' * 16}/shards/shard-000000.done.json"
-    read = transport.Mirror.head
+    read = Mirror.head
 
     def head_then_another_host_commits(self, path):
         found = read(self, path)
         store.pipe(key, b'{"count": 2}')        # another host's commit lands between the read and the delete
         return found
 
-    monkeypatch.setattr(transport.Mirror, "head", head_then_another_host_commits)
+    monkeypatch.setattr(Mirror, "head", head_then_another_host_commits)
     with pytest.raises(OSError, match="pre-condition"):
         drop_marker(sd.image_shard(0), store=True)
     assert store.cat(key) == b'{"count": 2}'
@@ -667,9 +667,9 @@ def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkp
     monkeypatch.setenv("PCM_LEASE_SECONDS", "2")
     time.sleep(4)                                  # the killed host's stage lease expires
     fetched = []
-    from storage import checkpoints as ckpts
-    real_fetch = ckpts.fetch_published
-    monkeypatch.setattr(ckpts, "fetch_published", lambda *a: fetched.append(real_fetch(*a)) or fetched[-1])
+    from storage import checkpoints
+    real_fetch = checkpoints.fetch_published
+    monkeypatch.setattr(checkpoints, "fetch_published", lambda *a: fetched.append(real_fetch(*a)) or fetched[-1])
     resumed = run_train(config, as_result(cap), as_result(enc), RunLayout(url))
     assert fetched and fetched[0] is not None and fetched[0].name == "step-00000008"   # resumed there, not at 0
     b_dir = Path(resumed.dir)

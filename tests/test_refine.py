@@ -15,12 +15,11 @@ from builders import REPO, child_env, finished_stage, tiny_train_config, train_i
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from pcm import refine as rules
 from pcm.dataset import FeatureStore, load_pairs
+from pcm.refine import assign, cycle_scores, keep_count, keep_top, sync, topk_similar
+from pcm.stages import train
 from pcm.stages.contract import as_result
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
-from pcm.stages.train import plan as train_plan
-from pcm.stages.train import run_train
 from storage import manifests
 from storage.arrays import open_arrays
 from storage.layout import RunLayout, StageDir
@@ -36,7 +35,7 @@ def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 def test_blocked_topk_equals_the_full_matrix(n, m, k, block):
     rng = np.random.default_rng(n + m + k)
     q, keys = unit(rng, n, 12), unit(rng, m, 12)
-    values, indices = rules.topk_similar(q, keys, k, block=block)
+    values, indices = topk_similar(q, keys, k, block=block)
     full = q.astype(np.float64) @ keys.T.astype(np.float64)      # the n x m matrix the blocks never build
     want = np.argsort(-full, axis=1, kind="stable")[:, :min(k, m)]
     assert indices.shape == (n, min(k, m))
@@ -67,7 +66,7 @@ def test_sync_matches_the_straightforward_rule():
     # Captions near some other caption's image, and near each other in pairs: the cycle has something to find.
     text = unit(rng, 30, 10) * 0.4 + images[rng.permutation(30)]
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    image, score = rules.sync(text, images, k=6, i2t_k=2, block=7)
+    image, score = sync(text, images, k=6, i2t_k=2, block=7)
     want_image, want_score = straightforward_sync(text.astype(np.float64), images.astype(np.float64), 6, 2)
     np.testing.assert_array_equal(image, want_image)
     np.testing.assert_allclose(score, want_score, atol=1e-5)
@@ -79,25 +78,25 @@ def test_cycle_score_is_the_best_cosine_to_the_captions_the_candidate_returns():
     text[2] = [np.sqrt(0.5), np.sqrt(0.5), 0]
     candidates = np.array([[0, 1], [1, 0], [2, 0]])
     back = np.array([[1, 2], [0, 0], [2, 1]])  # image 0 returns captions 1 and 2, ...
-    got = rules.cycle_scores(text, candidates, back, block=2)
+    got = cycle_scores(text, candidates, back, block=2)
     want = [[max(text[q] @ text[c] for c in back[j]) for j in candidates[q]] for q in range(3)]
     np.testing.assert_allclose(got, want, atol=1e-6)
-    image, score = rules.assign(candidates, np.array([[0.5, 0.5], [0.1, 0.9], [0.3, 0.2]]))
+    image, score = assign(candidates, np.array([[0.5, 0.5], [0.1, 0.9], [0.3, 0.2]]))
     np.testing.assert_array_equal(image, [0, 0, 2])           # a tie keeps the first candidate
     np.testing.assert_allclose(score, [0.5, 0.9, 0.3])
 
 
 def test_keep_top_keeps_floor_tau_n_best_with_ties_in_input_order():
     scores = np.array([0.2, 0.9, 0.5, 0.9, 0.1, 0.5, 0.7, 0.3, 0.8, 0.6])
-    rank, kept = rules.keep_top(scores, 0.7)
+    rank, kept = keep_top(scores, 0.7)
     order = sorted(range(10), key=lambda i: (-scores[i], i))  # the release's stable sort, descending
     assert [int(rank[i]) for i in order] == list(range(1, 11))
     assert kept.sum() == 7 and set(np.nonzero(kept)[0]) == set(order[:7])
-    assert rules.keep_count(100, 0.29) == 29 and rules.keep_count(8, 0.9) == 7 and rules.keep_count(5, 1.0) == 5
+    assert keep_count(100, 0.29) == 29 and keep_count(8, 0.9) == 7 and keep_count(5, 1.0) == 5
     with pytest.raises(ValueError, match="keep_fraction"):
-        rules.keep_count(5, 0.0)
+        keep_count(5, 0.0)
     with pytest.raises(ValueError, match="k=0"):
-        rules.topk_similar(scores[:, None], scores[:, None], 0)
+        topk_similar(scores[:, None], scores[:, None], 0)
 
 
 # ---------------------------------------------------------------------- the stage on hand-built inputs
@@ -190,12 +189,12 @@ def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     np.testing.assert_allclose(pairs.clip_score, [kept[c]["clip_score"] for c in pairs.caption_ids])
     FeatureStore(StageDir.at(enc), "features").check_rows(pairs.shard, pairs.row, pairs.image_keys)
 
-    trained = run_train(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+    trained = train.run_train(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
                         RunLayout(root), refine=ref)
     assert trained.counts["train_pairs"] == len(kept)
     assert json.loads((Path(trained.path) / "config.json").read_text())["inputs"]["refine"] == ref.fingerprint
     # The same train config without the refine stage is another directory, on every caption.
-    assert train_plan(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+    assert train.plan(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
                       RunLayout(root)).fingerprint != trained.fingerprint
 
 
@@ -215,13 +214,13 @@ def test_without_refine_the_train_fingerprint_is_the_one_before_the_stage_existe
     root = str(tmp_path / "runs")
     cap, enc = map(as_result, train_inputs(tmp_path / "runs"))
     # Computed with the code before the refine stage (commit e81f87e) for the same inputs and config.
-    assert train_plan(tiny_train_config(), cap, enc, RunLayout(root)).fingerprint == "81b7a648633c5907"
-    assert train_plan(tiny_train_config(), cap, enc, RunLayout(root),
+    assert train.plan(tiny_train_config(), cap, enc, RunLayout(root)).fingerprint == "81b7a648633c5907"
+    assert train.plan(tiny_train_config(), cap, enc, RunLayout(root),
                       refine=None).fingerprint == "81b7a648633c5907"
     from pcm.stages.pipeline import resolve
 
     assert resolve("demo").refine.enabled is False
-    assert train_plan(resolve("demo").train, cap, enc, RunLayout(root)).fingerprint == "a7811b227f0865d9"
+    assert train.plan(resolve("demo").train, cap, enc, RunLayout(root)).fingerprint == "a7811b227f0865d9"
     # `enabled` is not content: the stage's directory is the same either way.
     assert plan(RefineConfig(enabled=True), cap, enc, RunLayout(root)) == plan(RefineConfig(), cap, enc, RunLayout(root))
 
@@ -322,12 +321,13 @@ def test_the_pipeline_runs_refine_only_when_enabled_and_trains_on_it(tmp_path):
 
 
 def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkeypatch, prefect_api):
-    import flows.refine as fr
+    import flows.refine
 
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    first = fr.refine_flow(small(), cap, enc, root=root)
+    first = flows.refine.refine_flow(small(), cap, enc, root=root)
     assert not first.cached and Path(first.extra["pictures"]["pairs"]).is_file()
-    monkeypatch.setattr(fr, "run_refine", lambda *a, **k: pytest.fail("stage ran again"))
-    second = fr.refine_flow({"preset": "tiny", "overrides": {"k": 4, "block": 3, "device": "cpu"}}, cap, enc, root=root)
+    monkeypatch.setattr(flows.refine, "run_refine", lambda *a, **k: pytest.fail("stage ran again"))
+    second = flows.refine.refine_flow({"preset": "tiny", "overrides": {"k": 4, "block": 3, "device": "cpu"}},
+                                      cap, enc, root=root)
     assert second.path == first.path and second.counts == first.counts

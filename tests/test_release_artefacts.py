@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-import release_layout as rel
 import torch
 import torch.nn.functional as F
 from builders import encode_inputs, evaluate_inputs, tiny_encode_config, tiny_evaluate_config
+from release_layout import HEADS, OUT_PERM, WORDS, inputs, ours_ids, release_model, set_dims
 from typer.testing import CliRunner
 
 from pcm import release_concepts
@@ -24,17 +24,17 @@ TINY = ClipSpec(model="tiny", precision="fp32")
 
 def release_files(folder, clip, seed=0):
     """A release-layout checkpoint with the tiny CLIP's shapes, its vocabulary.txt and concept pickle."""
-    old = rel.set_dims(clip.width, clip.embed_dim, clip.patches)
+    old = set_dims(clip.width, clip.embed_dim, clip.patches)
     try:
-        m, bank = rel.release_model(seed)
-        g, feats, ids = rel.inputs()
+        m, bank = release_model(seed)
+        g, feats, ids = inputs()
         with torch.no_grad():
             want = m(g, feats, ids)
     finally:
-        rel.set_dims(*old)
+        set_dims(*old)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"model": m.state_dict(), "iteration": 120}, folder / "model_final.pth")
-    (folder / "vocabulary.txt").write_text("\n".join(rel.WORDS) + "\n")
+    (folder / "vocabulary.txt").write_text("\n".join(WORDS) + "\n")
     words = [f"thing{i}" for i in range(bank.shape[0])]
     with open(folder / "concepts_with_ensemble.pickle", "wb") as f:
         pickle.dump((words, bank), f)                       # as the release: (words, torch tensor)
@@ -53,16 +53,16 @@ def test_import_checkpoint_writes_a_train_stage_that_reproduces_the_release_logi
     from pcm.stages.import_checkpoint import ImportCheckpointConfig, run_import_checkpoint
 
     files = release_files(tmp_path / "release", tiny_clip)
-    config = ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=rel.HEADS)
+    config = ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=HEADS)
     root = str(tmp_path / "runs")
     result = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]),
                                    RunLayout(root))
-    assert result.stage == "train" and result.counts["vocabulary"] == len(rel.WORDS) + 4
+    assert result.stage == "train" and result.counts["vocabulary"] == len(WORDS) + 4
     model, vocab, meta = checkpoint.load(checkpoint.find(result.path))
     assert meta["clip"]["model"] == "tiny" and meta["concepts"] == files["words"]
     g, feats, ids = files["inputs"]
     with torch.no_grad():
-        got = model(g, feats, rel.ours_ids(ids))[..., rel.OUT_PERM]
+        got = model(g, feats, ours_ids(ids))[..., OUT_PERM]
     torch.testing.assert_close(got, files["logits"], atol=1e-3, rtol=1e-3)   # release eps 1e-12 vs 1e-5 here
     # Cached the second time; the same files elsewhere are the same stage (content, not paths).
     again = run_import_checkpoint(config, str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]),
@@ -97,7 +97,7 @@ def test_their_model_our_evaluator(tmp_path, tiny_clip):
     run = evaluate_inputs(tmp_path / "eval")
     files = release_files(tmp_path / "release", tiny_clip)
     root = str(run["layout"].root)
-    imported = run_import_checkpoint(ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=rel.HEADS),
+    imported = run_import_checkpoint(ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=HEADS),
                                      str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), RunLayout(root))
     result = run_evaluate(tiny_evaluate_config(spice="off", control=False), as_result(imported.path), as_result(run["encode"]),
                           as_result(run["captions"]), RunLayout(root))
@@ -105,7 +105,7 @@ def test_their_model_our_evaluator(tmp_path, tiny_clip):
     assert summary["counts"]["images"] == 4 and summary["protocol"] == "unknown"
     assert isinstance(summary["metrics"]["CIDEr"], float)
     preds = json.loads(run["layout"].stage_from_path(result.path).predictions.read_text())
-    assert all(set(p["caption"].split()) <= set(rel.WORDS) for p in preds)   # words of the release's vocabulary
+    assert all(set(p["caption"].split()) <= set(WORDS) for p in preds)   # words of the release's vocabulary
 
 
 # ---------------------------------------------------------------- the concept file

@@ -473,17 +473,16 @@ def test_stage_dir_root_inputs_and_lineage(tmp_path):
 
 
 def test_input_digest_hashes_an_unchanged_file_once(tmp_path, monkeypatch):
-    from storage import fingerprint as fp
+    from storage.fingerprint import file_digest, input_digest
 
     path = tmp_path / "captions.json"
     path.write_text("one")
     calls = []
-    real = fp.file_digest
-    monkeypatch.setattr(fp, "file_digest", lambda p: calls.append(p) or real(p))
-    first = fp.input_digest(path)
-    assert fp.input_digest(path) == first == real(path) and len(calls) == 1
+    monkeypatch.setattr("storage.fingerprint.file_digest", lambda p: calls.append(p) or file_digest(p))
+    first = input_digest(path)
+    assert input_digest(path) == first == file_digest(path) and len(calls) == 1
     path.write_text("two")  # rewritten: new size and mtime, hashed again
-    assert fp.input_digest(path) == real(path) != first and len(calls) == 2
+    assert input_digest(path) == file_digest(path) != first and len(calls) == 2
     os.utime(path, ns=(1, 1))  # same size, another mtime: hashed again too
-    fp.input_digest(path)
+    input_digest(path)
     assert len(calls) == 3

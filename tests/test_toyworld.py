@@ -241,23 +241,23 @@ def test_toy_clip_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
-    from pcm.toyworld import train_clip as tc
+    from pcm.toyworld.resume import save_state
+    from pcm.toyworld.train_clip import WEIGHTS_FILE, ClipTrainConfig, train_clip
 
-    cfg = tc.ClipTrainConfig(scenes=32, steps=6, batch_size=16, checkpoint_every=2, warmup=2)
-    tc.train_clip(tmp_path / "a", cfg, tmp_path / "work-a", progress=False)
-    real = tc.save_state
+    cfg = ClipTrainConfig(scenes=32, steps=6, batch_size=16, checkpoint_every=2, warmup=2)
+    train_clip(tmp_path / "a", cfg, tmp_path / "work-a", progress=False)
 
     def killed_after_step_4(path, step, modules):
-        real(path, step, modules)
+        save_state(path, step, modules)
         if step == 4:
             raise KeyboardInterrupt("killed right after the step-4 checkpoint")
 
-    monkeypatch.setattr(tc, "save_state", killed_after_step_4)
+    monkeypatch.setattr("pcm.toyworld.train_clip.save_state", killed_after_step_4)
     with pytest.raises(KeyboardInterrupt):
-        tc.train_clip(tmp_path / "b", cfg, tmp_path / "work-b", progress=False)
-    monkeypatch.setattr(tc, "save_state", real)
-    tc.train_clip(tmp_path / "b", cfg, tmp_path / "work-b", progress=False)
-    a, b = load_file(tmp_path / "a" / tc.WEIGHTS_FILE), load_file(tmp_path / "b" / tc.WEIGHTS_FILE)
+        train_clip(tmp_path / "b", cfg, tmp_path / "work-b", progress=False)
+    monkeypatch.setattr("pcm.toyworld.train_clip.save_state", save_state)
+    train_clip(tmp_path / "b", cfg, tmp_path / "work-b", progress=False)
+    a, b = load_file(tmp_path / "a" / WEIGHTS_FILE), load_file(tmp_path / "b" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

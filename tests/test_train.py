@@ -288,15 +288,15 @@ def test_without_val_images_best_is_the_final_model(tmp_path):
 
 
 def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkeypatch, prefect_api):
-    import flows.train as ft
+    import flows.train
 
     cap, enc = train_inputs(tmp_path / "runs")
     root = str(tmp_path / "runs")
-    first = ft.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
+    first = flows.train.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
     assert not first.cached and Path(first.extra["pictures"]["loss_curve"]).exists()
     # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
-    monkeypatch.setattr(ft, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
-    second = ft.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
+    monkeypatch.setattr(flows.train, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
+    second = flows.train.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
     assert second.path == first.path and second.counts == first.counts
     # Both runs are named after the stage directory (`train-<fingerprint[:8]>`), the optional inputs defaulted.
     from prefect.client.orchestration import get_client

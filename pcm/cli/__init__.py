@@ -45,12 +45,11 @@ COMMAND_MODULES = ("ingest", "synthesize", "encode", "refine", "train", "evaluat
 
 def version() -> str:
     """The installed distribution's version, else the source tree's (pcm.__version__)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    import importlib.metadata
 
     try:
-        return dist_version(DIST_NAME)
-    except PackageNotFoundError:
+        return importlib.metadata.version(DIST_NAME)
+    except importlib.metadata.PackageNotFoundError:
         from pcm import __version__
 
         return __version__

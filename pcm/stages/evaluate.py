@@ -132,25 +132,25 @@ def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> Spl
     return out
 
 
-def check_clip(checkpoint_clip: dict[str, Any], encode: StageResult, clip: str | None = None) -> None:
+def check_clip(recorded: dict[str, Any], encode: StageResult, clip: str | None = None) -> None:
     """The features must come from the CLIP the model was trained on (checked when encode records it).
 
-    `clip`: the checkpoint's CLIP (directory, weights file or tag) when its recorded path is not here."""
+    `recorded`: the checkpoint's clip.json; `clip`: the checkpoint's CLIP (directory, weights file or tag) when its
+    recorded path is not here."""
     features_clip = encode.extra.get("clip")
     if not features_clip:
         log.warning("%s records no CLIP spec; cannot check it matches the checkpoint's", encode.path)
         return
-    diff = [f"{k}: checkpoint {checkpoint_clip.get(k)!r} vs features {features_clip.get(k)!r}"
-            for k in ("model", "pool") if checkpoint_clip.get(k) != features_clip.get(k)]
+    diff = [f"{k}: checkpoint {recorded.get(k)!r} vs features {features_clip.get(k)!r}"
+            for k in ("model", "pool") if recorded.get(k) != features_clip.get(k)]
     # The weights by content: one directory spelt absolute and relative, or copied elsewhere, is one CLIP.
     if clip is not None:
-        from pcm.identity import checkpoint_clip as resolve_clip
-        from pcm.identity import clip_content_id
+        from pcm.identity import checkpoint_clip, clip_content_id
 
-        checkpoint_clip = checkpoint_clip | {"content_id": clip_content_id(resolve_clip(checkpoint_clip, clip))}
-    mine, theirs = content_id(checkpoint_clip), content_id(features_clip)
+        recorded = recorded | {"content_id": clip_content_id(checkpoint_clip(recorded, clip))}
+    mine, theirs = content_id(recorded), content_id(features_clip)
     if mine != theirs:
-        diff.append(f"weights: checkpoint {checkpoint_clip.get('pretrained')!r} ({mine}) vs features "
+        diff.append(f"weights: checkpoint {recorded.get('pretrained')!r} ({mine}) vs features "
                     f"{features_clip.get('pretrained')!r} ({theirs})")
     if diff:
         raise ValueError(f"--encode {encode.path}: its features come from another CLIP than the model's "

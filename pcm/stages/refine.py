@@ -18,15 +18,15 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from pcm import refine as rules
 from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.pictures import pair_grid
+from pcm.refine import keep_top, pair_cosines, sync, unit_rows
 from pcm.stages.contract import ProgressFn, cached, check_stages, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
-from storage import shards as shard_io
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
+from storage.shards import ShardError, iter_tar
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def load_embeddings(captions: StageResult, encode: StageResult) -> Embeddings:
         if cid not in scored and cid not in unscored:
             unscored[cid] = "no synthetic image in the encode stage (not synthesized or not encoded)"
     return Embeddings(ids, shard, row, np.array([r["clip_score"] for r in rows], dtype=np.float32),
-                      rules.unit_rows(flat.reshape(len(ids), dim)), rules.unit_rows(images), unscored, texts)
+                      unit_rows(flat.reshape(len(ids), dim)), unit_rows(images), unscored, texts)
 
 
 def pair_images(config: RefineConfig, data: Embeddings, progress: ProgressFn | None) -> tuple[np.ndarray, ...]:
@@ -188,17 +188,17 @@ def pair_images(config: RefineConfig, data: Embeddings, progress: ProgressFn | N
     n = len(data.caption_ids)
     if config.method == "clip-filter":
         return np.arange(n), data.clip_score, data.clip_score
-    image, score = rules.sync(data.text, data.images, config.k, config.i2t_k, config.block,
+    image, score = sync(data.text, data.images, config.k, config.i2t_k, config.block,
                               resolve_device(config.device), progress)
     own = image == np.arange(n)
-    clip = np.where(own, data.clip_score, rules.pair_cosines(data.text, data.images, image))
+    clip = np.where(own, data.clip_score, pair_cosines(data.text, data.images, image))
     return image, score.astype(np.float32), clip.astype(np.float32)
 
 
 def pairs_rows(config: RefineConfig, data: Embeddings, image: np.ndarray, score: np.ndarray,
                clip: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
     """pairs.parquet's rows (every training caption, by caption id), the counts and the summary numbers."""
-    rank, kept = rules.keep_top(score, config.keep_fraction)
+    rank, kept = keep_top(score, config.keep_fraction)
     if not kept.any():
         raise ValueError(f"refine.keep_fraction={config.keep_fraction} keeps none of the {len(score)} pairs "
                          f"(floor(tau * n) = 0); raise keep_fraction")
@@ -239,11 +239,11 @@ def pairs_picture(sd: StageDir, encode: StageResult, data: Embeddings, rows: lis
     found: dict[str, bytes] = {}
     try:
         for s in sorted({where[k] for k in wanted}) if synth else ():
-            for sample in shard_io.iter_tar(synth[0].image_shard(s)):
+            for sample in iter_tar(synth[0].image_shard(s)):
                 if sample["__key__"] in wanted:
                     found[sample["__key__"]] = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample),
                                                     None)
-    except (OSError, shard_io.ShardError) as e:
+    except (OSError, ShardError) as e:
         log.warning("%s: the pairs picture shows no images, the synthetic images cannot be read (%s)", sd.path, e)
     lines = [(data.texts[r["caption_id"]], found.get(r["caption_id"]), found.get(r["image_caption_id"]),
               f"rank {r['rank']}, score {r['score']:.3f}, CLIP {r['clip_score']:.3f}") for r in moved]
