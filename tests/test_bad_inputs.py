@@ -288,9 +288,9 @@ def test_synthesize_refuses_captions_with_a_wrong_schema(tmp_path):
     table = pa.table({"caption_id": ["c1", "c2"], "split": ["train", "train"], "text": [1, 2]})
     captions = ingest_stage(tmp_path / "runs", table)
     with pytest.raises(tables.SchemaError) as err:
-        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**SYNTH), captions, RunLayout(tmp_path / "runs"))
     message = str(err.value)
-    assert f"{captions}/captions.parquet" in message
+    assert f"{captions.path}/captions.parquet" in message
     assert "missing columns" in message and "'status'" in message and "text: int64 (expected string)" in message
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*"))
@@ -300,7 +300,7 @@ def test_synthesize_refuses_duplicate_caption_ids_naming_the_row(tmp_path):
     rows = [caption_row(cid, f"a dog {n}", raw_text="a dog") for n, cid in enumerate(["c-1", "c-2", "c-1"])]
     captions = ingest_stage(tmp_path / "runs", tables.to_table(rows, tables.CAPTIONS))
     with pytest.raises(ValueError, match=r"captions\.parquet: row 2: duplicate caption_id 'c-1'; caption ids must be unique"):
-        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**SYNTH), captions, RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*"))
 
