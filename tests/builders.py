@@ -7,8 +7,11 @@ with, and the malicious pickle of the security tests.
 Everything is written through the storage layer (RunLayout, tables, write_arrays, ShardWriter) and the
 stage marker comes last, as `pcm.stages.contract.finish` writes it, so the stages downstream read these
 directories like real ones. The fingerprints are fixed strings ("c" * 16 ...): one directory of a
-stage per run root. torch and the stage configs that import it are imported inside the functions that
-need them, so a test that builds plain directories does not pay for torch.
+stage per run root. A finished stage comes back as its StageResult, read back from its marker
+(`load_result`, as the CLI resolves a stage directory's path), so a test passes it to plan/run_<stage> as it
+is and takes `.path`, `.dir` or `.stage_dir` where it needs the directory. torch and the stage configs that
+import it are imported inside the functions that need them, so a test that builds plain directories does not
+pay for torch.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pcm.stages.contract import finish
+from pcm.stages.contract import finish, load_result
 from storage import atomic, manifests, tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir
@@ -52,16 +55,18 @@ def new_stage(root: str | Path, stage: str, fingerprint: str) -> StageDir:
     return sd
 
 
-def finished_stage(root: str | Path, stage: str, fingerprint: str, counts: dict[str, int] | None = None) -> str:
-    """A finished stage directory with no outputs (a synthesize stage with no synthetic shards, say)."""
+def finished_stage(root: str | Path, stage: str, fingerprint: str,
+                   counts: dict[str, int] | None = None) -> StageResult:
+    """A finished stage with no outputs (a synthesize stage with no synthetic shards, say)."""
     sd = new_stage(root, stage, fingerprint)
     finish(sd, counts or {}, 0.0)
-    return str(sd.path)
+    return load_result(sd.path)
 
 
-def ingest_stage(root: str | Path, captions: pa.Table | list[dict[str, Any]], fingerprint: str = "c" * 16) -> str:
+def ingest_stage(root: str | Path, captions: pa.Table | list[dict[str, Any]],
+                 fingerprint: str = "c" * 16) -> StageResult:
     """A finished ingest stage holding `captions` as captions.parquet: row dicts are checked against
-    tables.CAPTIONS, a pyarrow table is written as it is (whatever its schema); returns its path."""
+    tables.CAPTIONS, a pyarrow table is written as it is (whatever its schema)."""
     sd = new_stage(root, "ingest", fingerprint)
     if isinstance(captions, pa.Table):
         pq.write_table(captions, sd.file("captions.parquet"))
@@ -69,7 +74,7 @@ def ingest_stage(root: str | Path, captions: pa.Table | list[dict[str, Any]], fi
     else:
         rows = tables.write(sd.file("captions.parquet"), captions, tables.CAPTIONS).num_rows
     finish(sd, {"rows": rows}, 0.0)
-    return str(sd.path)
+    return load_result(sd.path)
 
 
 def feature_stage(root: str | Path, fingerprint: str = "e" * 16, keys: tuple[str, ...] = ("a", "b"),
@@ -104,8 +109,8 @@ def jpeg(seed: int, size: int = 64) -> bytes:
 
 
 def encode_inputs(root: Path, *, n_shards: int = 3, per_shard: int = 4, corrupt: str | None = None,
-                images_dir: Path | None = None) -> tuple[str, str]:
-    """An ingest-like and a synthesize-like finished stage directory, written through the storage layer."""
+                images_dir: Path | None = None) -> tuple[StageResult, StageResult]:
+    """An ingest-like and a synthesize-like finished stage, written through the storage layer."""
     layout = RunLayout(root)
     cap = layout.stage("ingest", "a" * 16)
     cap.path.mkdir(parents=True)
@@ -134,7 +139,7 @@ def encode_inputs(root: Path, *, n_shards: int = 3, per_shard: int = 4, corrupt:
                 data = b"\xff\xd8 not a jpeg" if cid == corrupt else jpeg(int(cid[1:]))
                 w.write({"__key__": cid, "jpg": data, "txt": text, "json": json.dumps({"seed": 1})})
     finish(syn, {"images": len(samples), "shards": n_shards}, time.monotonic())
-    return str(cap.path), str(syn.path)
+    return load_result(cap.path), load_result(syn.path)
 
 
 def tiny_encode_config(**kw) -> EncodeConfig:
@@ -165,8 +170,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def train_inputs(root: Path, n_train: int = 8, n_val: int = 3, seed: int = 0) -> tuple[str, str]:
-    """(captions stage path, encode stage path) under `root` for `n_train` captions (cycled) and val images."""
+def train_inputs(root: Path, n_train: int = 8, n_val: int = 3, seed: int = 0) -> tuple[StageResult, StageResult]:
+    """(captions stage, encode stage) finished under `root` for `n_train` captions (cycled) and val images."""
     rng = np.random.default_rng(seed)
     layout = RunLayout(root)
     cap = layout.stage("ingest", "a" * 16)
@@ -226,7 +231,7 @@ def train_inputs(root: Path, n_train: int = 8, n_val: int = 3, seed: int = 0) ->
                  "status": "ok", "error": None})
     tables.write(enc.file("real.parquet"), real, tables.REAL_IMAGES)
     finish(enc, {"features": n_train}, started, extra={"clip": CLIP_SPEC})
-    return str(cap.path), str(enc.path)
+    return load_result(cap.path), load_result(enc.path)
 NO_DROPOUT = {k: 0.0 for k in ("embed_dropout", "dropout", "attn_dropout", "decoder_dropout", "output_dropout")}
 
 
@@ -251,7 +256,7 @@ TINY_SYNTHESIZE = dict(model="tiny", steps=2, height=32, width=32, shard_size=3,
                        device="cpu")
 
 
-def make_captions(layout: RunLayout, n_train: int = N_TRAIN) -> str:
+def make_captions(layout: RunLayout, n_train: int = N_TRAIN) -> StageResult:
     """A finished ingest stage: n_train ok train captions, plus a val and a rejected row to skip."""
     sd = layout.stage("ingest", "00000000000000aa")
     sd.path.mkdir(parents=True)
@@ -264,7 +269,7 @@ def make_captions(layout: RunLayout, n_train: int = N_TRAIN) -> str:
                         image_path=None, references=[], status="rejected", error="empty caption"))
     tables.write(sd.file("captions.parquet"), rows, tables.CAPTIONS)
     finish(sd, {"captions": len(rows)}, time.monotonic())
-    return str(sd.path)
+    return load_result(sd.path)
 
 
 def train_ids(n: int = N_TRAIN) -> list[str]:
@@ -287,11 +292,13 @@ TEST_IMAGES = {  # image id -> references; "105" is in the split but never encod
 ENCODED = ["101", "102", "103", "coco_106"]
 
 
-def mark_done(sd: StageDir, counts=None, extra=None, inputs=None) -> None:
-    """Mark `sd` finished by hand: its config.json and stage.done.json, no timing (pcm.stages.contract.finish times)."""
+def mark_done(sd: StageDir, counts=None, extra=None, inputs=None) -> StageResult:
+    """Mark `sd` finished by hand: its config.json and stage.done.json, no timing (pcm.stages.contract.finish times);
+    returns its result as read back from the marker."""
     atomic.write_json(sd.config_file, {"stage": sd.stage, "code_version": "1", "config": {}, "inputs": inputs or {}})
     StageResult(stage=sd.stage, fingerprint=sd.fingerprint, path=str(sd.path), counts=counts or {},
                 extra=extra or {}).save(sd.done_marker)
+    return load_result(sd.path)
 
 
 def make_images(folder: Path, names: list[str]) -> list[Path]:
@@ -306,7 +313,7 @@ def make_images(folder: Path, names: list[str]) -> list[Path]:
     return paths
 
 
-def write_captions(layout: RunLayout, fp: str, name: str) -> StageDir:
+def write_captions(layout: RunLayout, fp: str, name: str) -> StageResult:
     """A finished ingest stage named `name`: TRAIN_TEXTS as train rows, TEST_IMAGES as test rows."""
     sd = layout.stage("ingest", fp)
     sd.path.mkdir(parents=True)
@@ -319,13 +326,13 @@ def write_captions(layout: RunLayout, fp: str, name: str) -> StageDir:
                          "raw_text": r, "source": "test", "image_path": f"{image_id}.png", "references": refs,
                          "status": "ok", "error": None})
     tables.write(sd.file("captions.parquet"), rows, tables.CAPTIONS)
-    mark_done(sd, extra={"name": name})
-    return sd
+    return mark_done(sd, extra={"name": name})
 
 
 def evaluate_inputs(base: Path) -> dict[str, Any]:
     """Finished ingest, encode (real features from the tiny CLIP) and train (a tiny checkpoint) stages under
-    `base`, the inputs of an evaluate stage; torch and the tiny CLIP are imported here, not by this module."""
+    `base`, the inputs of an evaluate stage, as StageResults under "captions", "encode" and "train"; torch and
+    the tiny CLIP are imported here, not by this module."""
     import torch
 
     from pcm import checkpoint
@@ -351,8 +358,8 @@ def evaluate_inputs(base: Path) -> dict[str, Any]:
     real.append({"image_id": "104", "split": "test", "image_path": "104.png", "shard": -1, "row": -1,
                  "status": "failed", "error": "cannot identify image file"})
     tables.write(encode.file("real.parquet"), real, tables.REAL_IMAGES)
-    mark_done(encode, extra={"clip": spec.model_dump(mode="json"), "images_root": str(base / "images")},
-                 inputs={"ingest": CAPTIONS_FP})
+    encoded = mark_done(encode, extra={"clip": spec.model_dump(mode="json"), "images_root": str(base / "images")},
+                        inputs={"ingest": CAPTIONS_FP})
 
     train = layout.stage("train", TRAIN_FP)
     torch.manual_seed(0)
@@ -363,9 +370,9 @@ def evaluate_inputs(base: Path) -> dict[str, Any]:
     for where, step in ((train.file("best"), 5), (train.path / "checkpoints" / "step-00000008", 8)):
         checkpoint.save(where, model=model, vocab=vocab, config={}, clip=spec.model_dump(mode="json"),
                         concept_names=[f"c{i}" for i in range(6)], state={"step": step})
-    mark_done(train, inputs={"ingest": CAPTIONS_FP, "encode": ENCODE_FP})
-    return {"layout": layout, "captions": str(captions.path), "encode": str(encode.path), "train": str(train.path),
-            "images": images, "features": (g, patches), "base": base}
+    trained = mark_done(train, inputs={"ingest": CAPTIONS_FP, "encode": ENCODE_FP})
+    return {"layout": layout, "captions": captions, "encode": encoded, "train": trained, "images": images,
+            "features": (g, patches), "base": base}
 
 
 def tiny_evaluate_config(**kw):

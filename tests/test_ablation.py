@@ -115,7 +115,7 @@ def test_refine_outcomes_tell_repaired_wrong_pairs_from_kept_and_dropped_ones(tm
     tables.write(ref.file("pairs.parquet"), [
         {"caption_id": c, "image_caption_id": img, "shard": 0, "row": 0, "score": 0.5, "clip_score": 0.5, "rank": 1,
          "status": status, "reason": None if status == "kept" else "below"} for c, img, status in pairs], tables.PAIRS)
-    assert ablation.refine_outcomes(syn.path, ref.path, captions) == {
+    assert ablation.refine_outcomes(syn.path, ref.path, captions.path) == {
         "right: own image": 1,              # c0 kept its own image
         "wrong: own image": 1,              # c1 moved to the key holding the image made from its caption: repaired
         "wrong: dropped": 1,                # c2

@@ -28,7 +28,6 @@ import pytest
 from builders import caption_row, ingest_fails, ingest_rows, ingest_stage
 from PIL import Image
 
-from pcm.stages.contract import as_result
 from pcm.stages.encode import EncodeConfig, run_encode
 from pcm.stages.ingest import IngestConfig, run_ingest
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
@@ -83,14 +82,13 @@ def assert_failed_cleanly(root: Path, stage: str) -> Path:
     return sd
 
 
-def clone_stage(path: str, root: Path) -> Path:
-    """A copy of a finished stage directory under another run root, its marker pointing at the copy."""
-    src = Path(path)
-    dst = RunLayout(root).stage(src.parent.name, src.name).path
-    shutil.copytree(src, dst)
+def clone_stage(source: StageResult, root: Path) -> StageResult:
+    """A copy of a finished stage under another run root, its marker pointing at the copy; the copy's result."""
+    dst = RunLayout(root).stage(source.stage, source.fingerprint).path
+    shutil.copytree(source.dir, dst)
     r = StageResult.load(dst / "stage.done.json")
     StageResult(**{**r.to_dict(), "path": str(dst)}).save(dst / "stage.done.json")
-    return dst
+    return StageResult.load(dst / "stage.done.json")
 
 
 def encode_outputs(path: str | Path) -> dict[str, Any]:
@@ -121,9 +119,9 @@ heavy = pytest.mark.heavy  # the cases on the shared tiny run (real stages, ~10 
 class TinyRun:
     base: Path
     images: Path
-    captions: str   # ingest stage directory
-    shards: str     # synthesize stage directory
-    encode: str     # encode stage directory
+    captions: StageResult   # the ingest stage
+    shards: StageResult     # the synthesize stage
+    encode: StageResult     # the encode stage
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,7 +152,7 @@ def tiny(tmp_path_factory) -> TinyRun:
     syn = run_synthesize(SynthesizeConfig(**SYNTH), cap, RunLayout(root))
     enc = run_encode(encode_config(base / "images"), cap, syn, RunLayout(root))
     assert syn.counts["shards"] == 2 and syn.counts["ok"] == 6
-    return TinyRun(base, base / "images", cap.path, syn.path, enc.path)
+    return TinyRun(base, base / "images", cap, syn, enc)
 
 
 # ---------------------------------------------------------------------- ingest: files and captions
@@ -288,9 +286,9 @@ def test_synthesize_refuses_captions_with_a_wrong_schema(tmp_path):
     table = pa.table({"caption_id": ["c1", "c2"], "split": ["train", "train"], "text": [1, 2]})
     captions = ingest_stage(tmp_path / "runs", table)
     with pytest.raises(tables.SchemaError) as err:
-        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**SYNTH), captions, RunLayout(tmp_path / "runs"))
     message = str(err.value)
-    assert f"{captions}/captions.parquet" in message
+    assert f"{captions.path}/captions.parquet" in message
     assert "missing columns" in message and "'status'" in message and "text: int64 (expected string)" in message
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*"))
@@ -300,7 +298,7 @@ def test_synthesize_refuses_duplicate_caption_ids_naming_the_row(tmp_path):
     rows = [caption_row(cid, f"a dog {n}", raw_text="a dog") for n, cid in enumerate(["c-1", "c-2", "c-1"])]
     captions = ingest_stage(tmp_path / "runs", tables.to_table(rows, tables.CAPTIONS))
     with pytest.raises(ValueError, match=r"captions\.parquet: row 2: duplicate caption_id 'c-1'; caption ids must be unique"):
-        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(tmp_path / "runs"))
+        run_synthesize(SynthesizeConfig(**SYNTH), captions, RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*"))
 
@@ -316,7 +314,7 @@ def test_synthesize_with_a_missing_or_wrong_model_directory(tiny, tmp_path, case
     else:
         message = rf"diffusion model directory '{model}' does not exist"
     with pytest.raises(FileNotFoundError, match=message):
-        run_synthesize(SynthesizeConfig(**dict(SYNTH, model=str(model))), as_result(tiny.captions),
+        run_synthesize(SynthesizeConfig(**dict(SYNTH, model=str(model))), tiny.captions,
                        RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert not list(sd.glob("shards/*.tar"))
@@ -343,45 +341,45 @@ def test_disk_full_while_writing_a_shard_then_rerun_equals_a_clean_run(tiny, tmp
     from storage import shards
 
     root = str(tmp_path / "runs")
-    captions = str(clone_stage(tiny.captions, tmp_path / "runs"))
+    captions = clone_stage(tiny.captions, tmp_path / "runs")
     written = [0]
     monkeypatch.setattr(shards._HashingFile, "write", fail_after(2000, "shard-000001", written))
     with pytest.raises(OSError) as err:
-        run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(root))
+        run_synthesize(SynthesizeConfig(**SYNTH), captions, RunLayout(root))
     assert err.value.errno == errno.ENOSPC and written[0] > 2000  # failed in the middle of shard 1
     sd = assert_failed_cleanly(tmp_path / "runs", "synthesize")
     assert (sd / "shards" / "shard-000000.done.json").exists()           # the shard before it is kept
     assert not (sd / "shards" / "shard-000001.tar").exists() and not (sd / "shards" / "shard-000001.done.json").exists()
 
     monkeypatch.undo()
-    r = run_synthesize(SynthesizeConfig(**SYNTH), as_result(captions), RunLayout(root))
+    r = run_synthesize(SynthesizeConfig(**SYNTH), captions, RunLayout(root))
     assert r.counts["ok"] == 6 and Path(r.path) == sd
-    assert synth_outputs(r.path) == synth_outputs(tiny.shards)
+    assert synth_outputs(r.path) == synth_outputs(tiny.shards.path)
 
 
 # ---------------------------------------------------------------------- encode
 @heavy
 def test_encode_records_a_missing_test_image_as_a_failed_row(tiny):
-    real = {r["image_id"]: r for r in tables.read(Path(tiny.encode) / "real.parquet", tables.REAL_IMAGES).to_pylist()}
+    real = {r["image_id"]: r for r in tables.read(tiny.encode.dir / "real.parquet", tables.REAL_IMAGES).to_pylist()}
     assert real["100"]["status"] == "ok" and real["100"]["row"] == 0
     assert real["101"]["status"] == "failed" and real["101"]["row"] == -1
     assert real["101"]["error"] == f"image not found: {tiny.images / 'test' / 'img1.jpg'}"
-    result = StageResult.load(Path(tiny.encode) / "stage.done.json")
+    result = StageResult.load(tiny.encode.dir / "stage.done.json")
     assert result.counts["real_ok"] == 1 and result.counts["real_failed"] == 1 and result.counts["images_ok"] == 6
-    assert leftovers(tiny.encode) == []
+    assert leftovers(tiny.encode.path) == []
 
 
 @heavy
 def test_encode_records_corrupt_jpegs_as_failed_score_rows(tiny, tmp_path):
     shards = clone_stage(tiny.shards, tmp_path / "runs")
-    tar = shards / "shards" / "shard-000000.tar"
+    tar = shards.dir / "shards" / "shard-000000.tar"
     samples = list(iter_tar(tar))
     cut, garbage = samples[0]["__key__"], samples[2]["__key__"]
     corrupt = {cut: samples[0]["jpg"][: len(samples[0]["jpg"]) // 2], garbage: b"\xff\xd8\xff\xe0 not a jpeg"}
     with ShardWriter(tar) as w:  # rewritten with its marker: a finished shard holding two corrupt images
         for s in samples:
             w.write({**s, "jpg": corrupt.get(s["__key__"], s["jpg"])})
-    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+    r = run_encode(encode_config(tiny.images), tiny.captions, shards,
                    RunLayout(tmp_path / "runs"))
     rows = {row["caption_id"]: row for row in tables.read(Path(r.path) / "scores.parquet", tables.SCORES).to_pylist()}
     for key, error in ((cut, "OSError: image file is truncated"), (garbage, "OSError: Truncated File Read")):
@@ -389,7 +387,7 @@ def test_encode_records_corrupt_jpegs_as_failed_score_rows(tiny, tmp_path):
         assert rows[key]["error"].startswith(f"shard-000000.tar: sample {key}: {error}")
     good = {k: v for k, v in rows.items() if k not in corrupt}
     assert len(good) == 4 and all(v["status"] == "ok" for v in good.values())
-    clean = {row["caption_id"]: row for row in tables.read(Path(tiny.encode) / "scores.parquet", tables.SCORES).to_pylist()}
+    clean = {row["caption_id"]: row for row in tables.read(tiny.encode.dir / "scores.parquet", tables.SCORES).to_pylist()}
     # The other samples are untouched (up to float rounding: their batches now hold fewer images).
     assert {k: v["clip_score"] for k, v in good.items()} == pytest.approx({k: clean[k]["clip_score"] for k in good}, abs=1e-5)
     arrays, meta = open_arrays(Path(r.path) / "features" / "shard-000000.safetensors")
@@ -409,32 +407,32 @@ def _cut_points(tar: Path) -> dict[str, tuple[int, str]]:
 @heavy
 def test_encode_truncated_tar_mid_image_is_an_error_naming_the_shard_and_keeps_the_rest(tiny, tmp_path):
     shards = clone_stage(tiny.shards, tmp_path / "runs")
-    tar = shards / "shards" / "shard-000001.tar"
+    tar = shards.dir / "shards" / "shard-000001.tar"
     whole = tar.read_bytes()
     cut, reason = _cut_points(tar)["mid-image"]
     tar.write_bytes(whole[:cut])
     # The size check against the shard's marker catches the cut before tarfile does.
     with pytest.raises(ValueError, match=rf"{re.escape(str(tar))}: truncated or altered shard .*; delete it"):
-        run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+        run_encode(encode_config(tiny.images), tiny.captions, shards,
                    RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "encode")
     assert (sd / "features" / "shard-000000.done.json").exists()     # the shard before it is kept
     assert not (sd / "features" / "shard-000001.safetensors").exists()
     tar.write_bytes(whole)  # the shard restored: the rerun finishes and equals a clean run
-    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+    r = run_encode(encode_config(tiny.images), tiny.captions, shards,
                    RunLayout(tmp_path / "runs"))
-    assert r.counts["encoded_now"] < 7 and encode_outputs(r.path) == encode_outputs(tiny.encode)
+    assert r.counts["encoded_now"] < 7 and encode_outputs(r.path) == encode_outputs(tiny.encode.path)
 
 
 @heavy
 def test_encode_truncated_tar_on_a_header_boundary_loses_no_sample_silently(tiny, tmp_path):
     shards = clone_stage(tiny.shards, tmp_path / "runs")
-    tar = shards / "shards" / "shard-000001.tar"
+    tar = shards.dir / "shards" / "shard-000001.tar"
     cut, _ = _cut_points(tar)["on-a-header"]
     tar.write_bytes(tar.read_bytes()[:cut])
-    planned = [s["caption_id"] for s in tables.read(Path(tiny.shards) / "samples.parquet", tables.SAMPLES).to_pylist()]
+    planned = [s["caption_id"] for s in tables.read(tiny.shards.dir / "samples.parquet", tables.SAMPLES).to_pylist()]
     try:
-        r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(str(shards)),
+        r = run_encode(encode_config(tiny.images), tiny.captions, shards,
                        RunLayout(tmp_path / "runs"))
     except ValueError as e:  # an error naming the shard is an acceptable outcome
         assert "shard-000001.tar" in str(e)
@@ -449,7 +447,7 @@ def test_encode_with_a_missing_clip_checkpoint_names_the_parameter(tiny, tmp_pat
     missing = tmp_path / "no-such-weights.safetensors"
     config = encode_config(tiny.images, clip={"model": "tiny", "precision": "fp32", "pretrained": str(missing)})
     with pytest.raises(FileNotFoundError, match=rf"clip\.pretrained='{re.escape(str(missing))}': checkpoint file not found"):
-        run_encode(config, as_result(tiny.captions), as_result(tiny.shards), RunLayout(tmp_path / "runs"))
+        run_encode(config, tiny.captions, tiny.shards, RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "encode")
     assert not list(sd.glob("features/shard-*")) and not (sd / "scores.parquet").exists()
 
@@ -486,7 +484,7 @@ def test_disk_full_while_writing_features_then_rerun_equals_a_clean_run(tiny, tm
     monkeypatch.setattr(storage.atomic, "atomic_open", atomic_open)
     root = str(tmp_path / "runs")
     with pytest.raises(OSError) as err:
-        run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(tiny.shards), RunLayout(root))
+        run_encode(encode_config(tiny.images), tiny.captions, tiny.shards, RunLayout(root))
     assert err.value.errno == errno.ENOSPC and len(hits) == 1
     sd = assert_failed_cleanly(tmp_path / "runs", "encode")
     assert (sd / "features" / "shard-000000.done.json").exists()
@@ -495,9 +493,9 @@ def test_disk_full_while_writing_features_then_rerun_equals_a_clean_run(tiny, tm
     assert not any((sd / name).exists() for name in ("scores.parquet", "concepts.parquet", "clip_head.safetensors"))
 
     monkeypatch.undo()
-    r = run_encode(encode_config(tiny.images), as_result(tiny.captions), as_result(tiny.shards), RunLayout(root))
+    r = run_encode(encode_config(tiny.images), tiny.captions, tiny.shards, RunLayout(root))
     assert Path(r.path) == sd and r.counts["images_ok"] == 6
-    assert encode_outputs(r.path) == encode_outputs(tiny.encode)
+    assert encode_outputs(r.path) == encode_outputs(tiny.encode.path)
 
 
 def test_a_json_file_with_invalid_utf8_gives_an_error_naming_it(tmp_path):
@@ -514,11 +512,11 @@ def test_a_json_file_with_invalid_utf8_gives_an_error_naming_it(tmp_path):
 def test_train_with_k_larger_than_the_concept_vocabulary(tiny, tmp_path):
     from pcm.stages.train import TrainConfig, run_train
 
-    n_concepts = StageResult.load(Path(tiny.encode) / "stage.done.json").counts["concepts"]
+    n_concepts = StageResult.load(tiny.encode.dir / "stage.done.json").counts["concepts"]
     config = TrainConfig(preset="tiny", model={"top_k": n_concepts + 1}, batch_size=2, epochs=1, min_word_count=1,
                          val_metric="loss", device="cpu", num_workers=0, progress_bar=False)
     with pytest.raises(ValueError, match=rf"top_k={n_concepts + 1} exceeds the {n_concepts} concepts of the bank"):
-        run_train(config, as_result(tiny.captions), as_result(tiny.encode), RunLayout(tmp_path / "runs"))
+        run_train(config, tiny.captions, tiny.encode, RunLayout(tmp_path / "runs"))
     sd = assert_failed_cleanly(tmp_path / "runs", "train")
     assert not (sd / "checkpoints").exists() and not (sd / "best").exists()
 

@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 
 from pcm import confidence
 from pcm.cli import app
-from pcm.stages.contract import as_result
 from pcm.toyworld import ood, world
 from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
 from storage.checkpoints import REFERENCE, REFERENCE_ARRAYS
@@ -158,13 +157,13 @@ def test_training_writes_the_reference_into_step_checkpoints_and_best(tmp_path):
     from pcm.stages.train import run_train
 
     cap, enc = train_inputs(tmp_path, n_train=16)
-    result = run_train(tiny_train_config(epochs=1), as_result(cap), as_result(enc), RunLayout(tmp_path))
+    result = run_train(tiny_train_config(epochs=1), cap, enc, RunLayout(tmp_path))
     best = checkpoint.find(result.path, "best")
     step = checkpoint.find(result.path, "latest")
     for ckpt in (best, step):
         assert (ckpt / REFERENCE).is_file() and (ckpt / REFERENCE_ARRAYS).is_file()
     ref = checkpoint.load_reference(best)
-    scores = [r["clip_score"] for r in pq.read_table(Path(enc) / "scores.parquet").to_pylist() if r["status"] == "ok"]
+    scores = [r["clip_score"] for r in pq.read_table(enc.dir / "scores.parquet").to_pylist() if r["status"] == "ok"]
     assert ref.info["pairs"] == len(scores) == 16 and ref.info["images"] == 16
     np.testing.assert_allclose(ref.score_quantiles, np.percentile(scores, confidence.QUANTILES), atol=1e-5)
     assert json.loads((step / REFERENCE).read_text()) == json.loads((best / REFERENCE).read_text())

@@ -10,7 +10,6 @@ import yaml
 from builders import N_TRAIN, TINY_SYNTHESIZE, evaluate_inputs, make_captions, tiny_evaluate_config
 
 from pcm import cards
-from pcm.stages.contract import as_result
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from storage import atomic, checkpoints, tables
 from storage.layout import StageDir
@@ -38,7 +37,7 @@ def run(tmp_path_factory):
 @pytest.fixture
 def synth(layout):
     captions = make_captions(layout)
-    return run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, seed=3), as_result(captions), layout)
+    return run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, seed=3), captions, layout)
 
 
 def test_synthesize_writes_a_dataset_card_that_datasets_loads(synth, monkeypatch):
@@ -110,7 +109,7 @@ def test_model_card_names_the_hub_clip_as_base_model():
 def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     from pcm.stages.evaluate import run_evaluate
 
-    train = Path(run["train"])
+    train = run["train"].dir
     card = cards.write_model_card(StageDir.at(train))    # what train's _finish does
     assert card == train / "best" / checkpoints.CARD
     meta, body = front_matter(card)
@@ -120,7 +119,7 @@ def test_best_gets_a_model_card_and_evaluate_fills_its_model_index(run):
     assert "Intended use" in body and "Toy world" in body and "Not evaluated yet" in body
     checkpoints.check_safe(train / "best")   # a card does not stop best/ from loading
 
-    result = run_evaluate(tiny_evaluate_config(spice="off"), as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
+    result = run_evaluate(tiny_evaluate_config(spice="off"), run["train"], run["encode"], run["captions"],
                           run["layout"])
     metrics = atomic.read_json(Path(result.path) / "metrics.json")
     meta, body = front_matter(card)

@@ -10,7 +10,6 @@ import torch
 from open_clip.transformer import QuickGELU
 
 from pcm.clip import ClipSpec, load_clip, quick_gelu
-from pcm.stages.contract import as_result
 from storage.layout import RunLayout
 
 
@@ -83,9 +82,9 @@ def test_encode_fingerprint_records_the_forced_activation(tmp_path):
 
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     # Planning writes nothing; config.json is written when the stage directory is opened (as a run does).
-    openai = open_stage(plan(EncodeConfig(clip=ClipSpec(model="ViT-B-32", pretrained="openai")), as_result(cap), as_result(syn),
+    openai = open_stage(plan(EncodeConfig(clip=ClipSpec(model="ViT-B-32", pretrained="openai")), cap, syn,
                              RunLayout(tmp_path / "runs")))
-    laion = open_stage(plan(EncodeConfig(clip=ClipSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k")), as_result(cap), as_result(syn),
+    laion = open_stage(plan(EncodeConfig(clip=ClipSpec(model="ViT-B-32", pretrained="laion2b_s34b_b79k")), cap, syn,
                             RunLayout(tmp_path / "runs")))
     assert read_json(openai.config_file)["config"]["clip_quick_gelu"] is True
     assert "clip_quick_gelu" not in read_json(laion.config_file)["config"]

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from pcm.stages import encode, evaluate, ingest, synthesize, train
-from pcm.stages.contract import as_result
 from pcm.stages.pipeline import resolve
 from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS
 from storage.fingerprint import dir_digest, files_manifest_digest
@@ -39,11 +38,11 @@ def _stand_in(stage: str, fp: str, root: Path) -> StageResult:
 def _plan_all(cfg, root: Path) -> dict[str, str]:
     """Every stage's planned fingerprint (ingest is run: encode's plan reads the image paths it lists)."""
     cap = ingest.run_ingest(cfg.ingest, RunLayout(root))
-    syn = synthesize.plan(cfg.synthesize, as_result(cap), RunLayout(root))
-    enc = encode.plan(cfg.encode, as_result(cap), _stand_in("synthesize", syn.fingerprint, root), RunLayout(root))
+    syn = synthesize.plan(cfg.synthesize, cap, RunLayout(root))
+    enc = encode.plan(cfg.encode, cap, _stand_in("synthesize", syn.fingerprint, root), RunLayout(root))
     enc_r = _stand_in("encode", enc.fingerprint, root)
-    tr = train.plan(cfg.train, as_result(cap), enc_r, RunLayout(root))
-    ev = evaluate.plan(cfg.evaluate, _stand_in("train", tr.fingerprint, root), enc_r, as_result(cap), RunLayout(root))
+    tr = train.plan(cfg.train, cap, enc_r, RunLayout(root))
+    ev = evaluate.plan(cfg.evaluate, _stand_in("train", tr.fingerprint, root), enc_r, cap, RunLayout(root))
     return {"ingest": cap.fingerprint, "synthesize": syn.fingerprint, "encode": enc.fingerprint,
             "train": tr.fingerprint, "evaluate": ev.fingerprint}
 

@@ -14,13 +14,13 @@ from builders import caption_row, ingest_stage
 from pcm.dataset import Pairs
 from pcm.loss import auto_cxe_w, clip_weights
 from pcm.samples import sample_seed
-from pcm.stages.contract import as_result
 from pcm.stages.pipeline import load_preset, resolve
 from pcm.stages.synthesize import SynthesizeConfig, plan, planned_samples, run_synthesize
 from pcm.stages.train import TrainConfig
 from pcm.stages.train_worker import cxe_weighting
 from storage import tables
 from storage.layout import RunLayout
+from storage.result import StageResult
 from storage.shards import iter_tar
 
 TINY = dict(model="tiny", steps=2, height=32, width=32, shard_size=4, batch_size=4, progress_bar=False, device="cpu")
@@ -28,16 +28,16 @@ N = 10
 
 
 @pytest.fixture
-def captions(tmp_path) -> str:
+def captions(tmp_path) -> StageResult:
     rows = [caption_row(f"c{i:02d}", f"a photo of a red thing number {i}") for i in range(N)]
     return ingest_stage(tmp_path / "runs", rows)
 
 
 # ---------------------------------------------------------------------- synthesize.wrong_image_fraction
 def test_wrong_images_are_a_seeded_derangement_of_the_chosen_captions(captions):
-    own = {s.caption_id: s for s in planned_samples(SynthesizeConfig(**TINY), as_result(captions))}
+    own = {s.caption_id: s for s in planned_samples(SynthesizeConfig(**TINY), captions)}
     cfg = SynthesizeConfig(**TINY, wrong_image_fraction=0.5)
-    samples = planned_samples(cfg, as_result(captions))
+    samples = planned_samples(cfg, captions)
     swapped = [s for s in samples if s.rendered_from is not None]
     assert len(swapped) == round(0.5 * N)
     assert [s.caption_id for s in samples] == sorted(own)            # captions and their order are unchanged
@@ -51,21 +51,21 @@ def test_wrong_images_are_a_seeded_derangement_of_the_chosen_captions(captions):
             assert (s.prompt, s.seed) == (src.text, src.seed)
     # A permutation among the chosen: every chosen caption's image goes to exactly one other chosen caption.
     assert sorted(s.rendered_from for s in swapped) == sorted(s.caption_id for s in swapped)
-    again = planned_samples(SynthesizeConfig(**TINY, wrong_image_fraction=0.5), as_result(captions))
+    again = planned_samples(SynthesizeConfig(**TINY, wrong_image_fraction=0.5), captions)
     assert again == samples
-    other = planned_samples(SynthesizeConfig(**{**TINY, "seed": 1}, wrong_image_fraction=0.5), as_result(captions))
+    other = planned_samples(SynthesizeConfig(**{**TINY, "seed": 1}, wrong_image_fraction=0.5), captions)
     assert [s.rendered_from for s in other] != [s.rendered_from for s in samples]
 
 
 def test_wrong_image_fraction_fingerprint_and_errors(captions, tmp_path):
     root = str(tmp_path / "runs")
-    base = plan(SynthesizeConfig(**TINY), as_result(captions), RunLayout(root)).fingerprint
-    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.0), as_result(captions),
+    base = plan(SynthesizeConfig(**TINY), captions, RunLayout(root)).fingerprint
+    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.0), captions,
                 RunLayout(root)).fingerprint == base
-    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.3), as_result(captions),
+    assert plan(SynthesizeConfig(**TINY, wrong_image_fraction=0.3), captions,
                 RunLayout(root)).fingerprint != base
     with pytest.raises(ValueError, match="a swap needs at least 2 captions"):
-        planned_samples(SynthesizeConfig(**TINY, wrong_image_fraction=0.05), as_result(captions))
+        planned_samples(SynthesizeConfig(**TINY, wrong_image_fraction=0.05), captions)
     with pytest.raises(ValueError, match="less than 1"):
         SynthesizeConfig(**TINY, wrong_image_fraction=1.0)
     with pytest.raises(ValueError, match="does not apply to imported_images"):
@@ -82,9 +82,9 @@ def _images(stage: str) -> dict[str, tuple[np.ndarray, dict]]:
 @pytest.mark.heavy
 def test_a_swapped_caption_gets_exactly_the_image_its_source_caption_gets_unswapped(captions, tmp_path):
     root = str(tmp_path / "runs")
-    clean = _images(run_synthesize(SynthesizeConfig(**TINY, image_format="png"), as_result(captions),
+    clean = _images(run_synthesize(SynthesizeConfig(**TINY, image_format="png"), captions,
                                    RunLayout(root)).path)
-    r = run_synthesize(SynthesizeConfig(**TINY, image_format="png", wrong_image_fraction=0.4), as_result(captions),
+    r = run_synthesize(SynthesizeConfig(**TINY, image_format="png", wrong_image_fraction=0.4), captions,
                        RunLayout(root))
     wrong = _images(r.path)
     status = {row["caption_id"]: row for row in tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()}

@@ -19,7 +19,6 @@ from PIL import Image
 
 from pcm.clip import ClipSpec, clip_head, encode_images, encode_texts, load_clip
 from pcm.identity import clip_content_id
-from pcm.stages.contract import as_result
 from pcm.stages.encode import plan, run_encode, verify
 from storage import tables
 from storage.arrays import open_arrays
@@ -110,8 +109,8 @@ def test_missing_weights_offline_give_one_clear_error():
 def test_run_encode_outputs(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", corrupt="c0005", images_dir=tmp_path / "coco")
     cfg = tiny_encode_config(images_root=str(tmp_path / "coco"), real_shard_size=3)
-    result = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
-    sd = plan(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    result = run_encode(cfg, cap, syn, RunLayout(tmp_path / "runs"))
+    sd = plan(cfg, cap, syn, RunLayout(tmp_path / "runs"))
     assert verify(sd) is None and not result.cached
     assert result.counts["images"] == 12 and result.counts["concepts"] >= 6
     assert (result.counts["images_ok"], result.counts["images_failed"]) == (11, 1)
@@ -130,7 +129,7 @@ def test_run_encode_outputs(tmp_path):
         keys = json.loads(meta["keys"])
         assert arrays["global"].dtype == np.float16 and arrays["patches"].shape == (len(keys), 4, 64)
         assert keys == [f"c{i:04d}" for i in range(4 * s, 4 * s + 4) if i != 5]
-        samples = {x["__key__"]: x for x in iter_tar(Path(syn) / "shards" / f"shard-{s:06d}.tar")}
+        samples = {x["__key__"]: x for x in iter_tar(syn.dir / "shards" / f"shard-{s:06d}.tar")}
         for row, key in enumerate(keys):
             g, t = direct_embeddings(clip, samples[key]["jpg"], samples[key]["txt"].decode())
             r = scores[key]
@@ -142,7 +141,7 @@ def test_run_encode_outputs(tmp_path):
     # The saved head applied to the CLS token reproduces the global embedding.
     head, meta = open_arrays(sd.file("clip_head.safetensors"))
     assert json.loads(meta["clip"]) == cfg.clip.model_dump(mode="json")
-    sample = next(iter_tar(Path(syn) / "shards" / "shard-000000.tar"))
+    sample = next(iter_tar(syn.dir / "shards" / "shard-000000.tar"))
     x = clip.preprocess(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))[None]
     cls = transformer_output(clip, x)[:, 0]                              # [1, W]
     joint = torch.nn.functional.layer_norm(cls, (cls.shape[-1],), torch.from_numpy(np.array(head["ln_post.weight"])),
@@ -169,7 +168,7 @@ def test_run_encode_outputs(tmp_path):
     np.testing.assert_allclose(by_name["dog"]["embedding"], expect, atol=1e-6)
     assert by_name["dog"]["model"] == "tiny/seed-0"
 
-    again = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    again = run_encode(cfg, cap, syn, RunLayout(tmp_path / "runs"))
     assert again.cached and again.fingerprint == result.fingerprint
 
 
@@ -187,16 +186,16 @@ def test_score_histogram_is_a_png_and_the_same_each_time(tmp_path):
 
 def test_real_images_skipped_without_images_root(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
-    result = run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    result = run_encode(tiny_encode_config(), cap, syn, RunLayout(tmp_path / "runs"))
     assert result.counts["real"] == 0 and "images_root" in result.extra["real_note"]
 
 
 @pytest.mark.bad_input
 def test_a_synthetic_shard_lost_after_synthesis_is_an_error_naming_it(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
-    (Path(syn) / "shards" / "shard-000001.done.json").unlink()
+    (syn.dir / "shards" / "shard-000001.done.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"shard-000001\.tar: synthetic shard missing or unfinished"):
-        run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+        run_encode(tiny_encode_config(), cap, syn, RunLayout(tmp_path / "runs"))
 
 
 def test_vocabulary_file_replaces_extraction(tmp_path):
@@ -204,31 +203,31 @@ def test_vocabulary_file_replaces_extraction(tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("# my concepts\nzebra\ndog\n\nteddy bear\n")
     cfg = tiny_encode_config(vocabulary_file=str(vocab), prompt="a picture of {c}")
-    result = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    result = run_encode(cfg, cap, syn, RunLayout(tmp_path / "runs"))
     rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
     assert [(r["concept"], r["count"]) for r in rows] == [("zebra", 0), ("dog", 2), ("teddy bear", 0)]
     clip = load_clip(cfg.clip)
     np.testing.assert_allclose(rows[2]["embedding"], encode_texts(clip, ["a picture of teddy bear"])[0], atol=1e-6)
     vocab.write_text("zebra\n")  # a different file content is a different stage directory
-    assert plan(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs")).fingerprint != result.fingerprint
+    assert plan(cfg, cap, syn, RunLayout(tmp_path / "runs")).fingerprint != result.fingerprint
 
 
 def test_concepts_from_another_encode_stage_reuses_its_words_embedded_by_this_clip(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("zebra\ndog\nteddy bear\n")
-    source = run_encode(tiny_encode_config(vocabulary_file=str(vocab)), as_result(cap), as_result(syn),
+    source = run_encode(tiny_encode_config(vocabulary_file=str(vocab)), cap, syn,
                         RunLayout(tmp_path / "runs"))
     # Another run (another CLIP seed preset, another prompt) takes the first stage's words.
     cfg = tiny_encode_config(clip={"model": "tiny-l14", "precision": "fp32"}, concepts_from=source.path,
                       prompt="a picture of {c}")
-    result = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+    result = run_encode(cfg, cap, syn, RunLayout(tmp_path / "runs"))
     rows = tables.read(Path(result.path) / "concepts.parquet", tables.CONCEPTS).to_pylist()
     assert [(r["concept"], r["count"]) for r in rows] == [("zebra", 0), ("dog", 2), ("teddy bear", 0)]
     np.testing.assert_allclose(rows[0]["embedding"], encode_texts(load_clip(cfg.clip), ["a picture of zebra"])[0],
                                atol=1e-6)
     with pytest.raises(ValueError, match="concepts_from=.* is a synthesize stage"):
-        plan(tiny_encode_config(concepts_from=syn), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+        plan(tiny_encode_config(concepts_from=syn.path), cap, syn, RunLayout(tmp_path / "runs"))
     with pytest.raises(ValueError, match="not both"):
         tiny_encode_config(concepts_from=source.path, vocabulary_file=str(vocab))
 
@@ -250,8 +249,8 @@ def test_prompt_ensemble_is_the_renormalised_mean_over_the_templates(tmp_path):
 
 def test_workers_give_the_same_features(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=3)
-    a = run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
-    b = run_encode(tiny_encode_config(num_workers=2, batch_size=3), as_result(cap), as_result(syn),
+    a = run_encode(tiny_encode_config(), cap, syn, RunLayout(tmp_path / "runs"))
+    b = run_encode(tiny_encode_config(num_workers=2, batch_size=3), cap, syn,
                    RunLayout(tmp_path / "other"))
     assert a.fingerprint == b.fingerprint  # workers are a runtime setting
     for s in range(3):
@@ -276,8 +275,8 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=4, per_shard=3)
     cfg = tiny_encode_config()
     root = str(tmp_path / "runs")
-    sd = plan(cfg, as_result(cap), as_result(syn), RunLayout(root))
-    code = KILLED_RUN.format(cfg=cfg.model_dump(mode="json"), cap=cap, syn=syn, root=root)
+    sd = plan(cfg, cap, syn, RunLayout(root))
+    code = KILLED_RUN.format(cfg=cfg.model_dump(mode="json"), cap=cap.path, syn=syn.path, root=root)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 60
     first = done_path(sd.shard_file("features", 0, "safetensors"))
@@ -290,9 +289,9 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
     done_before = [s for s in range(4) if is_done(sd.shard_file("features", s, "safetensors"))]
     assert 1 <= len(done_before) < 4 and not sd.done_marker.exists()
 
-    resumed = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(root))
+    resumed = run_encode(cfg, cap, syn, RunLayout(root))
     assert resumed.counts["encoded_now"] == 3 * (4 - len(done_before))   # pending shards only
-    clean = run_encode(cfg, as_result(cap), as_result(syn), RunLayout(tmp_path / "clean"))
+    clean = run_encode(cfg, cap, syn, RunLayout(tmp_path / "clean"))
     for s in range(4):
         x, mx = open_arrays(Path(resumed.path) / "features" / f"shard-{s:06d}.safetensors")
         y, my = open_arrays(Path(clean.path) / "features" / f"shard-{s:06d}.safetensors")
@@ -308,14 +307,13 @@ def test_sigkill_resume_redoes_only_pending_shards(tmp_path):
 @pytest.mark.bad_input
 def test_shards_made_from_another_ingest_stage_are_refused_naming_both(tmp_path):
     from storage import atomic
-    from storage.layout import StageDir
 
     cap, syn = encode_inputs(tmp_path / "runs", n_shards=1)
-    record = StageDir.at(syn).config_file
+    record = syn.stage_dir.config_file
     atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "a" * 16}})
-    plan(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))          # the shards' own captions: fine
+    plan(tiny_encode_config(), cap, syn, RunLayout(tmp_path / "runs"))          # the shards' own captions: fine
     atomic.write_json(record, {"stage": "synthesize", "inputs": {"ingest": "d" * 16}})
     with pytest.raises(ValueError, match=f"made from the ingest stage {'d' * 16}.*not from captions=.*ingest {'a' * 16}"):
-        plan(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+        plan(tiny_encode_config(), cap, syn, RunLayout(tmp_path / "runs"))
     with pytest.raises(ValueError, match=f"ingest {'a' * 16}"):
-        run_encode(tiny_encode_config(), as_result(cap), as_result(syn), RunLayout(tmp_path / "runs"))
+        run_encode(tiny_encode_config(), cap, syn, RunLayout(tmp_path / "runs"))

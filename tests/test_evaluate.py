@@ -12,7 +12,6 @@ from builders import ENCODED, TEST_IMAGES, evaluate_inputs, mark_done, tiny_eval
 from typer.testing import CliRunner
 
 from pcm.metrics import spice_missing
-from pcm.stages.contract import as_result
 from storage import tables
 from storage.layout import RunLayout
 
@@ -31,15 +30,15 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
 
     root = str(run["layout"].root)
     cfg = tiny_evaluate_config(published="coco-vitb32", batch_size=3)  # 4 images in 2 batches
-    result = evaluate.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
-                                   RunLayout(root))
+    result = evaluate.run_evaluate(cfg, run["train"], run["encode"], run["captions"],
+                             RunLayout(root))
     sd = run["layout"].stage_from_path(result.path)
 
     # predictions.json: COCO results format, integer ids where they are integers, in real.parquet order.
     preds = json.loads(sd.file("predictions.json").read_text())
     assert [p["image_id"] for p in preds] == [101, 102, 103, "coco_106"]
     # Each caption is the beam search of that image's own features with the best checkpoint.
-    model, vocab, meta = checkpoint.load(Path(run["train"]) / "best")
+    model, vocab, meta = checkpoint.load(run["train"].dir / "best")
     g, patches = run["features"]
     g16, p16 = g.half().float(), patches.half().float()  # the features went through float16 shards
     ids = beam_search(model, g16, p16, bos=vocab.bos, eos=vocab.eos, beam_size=3, max_len=20)
@@ -74,28 +73,26 @@ def test_evaluate_end_to_end_then_cached_and_resumed(run, monkeypatch):
     # Same inputs and config: the finished stage is reused without any work.
     monkeypatch.setattr(evaluate, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
     monkeypatch.setattr("pcm.metrics.score_captions", lambda *a, **k: pytest.fail("scored again"))
-    again = evaluate.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
-                                  RunLayout(root))
+    again = evaluate.run_evaluate(cfg, run["train"], run["encode"], run["captions"],
+                            RunLayout(root))
     assert again.cached and again.path == result.path
     monkeypatch.undo()
 
     # Killed after decoding: the rerun reuses predictions.json and redoes only the scoring.
     sd.file("metrics.json").unlink()
     monkeypatch.setattr(evaluate, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
-    resumed = evaluate.run_evaluate(cfg, as_result(run["train"]), as_result(run["encode"]), as_result(run["captions"]),
-                                    RunLayout(root))
+    resumed = evaluate.run_evaluate(cfg, run["train"], run["encode"], run["captions"],
+                              RunLayout(root))
     assert not resumed.cached
     assert json.loads(sd.file("metrics.json").read_text())["metrics"] == summary["metrics"]
 
 
 def test_protocol_follows_the_datasets_passed(run):
-    from pcm.stages.contract import load_result
     from pcm.stages.evaluate import protocol
 
-    train = load_result(run["train"])
-    assert protocol(train, load_result(run["captions"])) == ("in-domain", "demo", "demo")
+    assert protocol(run["train"], run["captions"]) == ("in-domain", "demo", "demo")
     other = write_captions(run["layout"], "d4" * 8, "flickr30k")
-    assert protocol(train, load_result(other.path)) == ("cross-domain", "demo", "flickr30k")
+    assert protocol(run["train"], other) == ("cross-domain", "demo", "flickr30k")
 
 
 @pytest.mark.bad_input
@@ -104,11 +101,11 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
 
     root = str(tmp_path / "other")
     with pytest.raises(ValueError, match="--encode .*'ingest' stage directory; expected a 'encode' one"):
-        run_evaluate(tiny_evaluate_config(), as_result(run["train"]), as_result(run["captions"]),
-                     as_result(run["captions"]), RunLayout(root))
+        run_evaluate(tiny_evaluate_config(), run["train"], run["captions"],
+                     run["captions"], RunLayout(root))
     with pytest.raises(ValueError, match="no encoded val images"):
-        run_evaluate(tiny_evaluate_config(split="val"), as_result(run["train"]), as_result(run["encode"]),
-                     as_result(run["captions"]), RunLayout(root))
+        run_evaluate(tiny_evaluate_config(split="val"), run["train"], run["encode"],
+                     run["captions"], RunLayout(root))
     with pytest.raises(ValueError, match="unknown published setting 'coco-vit-h'"):
         EvaluateConfig(published="coco-vit-h")
     # Features from another CLIP than the checkpoint's are refused before decoding.
@@ -116,11 +113,12 @@ def test_inconsistent_inputs_are_clear_errors(run, tmp_path):
     enc = layout.stage("encode", "e5" * 8)
     enc.path.mkdir(parents=True)
     for name in ("real.parquet",):
-        (enc.path / name).write_bytes((Path(run["encode"]) / name).read_bytes())
-    mark_done(enc, extra={"clip": {"model": "ViT-B-32", "pretrained": "openai", "precision": "fp16", "pool": None}})
+        (enc.path / name).write_bytes((run["encode"].dir / name).read_bytes())
+    other_clip = mark_done(enc, extra={"clip": {"model": "ViT-B-32", "pretrained": "openai", "precision": "fp16",
+                                                "pool": None}})
     with pytest.raises(ValueError, match="another CLIP than the model's.*model: checkpoint 'tiny' vs features 'ViT-B-32'"):
-        run_evaluate(tiny_evaluate_config(), as_result(run["train"]), as_result(str(enc.path)),
-                     as_result(run["captions"]), RunLayout(root))
+        run_evaluate(tiny_evaluate_config(), run["train"], other_clip,
+                     run["captions"], RunLayout(root))
 
 
 @pytest.mark.heavy  # a whole evaluate through the CLI: decoding and the Java scorers
@@ -131,14 +129,14 @@ def test_evaluate_command_prints_the_metrics(run):
 
     app = typer.Typer()
     register(app)
-    res = CliRunner().invoke(app, ["evaluate", "--train", run["train"], "--encode", run["encode"], "--captions",
-                                   run["captions"], "--set", "report_samples=3", "--set", "published=coco-vitb32",
-                                   "--set", "device=cpu"])
+    res = CliRunner().invoke(app, ["evaluate", "--train", run["train"].path, "--encode", run["encode"].path,
+                                   "--captions", run["captions"].path, "--set", "report_samples=3",
+                                   "--set", "published=coco-vitb32", "--set", "device=cpu"])
     assert res.exit_code == 0, res.output
     assert "test split, in-domain, step 5, 4 images" in res.output
     assert "CIDEr" in res.output and "report: " + str(run["layout"].root / "evaluate") in res.output
-    res = CliRunner().invoke(app, ["evaluate", "--train", run["train"], "--encode", run["encode"], "--captions",
-                                   run["captions"], "--set", "split=train"])
+    res = CliRunner().invoke(app, ["evaluate", "--train", run["train"].path, "--encode", run["encode"].path,
+                                   "--captions", run["captions"].path, "--set", "split=train"])
     assert res.exit_code != 0 and "invalid evaluate config: --set split=train: Input should be" in str(res.exception)
 
 
@@ -159,14 +157,14 @@ def test_caption_command_on_files_and_folders(run, tmp_path):
     (folder / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("ignored: not an image suffix")
     out = tmp_path / "captions.jsonl"
-    res = CliRunner().invoke(app, ["caption", str(folder), str(run["images"][3]), "--checkpoint", run["train"],
+    res = CliRunner().invoke(app, ["caption", str(folder), str(run["images"][3]), "--checkpoint", run["train"].path,
                                    "--out", str(out), "--batch-size", "2", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [Path(r["image"]).name for r in rows] == ["101.png", "102.png", "103.png", "broken.jpg", "coco_106.png"]
     assert "error" in rows[3] and "caption" not in rows[3]
 
-    model, vocab, meta = checkpoint.load(Path(run["train"]) / "best")
+    model, vocab, meta = checkpoint.load(run["train"].dir / "best")
     clip = load_clip(ClipSpec.model_validate(meta["clip"]))
     from PIL import Image
 
@@ -182,10 +180,10 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(run, tmp_path, m
 
     root = str(tmp_path / "flow-runs")
     cfg = tiny_evaluate_config(spice="off")
-    first = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
+    first = evaluate_flow(cfg, run["train"].path, run["encode"].path, run["captions"].path, root=root)
     assert not first.cached and Path(first.path, "report.md").exists()
     # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
     monkeypatch.setattr(flows.evaluate, "run_evaluate", lambda *a, **k: pytest.fail("stage ran again"))
-    second = evaluate_flow(cfg, run["train"], run["encode"], run["captions"], root=root)
+    second = evaluate_flow(cfg, run["train"].path, run["encode"].path, run["captions"].path, root=root)
     assert second.path == first.path
     assert json.loads(Path(first.path, "metrics.json").read_text())["metrics"]["SPICE"] == "skipped: spice=off"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from flows import synth_and_train
-from pcm.stages.contract import as_result
 from pcm.stages.encode import FEATURES, encode_shards, run_encode
 from pcm.stages.pipeline import resolve, run_pipeline
 from pcm.stages.synthesize import run_synthesize
@@ -31,20 +30,20 @@ def test_fan_out_sends_only_pending_shards_and_nothing_for_a_finished_stage(tmp_
     captions = run_pipeline(cfg, root, stages=("ingest",))["ingest"]
 
     # Synthesize: 3 shards, shard 1 already rendered (a resumed fan-out).
-    run_synthesize(cfg.synthesize, as_result(captions), RunLayout(root), shards=[1], finalize_when_complete=False)
+    run_synthesize(cfg.synthesize, captions, RunLayout(root), shards=[1], finalize_when_complete=False)
     synth_and_train.fan_out_synthesis(cfg, captions, root, parts=2)
     assert children == [("synthesize/default", [0, 2], 2, "shards")]
-    shards = run_synthesize(cfg.synthesize, as_result(captions), RunLayout(root))   # the rest, and the stage finalised
+    shards = run_synthesize(cfg.synthesize, captions, RunLayout(root))   # the rest, and the stage finalised
     children.clear()
     synth_and_train.fan_out_synthesis(cfg, captions, root, parts=2)
     assert children == [("synthesize/default", [], 2, "shards")]   # fan_out starts no child for no index
     children.clear()
 
     # Encode: feature shard 2 already encoded.
-    encode_shards(cfg.encode, as_result(captions), as_result(shards), RunLayout(root), kind=FEATURES, indices=[2])
+    encode_shards(cfg.encode, captions, shards, RunLayout(root), kind=FEATURES, indices=[2])
     synth_and_train.fan_out_encoding(cfg, captions, shards, root, parts=2)
     assert children == [("encode/default", [0, 1], 2, "indices")]
-    run_encode(cfg.encode, as_result(captions), as_result(shards), RunLayout(root))
+    run_encode(cfg.encode, captions, shards, RunLayout(root))
     children.clear()
     synth_and_train.fan_out_encoding(cfg, captions, shards, root, parts=2)
     assert children == [("encode/default", [], 2, "indices")]

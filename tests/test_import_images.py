@@ -12,7 +12,6 @@ import pytest
 from builders import N_TRAIN, make_captions, train_ids
 from PIL import Image
 
-from pcm.stages.contract import as_result
 from pcm.stages.synthesize import SynthesizeConfig, plan, run_synthesize
 from storage import tables
 from storage.image_sets import ImageIndex, read_mapping
@@ -52,7 +51,7 @@ def test_an_imported_set_becomes_the_stage_with_status_rows_and_provenance(layou
     captions = make_captions(layout)
     files = released_set(tmp_path / "synthimgcap")
     cfg = SynthesizeConfig(imported_images=str(tmp_path / "synthimgcap"), shard_size=3, progress_bar=False)
-    r = run_synthesize(cfg, as_result(captions), layout)
+    r = run_synthesize(cfg, captions, layout)
     assert r.counts == {"captions": N_TRAIN, "ok": N_TRAIN - 1, "failed": 1, "shards": 3}
     assert r.extra["source"] == r.extra["model"] == "imported"
     status = tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()
@@ -81,17 +80,17 @@ def test_a_mapping_names_the_images_and_a_corrupt_one_is_a_failed_row(layout, tm
     mapping = tmp_path / "map.csv"
     mapping.write_text("caption_id,image\n" + "".join(f"c{i:03d},img_{100 + i}.jpg\n" for i in range(N_TRAIN)))
     cfg = SynthesizeConfig(imported_images=str(root), imported_mapping=str(mapping), shard_size=4, progress_bar=False)
-    r = run_synthesize(cfg, as_result(captions), layout)
+    r = run_synthesize(cfg, captions, layout)
     assert (r.counts["ok"], r.counts["failed"]) == (N_TRAIN - 1, 1)
     bad = [s for s in tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist() if s["error"]]
     assert [b["caption_id"] for b in bad] == ["c001"] and "image import failed" in bad[0]["error"]
     # The set's content is the fingerprint: another file is another stage, and the same set is cached.
-    assert run_synthesize(cfg, as_result(captions), layout).cached
+    assert run_synthesize(cfg, captions, layout).cached
     (root / "img_999.jpg").write_bytes(image_bytes(99))
     from pcm.image_sources import _image_index
 
     _image_index.cache_clear()
-    assert plan(cfg, as_result(captions), layout).fingerprint != r.fingerprint
+    assert plan(cfg, captions, layout).fingerprint != r.fingerprint
 
 
 @pytest.mark.bad_input
@@ -199,7 +198,7 @@ def test_a_hostile_image_set_fails_rows_and_never_hangs_reads_outside_or_reads_b
     add_to_tar(root / "sets" / "00000.tar", {"c004.png": image_bytes(4, "PNG"), "c005.png": image_bytes(5, "PNG")})
     cfg = SynthesizeConfig(imported_images=str(root), imported_max_bytes=len(big) - 1, shard_size=3,
                            progress_bar=False)
-    r = run_synthesize(cfg, as_result(captions), layout)
+    r = run_synthesize(cfg, captions, layout)
     errors = {s["caption_id"]: s["error"] for s in tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()}
     assert "not a regular file" in errors["c000"]
     assert "5000 bytes after the end of the JPEG image" in errors["c001"]

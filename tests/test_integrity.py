@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 from builders import encode_inputs, tiny_encode_config
 
-from pcm.stages.contract import as_result
 from pcm.stages.encode import plan, run_encode
 from storage import shards, tables
 from storage.arrays import open_arrays, read_header, write_arrays
 from storage.fingerprint import file_digest
-from storage.layout import RunLayout, StageDir
+from storage.layout import RunLayout
 
 
 # ---------------------------------------------------------------------- shards and their sha256
@@ -66,22 +65,22 @@ def test_iter_tar_finds_bytes_changed_inside_a_finished_shard(tmp_path):
 def test_encode_refuses_a_corrupt_synthetic_shard_naming_it_and_the_digests(tmp_path, workers):
     root = tmp_path / "runs"
     cap, syn = encode_inputs(root, n_shards=2, per_shard=2)
-    tar = StageDir.at(syn).shard_file("shards", 1, "tar")
+    tar = syn.stage_dir.shard_file("shards", 1, "tar")
     whole, stored = flip_caption_byte(tar)
     found = file_digest(tar)
     config = tiny_encode_config(num_workers=workers)
     with pytest.raises(ValueError) as e:
-        run_encode(config, as_result(cap), as_result(syn), RunLayout(root))
+        run_encode(config, cap, syn, RunLayout(root))
     msg = str(e.value)
     # The shard's own message, not a DataLoader worker's wrapped traceback.
     assert msg.startswith(f"{tar}: corrupt shard") and "Traceback" not in msg
     assert f"sha256 {found}" in msg and f"says {stored}" in msg
     assert "delete it and its .done.json and rerun the stage that wrote it" in msg
-    sd = plan(config, as_result(cap), as_result(syn), RunLayout(root))
+    sd = plan(config, cap, syn, RunLayout(root))
     assert not sd.done_marker.exists() and not sd.file("scores.parquet").exists()
     assert not shards.is_done(sd.shard_file("features", 1, "safetensors"))
     tar.write_bytes(whole)  # the shard restored: the rerun finishes with every row ok
-    r = run_encode(config, as_result(cap), as_result(syn), RunLayout(root))
+    r = run_encode(config, cap, syn, RunLayout(root))
     assert r.counts["images_ok"] == 4 and r.counts["images_failed"] == 0
 
 
@@ -257,7 +256,7 @@ def test_undecodable_images_give_the_same_error_rows_on_every_run(tmp_path):
         cap, syn = encode_inputs(root, n_shards=1, per_shard=3, corrupt="c0001", images_dir=images)
         (images / "images" / "img1.jpg").write_bytes(b"not an image at all")
         config = tiny_encode_config(images_root=str(images), real_shard_size=4)
-        r = run_encode(config, as_result(cap), as_result(syn), RunLayout(root))
+        r = run_encode(config, cap, syn, RunLayout(root))
         sd = Path(r.path)
         outputs.append({name: (sd / name).read_bytes() for name in
                         ("features/shard-000000.scores.parquet", "real/shard-000000.status.parquet",

@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pcm.stages.contract import as_result
 from storage import publish
 from storage.layout import RunLayout, StageDir
 from storage.lock import LockHeld
@@ -651,11 +650,12 @@ def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkp
 
     config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=1)   # 16 steps
     cap, enc = train_inputs(tmp_path / "inputs")
-    ref = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "ref"))          # uninterrupted, on a local root
+    ref = run_train(config, cap, enc, RunLayout(tmp_path / "ref"))          # uninterrupted, on a local root
 
     url = f"s3://{bucket}/run"
     env = {**child_env(), "PCM_MIRROR_DIR": str(tmp_path / "host-a"), "PCM_LEASE_SECONDS": "2"}
-    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_PUBLISHING, config.model_dump_json(), cap, enc, url],
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_PUBLISHING, config.model_dump_json(), cap.path, enc.path,
+                           url],
                           env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     base = f"{bucket}/run/train/{ref.fingerprint}"
@@ -670,7 +670,7 @@ def test_a_train_killed_on_one_host_resumes_on_another_from_the_published_checkp
     from storage import checkpoints
     real_fetch = checkpoints.fetch_published
     monkeypatch.setattr(checkpoints, "fetch_published", lambda *a: fetched.append(real_fetch(*a)) or fetched[-1])
-    resumed = run_train(config, as_result(cap), as_result(enc), RunLayout(url))
+    resumed = run_train(config, cap, enc, RunLayout(url))
     assert fetched and fetched[0] is not None and fetched[0].name == "step-00000008"   # resumed there, not at 0
     b_dir = Path(resumed.dir)
     mine, theirs = b_dir / "checkpoints" / "step-00000016", Path(ref.path) / "checkpoints" / "step-00000016"

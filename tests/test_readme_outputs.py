@@ -31,7 +31,7 @@ def jpeg(colour: str) -> bytes:
 def test_the_readme_outputs_snippet_reads_captions_shards_and_features(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rows = [caption_row("c1", "a red car"), caption_row("c2", "two dogs")]
-    fps = {"ingest": Path(ingest_stage("runs", rows)).name}
+    fps = {"ingest": ingest_stage("runs", rows).fingerprint}
     shards = new_stage("runs", "synthesize", "d" * 16)
     with ShardWriter(shards.shard_file("shards", 0, "tar")) as w:
         for row, colour in zip(rows, ("red", "blue"), strict=True):

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 from pcm.dataset import FeatureStore, load_pairs
 from pcm.refine import assign, cycle_scores, keep_count, keep_top, sync, topk_similar
 from pcm.stages import train
-from pcm.stages.contract import as_result
 from pcm.stages.refine import RefineConfig, plan, run_refine, verify
 from storage import manifests
 from storage.arrays import open_arrays
 from storage.layout import RunLayout, StageDir
+from storage.result import StageResult
 
 
 # ---------------------------------------------------------------------- the rules, against plain computations
@@ -104,12 +104,12 @@ N = 8
 MOVED = {0: 3, 1: 5, 4: 6}  # caption i described what image j shows
 
 
-def refine_inputs(root: Path) -> tuple[str, str]:
+def refine_inputs(root: Path) -> tuple[StageResult, StageResult]:
     """train_inputs (8 encoded captions) with caption embeddings that make sense of the images: caption i lies
     near its own image, except the MOVED ones, near another image; one caption failed encoding, one was never
     synthesized."""
     cap, enc = train_inputs(root, n_train=N)
-    enc_sd, cap_sd = StageDir.at(enc), StageDir.at(cap)
+    enc_sd, cap_sd = enc.stage_dir, cap.stage_dir
     g = np.concatenate([open_arrays(enc_sd.feature_shard("features", s))[0]["global"] for s in (0, 1)])
     g = g.astype(np.float32)
     rng = np.random.default_rng(1)
@@ -132,7 +132,7 @@ def small(**kw) -> RefineConfig:
 def test_sync_stage_writes_every_caption_with_its_image_score_and_reason(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    result = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
+    result = run_refine(small(), cap, enc, RunLayout(root))
     rows = {r["caption_id"]: r for r in manifests.PAIRS.read(result.stage_dir).to_pylist()}
     assert set(rows) == {f"c{i:04d}" for i in range(N)} | {"c9999", "c0100"}   # every training caption
     assert rows["c9999"]["status"] == "dropped" and rows["c9999"]["reason"] == "not encoded: decode error"
@@ -148,8 +148,8 @@ def test_sync_stage_writes_every_caption_with_its_image_score_and_reason(tmp_pat
                              "reassigned": sum(rows[f"c{i:04d}"]["status"] == "kept" for i in MOVED),
                              "images_used": len({r["image_caption_id"] for r in kept})}
     # The pair's CLIP score is the cosine of the caption and its new image (encode's own score if unmoved).
-    store = FeatureStore(StageDir.at(enc), "features")
-    scores = {r["caption_id"]: r for r in manifests.SCORES.read(StageDir.at(enc)).to_pylist()}
+    store = FeatureStore(enc.stage_dir, "features")
+    scores = {r["caption_id"]: r for r in manifests.SCORES.read(enc.stage_dir).to_pylist()}
     for cid, r in rows.items():
         if r["rank"] is None:
             continue
@@ -159,42 +159,42 @@ def test_sync_stage_writes_every_caption_with_its_image_score_and_reason(tmp_pat
         want = scores[cid]["clip_score"] if r["image_caption_id"] == cid else t @ g / np.linalg.norm(g)
         assert r["clip_score"] == pytest.approx(want, abs=1e-5)
     # A second call is the cached stage.
-    again = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
+    again = run_refine(small(), cap, enc, RunLayout(root))
     assert again.cached and again.path == result.path and verify(result.stage_dir) is None
 
 
 def test_clip_filter_keeps_the_original_pairs_with_the_best_clip_scores(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    result = run_refine(small(method="clip-filter", keep_fraction=0.5), as_result(cap), as_result(enc), RunLayout(root))
+    result = run_refine(small(method="clip-filter", keep_fraction=0.5), cap, enc, RunLayout(root))
     rows = [r for r in manifests.PAIRS.read(result.stage_dir).to_pylist() if r["rank"] is not None]
     assert all(r["image_caption_id"] == r["caption_id"] and r["score"] == r["clip_score"] for r in rows)
     by_score = sorted(rows, key=lambda r: -r["score"])
     assert [r["status"] for r in by_score] == ["kept"] * 4 + ["dropped"] * 4
     # k and i2t_k mean nothing to clip-filter: not in its fingerprint.
-    assert plan(small(method="clip-filter", keep_fraction=0.5, k=9), as_result(cap), as_result(enc),
+    assert plan(small(method="clip-filter", keep_fraction=0.5, k=9), cap, enc,
                 RunLayout(root)).fingerprint == result.fingerprint
 
 
 def test_train_on_a_refined_pairing_uses_its_images_and_scores(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    ref = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
+    ref = run_refine(small(), cap, enc, RunLayout(root))
     kept = {r["caption_id"]: r for r in manifests.PAIRS.read(ref.stage_dir).to_pylist() if r["status"] == "kept"}
-    pairs = load_pairs(StageDir.at(cap), StageDir.at(enc), refine=ref.stage_dir)
+    pairs = load_pairs(cap.stage_dir, enc.stage_dir, refine=ref.stage_dir)
     assert pairs.caption_ids == sorted(kept)
     assert pairs.image_keys == [kept[c]["image_caption_id"] for c in pairs.caption_ids]
     np.testing.assert_array_equal(pairs.shard, [kept[c]["shard"] for c in pairs.caption_ids])
     np.testing.assert_array_equal(pairs.row, [kept[c]["row"] for c in pairs.caption_ids])
     np.testing.assert_allclose(pairs.clip_score, [kept[c]["clip_score"] for c in pairs.caption_ids])
-    FeatureStore(StageDir.at(enc), "features").check_rows(pairs.shard, pairs.row, pairs.image_keys)
+    FeatureStore(enc.stage_dir, "features").check_rows(pairs.shard, pairs.row, pairs.image_keys)
 
-    trained = train.run_train(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+    trained = train.run_train(tiny_train_config(epochs=1, val_metric="loss"), cap, enc,
                         RunLayout(root), refine=ref)
     assert trained.counts["train_pairs"] == len(kept)
     assert json.loads((Path(trained.path) / "config.json").read_text())["inputs"]["refine"] == ref.fingerprint
     # The same train config without the refine stage is another directory, on every caption.
-    assert train.plan(tiny_train_config(epochs=1, val_metric="loss"), as_result(cap), as_result(enc),
+    assert train.plan(tiny_train_config(epochs=1, val_metric="loss"), cap, enc,
                       RunLayout(root)).fingerprint != trained.fingerprint
 
 
@@ -202,17 +202,17 @@ def test_a_refine_stage_of_other_inputs_is_refused(tmp_path):
     import shutil
 
     cap, enc = refine_inputs(tmp_path / "runs")
-    ref = run_refine(small(), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    ref = run_refine(small(), cap, enc, RunLayout(tmp_path / "runs"))
     other = tmp_path / "other" / "encode" / ("d" * 16)   # the same files under another encode's fingerprint
-    shutil.copytree(enc, other)
+    shutil.copytree(enc.dir, other)
     with pytest.raises(ValueError, match=f"made from encode {'b' * 16}, not {other}"):
-        load_pairs(StageDir.at(cap), StageDir.at(other), refine=ref.stage_dir)
+        load_pairs(cap.stage_dir, StageDir.at(other), refine=ref.stage_dir)
 
 
 # ---------------------------------------------------------------------- the train fingerprint
 def test_without_refine_the_train_fingerprint_is_the_one_before_the_stage_existed(tmp_path):
     root = str(tmp_path / "runs")
-    cap, enc = map(as_result, train_inputs(tmp_path / "runs"))
+    cap, enc = train_inputs(tmp_path / "runs")
     # Computed with the code before the refine stage (commit e81f87e) for the same inputs and config.
     assert train.plan(tiny_train_config(), cap, enc, RunLayout(root)).fingerprint == "81b7a648633c5907"
     assert train.plan(tiny_train_config(), cap, enc, RunLayout(root),
@@ -231,14 +231,14 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     cap, enc = refine_inputs(tmp_path / "runs")
     empty = finished_stage(tmp_path / "other", "encode", "f" * 16)
     with pytest.raises(FileNotFoundError, match="scores.parquet"):
-        run_refine(small(), as_result(cap), as_result(empty), RunLayout(root))
+        run_refine(small(), cap, empty, RunLayout(root))
     with pytest.raises(ValueError, match="encode=.* is a ingest stage directory"):
-        run_refine(small(), as_result(cap), as_result(cap), RunLayout(root))
+        run_refine(small(), cap, cap, RunLayout(root))
     for bad in ({"keep_fraction": 0}, {"keep_fraction": 1.5}, {"k": 0}, {"i2t_k": 0}, {"method": "magic"}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             RefineConfig(**bad)
     with pytest.raises(ValueError, match="keeps none of the 8 pairs"):
-        run_refine(small(keep_fraction=0.1), as_result(cap), as_result(enc), RunLayout(root))
+        run_refine(small(keep_fraction=0.1), cap, enc, RunLayout(root))
 
 
 # ---------------------------------------------------------------------- a kill mid-stage
@@ -262,17 +262,17 @@ run_refine(RefineConfig(k=4, block=3, device="cpu"), load_result(sys.argv[1]), l
 def test_a_kill_while_writing_leaves_no_manifest_and_the_rerun_completes(tmp_path):
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, cap, enc, root], cwd=REPO, env=child_env(),
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, cap.path, enc.path, root], cwd=REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "written", proc.stderr.read()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    sd = plan(small(), as_result(cap), as_result(enc), RunLayout(root))
+    sd = plan(small(), cap, enc, RunLayout(root))
     assert not manifests.PAIRS.path(sd).exists() and not sd.done_marker.exists()
     assert [p.name for p in sd.path.iterdir() if "pairs" in p.name]  # the killed writer's temporary
-    result = run_refine(small(), as_result(cap), as_result(enc), RunLayout(root))
+    result = run_refine(small(), cap, enc, RunLayout(root))
     assert not result.cached and verify(sd) is None
     assert [p.name for p in sd.path.iterdir() if "pairs" in p.name] == ["pairs.parquet"]
 
@@ -283,7 +283,7 @@ def test_cli_refine_and_train_refine(tmp_path, monkeypatch):
 
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    res = CliRunner().invoke(app, ["refine", "--captions", cap, "--encode", enc, "--root", root,
+    res = CliRunner().invoke(app, ["refine", "--captions", cap.path, "--encode", enc.path, "--root", root,
                                    "--set", "method=clip-filter", "--set", "device=cpu"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert "refine done (clip-filter): 7 of 10 captions kept" in res.output
@@ -291,7 +291,8 @@ def test_cli_refine_and_train_refine(tmp_path, monkeypatch):
                                      "--set", "refine.keep_fraction=0.8"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout)["refine"] == RefineConfig(enabled=True, keep_fraction=0.8).model_dump(mode="json")
-    bad = CliRunner().invoke(app, ["refine", "--captions", cap, "--encode", enc, "--root", root, "--set", "k=0"])
+    bad = CliRunner().invoke(app, ["refine", "--captions", cap.path, "--encode", enc.path, "--root", root,
+                                   "--set", "k=0"])
     assert bad.exit_code != 0 and "k" in str(bad.exception)
 
 
@@ -325,9 +326,9 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkey
 
     root = str(tmp_path / "runs")
     cap, enc = refine_inputs(tmp_path / "runs")
-    first = flows.refine.refine_flow(small(), cap, enc, root=root)
+    first = flows.refine.refine_flow(small(), cap.path, enc.path, root=root)
     assert not first.cached and Path(first.extra["pictures"]["pairs"]).is_file()
     monkeypatch.setattr(flows.refine, "run_refine", lambda *a, **k: pytest.fail("stage ran again"))
-    second = flows.refine.refine_flow({"preset": "tiny", "overrides": {"k": 4, "block": 3, "device": "cpu"}},
-                                      cap, enc, root=root)
+    second = flows.refine.refine_flow({"preset": "tiny", "overrides": {"k": 4, "block": 3, "device": "cpu"}}, cap.path, enc.path,
+                            root=root)
     assert second.path == first.path and second.counts == first.counts

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from pcm import release_concepts
 from pcm.clip import ClipSpec, load_clip
-from pcm.stages.contract import as_result
 from storage.layout import RunLayout
 
 TINY = ClipSpec(model="tiny", precision="fp32")
@@ -99,8 +98,8 @@ def test_their_model_our_evaluator(tmp_path, tiny_clip):
     root = str(run["layout"].root)
     imported = run_import_checkpoint(ImportCheckpointConfig(clip=TINY, model_preset="tiny", n_heads=HEADS),
                                      str(files["ckpt"]), str(files["vocab"]), str(files["concepts"]), RunLayout(root))
-    result = run_evaluate(tiny_evaluate_config(spice="off", control=False), as_result(imported.path), as_result(run["encode"]),
-                          as_result(run["captions"]), RunLayout(root))
+    result = run_evaluate(tiny_evaluate_config(spice="off", control=False), imported, run["encode"],
+                          run["captions"], RunLayout(root))
     summary = json.loads((run["layout"].stage_from_path(result.path)).metrics.read_text())
     assert summary["counts"]["images"] == 4 and summary["protocol"] == "unknown"
     assert isinstance(summary["metrics"]["CIDEr"], float)
@@ -136,7 +135,7 @@ def test_encode_takes_the_release_concepts_with_their_embeddings(tmp_path, tiny_
     bank = torch.randn(len(words), tiny_clip.embed_dim)
     path = tmp_path / "coco400_embeddings_tiny_with_ensemble.pickle"
     path.write_bytes(pickle.dumps((words, bank)))
-    result = run_encode(tiny_encode_config(vocabulary_file=str(path)), as_result(cap), as_result(syn),
+    result = run_encode(tiny_encode_config(vocabulary_file=str(path)), cap, syn,
                         RunLayout(tmp_path / "runs"))
     rows = manifests.CONCEPTS.read(result.stage_dir).to_pylist()
     assert [r["concept"] for r in rows] == words
@@ -145,5 +144,5 @@ def test_encode_takes_the_release_concepts_with_their_embeddings(tmp_path, tiny_
     wrong = tmp_path / "wrong_width.pickle"
     wrong.write_bytes(pickle.dumps((words, torch.randn(len(words), tiny_clip.embed_dim + 1))))
     with pytest.raises(ValueError, match="wrong_width.pickle: embeddings are"):
-        run_encode(tiny_encode_config(vocabulary_file=str(wrong)), as_result(cap), as_result(syn),
+        run_encode(tiny_encode_config(vocabulary_file=str(wrong)), cap, syn,
                    RunLayout(tmp_path / "runs2"))

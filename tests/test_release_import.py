@@ -16,7 +16,6 @@ import pytest
 from builders import encode_inputs, tiny_encode_config
 
 from pcm import release_features
-from pcm.stages.contract import as_result
 from pcm.stages.encode import plan, run_encode
 from storage import release_npz
 from storage.arrays import open_arrays
@@ -45,7 +44,7 @@ def write_release_files(encoded: StageDir, folder: Path, n_shards: int, scale: f
 def encoded(tmp_path_factory):
     base = tmp_path_factory.mktemp("release")
     cap, syn = encode_inputs(base / "runs", n_shards=2, per_shard=3, images_dir=base / "coco")
-    own = run_encode(tiny_encode_config(images_root=str(base / "coco")), as_result(cap), as_result(syn),
+    own = run_encode(tiny_encode_config(images_root=str(base / "coco")), cap, syn,
                      RunLayout(base / "runs"))
     folder = base / "release_features"
     write_release_files(own.stage_dir, folder, n_shards=2)
@@ -54,7 +53,7 @@ def encoded(tmp_path_factory):
 
 def test_imported_features_give_the_same_stage_outputs(encoded):
     e = encoded
-    got = run_encode(tiny_encode_config(imported_features=str(e["folder"])), as_result(e["cap"]), as_result(e["syn"]),
+    got = run_encode(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"],
                      RunLayout(e["base"] / "runs"))
     own, imp = e["own"].stage_dir, got.stage_dir
     assert got.path != e["own"].path                                   # another fingerprint: other inputs
@@ -86,9 +85,9 @@ def test_training_runs_on_the_imported_features(encoded):
 
     e = encoded
     root = str(e["base"] / "runs")
-    imported = run_encode(tiny_encode_config(imported_features=str(e["folder"])), as_result(e["cap"]),
-                          as_result(e["syn"]), RunLayout(root))
-    result = run_train(tiny_train_config(max_steps=3, val_every=3), as_result(e["cap"]), imported, RunLayout(root))
+    imported = run_encode(tiny_encode_config(imported_features=str(e["folder"])), e["cap"],
+                          e["syn"], RunLayout(root))
+    result = run_train(tiny_train_config(max_steps=3, val_every=3), e["cap"], imported, RunLayout(root))
     assert result.stage == "train" and (result.stage_dir.best / "model.safetensors").exists()
 
 
@@ -99,15 +98,15 @@ def test_the_fingerprint_sees_the_files_not_the_folder_path(encoded, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(e["folder"], moved)
     root = str(e["base"] / "runs")
-    a = plan(tiny_encode_config(imported_features=str(e["folder"])), as_result(e["cap"]), as_result(e["syn"]),
+    a = plan(tiny_encode_config(imported_features=str(e["folder"])), e["cap"], e["syn"],
              RunLayout(root))
-    b = plan(tiny_encode_config(imported_features=str(moved)), as_result(e["cap"]), as_result(e["syn"]),
+    b = plan(tiny_encode_config(imported_features=str(moved)), e["cap"], e["syn"],
              RunLayout(root))
     assert a.fingerprint == b.fingerprint
     victim = next((moved / "img_sp0").glob("*.npz"))
     np.savez_compressed(victim, features=np.zeros((1, 1), np.float32), g_feature=np.ones((1, 1), np.float32))
     release_features._cached_index.cache_clear()
-    c = plan(tiny_encode_config(imported_features=str(moved)), as_result(e["cap"]), as_result(e["syn"]),
+    c = plan(tiny_encode_config(imported_features=str(moved)), e["cap"], e["syn"],
              RunLayout(root))
     assert c.fingerprint != a.fingerprint
     # Unset, the option leaves the fingerprinted content as it was before it existed.
@@ -125,7 +124,7 @@ def test_a_file_of_another_width_stops_the_stage_naming_it(encoded, tmp_path):
         patches, g = z["features"], z["g_feature"]
     np.savez_compressed(victim, features=np.concatenate([patches, patches], axis=1), g_feature=g)
     with pytest.raises(release_features.FeatureMismatch, match=str(victim)):
-        run_encode(tiny_encode_config(imported_features=str(bad)), as_result(e["cap"]), as_result(e["syn"]),
+        run_encode(tiny_encode_config(imported_features=str(bad)), e["cap"], e["syn"],
                    RunLayout(tmp_path / "runs"))
 
 

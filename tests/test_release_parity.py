@@ -11,7 +11,6 @@ from builders import tiny_train_config, train_inputs
 
 from pcm import checkpoint
 from pcm.model import PCMNet, PCMNetConfig, sinusoid
-from pcm.stages.contract import as_result
 from pcm.stages.train import RELEASE_MODEL, RELEASE_TRAIN, TrainConfig, run_train
 from storage.layout import RunLayout
 
@@ -97,7 +96,7 @@ def test_parity_release_fills_every_unset_piece_and_explicit_values_win():
 
 def test_release_mode_trains_and_its_checkpoint_round_trips(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs")
-    result = run_train(tiny_train_config(parity="release", epochs=2, val_every=1000), as_result(cap), as_result(enc),
+    result = run_train(tiny_train_config(parity="release", epochs=2, val_every=1000), cap, enc,
                        RunLayout(tmp_path / "runs"))
     model, _, meta = checkpoint.load(checkpoint.find(result.path, "best"))
     assert model.word_norm is not None and model.cfg.position_init_std == 0.02

@@ -20,7 +20,7 @@ import pytest
 import torch
 from builders import Payload
 
-from pcm.stages.contract import as_result, finish
+from pcm.stages.contract import finish
 from storage import tables
 from storage.arrays import write_arrays
 from storage.layout import RunLayout, StageDir
@@ -325,10 +325,10 @@ def test_synthesize_refuses_an_unsafe_caption_id_naming_the_row(tmp_path):
     rows = [dict(caption_id=cid, image_id="i", split="train", text="a dog", raw_text="a dog", source="t",
                  image_path=None, references=[], status="ok", error=None) for cid in ("c-1", "../../escape")]
     tables.write(sd.file("captions.parquet"), rows, tables.CAPTIONS)
-    finish(sd, {"rows": 2}, 0.0)
+    captions = finish(sd, {"rows": 2}, 0.0)
     with pytest.raises(ValueError, match=r"captions\.parquet: row 1: invalid sample key '\.\./\.\./escape'"):
         run_synthesize(SynthesizeConfig(model="tiny", steps=1, height=32, width=32, device="cpu",
-                                        progress_bar=False), as_result(str(sd.path)), RunLayout(tmp_path / "runs"))
+                                        progress_bar=False), captions, RunLayout(tmp_path / "runs"))
     assert not list((tmp_path / "runs" / "synthesize").rglob("*.tar"))
     assert not list(tmp_path.rglob("escape*"))
 
@@ -351,17 +351,17 @@ def test_real_image_paths_cannot_escape_images_root(tmp_path):
          "sentences": [{"sentid": 2, "raw": "a red square"}]}]}))
     root = str(tmp_path / "runs")
     try:
-        captions = run_ingest(IngestConfig(source=str(source)), RunLayout(root)).path
+        captions = run_ingest(IngestConfig(source=str(source)), RunLayout(root))
     except ValueError as e:  # refusing the caption file is a fine outcome
         assert "filepath" in str(e)
         return
     syn = RunLayout(root).stage("synthesize", "d" * 16)  # no synthetic shards: only real images are encoded
     syn.path.mkdir(parents=True)
-    finish(syn, {}, 0.0)
+    shards = finish(syn, {}, 0.0)
     config = EncodeConfig.model_validate({"clip": {"model": "tiny", "precision": "fp32"}, "device": "cpu",
                                           "num_workers": 0, "progress_bar": False,
                                           "images_root": str(tmp_path / "images")})
-    encode_shards(config, as_result(captions), as_result(str(syn.path)), RunLayout(root), kind="real")
+    encode_shards(config, captions, shards, RunLayout(root), kind="real")
     (status,) = (tmp_path / "runs" / "encode").glob("*/real/shard-000000.status.parquet")
     (row,) = pq.read_table(status).to_pylist()
     assert row["status"] == "failed", f"{outside} was read through images_root"

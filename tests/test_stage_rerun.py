@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from pcm.stages.contract import as_result
 from pcm.stages.pipeline import STAGE_ORDER, StageRef, resolve, run_pipeline, stage_config
 from storage import atomic
 from storage.layout import RunLayout
@@ -82,7 +81,7 @@ def test_from_run_rebuilds_the_config_with_the_same_fingerprint(tiny_run):
     planned = resolve("tiny", SMALL)
 
     alone = stage_config("synthesize", {"from_run": syn})
-    assert synthesize.plan(alone, as_result(captions), RunLayout(root)).fingerprint == r["synthesize"].fingerprint
+    assert synthesize.plan(alone, r["ingest"], RunLayout(root)).fingerprint == r["synthesize"].fingerprint
     assert alone.content() == planned.synthesize.content()
     assert alone.device == "auto" and alone.batch_size == 8  # not recorded: defaults
     # With a preset: what to compute from the run, how to run it (runtime fields) from the preset.
@@ -91,7 +90,7 @@ def test_from_run_rebuilds_the_config_with_the_same_fingerprint(tiny_run):
     # Overrides apply on top of the run's config, and make another stage.
     more = stage_config("synthesize", {"from_run": syn, "overrides": {"steps": 3}})
     assert more.steps == 3 and more.shard_size == 2
-    assert synthesize.plan(more, as_result(captions), RunLayout(root)).fingerprint != r["synthesize"].fingerprint
+    assert synthesize.plan(more, r["ingest"], RunLayout(root)).fingerprint != r["synthesize"].fingerprint
 
     # ingest's `source` is runtime (the file is fingerprinted by content): a preset or an override gives it.
     assert "ingest.source" in _error("ingest", {"from_run": captions})

@@ -25,6 +25,7 @@ from pcm.stages.synthesize import SynthesizeConfig, generation_spec, plan, run_s
 from storage import tables
 from storage.layout import RunLayout
 from storage.locks import try_lock
+from storage.result import StageResult
 from storage.shards import is_done, iter_tar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (10x slower tiny UNet calls with two threads on a loaded two-core machine).
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture
-def captions(layout: RunLayout) -> str:
+def captions(layout: RunLayout) -> StageResult:
     return make_captions(layout)
 
 
@@ -42,7 +43,7 @@ def shard_keys(stage_path: str | Path) -> list[str]:
 
 def test_one_image_and_metadata_per_caption(captions, layout):
     cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
-    r = run_synthesize(cfg, as_result(captions), layout)
+    r = run_synthesize(cfg, captions, layout)
     assert r.extra["complete"] and not r.cached
     assert r.counts == {"captions": N_TRAIN, "ok": N_TRAIN, "failed": 0, "shards": 3}
     samples = tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES)
@@ -76,23 +77,23 @@ def test_one_image_and_metadata_per_caption(captions, layout):
     assert got == [("c006", (32, 32), "c006"), ("c007", (32, 32), "c007")]
 
     # A second run is a cache hit and does no work.
-    again = run_synthesize(cfg, as_result(captions), layout)
+    again = run_synthesize(cfg, captions, layout)
     assert again.cached and again.fingerprint == r.fingerprint
 
 
 @pytest.mark.heavy  # renders shard 1 three times: alone, forced again, then in a full run
 def test_same_shard_twice_is_byte_identical(captions, layout):
     cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
-    sd = plan(cfg, as_result(captions), layout)
-    first = run_synthesize(cfg, as_result(captions), layout, shards=[1])
+    sd = plan(cfg, captions, layout)
+    first = run_synthesize(cfg, captions, layout, shards=[1])
     assert first.extra["complete"] is False and first.counts["shards_pending"] == 2
     tar = sd.shard_file("shards", 1, "tar")
     before = hashlib.sha256(tar.read_bytes()).hexdigest()
-    run_synthesize(cfg, as_result(captions), layout, shards=[1], force=True)
+    run_synthesize(cfg, captions, layout, shards=[1], force=True)
     assert hashlib.sha256(tar.read_bytes()).hexdigest() == before
     # The shard made alone equals the same shard made in a full run under another root.
     other = RunLayout(layout.root.parent / "other")
-    full = run_synthesize(cfg, as_result(make_captions(other)), RunLayout(other.root))
+    full = run_synthesize(cfg, make_captions(other), RunLayout(other.root))
     assert hashlib.sha256(Path(full.path, "shards", "shard-000001.tar").read_bytes()).hexdigest() == before
 
 
@@ -102,8 +103,8 @@ def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
     script = ("import sys; from pcm.stages.synthesize import SynthesizeConfig, run_synthesize; "
               "from pcm.stages.contract import load_result; from storage.layout import RunLayout; "
               f"run_synthesize(SynthesizeConfig(**{cfg!r}), load_result(sys.argv[1]), RunLayout(sys.argv[2]))")
-    sd = plan(SynthesizeConfig(**cfg), as_result(captions), layout)
-    proc = subprocess.Popen([sys.executable, "-c", script, captions, str(layout.root)], cwd=REPO,
+    sd = plan(SynthesizeConfig(**cfg), captions, layout)
+    proc = subprocess.Popen([sys.executable, "-c", script, captions.path, str(layout.root)], cwd=REPO,
                             env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -122,7 +123,7 @@ def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
     done_before = [i for i in range(N_TRAIN) if is_done(sd.shard_file("shards", i, "tar"))]
     assert 1 <= len(done_before) < N_TRAIN
 
-    r = run_synthesize(SynthesizeConfig(**cfg), as_result(captions), layout)
+    r = run_synthesize(SynthesizeConfig(**cfg), captions, layout)
     assert r.extra["complete"] and r.counts["ok"] == N_TRAIN
     assert shard_keys(r.path) == train_ids()
     assert not list(sd.shard_dir("shards").glob(".tmp-*")), "temporary files left behind"
@@ -133,9 +134,9 @@ def test_killed_run_leaves_no_partial_shard_and_resumes(captions, layout):
 @pytest.mark.heavy  # two worker processes, each starting its own pipeline
 def test_two_workers_split_the_shards_without_duplicates(captions, layout):
     cfg = SynthesizeConfig(**dict(TINY_SYNTHESIZE, shard_size=2))
-    a = run_synthesize(cfg, as_result(captions), layout, worker_index=0, num_workers=2)
+    a = run_synthesize(cfg, captions, layout, worker_index=0, num_workers=2)
     assert a.extra["complete"] is False and a.counts["shards_written"] == 2 and a.counts["shards_pending"] == 2
-    b = run_synthesize(cfg, as_result(captions), layout, worker_index=1, num_workers=2)
+    b = run_synthesize(cfg, captions, layout, worker_index=1, num_workers=2)
     assert b.extra["complete"] and b.counts["shards"] == 4
     assert shard_keys(b.path) == train_ids()
 
@@ -143,11 +144,11 @@ def test_two_workers_split_the_shards_without_duplicates(captions, layout):
 @pytest.mark.heavy
 def test_a_shard_held_by_another_process_is_skipped_then_waited_for(captions, layout):
     cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
-    sd = plan(cfg, as_result(captions), layout)
+    sd = plan(cfg, captions, layout)
     held = try_lock(sd.shard_lock("shards", 0))
     assert held is not None
     threading.Timer(3.0, held.release).start()  # the "other process" dies without finishing shard 0
-    r = run_synthesize(cfg, as_result(captions), layout)
+    r = run_synthesize(cfg, captions, layout)
     assert r.extra["complete"] and shard_keys(r.path) == train_ids()
     # Shard 0 was written last, after the lock was released.
     mtime = {i: sd.shard_done("shards", i).stat().st_mtime for i in range(3)}
@@ -168,7 +169,7 @@ def test_a_failing_sample_is_a_status_row_and_the_shard_completes(captions, layo
         return latents
 
     monkeypatch.setattr(Synthesizer, "denoise", nan_for_c004)
-    r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), as_result(captions), layout)
+    r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), captions, layout)
     assert r.extra["complete"] and r.counts["ok"] == N_TRAIN - 1 and r.counts["failed"] == 1
     rows = tables.read(Path(r.path) / "samples.parquet", tables.SAMPLES).to_pylist()
     failed = [row for row in rows if row["status"] == "failed"]
@@ -191,12 +192,12 @@ def test_bad_configs_give_clear_errors(captions, layout):
         SynthesizeConfig(model="org/model", tiny_vae="tiny")
     missing = layout.root.parent / "no-such-model"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model=str(missing))), as_result(captions), layout)
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model=str(missing))), captions, layout)
     with pytest.raises(FileNotFoundError, match=r"huggingface-cli download some-org/some-model --local-dir"):
-        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model="some-org/some-model")), as_result(captions),
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, model="some-org/some-model")), captions,
                        layout)
     with pytest.raises(ValueError, match="out of range"):
-        run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), as_result(captions), layout, shards=[7])
+        run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE), captions, layout, shards=[7])
     with pytest.raises(FileNotFoundError, match="not a finished stage directory"):
         run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE),
                        as_result(str(layout.root / "ingest" / "ffffffffffffffff")), layout)
@@ -219,7 +220,7 @@ def test_a_loaded_synthesizer_must_come_from_the_configs_generation_fields(capti
                                                                        width=paired.width + 8)))
     assert not made_from(make_generator(paired), SynthesizeConfig(**TINY_SYNTHESIZE))
     with pytest.raises(ValueError, match="made from another config"):
-        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)), as_result(captions), layout,
+        run_synthesize(SynthesizeConfig(**dict(TINY_SYNTHESIZE, steps=3)), captions, layout,
                        synthesizer=synth)
 
 
@@ -270,7 +271,8 @@ def test_cli_runs_the_stage(captions, layout):
     register(app)
     app.command("noop", hidden=True)(lambda: None)  # a second command keeps `synthesize` as a sub-command
     sets = ["steps=2", "height=32", "width=32", "shard_size=4", "batch_size=4", "device=cpu", "progress_bar=false"]
-    args = ["synthesize", "--captions", captions, "--root", str(layout.root), *[x for s in sets for x in ("--set", s)]]
+    args = ["synthesize", "--captions", captions.path, "--root", str(layout.root),
+            *[x for s in sets for x in ("--set", s)]]
     out = CliRunner().invoke(app, [*args, "--shards", "1"])
     assert out.exit_code == 0, out.output
     assert "1 of 2 shards still pending" in out.output
@@ -293,13 +295,13 @@ def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(caption
     from flows.synthesize import synthesize_flow
 
     cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
-    part = synthesize_flow(cfg, captions, str(layout.root), shards=[2])  # a fan-out child's share
+    part = synthesize_flow(cfg, captions.path, str(layout.root), shards=[2])  # a fan-out child's share
     assert part.extra["complete"] is False and part.counts["shards_pending"] == 2
     assert [d["index"] for d in part.extra["shard_reports"]] == [2]
-    first = synthesize_flow(cfg, captions, str(layout.root))
-    sd = plan(cfg, as_result(captions), layout)
+    first = synthesize_flow(cfg, captions.path, str(layout.root))
+    sd = plan(cfg, captions, layout)
     markers = {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)}
-    again = synthesize_flow(cfg, captions, str(layout.root))
+    again = synthesize_flow(cfg, captions.path, str(layout.root))
     assert first.extra["complete"] and first.counts["ok"] == N_TRAIN and shard_keys(first.path) == train_ids()
     assert again.fingerprint == first.fingerprint
     assert {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)} == markers  # nothing redone
@@ -314,8 +316,8 @@ def test_a_stage_where_every_sample_failed_is_an_error_and_not_done(captions, la
     # Paired images with no image_path on any caption: every sample is a failed row.
     cfg = SynthesizeConfig(**TINY_SYNTHESIZE, paired_images=str(tmp_path))
     with pytest.raises(RuntimeError, match=rf"every one of the {N_TRAIN} samples failed \(no image_path"):
-        run_synthesize(cfg, as_result(captions), layout)
-    sd = plan(cfg, as_result(captions), layout)
+        run_synthesize(cfg, captions, layout)
+    sd = plan(cfg, captions, layout)
     assert not sd.done_marker.exists() and not (sd.path / "samples.parquet").exists()
     assert not any(is_done(sd.image_shard(i)) for i in range(3))        # a rerun renders every shard again
     assert WARN_FAILED_SHARE == 0.1
@@ -324,9 +326,7 @@ def test_a_stage_where_every_sample_failed_is_an_error_and_not_done(captions, la
 def test_a_large_failed_share_is_a_warning_in_the_log_and_the_result(captions, layout, tmp_path, caplog):
     from PIL import Image
 
-    from storage.layout import StageDir
-
-    cap = StageDir.at(captions)
+    cap = captions.stage_dir
     rows = tables.read(cap.file("captions.parquet"), tables.CAPTIONS).to_pylist()
     for i, r in enumerate(r for r in rows if r["split"] == "train" and r["status"] == "ok"):
         if i < 6:                                                         # 6 of 8 have an image, 2 fail
@@ -334,7 +334,7 @@ def test_a_large_failed_share_is_a_warning_in_the_log_and_the_result(captions, l
             Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(tmp_path / f"img{i}.png")
     tables.write(cap.file("captions.parquet"), rows, tables.CAPTIONS)
     with caplog.at_level("WARNING", logger="pcm.stages.synthesize"):
-        r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, paired_images=str(tmp_path)), as_result(captions),
+        r = run_synthesize(SynthesizeConfig(**TINY_SYNTHESIZE, paired_images=str(tmp_path)), captions,
                            layout)
     assert r.counts["ok"] == 6 and r.counts["failed"] == 2
     assert "2 of 8 samples failed (25%)" in r.extra["warning"] and "2 of 8 samples failed" in caplog.text

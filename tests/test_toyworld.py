@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pcm.stages.contract import as_result
 from pcm.toyworld import world
 from pcm.toyworld.dataset import SHIPPED_DIR, SHIPPED_MODELS, build, read_scenes, scene_from_record, scene_record
 from pcm.toyworld.scenes import three_sets
@@ -166,7 +165,7 @@ def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
     ing = run_ingest(IngestConfig(source=str(data / "dataset_toyworld.json"), name="tw"), RunLayout(tmp_path / "runs"))
     cfg = SynthesizeConfig(model="tiny", paired_images=str(data), height=32, width=32, shard_size=4,
                            image_format="png", progress_bar=False, device="cpu")
-    res = run_synthesize(cfg, as_result(ing.path), RunLayout(tmp_path / "runs"))
+    res = run_synthesize(cfg, ing, RunLayout(tmp_path / "runs"))
     assert res.counts["ok"] == 5 and res.counts["failed"] == 1
     rows = tables.read(StageDir.at(res.path).file("samples.parquet"), tables.SAMPLES).to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]

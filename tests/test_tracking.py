@@ -14,7 +14,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from pcm import checkpoint, tracking
-from pcm.stages.contract import as_result
 from pcm.stages.evaluate import write_events
 from pcm.stages.pipeline import resolve
 from pcm.stages.train import run_train
@@ -58,7 +57,7 @@ def test_train_events_hold_metrics_jsonl_and_a_resume_purges_the_redone_steps(tm
     root = tmp_path / "runs"
     cap, enc = train_inputs(root)
     config = tiny_train_config(epochs=4, checkpoint_every=2, keep_last=100, val_every=3, run_name="tiny,train.seed=3")
-    result = run_train(config, as_result(cap), as_result(enc), RunLayout(root))
+    result = run_train(config, cap, enc, RunLayout(root))
     sd = result.stage_dir
     run_dir = sd.events / "tiny,train.seed=3"
     got, want = scalars(run_dir), from_jsonl(sd.metrics_log)
@@ -71,7 +70,7 @@ def test_train_events_hold_metrics_jsonl_and_a_resume_purges_the_redone_steps(tm
         if step > 4:
             shutil.rmtree(path)
     sd.done_marker.unlink()
-    resumed = run_train(config, as_result(cap), as_result(enc), RunLayout(root))
+    resumed = run_train(config, cap, enc, RunLayout(root))
     assert resumed.counts["steps"] == 8 and resumed.fingerprint == result.fingerprint
     files = sorted(run_dir.glob("events.out.tfevents.*"))
     assert len(files) == 2 and [p.name for p in sd.events.iterdir()] == ["tiny,train.seed=3"]

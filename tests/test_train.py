@@ -19,11 +19,10 @@ from safetensors.torch import load_file
 from pcm import checkpoint
 from pcm.dataset import EpochBatches, FeatureStore, caption_tokens, load_pairs
 from pcm.split_images import load_split_images
-from pcm.stages.contract import as_result
 from pcm.stages.train import TrainConfig, run_train, verify
 from pcm.vocab import Vocab
 from storage import checkpoints, jsonl
-from storage.layout import RunLayout, StageDir
+from storage.layout import RunLayout
 
 
 # ---------------------------------------------------------------------- vocabulary
@@ -53,31 +52,31 @@ def test_caption_tokens_are_bos_shifted_and_cut_to_max_len():
 # ---------------------------------------------------------------------- data
 def test_pairs_skip_failed_rows_and_data_fraction_is_a_seeded_subset(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs", n_train=20)
-    full = load_pairs(StageDir.at(cap), StageDir.at(enc))
+    full = load_pairs(cap.stage_dir, enc.stage_dir)
     assert len(full) == 20 and "c9999" not in full.caption_ids
-    half = load_pairs(StageDir.at(cap), StageDir.at(enc), data_fraction=0.5, seed=1)
+    half = load_pairs(cap.stage_dir, enc.stage_dir, data_fraction=0.5, seed=1)
     assert len(half) == 10 and set(half.caption_ids) < set(full.caption_ids)
-    assert load_pairs(StageDir.at(cap), StageDir.at(enc), data_fraction=0.5, seed=1).caption_ids == half.caption_ids
-    assert load_pairs(StageDir.at(cap), StageDir.at(enc), data_fraction=0.5, seed=2).caption_ids != half.caption_ids
+    assert load_pairs(cap.stage_dir, enc.stage_dir, data_fraction=0.5, seed=1).caption_ids == half.caption_ids
+    assert load_pairs(cap.stage_dir, enc.stage_dir, data_fraction=0.5, seed=2).caption_ids != half.caption_ids
     # Features come from the row the scores name, across shards.
-    store = FeatureStore(StageDir.at(enc), "features")
+    store = FeatureStore(enc.stage_dir, "features")
     store.check_rows(full.shard, full.row, full.caption_ids)
     g, v = store.gather(full.shard[[0, 15]], full.row[[0, 15]])
     assert g.shape == (2, 16) and v.shape == (2, 4, 24) and g.dtype == torch.float16  # the stored dtype: widened on the device
     with pytest.raises(ValueError, match="row 1 should hold 'c0000'"):
         store.check_rows(full.shard[:1], full.row[1:2], full.caption_ids[:1])
     # Validation reads the val split only: the encoded test image and its references are never touched.
-    val = load_split_images(StageDir.at(cap), StageDir.at(enc), "val")
+    val = load_split_images(cap.stage_dir, enc.stage_dir, "val")
     assert val.image_ids == ["val0000", "val0001", "val0002"] and val.row.tolist() == [0, 1, 2]
     assert val.references[0] == [TRAIN_CAPTIONS[0], TRAIN_CAPTIONS[1]]
-    assert load_split_images(StageDir.at(cap), StageDir.at(enc), "val", max_images=2).image_ids == ["val0000",
+    assert load_split_images(cap.stage_dir, enc.stage_dir, "val", max_images=2).image_ids == ["val0000",
                                                                                                     "val0001"]
 
 
 def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
     from pcm.stages.train import plan
 
-    cap, enc = map(as_result, train_inputs(tmp_path / "runs"))
+    cap, enc = train_inputs(tmp_path / "runs")
     layout = RunLayout(tmp_path / "runs")
     a, b = plan(tiny_train_config(), cap, enc, layout), plan(tiny_train_config(data_fraction=0.5), cap, enc, layout)
     c = plan(tiny_train_config(device="cuda", num_workers=3), cap, enc, layout)  # runtime fields do not count
@@ -86,8 +85,8 @@ def test_data_fraction_changes_the_stage_fingerprint(tmp_path):
 
 def test_epoch_batches_cover_each_pair_once_and_split_a_global_batch_over_ranks(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs", n_train=10)
-    pairs = load_pairs(StageDir.at(cap), StageDir.at(enc))
-    store = FeatureStore(StageDir.at(enc), "features")
+    pairs = load_pairs(cap.stage_dir, enc.stage_dir)
+    store = FeatureStore(enc.stage_dir, "features")
     inp, out = caption_tokens(pairs.texts, Vocab.build(pairs.texts), 20)
     one = EpochBatches(pairs, store, inp, out, batch_size=4, seed=3)
     assert len(one) == 2                                   # 10 // 4, the partial batch is dropped
@@ -111,20 +110,20 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs")
     config = tiny_train_config(model=NO_DROPOUT, batch_size=8, epochs=120, warmup=50, val_every=10_000,
                          checkpoint_every=10_000, log_every=20, deterministic=False)
-    result = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    result = run_train(config, cap, enc, RunLayout(tmp_path / "runs"))
     assert result.counts == {"steps": 120, "train_pairs": 8, "val_images": 3, "vocab": len(Vocab.build(TRAIN_CAPTIONS))}
     model, vocab, meta = checkpoint.load(checkpoint.find(result.path, "best"))
     assert not model.training and meta["step"] == 120 and meta["clip"]["model"] == "tiny"
     assert meta["concepts"][0] == "dog"
-    pairs = load_pairs(StageDir.at(cap), StageDir.at(enc))
-    g, v = FeatureStore(StageDir.at(enc), "features").gather(pairs.shard, pairs.row)
+    pairs = load_pairs(cap.stage_dir, enc.stage_dir)
+    g, v = FeatureStore(enc.stage_dir, "features").gather(pairs.shard, pairs.row)
     decoded = [vocab.decode(ids) for ids in greedy_decode(model, g, v, bos=vocab.bos, eos=vocab.eos)]
     assert decoded == pairs.texts
     losses = [r["loss"] for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.05 * losses[0]
     assert Path(result.extra["pictures"]["loss_curve"]).read_bytes()[:4] == b"\x89PNG"
     # A second run is served from disk; verify notices a missing output.
-    assert run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "runs")).cached
+    assert run_train(config, cap, enc, RunLayout(tmp_path / "runs")).cached
     sd = result.stage_dir
     assert verify(sd) is None
     (sd.path / "metrics.jsonl").unlink()
@@ -133,7 +132,7 @@ def test_tiny_model_memorises_eight_captions(tmp_path):
 
 def test_validation_by_cider_uses_the_decoder_and_the_coco_metrics(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs")
-    result = run_train(tiny_train_config(epochs=2, val_metric="cider"), as_result(cap), as_result(enc),
+    result = run_train(tiny_train_config(epochs=2, val_metric="cider"), cap, enc,
                        RunLayout(tmp_path / "runs"))
     vals = [r for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "val" in r]
     assert [r["step"] for r in vals] == [4] and vals[0]["val_metric"] == "cider"
@@ -148,7 +147,7 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_path):
     config = tiny_train_config(epochs=40, checkpoint_every=2, val_every=7, log_every=1)   # 80 steps, dropout + noise on
     cap, enc = train_inputs(tmp_path / "ref")
-    ref = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "ref"))
+    ref = run_train(config, cap, enc, RunLayout(tmp_path / "ref"))
     ref_ckpt = Path(ref.extra["latest"])
 
     root = tmp_path / "killed"
@@ -158,7 +157,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_pa
             "from pcm.stages.contract import load_result; from storage.layout import RunLayout; "
             "run_train(TrainConfig.model_validate_json(sys.argv[1]), *map(load_result, sys.argv[2:4]), "
             "RunLayout(sys.argv[4]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, config.model_dump_json(), cap2, enc2, str(root)],
+    proc = subprocess.Popen([sys.executable, "-c", code, config.model_dump_json(), cap2.path, enc2.path, str(root)],
                             env=child_env(), stderr=subprocess.DEVNULL)
     ckdir = checkpoint.checkpoints_dir(root / "train" / ref.fingerprint)
     deadline = time.monotonic() + 120
@@ -173,7 +172,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_equal_weights(tmp_pa
     killed_at = checkpoints.list_steps(ckdir)[-1][0]
     assert killed_at < 80, f"killed after the end (kill_at={kill_at})"
 
-    resumed = run_train(config, as_result(cap2), as_result(enc2), RunLayout(root))
+    resumed = run_train(config, cap2, enc2, RunLayout(root))
     assert resumed.fingerprint == ref.fingerprint and resumed.counts["steps"] == 80
     a, b = _weights(ref_ckpt), _weights(Path(resumed.extra["latest"]))
     assert a.keys() == b.keys()
@@ -191,7 +190,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     config = tiny_train_config(model={**NO_DROPOUT, "noise": False}, epochs=3, log_every=1, val_every=100,
                          checkpoint_every=100)
     cap, enc = train_inputs(tmp_path / "one")
-    one = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "one"))
+    one = run_train(config, cap, enc, RunLayout(tmp_path / "one"))
     cap2, enc2 = train_inputs(tmp_path / "two")
     env = child_env()
     code = ("import sys; from pcm.stages.train import TrainConfig, run_train; "
@@ -199,7 +198,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
             "run_train(TrainConfig.model_validate_json(sys.argv[1]), *map(load_result, sys.argv[2:4]), "
             "RunLayout(sys.argv[4]))")
     two_config = config.model_copy(update={"devices": 2})
-    subprocess.run([sys.executable, "-c", code, two_config.model_dump_json(), cap2, enc2, str(tmp_path / "two")],
+    subprocess.run([sys.executable, "-c", code, two_config.model_dump_json(), cap2.path, enc2.path,
+                    str(tmp_path / "two")],
                    env=env, check=True, timeout=300)
     two_dir = tmp_path / "two" / "train" / one.fingerprint
     la = [r["loss"] for r in jsonl.read(Path(one.path) / "metrics.jsonl") if "loss" in r]
@@ -217,7 +217,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 
 def test_checkpoint_loading_refuses_pickled_payloads(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs")
-    result = run_train(tiny_train_config(epochs=2), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    result = run_train(tiny_train_config(epochs=2), cap, enc, RunLayout(tmp_path / "runs"))
     best = checkpoint.find(result.path, "best")
     model, _, _ = checkpoint.load(best)                        # fine before
     (best / "model.bin").write_bytes(b"\x80\x04K\x01.")          # a pickle
@@ -229,7 +229,7 @@ def test_checkpoint_loading_refuses_pickled_payloads(tmp_path):
         checkpoint.load_weights(latest, model)
     (Path(result.path) / "stage.done.json").unlink()
     with pytest.raises(ValueError, match="refusing"):           # resume refuses it too
-        run_train(tiny_train_config(epochs=2), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+        run_train(tiny_train_config(epochs=2), cap, enc, RunLayout(tmp_path / "runs"))
 
 
 def test_find_explains_a_missing_checkpoint(tmp_path):
@@ -248,7 +248,7 @@ def test_config_errors_name_the_parameter(tmp_path):
         validate(TrainConfig, {"preset": "nope"}, "train")
     cap, enc = train_inputs(tmp_path / "runs")
     with pytest.raises(ValueError, match="d_embed=768 but the data has 16"):
-        run_train(tiny_train_config(preset="vitl14"), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+        run_train(tiny_train_config(preset="vitl14"), cap, enc, RunLayout(tmp_path / "runs"))
 
 
 def test_cli_train_runs_with_sets(tmp_path):
@@ -268,7 +268,7 @@ def test_cli_train_runs_with_sets(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs")
     sets = ["batch_size=4", "epochs=1", "warmup=5", "min_word_count=1", "val_metric=loss", "num_workers=0",
             "model.pcm=false", "cxe=false"]
-    args = ["train", "--captions", cap, "--encode", enc, "--root", str(tmp_path / "runs"),
+    args = ["train", "--captions", cap.path, "--encode", enc.path, "--root", str(tmp_path / "runs"),
             "--model-preset", "tiny", "--set", "device=cpu", "--set", "progress_bar=false"] + [x for s in sets for x in ("--set", s)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -279,7 +279,7 @@ def test_cli_train_runs_with_sets(tmp_path):
 
 def test_without_val_images_best_is_the_final_model(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs", n_val=0)
-    result = run_train(tiny_train_config(epochs=2), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    result = run_train(tiny_train_config(epochs=2), cap, enc, RunLayout(tmp_path / "runs"))
     assert result.counts["val_images"] == 0 and result.extra["best_value"] is None
     assert result.extra["val_metric"] == "none" and result.extra["best_step"] == 4
     assert not [r for r in jsonl.read(Path(result.path) / "metrics.jsonl") if "val" in r]
@@ -292,11 +292,11 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(tmp_path, monkey
 
     cap, enc = train_inputs(tmp_path / "runs")
     root = str(tmp_path / "runs")
-    first = flows.train.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
+    first = flows.train.train_flow(tiny_train_config(epochs=2), cap.path, enc.path, root=root)
     assert not first.cached and Path(first.extra["pictures"]["loss_curve"]).exists()
     # The second flow run hits Prefect's cache (keyed on the fingerprint): the stage is not called.
     monkeypatch.setattr(flows.train, "run_train", lambda *a, **k: pytest.fail("stage ran again"))
-    second = flows.train.train_flow(tiny_train_config(epochs=2), cap, enc, root=root)
+    second = flows.train.train_flow(tiny_train_config(epochs=2), cap.path, enc.path, root=root)
     assert second.path == first.path and second.counts == first.counts
     # Both runs are named after the stage directory (`train-<fingerprint[:8]>`), the optional inputs defaulted.
     from prefect.client.orchestration import get_client
@@ -328,10 +328,10 @@ def test_warmup_fraction_fits_the_run_and_a_run_inside_its_warmup_is_warned(tmp_
     assert "warmup_fraction" not in tiny_train_config().content()           # old fingerprints stay
     cap, enc = train_inputs(tmp_path / "runs", n_val=0)
     with caplog.at_level("WARNING", logger="pcm.stages.train_worker"):
-        run_train(tiny_train_config(epochs=2), as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))   # 4 steps against 20 of warm-up
+        run_train(tiny_train_config(epochs=2), cap, enc, RunLayout(tmp_path / "runs"))   # 4 steps against 20 of warm-up
     assert "4 steps in all but 20 of warm-up" in caplog.text
     caplog.clear()
-    r = run_train(tiny_train_config(epochs=2, warmup_fraction=0.5), as_result(cap), as_result(enc),
+    r = run_train(tiny_train_config(epochs=2, warmup_fraction=0.5), cap, enc,
                   RunLayout(tmp_path / "runs"))
     assert "of warm-up" not in caplog.text
     lrs = [rec["lr"] for rec in jsonl.read(Path(r.path) / "metrics.jsonl") if "lr" in rec]

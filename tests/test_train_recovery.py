@@ -17,7 +17,6 @@ import pytest
 from builders import child_env, tiny_train_config, train_inputs
 
 from pcm import checkpoint
-from pcm.stages.contract import as_result
 from pcm.stages.train import run_train, verify
 from storage import atomic, checkpoints
 from storage.layout import RunLayout, StageDir
@@ -59,19 +58,20 @@ def best_step_held(sd: Path) -> int:
 def test_kill_right_after_the_best_step_checkpoint_then_rerun_writes_best_from_it(tmp_path):
     config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)   # 16 steps, val at 4, 8, 12, 16
     cap, enc = train_inputs(tmp_path / "ref")
-    ref = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "ref"))
+    ref = run_train(config, cap, enc, RunLayout(tmp_path / "ref"))
     assert ref.extra["best_step"] == 16, "the test needs the final validation to be the best"
 
     root = tmp_path / "killed"
     cap2, enc2 = train_inputs(root)
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_BEST, config.model_dump_json(), cap2, enc2, str(root), "16"],
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_BEST, config.model_dump_json(), cap2.path, enc2.path,
+                           str(root), "16"],
                           env=child_env(), stderr=subprocess.PIPE, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     sd = root / "train" / ref.fingerprint
     assert checkpoints.latest(checkpoint.checkpoints_dir(sd)).name == "step-00000016"
     assert best_step_held(sd) < 16, "the kill should leave best/ at an earlier validation"
 
-    resumed = run_train(config, as_result(cap2), as_result(enc2), RunLayout(root))
+    resumed = run_train(config, cap2, enc2, RunLayout(root))
     assert resumed.extra["best_step"] == 16
     assert best_step_held(sd) == 16, "stage.done.json names step 16 but best/ holds another step"
     assert verify(StageDir.at(sd)) is None
@@ -91,8 +91,8 @@ def test_a_new_best_is_checkpointed_before_best_is_written(tmp_path, monkeypatch
 
     monkeypatch.setattr(checkpoint, "save", save)
     cap, enc = train_inputs(tmp_path / "runs")
-    run_train(tiny_train_config(epochs=4, val_every=3, checkpoint_every=5, keep_last=8), as_result(cap),
-              as_result(enc), RunLayout(tmp_path / "runs"))
+    run_train(tiny_train_config(epochs=4, val_every=3, checkpoint_every=5, keep_last=8), cap, enc,
+              RunLayout(tmp_path / "runs"))
     bests = [i for i, (name, _) in enumerate(writes) if name == "best"]
     assert bests, writes
     for i in bests:
@@ -104,7 +104,7 @@ def test_a_new_best_is_checkpointed_before_best_is_written(tmp_path, monkeypatch
 def test_verify_flags_a_best_that_holds_another_step_and_the_rerun_repairs_it(tmp_path):
     cap, enc = train_inputs(tmp_path / "runs")
     config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4, keep_last=8)
-    result = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    result = run_train(config, cap, enc, RunLayout(tmp_path / "runs"))
     sd, best = result.stage_dir, checkpoint.best_dir(result.path)
     good = (best / "model.safetensors").read_bytes()
     step = result.extra["best_step"]
@@ -116,7 +116,7 @@ def test_verify_flags_a_best_that_holds_another_step_and_the_rerun_repairs_it(tm
     atomic.write_json(best / "state.json", {"step": other, "epoch": 0, "best": {"step": other}})
     assert verify(sd) == f"best/ holds step {other}, not the best step {step}"
 
-    again = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))   # verify fails, so the stage resumes and repairs
+    again = run_train(config, cap, enc, RunLayout(tmp_path / "runs"))   # verify fails, so the stage resumes and repairs
     assert not again.cached and again.extra["best_step"] == step
     assert best_step_held(sd.path) == step and (best / "model.safetensors").read_bytes() == good
     assert verify(sd) is None
@@ -161,14 +161,14 @@ def _outputs(sd: Path) -> dict[str, bytes]:
 def test_train_removes_its_stale_temporaries_when_it_starts(tmp_path, finished):
     cap, enc = train_inputs(tmp_path / "runs")
     config = tiny_train_config(epochs=8, val_every=4, checkpoint_every=4)
-    result = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    result = run_train(config, cap, enc, RunLayout(tmp_path / "runs"))
     sd = Path(result.path)
     before = _outputs(sd)
     if not finished:
         (sd / "stage.done.json").unlink()   # a kill after the last checkpoint, before the marker
     stale, keep = _plant(sd)
 
-    again = run_train(config, as_result(cap), as_result(enc), RunLayout(tmp_path / "runs"))
+    again = run_train(config, cap, enc, RunLayout(tmp_path / "runs"))
     assert again.cached is finished
     assert [p for p in stale if p.exists() or p.is_symlink()] == []
     assert all(p.exists() for p in keep)
@@ -211,7 +211,7 @@ def test_caption_out_spares_a_live_writers_temporary(tmp_path):
 def trained_best(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     cap, enc = train_inputs(root)
-    result = run_train(tiny_train_config(epochs=2), as_result(cap), as_result(enc), RunLayout(root))
+    result = run_train(tiny_train_config(epochs=2), cap, enc, RunLayout(root))
     return checkpoint.find(result.path, "best")
 
 

@@ -11,7 +11,6 @@ from builders import encode_inputs, tiny_encode_config
 
 from pcm.config import BY_CONTENT
 from pcm.stages import encode, ingest
-from pcm.stages.contract import as_result
 from pcm.stages.encode import EncodeConfig
 from pcm.stages.ingest import IngestConfig, dataset_name
 from storage.layout import RunLayout
@@ -53,16 +52,16 @@ def test_ingest_relative_and_absolute_source_share_a_fingerprint(in_tmp):
 def test_encode_relative_and_absolute_images_root_share_a_fingerprint(in_tmp):
     cap, syn = encode_inputs(in_tmp / "runs", n_shards=1, images_dir=in_tmp / "coco")
     root = str(in_tmp / "runs")
-    absolute = encode.plan(tiny_encode_config(images_root=str(in_tmp / "coco")), as_result(cap), as_result(syn),
+    absolute = encode.plan(tiny_encode_config(images_root=str(in_tmp / "coco")), cap, syn,
                            RunLayout(root)).fingerprint
     for spelling in ("coco", "./coco", "coco/", f"{in_tmp}/coco/", "runs/../coco"):
-        assert encode.plan(tiny_encode_config(images_root=spelling), as_result(cap), as_result(syn),
+        assert encode.plan(tiny_encode_config(images_root=spelling), cap, syn,
                            RunLayout(root)).fingerprint == absolute, spelling
-    assert encode.plan(tiny_encode_config(images_root=str(in_tmp / "runs")), as_result(cap), as_result(syn),
+    assert encode.plan(tiny_encode_config(images_root=str(in_tmp / "runs")), cap, syn,
                        RunLayout(root)).fingerprint != absolute
     # by the names and sizes of the images read, not the path: a copy elsewhere is the same stage
     shutil.copytree(in_tmp / "coco", in_tmp / "elsewhere" / "coco-copy")
-    assert encode.plan(tiny_encode_config(images_root="elsewhere/coco-copy"), as_result(cap), as_result(syn),
+    assert encode.plan(tiny_encode_config(images_root="elsewhere/coco-copy"), cap, syn,
                        RunLayout(root)).fingerprint == absolute
 
 
@@ -72,11 +71,11 @@ def test_encode_vocabulary_file_counts_by_content_not_path(in_tmp):
     (in_tmp / "vocab.txt").write_text("dog\ncat\n")
     os.mkdir(in_tmp / "copy")
     shutil.copy(in_tmp / "vocab.txt", in_tmp / "copy" / "other-name.txt")
-    fps = {encode.plan(tiny_encode_config(vocabulary_file=v), as_result(cap), as_result(syn), RunLayout(root)).fingerprint
+    fps = {encode.plan(tiny_encode_config(vocabulary_file=v), cap, syn, RunLayout(root)).fingerprint
            for v in ("vocab.txt", str(in_tmp / "vocab.txt"), "copy/other-name.txt")}
     assert len(fps) == 1
     (in_tmp / "vocab.txt").write_text("dog\nhorse\n")
-    assert encode.plan(tiny_encode_config(vocabulary_file="vocab.txt"), as_result(cap), as_result(syn),
+    assert encode.plan(tiny_encode_config(vocabulary_file="vocab.txt"), cap, syn,
                        RunLayout(root)).fingerprint not in fps
 
 
@@ -89,7 +88,7 @@ def test_encode_clip_checkpoint_counts_by_content_not_path(in_tmp):
 
     def fp(pretrained: str) -> str:
         return encode.plan(EncodeConfig.model_validate({"clip": {"model": "tiny", "pretrained": pretrained}}),
-                           as_result(cap), as_result(syn), RunLayout(root)).fingerprint
+                           cap, syn, RunLayout(root)).fingerprint
 
     fps = {fp(p) for p in ("ckpt.safetensors", str(in_tmp / "ckpt.safetensors"), "copy/renamed.safetensors")}
     assert len(fps) == 1
