@@ -101,6 +101,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global RNGs: what `rng_state` captures is then a function
+    of the seed, so a checkpoint's state.json is the same bytes on every run of the same inputs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
     version, mt, gauss = state["python"]

@@ -271,3 +271,21 @@ def test_a_bad_checkpoint_state_names_the_file(trained_best, tmp_path):
         atomic.write_json(ckpt / "state.json", bad)
         with pytest.raises(ValueError, match=pattern):
             checkpoint.load(ckpt)
+
+
+def test_checkpoints_record_the_same_rng_states_on_every_run(tmp_path):
+    """A fresh run seeds Python's and NumPy's global RNGs with torch's, so the states a checkpoint records (and a
+    resume restores) are a function of the seed, not of whatever the process held: state.json is the same bytes."""
+    import random
+
+    import numpy as np
+
+    cap, enc = train_inputs(tmp_path / "runs")
+    states = []
+    for i, root in enumerate(("a", "b")):
+        random.seed(100 + i)      # the process's global RNGs differ before each run
+        np.random.seed(100 + i)
+        result = run_train(tiny_train_config(epochs=1, val_metric="loss"), cap, enc, RunLayout(tmp_path / root))
+        latest = checkpoints.latest(StageDir.at(result.path).checkpoints)
+        states.append(json.loads((latest / "state.json").read_text()))
+    assert states[0]["rng"] == states[1]["rng"]  # though the two runs began from different global states

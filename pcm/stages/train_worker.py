@@ -240,7 +240,7 @@ def setup(config: TrainConfig, inputs: TrainInputs, sd: StageDir, info: Any, dev
     if latest is not None:
         state = resume(config, sd, latest, info, model, opt, data.vocab)
     else:
-        torch.manual_seed(config.seed + 1 + info.rank)
+        checkpoint.seed_all(config.seed + 1 + info.rank)
         state = {"step": 0, "epoch": 0, "position": 0, "best": {"metric": config.val_metric, "value": None, "step": None}}
     events = None
     if info.is_main:

@@ -7,11 +7,9 @@ restore a position in training for every trainer of the project.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pcm import checkpoint
@@ -21,9 +19,7 @@ from storage import atomic, jsonl
 def seed_everything(seed: int, threads: int) -> None:
     """torch, numpy and Python RNGs from one seed, and torch's intra-op thread count."""
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+    checkpoint.seed_all(seed)
 
 
 def save_state(path: Path, step: int, modules: dict[str, Any]) -> None:
