@@ -99,7 +99,7 @@ def test_the_flow_reports_finished_records_as_dashboard_artifacts(tmp_path, pref
 
 
 def test_refine_outcomes_tell_repaired_wrong_pairs_from_kept_and_dropped_ones(tmp_path):
-    from builders import caption_row, ingest_stage, new_stage
+    from builders import caption_row, ingest_stage, mark_done, new_stage
 
     from storage import tables
 
@@ -115,7 +115,7 @@ def test_refine_outcomes_tell_repaired_wrong_pairs_from_kept_and_dropped_ones(tm
     tables.write(ref.file("pairs.parquet"), [
         {"caption_id": c, "image_caption_id": img, "shard": 0, "row": 0, "score": 0.5, "clip_score": 0.5, "rank": 1,
          "status": status, "reason": None if status == "kept" else "below"} for c, img, status in pairs], tables.PAIRS)
-    assert ablation.refine_outcomes(syn.path, ref.path, captions.path) == {
+    assert ablation.refine_outcomes(mark_done(syn), mark_done(ref), captions) == {
         "right: own image": 1,              # c0 kept its own image
         "wrong: own image": 1,              # c1 moved to the key holding the image made from its caption: repaired
         "wrong: dropped": 1,                # c2

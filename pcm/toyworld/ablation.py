@@ -21,7 +21,10 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from storage.result import StageResult
 
 # level -> (pipeline preset, overrides shared by its arms)
 LEVELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -91,16 +94,16 @@ def run_arm(level: str, arm: str, seed: int, root: str | os.PathLike, records: s
     from pcm.toyworld.score import attribute_accuracy
     from storage import manifests
     from storage.atomic import read_json, write_json
-    from storage.layout import StageDir, experiment_record
+    from storage.layout import experiment_record
 
     cfg = arm_config(level, arm, seed)
     t0 = time.monotonic()
     r = run_pipeline(cfg, str(root))
-    ev = StageDir.at(r["evaluate"].path)
+    ev = r["evaluate"].stage_dir
     metrics = read_json(ev.metrics)
     per_image = manifests.PER_IMAGE.read(ev, columns=["image_id", "cider"]).to_pylist()
     control = ((metrics.get("control") or {}).get("metrics") or {}).get("CIDEr", float("nan"))
-    refined = refine_outcomes(r["synthesize"].path, r["refine"].path, r["ingest"].path) if "refine" in r else None
+    refined = refine_outcomes(r["synthesize"], r["refine"], r["ingest"]) if "refine" in r else None
     rec = {"level": level, "arm": arm, "seed": seed, "preset": LEVELS[level][0],
            "overrides": LEVELS[level][1] | ARMS[arm], "cider": metrics["metrics"]["CIDEr"] * 100,
            "bleu4": metrics["metrics"]["Bleu_4"] * 100, "control_cider": control * 100,
@@ -116,8 +119,7 @@ def run_arm(level: str, arm: str, seed: int, root: str | os.PathLike, records: s
     return rec
 
 
-def refine_outcomes(synthesize: str | os.PathLike, refine: str | os.PathLike,
-                    captions: str | os.PathLike) -> dict[str, int]:
+def refine_outcomes(synthesize: StageResult, refine: StageResult, captions: StageResult) -> dict[str, int]:
     """What a refine stage did with each pair, split by whether the pair was deliberately wrong
     (synthesize.wrong_image_fraction): dropped; kept on the caption's own image (for a wrong pair: repaired);
     kept on the image it had (for a wrong pair: still wrong); moved to an image made from another caption
@@ -127,13 +129,12 @@ def refine_outcomes(synthesize: str | os.PathLike, refine: str | os.PathLike,
     from pcm.toyworld.counterfactual import parse
     from pcm.toyworld.faithfulness import compatible
     from storage import manifests, tables
-    from storage.layout import StageDir
 
     made_from = {r["caption_id"]: r["rendered_from"] or r["caption_id"]
-                 for r in manifests.SAMPLES.read(StageDir.at(synthesize)).to_pylist()}
-    text = {r["caption_id"]: r["text"] for r in manifests.CAPTIONS.read(StageDir.at(captions)).to_pylist()}
+                 for r in manifests.SAMPLES.read(synthesize.stage_dir).to_pylist()}
+    text = {r["caption_id"]: r["text"] for r in manifests.CAPTIONS.read(captions.stage_dir).to_pylist()}
     out: Counter = Counter()
-    for p in manifests.PAIRS.read(StageDir.at(refine)).to_pylist():
+    for p in manifests.PAIRS.read(refine.stage_dir).to_pylist():
         cid = p["caption_id"]
         was = "wrong" if made_from.get(cid, cid) != cid else "right"
         source = made_from.get(p["image_caption_id"]) if p["image_caption_id"] else None
