@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcm import checkpoint
 from pcm.device import resolve_device
@@ -29,10 +29,10 @@ from storage import atomic, checkpoints, jsonl, publish
 from storage.layout import StageDir
 from storage.result import StageResult
 
+if TYPE_CHECKING:  # named only in annotations: the stage imports this module, never the other way round
+    from pcm.stages.train import TrainConfig
+
 log = logging.getLogger(__name__)
-# The train stage's config (pcm.stages.train.TrainConfig), named only in annotations: the stage imports this module,
-# never the other way round.
-TrainConfig = Any
 
 
 @dataclass(frozen=True)
