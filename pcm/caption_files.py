@@ -1,7 +1,7 @@
 """Caption files (Karpathy or COCO JSON, .txt, .jsonl, .csv) read into parallel column lists.
 
-What a file holds and how its rows are told apart lives here; which rows a run keeps and how
-captions are checked is the ingest stage's (pcm/stages/ingest.py). Every error names the file and
+What a file holds and how its rows are told apart lives here; how captions are checked and which
+rows a run keeps is pcm/caption_checks.py's. Every error names the file and
 the row, line or JSON entry. Nothing here knows a stage config: a `Columns` spec names the
 .jsonl/.csv columns.
 """
