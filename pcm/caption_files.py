@@ -1,7 +1,7 @@
 """Caption files (Karpathy or COCO JSON, .txt, .jsonl, .csv) read into parallel column lists.
 
-What a file holds and how its rows are told apart lives here; which rows a run keeps and how
-captions are checked is the ingest stage's (pcm/stages/ingest.py). Every error names the file and
+What a file holds and how its rows are told apart lives here; how captions are checked and which
+rows a run keeps is pcm/caption_checks.py's. Every error names the file and
 the row, line or JSON entry. Nothing here knows a stage config: a `Columns` spec names the
 .jsonl/.csv columns.
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from pcm import strict_json
 
 FORMATS = ("karpathy", "coco", "txt", "jsonl", "csv")
 SPLITS = ("train", "val", "test")
@@ -94,30 +96,6 @@ def decode_text(path: Path) -> str:
                          f"{e.reason} at byte {len(bom) + e.start}") from None
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str, keys: list[str]) -> None:
-        shown = keys if len(keys) <= 8 else [*keys[:8], "..."]
-        super().__init__(f"duplicate key {key!r} in a JSON object (keys {shown}); a key may appear once "
-                         "per object (a JSON reader would silently keep only its last value)")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json's object_pairs_hook: the object, or _DuplicateKey naming the repeated key."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key, [k for k, _ in pairs])
-            seen.add(key)
-    return obj
-
-
-def _json(text: str) -> Any:
-    """json.loads refusing repeated keys in an object."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
-
-
 # json.loads recurses once per nested array/object: thousands of levels ("[[[[...") exhaust Python's
 # recursion limit and raise RecursionError, which must become an error naming the file (and line).
 _TOO_DEEP = ("JSON nested too deeply: arrays/objects inside each other beyond Python's recursion limit "
@@ -132,10 +110,10 @@ def _parse_json(text: str, file: str | Path, line: int | None = None) -> Any:
     """`text` as JSON, or one ValueError naming the file and place (`line`: a .jsonl line's number)."""
     at = f"{file}: line {line}" if line is not None else f"{file}"
     try:
-        return _json(text)
+        return strict_json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: invalid JSON at line {line or e.lineno}, column {e.colno}: {e.msg}") from None
-    except _DuplicateKey as e:
+    except strict_json.DuplicateKey as e:
         raise ValueError(f"{at}: {e}") from None
     except RecursionError:
         raise ValueError(f"{at}: {_too_deep()}") from None

@@ -62,14 +62,21 @@ def problem_line(err: dict[str, Any], where: str, show: Callable[[Any], str] = r
     return f"{where}.{loc}: {problem(err)} (got {show(err.get('input'))})" if loc else f"{where}: {problem(err)}"
 
 
-def validation_problems(e: ValidationError, where: str, show: Callable[[Any], str] = repr) -> list[str]:
-    """One line per invalid parameter (`problem_line`)."""
-    return [problem_line(err, where, show) for err in e.errors()]
+def validation_problems(e: ValidationError, where: str, show: Callable[[Any], str] = repr,
+                        line: Callable[[dict[str, Any]], str] | None = None) -> list[str]:
+    """One line per invalid parameter: `problem_line`, or `line(err)` where the caller knows more of what gave
+    the value (a `pcm` command names the `--set` that gave it)."""
+    return [line(err) if line else problem_line(err, where, show) for err in e.errors()]
 
 
-def describe_validation_error(e: ValidationError, where: str) -> str:
-    """The multi-line message of an invalid stage config."""
-    return "invalid config:\n  " + "\n  ".join(validation_problems(e, where))
+def describe_validation_error(e: ValidationError, where: str, *, one_line: bool = False,
+                              line: Callable[[dict[str, Any]], str] | None = None) -> str:
+    """The message of an invalid stage config, one entry per invalid parameter (`validation_problems`): a line
+    each under `invalid config:`, or (`one_line`, what a `pcm` stage command prints) `invalid <where> config: a; b`."""
+    problems = validation_problems(e, where, line=line)
+    if one_line:
+        return f"invalid {where} config: " + "; ".join(problems)
+    return "invalid config:\n  " + "\n  ".join(problems)
 
 
 def validate(cls: type[StageConfig], values: dict[str, Any], where: str) -> Any:

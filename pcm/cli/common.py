@@ -144,18 +144,21 @@ def build_config(cls: Any, values: dict[str, Any], where: str, items: Sequence[s
     `items` are the --set KEY=VALUE given; `prefix` what their keys start with (`train.` for `pcm run`)."""
     from pydantic import ValidationError
 
+    from pcm.config import describe_validation_error
+
     try:
         return cls.model_validate(values)
     except ValidationError as e:
         typed = {k.removeprefix(prefix) if k.startswith(prefix) else "": item for k, item in _set_keys(items).items()}
         by_length = sorted(typed, key=len, reverse=True)
-        parts = []
-        for err in e.errors():
+
+        def line(err: dict[str, Any]) -> str:
             loc = ".".join(str(p) for p in err["loc"])
             key = next((k for k in by_length if not k or loc == k or loc.startswith(f"{k}.")
                         or (loc and k.startswith(f"{loc}."))), None)
-            parts.append(_described(err, loc, None if key is None else typed[key], where, bool(key) and key == loc))
-        raise ValueError(f"invalid {where} config: " + "; ".join(parts)) from None
+            return _described(err, loc, None if key is None else typed[key], where, bool(key) and key == loc)
+
+        raise ValueError(describe_validation_error(e, where, one_line=True, line=line)) from None
 
 
 def _annotation(cls: Any, dotted: str) -> Any:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
-from pcm.caption_files import MAX_NAME_CHARS, SAFE_NAME, SPLITS, Columns, Rows, read_captions, valid_utf8
+from pcm.caption_checks import check_captions
+from pcm.caption_files import MAX_NAME_CHARS, SAFE_NAME, SPLITS, Columns, Rows, read_captions
 from pcm.config import StageConfig
 from pcm.stages.contract import ProgressFn, cached, drop_marker, finish, locked, stage_dir
 from storage import atomic, manifests, tables
@@ -28,9 +27,6 @@ CODE_VERSION = "4"  # 2: train rows keep their image path (paired-image runs); 3
 # 4: a CSV row with more cells than the header is a rejected row (its extra cells were dropped)
 STAGE = "ingest"
 OUTPUT = manifests.CAPTIONS.name
-# Every reason a row can be rejected for; each is counted as `rejected_<reason>` (0 included).
-REASONS = ("invalid_utf8", "control_char", "empty", "whitespace", "too_long", "duplicate", "not_in_subset",
-           "extra_cells")
 
 Split = Literal["train", "val", "test"]
 
@@ -159,123 +155,6 @@ def read_source(config: IngestConfig, bar: bool = True) -> tuple[str, Rows]:
                          default_split=config.default_split, columns=columns, bar=bar)
 
 
-# -- checking ---------------------------------------------------------------------------
-
-
-# C0 and C1 control characters and DEL (Unicode category Cc) but tab, line feed and carriage return,
-# which are ordinary whitespace (collapsed into one space).
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_CONTROL_NAMES = (
-    "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC "
-    "FS GS RS US".split()
-    + "PAD HOP BPH NBH IND NEL SSA ESA HTS HTJ VTS PLD PLU RI SS2 SS3 DCS PU1 PU2 STS CCH MW SPA EPA SOS SGC "
-      "SCI CSI ST OSC PM APC".split())
-
-
-def _control_message(raw: str, m: re.Match) -> str:
-    c = ord(m.group())
-    name = "DEL" if c == 0x7F else _CONTROL_NAMES[c if c < 0x20 else c - 0x80 + 0x20]
-    what = ", a terminal escape sequence" if c in (0x1B, 0x9B) else ""
-    count = len(_CONTROL.findall(raw))
-    more = f" (and {count - 1} more)" if count > 1 else ""
-    return f"control character U+{c:04X} ({name}{what}) at character {m.start() + 1}{more}; captions must be text"
-
-
-def _check_text(raw: str, max_chars: int) -> tuple[str, str, str | None, str | None]:
-    """(text, raw_text, reason, error) for one caption; reason None when it is accepted."""
-    if not valid_utf8(raw):
-        try:  # bytes that were not UTF-8 (surrogateescape'd) are shown as \x escapes
-            shown = raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud83d"
-            shown = raw.encode("utf-8", "backslashreplace").decode("utf-8")
-        return "", shown, "invalid_utf8", "invalid UTF-8 (undecodable bytes shown as \\x escapes)"
-    if not raw:
-        return "", raw, "empty", "empty caption"
-    if m := _CONTROL.search(raw):
-        return "", raw, "control_char", _control_message(raw, m)
-    text = " ".join(raw.split())
-    if not text:
-        return "", raw, "whitespace", "whitespace-only caption"
-    if len(text) > max_chars:
-        return "", raw, "too_long", f"{len(text)} characters, longer than max_chars={max_chars}"
-    return text, raw, None, None
-
-
-def _subset_rank(seed: int, caption_id: str) -> bytes:
-    """A per-caption random key: the subset of size k is the k smallest keys, so subsets of one seed
-    are nested (a 10% run contains the 1% run) and do not depend on the file's row order."""
-    return hashlib.blake2b(f"{seed}:{caption_id}".encode(), digest_size=8).digest()
-
-
-def build_columns(rows: Rows, config: IngestConfig, source: str) -> tuple[dict[str, list], dict[str, int]]:
-    """The CAPTIONS columns of `rows` (checked, deduplicated, subset) and the counts; `source` labels every row."""
-    n = len(rows.raw)
-    text, raw_text = [""] * n, [""] * n
-    status, error = [tables.STATUS_OK] * n, [None] * n
-    reasons: Counter[str] = Counter()
-
-    def reject(i: int, reason: str, message: str) -> None:
-        text[i], status[i], error[i] = "", tables.STATUS_REJECTED, message
-        reasons[reason] += 1
-
-    for i, raw in enumerate(rows.raw):
-        text[i], raw_text[i], reason, message = _check_text(raw, config.max_chars)
-        if i in rows.rejected:  # a row its reader rejected already (raw_text still shown as _check_text made it)
-            reason, message = rows.rejected[i]
-        if reason:
-            reject(i, reason, message)
-
-    train = [i for i in range(n) if rows.split[i] == "train" and status[i] == tables.STATUS_OK]
-    if config.dedup:
-        first: dict[str, str] = {}
-        unique = []
-        for i in train:
-            kept = first.setdefault(text[i], rows.caption_id[i])
-            if kept == rows.caption_id[i]:
-                unique.append(i)
-            else:
-                reject(i, "duplicate", f"duplicate of {kept}")
-        train = unique
-
-    counts: dict[str, int] = {}
-    if config.subset is not None or config.fraction is not None:
-        pool = len(train)
-        k = config.subset if config.subset is not None else max(1, round(config.fraction * pool))
-        k = min(k, pool)
-        ranked = sorted(train, key=lambda i: _subset_rank(config.seed, rows.caption_id[i]))
-        for i in ranked[k:]:
-            reject(i, "not_in_subset", f"not in the seeded train subset (seed {config.seed}, {k} of {pool} kept)")
-        counts |= {"subset_pool": pool, "subset_kept": k}
-
-    # Every row of a val/test image carries all its accepted captions as references.
-    refs: dict[tuple[str, str], list[str]] = {}
-    captions: Counter[str] = Counter()
-    images: dict[str, set[str]] = {s: set() for s in SPLITS}
-    for i in range(n):
-        if status[i] == tables.STATUS_OK:
-            s, image = rows.split[i], rows.image_id[i]
-            captions[s] += 1
-            images[s].add(image)
-            if s != "train":
-                refs.setdefault((s, image), []).append(text[i])
-    none: list[str] = []  # one shared empty list: 600k fresh ones would wake the garbage collector
-    references = [refs.get((s, image), none) for s, image in zip(rows.split, rows.image_id, strict=True)]
-
-    ok = sum(captions.values())
-    # A caption left out of a seeded subset is fine, only not chosen: counted apart from the rejected ones
-    # (its row keeps status "rejected" with reason not_in_subset, so that only chosen rows are "ok").
-    not_selected = reasons["not_in_subset"]
-    counts |= {"rows": n, "ok": ok, "rejected": n - ok - not_selected, "not_selected": not_selected,
-               "skipped_splits": rows.skipped}
-    counts |= {f"rejected_{r}": reasons[r] for r in REASONS}
-    for s in SPLITS:
-        counts[f"{s}_captions"], counts[f"{s}_images"] = captions[s], len(images[s])
-    columns = {"caption_id": rows.caption_id, "image_id": rows.image_id, "split": rows.split, "text": text,
-               "raw_text": raw_text, "source": [source] * n,
-               "image_path": rows.image_path, "references": references, "status": status, "error": error}
-    return columns, counts
-
-
 # -- the stage --------------------------------------------------------------------------
 
 
@@ -303,7 +182,9 @@ def run_ingest(config: IngestConfig, layout: RunLayout, *, force: bool = False,
             raise ValueError(f"{source_path(config)}: no captions in the file ({fmt}); nothing to ingest")
         report(1, 3, f"read {len(rows.raw)} captions ({fmt})")
         t1 = time.monotonic()
-        columns, counts = build_columns(rows, config, f"{fmt}:{source_path(config).name}")
+        columns, counts = check_captions(rows, f"{fmt}:{source_path(config).name}", max_chars=config.max_chars,
+                                         dedup=config.dedup, subset=config.subset, fraction=config.fraction,
+                                         seed=config.seed)
         report(2, 3, f"checked: {checked_summary(counts)}")
         t2 = time.monotonic()
         manifests.CAPTIONS.write(sd, columns)

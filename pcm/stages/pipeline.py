@@ -3,30 +3,29 @@
     cfg = resolve("demo", {"synthesize.guidance_scale": 5.0})
     results = run_pipeline(cfg)          # in-process, no Prefect server
 
-Presets live in pcm/presets/pipeline/<name>.toml; a path to a TOML file works too. A preset may start
-from another (`base = "demo"`): its tables are merged key by key onto the base's. In a preset,
-"{demo}" expands to the bundled demo data directory, "{toyworld}" to the bundled toy-world data
-and "{toymodels}" to the shipped toy models (pcm/data/toymodels).
+A preset is a bundled name, a TOML file or the JSON `pcm run --show-config` prints, read by
+pcm/pipeline_presets.py (base presets, "{demo}"-style placeholders); here it is validated and run.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pcm import bundled, tracking
-from pcm.config import StageConfig, describe_validation_error, merge_tables, set_dotted, validate
+from pcm import tracking
+from pcm.config import BY_CONTENT, StageConfig, describe_validation_error, set_dotted, validate
 from pcm.config import parse_assignments as parse_assignments  # the `--set` grammar, re-exported
-from pcm.stages.encode import BY_CONTENT, EncodeConfig, run_encode
+from pcm.pipeline_presets import PRESETS as PRESETS  # re-exported: the pipeline's callers name presets here
+from pcm.pipeline_presets import expand, load_preset, placeholders
+from pcm.pipeline_presets import preset_names as preset_names
+from pcm.stages.encode import EncodeConfig, run_encode
 from pcm.stages.evaluate import EvaluateConfig, run_evaluate
-from pcm.stages.ingest import IngestConfig, run_ingest
+from pcm.stages.ingest import IngestConfig, run_ingest, source_path, splits_present
 from pcm.stages.refine import RefineConfig, run_refine
 from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
 from pcm.stages.train import TrainConfig, run_train
@@ -36,7 +35,6 @@ from storage.result import StageResult
 
 log = logging.getLogger(__name__)
 
-PRESETS = bundled.PRESETS / "pipeline"
 STAGE_ORDER = STAGES  # the layout's stage list is the run order
 
 
@@ -78,68 +76,6 @@ class PipelineConfig(BaseModel):
     eval_source: EvalSource | None = None   # evaluate and validate on another data set (cross-domain)
 
 
-def preset_names() -> list[str]:
-    return bundled.names("pipeline", ".toml")
-
-
-def load_preset(preset: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The raw dict of a preset name, a TOML path or the JSON `pcm run --show-config` prints (which may hold
-    nulls TOML cannot say), with "{demo}", "{toyworld}" and "{toymodels}" expanded."""
-    path = Path(preset).expanduser()
-    if not (path.suffix in (".toml", ".json") and path.is_file()):
-        # A bare name picks a bundled preset, never a path built from it.
-        path = bundled.path("pipeline", ".toml", preset) if preset in preset_names() else None
-    if path is None or not path.exists():
-        raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(preset_names())}, a .toml file or the "
-                         ".json that `pcm run --show-config` prints")
-    if path.suffix == ".json":
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a repeated key
-            raise ValueError(f"{path}: invalid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object (the output of `pcm run --show-config`)")
-        return raw
-    with open(path, "rb") as f:
-        try:
-            raw = tomllib.load(f)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # a file not in UTF-8 named no file
-            raise ValueError(f"{path}: invalid TOML: {e}") from None
-    base = raw.pop("base", None)
-    if base is not None:  # a variant of another preset: only what differs is written down
-        if not isinstance(base, str) or base not in preset_names() or base in (*_seen, path.stem):
-            raise ValueError(f"{path}: base = {base!r} must name another bundled preset, without a cycle "
-                             f"({', '.join(preset_names())})")
-        raw = merge_tables(load_preset(base, (*_seen, path.stem)), raw)
-    return _expand(raw, placeholders())
-
-
-def placeholders() -> dict[str, str]:
-    """What "{demo}", "{toyworld}" and "{toymodels}" stand for, in presets and in `--set` values."""
-    from pcm import bundled
-
-    return {"{demo}": str(bundled.DEMO), "{toyworld}": str(bundled.TOYWORLD), "{toymodels}": str(bundled.TOYMODELS)}
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are each given once (json would silently keep the last of a repeated key)."""
-    keys = [k for k, _ in pairs]
-    if repeated := sorted({k for k in keys if keys.count(k) > 1}):
-        raise ValueError(f"duplicate key {repeated[0]!r} in one object: give each key once")
-    return dict(pairs)
-
-
-def _expand(value: Any, table: dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand(v, table) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, table) for v in value]
-    if isinstance(value, str):
-        for k, v in table.items():
-            value = value.replace(k, v)
-    return value
-
-
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys (`train.batch_size`) in a copy of `raw`; unknown sections are errors.
 
@@ -158,7 +94,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 def resolve(preset: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A validated PipelineConfig; every invalid parameter is named in one error."""
     base = load_preset(preset)
-    overrides = _expand(overrides or {}, placeholders())
+    overrides = expand(overrides or {}, placeholders())
     raw = apply_overrides(base, overrides)
     raw.setdefault("name", Path(preset).stem)
     if isinstance(raw.get("train"), dict) and "run_name" not in raw["train"]:
@@ -238,16 +174,12 @@ def check_evaluable(cfg: PipelineConfig, layout: RunLayout, last: str) -> None:
     """Fail before any stage works when evaluate would find no images (no images_root, or no captions of its split);
     warn when training would validate on nothing. Reads the caption file (or the finished ingest), writes nothing."""
     if cfg.eval_source is not None:
-        from pcm.stages.ingest import source_path
-
         source_path(cfg.eval_source.ingest())     # a missing file is named now, not after training
         if not Path(cfg.eval_source.images_root).expanduser().is_dir():
             raise FileNotFoundError(f"eval_source.images_root={cfg.eval_source.images_root!r}: no such folder")
         return
     if STAGE_ORDER.index(last) < STAGE_ORDER.index("train"):
         return
-    from pcm.stages.ingest import splits_present
-
     split = cfg.evaluate.split
     present = splits_present(cfg.ingest, layout)
     why = None
