@@ -255,7 +255,7 @@ print(json.dumps(out))
         assert code == 0, args
         assert imported == [], f"`pcm {args}` imported {imported}"
     listing = json.loads(done.stdout)["presets"][1]
-    from pcm.stages.pipeline import load_preset, preset_names
+    from pcm.pipeline_presets import load_preset, preset_names
 
     assert [line.split()[0] for line in listing.splitlines()] == preset_names()
     for name in preset_names():

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pcm.cli import app
-from pcm.stages.pipeline import apply_overrides, load_preset, parse_assignments, preset_names, resolve
+from pcm.pipeline_presets import load_preset, preset_names
+from pcm.stages.pipeline import apply_overrides, parse_assignments, resolve
 
 
 @pytest.mark.parametrize("name", ["demo", "tiny", "coco-vitl14", "coco-vitb32", "flickr30k-vitl14"])

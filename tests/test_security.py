@@ -485,7 +485,8 @@ def test_config_fields_that_name_things_refuse_unknown_values(build):
 
 
 def test_pipeline_presets_are_names_or_explicit_toml_paths(tmp_path):
-    from pcm.stages.pipeline import PRESETS, resolve
+    from pcm.pipeline_presets import PRESETS
+    from pcm.stages.pipeline import resolve
 
     with pytest.raises(ValueError, match=r"unknown preset 'os\.system': use one of .*demo.*, a \.toml file or the \.json"):
         resolve("os.system")
@@ -501,7 +502,8 @@ def _relative_name(target: Path, preset_dir: Path) -> str:
 
 @pytest.mark.bad_input
 def test_pipeline_preset_names_cannot_escape_the_preset_directory(tmp_path):
-    from pcm.stages.pipeline import PRESETS, resolve
+    from pcm.pipeline_presets import PRESETS
+    from pcm.stages.pipeline import resolve
 
     evil = tmp_path / "evil.toml"
     shutil.copy(PRESETS / "demo.toml", evil)

@@ -45,7 +45,8 @@ def pipeline_overrides(items: Sequence[str], preset: str) -> dict[str, Any]:
     """`--set SECTION.KEY=VALUE` of `pcm run`: each key checked against its stage's config, each stage a --set
     touches validated with the preset (a bad value is one line naming its --set); then resolve() takes them."""
     from pcm.config import parse_assignments, unknown_key
-    from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, apply_overrides, load_preset
+    from pcm.pipeline_presets import load_preset
+    from pcm.stages.pipeline import STAGE_ORDER, PipelineConfig, apply_overrides
 
     overrides = parse_assignments(items, example="train.epochs=2")
     typed = {item.partition("=")[0].strip(): item for item in items}

@@ -20,9 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pcm import tracking
 from pcm.config import BY_CONTENT, StageConfig, describe_validation_error, set_dotted, validate
 from pcm.config import parse_assignments as parse_assignments  # the `--set` grammar, re-exported
-from pcm.pipeline_presets import PRESETS as PRESETS  # re-exported: the pipeline's callers name presets here
 from pcm.pipeline_presets import expand, load_preset, placeholders
-from pcm.pipeline_presets import preset_names as preset_names
 from pcm.stages.encode import EncodeConfig, run_encode
 from pcm.stages.evaluate import EvaluateConfig, run_evaluate
 from pcm.stages.ingest import IngestConfig, run_ingest, source_path, splits_present
