@@ -30,7 +30,7 @@ from pcm.confidence import Reference
 from pcm.config import validation_problems
 from pcm.model import PCMNet, PCMNetConfig
 from pcm.vocab import Vocab
-from storage import atomic, checkpoints
+from storage import atomic, checkpoints, remote
 from storage.arrays import read_header
 from storage.checkpoints import (
     CLIP,
@@ -68,9 +68,6 @@ def best_dir(train_dir: str | os.PathLike) -> Path:
 def find(train_dir: str | os.PathLike, which: str = "best") -> Path:
     """The `best` or `latest` checkpoint of a train stage directory (a checkpoint directory is itself); a stage
     directory's URL on an object-store root names this worker's working copy of it, fetched from the store."""
-    from storage import remote
-    from storage.layout import StageDir
-
     train_dir = StageDir.at(train_dir).path if remote.is_url(train_dir) else Path(train_dir)
     if (train_dir / MODEL).exists():
         return train_dir

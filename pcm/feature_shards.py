@@ -165,7 +165,9 @@ def encode_claimed(sd: StageDir, units: list[Unit], *, clip: LoadedClip | None, 
 
     def done_elsewhere(unit: Unit) -> None:
         nonlocal done_count
-        done_count += 1
+        done_count += 1   # another process encoded it: progress still reaches len(units)
+        if progress:
+            progress(done_count, len(units), f"{unit.kind} {sd.shard_name(unit.index)} (by another process)")
 
     for claimed in claims.claim_windows(todo, lambda u: sd.shard_lock(u.kind, u.index),
                                         lambda u: sd.feature_shard(u.kind, u.index),

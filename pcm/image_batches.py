@@ -20,10 +20,9 @@ import torch
 from storage import manifests, tables
 from storage.fingerprint import files_manifest_digest
 from storage.layout import StageDir
-from storage.shards import ShardError, is_done, iter_tar, read_marker
+from storage.shards import IMAGE_KEYS, ShardError, image_member, is_done, iter_tar, read_marker
 
 FEATURES, REAL = "features", "real"   # the two kinds of unit, and the shard folders they write
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ class UnitBatches(torch.utils.data.IterableDataset):
         for sample in iter_tar(unit.tar):
             key = sample["__key__"]
             item = {"key": key, "error": None}
-            ext = next((e for e in IMAGE_KEYS if e in sample), None)
+            ext = image_member(sample)
             try:
                 text = sample.get("txt", b"").decode("utf-8").strip()
                 if ext is None:

@@ -22,7 +22,7 @@ from pcm.samples import Sample
 from storage import atomic, claims, manifests, tables
 from storage.layout import StageDir
 from storage.lock import FileLock
-from storage.shards import IMAGE_EXTENSIONS, ShardWriter, iter_tar
+from storage.shards import ShardWriter, image_member, iter_tar
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,7 @@ def first_images(sd: StageDir, n_shards: int, n: int = 16) -> list[tuple[bytes, 
     items: list[tuple[bytes, str]] = []
     for i in range(n_shards):
         for sample in iter_tar(sd.image_shard(i)):
-            ext = next(e for e in IMAGE_EXTENSIONS.values() if e in sample)
-            items.append((sample[ext], sample["txt"].decode("utf-8")))
+            items.append((sample[image_member(sample)], sample["txt"].decode("utf-8")))
             if len(items) >= n:
                 return items
     return items

@@ -99,23 +99,31 @@ def claim_windows(keys: Sequence[K], lock: Callable[[K], Path], shard: Callable[
     writes each window's shards and releases their locks before asking for the next.
 
     Each window is the first free shards in order, those another process holds skipped and those
-    found done meanwhile left out (`on_done(key)` is told). When every shard left is held, the
-    first is waited for, then all are tried again: a dead holder's shard is claimed then, a
-    finished one dropped (without `on_done`).
+    found done meanwhile left out. When every shard left is held, the first is waited for, then all
+    are tried again: a dead holder's shard is claimed then, a finished one dropped. A shard of `keys`
+    not done at the start that another process finishes is told to `on_done(key)` once, when it is
+    found done, so a caller counting the yielded shards and these reaches len(keys); shards done at
+    the start are not told, and those yielded are the caller's to count.
     """
     todo = [k for k in keys if not is_done(shard(k))]
     while todo:
         mine: list[tuple[K, FileLock]] = []
-        for key in todo:
+        handed: set[int] = set()   # positions in `todo` of the shards yielded this round
+        for pos, key in enumerate(todo):
             if len(mine) >= window:
                 break
             got = try_claim(lock(key), shard(key))
-            if got is DONE and on_done is not None:  # finished by another process since the list was made
-                on_done(key)
             if not isinstance(got, Skip):
                 mine.append((key, got))
+                handed.add(pos)
         if mine:
             yield mine
         else:
             wait_released(lock(todo[0]))
-        todo = [k for k in todo if not is_done(shard(k))]
+        left = []
+        for pos, key in enumerate(todo):
+            if not is_done(shard(key)):
+                left.append(key)
+            elif pos not in handed and on_done is not None:  # finished by another process
+                on_done(key)
+        todo = left

@@ -102,8 +102,9 @@ ROOT_PREFIX = "@root/"
 
 
 def _root_of(marker: str | os.PathLike) -> Path:
-    """The run root of `<root>/<stage>/<fingerprint>/stage.done.json`."""
-    return Path(marker).resolve().parent.parent.parent
+    """The run root of a marker `<root>/<stage>/<fingerprint>/stage.done.json` (a local file): its stage
+    directory's, as storage.layout.run_root_of spells the run tree."""
+    return Path(run_root_of(Path(marker).resolve().parent))
 
 
 def _relative(s: str, root: Path) -> str:

@@ -24,6 +24,8 @@ from storage.fingerprint import file_digest
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
 # A sample's image member suffix by image format (the synthesize stage's image_format).
 IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# The members a sample's image may be under: those suffixes, and `jpeg` as other WebDataset writers spell it.
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 def check_key(key: str) -> str:
@@ -33,6 +35,11 @@ def check_key(key: str) -> str:
             f"invalid sample key {key!r}: use 1-200 characters of letters, digits, '_' or '-' "
             "(no '/', no '.', no spaces)")
     return key
+
+
+def image_member(sample: dict[str, Any]) -> str | None:
+    """The key of a sample's image member (`jpg`, `png`, ...), or None when it has no image."""
+    return next((k for k in IMAGE_KEYS if k in sample), None)
 
 
 def done_path(shard: Path) -> Path:

@@ -188,12 +188,33 @@ def test_claim_windows_hands_out_free_shards_a_window_at_a_time_then_waits_for_t
     assert all(is_done(shard(tmp_path, i)) for i in range(6))
 
 
-def test_claim_windows_drops_a_held_shard_its_holder_finished(tmp_path):
+def test_claim_windows_drops_a_held_shard_its_holder_finished_and_tells_on_done(tmp_path):
     held = try_lock(lock(tmp_path, 0))
     threading.Timer(0.3, lambda: (write(tmp_path, 0, key="holder"), held.release())).start()
+    done_elsewhere: list[int] = []
     windows = [[i for i, _ in c] for c in claims.claim_windows([0], lambda i: lock(tmp_path, i),
-                                                              lambda i: shard(tmp_path, i), window=4)]
+                                                              lambda i: shard(tmp_path, i), window=4,
+                                                              on_done=done_elsewhere.append)]
     assert windows == [] and [s["__key__"] for s in iter_tar(shard(tmp_path, 0))] == ["holder"]
+    assert done_elsewhere == [0]  # a caller counting progress still reaches the total
+
+
+def test_claim_windows_tells_on_done_of_a_held_shard_finished_while_a_window_is_written(tmp_path):
+    # Shard 1 is held when the first window is made; its holder finishes it while this process writes
+    # shards 0 and 2. It is never handed out, and told to on_done once; the written shards are not.
+    held = try_lock(lock(tmp_path, 1))
+    done_elsewhere: list[int] = []
+    windows = []
+    for claimed in claims.claim_windows(range(3), lambda i: lock(tmp_path, i), lambda i: shard(tmp_path, i),
+                                        window=4, on_done=done_elsewhere.append):
+        windows.append([i for i, _ in claimed])
+        for i, taken in claimed:
+            write(tmp_path, i)
+            taken.release()
+        write(tmp_path, 1, key="holder")
+        held.release()
+    assert windows == [[0, 2]] and done_elsewhere == [1]
+    assert len(windows[0]) + len(done_elsewhere) == 3
 
 
 # Each process claims the shards in turn and writes the ones it gets, slowly, noting each.

@@ -215,6 +215,13 @@ def test_exception_inside_writer_leaves_no_shard(tmp_path):
 
 
 @pytest.mark.bad_input
+def test_image_member_finds_every_format_the_writers_use():
+    # Every synthesize image_format's suffix, and `jpeg` as other WebDataset writers spell it; none -> None.
+    for ext in [*shards.IMAGE_EXTENSIONS.values(), "jpeg"]:
+        assert shards.image_member({"__key__": "k", "txt": b"a cat", "json": b"{}", ext: b"img"}) == ext
+    assert shards.image_member({"__key__": "k", "txt": b"a cat"}) is None
+
+
 def test_bad_keys_rejected(tmp_path):
     for key in ("a.b", "../x", "a/b", "", "x y", "/abs"):
         with pytest.raises(ValueError, match="invalid sample key"):

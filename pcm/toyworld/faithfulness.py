@@ -116,7 +116,7 @@ def sampled_images(stage: str | Path, n: int = DEFAULT_IMAGES, seed: int = DEFAU
 
     from storage import manifests, tables
     from storage.layout import StageDir
-    from storage.shards import iter_tar
+    from storage.shards import image_member, iter_tar
 
     sd = StageDir.at(stage)
     if sd.stage != "synthesize" or not sd.done_marker.exists():
@@ -132,7 +132,7 @@ def sampled_images(stage: str | Path, n: int = DEFAULT_IMAGES, seed: int = DEFAU
     for shard in sorted({ok[i]["shard"] for i in chosen}):
         for sample in iter_tar(sd.image_shard(shard)):
             if sample["__key__"] in wanted:
-                data = next(sample[e] for e in ("png", "jpg", "webp") if e in sample)
+                data = sample[image_member(sample)]
                 with Image.open(io.BytesIO(data)) as img:
                     found[sample["__key__"]] = (img.convert("RGB"), sample["txt"].decode("utf-8"))
     missing = [c for c in wanted if c not in found]
