@@ -94,7 +94,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     captions = as_result(captions)
     toy = judged_by_toy_clip(config)
     if toy:
-        wording_check(captions.path)
+        wording_check(captions)
     if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
         sd = plan(config, captions, RunLayout(root))
@@ -112,7 +112,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     for name, path in result.extra.get("pictures", {}).items():
         picture(stage_key("synthesize", result.fingerprint, name), path, f"synthesize: {name}", result.root)
     if toy:
-        report = synthesize_faithfulness(result.path)
+        report = synthesize_faithfulness(result)
         table(stage_key("synthesize", result.fingerprint, "faithfulness"), table_rows(report),
               f"synthesize: faithfulness of {report['images']} images to their captions, judged by the toy CLIP "
               "(pcm world quality --synthesize; docs/toyworld.md)")
@@ -126,12 +126,12 @@ def judged_by_toy_clip(config: SynthesizeConfig) -> bool:
 
 
 @task(name="synthesize-wording")
-def wording_check(captions: str) -> dict:
+def wording_check(captions: StageResult) -> dict:
     """Words of the training captions that the toy text-to-image model never saw: a warning in the log and a
     table on the dashboard above pcm.toyworld.wording's threshold."""
     from prefect import get_run_logger
 
-    report = unfamiliar(train_texts(captions))
+    report = unfamiliar(train_texts(captions.stage_dir))
     if message := warning(report):
         get_run_logger().warning(message)
         table("synthesize-unfamiliar-words", {k: v for k, v in report.items() if k != "examples"} |
@@ -140,6 +140,6 @@ def wording_check(captions: str) -> dict:
 
 
 @task(name="synthesize-faithfulness")
-def synthesize_faithfulness(path: str) -> dict:
+def synthesize_faithfulness(result: StageResult) -> dict:
     """The stage's faithfulness report, computed once and kept in the stage directory (faithfulness.json)."""
-    return stage_report(path)
+    return stage_report(result.stage_dir)
