@@ -30,17 +30,27 @@ from pcm.stages.synthesize import (
 from pcm.toyworld.faithfulness import stage_report, table_rows
 from pcm.toyworld.manifest import is_shipped
 from pcm.toyworld.wording import train_texts, unfamiliar, warning
-from storage.layout import RunLayout
+from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 from storage.shards import is_done
 
 
+def _planned(parameters: dict[str, Any]) -> StageDir:
+    """The stage directory of a shard task's parameters."""
+    return plan(parameters["config"], parameters["captions"], RunLayout(parameters["root"]))
+
+
 def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
-    sd = plan(parameters["config"], parameters["captions"], RunLayout(parameters["root"]))
-    return f"{sd.stage}-{sd.fingerprint}-shard-{parameters['index']:06d}"
+    sd = _planned(parameters)
+    return f"{sd.stage}-{sd.fingerprint}-{sd.shard_name(parameters['index'])}"
 
 
-@task(name="synthesize-shard", task_run_name="shard-{index:06d}", tags=["gpu"], retries=2,
+def _shard_run_name(parameters: dict[str, Any]) -> str:
+    """The shard task's run name on the dashboard: the shard's (`shard-000003`)."""
+    return _planned(parameters).shard_name(parameters["index"])
+
+
+@task(name="synthesize-shard", task_run_name=_shard_run_name, tags=["gpu"], retries=2,
       retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_key_fn=_shard_key)
 def synthesize_shard(config: SynthesizeConfig, captions: StageResult, root: str, index: int, force: bool = False) -> dict:
     r = run_synthesize(config, captions, RunLayout(root), shards=[index], force=force, finalize_when_complete=False,
@@ -102,7 +112,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
         done = []
         for k, index in enumerate(indices, 1):
             done.append(run_shard(config, captions, root, index, force))
-            progress(k, len(indices), f"shard-{index:06d}")
+            progress(k, len(indices), sd.shard_name(index))
         loaded_synthesizer.cache_clear()  # free the pipeline (GPU memory) before the next stages
         if pending_shards(config, captions, RunLayout(root)):
             # Other flow runs own the remaining shards; the last one finalises.
