@@ -50,7 +50,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the repository is put on sys.path in main()
+    from storage.layout import StageDir
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -407,7 +410,6 @@ def check_synthesize(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
 
     from pcm.stages import synthesize
     from pcm.stages.pipeline import resolve, run_pipeline
-    from storage.layout import StageDir
     from storage.shards import iter_tar
 
     ov = synth_overrides(gpu)
@@ -415,7 +417,7 @@ def check_synthesize(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
     t0 = time.perf_counter()
     r = run_pipeline(cfg, str(work / "runs"), stages=("synthesize",))["synthesize"]
     seconds = time.perf_counter() - t0
-    sd = StageDir.at(r.path)
+    sd = r.stage_dir
     c = Checks()
     n, limit = r.counts.get("shards", 0), ov["synthesize.limit"]
     c.add("all images ok", r.counts.get("ok") == limit and r.counts.get("failed") == 0, str(r.counts))
@@ -446,13 +448,12 @@ def check_encode(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
 
     from pcm.stages import encode
     from pcm.stages.pipeline import resolve, run_pipeline
-    from storage.layout import StageDir
 
     cfg = resolve("tiny", chain_overrides(gpu))
     t0 = time.perf_counter()
     r = run_pipeline(cfg, str(work / "runs"), stages=("encode",))["encode"]
     seconds = time.perf_counter() - t0
-    sd = StageDir.at(r.path)
+    sd = r.stage_dir
     c = Checks()
     units = r.extra.get("units", {})
     n_feat, n_real = len(units.get("features", [])), len(units.get("real", []))
@@ -483,10 +484,10 @@ def check_encode(work: Path, gpu: bool) -> tuple[dict[str, Any], Checks]:
     return figures, c
 
 
-def _losses(train_dir: str) -> list[tuple[int, float]]:
+def _losses(train: StageDir) -> list[tuple[int, float]]:
     from storage import jsonl
 
-    return [(r["step"], float(r["loss"])) for r in jsonl.read(Path(train_dir) / "metrics.jsonl") if "loss" in r]
+    return [(r["step"], float(r["loss"])) for r in jsonl.read(train.metrics_log) if "loss" in r]
 
 
 def compare_losses(eager: list[tuple[int, float]], other: list[tuple[int, float]], rtol: float, c: Checks) -> float:
@@ -523,7 +524,7 @@ def check_train(work: Path, gpu: bool, rtol: float) -> tuple[dict[str, Any], Che
         t0 = time.perf_counter()
         res = run_train(cfg.train, r["ingest"], r["encode"], RunLayout(work / f"train-{name}"))
         seconds = time.perf_counter() - t0
-        losses = _losses(res.path)
+        losses = _losses(res.stage_dir)
         runs[name] = {"seconds": round(seconds, 2), "steps": res.counts.get("steps"), "losses": losses}
         want = ov["train.max_steps"] // ov["train.log_every"]
         c.add(f"{name}: {ov['train.max_steps']} steps", res.counts.get("steps") == ov["train.max_steps"],

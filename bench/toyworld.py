@@ -51,16 +51,15 @@ def run_arm(args: tuple[str, dict, str, str]) -> dict:
     from pcm.stages.pipeline import resolve, run_pipeline
     from pcm.toyworld.score import attribute_accuracy
     from storage.atomic import read_json
-    from storage.layout import StageDir
 
     cfg = resolve("demo", overrides)
     t0 = time.monotonic()
     r = run_pipeline(cfg, root)
-    metrics = read_json(StageDir.at(r["evaluate"].path).metrics)
+    metrics = read_json(r["evaluate"].stage_dir.metrics)
     return {"arm": name, "overrides": overrides, "cider": metrics["metrics"]["CIDEr"] * 100,
             "bleu4": metrics["metrics"]["Bleu_4"] * 100,
             "control_cider": (metrics.get("control") or {}).get("metrics", {}).get("CIDEr", float("nan")) * 100,
-            "attributes": attribute_accuracy(r["evaluate"].path, r["ingest"].path, dataset),
+            "attributes": attribute_accuracy(r["evaluate"].stage_dir, r["ingest"].stage_dir, dataset),
             "train": r["train"].path, "evaluate": r["evaluate"].path, "seconds": round(time.monotonic() - t0, 1)}
 
 

@@ -34,7 +34,13 @@ def encode_reset(config: EncodeConfig, captions: StageResult, shards: StageResul
     reset_stage(config, captions, shards, RunLayout(root))
 
 
-@task(name="encode-features-shard", task_run_name="features-shard-{index:06d}", tags=["gpu"], retries=2,
+def _features_run_name(parameters: dict[str, Any]) -> str:
+    """The feature shard task's run name on the dashboard: `features-` and the shard's name."""
+    sd = plan(parameters["config"], parameters["captions"], parameters["shards"], RunLayout(parameters["root"]))
+    return f"features-{sd.shard_name(parameters['index'])}"
+
+
+@task(name="encode-features-shard", task_run_name=_features_run_name, tags=["gpu"], retries=2,
       retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def encode_features_shard(config: EncodeConfig, captions: StageResult, shards: StageResult, root: str,
                           index: int) -> dict:
@@ -91,7 +97,7 @@ def encode_flow(config: StageRef | EncodeConfig | dict[str, Any], captions: Stag
         progress = Progress(stage_key("encode", sd.fingerprint), "encode feature shards")
         for k, index in enumerate(indices, 1):
             encode_features_shard(config, captions, shards, root, index)
-            progress(k, len(indices), f"features-shard-{index:06d}")
+            progress(k, len(indices), f"features-{sd.shard_name(index)}")
         encode_real(config, captions, shards, root)
     result = run_stage(encode_stage, plan, verify, force=force, config=config, captions=captions, shards=shards,
                        root=root)

@@ -30,17 +30,27 @@ from pcm.stages.synthesize import (
 from pcm.toyworld.faithfulness import stage_report, table_rows
 from pcm.toyworld.manifest import is_shipped
 from pcm.toyworld.wording import train_texts, unfamiliar, warning
-from storage.layout import RunLayout
+from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 from storage.shards import is_done
 
 
+def _planned(parameters: dict[str, Any]) -> StageDir:
+    """The stage directory of a shard task's parameters."""
+    return plan(parameters["config"], parameters["captions"], RunLayout(parameters["root"]))
+
+
 def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
-    sd = plan(parameters["config"], parameters["captions"], RunLayout(parameters["root"]))
-    return f"{sd.stage}-{sd.fingerprint}-shard-{parameters['index']:06d}"
+    sd = _planned(parameters)
+    return f"{sd.stage}-{sd.fingerprint}-{sd.shard_name(parameters['index'])}"
 
 
-@task(name="synthesize-shard", task_run_name="shard-{index:06d}", tags=["gpu"], retries=2,
+def _shard_run_name(parameters: dict[str, Any]) -> str:
+    """The shard task's run name on the dashboard: the shard's (`shard-000003`)."""
+    return _planned(parameters).shard_name(parameters["index"])
+
+
+@task(name="synthesize-shard", task_run_name=_shard_run_name, tags=["gpu"], retries=2,
       retry_delay_seconds=30, retry_condition_fn=retry_transient, cache_key_fn=_shard_key)
 def synthesize_shard(config: SynthesizeConfig, captions: StageResult, root: str, index: int, force: bool = False) -> dict:
     r = run_synthesize(config, captions, RunLayout(root), shards=[index], force=force, finalize_when_complete=False,
@@ -94,7 +104,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     captions = as_result(captions)
     toy = judged_by_toy_clip(config)
     if toy:
-        wording_check(captions.path)
+        wording_check(captions)
     if force or not is_finished(plan, verify, config=config, captions=captions, root=root):
         indices = shard_indices(config, captions, shards)
         sd = plan(config, captions, RunLayout(root))
@@ -102,7 +112,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
         done = []
         for k, index in enumerate(indices, 1):
             done.append(run_shard(config, captions, root, index, force))
-            progress(k, len(indices), f"shard-{index:06d}")
+            progress(k, len(indices), sd.shard_name(index))
         loaded_synthesizer.cache_clear()  # free the pipeline (GPU memory) before the next stages
         if pending_shards(config, captions, RunLayout(root)):
             # Other flow runs own the remaining shards; the last one finalises.
@@ -112,7 +122,7 @@ def synthesize_flow(config: StageRef | SynthesizeConfig | dict[str, Any], captio
     for name, path in result.extra.get("pictures", {}).items():
         picture(stage_key("synthesize", result.fingerprint, name), path, f"synthesize: {name}", result.root)
     if toy:
-        report = synthesize_faithfulness(result.path)
+        report = synthesize_faithfulness(result)
         table(stage_key("synthesize", result.fingerprint, "faithfulness"), table_rows(report),
               f"synthesize: faithfulness of {report['images']} images to their captions, judged by the toy CLIP "
               "(pcm world quality --synthesize; docs/toyworld.md)")
@@ -126,12 +136,12 @@ def judged_by_toy_clip(config: SynthesizeConfig) -> bool:
 
 
 @task(name="synthesize-wording")
-def wording_check(captions: str) -> dict:
+def wording_check(captions: StageResult) -> dict:
     """Words of the training captions that the toy text-to-image model never saw: a warning in the log and a
     table on the dashboard above pcm.toyworld.wording's threshold."""
     from prefect import get_run_logger
 
-    report = unfamiliar(train_texts(captions))
+    report = unfamiliar(train_texts(captions.stage_dir))
     if message := warning(report):
         get_run_logger().warning(message)
         table("synthesize-unfamiliar-words", {k: v for k, v in report.items() if k != "examples"} |
@@ -140,6 +150,6 @@ def wording_check(captions: str) -> dict:
 
 
 @task(name="synthesize-faithfulness")
-def synthesize_faithfulness(path: str) -> dict:
+def synthesize_faithfulness(result: StageResult) -> dict:
     """The stage's faithfulness report, computed once and kept in the stage directory (faithfulness.json)."""
-    return stage_report(path)
+    return stage_report(result.stage_dir)

@@ -260,16 +260,16 @@ def load_pipeline(model: str, *, revision: str | None = None, dtype: str = "fp32
 def quiet_loading() -> Iterator[None]:
     """No per-component progress bars from diffusers and transformers while a pipeline loads (the stage has its
     own bar); their warnings stay."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+    import diffusers.utils.logging
+    import transformers.utils.logging
 
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         yield
     finally:
-        dlog.enable_progress_bar()
-        tlog.enable_progress_bar()
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
 
 
 def _load_pipeline(model: str, revision: str | None, dt: Any, device: str) -> Any:

@@ -151,20 +151,19 @@ def test_the_stage_report_judges_a_synthesize_stage_writes_its_file_and_reuses_i
     from pcm.toyworld import faithfulness
     from pcm.toyworld.dataset import build
     from storage import atomic
-    from storage.layout import StageDir
 
     data = tmp_path / "world"
     build(data, n_captions=60, n_val=1, n_test=1, train_images=True)
     ing = run_ingest(IngestConfig(source=str(data / "dataset_toyworld.json"), name="tw"), RunLayout(tmp_path / "runs"))
     cfg = SynthesizeConfig(model="tiny", paired_images=str(data), height=32, width=32, shard_size=25,
                            image_format="png", progress_bar=False, device="cpu")
-    stage = run_synthesize(cfg, ing, RunLayout(tmp_path / "runs")).path
+    stage = run_synthesize(cfg, ing, RunLayout(tmp_path / "runs")).stage_dir
     monkeypatch.setattr("pcm.toyworld.quality.load_toy_clip", lambda _dir: toy_clip)
 
     r = faithfulness.stage_report(stage, n=40, seed=3)
     assert r["images"] == 40 and r["images_in_stage"] == 60 and r["seed"] == 3
     assert r["caption_to_image_r1"] >= 0.85 and all(r["attributes"][a]["pairwise"] >= 0.9 for a in CHANGES), r
-    assert atomic.read_json(StageDir.at(stage).faithfulness) == r
+    assert atomic.read_json(stage.faithfulness) == r
     rows = faithfulness.table_rows(r)                        # the dashboard's table: one set of columns
     assert len({tuple(row) for row in rows}) == 1 and len(rows) == 2 + 2 * len(CHANGES) + 2
     assert "R@1" in faithfulness.summary_line(r)
@@ -181,7 +180,7 @@ def test_the_stage_report_judges_a_synthesize_stage_writes_its_file_and_reuses_i
         faithfulness.stage_report(stage, n=30, seed=3)                         # another choice: recomputed
     assert faithfulness.stage_report(stage, n=40, seed=3)["images"] == 40
     with pytest.raises(ValueError, match="not a finished synthesize stage"):
-        faithfulness.stage_report(ing.path)
+        faithfulness.stage_report(ing.stage_dir)
 
 
 def test_the_shipped_toy_text_to_image_model_is_recognised_by_content(tmp_path, monkeypatch):

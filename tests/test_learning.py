@@ -26,9 +26,9 @@ SMALL = {"ingest.subset": 600, "synthesize.steps": 5, "train.epochs": 10, "train
 
 def run(root, **extra) -> dict:
     r = run_pipeline(resolve("demo", SMALL | extra), str(root))
-    summary = read_json(r["evaluate"].stage_dir.file("metrics.json"))
+    summary = read_json(r["evaluate"].stage_dir.metrics)
     return {"cider": summary["metrics"]["CIDEr"], "control": summary["control"]["metrics"]["CIDEr"],
-            "attributes": attribute_accuracy(r["evaluate"].path, r["ingest"].path, shipped_paths()[0])}
+            "attributes": attribute_accuracy(r["evaluate"].stage_dir, r["ingest"].stage_dir, shipped_paths()[0])}
 
 
 @pytest.fixture(scope="module")

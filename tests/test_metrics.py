@@ -53,7 +53,7 @@ class FakeSpice:
 
 def coco_eval_direct(tmp_path, predictions, references, monkeypatch):
     """COCOEvalCap run the standard way: annotation JSON + results JSON loaded with pycocotools."""
-    from pycocoevalcap import eval as coco_eval
+    import pycocoevalcap.eval
     from pycocotools.coco import COCO
 
     ann = {"images": [{"id": int(k)} for k in references], "annotations": [], "type": "captions",
@@ -64,13 +64,13 @@ def coco_eval_direct(tmp_path, predictions, references, monkeypatch):
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     (tmp_path / "res.json").write_text(json.dumps([{"image_id": int(k), "caption": c} for k, c in predictions.items()]))
     if spice_missing():
-        monkeypatch.setattr(coco_eval, "Spice", FakeSpice)
+        monkeypatch.setattr(pycocoevalcap.eval, "Spice", FakeSpice)
     # COCOEvalCap's own pipeline (its tokenisation, its scorers, its averaging) on this process's kept METEOR
     # rather than a process of its own, which would load METEOR's tables once more.
-    monkeypatch.setattr(coco_eval, "Meteor", metrics.shared_meteor)
+    monkeypatch.setattr(pycocoevalcap.eval, "Meteor", metrics.shared_meteor)
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(tmp_path / "ann.json"))
-        ev = coco_eval.COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
+        ev = pycocoevalcap.eval.COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
         ev.evaluate()
     return ev
 

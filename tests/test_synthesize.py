@@ -292,19 +292,25 @@ def test_flow_retries_only_transient_errors():
 
 
 def test_flow_renders_each_shard_as_a_task_and_reuses_the_finished_stage(captions, layout, prefect_api):
+    from prefect.client.orchestration import get_client
+
     from flows.synthesize import synthesize_flow
 
     cfg = SynthesizeConfig(**TINY_SYNTHESIZE)
     part = synthesize_flow(cfg, captions.path, str(layout.root), shards=[2])  # a fan-out child's share
     assert part.extra["complete"] is False and part.counts["shards_pending"] == 2
     assert [d["index"] for d in part.extra["shard_reports"]] == [2]
-    first = synthesize_flow(cfg, captions.path, str(layout.root))
+    state = synthesize_flow(cfg, captions.path, str(layout.root), return_state=True)
+    first, first_run = state.result(), state.state_details.flow_run_id
     sd = plan(cfg, captions, layout)
     markers = {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)}
     again = synthesize_flow(cfg, captions.path, str(layout.root))
     assert first.extra["complete"] and first.counts["ok"] == N_TRAIN and shard_keys(first.path) == train_ids()
     assert again.fingerprint == first.fingerprint
     assert {i: sd.shard_done("shards", i).stat().st_mtime_ns for i in range(3)} == markers  # nothing redone
+    with get_client(sync_client=True) as client:                  # each shard task is named after its shard
+        names = {t.name for t in client.read_task_runs() if t.flow_run_id == first_run}
+    assert {"shard-000000", "shard-000001"} <= names
 
 
 

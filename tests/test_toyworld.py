@@ -155,8 +155,7 @@ def test_toy_text_to_image_loads_through_from_pretrained_and_draws_32px():
 def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
     from pcm.stages.ingest import IngestConfig, run_ingest
     from pcm.stages.synthesize import SynthesizeConfig, run_synthesize
-    from storage import tables
-    from storage.layout import StageDir
+    from storage import manifests
     from storage.shards import iter_tar
 
     data = tmp_path / "world"
@@ -167,14 +166,13 @@ def test_paired_images_put_each_captions_own_drawing_in_the_shards(tmp_path):
                            image_format="png", progress_bar=False, device="cpu")
     res = run_synthesize(cfg, ing, RunLayout(tmp_path / "runs"))
     assert res.counts["ok"] == 5 and res.counts["failed"] == 1
-    rows = tables.read(StageDir.at(res.path).file("samples.parquet"), tables.SAMPLES).to_pylist()
+    rows = manifests.SAMPLES.read(res.stage_dir).to_pylist()
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 1 and "train-00002.png" in failed[0]["error"]
-    caps = {r["caption_id"]: r for r in tables.read(StageDir.at(ing.path).file("captions.parquet"),
-                                                    tables.CAPTIONS).to_pylist()}
+    caps = {r["caption_id"]: r for r in manifests.CAPTIONS.read(ing.stage_dir).to_pylist()}
     n = 0
     for i in range(res.counts["shards"]):
-        for sample in iter_tar(StageDir.at(res.path).shard_file("shards", i, "tar")):
+        for sample in iter_tar(res.stage_dir.image_shard(i)):
             src = np.asarray(Image.open(data / caps[sample["__key__"]]["image_path"]).convert("RGB"))
             assert (np.asarray(Image.open(io.BytesIO(sample["png"]))) == src).all()
             assert json.loads(sample["json"])["paired_image"] == caps[sample["__key__"]]["image_path"]

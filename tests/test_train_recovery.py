@@ -286,6 +286,6 @@ def test_checkpoints_record_the_same_rng_states_on_every_run(tmp_path):
         random.seed(100 + i)      # the process's global RNGs differ before each run
         np.random.seed(100 + i)
         result = run_train(tiny_train_config(epochs=1, val_metric="loss"), cap, enc, RunLayout(tmp_path / root))
-        latest = checkpoints.latest(StageDir.at(result.path).checkpoints)
+        latest = checkpoints.latest(result.stage_dir.checkpoints)
         states.append(json.loads((latest / "state.json").read_text()))
     assert states[0]["rng"] == states[1]["rng"]  # though the two runs began from different global states

@@ -5,11 +5,14 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from pcm.cli.common import VALUE_SYNTAX, build_config, config_command, pipeline_presets, writable_dir
+
+if TYPE_CHECKING:
+    from storage.result import StageResult
 
 RUN_EXAMPLES = """Examples:
 
@@ -74,11 +77,11 @@ def toy_generator(config: Any) -> bool:
     return config.source == "generated" and is_shipped(config.model, "t2i")
 
 
-def warn_unfamiliar_words(captions: str) -> None:
+def warn_unfamiliar_words(captions: StageResult) -> None:
     """Say when the training captions hold words the toy text-to-image model never saw (pcm.toyworld.wording)."""
     from pcm.toyworld.wording import train_texts, unfamiliar, warning
 
-    if message := warning(unfamiliar(train_texts(captions))):
+    if message := warning(unfamiliar(train_texts(captions.stage_dir))):
         typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
@@ -99,13 +102,13 @@ def print_scores(evaluate: str) -> None:
                f"{', '.join(scores)}{shown}\nreport: {sd.report}")
 
 
-def print_faithfulness(config: Any, stage: str) -> None:
+def print_faithfulness(config: Any, stage: StageResult) -> None:
     """For images of the shipped toy text-to-image model: how faithful they are to their captions (the toy CLIP's
     judgement, kept in the stage's faithfulness.json; a few seconds the first time)."""
     from pcm.toyworld.faithfulness import stage_report, summary_line
 
     if toy_generator(config):
-        typer.echo(f"{'':<11} faithfulness: {summary_line(stage_report(stage))}")
+        typer.echo(f"{'':<11} faithfulness: {summary_line(stage_report(stage.stage_dir))}")
 
 
 def register(app: typer.Typer) -> None:
@@ -147,13 +150,13 @@ def register(app: typer.Typer) -> None:
         writable_dir(root)
         if toy_generator(cfg.synthesize) and STAGE_ORDER.index(max(wanted, key=STAGE_ORDER.index)) > 0:
             # Before anything is rendered: does the toy model know these captions' words?
-            warn_unfamiliar_words(run_pipeline(cfg, root, stages=("ingest",), force=forced)["ingest"].path)
+            warn_unfamiliar_words(run_pipeline(cfg, root, stages=("ingest",), force=forced)["ingest"])
         results = run_pipeline(cfg, root, stages=wanted, force=forced)
         for name, r in results.items():
             state = "cached" if r.cached else "done"
             typer.echo(f"{name:<11} {state:<7} {r.path}  {json.dumps(r.counts)}")
         if "synthesize" in results:
-            print_faithfulness(cfg.synthesize, results["synthesize"].path)
+            print_faithfulness(cfg.synthesize, results["synthesize"])
         if "evaluate" in results:
             print_scores(results["evaluate"].path)
 

@@ -102,10 +102,10 @@ def quality(
     from pcm.toyworld.faithfulness import stage_report, summary_line
     from storage.layout import StageDir
 
-    report = stage_report(synthesize, clip or (models / "clip" if models else None), n=images, seed=seed,
-                          reuse=not force)
+    sd = StageDir.at(synthesize)   # the directory given, resolved once here
+    report = stage_report(sd, clip or (models / "clip" if models else None), n=images, seed=seed, reuse=not force)
     typer.echo(json.dumps(report, indent=2))
-    typer.echo(f"{summary_line(report)}\nwritten to {StageDir.at(synthesize).faithfulness}", err=True)
+    typer.echo(f"{summary_line(report)}\nwritten to {sd.faithfulness}", err=True)
 
 
 @world_app.command("check")

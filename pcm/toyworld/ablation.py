@@ -108,7 +108,7 @@ def run_arm(level: str, arm: str, seed: int, root: str | os.PathLike, records: s
            "overrides": LEVELS[level][1] | ARMS[arm], "cider": metrics["metrics"]["CIDEr"] * 100,
            "bleu4": metrics["metrics"]["Bleu_4"] * 100, "control_cider": control * 100,
            "per_image_cider": {p["image_id"]: p["cider"] * 100 for p in per_image},
-           "attributes": attribute_accuracy(r["evaluate"].path, r["ingest"].path, cfg.ingest.source),
+           "attributes": attribute_accuracy(ev, r["ingest"].stage_dir, cfg.ingest.source),
            "cxe": r["train"].extra.get("cxe", {}), "train_pairs": r["train"].counts.get("train_pairs"),
            "refine": refined,
            "stages": {s: res.fingerprint for s, res in r.items()}, "commit": _commit(),
@@ -155,16 +155,16 @@ def level_faithfulness(level: str, root: str | os.PathLike) -> dict[str, Any] | 
     """The faithfulness report (pcm.toyworld.faithfulness) of a level's synthesize stage under `root`, or None
     when that stage has not finished there (nothing is run)."""
     from pcm.stages import ingest, synthesize
-    from pcm.stages.contract import load_result
     from pcm.toyworld.faithfulness import stage_report
     from storage.layout import RunLayout
+    from storage.result import StageResult
 
     cfg = arm_config(level, ARMS_OF[level][0], 0)
     captions = ingest.plan(cfg.ingest, RunLayout(root))
     if not captions.done_marker.exists():
         return None
-    images = synthesize.plan(cfg.synthesize, load_result(captions.path), RunLayout(root))
-    return stage_report(images.path) if images.done_marker.exists() else None
+    images = synthesize.plan(cfg.synthesize, StageResult.load(captions.done_marker), RunLayout(root))
+    return stage_report(images) if images.done_marker.exists() else None
 
 
 def load_records(records: str | os.PathLike) -> dict[tuple[str, str, int], dict[str, Any]]:

@@ -26,9 +26,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcm.toyworld.counterfactual import CHANGES, Parsed, parse, variants
+
+if TYPE_CHECKING:
+    from storage.layout import StageDir
 
 DEFAULT_IMAGES = 200
 DEFAULT_SEED = 0
@@ -107,7 +110,7 @@ def _caption_to_image(sim, queries: list[Parsed | str]) -> tuple[float, float]:
 
 
 # -- a synthesize stage --------------------------------------------------------------------------
-def sampled_images(stage: str | Path, n: int = DEFAULT_IMAGES, seed: int = DEFAULT_SEED):
+def sampled_images(sd: StageDir, n: int = DEFAULT_IMAGES, seed: int = DEFAULT_SEED):
     """(caption ids, PIL images, captions) of `min(n, all)` ok images of a finished synthesize stage: a seeded
     random choice (random.Random(seed).sample over samples.parquet's ok rows in file order), in that order."""
     import io
@@ -115,10 +118,8 @@ def sampled_images(stage: str | Path, n: int = DEFAULT_IMAGES, seed: int = DEFAU
     from PIL import Image
 
     from storage import manifests, tables
-    from storage.layout import StageDir
     from storage.shards import image_member, iter_tar
 
-    sd = StageDir.at(stage)
     if sd.stage != "synthesize" or not sd.done_marker.exists():
         raise ValueError(f"{sd.path}: not a finished synthesize stage directory (<root>/synthesize/<fingerprint> "
                          "with a stage.done.json)")
@@ -142,27 +143,25 @@ def sampled_images(stage: str | Path, n: int = DEFAULT_IMAGES, seed: int = DEFAU
     return ids, [found[c][0] for c in ids], [found[c][1] for c in ids]
 
 
-def stage_report(stage: str | Path, clip_dir: str | Path | None = None, n: int = DEFAULT_IMAGES,
+def stage_report(sd: StageDir, clip_dir: str | Path | None = None, n: int = DEFAULT_IMAGES,
                  seed: int = DEFAULT_SEED, reuse: bool = True) -> dict[str, Any]:
     """The report of a finished synthesize stage, written to its `faithfulness.json` (atomically) and returned.
 
     `clip_dir`: the toy CLIP (default the shipped one). With `reuse`, a file already there made with the
     same toy CLIP (by content), `n`, `seed` and report version is returned as it is.
     """
-    from pcm.toyworld.dataset import SHIPPED_MODELS
+    from pcm import bundled
     from pcm.toyworld.manifest import dir_digest
     from pcm.toyworld.quality import load_toy_clip
     from storage import atomic
-    from storage.layout import StageDir
 
-    sd = StageDir.at(stage)
-    clip_dir = Path(clip_dir or SHIPPED_MODELS / "clip")
+    clip_dir = Path(clip_dir or bundled.TOYMODELS / "clip")
     made_with = {"version": REPORT_VERSION, "images_asked": n, "seed": seed, "clip_sha256": dir_digest(clip_dir)}
     if reuse and sd.faithfulness.is_file():
         old = atomic.read_json(sd.faithfulness)
         if all(old.get(k) == v for k, v in made_with.items()):
             return old
-    ids, images, captions = sampled_images(sd.path, n, seed)
+    ids, images, captions = sampled_images(sd, n, seed)
     report = measure(images, captions, load_toy_clip(clip_dir))
     config = atomic.read_json(sd.config_file).get("config", {}) if sd.config_file.is_file() else {}
     report |= made_with | {
@@ -173,7 +172,7 @@ def stage_report(stage: str | Path, clip_dir: str | Path | None = None, n: int =
     return report
 
 
-def _ok_count(sd) -> int:
+def _ok_count(sd: StageDir) -> int:
     from storage import manifests, tables
 
     return sum(s == tables.STATUS_OK for s in manifests.SAMPLES.read(sd, columns=["status"])["status"].to_pylist())

@@ -10,12 +10,13 @@ from storage import manifests
 from storage.layout import StageDir
 
 
-def attribute_accuracy(evaluate: str | Path, captions: str | Path, dataset: str | Path) -> dict[str, float]:
+def attribute_accuracy(evaluate: StageDir, captions: StageDir, dataset: str | Path) -> dict[str, float]:
     """Share of evaluated images whose caption gets each attribute right, joining the evaluate stage's
-    per-image captions to the dataset's scene records. Sky and ground are judged on the captions that
-    mention them (`sky_stated`, `ground_stated`: how many do); kinds, colours, count and all on every one."""
-    per_image = manifests.PER_IMAGE.read(StageDir.at(evaluate), columns=["image_id", "caption"])
-    rows = manifests.CAPTIONS.read(StageDir.at(captions), columns=["image_id", "image_path"]).to_pylist()
+    per-image captions (`evaluate`) to the dataset's scene records through the ingest stage (`captions`). Sky
+    and ground are judged on the captions that mention them (`sky_stated`, `ground_stated`: how many do); kinds,
+    colours, count and all on every one."""
+    per_image = manifests.PER_IMAGE.read(evaluate, columns=["image_id", "caption"])
+    rows = manifests.CAPTIONS.read(captions, columns=["image_id", "image_path"]).to_pylist()
     path_of = {r["image_id"]: r["image_path"] for r in rows}
     scenes = read_scenes(dataset)
     hits = {a: 0 for a in ATTRIBUTES}

@@ -11,9 +11,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcm.toyworld.world import caption_vocabulary
+
+if TYPE_CHECKING:
+    from storage.layout import StageDir
 
 # Warn when more than this share of the captions hold a word the toy model never saw.
 WARN_CAPTION_SHARE = 0.05
@@ -49,10 +52,9 @@ def warning(report: dict[str, Any]) -> str | None:
             "listed in docs/toyworld.md (What the toy models understand)")
 
 
-def train_texts(captions: str) -> list[str]:
-    """The ok training captions of an ingest stage directory (what synthesize renders)."""
+def train_texts(captions: StageDir) -> list[str]:
+    """The ok training captions of an ingest stage (what synthesize renders)."""
     from storage import manifests, tables
-    from storage.layout import StageDir
 
-    rows = manifests.CAPTIONS.read(StageDir.at(captions), columns=["split", "text", "status"]).to_pylist()
+    rows = manifests.CAPTIONS.read(captions, columns=["split", "text", "status"]).to_pylist()
     return [r["text"] for r in tables.ok_rows(rows, "train")]
