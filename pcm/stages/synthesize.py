@@ -222,13 +222,13 @@ def pending_shards(config: SynthesizeConfig, captions: StageResult, layout: RunL
 def verify(sd: StageDir) -> str | None:
     """None when every shard and samples.parquet exist, else what is missing."""
     if not sd.done_marker.exists():
-        return "no stage.done.json"
+        return f"no {sd.done_marker.name}"
     n = StageResult.load(sd.done_marker).counts.get("shards", 0)
     missing = [i for i in range(n) if not is_done(sd.image_shard(i))]
     if missing:
         return f"{len(missing)} shard(s) missing, e.g. {sd.shard_name(missing[0])}"
     if not manifests.SAMPLES.exists(sd):
-        return "samples.parquet missing"
+        return f"{manifests.SAMPLES.name} missing"
     return None
 
 
@@ -403,7 +403,7 @@ def write_card(config: SynthesizeConfig, captions: StageResult, sd: StageDir, co
 
     generator = config.source if config.source != "generated" else (
         f"{Path(config.model).name} (local directory)" if local_model_dir(config.model) is not None else config.model)
-    shards = f"{sd.shard_dir('shards').name}/{sd.shard_name(0).split('-')[0]}-*.tar"
+    shards = sd.shard_glob("shards", "tar")
     text = cards.dataset_card(
         config=config.model_dump(mode="json"), counts=counts, source_dataset=captions.extra.get("name"),
         toy=config.source == "generated" and cards.is_toy_generator(config.model), generator=generator,
