@@ -1,16 +1,19 @@
 """The encoded real images of one split with their reference captions: what train validates on and evaluate scores.
 
 Read from an ingest stage's captions.parquet (the references) and an encode stage's real.parquet (where
-each image's features are). No model library is imported: `pcm evaluate` checks its inputs without torch.
+each image's features are), and their features batched from the encode stage's real/ shards. No model
+library is imported: `pcm evaluate` checks its inputs without torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from storage import manifests, tables
+from storage import manifests, shards, tables
 from storage.layout import StageDir
 
 
@@ -73,3 +76,33 @@ def load_split_images(cap: StageDir, enc: StageDir, split: str, max_images: int 
     out.references = [refs[r["image_id"]] for r in usable]
     out.not_encoded = sorted(set(refs) - seen)
     return out
+
+
+def check_features(images: SplitImages, store: Any) -> None:
+    """Every feature shard of `images` is finished (file and marker) and each image's row holds it, in `store` (a
+    pcm.dataset.FeatureStore of an encode stage's real/ shards); otherwise a FileNotFoundError or ValueError naming
+    the shard. Checked before any batch is read: a bad shard fails the work before any image is decoded."""
+    for s in sorted(set(images.shard.tolist())):
+        path = store.sd.feature_shard(store.kind, s)
+        if not shards.is_done(path):
+            raise FileNotFoundError(f"{path}: real-image feature shard missing or unfinished; rerun the encode stage")
+    store.check_rows(images.shard, images.row, images.image_ids)
+
+
+def feature_batches(images: SplitImages, store: Any, device: Any, batch_size: int, *,
+                    by_shard: bool = False) -> Iterator[tuple[np.ndarray, Any, Any]]:
+    """(positions in `images`, their global features [b, D], their patches [b, P, W]) on `device`, `batch_size`
+    images at a time, from `store` (a pcm.dataset.FeatureStore), in the stored dtype (the model widens them).
+
+    In the split's order (image id), a batch taking images from any shards; `by_shard`: shard by shard (sorted), a
+    batch never spanning two shards. Both orders are kept because a batch's make-up can move a row's floating-point
+    result (matrix kernels chosen by batch size): evaluate's predictions were made shard by shard, train's
+    validation scores across shards, and neither may change.
+    """
+    groups = ([np.flatnonzero(images.shard == s) for s in np.unique(images.shard)] if by_shard
+              else [np.arange(len(images))])
+    for members in groups:
+        for start in range(0, len(members), batch_size):
+            at = members[start: start + batch_size]
+            g, v = store.gather(images.shard[at], images.row[at])
+            yield at, g.to(device), v.to(device)

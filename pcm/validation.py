@@ -3,7 +3,6 @@ images' stored features, or the caption loss per reference (no decoding, no Java
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from pcm.dataset import caption_tokens
 from pcm.decode import decode_features
 from pcm.loss import caption_loss
-from pcm.split_images import SplitImages
+from pcm.split_images import SplitImages, feature_batches
 
 
 def evaluate_val(model: Any, vocab: Any, val: SplitImages, store: Any, device: Any, autocast: Any, *, metric: str,
@@ -24,14 +23,15 @@ def evaluate_val(model: Any, vocab: Any, val: SplitImages, store: Any, device: A
         from pcm.metrics import score_cider  # the COCO scorers, loaded only when used
 
         with torch.no_grad(), autocast:
-            batches = ((val.image_ids[sl], g, v) for sl, g, v in _val_batches(val, store, device, batch_size))
+            batches = (([val.image_ids[i] for i in at], g, v)
+                       for at, g, v in feature_batches(val, store, device, batch_size))
             predictions = decode_features(model, vocab, batches, beam_size=beam, max_len=model.cfg.max_len,
                                           length_penalty=0.0)
         return score_cider(predictions, dict(zip(val.image_ids, val.references, strict=True)))
     losses: list[float] = []
     with torch.no_grad(), autocast:
-        for sl, g, v in _val_batches(val, store, device, batch_size):
-            refs = val.references[sl]
+        for at, g, v in feature_batches(val, store, device, batch_size):
+            refs = [val.references[i] for i in at]
             which = np.repeat(np.arange(len(refs)), [len(r) for r in refs])
             inp, out = caption_tokens([t for r in refs for t in r], vocab, model.cfg.max_len)
             memory, pad = model.encode(g, v)
@@ -40,10 +40,3 @@ def evaluate_val(model: Any, vocab: Any, val: SplitImages, store: Any, device: A
             losses.append(float(caption_loss(logits, torch.from_numpy(out).to(device), pad=vocab.pad)) * n)
     return sum(losses) / sum(len(r) for r in val.references)
 
-
-def _val_batches(val: SplitImages, store: Any, device: Any, batch_size: int) -> Iterator[tuple[slice, Any, Any]]:
-    """(slice of the val images, their global features, their patches), `batch_size` images at a time, on `device`."""
-    for start in range(0, len(val), batch_size):
-        sl = slice(start, start + batch_size)
-        g, v = store.gather(val.shard[sl], val.row[sl])
-        yield sl, g.to(device), v.to(device)

@@ -199,9 +199,13 @@ class StageDir:
     def shard_lock(self, kind: str, index: int) -> Path:
         return shard_lock_of(self.shard_file(kind, index, "done.json"))
 
+    def shard_glob(self, kind: str, suffix: str) -> str:
+        """`<kind>/shard-*.<suffix>`: every shard file of a kind, as a glob pattern relative to the stage directory."""
+        return f"{self.shard_dir(kind).name}/shard-*.{suffix}"
+
     def shard_count(self, kind: str, suffix: str) -> int:
         """How many `<kind>/shard-*.<suffix>` files are on disk (finished or not: the markers say which are done)."""
-        return len(list(self.shard_dir(kind).glob(f"shard-*.{suffix}")))
+        return len(list(self.path.glob(self.shard_glob(kind, suffix))))
 
     def image_shard(self, index: int) -> Path:
         """synthesize: `shards/shard-NNNNNN.tar`."""

@@ -54,14 +54,19 @@ def dry_run(*args: str):
 
 # -- 3. pcm synthesize: a random-weight preset renders at its own size -------------------------------
 def test_synthesize_defaults_to_the_presets_own_size_and_steps_and_says_so():
+    from pcm.stages.pipeline import resolve
+
     tiny = json.loads((PRESETS / "diffusion" / "tiny.json").read_text())["render"]
     with open(PRESETS / "pipeline" / "tiny.toml", "rb") as f:
         section = tomllib.load(f)["synthesize"]
-    assert {k: section[k] for k in tiny} == tiny   # the pipeline preset renders alike
+    assert not set(tiny) & set(section)   # the pipeline preset leaves size and steps to the model preset...
+    assert {k: getattr(resolve("tiny").synthesize, k) for k in tiny} == tiny   # ...and renders alike
     config, said = dry_run()
     assert config["model"] == "tiny"
     assert (config["height"], config["width"], config["steps"]) == (tiny["height"], tiny["width"], tiny["steps"])
     assert f"{tiny['width']}x{tiny['height']} px, {tiny['steps']} steps" in said and "RANDOM WEIGHTS" in said
+    shown = {k: d for k, d, _ in command("synthesize").config_rows()}
+    assert {k: int(shown[k]) for k in tiny} == tiny   # --help's default column: what this run got
     # What the user gives wins; the rest still comes from the preset.
     config, _ = dry_run("--set", "height=128", "--set", "steps=2")
     assert (config["height"], config["width"], config["steps"]) == (128, tiny["width"], 2)
@@ -77,7 +82,7 @@ def test_every_entry_point_gets_the_same_synthesize_config_from_the_same_values(
     cli, _ = dry_run("--set", "limit=3")
     python = SynthesizeConfig(limit=3)
     raw = apply_overrides(load_preset("tiny"), parse_assignments(["synthesize.limit=3"]))
-    del raw["synthesize"]["height"], raw["synthesize"]["width"], raw["synthesize"]["steps"]
+    assert not {"height", "width", "steps"} & set(raw["synthesize"])   # all three from the model preset
     flow = SynthesizeConfig.model_validate(raw["synthesize"])
     assert cli == python.model_dump(mode="json")
     assert (flow.height, flow.width, flow.steps) == (python.height, python.width, python.steps) == (64, 64, 4)
@@ -88,8 +93,9 @@ def test_synthesize_real_models_keep_the_config_defaults():
     from pcm.stages.synthesize import SynthesizeConfig
 
     defaults = {k: SynthesizeConfig.model_fields[k].default for k in ("height", "width", "steps")}
-    shown = {k: d for k, d, _ in command("synthesize").config_rows()}
-    assert {k: int(shown[k]) for k in defaults} == defaults  # what --help shows
+    rows = {k: (d, t) for k, d, t in command("synthesize").config_rows()}
+    for k, default in defaults.items():  # --help names them for any model that is no preset
+        assert f"`render`, else {default})" in rows[k][1], rows[k][1]
     config, said = dry_run("--set", "model=some-org/some-model")
     assert {k: config[k] for k in defaults} == defaults
     assert "RANDOM WEIGHTS" not in said and "model some-org/some-model" in said
@@ -339,6 +345,8 @@ def test_every_stage_help_lists_every_config_field_with_its_default(stage, monke
     assert res.exit_code == 0, res.output
     cls = config_class(stage)
     expected = expected_defaults(cls)
+    if stage == "synthesize":  # size and steps: what a run with none set gets, the default model's (tiny's)
+        expected |= {"height": "64", "width": "64", "steps": "4"}
     if stage == "train":
         from pcm.model import PCMNetConfig
 
@@ -348,7 +356,7 @@ def test_every_stage_help_lists_every_config_field_with_its_default(stage, monke
     for name, f in cls.model_fields.items():  # and what each field means, from its pydantic description
         if f.description:
             assert " ".join(f.description.split())[:40] in " ".join(res.output.split()), name
-    literal = {"ingest": 'splits  ["train", "val", "test"]', "synthesize": "steps  20", "encode": "clip.model  ViT-L-14",
+    literal = {"ingest": 'splits  ["train", "val", "test"]', "synthesize": "steps  4", "encode": "clip.model  ViT-L-14",
                "refine": "keep_fraction  0.9", "train": "cxe_w  4.0", "evaluate": "beam_size  3"}[stage]
     key, default = literal.split("  ")
     assert re.search(rf"^\W*{re.escape(key)}\s+{re.escape(default)}\s", res.output, flags=re.M), literal

@@ -187,3 +187,37 @@ def test_flow_caches_on_the_fingerprint_and_publishes_artifacts(run, tmp_path, m
     second = evaluate_flow(cfg, run["train"].path, run["encode"].path, run["captions"].path, root=root)
     assert second.path == first.path
     assert json.loads(Path(first.path, "metrics.json").read_text())["metrics"]["SPICE"] == "skipped: spice=off"
+
+
+def test_split_feature_batches_keep_each_callers_batches_and_check_shards_first(tmp_path):
+    """feature_batches: evaluate's batches never span a shard (by_shard), validation's follow the split across
+    shards; each batch's features are the rows the split names (read here straight from the shard files)."""
+    from builders import train_inputs
+
+    from pcm.dataset import FeatureStore, open_features
+    from pcm.split_images import SplitImages, check_features, feature_batches
+
+    _, encode = train_inputs(tmp_path, n_train=8)   # features/: c0000-c0003 in shard 0, c0004-c0007 in shard 1
+    enc = encode.stage_dir
+    ids = [f"c{i:04d}" for i in range(8)]
+    images = SplitImages(image_ids=ids, shard=np.array([0] * 4 + [1] * 4), row=np.array([0, 1, 2, 3] * 2))
+    store = FeatureStore(enc, "features")
+    check_features(images, store)
+    stored = [open_features(enc.feature_shard("features", s))[0] for s in (0, 1)]
+
+    def batches(**kw):
+        return [(at.tolist(), g, v) for at, g, v in feature_batches(images, store, "cpu", 3, **kw)]
+
+    assert [at for at, _, _ in batches()] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert [at for at, _, _ in batches(by_shard=True)] == [[0, 1, 2], [3], [4, 5, 6], [7]]
+    for at, g, v in batches():
+        want = [stored[images.shard[i]]["global"][images.row[i]] for i in at]
+        assert np.array_equal(g.numpy(), np.stack(want)) and g.dtype == torch.float16  # the stored dtype
+        assert v.shape == (len(at), *stored[0]["patches"].shape[1:])
+
+    bad = SplitImages(image_ids=ids[:2], shard=np.array([0, 0]), row=np.array([1, 0]))   # rows swapped
+    with pytest.raises(ValueError, match="row 1 should hold 'c0000' but holds c0001"):
+        check_features(bad, store)
+    enc.shard_done("features", 1).unlink()   # a shard without its marker is unfinished, even if its file is whole
+    with pytest.raises(FileNotFoundError, match="shard-000001.safetensors: real-image feature shard missing or unfinished"):
+        check_features(images, FeatureStore(enc, "features"))

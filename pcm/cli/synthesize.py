@@ -20,8 +20,13 @@ from pcm.cli.common import (
 
 def help_rows(rows: list[Row]) -> list[Row]:
     """--help's rows, with the real size rule of each model and what a preset renders at (`tiny 64`), both read
-    from the presets (pcm.diffusion), as SynthesizeConfig applies them."""
+    from the presets (pcm.diffusion), as SynthesizeConfig applies them; the default shown for height, width and
+    steps is what a run with none of them set gets (the default model's preset's; the description names the rest)."""
+    from pcm.config import toml_text
+    from pcm.stages.synthesize import SynthesizeConfig
+
     names = diffusion.preset_names()
+    unset = SynthesizeConfig()   # the default model, its preset's render applied as for any run
     out = []
     for key, default, text in rows:
         if key in ("height", "width"):
@@ -29,7 +34,8 @@ def help_rows(rows: list[Row]) -> list[Row]:
             text = f"{text}; the VAE factor is {diffusion.SD_VAE_FACTOR} for Stable Diffusion; presets: {factors}"
         if key in ("height", "width", "steps"):
             per = ", ".join(f"{n} {diffusion.render_defaults(n)[key]}" for n in names)
-            text = f"{text}; unless set, a preset model uses its own: {per}"
+            text = f"{text}; presets render at: {per}"
+            default = toml_text(getattr(unset, key))
         out.append((key, default, text))
     return out
 

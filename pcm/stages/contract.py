@@ -161,7 +161,7 @@ def load_result(path: str | Path) -> StageResult:
     """The result of a finished stage directory (given as a path), or a clear error."""
     marker = StageDir.at(path).done_marker   # a URL is fetched from the store (storage.remote)
     if not marker.exists():
-        raise FileNotFoundError(f"{path}: not a finished stage directory (no stage.done.json); run that stage first")
+        raise FileNotFoundError(f"{path}: not a finished stage directory (no {marker.name}); run that stage first")
     return StageResult.load(marker)
 
 

@@ -302,7 +302,7 @@ def stage_files(sd: StageDir, real_only: bool = False) -> list[Path]:
 def verify(sd: StageDir) -> str | None:
     """None when every output exists with its done marker, else what is missing."""
     if not sd.done_marker.exists():
-        return "stage.done.json missing"
+        return f"{sd.done_marker.name} missing"
     try:
         extra = StageResult.load(sd.done_marker).extra
     except ValueError as e:

@@ -17,22 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from pcm.config import BY_CONTENT, StageConfig
-from pcm.split_images import SplitImages, load_split_images
+from pcm.split_images import SplitImages, check_features, feature_batches, load_split_images
 from pcm.stages.contract import (
     ProgressFn,
     cached,
     drop_marker,
     finish,
-    load_result,
     locked,
     stage_dir,
 )
-from storage import atomic, manifests, publish, shards
+from storage import atomic, manifests, publish
 from storage.layout import RunLayout, StageDir
 from storage.result import StageResult
 
@@ -121,11 +119,11 @@ def load_eval_set(encode: StageResult, captions: StageResult, split: str) -> Spl
     enc, cap = encode.stage_dir, captions.stage_dir
     out = load_split_images(cap, enc, split)
     if out.unreferenced:
-        raise ValueError(f"{cap.file('captions.parquet')}: {len(out.unreferenced)} {split} images of {enc.path} have "
+        raise ValueError(f"{manifests.CAPTIONS.path(cap)}: {len(out.unreferenced)} {split} images of {enc.path} have "
                          f"no reference captions, e.g. {out.unreferenced[:5]}; pass the captions (ingest) stage of the "
                          "dataset whose images were encoded")
     if not out.image_ids:
-        raise ValueError(f"{enc.file('real.parquet')}: no encoded {split} images to evaluate "
+        raise ValueError(f"{manifests.REAL.path(enc)}: no encoded {split} images to evaluate "
                          f"({len(out.failed)} failed); encode the {split} split's images first (encode.images_root), "
                          "or evaluate on another data set with references (pcm run: eval_source.source and "
                          "eval_source.images_root)")
@@ -173,7 +171,7 @@ def content_id(clip: dict[str, Any]) -> str | None:
 
 def _ingest_lineage(train: StageResult) -> list[StageResult]:
     """The finished ingest stages upstream of a train stage (through each stage's config.json inputs), nearest first."""
-    return [load_result(sd.path) for sd in train.stage_dir.lineage("ingest") if sd.is_complete()]
+    return [StageResult.load(sd.done_marker) for sd in train.stage_dir.lineage("ingest") if sd.is_complete()]
 
 
 def protocol(train: StageResult, captions: StageResult) -> tuple[str, str | None, str | None]:
@@ -224,36 +222,18 @@ def _feature_batches(encode: StageResult, evalset: SplitImages, device: str, bat
                      progress: ProgressFn | None) -> Iterator[tuple[list[str], Any, Any]]:
     """(image ids, global features, patches) of `evalset`, shard by shard, `batch_size` images at a time;
     each batch is counted as captioned (bar and `progress`) when the next one is asked for."""
-    import torch
+    from pcm.dataset import FeatureStore
 
-    from pcm.dataset import open_features
-
-    enc = encode.stage_dir
-    by_shard: dict[int, list[int]] = {}
-    for i, s in enumerate(evalset.shard.tolist()):
-        by_shard.setdefault(s, []).append(i)
+    store = FeatureStore(encode.stage_dir, "real")
+    check_features(evalset, store)
     total, done = len(evalset.image_ids), 0
     bar = tqdm(total=total, desc="evaluate: decoding", unit="img")
-    for shard, members in sorted(by_shard.items()):
-        path = enc.feature_shard("real", shard)
-        if not shards.is_done(path):
-            raise FileNotFoundError(f"{path}: real-image feature shard missing or unfinished; rerun the encode stage")
-        arrays, keys = open_features(path)  # header and row counts checked against the file
-        for i in members:
-            row, image_id = int(evalset.row[i]), evalset.image_ids[i]
-            if row >= len(keys) or keys[row] != image_id:
-                raise ValueError(f"{path}: row {row} holds {keys[row] if row < len(keys) else 'nothing'!r}, but "
-                                 f"real.parquet puts {image_id!r} there; rerun the encode stage")
-        for start in range(0, len(members), batch_size):
-            batch = members[start: start + batch_size]
-            rows = [int(evalset.row[i]) for i in batch]
-            g = torch.from_numpy(np.asarray(arrays["global"][rows], dtype=np.float32)).to(device)     # [b, D]
-            p = torch.from_numpy(np.asarray(arrays["patches"][rows], dtype=np.float32)).to(device)    # [b, P, W]
-            yield [evalset.image_ids[i] for i in batch], g, p
-            done += len(batch)
-            bar.update(len(batch))
-            if progress:
-                progress(done, total, "images captioned")
+    for at, g, p in feature_batches(evalset, store, device, batch_size, by_shard=True):
+        yield [evalset.image_ids[i] for i in at], g, p
+        done += len(at)
+        bar.update(len(at))
+        if progress:
+            progress(done, total, "images captioned")
     bar.close()
 
 
@@ -304,7 +284,7 @@ def run_evaluate(config: EvaluateConfig, train: StageResult, encode: StageResult
             atomic.remove_stale_temporaries(sd.path, path.name)
         t0 = time.monotonic()
         evalset = load_eval_set(encode, captions, config.split)
-        ckpt_dir = checkpoint.find(train.path, config.checkpoint)
+        ckpt_dir = checkpoint.find(train.stage_dir.path, config.checkpoint)
         device = resolve_device(config.device)
         model, vocab, meta = checkpoint.load(ckpt_dir, device)
         check_clip(meta["clip"], encode, clip)

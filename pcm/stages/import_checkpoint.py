@@ -68,7 +68,7 @@ def plan(config: ImportCheckpointConfig, file: str, vocab_file: str, concepts_fi
 
 def verify(sd: StageDir) -> str | None:
     if not sd.done_marker.exists():
-        return "stage.done.json missing"
+        return f"{sd.done_marker.name} missing"
     return None if (checkpoints.recover(sd.best) / checkpoints.MODEL).exists() else "best/ missing"
 
 

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "3"  # 2: status rows record rendered_from (the wrong_image_fraction switch); 3: local model and
 # TAESD directories, paired and imported image roots enter the fingerprint by content, not by path
 STAGE = "synthesize"
+# What a model that is no preset renders at unless told (a preset renders at its own `render`, see the validator).
+SIZE, STEPS = 512, 20
 
 
 class SynthesizeConfig(StageConfig):
@@ -54,12 +56,13 @@ class SynthesizeConfig(StageConfig):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of `model`")
     dtype: Literal["fp16", "bf16", "fp32"] = Field("fp32", description="weights and activations; fp16 on GPUs")
     scheduler: str = Field("dpm++", description=f"sampler: {', '.join(diffusion.SCHEDULERS)}")
-    steps: int = Field(20, ge=1, le=1000, description="denoising steps (unset: a preset model's own, tiny 4)")
+    steps: int = Field(STEPS, ge=1, le=1000, description=f"denoising steps (unset: the model preset's `render`, "
+                       f"else {STEPS})")
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0, description="classifier-free guidance; <= 1 disables it")
-    height: int = Field(512, ge=8, le=4096, description="image height in pixels, a multiple of 8 and of the model's VAE "
-                        "factor (unset: a preset model's own, tiny 64)")
-    width: int = Field(512, ge=8, le=4096, description="image width in pixels, a multiple of 8 and of the model's VAE "
-                       "factor (unset: a preset model's own, tiny 64)")
+    height: int = Field(SIZE, ge=8, le=4096, description="image height in pixels, a multiple of 8 and of the model's "
+                        f"VAE factor (unset: the model preset's render size, its `render`, else {SIZE})")
+    width: int = Field(SIZE, ge=8, le=4096, description="image width in pixels, a multiple of 8 and of the model's "
+                       f"VAE factor (unset: the model preset's render size, its `render`, else {SIZE})")
     negative_prompt: str = Field("", description="negative prompt used with guidance")
     seed: int = Field(0, ge=0, description="run seed; each image's seed derives from it and its caption_id")
     limit: int | None = Field(None, ge=1, description="only the first N ok train captions (demos, benchmarks)")
@@ -222,13 +225,13 @@ def pending_shards(config: SynthesizeConfig, captions: StageResult, layout: RunL
 def verify(sd: StageDir) -> str | None:
     """None when every shard and samples.parquet exist, else what is missing."""
     if not sd.done_marker.exists():
-        return "no stage.done.json"
+        return f"no {sd.done_marker.name}"
     n = StageResult.load(sd.done_marker).counts.get("shards", 0)
     missing = [i for i in range(n) if not is_done(sd.image_shard(i))]
     if missing:
         return f"{len(missing)} shard(s) missing, e.g. {sd.shard_name(missing[0])}"
     if not manifests.SAMPLES.exists(sd):
-        return "samples.parquet missing"
+        return f"{manifests.SAMPLES.name} missing"
     return None
 
 
@@ -403,7 +406,7 @@ def write_card(config: SynthesizeConfig, captions: StageResult, sd: StageDir, co
 
     generator = config.source if config.source != "generated" else (
         f"{Path(config.model).name} (local directory)" if local_model_dir(config.model) is not None else config.model)
-    shards = f"{sd.shard_dir('shards').name}/{sd.shard_name(0).split('-')[0]}-*.tar"
+    shards = sd.shard_glob("shards", "tar")
     text = cards.dataset_card(
         config=config.model_dump(mode="json"), counts=counts, source_dataset=captions.extra.get("name"),
         toy=config.source == "generated" and cards.is_toy_generator(config.model), generator=generator,
