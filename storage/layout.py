@@ -306,3 +306,8 @@ def experiment_record(records: str | os.PathLike, level: str, arm: str, seed: in
     if any(not re.fullmatch(r"[A-Za-z0-9_.-]+", p) or p.startswith(".") for p in parts) or seed < 0:
         raise ValueError(f"invalid experiment record name {level!r} / {arm!r} / seed {seed}")
     return Path(records, *parts, f"seed-{seed}.json")
+
+
+def experiment_records(records: str | os.PathLike) -> list[Path]:
+    """Every record under `records` that `experiment_record` names, sorted."""
+    return sorted(Path(records).glob("*/*/seed-*.json"))

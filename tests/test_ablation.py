@@ -8,7 +8,7 @@ import pytest
 from pcm.toyworld import ablation
 from pcm.toyworld.world import ATTRIBUTES
 from storage.atomic import write_json
-from storage.layout import experiment_record
+from storage.layout import experiment_record, experiment_records
 
 
 def fake_record(records, level: str, arm: str, seed: int, shift: float, rng) -> None:
@@ -73,6 +73,14 @@ def test_record_names_are_checked():
     for bad in (("../x", "base", 0), ("a", "b/c", 0), ("a", "b", -1)):
         with pytest.raises(ValueError, match="invalid experiment record"):
             experiment_record("r", *bad)
+
+
+def test_experiment_records_lists_what_experiment_record_names(tmp_path):
+    named = [experiment_record(tmp_path, "wrong30", "+PCM", 2), experiment_record(tmp_path, "demo", "base", 0)]
+    for p in named + [tmp_path / "demo" / "base" / "notes.json", tmp_path / "demo" / "seed-1.json"]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("{}")
+    assert experiment_records(tmp_path) == sorted(named)
 
 
 @pytest.mark.heavy

@@ -424,7 +424,7 @@ def test_pcm_run_ends_with_the_scores_the_control_and_the_report(tmp_path, capsy
                             "metrics": {"Bleu_4": 0.3335, "METEOR": 0.297, "ROUGE_L": 0.57, "CIDEr": 1.79,
                                         "SPICE": "unavailable: jars missing"},
                             "control": {"metrics": {"CIDEr": 0.361}}})
-    print_scores(str(sd.path))
+    print_scores(sd)
     out = capsys.readouterr().out
     assert "scores (test, 300 images): BLEU-4 33.4, METEOR 29.7, ROUGE-L 57.0, CIDEr 179.0; " \
            "language-only control CIDEr 36.1" in out

@@ -12,6 +12,7 @@ import typer
 from pcm.cli.common import VALUE_SYNTAX, build_config, config_command, pipeline_presets, writable_dir
 
 if TYPE_CHECKING:
+    from storage.layout import StageDir
     from storage.result import StageResult
 
 RUN_EXAMPLES = """Examples:
@@ -85,13 +86,11 @@ def warn_unfamiliar_words(captions: StageResult) -> None:
         typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
-def print_scores(evaluate: str) -> None:
+def print_scores(sd: StageDir) -> None:
     """The evaluation's scores in one line (x100, as papers print them), its control's CIDEr, the report's path."""
     from pcm.report import LABELS
     from storage.atomic import read_json
-    from storage.layout import StageDir
 
-    sd = StageDir.at(evaluate)
     metrics = read_json(sd.metrics)
     scores = [f"{label} {100 * v:.1f}" for key, label in LABELS.items()
               if key in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -158,7 +157,7 @@ def register(app: typer.Typer) -> None:
         if "synthesize" in results:
             print_faithfulness(cfg.synthesize, results["synthesize"])
         if "evaluate" in results:
-            print_scores(results["evaluate"].path)
+            print_scores(results["evaluate"].stage_dir)
 
     @app.command("presets")
     def presets() -> None:

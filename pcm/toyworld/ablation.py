@@ -170,9 +170,10 @@ def level_faithfulness(level: str, root: str | os.PathLike) -> dict[str, Any] | 
 def load_records(records: str | os.PathLike) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Every finished arm's record under `records`, by (level, arm, seed)."""
     from storage.atomic import read_json
+    from storage.layout import experiment_records
 
     out = {}
-    for p in sorted(Path(records).glob("*/*/seed-*.json")):
+    for p in experiment_records(records):
         r = read_json(p)
         out[(r["level"], r["arm"], r["seed"])] = r
     return out
