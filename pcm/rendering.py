@@ -125,10 +125,14 @@ def render_shards(synth: Synthesizer | PairedImages | ImportedImages, sd: StageD
         def held(index: int) -> None:
             log.info("%s is being written by another process; skipping it for now", sd.shard_name(index))
 
+        def done_elsewhere(index: int) -> None:
+            bar.update(len(groups[index]))  # so the bar reaches its total
+            report(f"{sd.shard_name(index)}: written by another process")
+
         # Free shards first, then the ones other processes held: redone only if their holder died.
         for index, lock in claims.claim_each(todo, lambda i: sd.shard_lock("shards", i),
                                              sd.image_shard, redo=redo,
-                                             on_held=held, before_waiting=collect):
+                                             on_held=held, before_waiting=collect, on_done=done_elsewhere):
             one(index, lock)
         collect()
     bar.close()

@@ -66,14 +66,16 @@ def wait_claim(lock: Path, shard: Path) -> FileLock | None:
 
 def claim_each(keys: Iterable[K], lock: Callable[[K], Path], shard: Callable[[K], Path], *, redo: bool = False,
                on_held: Callable[[K], None] | None = None,
-               before_waiting: Callable[[], None] | None = None) -> Iterator[tuple[K, FileLock]]:
+               before_waiting: Callable[[], None] | None = None,
+               on_done: Callable[[K], None] | None = None) -> Iterator[tuple[K, FileLock]]:
     """Yield (key, its taken lock) for each shard of `keys` this process is to write, the caller releasing each lock.
 
     First the free shards in order, those another process holds skipped (`on_held(key)` is told);
     then, after `before_waiting()` (e.g. to finish what is in flight, so it is not held up by the
     wait), each skipped shard is waited for and yielded only if its holder died before finishing.
     `redo` (a forced rerun) claims free shards even when done; a shard another process held and
-    finished is still taken as done.
+    finished is still taken as done. Each shard of `keys` not yielded because it is done is told to
+    `on_done(key)`, so a caller counting the yielded shards and these reaches every key.
     """
     held: list[K] = []
     for key in keys:
@@ -82,7 +84,10 @@ def claim_each(keys: Iterable[K], lock: Callable[[K], Path], shard: Callable[[K]
             if on_held is not None:
                 on_held(key)
             held.append(key)
-        elif got is not DONE:
+        elif got is DONE:
+            if on_done is not None:
+                on_done(key)
+        else:
             yield key, got
     if held and before_waiting is not None:
         before_waiting()
@@ -90,6 +95,8 @@ def claim_each(keys: Iterable[K], lock: Callable[[K], Path], shard: Callable[[K]
         taken = wait_claim(lock(key), shard(key))
         if taken is not None:
             yield key, taken
+        elif on_done is not None:
+            on_done(key)
 
 
 

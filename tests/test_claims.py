@@ -153,7 +153,9 @@ def test_claim_each_leaves_out_done_shards_and_a_held_one_finished_meanwhile(tmp
         write(tmp_path, 1, key="holder")  # the holder finishes shard 1, then lets go
         held.release()
 
-    assert taken_in_turn(tmp_path, 3, before_waiting=before_waiting) == [2] and calls == ["wait"]
+    done: list[int] = []
+    assert taken_in_turn(tmp_path, 3, before_waiting=before_waiting, on_done=done.append) == [2]
+    assert calls == ["wait"] and done == [0, 1]  # the done one, then the held one its holder finished: all 3 told
     assert [s["__key__"] for s in iter_tar(shard(tmp_path, 1))] == ["holder"]
     # A forced rerun (`redo`) takes the done shards too, in order.
     assert taken_in_turn(tmp_path, 3, redo=True) == [0, 1, 2]
