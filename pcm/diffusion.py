@@ -15,8 +15,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from typing import Any, Protocol
 
 from pcm import bundled
 from pcm.device import resolve_device, torch_dtype
+from storage.checkpoints import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -187,18 +186,9 @@ def ensure_preset(name: str) -> Path:
     final = preset_dir(name)
     if (final / "model_index.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     log.info("building diffusion preset %r into %s (first use)", name, final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
-    try:
+    with atomic_directory(final, keep_existing=True) as tmp:
         build_preset(name).save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

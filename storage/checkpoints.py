@@ -39,8 +39,13 @@ def step_name(step: int) -> str:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `final` in one rename."""
+def atomic_directory(final: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `final` in one rename (`keep_existing`: a `final` that
+    another process put there meanwhile is kept and this copy dropped, for caches whose copies are identical).
+
+    Every file under it, at any depth (a diffusers directory has subfolders), is synced and given the mode of
+    the umask before the rename, so a kill never leaves a partial directory under the final name.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover(final)
@@ -48,21 +53,27 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o777 & ~atomic.umask())  # mkdtemp makes 0700; a shared run root must be readable
     try:
         yield tmp
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                # Ordinary files' mode whatever wrote them (safetensors' save_file makes 0600 files).
-                os.fchmod(f.fileno(), atomic.file_mode())
-                os.fsync(f.fileno())
-        if final.exists():
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                with open(p, "rb") as f:
+                    # Ordinary files' mode whatever wrote them (safetensors' save_file makes 0600 files).
+                    os.fchmod(f.fileno(), atomic.file_mode())
+                    os.fsync(f.fileno())
+        if keep_existing:
+            try:
+                os.replace(tmp, final)  # refused when another process's copy is already there (not empty)
+            except OSError:
+                if not final.exists():
+                    raise
+        elif final.exists():
             old = final.with_name(f".old-{final.name}.{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
 
 
 def recover(final: str | os.PathLike) -> Path:

@@ -373,6 +373,28 @@ def test_arrays_are_byte_reproducible_and_standard(tmp_path):
         np.testing.assert_array_equal(f.get_tensor("b"), arrays_["b"])
 
 
+def test_atomic_directory_commits_subfolders_and_can_keep_another_copy(tmp_path):
+    """A diffusers directory has subfolders: every file at any depth is synced and given the umask's mode. With
+    keep_existing (a cache of identical copies), a directory another process put there first is kept."""
+    want = 0o666 & ~atomic.umask()
+    final = tmp_path / "preset"
+    with checkpoints.atomic_directory(final, keep_existing=True) as d:
+        (d / "unet").mkdir()
+        (d / "unet" / "weights.bin").write_bytes(b"first")
+        os.chmod(d / "unet" / "weights.bin", 0o600)
+        (d / "model_index.json").write_text("{}")
+    assert (final / "unet" / "weights.bin").read_bytes() == b"first"
+    assert (final / "unet" / "weights.bin").stat().st_mode & 0o777 == want
+    with checkpoints.atomic_directory(final, keep_existing=True) as d:  # a second build: the first copy stays
+        (d / "model_index.json").write_text('{"second": true}')
+    assert (final / "model_index.json").read_text() == "{}"
+    with checkpoints.atomic_directory(final) as d:  # without keep_existing it replaces
+        (d / "model_index.json").write_text('{"third": true}')
+    assert json.loads((final / "model_index.json").read_text()) == {"third": True}
+    assert not (final / "unet").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preset"]  # no temporary or old directory left
+
+
 def test_outputs_honour_the_umask(tmp_path):
     atomic.write_json(tmp_path / "a.json", {})
     with checkpoints.atomic_directory(tmp_path / "ckpt") as d:

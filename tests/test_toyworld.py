@@ -313,3 +313,25 @@ def test_activation_mismatch_swaps_every_gelu_and_changes_the_features():
     assert sum(isinstance(m, QuickGELU) for m in clip.model.modules()) == n
     got = activation_mismatch(SHIPPED_MODELS / "clip", n=20)
     assert 0.9 < got["image_cos"] < 1.0 and 0.9 < got["text_cos"] < 1.0
+
+
+def test_save_pipeline_replaces_an_older_model_whole_and_leaves_no_temporaries(tmp_path):
+    """The toy text-to-image trainer's save goes through storage's atomic directory (subfolders included): a second
+    save replaces the first in one rename, nothing else is left beside it, and the pipeline loads back."""
+    from diffusers import StableDiffusionPipeline
+
+    from pcm import diffusion
+    from pcm.toyworld.train_t2i import save_pipeline
+
+    pipe = diffusion.build_preset("tiny")
+    out = tmp_path / "t2i"
+    save_pipeline(pipe, out, torch.arange(10))
+    (out / "stale.txt").write_text("from an older model")
+    save_pipeline(pipe, out, torch.arange(10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t2i"] and not (out / "stale.txt").exists()
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert next(pipe.unet.parameters()).dtype == torch.float32  # saved in fp16, handed back in fp32
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    assert StableDiffusionPipeline.from_pretrained(out).unet is not None

@@ -196,19 +196,13 @@ def assemble(vae, unet, text, scaling: float):
 def save_pipeline(pipe, out: Path, used_tokens: torch.Tensor) -> None:
     """fp16 `save_pretrained` into a temporary directory, renamed into place; token rows no world text uses
     are zeroed (they are frozen random rows the model never saw)."""
-    import shutil
-    import tempfile
-
     from pcm.toyworld.train_clip import zero_unused_rows
+    from storage.checkpoints import atomic_directory
 
     zero_unused_rows(pipe.text_encoder.get_input_embeddings().weight, used_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    with atomic_directory(out) as tmp:  # a kill while replacing an older model leaves it recoverable, not gone
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     pipe.to(torch.float32)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def train_t2i(out: Path, cfg: T2ITrainConfig, work: Path, progress: bool = True) -> dict:
