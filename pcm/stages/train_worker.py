@@ -4,6 +4,9 @@
 process, or relaunches itself under torchrun, whose every rank calls it. Rank 0 writes the step
 checkpoints, best/, metrics.jsonl and the event files; a run resumes from its latest checkpoint
 (published as written on an object-store root, so on another host too).
+
+Every `config` here is the stage's TrainConfig. It is annotated as its base class, StageConfig, because this
+module imports nothing of the stage: the stage imports the worker, never the other way round (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pcm import checkpoint
+from pcm.config import StageConfig
 from pcm.device import resolve_device
 from pcm.model import PCMNetConfig
 from pcm.optim import OptimizerSpec, StepSpec, TrainStep, make_optimizer, noam_lr
@@ -28,9 +32,6 @@ from pcm.validation import evaluate_val
 from storage import atomic, checkpoints, jsonl, publish
 from storage.layout import StageDir
 from storage.result import StageResult
-
-if TYPE_CHECKING:  # named only in annotations: the stage imports this module, never the other way round
-    from pcm.stages.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +52,23 @@ class TrainInputs:
         return self.val or (self.captions, self.encode)
 
 
-def warmup_steps(config: TrainConfig, total: int) -> int:
+def warmup_steps(config: StageConfig, total: int) -> int:
     """The run's warm-up: `warmup_fraction` of its `total` steps (at least 1) when set, else `warmup`."""
     return max(1, round(config.warmup_fraction * total)) if config.warmup_fraction else config.warmup
 
 
-def lr_at(config: TrainConfig, step: int, warmup: int | None = None) -> float:
+def lr_at(config: StageConfig, step: int, warmup: int | None = None) -> float:
     """The Noam learning rate of `step` under this config (`warmup`: the run's, see warmup_steps)."""
     return noam_lr(step, config.noam_d_model, warmup or config.warmup, config.lr_factor)
 
 
-def optimizer_spec(config: TrainConfig, warmup: int | None = None) -> OptimizerSpec:
+def optimizer_spec(config: StageConfig, warmup: int | None = None) -> OptimizerSpec:
     """Adam's settings of this config, starting at the schedule's step-1 rate."""
     return OptimizerSpec(lr=lr_at(config, 1, warmup), betas=config.betas, eps=config.eps,
                          weight_decay=config.weight_decay)
 
 
-def step_spec(config: TrainConfig, cxe_w: float | None = None) -> StepSpec:
+def step_spec(config: StageConfig, cxe_w: float | None = None) -> StepSpec:
     """The loss and clipping settings of this config (`cxe_w`: the resolved w when the config says auto)."""
     if cxe_w is None:
         if config.cxe_w == "auto":
@@ -101,7 +102,7 @@ class TrainData:
 class Run:
     """One process's run as setup builds it; the loop advances the last four (what a checkpoint records)."""
 
-    config: TrainConfig
+    config: StageConfig
     sd: StageDir
     info: Any             # distributed.DistInfo
     device: Any
@@ -120,7 +121,7 @@ class Run:
     events: Any = None    # pcm.tracking.EventLog on rank 0, else None
 
 
-def train_worker(config: TrainConfig, inputs: TrainInputs, sd: StageDir, progress: ProgressFn | None = None) -> None:
+def train_worker(config: StageConfig, inputs: TrainInputs, sd: StageDir, progress: ProgressFn | None = None) -> None:
     """The training of one process (rank 0 writes checkpoints, best/ and metrics.jsonl)."""
     import torch
 
@@ -145,7 +146,7 @@ def train_worker(config: TrainConfig, inputs: TrainInputs, sd: StageDir, progres
         distributed.teardown(info)
 
 
-def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
+def load_data(config: StageConfig, inputs: TrainInputs) -> TrainData:
     """Pairs (a refine stage's when given), vocabulary, concepts, CLIP head and the val split (another data
     set's with `inputs.val`), checked against the feature shards."""
     from pcm import confidence, dataset
@@ -188,7 +189,7 @@ def load_data(config: TrainConfig, inputs: TrainInputs) -> TrainData:
                      reference)
 
 
-def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]:
+def cxe_weighting(config: StageConfig, pairs: Any) -> tuple[Any, dict[str, Any]]:
     """CXE's w as used (`auto`: from these pairs) and the weights it gives them; with `cxe_uniform` (a control)
     the pairs' scores are replaced so that every pair gets the mean weight."""
     import numpy as np
@@ -210,7 +211,7 @@ def cxe_weighting(config: TrainConfig, pairs: Any) -> tuple[Any, dict[str, Any]]
     return pairs, stats
 
 
-def setup(config: TrainConfig, inputs: TrainInputs, sd: StageDir, info: Any, device: Any) -> Run:
+def setup(config: StageConfig, inputs: TrainInputs, sd: StageDir, info: Any, device: Any) -> Run:
     """Data, model, Adam and the step; then the latest checkpoint's state, or a fresh start."""
     import torch
 
@@ -268,7 +269,7 @@ def setup(config: TrainConfig, inputs: TrainInputs, sd: StageDir, info: Any, dev
                events=events)
 
 
-def open_events(config: TrainConfig, sd: StageDir, data: TrainData, resumed_at: int | None) -> Any:
+def open_events(config: StageConfig, sd: StageDir, data: TrainData, resumed_at: int | None) -> Any:
     """Rank 0's TensorBoard log under events/<run name>/. A fresh run records its name, config and CXE's
     statistics at step 0; a resumed one purges the points after its checkpoint's step, which it redoes."""
     from pcm import tracking
@@ -283,7 +284,7 @@ def open_events(config: TrainConfig, sd: StageDir, data: TrainData, resumed_at: 
     return events
 
 
-def resume(config: TrainConfig, sd: StageDir, latest: Path, info: Any, model: Any, opt: Any, vocab: Any) -> dict[str, Any]:
+def resume(config: StageConfig, sd: StageDir, latest: Path, info: Any, model: Any, opt: Any, vocab: Any) -> dict[str, Any]:
     """Load model, Adam and RNG states from the latest checkpoint; returns its state (position, best)."""
     import torch
 
