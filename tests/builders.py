@@ -392,18 +392,26 @@ class Payload:
         return (open, (self.sentinel, "w"))
 
 
+def refused_naming_file(path: Path, content: bytes, read: Any, message: str) -> None:
+    """Write `content` to `path`: `read(path)` must raise a ValueError matching `message` that names the file."""
+    import pytest
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        read(path)
+    assert str(path) in str(err.value)
+
+
 def ingest_fails(tmp_path: Path, name: str, content: bytes, message: str) -> Path:
     """Ingest a caption file `name` holding `content`: the error must match `message` and name the file, and no
     ingest directory may hold a marker or captions.parquet. Returns the run root."""
-    import pytest
 
     from pcm.stages.ingest import IngestConfig, run_ingest
 
-    source = tmp_path / name
-    source.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs"))
-    assert str(source) in str(err.value)
+    refused_naming_file(tmp_path / name, content,
+                        lambda source: run_ingest(IngestConfig(source=str(source)), RunLayout(tmp_path / "runs")),
+                        message)
     for sd in (tmp_path / "runs" / "ingest").glob("*"):
         assert not (sd / "stage.done.json").exists() and not (sd / "captions.parquet").exists()
         assert not list(sd.glob(".tmp-*"))

@@ -16,6 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from builders import refused_naming_file
 from PIL import Image
 
 from storage.arrays import open_arrays
@@ -57,11 +58,7 @@ MAPPINGS = [
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case, content, message", MAPPINGS, ids=[c[0] for c in MAPPINGS])
 def test_a_bad_mapping_csv_is_an_error_naming_the_file_and_line(tmp_path, case, content, message):
-    path = tmp_path / "map.csv"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        read_mapping(path)
-    assert str(path) in str(err.value)
+    refused_naming_file(tmp_path / "map.csv", content, read_mapping, message)
 
 
 @pytest.mark.bad_input
@@ -218,11 +215,7 @@ JSON_FILES = [
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case, content, message", JSON_FILES, ids=[c[0] for c in JSON_FILES])
 def test_a_bad_json_file_is_an_error_naming_it(tmp_path, case, content, message):
-    path = tmp_path / "config.json"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        read_json(path)
-    assert str(path) in str(err.value)
+    refused_naming_file(tmp_path / "config.json", content, read_json, message)
 
 
 MARKER = {"stage": "ingest", "fingerprint": "a" * 16, "path": "x", "counts": {"ok": 1}, "timings": {}, "extra": {}}
@@ -246,12 +239,8 @@ MARKERS = [
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case, content, message", MARKERS, ids=[c[0] for c in MARKERS])
 def test_a_malformed_stage_marker_is_an_error_naming_it(tmp_path, case, content, message):
-    path = tmp_path / "runs" / "ingest" / ("a" * 16) / "stage.done.json"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        StageResult.load(path)
-    assert str(path) in str(err.value)
+    refused_naming_file(tmp_path / "runs" / "ingest" / ("a" * 16) / "stage.done.json", content, StageResult.load,
+                        message)
 
 
 # ---------------------------------------------------------------------- safetensors read back
@@ -284,11 +273,7 @@ SAFETENSORS = [
 @pytest.mark.bad_input
 @pytest.mark.parametrize("case, content, message", SAFETENSORS, ids=[c[0] for c in SAFETENSORS])
 def test_a_bad_safetensors_file_is_an_error_naming_it(tmp_path, case, content, message):
-    path = tmp_path / "shard-000000.safetensors"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        open_arrays(path)
-    assert str(path) in str(err.value)
+    refused_naming_file(tmp_path / "shard-000000.safetensors", content, open_arrays, message)
 
 
 # ---------------------------------------------------------------------- checkpoint state and place
@@ -305,10 +290,7 @@ STATES = [
 def test_a_bad_checkpoint_state_is_an_error_naming_the_file(tmp_path, case, content, message):
     from pcm.checkpoint import read_state
 
-    (tmp_path / "state.json").write_bytes(content)
-    with pytest.raises(ValueError, match=message) as err:
-        read_state(tmp_path)
-    assert str(tmp_path / "state.json") in str(err.value)
+    refused_naming_file(tmp_path / "state.json", content, lambda state: read_state(state.parent), message)
 
 
 @pytest.mark.bad_input
