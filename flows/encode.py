@@ -25,7 +25,7 @@ from pcm.stages.encode import (
 )
 from pcm.stages.pipeline import StageRef, stage_config
 from storage import remote
-from storage.layout import RunLayout
+from storage.layout import RunLayout, shard_name
 from storage.result import StageResult
 
 
@@ -35,9 +35,8 @@ def encode_reset(config: EncodeConfig, captions: StageResult, shards: StageResul
 
 
 def _features_run_name(parameters: dict[str, Any]) -> str:
-    """The feature shard task's run name on the dashboard: `features-` and the shard's name."""
-    sd = plan(parameters["config"], parameters["captions"], parameters["shards"], RunLayout(parameters["root"]))
-    return f"features-{sd.shard_name(parameters['index'])}"
+    """The feature shard task's run name on the dashboard: `features-` and the shard's name (no planning)."""
+    return f"features-{shard_name(parameters['index'])}"
 
 
 @task(name="encode-features-shard", task_run_name=_features_run_name, tags=["gpu"], retries=2,

@@ -30,24 +30,19 @@ from pcm.stages.synthesize import (
 from pcm.toyworld.faithfulness import stage_report, table_rows
 from pcm.toyworld.manifest import is_shipped
 from pcm.toyworld.wording import train_texts, unfamiliar, warning
-from storage.layout import RunLayout, StageDir
+from storage.layout import RunLayout, shard_name
 from storage.result import StageResult
 from storage.shards import is_done
 
 
-def _planned(parameters: dict[str, Any]) -> StageDir:
-    """The stage directory of a shard task's parameters."""
-    return plan(parameters["config"], parameters["captions"], RunLayout(parameters["root"]))
-
-
 def _shard_key(_context: Any, parameters: dict[str, Any]) -> str:
-    sd = _planned(parameters)
+    sd = plan(parameters["config"], parameters["captions"], RunLayout(parameters["root"]))
     return f"{sd.stage}-{sd.fingerprint}-{sd.shard_name(parameters['index'])}"
 
 
 def _shard_run_name(parameters: dict[str, Any]) -> str:
-    """The shard task's run name on the dashboard: the shard's (`shard-000003`)."""
-    return _planned(parameters).shard_name(parameters["index"])
+    """The shard task's run name on the dashboard: the shard's (`shard-000003`), without planning the stage."""
+    return shard_name(parameters["index"])
 
 
 @task(name="synthesize-shard", task_run_name=_shard_run_name, tags=["gpu"], retries=2,

@@ -185,9 +185,7 @@ class StageDir:
         return self.path / kind
 
     def shard_name(self, index: int) -> str:
-        if index < 0:
-            raise ValueError(f"shard index must be >= 0, got {index}")
-        return f"shard-{index:0{SHARD_DIGITS}d}"
+        return shard_name(index)
 
     def shard_file(self, kind: str, index: int, suffix: str) -> Path:
         """E.g. shard_file("shards", 3, "tar") -> shards/shard-000003.tar."""
@@ -252,6 +250,13 @@ class StageDir:
         if remote.is_url(path):
             remote.fetch_stage_once(sd.path, sd.done_marker)
         return sd
+
+
+def shard_name(index: int) -> str:
+    """A shard's name (`shard-000003`), the stem of its files in every stage's shard folder."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"shard-{index:0{SHARD_DIGITS}d}"
 
 
 def run_root_of(path: str | os.PathLike) -> str:
